@@ -1,0 +1,448 @@
+/*
+ * tap-ctl: the command-line client of tapdiskd's control socket, with
+ * blktap's command names, option letters and output formats.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "ctl_client.h"
+
+struct cli {
+	const char *state_dir;
+	int json;		/* print raw responses */
+	long pid;		/* -p: must match the server's, or -1 */
+	int fd;
+};
+
+static void
+die(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("tap-ctl: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	exit(1);
+}
+
+static void
+usage_die(const char *usage)
+{
+	fprintf(stderr, "usage: tap-ctl %s\n", usage);
+	exit(2);
+}
+
+static long
+parse_int(const char *s, const char *what)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 10);
+	if (errno || !*s || *end || v < 0 || v > INT_MAX)
+		die("%s must be a non-negative integer, not '%s'", what, s);
+	return v;
+}
+
+/* TYPE:PATH with PATH made absolute: the server does not share our cwd. */
+static char *
+absolute_params(const char *params)
+{
+	const char *colon = strchr(params, ':');
+	char cwd[PATH_MAX], *out;
+
+	if (!colon || colon == params || !colon[1])
+		die("'%s' is not TYPE:PATH (e.g. aio:/srv/disk.img)", params);
+	if (colon[1] == '/' || strncmp(params, "ram:", 4) == 0)
+		return strdup(params);
+	if (!getcwd(cwd, sizeof(cwd)))
+		die("getcwd: %s", strerror(errno));
+	if (asprintf(&out, "%.*s:%s/%s", (int)(colon - params), params, cwd, colon + 1) < 0)
+		die("out of memory");
+	return out;
+}
+
+static void
+cli_connect(struct cli *cli)
+{
+	char err[512];
+	cli->fd = ctl_connect(cli->state_dir, err, sizeof(err));
+	if (cli->fd < 0)
+		die("%s", err);
+}
+
+/*
+ * Runs one command; on error prints its message and exits. Returns the
+ * result object (a reference the caller drops), after printing the raw
+ * response if --json was given.
+ */
+static json_t *
+cli_call(struct cli *cli, const char *cmd, json_t *args)
+{
+	char err[512], *raw = NULL;
+	json_t *resp = ctl_call(cli->fd, cmd, args, &raw, err, sizeof(err));
+
+	if (!resp)
+		die("%s: %s", cmd, err);
+	if (cli->json)
+		printf("%s\n", raw);
+	free(raw);
+	if (!json_is_true(json_object_get(resp, "ok"))) {
+		json_t *e = json_object_get(resp, "error");
+		const char *msg = json_string_value(json_object_get(e, "message"));
+		json_decref(resp);
+		if (cli->json)
+			exit(1);
+		die("%s: %s", cmd, msg ? msg : "failed");
+	}
+	json_t *result = json_incref(json_object_get(resp, "result"));
+	json_decref(resp);
+	return result ? result : json_object();
+}
+
+static void
+check_pid(struct cli *cli)
+{
+	if (cli->pid < 0)
+		return;
+	int saved = cli->json;
+	cli->json = 0;
+	json_t *v = cli_call(cli, "version", NULL);
+	cli->json = saved;
+	long pid = (long)json_integer_value(json_object_get(v, "pid"));
+	json_decref(v);
+	if (pid != cli->pid)
+		die("no tapdiskd with pid %ld serves %s (its server is pid %ld)", cli->pid,
+		    cli->state_dir, pid);
+}
+
+/* getopt over a command's own arguments; -p is common to all. */
+static int
+next_opt(struct cli *cli, int argc, char **argv, const char *opts)
+{
+	int c;
+	while ((c = getopt(argc, argv, opts)) == 'p')
+		cli->pid = parse_int(optarg, "-p PID");
+	return c;
+}
+
+static void
+print_json(json_t *v)
+{
+	char *s = json_dumps(v, isatty(STDOUT_FILENO) ? JSON_INDENT(2) : JSON_COMPACT);
+	if (s)
+		printf("%s\n", s);
+	free(s);
+}
+
+/* ---- commands ---- */
+
+static int
+cmd_open_like(struct cli *cli, int argc, char **argv, int create)
+{
+	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [-p PID]"
+				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [-p PID]";
+	const char *params = NULL;
+	long minor = -1;
+	int ro = 0, nodirect = 0, c;
+
+	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:h")) != -1) {
+		switch (c) {
+		case 'a': params = optarg; break;
+		case 'R': ro = 1; break;
+		case 'D': nodirect = 1; break;
+		case 'd': break;	/* blktap's device name: not used */
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		default: usage_die(usage);
+		}
+	}
+	if (!params || (!create && minor < 0) || optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	char *abs = absolute_params(params);
+	json_t *args = json_pack("{s:s, s:b}", "params", abs, "readonly", ro);
+	free(abs);
+	if (minor >= 0)
+		json_object_set_new(args, "minor", json_integer(minor));
+	if (nodirect)
+		json_object_set_new(args, "nodirect", json_true());
+	json_t *r = cli_call(cli, create ? "create" : "open", args);
+	if (create && !cli->json)
+		printf("%s\n", json_string_value(json_object_get(r, "nbd")));
+	json_decref(r);
+	return 0;
+}
+
+static int
+cmd_create(struct cli *cli, int argc, char **argv)
+{
+	return cmd_open_like(cli, argc, argv, 1);
+}
+
+static int
+cmd_open(struct cli *cli, int argc, char **argv)
+{
+	return cmd_open_like(cli, argc, argv, 0);
+}
+
+/* close, destroy, pause: -m MINOR [-f] */
+static int
+cmd_minor_only(struct cli *cli, int argc, char **argv, const char *cmd, int allow_force)
+{
+	char usage[128];
+	long minor = -1;
+	int force = 0, c;
+
+	snprintf(usage, sizeof(usage), "%s -m MINOR%s [-p PID]", cmd,
+		 allow_force ? " [-f]" : "");
+	while ((c = next_opt(cli, argc, argv, allow_force ? "m:p:ft:h" : "m:p:t:h")) != -1) {
+		switch (c) {
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		case 'f': force = 1; break;
+		case 't': break;	/* blktap's timeout: the server decides */
+		default: usage_die(usage);
+		}
+	}
+	if (minor < 0 || optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
+	if (force)
+		json_object_set_new(args, "force", json_true());
+	json_decref(cli_call(cli, cmd, args));
+	return 0;
+}
+
+static int
+cmd_close(struct cli *cli, int argc, char **argv)
+{
+	return cmd_minor_only(cli, argc, argv, "close", 1);
+}
+
+static int
+cmd_destroy(struct cli *cli, int argc, char **argv)
+{
+	return cmd_minor_only(cli, argc, argv, "destroy", 1);
+}
+
+static int
+cmd_pause(struct cli *cli, int argc, char **argv)
+{
+	return cmd_minor_only(cli, argc, argv, "pause", 0);
+}
+
+static int
+cmd_unpause(struct cli *cli, int argc, char **argv)
+{
+	const char *usage = "unpause -m MINOR [-a TYPE:PATH] [-p PID]";
+	const char *params = NULL;
+	long minor = -1;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:p:a:h")) != -1) {
+		switch (c) {
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		case 'a': params = optarg; break;
+		default: usage_die(usage);
+		}
+	}
+	if (minor < 0 || optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
+	if (params) {
+		char *abs = absolute_params(params);
+		json_object_set_new(args, "params", json_string(abs));
+		free(abs);
+	}
+	json_decref(cli_call(cli, "unpause", args));
+	return 0;
+}
+
+static void
+list_print(json_t *vbd, int tty)
+{
+	long pid = (long)json_integer_value(json_object_get(vbd, "pid"));
+	long minor = (long)json_integer_value(json_object_get(vbd, "minor"));
+	long state = (long)json_integer_value(json_object_get(vbd, "state"));
+	const char *type = json_string_value(json_object_get(vbd, "type"));
+	const char *path = json_string_value(json_object_get(vbd, "path"));
+
+	if (tty) {
+		char pids[16], minors[16], states[16];
+		snprintf(pids, sizeof(pids), "%ld", pid);
+		snprintf(minors, sizeof(minors), "%ld", minor);
+		snprintf(states, sizeof(states), "%#lx", state);
+		printf("%8s %4s %4s %10s %s\n", pids, minors, states, type ? type : "-",
+		       path ? path : "-");
+		return;
+	}
+	printf("pid=%ld minor=%ld state=%#lx", pid, minor, state);
+	if (type && path)
+		printf(" args=%s:%s", type, path);
+	putchar('\n');
+}
+
+static int
+cmd_list(struct cli *cli, int argc, char **argv)
+{
+	const char *usage = "list [-m MINOR] [-t TYPE] [-f FILE] [-p PID]";
+	json_t *args = json_object();
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:p:t:f:h")) != -1) {
+		switch (c) {
+		case 'm':
+			json_object_set_new(args, "minor",
+					    json_integer(parse_int(optarg, "-m MINOR")));
+			break;
+		case 't': json_object_set_new(args, "type", json_string(optarg)); break;
+		case 'f': json_object_set_new(args, "path", json_string(optarg)); break;
+		default: usage_die(usage);
+		}
+	}
+	if (optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *r = cli_call(cli, "list", args);
+	if (!cli->json) {
+		int tty = isatty(STDOUT_FILENO);
+		size_t i;
+		json_t *v;
+		if (tty)
+			printf("%8s %4s %4s %10s %s\n", "pid", "minor", "state", "type", "file");
+		json_array_foreach(json_object_get(r, "vbds"), i, v)
+			list_print(v, tty);
+	}
+	json_decref(r);
+	return 0;
+}
+
+static int
+cmd_stats(struct cli *cli, int argc, char **argv)
+{
+	const char *usage = "stats -m MINOR [-p PID]";
+	long minor = -1;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:p:h")) != -1) {
+		if (c != 'm')
+			usage_die(usage);
+		minor = parse_int(optarg, "-m MINOR");
+	}
+	if (minor < 0 || optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *r = cli_call(cli, "stats", json_pack("{s:I}", "minor", (json_int_t)minor));
+	if (!cli->json)
+		print_json(r);
+	json_decref(r);
+	return 0;
+}
+
+static int
+cmd_version(struct cli *cli, int argc, char **argv)
+{
+	int c;
+	while ((c = next_opt(cli, argc, argv, "p:h")) != -1)
+		usage_die("version [-p PID]");
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *r = cli_call(cli, "version", NULL);
+	if (!cli->json)
+		printf("tapdiskd %s (pid %lld, io engine %s, protocol %lld)\n",
+		       json_string_value(json_object_get(r, "version")),
+		       (long long)json_integer_value(json_object_get(r, "pid")),
+		       json_string_value(json_object_get(r, "io_engine")),
+		       (long long)json_integer_value(json_object_get(r, "protocol")));
+	json_decref(r);
+	return 0;
+}
+
+static const struct {
+	const char *name;
+	int (*fn)(struct cli *cli, int argc, char **argv);
+	const char *help;
+} commands[] = {
+	{ "create", cmd_create, "open a new vbd; prints its NBD socket" },
+	{ "destroy", cmd_destroy, "close a vbd and free its minor" },
+	{ "open", cmd_open, "open an image at a given minor" },
+	{ "close", cmd_close, "close a vbd's image, keeping the minor" },
+	{ "pause", cmd_pause, "drain I/O and close the images" },
+	{ "unpause", cmd_unpause, "reopen (optionally another image) and resume" },
+	{ "list", cmd_list, "list vbds" },
+	{ "stats", cmd_stats, "print a vbd's statistics (JSON)" },
+	{ "version", cmd_version, "print the server's version" },
+};
+
+static void
+usage(FILE *f)
+{
+	fprintf(f, "usage: tap-ctl [-S STATE_DIR] [--json] COMMAND [OPTIONS]\n\ncommands:\n");
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].help);
+	fprintf(f, "\nThe state dir is -S, else $TAPDISKD_STATE_DIR, else %s.\n",
+		CTL_DEFAULT_STATE_DIR);
+}
+
+int
+main(int argc, char **argv)
+{
+	struct cli cli = { .pid = -1, .fd = -1 };
+	const char *dir = NULL;
+	int i;
+
+	/* --json may stand anywhere; strip it before getopt sees it */
+	int n = 1;
+	for (i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--json") == 0)
+			cli.json = 1;
+		else
+			argv[n++] = argv[i];
+	}
+	argc = n;
+	argv[argc] = NULL;
+
+	for (i = 1; i < argc && argv[i][0] == '-'; i++) {
+		if (strcmp(argv[i], "-S") == 0 && i + 1 < argc) {
+			dir = argv[++i];
+		} else if (strncmp(argv[i], "-S", 2) == 0 && argv[i][2]) {
+			dir = argv[i] + 2;
+		} else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+			usage(stdout);
+			return 0;
+		} else {
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (i >= argc) {
+		usage(stderr);
+		return 2;
+	}
+	cli.state_dir = ctl_state_dir(dir);
+	for (size_t c = 0; c < sizeof(commands) / sizeof(commands[0]); c++) {
+		if (strcmp(argv[i], commands[c].name) == 0) {
+			optind = 1;
+			int rc = commands[c].fn(&cli, argc - i, argv + i);
+			if (cli.fd >= 0)
+				close(cli.fd);
+			return rc;
+		}
+	}
+	fprintf(stderr, "tap-ctl: unknown command '%s'\n", argv[i]);
+	usage(stderr);
+	return 2;
+}

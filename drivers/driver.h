@@ -1,0 +1,166 @@
+/*
+ * The image driver interface: what every disk format (raw, ram, vhd, qcow2,
+ * vmdk) implements, and the chain of images a vbd reads through.
+ *
+ * Threading: open, close, get_parent and validate_parent block (they read
+ * metadata synchronously) and are only ever called on a worker thread, under
+ * the chain lock. submit and every completion run on the event loop thread;
+ * a driver never completes a request from inside submit (td_complete_later).
+ */
+#ifndef TD_DRIVER_H
+#define TD_DRIVER_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "io.h"
+
+enum td_op {
+	TD_OP_READ,
+	TD_OP_WRITE,
+	TD_OP_FLUSH,
+	TD_OP_DISCARD,
+	TD_OP_WRITE_ZEROES,
+	TD_OP_BLOCK_STATUS,
+	TD_OP_CACHE,
+};
+#define TD_OP_COUNT 7
+
+#define TD_REQ_FUA		0x1	/* write: durable before it completes */
+#define TD_REQ_NO_HOLE		0x2	/* write-zeroes: keep the range allocated */
+#define TD_REQ_FAST_ZERO	0x4	/* write-zeroes: ENOTSUP rather than a slow write */
+
+#define TD_EXTENT_HOLE		0x1	/* allocated nowhere in the chain */
+#define TD_EXTENT_ZERO		0x2	/* reads as zeros */
+#define TD_EXTENT_PARENT	0x4	/* driver -> chain only: not allocated in this image */
+
+struct td_extent {
+	uint64_t length;
+	uint32_t flags;
+};
+
+struct td_image;
+
+struct td_request {
+	enum td_op op;
+	unsigned flags;		/* TD_REQ_* */
+	uint64_t offset;	/* bytes, checked against the size by the submitter */
+	uint64_t length;
+	/* READ, WRITE: exactly length bytes. Drivers never modify the array. */
+	struct iovec *iov;
+	int iovcnt;
+	/*
+	 * BLOCK_STATUS: the driver fills nr_extents (1..max_extents) adjacent
+	 * extents starting at offset and covering at most length bytes.
+	 */
+	struct td_extent *extents;
+	unsigned max_extents, nr_extents;
+	void (*done)(struct td_request *req, int err);	/* err: 0 or an errno */
+	void *priv;					/* the submitter's */
+
+	/* chain bookkeeping (image.c) */
+	struct td_image *img;
+	void (*caller_done)(struct td_request *req, int err);
+	int deferred_err;
+	struct io_defer defer;
+};
+
+#define TD_OPEN_RDONLY		0x1
+#define TD_OPEN_NODIRECT	0x2	/* never use O_DIRECT */
+#define TD_OPEN_PARENT		0x4	/* opened as a parent: read-only, shared */
+
+#define TD_CAP_FLUSH		0x1
+#define TD_CAP_DISCARD		0x2
+#define TD_CAP_WRITE_ZEROES	0x4
+#define TD_CAP_FAST_ZERO	0x8	/* write-zeroes can be cheap (no data written) */
+#define TD_CAP_BLOCK_STATUS	0x10
+#define TD_CAP_CACHE		0x20
+
+struct td_image_stats {
+	uint64_t hits[2], fail[2];	/* [0] reads, [1] writes: tapdisk's keys */
+};
+
+struct td_image {
+	const struct td_driver *drv;
+	char *params;		/* "type:path" */
+	char *path;
+	unsigned oflags;	/* TD_OPEN_* */
+	uint64_t size;		/* bytes */
+	uint32_t sector_size;
+	unsigned caps;		/* TD_CAP_* */
+	struct td_image *parent;
+	struct io_engine *io;
+	void *priv;		/* the driver's */
+	struct td_image_stats stats;
+
+	/* registry of open images (image.c) */
+	char *key;
+	unsigned refs;
+	struct td_image *reg_next;
+};
+
+/* An error with the sentence the user will read. code is a positive errno. */
+struct td_error {
+	int code;
+	char msg[1024];
+};
+int td_error_set(struct td_error *err, int code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+struct td_open_ctx {
+	struct io_engine *io;
+};
+
+#define TD_DRV_NOFILE		0x1	/* path names no file (ram) */
+#define TD_DRV_KEEP_ON_PAUSE	0x2	/* pause must not close it: contents live in it */
+
+struct td_driver {
+	const char *name;
+	unsigned flags;		/* TD_DRV_* */
+	/* Sets size, sector_size, caps and priv. Returns 0 or -errno with err set. */
+	int (*open)(struct td_image *img, const struct td_open_ctx *ctx,
+		    struct td_error *err);
+	/* Makes everything durable and releases the image. */
+	void (*close)(struct td_image *img);
+	void (*submit)(struct td_image *img, struct td_request *req);
+	/* Optional. *params = "type:path" (malloc'd) or NULL for no parent. */
+	int (*get_parent)(struct td_image *img, char **params, struct td_error *err);
+	/* Optional. Is parent really the image this one was made on? */
+	int (*validate_parent)(struct td_image *img, struct td_image *parent,
+			       struct td_error *err);
+};
+
+extern const struct td_driver td_driver_raw;
+extern const struct td_driver td_driver_ram;
+
+const struct td_driver *td_driver_find(const char *type);
+
+/* Splits "type:path"; "aio" is raw. Returns 0 or -errno with err set. */
+int td_params_parse(const char *params, const struct td_driver **drv,
+		    char **path, struct td_error *err);
+
+/* Blocking (worker thread): opens the leaf and every parent below it. */
+int td_chain_open(const char *params, unsigned oflags,
+		  const struct td_open_ctx *ctx, struct td_image **leaf,
+		  struct td_error *err);
+/* Blocking (worker thread): closes what td_chain_open opened. */
+void td_chain_close(struct td_image *leaf);
+/* Number of images in the chain, leaf included. */
+unsigned td_chain_depth(const struct td_image *leaf);
+
+/* Loop thread. Submits req to img and counts it in img's stats. */
+void td_image_submit(struct td_image *img, struct td_request *req);
+/*
+ * For a driver: req (or the part of it a driver sub-request describes) is
+ * not allocated in img. Reads go to the parent, or read zeros below the root.
+ */
+void td_image_read_parent(struct td_image *img, struct td_request *req);
+/* Completes req with err on the loop's next turn. */
+void td_complete_later(struct td_image *img, struct td_request *req, int err);
+
+/* Zero-fills an iovec array. */
+void td_iov_zero(const struct iovec *iov, int iovcnt);
+uint64_t td_iov_length(const struct iovec *iov, int iovcnt);
+
+#endif

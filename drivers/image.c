@@ -1,0 +1,408 @@
+/*
+ * Chains of images: driver lookup, "type:path" parsing, the registry that
+ * opens a shared parent once for every vbd that reaches it, and the request
+ * plumbing down the chain (reads and block status of unallocated ranges
+ * fall through to the parent; below the root they read zeros).
+ */
+#include "driver.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define TD_CHAIN_MAX_DEPTH 256
+
+static const struct td_driver *const drivers[] = {
+	&td_driver_raw,
+	&td_driver_ram,
+};
+
+/* Guards the registry; held across whole chain opens and closes. */
+static pthread_mutex_t chain_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct td_image *registry;
+
+int
+td_error_set(struct td_error *err, int code, const char *fmt, ...)
+{
+	va_list ap;
+	err->code = code;
+	va_start(ap, fmt);
+	vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+	va_end(ap);
+	return -code;
+}
+
+const struct td_driver *
+td_driver_find(const char *type)
+{
+	if (strcmp(type, "aio") == 0)
+		type = "raw";
+	for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++)
+		if (strcmp(drivers[i]->name, type) == 0)
+			return drivers[i];
+	return NULL;
+}
+
+int
+td_params_parse(const char *params, const struct td_driver **drv, char **path,
+		struct td_error *err)
+{
+	const char *colon = strchr(params, ':');
+	char type[32];
+
+	if (!colon || colon == params || colon[1] == '\0')
+		return td_error_set(err, EINVAL,
+				    "'%s' is not TYPE:PATH (e.g. aio:/srv/disk.img)", params);
+	if ((size_t)(colon - params) >= sizeof(type))
+		return td_error_set(err, EINVAL, "unknown image type in '%s'", params);
+	memcpy(type, params, (size_t)(colon - params));
+	type[colon - params] = '\0';
+	*drv = td_driver_find(type);
+	if (!*drv) {
+		char known[128] = "aio";
+		for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++) {
+			strncat(known, ", ", sizeof(known) - strlen(known) - 1);
+			strncat(known, drivers[i]->name, sizeof(known) - strlen(known) - 1);
+		}
+		return td_error_set(err, EINVAL, "unknown image type '%s' (known: %s)",
+				    type, known);
+	}
+	*path = strdup(colon + 1);
+	if (!*path)
+		return td_error_set(err, ENOMEM, "out of memory");
+	return 0;
+}
+
+/* The registry key of a file: which file it is, whatever path names it. */
+static int
+image_key(const struct td_driver *drv, const char *path, char **key,
+	  struct td_error *err)
+{
+	struct stat st;
+
+	*key = NULL;
+	if (drv->flags & TD_DRV_NOFILE)
+		return 0;
+	if (stat(path, &st) < 0)
+		return td_error_set(err, errno, "%s", strerror(errno));
+	if (S_ISDIR(st.st_mode))
+		return td_error_set(err, EISDIR, "%s", strerror(EISDIR));
+	if (asprintf(key, "%ju:%ju", (uintmax_t)st.st_dev, (uintmax_t)st.st_ino) < 0) {
+		*key = NULL;
+		return td_error_set(err, ENOMEM, "out of memory");
+	}
+	return 0;
+}
+
+static struct td_image *
+registry_find(const char *key)
+{
+	for (struct td_image *img = registry; img; img = img->reg_next)
+		if (img->key && strcmp(img->key, key) == 0)
+			return img;
+	return NULL;
+}
+
+static void
+registry_remove(struct td_image *img)
+{
+	for (struct td_image **p = &registry; *p; p = &(*p)->reg_next) {
+		if (*p == img) {
+			*p = img->reg_next;
+			return;
+		}
+	}
+}
+
+static void
+image_free(struct td_image *img)
+{
+	free(img->params);
+	free(img->path);
+	free(img->key);
+	free(img);
+}
+
+/*
+ * Opens one image, or takes another reference on it when it is already open
+ * read-only and this open is read-only too (*shared = 1). chain is the part
+ * of the chain opened so far, to refuse loops.
+ */
+static int
+image_open_one(const char *params, unsigned oflags, const struct td_open_ctx *ctx,
+	       const struct td_image *chain, struct td_image **out, int *shared,
+	       struct td_error *err)
+{
+	const struct td_driver *drv;
+	char *path = NULL, *key = NULL;
+	struct td_image *img;
+	int rc;
+
+	*shared = 0;
+	rc = td_params_parse(params, &drv, &path, err);
+	if (rc < 0)
+		return rc;
+	rc = image_key(drv, path, &key, err);
+	if (rc < 0)
+		goto fail;
+	if (key) {
+		for (const struct td_image *c = chain; c; c = c->parent) {
+			if (c->key && strcmp(c->key, key) == 0) {
+				rc = td_error_set(err, ELOOP, "parent chain loops back to %s",
+						  c->params);
+				goto fail;
+			}
+		}
+		img = registry_find(key);
+		if (img) {
+			if (!(oflags & TD_OPEN_RDONLY) || !(img->oflags & TD_OPEN_RDONLY)) {
+				rc = td_error_set(err, EBUSY, "%s is already open%s", path,
+						  (img->oflags & TD_OPEN_RDONLY) ?
+						  " read-only" : " for writing");
+				goto fail;
+			}
+			img->refs++;
+			*out = img;
+			*shared = 1;
+			free(path);
+			free(key);
+			return 0;
+		}
+	}
+
+	img = calloc(1, sizeof(*img));
+	if (!img || !(img->params = strdup(params))) {
+		free(img);
+		rc = td_error_set(err, ENOMEM, "out of memory");
+		goto fail;
+	}
+	img->drv = drv;
+	img->path = path;
+	img->key = key;
+	img->oflags = oflags;
+	img->io = ctx->io;
+	img->sector_size = 512;
+	rc = drv->open(img, ctx, err);
+	if (rc < 0) {
+		img->key = NULL;
+		img->path = NULL;
+		image_free(img);
+		goto fail;
+	}
+	img->refs = 1;
+	img->reg_next = registry;
+	registry = img;
+	*out = img;
+	return 0;
+fail:
+	free(path);
+	free(key);
+	return rc;
+}
+
+static void
+chain_close_locked(struct td_image *img)
+{
+	while (img) {
+		struct td_image *parent = img->parent;
+		if (--img->refs > 0)
+			return;	/* still someone's parent: its chain stays */
+		registry_remove(img);
+		img->drv->close(img);
+		image_free(img);
+		img = parent;
+	}
+}
+
+/* Prefixes err's message with the params of the image it is about. */
+static int
+error_about(struct td_error *err, const char *what, const char *params)
+{
+	char msg[sizeof(err->msg)];
+	/* a long path may cut the tail off; the message stays terminated */
+	if (snprintf(msg, sizeof(msg), "%s%s: %s", what, params, err->msg) < 0)
+		return -err->code;
+	memcpy(err->msg, msg, sizeof(msg));
+	return -err->code;
+}
+
+int
+td_chain_open(const char *params, unsigned oflags, const struct td_open_ctx *ctx,
+	      struct td_image **leafp, struct td_error *err)
+{
+	struct td_image *leaf, *img;
+	int shared, rc;
+	unsigned depth = 1;
+
+	pthread_mutex_lock(&chain_lock);
+	rc = image_open_one(params, oflags, ctx, NULL, &leaf, &shared, err);
+	if (rc < 0) {
+		pthread_mutex_unlock(&chain_lock);
+		return error_about(err, "", params);
+	}
+	for (img = leaf; !shared && img->drv->get_parent; img = img->parent) {
+		char *pparams = NULL;
+		struct td_image *parent;
+
+		rc = img->drv->get_parent(img, &pparams, err);
+		if (rc < 0) {
+			error_about(err, "", img->params);
+			goto fail;
+		}
+		if (!pparams)
+			break;
+		if (++depth > TD_CHAIN_MAX_DEPTH) {
+			rc = td_error_set(err, ELOOP, "%s: chain deeper than %d images",
+					  params, TD_CHAIN_MAX_DEPTH);
+			free(pparams);
+			goto fail;
+		}
+		rc = image_open_one(pparams, TD_OPEN_RDONLY | TD_OPEN_PARENT |
+				    (oflags & TD_OPEN_NODIRECT), ctx, leaf, &parent,
+				    &shared, err);
+		if (rc < 0) {
+			error_about(err, "parent ", pparams);
+			free(pparams);
+			error_about(err, "", img->params);
+			goto fail;
+		}
+		free(pparams);
+		if (img->drv->validate_parent) {
+			rc = img->drv->validate_parent(img, parent, err);
+			if (rc < 0) {
+				chain_close_locked(parent);
+				error_about(err, "", img->params);
+				goto fail;
+			}
+		}
+		img->parent = parent;
+	}
+	pthread_mutex_unlock(&chain_lock);
+	*leafp = leaf;
+	return 0;
+fail:
+	chain_close_locked(leaf);
+	pthread_mutex_unlock(&chain_lock);
+	return rc;
+}
+
+void
+td_chain_close(struct td_image *leaf)
+{
+	pthread_mutex_lock(&chain_lock);
+	chain_close_locked(leaf);
+	pthread_mutex_unlock(&chain_lock);
+}
+
+unsigned
+td_chain_depth(const struct td_image *leaf)
+{
+	unsigned n = 0;
+	for (; leaf; leaf = leaf->parent)
+		n++;
+	return n;
+}
+
+/* Block status: resolve the extents a driver marked "ask the parent". */
+static int
+resolve_block_status(struct td_image *img, struct td_request *req)
+{
+	unsigned i;
+
+	if (req->nr_extents && (req->extents[0].flags & TD_EXTENT_PARENT)) {
+		if (img->parent) {
+			req->length = req->extents[0].length;
+			req->nr_extents = 0;
+			td_image_submit(img->parent, req);
+			return 1;
+		}
+		for (i = 0; i < req->nr_extents; i++)
+			if (req->extents[i].flags & TD_EXTENT_PARENT)
+				req->extents[i].flags = TD_EXTENT_HOLE | TD_EXTENT_ZERO;
+		return 0;
+	}
+	for (i = 0; i < req->nr_extents; i++)
+		if (req->extents[i].flags & TD_EXTENT_PARENT)
+			break;
+	req->nr_extents = i;
+	return 0;
+}
+
+static void
+image_req_done(struct td_request *req, int err)
+{
+	struct td_image *img = req->img;
+	int is_write = req->op != TD_OP_READ && req->op != TD_OP_BLOCK_STATUS &&
+		       req->op != TD_OP_CACHE;
+
+	req->done = req->caller_done;
+	if (!err && req->op == TD_OP_BLOCK_STATUS && resolve_block_status(img, req))
+		return;
+	if (err)
+		img->stats.fail[is_write]++;
+	req->done(req, err);
+}
+
+void
+td_image_submit(struct td_image *img, struct td_request *req)
+{
+	int is_write = req->op != TD_OP_READ && req->op != TD_OP_BLOCK_STATUS &&
+		       req->op != TD_OP_CACHE;
+
+	img->stats.hits[is_write]++;
+	req->img = img;
+	req->caller_done = req->done;
+	req->done = image_req_done;
+	req->nr_extents = 0;
+	img->drv->submit(img, req);
+}
+
+static void
+complete_deferred(struct io_defer *d)
+{
+	struct td_request *req = d->arg;
+	req->done(req, req->deferred_err);
+}
+
+void
+td_complete_later(struct td_image *img, struct td_request *req, int err)
+{
+	req->deferred_err = err;
+	req->defer.fn = complete_deferred;
+	req->defer.arg = req;
+	io_defer(img->io, &req->defer);
+}
+
+void
+td_image_read_parent(struct td_image *img, struct td_request *req)
+{
+	/* The request img itself was handed: pass it on whole. */
+	if (req->img == img && req->done == image_req_done)
+		req->done = req->caller_done;
+	if (img->parent) {
+		td_image_submit(img->parent, req);
+		return;
+	}
+	td_iov_zero(req->iov, req->iovcnt);
+	td_complete_later(img, req, 0);
+}
+
+void
+td_iov_zero(const struct iovec *iov, int iovcnt)
+{
+	for (int i = 0; i < iovcnt; i++)
+		memset(iov[i].iov_base, 0, iov[i].iov_len);
+}
+
+uint64_t
+td_iov_length(const struct iovec *iov, int iovcnt)
+{
+	uint64_t n = 0;
+	for (int i = 0; i < iovcnt; i++)
+		n += iov[i].iov_len;
+	return n;
+}

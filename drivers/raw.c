@@ -1,0 +1,460 @@
+/*
+ * raw (alias aio): a file or block device holding the disk byte for byte.
+ * O_DIRECT where the file system allows it; requests that O_DIRECT cannot
+ * take (unaligned offset, length or buffer) go through a second, buffered
+ * descriptor of the same file, which the kernel keeps coherent with the
+ * direct one. Discard punches holes; block status comes from SEEK_DATA and
+ * SEEK_HOLE.
+ */
+#include "driver.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#endif
+
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#define FALLOC_FL_ZERO_RANGE 0x10
+#endif
+
+#define RAW_ZERO_CHUNK (1u << 20)
+#define RAW_INLINE_IOV 4
+
+static char raw_zeros[RAW_ZERO_CHUNK] __attribute__((aligned(4096)));
+
+struct raw_priv {
+	int fd;			/* buffered */
+	int dfd;		/* O_DIRECT, or -1 */
+	uint32_t dio_offset_align, dio_mem_align;
+	int is_blk;
+};
+
+/* Steps of a write-zeroes, tried in order until one is supported. */
+enum raw_zero_step {
+	ZSTEP_PUNCH,		/* deallocate: reads back zero */
+	ZSTEP_ZERO_RANGE,	/* zero, keep allocated */
+	ZSTEP_PUNCH_THEN_ALLOC,	/* tmpfs: no ZERO_RANGE */
+	ZSTEP_ALLOC,
+	ZSTEP_WRITE,		/* last resort: write zeros */
+	ZSTEP_SYNC,		/* FUA */
+};
+
+struct raw_req {
+	struct io_op op;
+	struct td_request *req;
+	struct td_image *img;
+	enum raw_zero_step step;
+	uint64_t zeroed;	/* ZSTEP_WRITE progress */
+	struct iovec zero_iov;
+	struct iovec iov_inline[RAW_INLINE_IOV];
+	struct iovec *iov;
+};
+
+static int
+raw_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *err)
+{
+	struct raw_priv *p;
+	struct stat st;
+	int acc = (img->oflags & TD_OPEN_RDONLY) ? O_RDONLY : O_RDWR;
+	(void)ctx;
+
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return td_error_set(err, ENOMEM, "out of memory");
+	p->dfd = -1;
+	p->fd = open(img->path, acc | O_CLOEXEC | O_NOCTTY);
+	if (p->fd < 0) {
+		td_error_set(err, errno, "%s", strerror(errno));
+		goto fail;
+	}
+	if (fstat(p->fd, &st) < 0) {
+		td_error_set(err, errno, "%s", strerror(errno));
+		goto fail;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		td_error_set(err, EISDIR, "%s", strerror(EISDIR));
+		goto fail;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		td_error_set(err, EINVAL, "not a regular file or block device");
+		goto fail;
+	}
+	p->is_blk = S_ISBLK(st.st_mode);
+	off_t end = lseek(p->fd, 0, SEEK_END);
+	if (end < 0) {
+		td_error_set(err, errno, "cannot size: %s", strerror(errno));
+		goto fail;
+	}
+	img->size = (uint64_t)end;
+	img->sector_size = 512;
+#ifdef BLKSSZGET
+	int ss;
+	if (p->is_blk && ioctl(p->fd, BLKSSZGET, &ss) == 0 && ss >= 512)
+		img->sector_size = (uint32_t)ss;
+#endif
+	p->dio_offset_align = p->dio_mem_align = 4096;
+	if (!(img->oflags & TD_OPEN_NODIRECT)) {
+		p->dfd = open(img->path, acc | O_CLOEXEC | O_NOCTTY | O_DIRECT);
+#ifdef STATX_DIOALIGN
+		struct statx stx;
+		if (p->dfd >= 0 && statx(p->dfd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
+		    (stx.stx_mask & STATX_DIOALIGN) && stx.stx_dio_offset_align) {
+			p->dio_offset_align = stx.stx_dio_offset_align;
+			p->dio_mem_align = stx.stx_dio_mem_align ? stx.stx_dio_mem_align : 1;
+		}
+#endif
+		if (p->is_blk && img->sector_size > p->dio_offset_align)
+			p->dio_offset_align = img->sector_size;
+	}
+	img->caps = TD_CAP_BLOCK_STATUS | TD_CAP_CACHE;
+	if (!(img->oflags & TD_OPEN_RDONLY))
+		img->caps |= TD_CAP_FLUSH | TD_CAP_DISCARD | TD_CAP_WRITE_ZEROES |
+			     TD_CAP_FAST_ZERO;
+	img->priv = p;
+	return 0;
+fail:
+	if (p->fd >= 0)
+		close(p->fd);
+	free(p);
+	return -err->code;
+}
+
+static void
+raw_close(struct td_image *img)
+{
+	struct raw_priv *p = img->priv;
+
+	if (!(img->oflags & TD_OPEN_RDONLY))
+		fdatasync(p->fd);
+	if (p->dfd >= 0)
+		close(p->dfd);
+	close(p->fd);
+	free(p);
+}
+
+/* The descriptor that can take this transfer. */
+static int
+raw_pick_fd(const struct raw_priv *p, uint64_t offset, const struct iovec *iov,
+	    int iovcnt)
+{
+	if (p->dfd < 0 || offset % p->dio_offset_align)
+		return p->fd;
+	for (int i = 0; i < iovcnt; i++) {
+		if ((uintptr_t)iov[i].iov_base % p->dio_mem_align ||
+		    iov[i].iov_len % p->dio_offset_align)
+			return p->fd;
+	}
+	return p->dfd;
+}
+
+static void raw_op_done(struct io_op *op, int res);
+
+static void
+raw_finish(struct raw_req *rr, int res)
+{
+	struct td_request *req = rr->req;
+	if (rr->iov != rr->iov_inline)
+		free(rr->iov);
+	free(rr);
+	req->done(req, res < 0 ? -res : 0);
+}
+
+static void
+raw_issue(struct raw_req *rr, enum io_opcode opcode, int fd, int mode,
+	  uint64_t offset, uint64_t length)
+{
+	rr->op.opcode = opcode;
+	rr->op.fd = fd;
+	rr->op.mode = mode;
+	rr->op.offset = offset;
+	rr->op.length = length;
+	rr->op.done = raw_op_done;
+	rr->op.data = rr;
+	io_submit(rr->img->io, &rr->op);
+}
+
+static void
+raw_issue_sync(struct raw_req *rr)
+{
+	struct raw_priv *p = rr->img->priv;
+	rr->step = ZSTEP_SYNC;
+	raw_issue(rr, IO_OP_FDATASYNC, p->fd, 0, 0, 0);
+}
+
+/* Writes the next chunk of zeros (the fallback when fallocate cannot). */
+static void
+raw_issue_zero_write(struct raw_req *rr)
+{
+	struct raw_priv *p = rr->img->priv;
+	uint64_t off = rr->req->offset + rr->zeroed;
+	uint64_t n = rr->req->length - rr->zeroed;
+
+	if (n > RAW_ZERO_CHUNK)
+		n = RAW_ZERO_CHUNK;
+	rr->zero_iov.iov_base = raw_zeros;
+	rr->zero_iov.iov_len = n;
+	rr->op.iov = &rr->zero_iov;
+	rr->op.iovcnt = 1;
+	raw_issue(rr, IO_OP_WRITEV, raw_pick_fd(p, off, &rr->zero_iov, 1), 0, off, 0);
+}
+
+static void
+raw_zero_step(struct raw_req *rr)
+{
+	struct raw_priv *p = rr->img->priv;
+	struct td_request *req = rr->req;
+	int keep = FALLOC_FL_KEEP_SIZE;
+
+	switch (rr->step) {
+	case ZSTEP_PUNCH:
+	case ZSTEP_PUNCH_THEN_ALLOC:
+		raw_issue(rr, IO_OP_FALLOCATE, p->fd, keep | FALLOC_FL_PUNCH_HOLE,
+			  req->offset, req->length);
+		return;
+	case ZSTEP_ZERO_RANGE:
+		raw_issue(rr, IO_OP_FALLOCATE, p->fd, keep | FALLOC_FL_ZERO_RANGE,
+			  req->offset, req->length);
+		return;
+	case ZSTEP_ALLOC:
+		raw_issue(rr, IO_OP_FALLOCATE, p->fd, keep, req->offset, req->length);
+		return;
+	case ZSTEP_WRITE:
+		if (req->flags & TD_REQ_FAST_ZERO) {
+			raw_finish(rr, -ENOTSUP);
+			return;
+		}
+		raw_issue_zero_write(rr);
+		return;
+	case ZSTEP_SYNC:
+		raw_issue_sync(rr);
+		return;
+	}
+}
+
+/* A write-zeroes step finished: move on, or fall back to the next way. */
+static void
+raw_zero_done(struct raw_req *rr, int res)
+{
+	struct td_request *req = rr->req;
+	int unsupported = res == -EOPNOTSUPP || res == -ENOTSUP || res == -EINVAL ||
+			  res == -ENOSYS;
+
+	if (res < 0 && !unsupported) {
+		raw_finish(rr, res);
+		return;
+	}
+	switch (rr->step) {
+	case ZSTEP_PUNCH:
+		rr->step = unsupported ? ZSTEP_ZERO_RANGE : ZSTEP_SYNC;
+		break;
+	case ZSTEP_ZERO_RANGE:
+		rr->step = unsupported ? ZSTEP_PUNCH_THEN_ALLOC : ZSTEP_SYNC;
+		break;
+	case ZSTEP_PUNCH_THEN_ALLOC:
+		rr->step = unsupported ? ZSTEP_WRITE : ZSTEP_ALLOC;
+		break;
+	case ZSTEP_ALLOC:
+		/* the range is already zero; it only stays a hole */
+		rr->step = ZSTEP_SYNC;
+		break;
+	case ZSTEP_WRITE:
+		if (res < 0) {
+			raw_finish(rr, res);
+			return;
+		}
+		rr->zeroed += rr->zero_iov.iov_len;
+		if (rr->zeroed < req->length)
+			break;
+		rr->step = ZSTEP_SYNC;
+		break;
+	case ZSTEP_SYNC:
+		raw_finish(rr, res);
+		return;
+	}
+	if (rr->step == ZSTEP_SYNC && !(req->flags & TD_REQ_FUA)) {
+		raw_finish(rr, 0);
+		return;
+	}
+	raw_zero_step(rr);
+}
+
+static void
+raw_op_done(struct io_op *op, int res)
+{
+	struct raw_req *rr = op->data;
+	struct td_request *req = rr->req;
+
+	switch (req->op) {
+	case TD_OP_WRITE:
+		if (res >= 0 && (req->flags & TD_REQ_FUA) && op->opcode == IO_OP_WRITEV) {
+			raw_issue_sync(rr);
+			return;
+		}
+		break;
+	case TD_OP_WRITE_ZEROES:
+		raw_zero_done(rr, res);
+		return;
+	case TD_OP_DISCARD:
+		/* discard is advisory: a file system without holes still succeeds */
+		if (res == -EOPNOTSUPP || res == -ENOTSUP || res == -EINVAL)
+			res = 0;
+		break;
+	case TD_OP_CACHE:
+		res = 0;
+		break;
+	default:
+		break;
+	}
+	raw_finish(rr, res);
+}
+
+struct raw_scan {
+	struct io_call call;
+	struct td_request *req;
+	struct raw_priv *p;
+};
+
+static void
+raw_scan_add(struct td_request *req, uint64_t len, uint32_t flags)
+{
+	struct td_extent *last = req->nr_extents ? &req->extents[req->nr_extents - 1] : NULL;
+	if (last && last->flags == flags) {
+		last->length += len;
+		return;
+	}
+	req->extents[req->nr_extents].length = len;
+	req->extents[req->nr_extents].flags = flags;
+	req->nr_extents++;
+}
+
+/* Worker thread: walks SEEK_DATA/SEEK_HOLE over the range. */
+static int
+raw_scan_run(struct io_call *c)
+{
+	struct raw_scan *s = (struct raw_scan *)c;
+	struct td_request *req = s->req;
+	uint64_t pos = req->offset, end = req->offset + req->length;
+
+	req->nr_extents = 0;
+	while (pos < end && req->nr_extents < req->max_extents) {
+		off_t data = lseek(s->p->fd, (off_t)pos, SEEK_DATA);
+		if (data < 0 && errno == ENXIO) {
+			raw_scan_add(req, end - pos, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
+			break;
+		}
+		if (data < 0) {	/* no hole support: all data */
+			raw_scan_add(req, end - pos, 0);
+			break;
+		}
+		if ((uint64_t)data > pos) {
+			uint64_t n = (uint64_t)data < end ? (uint64_t)data - pos : end - pos;
+			raw_scan_add(req, n, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
+			pos += n;
+			continue;
+		}
+		off_t hole = lseek(s->p->fd, (off_t)pos, SEEK_HOLE);
+		uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
+		if (stop <= pos)
+			stop = end;
+		raw_scan_add(req, stop - pos, 0);
+		pos = stop;
+	}
+	return 0;
+}
+
+static void
+raw_scan_done(struct io_call *c, int res)
+{
+	struct raw_scan *s = (struct raw_scan *)c;
+	struct td_request *req = s->req;
+	free(s);
+	req->done(req, res < 0 ? -res : 0);
+}
+
+static void
+raw_submit(struct td_image *img, struct td_request *req)
+{
+	struct raw_priv *p = img->priv;
+	struct raw_req *rr;
+
+	if (req->op == TD_OP_BLOCK_STATUS) {
+		struct raw_scan *s = calloc(1, sizeof(*s));
+		if (!s) {
+			td_complete_later(img, req, ENOMEM);
+			return;
+		}
+		s->req = req;
+		s->p = p;
+		s->call.fn = raw_scan_run;
+		s->call.done = raw_scan_done;
+		io_call(img->io, &s->call);
+		return;
+	}
+	if (req->op != TD_OP_READ && req->op != TD_OP_CACHE &&
+	    (img->oflags & TD_OPEN_RDONLY)) {
+		td_complete_later(img, req, EROFS);
+		return;
+	}
+	rr = calloc(1, sizeof(*rr));
+	if (!rr) {
+		td_complete_later(img, req, ENOMEM);
+		return;
+	}
+	rr->req = req;
+	rr->img = img;
+	switch (req->op) {
+	case TD_OP_READ:
+	case TD_OP_WRITE:
+		rr->iov = rr->iov_inline;
+		if (req->iovcnt > RAW_INLINE_IOV) {
+			rr->iov = calloc((size_t)req->iovcnt, sizeof(*rr->iov));
+			if (!rr->iov) {
+				free(rr);
+				td_complete_later(img, req, ENOMEM);
+				return;
+			}
+		}
+		memcpy(rr->iov, req->iov, (size_t)req->iovcnt * sizeof(*rr->iov));
+		rr->op.iov = rr->iov;
+		rr->op.iovcnt = req->iovcnt;
+		raw_issue(rr, req->op == TD_OP_READ ? IO_OP_READV : IO_OP_WRITEV,
+			  raw_pick_fd(p, req->offset, req->iov, req->iovcnt), 0,
+			  req->offset, 0);
+		return;
+	case TD_OP_FLUSH:
+		raw_issue(rr, IO_OP_FDATASYNC, p->fd, 0, 0, 0);
+		return;
+	case TD_OP_DISCARD:
+		raw_issue(rr, IO_OP_FALLOCATE, p->fd,
+			  FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, req->offset,
+			  req->length);
+		return;
+	case TD_OP_WRITE_ZEROES:
+		rr->step = (req->flags & TD_REQ_NO_HOLE) ? ZSTEP_ZERO_RANGE : ZSTEP_PUNCH;
+		raw_zero_step(rr);
+		return;
+	case TD_OP_CACHE:
+		raw_issue(rr, IO_OP_FADVISE, p->fd, POSIX_FADV_WILLNEED, req->offset,
+			  req->length);
+		return;
+	case TD_OP_BLOCK_STATUS:
+		break;
+	}
+	free(rr);
+	td_complete_later(img, req, EINVAL);
+}
+
+const struct td_driver td_driver_raw = {
+	.name = "raw",
+	.open = raw_open,
+	.close = raw_close,
+	.submit = raw_submit,
+};

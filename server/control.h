@@ -1,0 +1,53 @@
+/*
+ * The JSON control socket: newline-delimited requests and responses
+ * ({"id", "cmd", "args"} -> {"id", "ok", "result"|"error"}), peer
+ * credential checks, and dispatch to the command table.
+ */
+#ifndef TD_CONTROL_H
+#define TD_CONTROL_H
+
+#include <stddef.h>
+
+#include <jansson.h>
+
+struct server;
+struct control;
+struct ctl_req;
+struct bufferevent;
+
+#define CONTROL_MAX_LINE (1 << 20)
+#define CONTROL_PROTOCOL_VERSION 1
+
+struct control *control_new(struct server *srv, const char *path, char *err, size_t errlen);
+void control_free(struct control *ctl);
+/* Serves one client on an existing bufferevent (tests, fuzzing). */
+void control_serve(struct control *ctl, struct bufferevent *bev);
+
+/* ---- for command handlers (control_cmds.c) ---- */
+
+enum ctl_arg_type { ARG_STRING, ARG_INT, ARG_BOOL };
+
+struct ctl_arg {
+	const char *name;
+	enum ctl_arg_type type;
+	int required;
+};
+
+struct ctl_cmd {
+	const char *name;
+	const struct ctl_arg *args;	/* terminated by a NULL name */
+	/* must end with exactly one ctl_reply_ok or ctl_reply_error, now or later */
+	void (*fn)(struct ctl_req *req, json_t *args);
+};
+
+extern const struct ctl_cmd ctl_cmds[];
+
+struct server *ctl_req_server(struct ctl_req *req);
+/* result: stolen reference (may be NULL for {}). */
+void ctl_reply_ok(struct ctl_req *req, json_t *result);
+/* err: a positive errno; msg: the sentence the user reads. */
+void ctl_reply_error(struct ctl_req *req, int err, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+const char *errno_name(int err);
+
+#endif

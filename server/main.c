@@ -1,0 +1,464 @@
+/*
+ * tapdiskd: options, the state directory and its lock, daemonizing, signals,
+ * and the orderly start and stop of every part of the server.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <dirent.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#include <event2/event.h>
+
+#include "bufpool.h"
+#include "control.h"
+#include "io.h"
+#include "log.h"
+#include "nbd.h"
+#include "server.h"
+
+#define DEFAULT_STATE_DIR "/run/tapdiskd"
+#define SHUTDOWN_GRACE 30		/* seconds before in-flight I/O is abandoned */
+#define POOL_CACHE (16u << 20)
+#define IDLE_TRIM_INTERVAL 5
+
+struct options {
+	const char *state_dir;
+	const char *io_engine;
+	const char *nbd_listen;
+	int foreground;
+	int no_direct;
+	enum log_level level;
+	const char **opens;
+	int nr_opens;
+};
+
+static struct server the_server;
+static struct event *grace_ev;
+
+static void
+usage(FILE *f)
+{
+	fprintf(f,
+		"usage: tapdiskd [--state-dir DIR] [--foreground] [--io-engine uring|threads]\n"
+		"                [--nbd-listen unix:PATH|tcp:HOST:PORT] [--log-level LEVEL]\n"
+		"                [--no-direct] [--open TYPE:PATH]...\n"
+		"\n"
+		"  -s, --state-dir DIR    control socket DIR/ctl.sock, NBD sockets DIR/nbd<pid>.<minor>\n"
+		"                         (default %s)\n"
+		"  -F, --foreground       stay in the foreground and log to stderr\n"
+		"  -e, --io-engine E      uring (default when the kernel has it) or threads\n"
+		"  -n, --nbd-listen SPEC  also serve every vbd by export name (its minor)\n"
+		"  -l, --log-level L      error, warning, info (default) or debug\n"
+		"      --no-direct        never open images with O_DIRECT\n"
+		"  -o, --open TYPE:PATH   open a vbd at start (minors 0, 1, ... in order)\n",
+		DEFAULT_STATE_DIR);
+}
+
+static int
+parse_options(int argc, char **argv, struct options *o)
+{
+	static const struct option longopts[] = {
+		{ "state-dir", required_argument, NULL, 's' },
+		{ "foreground", no_argument, NULL, 'F' },
+		{ "io-engine", required_argument, NULL, 'e' },
+		{ "nbd-listen", required_argument, NULL, 'n' },
+		{ "log-level", required_argument, NULL, 'l' },
+		{ "no-direct", no_argument, NULL, 'D' },
+		{ "open", required_argument, NULL, 'o' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int c;
+
+	o->state_dir = DEFAULT_STATE_DIR;
+	o->level = LOG_LVL_INFO;
+	o->opens = calloc((size_t)argc, sizeof(*o->opens));
+	while ((c = getopt_long(argc, argv, "s:Fe:n:l:o:hV", longopts, NULL)) != -1) {
+		switch (c) {
+		case 's': o->state_dir = optarg; break;
+		case 'F': o->foreground = 1; break;
+		case 'e':
+			if (strcmp(optarg, "uring") && strcmp(optarg, "threads")) {
+				fprintf(stderr, "tapdiskd: --io-engine must be uring or threads\n");
+				return -1;
+			}
+			o->io_engine = optarg;
+			break;
+		case 'n': o->nbd_listen = optarg; break;
+		case 'l':
+			if (log_parse_level(optarg, &o->level) < 0) {
+				fprintf(stderr, "tapdiskd: unknown log level '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'D': o->no_direct = 1; break;
+		case 'o': o->opens[o->nr_opens++] = optarg; break;
+		case 'h': usage(stdout); exit(0);
+		case 'V': printf("tapdiskd 0.1.0\n"); exit(0);
+		default: usage(stderr); return -1;
+		}
+	}
+	if (optind != argc) {
+		fprintf(stderr, "tapdiskd: unexpected argument '%s'\n", argv[optind]);
+		return -1;
+	}
+	return 0;
+}
+
+/* Creates the state dir if needed and takes its lock; returns the lock fd. */
+static int
+state_dir_lock(const char *dir)
+{
+	char path[PATH_MAX];
+	int fd;
+
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
+		fprintf(stderr, "tapdiskd: cannot create state dir %s: %s\n", dir, strerror(errno));
+		return -1;
+	}
+	snprintf(path, sizeof(path), "%s/tapdiskd.lock", dir);
+	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		fprintf(stderr, "tapdiskd: %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		char pid[32] = "";
+		ssize_t n = pread(fd, pid, sizeof(pid) - 1, 0);
+		if (n > 0)
+			pid[strcspn(pid, "\n")] = '\0';
+		fprintf(stderr, "tapdiskd: another tapdiskd%s%s%s is already serving %s\n",
+			*pid ? " (pid " : "", pid, *pid ? ")" : "", dir);
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void
+lock_write_pid(int fd)
+{
+	char buf[32];
+	int n = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
+	if (ftruncate(fd, 0) < 0 || pwrite(fd, buf, (size_t)n, 0) < 0)
+		log_warn("cannot record pid in the lock file: %s", strerror(errno));
+}
+
+/* Sockets left by a server that died: nobody else can own them, we hold the lock. */
+static void
+remove_stale_sockets(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *de;
+
+	if (!d)
+		return;
+	while ((de = readdir(d))) {
+		if (strcmp(de->d_name, "ctl.sock") && strncmp(de->d_name, "nbd", 3))
+			continue;
+		if (unlinkat(dirfd(d), de->d_name, 0) == 0)
+			log_info("removed stale socket %s/%s", dir, de->d_name);
+	}
+	closedir(d);
+}
+
+/* Forks; the parent exits once the child reports ready (0) or failed. */
+static int
+daemonize(int *ready_fd)
+{
+	int p[2];
+	if (pipe(p) < 0)
+		return -1;
+	pid_t pid = fork();
+	if (pid < 0)
+		return -1;
+	if (pid > 0) {
+		char c = 1;
+		close(p[1]);
+		if (read(p[0], &c, 1) != 1)
+			c = 1;
+		_exit(c ? 1 : 0);
+	}
+	close(p[0]);
+	setsid();
+	if (chdir("/") < 0)
+		return -1;
+	int null = open("/dev/null", O_RDWR);
+	if (null >= 0) {
+		dup2(null, 0);
+		dup2(null, 1);
+		dup2(null, 2);
+		if (null > 2)
+			close(null);
+	}
+	*ready_fd = p[1];
+	return 0;
+}
+
+/* ---- shutdown ---- */
+
+static void
+maybe_exit(struct server *srv)
+{
+	for (int m = 0; m < SERVER_MAX_MINORS; m++)
+		if (srv->minors[m])
+			return;
+	if (srv->zombies)
+		return;
+	event_base_loopexit(srv->base, NULL);
+}
+
+static void
+shutdown_vbd_done(void *arg, int err, const char *msg)
+{
+	struct server *srv = arg;
+	if (err)
+		log_warn("shutdown: %s", msg ? msg : strerror(err));
+	maybe_exit(srv);
+}
+
+static void
+shutdown_vbds(struct server *srv, int force)
+{
+	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
+		struct vbd *vbd = srv->minors[m];
+		if (!vbd || ((vbd->state & VBD_SHUTDOWN_REQUESTED) && !force))
+			continue;
+		if (vbd->state & VBD_OPENING)
+			continue;	/* it is closed when its open completes */
+		vbd_close(vbd, force, 1, shutdown_vbd_done, srv);
+	}
+	maybe_exit(srv);
+}
+
+static void
+on_grace_expired(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+	(void)fd;
+	(void)what;
+	log_warn("shutdown: in-flight I/O did not finish in %d s; forcing", SHUTDOWN_GRACE);
+	shutdown_vbds(srv, 1);
+	if (srv->zombies) {
+		log_warn("shutdown: abandoning I/O the kernel still holds");
+		event_base_loopexit(srv->base, NULL);
+	}
+}
+
+static void
+on_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct server *srv = arg;
+	(void)what;
+
+	if (srv->stopping) {
+		log_info("second signal: stopping now");
+		on_grace_expired(-1, 0, srv);
+		return;
+	}
+	log_info("%s: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+	srv->stopping = 1;
+	nbd_stop_listening(srv->nbd);
+	struct timeval tv = { SHUTDOWN_GRACE, 0 };
+	grace_ev = evtimer_new(srv->base, on_grace_expired, srv);
+	if (grace_ev)
+		evtimer_add(grace_ev, &tv);
+	shutdown_vbds(srv, 0);
+}
+
+static void
+on_idle_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+	(void)fd;
+	(void)what;
+	if (bufpool_trim_idle(srv->pool)) {
+#ifdef __GLIBC__
+		malloc_trim(0);
+#endif
+	}
+}
+
+/* ---- startup opens (--open) ---- */
+
+static void
+startup_open_done(void *arg, int err, const char *msg)
+{
+	const char *params = arg;
+	if (err) {
+		log_err("--open %s: %s", params, msg ? msg : strerror(err));
+		return;
+	}
+	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
+		struct vbd *vbd = the_server.minors[m];
+		if (vbd && vbd->params && !strcmp(vbd->params, params)) {
+			char *nbd = server_nbd_path(&the_server, m);
+			log_info("minor %d: NBD URI nbd+unix:///?socket=%s", m, nbd);
+			free(nbd);
+		}
+	}
+}
+
+/* A relative path means relative to where we were started: make it absolute. */
+static char *
+absolute_params(const char *params)
+{
+	const char *colon = strchr(params, ':');
+	char cwd[PATH_MAX], *abs;
+
+	if (!colon || !colon[1] || colon[1] == '/' || !strncmp(params, "ram:", 4) ||
+	    !getcwd(cwd, sizeof(cwd)))
+		return strdup(params);
+	if (asprintf(&abs, "%.*s:%s/%s", (int)(colon - params), params, cwd, colon + 1) < 0)
+		return NULL;
+	return abs;
+}
+
+static int
+startup_opens(struct server *srv, char **opens, int n)
+{
+	for (int i = 0; i < n; i++) {
+		int rc = server_open_vbd(srv, i, opens[i], 0, startup_open_done, opens[i]);
+		if (rc < 0) {
+			log_err("--open %s: %s", opens[i], strerror(-rc));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+	struct options opts = { 0 };
+	struct server *srv = &the_server;
+	char err[512], path[PATH_MAX];
+	int lock_fd, ready_fd = -1, rc = 1;
+	struct event *sigint_ev = NULL, *sigterm_ev = NULL, *idle_ev = NULL;
+
+	if (parse_options(argc, argv, &opts) < 0)
+		return 2;
+	char **opens = calloc((size_t)opts.nr_opens + 1, sizeof(*opens));
+	for (int i = 0; opens && i < opts.nr_opens; i++)
+		if (!(opens[i] = absolute_params(opts.opens[i])))
+			opens = NULL;
+	if (!opens) {
+		fprintf(stderr, "tapdiskd: out of memory\n");
+		return 1;
+	}
+	char *dir = realpath(opts.state_dir, NULL);
+	if (!dir && errno == ENOENT && mkdir(opts.state_dir, 0700) == 0)
+		dir = realpath(opts.state_dir, NULL);
+	if (!dir) {
+		fprintf(stderr, "tapdiskd: state dir %s: %s\n", opts.state_dir, strerror(errno));
+		return 1;
+	}
+	lock_fd = state_dir_lock(dir);
+	if (lock_fd < 0)
+		return 1;
+	if (!opts.foreground && daemonize(&ready_fd) < 0) {
+		fprintf(stderr, "tapdiskd: cannot daemonize: %s\n", strerror(errno));
+		return 1;
+	}
+	log_init("tapdiskd", !opts.foreground, opts.level);
+	lock_write_pid(lock_fd);
+	signal(SIGPIPE, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);
+
+	srv->pid = getpid();
+	srv->state_dir = dir;
+	srv->started = time(NULL);
+	srv->open_flags = opts.no_direct ? TD_OPEN_NODIRECT : 0;
+	srv->minors = calloc(SERVER_MAX_MINORS, sizeof(*srv->minors));
+	srv->base = event_base_new();
+	srv->pool = bufpool_new(POOL_CACHE);
+	if (!srv->minors || !srv->base || !srv->pool) {
+		log_err("out of memory");
+		goto out;
+	}
+	srv->io = io_engine_new(srv->base, opts.io_engine, err, sizeof(err));
+	if (!srv->io) {
+		log_err("%s", err);
+		goto out;
+	}
+	remove_stale_sockets(dir);
+	srv->nbd = nbd_server_new(srv);
+	if (!srv->nbd) {
+		log_err("out of memory");
+		goto out;
+	}
+	if (opts.nbd_listen && nbd_listen_global(srv->nbd, opts.nbd_listen, err, sizeof(err)) < 0) {
+		log_err("--nbd-listen %s", err);
+		goto out;
+	}
+	snprintf(path, sizeof(path), "%s/ctl.sock", dir);
+	srv->ctl = control_new(srv, path, err, sizeof(err));
+	if (!srv->ctl) {
+		log_err("control socket %s", err);
+		goto out;
+	}
+	sigint_ev = evsignal_new(srv->base, SIGINT, on_signal, srv);
+	sigterm_ev = evsignal_new(srv->base, SIGTERM, on_signal, srv);
+	idle_ev = event_new(srv->base, -1, EV_PERSIST, on_idle_tick, srv);
+	struct timeval tick = { IDLE_TRIM_INTERVAL, 0 };
+	if (!sigint_ev || !sigterm_ev || !idle_ev || evsignal_add(sigint_ev, NULL) < 0 ||
+	    evsignal_add(sigterm_ev, NULL) < 0 || event_add(idle_ev, &tick) < 0) {
+		log_err("cannot set up signal handling");
+		goto out;
+	}
+	if (startup_opens(srv, opens, opts.nr_opens) < 0)
+		goto out;
+
+	log_info("serving on %s (pid %d, io engine %s)", path, (int)srv->pid,
+		 io_engine_name(srv->io));
+	if (ready_fd >= 0) {
+		char ok = 0;
+		if (write(ready_fd, &ok, 1) < 0)
+			log_warn("cannot tell the parent we are ready");
+		close(ready_fd);
+		ready_fd = -1;
+	}
+	event_base_dispatch(srv->base);
+	log_info("stopped");
+	rc = 0;
+out:
+	if (ready_fd >= 0)
+		close(ready_fd);	/* the parent reads EOF: failure */
+	control_free(srv->ctl);
+	nbd_server_free(srv->nbd);
+	if (grace_ev)
+		event_free(grace_ev);
+	if (sigint_ev)
+		event_free(sigint_ev);
+	if (sigterm_ev)
+		event_free(sigterm_ev);
+	if (idle_ev)
+		event_free(idle_ev);
+	if (!srv->zombies)
+		io_engine_free(srv->io);
+	for (int m = 0; srv->minors && m < SERVER_MAX_MINORS; m++)
+		free(srv->minors[m]);
+	free(srv->minors);
+	bufpool_free(srv->pool);
+	if (srv->base)
+		event_base_free(srv->base);
+	for (int i = 0; i < opts.nr_opens; i++)
+		free(opens[i]);
+	free(opens);
+	free(opts.opens);
+	free(dir);
+	close(lock_fd);
+	return rc;
+}

@@ -1,0 +1,1201 @@
+/*
+ * NBD server frontend: listeners, the fixed-newstyle handshake and the
+ * transmission phase, all on non-blocking bufferevents. A connection reads
+ * nothing it has no room for (in-flight and output limits), answers every
+ * malformed message with the protocol's error or a clean disconnect, and
+ * outlives its socket until its in-flight requests have come back.
+ */
+#include "nbd.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "bufpool.h"
+#include "log.h"
+#include "nbd_proto.h"
+#include "server.h"
+#include "unixsock.h"
+#include "vbd.h"
+
+#define NBD_MAX_REQUEST		BUFPOOL_MAX_SIZE	/* 32 MiB */
+#define NBD_PREFERRED_BLOCK	4096
+#define NBD_MAX_INFLIGHT	128		/* per connection */
+#define NBD_MAX_OUTPUT		(32u << 20)	/* stop reading above this */
+#define NBD_MAX_EXTENTS		1024
+#define NBD_HANDSHAKE_TIMEOUT	30		/* seconds */
+#define NBD_MAX_CONNECTIONS	4096
+#define NBD_DISCARD_LIMIT	(16u << 20)	/* larger option payloads: disconnect */
+
+struct nbd_listener {
+	struct nbd_server *ns;
+	struct evconnlistener *lev;
+	char *path;			/* UNIX socket to unlink, or NULL */
+	struct vbd *vbd;		/* per-vbd socket; NULL: by export name */
+	struct vbd_frontend fe;
+	LIST_ENTRY(nbd_listener) link;
+};
+
+struct nbd_server {
+	struct server *srv;
+	LIST_HEAD(, nbd_listener) listeners;
+	LIST_HEAD(, nbd_conn) conns;
+	unsigned nr_conns;
+	uint64_t conn_serial;
+	struct log_ratelimit rl;
+};
+
+enum conn_state {
+	CS_CLIENT_FLAGS,
+	CS_OPT_HEADER,
+	CS_OPT_DATA,
+	CS_OPT_DISCARD,
+	CS_REQ_HEADER,
+	CS_REQ_PAYLOAD,
+	CS_REQ_DISCARD,
+};
+
+struct nbd_conn {
+	struct nbd_server *ns;
+	struct bufferevent *bev;	/* NULL once the socket is gone */
+	struct vbd *default_vbd;	/* per-vbd socket: the export */
+	struct vbd *vbd;		/* bound export, registered as frontend */
+	struct vbd_frontend fe;
+	enum conn_state state;
+	uint32_t cflags;
+	int structured;
+	int meta_base_alloc;		/* base:allocation selected */
+	char *meta_export;		/* export the contexts were set for */
+	uint32_t opt, opt_len;
+	uint64_t discard_left;
+	int discard_err;		/* reply for a discarded write payload */
+	struct nbd_request cur;
+	unsigned inflight;
+	int reading_paused;
+	int in_process;
+	int closing;			/* DISC or vbd shutdown: finish, then close */
+	LIST_ENTRY(nbd_conn) link;
+	char peer[64];
+};
+
+struct nbd_req {
+	struct vbd_request vr;
+	struct nbd_conn *conn;
+	uint64_t cookie;
+	uint16_t type, flags;
+	void *buf;
+	size_t buflen;
+	struct iovec iov;
+	struct td_extent *extents;
+};
+
+static void conn_process(struct nbd_conn *c);
+static void conn_finish(struct nbd_conn *c);
+
+/* ---- connection lifetime ---- */
+
+/* Frees c once it has no socket and no requests; never mid-processing. */
+static void
+conn_maybe_free(struct nbd_conn *c)
+{
+	if (c->bev || c->inflight || c->in_process)
+		return;
+	LIST_REMOVE(c, link);
+	c->ns->nr_conns--;
+	free(c->meta_export);
+	free(c);
+}
+
+/* Drops the socket now; the conn itself goes when its requests are back. */
+static void
+conn_cut(struct nbd_conn *c)
+{
+	if (c->bev) {
+		bufferevent_free(c->bev);
+		c->bev = NULL;
+	}
+	if (c->vbd) {
+		vbd_frontend_remove(&c->fe);
+		c->vbd = NULL;
+	}
+	conn_maybe_free(c);
+}
+
+static void
+conn_protocol_error(struct nbd_conn *c, const char *what)
+{
+	log_limited(&c->ns->rl, LOG_LVL_WARN, "nbd client %s: %s; disconnecting",
+		    c->peer, what);
+	conn_cut(c);
+}
+
+static void
+conn_fe_shutdown(struct vbd_frontend *fe)
+{
+	struct nbd_conn *c = (struct nbd_conn *)((char *)fe - offsetof(struct nbd_conn, fe));
+	int force = fe->vbd && (fe->vbd->state & VBD_DEAD);
+
+	vbd_frontend_remove(fe);
+	c->vbd = NULL;
+	c->default_vbd = NULL;
+	if (force || !c->bev)
+		conn_cut(c);
+	else
+		conn_finish(c);
+}
+
+static const struct vbd_frontend_ops conn_fe_ops = {
+	.kind = "nbd",
+	.shutdown = conn_fe_shutdown,
+};
+
+static void
+conn_bind(struct nbd_conn *c, struct vbd *vbd)
+{
+	if (c->vbd == vbd)
+		return;
+	if (c->vbd)
+		vbd_frontend_remove(&c->fe);
+	c->vbd = vbd;
+	vbd_frontend_add(vbd, &c->fe, &conn_fe_ops);
+}
+
+/* ---- output ---- */
+
+static void
+conn_write(struct nbd_conn *c, const void *data, size_t len)
+{
+	if (c->bev)
+		bufferevent_write(c->bev, data, len);
+}
+
+static void
+opt_reply(struct nbd_conn *c, uint32_t type, const void *data, uint32_t len)
+{
+	uint8_t h[20];
+	wr64(h, NBD_REP_MAGIC);
+	wr32(h + 8, c->opt);
+	wr32(h + 12, type);
+	wr32(h + 16, len);
+	conn_write(c, h, sizeof(h));
+	if (len)
+		conn_write(c, data, len);
+}
+
+static void
+simple_reply(struct nbd_conn *c, uint64_t cookie, uint32_t err)
+{
+	uint8_t h[16];
+	wr32(h, NBD_SIMPLE_REPLY_MAGIC);
+	wr32(h + 4, err);
+	wr64(h + 8, cookie);
+	conn_write(c, h, sizeof(h));
+}
+
+static void
+chunk_header(struct nbd_conn *c, uint64_t cookie, uint16_t flags, uint16_t type,
+	     uint32_t len)
+{
+	uint8_t h[20];
+	wr32(h, NBD_STRUCTURED_REPLY_MAGIC);
+	wr16(h + 4, flags);
+	wr16(h + 6, type);
+	wr64(h + 8, cookie);
+	wr32(h + 16, len);
+	conn_write(c, h, sizeof(h));
+}
+
+/* An error reply, in the form the command requires. */
+static void
+reply_error(struct nbd_conn *c, uint64_t cookie, uint16_t type, int err)
+{
+	uint32_t wire = nbd_errno_to_wire(err);
+	if (c->structured && (type == NBD_CMD_READ || type == NBD_CMD_BLOCK_STATUS)) {
+		uint8_t p[6];
+		wr32(p, wire);
+		wr16(p + 4, 0);
+		chunk_header(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, sizeof(p));
+		conn_write(c, p, sizeof(p));
+		return;
+	}
+	simple_reply(c, cookie, wire);
+}
+
+static void
+pool_release(const void *data, size_t len, void *arg)
+{
+	bufpool_put(arg, (void *)data, len);
+}
+
+static void
+reply_read(struct nbd_conn *c, struct nbd_req *nr)
+{
+	struct bufpool *pool = c->ns->srv->pool;
+	size_t len = nr->vr.td.length;
+
+	if (c->structured) {
+		uint8_t off[8];
+		if (!len) {
+			chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
+			return;
+		}
+		chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+			     (uint32_t)(8 + len));
+		wr64(off, nr->vr.td.offset);
+		conn_write(c, off, sizeof(off));
+	} else {
+		simple_reply(c, nr->cookie, 0);
+	}
+	if (len && c->bev) {
+		/* the socket takes the buffer itself; the pool gets it back after */
+		evbuffer_add_reference(bufferevent_get_output(c->bev), nr->buf, len,
+				       pool_release, pool);
+		nr->buf = NULL;
+	}
+}
+
+static void
+reply_block_status(struct nbd_conn *c, struct nbd_req *nr)
+{
+	const struct td_request *td = &nr->vr.td;
+	uint32_t n = td->nr_extents;
+	uint8_t *p = malloc(4 + 8 * (size_t)n);
+
+	if (!p) {
+		reply_error(c, nr->cookie, nr->type, ENOMEM);
+		return;
+	}
+	wr32(p, NBD_META_ID_BASE_ALLOCATION);
+	for (uint32_t i = 0; i < n; i++) {
+		uint32_t fl = 0;
+		if (td->extents[i].flags & TD_EXTENT_HOLE)
+			fl |= NBD_STATE_HOLE;
+		if (td->extents[i].flags & TD_EXTENT_ZERO)
+			fl |= NBD_STATE_ZERO;
+		wr32(p + 4 + 8 * i, (uint32_t)td->extents[i].length);
+		wr32(p + 8 + 8 * i, fl);
+	}
+	chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
+		     4 + 8 * n);
+	conn_write(c, p, 4 + 8 * n);
+	free(p);
+}
+
+/* ---- transmission ---- */
+
+static void
+nbd_req_free(struct nbd_conn *c, struct nbd_req *nr)
+{
+	if (nr->buf)
+		bufpool_put(c->ns->srv->pool, nr->buf, nr->buflen);
+	free(nr->extents);
+	free(nr);
+}
+
+static void
+conn_maybe_resume(struct nbd_conn *c)
+{
+	if (!c->bev)
+		return;
+	if (c->closing) {
+		conn_finish(c);
+		return;
+	}
+	if (c->reading_paused && c->inflight < NBD_MAX_INFLIGHT &&
+	    evbuffer_get_length(bufferevent_get_output(c->bev)) < NBD_MAX_OUTPUT) {
+		c->reading_paused = 0;
+		bufferevent_enable(c->bev, EV_READ);
+		conn_process(c);
+	}
+}
+
+static void
+nbd_req_complete(struct vbd_request *vr, int err)
+{
+	struct nbd_req *nr = (struct nbd_req *)vr;
+	struct nbd_conn *c = nr->conn;
+
+	c->inflight--;
+	if (c->bev) {
+		if (err)
+			reply_error(c, nr->cookie, nr->type, err);
+		else if (nr->type == NBD_CMD_READ)
+			reply_read(c, nr);
+		else if (nr->type == NBD_CMD_BLOCK_STATUS)
+			reply_block_status(c, nr);
+		else
+			simple_reply(c, nr->cookie, 0);
+	}
+	nbd_req_free(c, nr);
+	if (!c->bev) {
+		conn_maybe_free(c);
+		return;
+	}
+	conn_maybe_resume(c);
+}
+
+static enum td_op
+cmd_to_op(uint16_t type)
+{
+	switch (type) {
+	case NBD_CMD_READ: return TD_OP_READ;
+	case NBD_CMD_WRITE: return TD_OP_WRITE;
+	case NBD_CMD_FLUSH: return TD_OP_FLUSH;
+	case NBD_CMD_TRIM: return TD_OP_DISCARD;
+	case NBD_CMD_WRITE_ZEROES: return TD_OP_WRITE_ZEROES;
+	case NBD_CMD_BLOCK_STATUS: return TD_OP_BLOCK_STATUS;
+	default: return TD_OP_CACHE;
+	}
+}
+
+static struct nbd_req *
+nbd_req_new(struct nbd_conn *c)
+{
+	struct nbd_req *nr = calloc(1, sizeof(*nr));
+	if (!nr)
+		return NULL;
+	nr->conn = c;
+	nr->cookie = c->cur.cookie;
+	nr->type = c->cur.type;
+	nr->flags = c->cur.flags;
+	nr->vr.td.op = cmd_to_op(c->cur.type);
+	nr->vr.td.offset = c->cur.offset;
+	nr->vr.td.length = c->cur.length;
+	if (c->cur.flags & NBD_CMD_FLAG_FUA)
+		nr->vr.td.flags |= TD_REQ_FUA;
+	if (c->cur.flags & NBD_CMD_FLAG_NO_HOLE)
+		nr->vr.td.flags |= TD_REQ_NO_HOLE;
+	if (c->cur.flags & NBD_CMD_FLAG_FAST_ZERO)
+		nr->vr.td.flags |= TD_REQ_FAST_ZERO;
+	nr->vr.complete = nbd_req_complete;
+	nr->vr.fe = c;
+	return nr;
+}
+
+static void
+conn_submit(struct nbd_conn *c, struct nbd_req *nr)
+{
+	c->inflight++;
+	vbd_submit(c->vbd, &nr->vr);
+}
+
+/* Checks a request against the export; 0 or the errno to answer. */
+static int
+request_check(struct nbd_conn *c, const struct nbd_request *r)
+{
+	const uint16_t known = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF |
+			       NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
+	struct vbd *vbd = c->vbd;
+	int writes = r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM ||
+		     r->type == NBD_CMD_WRITE_ZEROES;
+
+	if (r->flags & ~known)
+		return EINVAL;
+	if ((r->flags & NBD_CMD_FLAG_DF) && (!c->structured || r->type != NBD_CMD_READ))
+		return EINVAL;
+	if ((r->flags & (NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO)) &&
+	    r->type != NBD_CMD_WRITE_ZEROES)
+		return EINVAL;
+	switch (r->type) {
+	case NBD_CMD_READ:
+	case NBD_CMD_WRITE:
+		if (r->length > NBD_MAX_REQUEST)
+			return EINVAL;
+		break;
+	case NBD_CMD_FLUSH:
+		if (r->offset || r->length)
+			return EINVAL;
+		return 0;
+	case NBD_CMD_BLOCK_STATUS:
+		if (!c->structured || !c->meta_base_alloc || !r->length)
+			return EINVAL;
+		break;
+	case NBD_CMD_TRIM:
+	case NBD_CMD_WRITE_ZEROES:
+	case NBD_CMD_CACHE:
+		break;
+	default:
+		return EINVAL;
+	}
+	if (writes && vbd->readonly)
+		return EPERM;
+	if (r->offset > vbd->size || r->length > vbd->size - r->offset)
+		return writes ? ENOSPC : EINVAL;
+	return 0;
+}
+
+/* A request header has arrived. Returns 0 to continue, -1 if c is gone. */
+static int
+conn_request(struct nbd_conn *c)
+{
+	struct nbd_request *r = &c->cur;
+	int err;
+
+	if (r->type == NBD_CMD_DISC) {
+		conn_finish(c);
+		return -1;
+	}
+	if (!c->vbd) {
+		conn_finish(c);
+		return -1;
+	}
+	err = request_check(c, r);
+	if (r->type == NBD_CMD_WRITE) {
+		if (err) {
+			/* the payload still arrives: swallow it, then answer */
+			c->discard_left = r->length;
+			c->discard_err = err;
+			c->state = CS_REQ_DISCARD;
+			return 0;
+		}
+		c->state = CS_REQ_PAYLOAD;
+		return 0;
+	}
+	if (err) {
+		reply_error(c, r->cookie, r->type, err);
+		return 0;
+	}
+	struct nbd_req *nr = nbd_req_new(c);
+	if (!nr) {
+		reply_error(c, r->cookie, r->type, ENOMEM);
+		return 0;
+	}
+	if (r->type == NBD_CMD_READ && r->length) {
+		nr->buflen = r->length;
+		nr->buf = bufpool_get(c->ns->srv->pool, r->length);
+		if (!nr->buf) {
+			nbd_req_free(c, nr);
+			reply_error(c, r->cookie, r->type, ENOMEM);
+			return 0;
+		}
+		nr->iov.iov_base = nr->buf;
+		nr->iov.iov_len = r->length;
+		nr->vr.td.iov = &nr->iov;
+		nr->vr.td.iovcnt = 1;
+	} else if (r->type == NBD_CMD_BLOCK_STATUS) {
+		unsigned max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_MAX_EXTENTS;
+		nr->extents = calloc(max, sizeof(*nr->extents));
+		if (!nr->extents) {
+			nbd_req_free(c, nr);
+			reply_error(c, r->cookie, r->type, ENOMEM);
+			return 0;
+		}
+		nr->vr.td.extents = nr->extents;
+		nr->vr.td.max_extents = max;
+	}
+	conn_submit(c, nr);
+	return 0;
+}
+
+/* The whole write payload is in the input buffer. */
+static void
+conn_write_payload(struct nbd_conn *c, struct evbuffer *in)
+{
+	struct nbd_request *r = &c->cur;
+	struct nbd_req *nr = nbd_req_new(c);
+
+	c->state = CS_REQ_HEADER;
+	if (nr && r->length) {
+		nr->buflen = r->length;
+		nr->buf = bufpool_get(c->ns->srv->pool, r->length);
+	}
+	if (!nr || (r->length && !nr->buf)) {
+		evbuffer_drain(in, r->length);
+		if (nr)
+			nbd_req_free(c, nr);
+		reply_error(c, r->cookie, r->type, ENOMEM);
+		return;
+	}
+	evbuffer_remove(in, nr->buf, r->length);
+	nr->iov.iov_base = nr->buf;
+	nr->iov.iov_len = r->length;
+	nr->vr.td.iov = &nr->iov;
+	nr->vr.td.iovcnt = 1;
+	conn_submit(c, nr);
+}
+
+/* ---- handshake ---- */
+
+static struct vbd *
+export_find(struct nbd_conn *c, const char *name)
+{
+	struct vbd *vbd = NULL;
+
+	if (c->default_vbd) {
+		char own[16];
+		snprintf(own, sizeof(own), "%d", c->default_vbd->minor);
+		if (!*name || strcmp(name, own) == 0)
+			vbd = c->default_vbd;
+	} else {
+		char *end;
+		long m = strtol(name, &end, 10);
+		if (*name && !*end && m >= 0 && m < SERVER_MAX_MINORS)
+			vbd = server_vbd(c->ns->srv, (int)m);
+	}
+	/* a paused vbd is still an export: its requests just wait */
+	if (vbd && ((vbd->state & (VBD_CLOSED | VBD_SHUTDOWN_REQUESTED | VBD_DEAD)) ||
+		    !vbd->params))
+		return NULL;
+	return vbd;
+}
+
+static uint16_t
+export_flags(const struct nbd_conn *c, const struct vbd *vbd)
+{
+	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
+		     NBD_FLAG_CAN_MULTI_CONN | NBD_FLAG_SEND_CACHE;
+	if (c->structured)
+		f |= NBD_FLAG_SEND_DF;
+	if (vbd->readonly)
+		f |= NBD_FLAG_READ_ONLY;
+	else
+		f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+	return f;
+}
+
+static void
+info_reply(struct nbd_conn *c, const uint8_t *p, uint32_t len)
+{
+	opt_reply(c, NBD_REP_INFO, p, len);
+}
+
+static void
+info_string(struct nbd_conn *c, uint16_t type, const char *s)
+{
+	size_t n = strlen(s);
+	uint8_t *p = malloc(2 + n);
+	if (!p)
+		return;
+	wr16(p, type);
+	memcpy(p + 2, s, n);
+	info_reply(c, p, (uint32_t)(2 + n));
+	free(p);
+}
+
+static void
+start_transmission(struct nbd_conn *c, struct vbd *vbd)
+{
+	conn_bind(c, vbd);
+	c->state = CS_REQ_HEADER;
+	/* contexts chosen for another export do not carry over */
+	if (c->meta_export && export_find(c, c->meta_export) != vbd)
+		c->meta_base_alloc = 0;
+	if (c->bev)
+		bufferevent_set_timeouts(c->bev, NULL, NULL);
+}
+
+static void
+opt_go(struct nbd_conn *c, const uint8_t *data, uint32_t len)
+{
+	struct nbd_opt_go go;
+	uint32_t rc = nbd_parse_opt_go(data, len, &go);
+	uint8_t buf[14];
+
+	if (rc) {
+		opt_reply(c, rc, NULL, 0);
+		return;
+	}
+	struct vbd *vbd = export_find(c, go.name);
+	if (!vbd) {
+		opt_reply(c, NBD_REP_ERR_UNKNOWN, NULL, 0);
+		return;
+	}
+	wr16(buf, NBD_INFO_EXPORT);
+	wr64(buf + 2, vbd->size);
+	wr16(buf + 10, export_flags(c, vbd));
+	info_reply(c, buf, 12);
+
+	wr16(buf, NBD_INFO_BLOCK_SIZE);
+	wr32(buf + 2, 1);
+	wr32(buf + 6, NBD_PREFERRED_BLOCK);
+	wr32(buf + 10, NBD_MAX_REQUEST);
+	info_reply(c, buf, 14);
+
+	if (go.want_name)
+		info_string(c, NBD_INFO_NAME, go.name);
+	if (go.want_description)
+		info_string(c, NBD_INFO_DESCRIPTION, vbd->params);
+	opt_reply(c, NBD_REP_ACK, NULL, 0);
+	if (c->opt == NBD_OPT_GO)
+		start_transmission(c, vbd);
+}
+
+static void
+opt_export_name(struct nbd_conn *c, const uint8_t *data, uint32_t len)
+{
+	char name[NBD_MAX_STRING + 1];
+	uint8_t buf[10 + 124] = { 0 };
+
+	if (len > NBD_MAX_STRING || memchr(data, 0, len)) {
+		conn_protocol_error(c, "bad export name");
+		return;
+	}
+	memcpy(name, data, len);
+	name[len] = '\0';
+	struct vbd *vbd = export_find(c, name);
+	if (!vbd) {
+		/* no way to report an error to EXPORT_NAME but hanging up */
+		conn_protocol_error(c, "unknown export");
+		return;
+	}
+	wr64(buf, vbd->size);
+	wr16(buf + 8, export_flags(c, vbd));
+	conn_write(c, buf, (c->cflags & NBD_FLAG_C_NO_ZEROES) ? 10 : sizeof(buf));
+	start_transmission(c, vbd);
+}
+
+static void
+opt_list(struct nbd_conn *c, uint32_t len)
+{
+	struct server *srv = c->ns->srv;
+
+	if (len) {
+		opt_reply(c, NBD_REP_ERR_INVALID, NULL, 0);
+		return;
+	}
+	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
+		struct vbd *vbd = srv->minors[m];
+		if (!vbd || !vbd->params || (c->default_vbd && vbd != c->default_vbd))
+			continue;
+		char name[16];
+		int n = snprintf(name, sizeof(name), "%d", m);
+		size_t dlen = strlen(vbd->params);
+		uint8_t *p = malloc(4 + (size_t)n + dlen);
+		if (!p)
+			break;
+		wr32(p, (uint32_t)n);
+		memcpy(p + 4, name, (size_t)n);
+		memcpy(p + 4 + n, vbd->params, dlen);
+		opt_reply(c, NBD_REP_SERVER, p, (uint32_t)(4 + (size_t)n + dlen));
+		free(p);
+	}
+	opt_reply(c, NBD_REP_ACK, NULL, 0);
+}
+
+struct meta_walk {
+	struct nbd_conn *c;
+	int list;
+	int matched;
+};
+
+static void
+meta_query(const char *q, uint32_t qlen, void *arg)
+{
+	struct meta_walk *w = arg;
+	int match = strcmp(q, NBD_META_BASE_ALLOCATION) == 0 ||
+		    (w->list && strcmp(q, "base:") == 0);
+	(void)qlen;
+	if (!match || w->matched)
+		return;
+	w->matched = 1;
+	uint8_t p[4 + sizeof(NBD_META_BASE_ALLOCATION) - 1];
+	wr32(p, NBD_META_ID_BASE_ALLOCATION);
+	memcpy(p + 4, NBD_META_BASE_ALLOCATION, sizeof(NBD_META_BASE_ALLOCATION) - 1);
+	opt_reply(w->c, NBD_REP_META_CONTEXT, p, sizeof(p));
+}
+
+static void
+opt_meta(struct nbd_conn *c, const uint8_t *data, uint32_t len)
+{
+	char name[NBD_MAX_STRING + 1];
+	struct meta_walk w = { c, c->opt == NBD_OPT_LIST_META_CONTEXT, 0 };
+	uint32_t nq = 0, rc;
+
+	if (!w.list && !c->structured) {
+		opt_reply(c, NBD_REP_ERR_INVALID, NULL, 0);
+		return;
+	}
+	/* parse fully first: a bad query must not leave half the replies sent */
+	rc = nbd_parse_opt_meta(data, len, name, NULL, NULL, &nq);
+	if (rc == 0 && !export_find(c, name))
+		rc = NBD_REP_ERR_UNKNOWN;
+	if (rc) {
+		opt_reply(c, rc, NULL, 0);
+		return;
+	}
+	if (w.list && nq == 0)
+		meta_query(NBD_META_BASE_ALLOCATION, 0, &w);
+	else
+		nbd_parse_opt_meta(data, len, name, meta_query, &w, &nq);
+	if (!w.list) {
+		c->meta_base_alloc = w.matched;
+		free(c->meta_export);
+		c->meta_export = strdup(name);
+	}
+	opt_reply(c, NBD_REP_ACK, NULL, 0);
+}
+
+/* A whole option has arrived; it may end the handshake or the connection. */
+static void
+conn_option(struct nbd_conn *c, const uint8_t *data, uint32_t len)
+{
+	switch (c->opt) {
+	case NBD_OPT_EXPORT_NAME:
+		opt_export_name(c, data, len);
+		break;
+	case NBD_OPT_ABORT:
+		opt_reply(c, NBD_REP_ACK, NULL, 0);
+		conn_finish(c);
+		break;
+	case NBD_OPT_LIST:
+		opt_list(c, len);
+		break;
+	case NBD_OPT_INFO:
+	case NBD_OPT_GO:
+		opt_go(c, data, len);
+		break;
+	case NBD_OPT_STRUCTURED_REPLY:
+		if (len) {
+			opt_reply(c, NBD_REP_ERR_INVALID, NULL, 0);
+			break;
+		}
+		c->structured = 1;
+		opt_reply(c, NBD_REP_ACK, NULL, 0);
+		break;
+	case NBD_OPT_LIST_META_CONTEXT:
+	case NBD_OPT_SET_META_CONTEXT:
+		opt_meta(c, data, len);
+		break;
+	default:	/* STARTTLS, EXTENDED_HEADERS and unknown ones */
+		opt_reply(c, NBD_REP_ERR_UNSUP, NULL, 0);
+		break;
+	}
+}
+
+/* ---- input state machine ---- */
+
+/* Advances by one message; returns 1 to go on, 0 to wait for input, -1 if c is gone. */
+static int
+conn_step(struct nbd_conn *c, struct evbuffer *in)
+{
+	size_t avail = evbuffer_get_length(in);
+	uint8_t hdr[NBD_REQUEST_LEN];
+
+	switch (c->state) {
+	case CS_CLIENT_FLAGS:
+		if (avail < 4)
+			return 0;
+		evbuffer_remove(in, hdr, 4);
+		c->cflags = rd32(hdr);
+		if (c->cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
+			conn_protocol_error(c, "unknown client flags");
+			return -1;
+		}
+		c->state = CS_OPT_HEADER;
+		return 1;
+	case CS_OPT_HEADER:
+		if (avail < NBD_OPT_HEADER_LEN)
+			return 0;
+		evbuffer_remove(in, hdr, NBD_OPT_HEADER_LEN);
+		if (rd64(hdr) != NBD_IHAVEOPT) {
+			conn_protocol_error(c, "bad option magic");
+			return -1;
+		}
+		c->opt = rd32(hdr + 8);
+		c->opt_len = rd32(hdr + 12);
+		if (c->opt_len > NBD_MAX_OPTION_LEN) {
+			if (c->opt_len > NBD_DISCARD_LIMIT || c->opt == NBD_OPT_EXPORT_NAME) {
+				conn_protocol_error(c, "oversized option");
+				return -1;
+			}
+			c->discard_left = c->opt_len;
+			c->state = CS_OPT_DISCARD;
+			return 1;
+		}
+		c->state = CS_OPT_DATA;
+		return 1;
+	case CS_OPT_DATA: {
+		if (avail < c->opt_len)
+			return 0;
+		const uint8_t *data = evbuffer_pullup(in, c->opt_len);
+		c->state = CS_OPT_HEADER;
+		conn_option(c, data ? data : (const uint8_t *)"", c->opt_len);
+		if (!c->bev)
+			return -1;	/* and in went with it */
+		evbuffer_drain(in, c->opt_len);
+		return c->closing ? -1 : 1;
+	}
+	case CS_OPT_DISCARD:
+	case CS_REQ_DISCARD: {
+		size_t n = avail < c->discard_left ? avail : c->discard_left;
+		evbuffer_drain(in, n);
+		c->discard_left -= n;
+		if (c->discard_left)
+			return 0;
+		if (c->state == CS_OPT_DISCARD) {
+			opt_reply(c, NBD_REP_ERR_TOO_BIG, NULL, 0);
+			c->state = CS_OPT_HEADER;
+		} else {
+			reply_error(c, c->cur.cookie, c->cur.type, c->discard_err);
+			c->state = CS_REQ_HEADER;
+		}
+		return 1;
+	}
+	case CS_REQ_HEADER:
+		if (c->inflight >= NBD_MAX_INFLIGHT ||
+		    evbuffer_get_length(bufferevent_get_output(c->bev)) >= NBD_MAX_OUTPUT) {
+			c->reading_paused = 1;
+			bufferevent_disable(c->bev, EV_READ);
+			return 0;
+		}
+		if (avail < NBD_REQUEST_LEN)
+			return 0;
+		evbuffer_remove(in, hdr, NBD_REQUEST_LEN);
+		if (nbd_parse_request(hdr, &c->cur) < 0) {
+			conn_protocol_error(c, "bad request magic");
+			return -1;
+		}
+		return conn_request(c) < 0 ? -1 : 1;
+	case CS_REQ_PAYLOAD:
+		if (avail < c->cur.length)
+			return 0;
+		conn_write_payload(c, in);
+		return 1;
+	}
+	return 0;
+}
+
+static void
+conn_process(struct nbd_conn *c)
+{
+	if (c->in_process || !c->bev)
+		return;
+	c->in_process = 1;
+	while (c->bev && !c->closing &&
+	       conn_step(c, bufferevent_get_input(c->bev)) > 0)
+		;
+	c->in_process = 0;
+	conn_maybe_free(c);
+}
+
+static void
+conn_read_cb(struct bufferevent *bev, void *arg)
+{
+	(void)bev;
+	conn_process(arg);
+}
+
+static void
+conn_write_cb(struct bufferevent *bev, void *arg)
+{
+	struct nbd_conn *c = arg;
+	(void)bev;
+	conn_maybe_resume(c);
+}
+
+static void
+conn_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct nbd_conn *c = arg;
+	(void)bev;
+
+	if (what & BEV_EVENT_TIMEOUT)
+		log_limited(&c->ns->rl, LOG_LVL_WARN, "nbd client %s: handshake timed out",
+			    c->peer);
+	else if ((what & BEV_EVENT_ERROR) && EVUTIL_SOCKET_ERROR() != ECONNRESET &&
+		 EVUTIL_SOCKET_ERROR() != EPIPE)
+		log_limited(&c->ns->rl, LOG_LVL_INFO, "nbd client %s: %s", c->peer,
+			    strerror(EVUTIL_SOCKET_ERROR()));
+	conn_cut(c);
+}
+
+/* Stop reading; close once every reply has been handed to the socket. */
+static void
+conn_finish(struct nbd_conn *c)
+{
+	c->closing = 1;
+	if (!c->bev) {
+		conn_maybe_free(c);
+		return;
+	}
+	bufferevent_disable(c->bev, EV_READ);
+	if (c->inflight)
+		return;
+	if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
+		conn_cut(c);
+		return;
+	}
+	/* conn_write_cb fires when the output has drained */
+	bufferevent_enable(c->bev, EV_WRITE);
+}
+
+void
+nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
+{
+	struct nbd_conn *c = calloc(1, sizeof(*c));
+	uint8_t greet[18];
+
+	if (!c) {
+		bufferevent_free(bev);
+		return;
+	}
+	c->ns = ns;
+	c->bev = bev;
+	c->default_vbd = vbd;
+	snprintf(c->peer, sizeof(c->peer), "#%ju", (uintmax_t)++ns->conn_serial);
+	LIST_INSERT_HEAD(&ns->conns, c, link);
+	ns->nr_conns++;
+	if (vbd)
+		conn_bind(c, vbd);
+
+	struct timeval tv = { NBD_HANDSHAKE_TIMEOUT, 0 };
+	bufferevent_setcb(bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
+	bufferevent_set_timeouts(bev, &tv, NULL);
+	bufferevent_set_max_single_read(bev, 1 << 20);
+	bufferevent_enable(bev, EV_READ | EV_WRITE);
+
+	wr64(greet, NBD_MAGIC);
+	wr64(greet + 8, NBD_IHAVEOPT);
+	wr16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+	conn_write(c, greet, sizeof(greet));
+}
+
+/* ---- listeners ---- */
+
+static void
+listener_accept(struct evconnlistener *lev, evutil_socket_t fd,
+		struct sockaddr *sa, int salen, void *arg)
+{
+	struct nbd_listener *l = arg;
+	struct nbd_server *ns = l->ns;
+	(void)lev;
+	(void)sa;
+	(void)salen;
+
+	if (ns->nr_conns >= NBD_MAX_CONNECTIONS || ns->srv->stopping) {
+		log_limited(&ns->rl, LOG_LVL_WARN, "nbd: refusing a connection (%s)",
+			    ns->srv->stopping ? "shutting down" : "too many connections");
+		close(fd);
+		return;
+	}
+	struct bufferevent *bev = bufferevent_socket_new(ns->srv->base, fd,
+							 BEV_OPT_CLOSE_ON_FREE);
+	if (!bev) {
+		close(fd);
+		return;
+	}
+	nbd_serve(ns, bev, l->vbd);
+}
+
+static void
+listener_free(struct nbd_listener *l)
+{
+	LIST_REMOVE(l, link);
+	if (l->vbd)
+		vbd_frontend_remove(&l->fe);
+	if (l->lev)
+		evconnlistener_free(l->lev);
+	if (l->path) {
+		unlink(l->path);
+		free(l->path);
+	}
+	free(l);
+}
+
+static void
+listener_fe_shutdown(struct vbd_frontend *fe)
+{
+	listener_free((struct nbd_listener *)((char *)fe - offsetof(struct nbd_listener, fe)));
+}
+
+static const struct vbd_frontend_ops listener_fe_ops = {
+	.kind = "nbd-listener",
+	.shutdown = listener_fe_shutdown,
+};
+
+static struct nbd_listener *
+listener_alloc(struct nbd_server *ns, const char *path, struct vbd *vbd)
+{
+	struct nbd_listener *l = calloc(1, sizeof(*l));
+	if (!l)
+		return NULL;
+	l->ns = ns;
+	l->vbd = vbd;
+	if (path && !(l->path = strdup(path))) {
+		free(l);
+		return NULL;
+	}
+	return l;
+}
+
+/* Takes over a listening socket (l->lev set) and links l in. */
+static void
+listener_link(struct nbd_listener *l)
+{
+	LIST_INSERT_HEAD(&l->ns->listeners, l, link);
+	if (l->vbd)
+		vbd_frontend_add(l->vbd, &l->fe, &listener_fe_ops);
+}
+
+static struct nbd_listener *
+listener_new(struct nbd_server *ns, evutil_socket_t fd, const char *path,
+	     struct vbd *vbd)
+{
+	struct nbd_listener *l = listener_alloc(ns, path, vbd);
+	if (!l)
+		return NULL;
+	l->lev = evconnlistener_new(ns->srv->base, listener_accept, l,
+				    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+	if (!l->lev) {
+		free(l->path);
+		free(l);
+		return NULL;
+	}
+	listener_link(l);
+	return l;
+}
+
+int
+nbd_export_vbd(struct nbd_server *ns, struct vbd *vbd, char *err, size_t errlen)
+{
+	char *path = server_nbd_path(ns->srv, vbd->minor);
+	int fd;
+
+	if (!path) {
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	fd = unixsock_listen(path, 0600, err, errlen);
+	if (fd < 0) {
+		free(path);
+		return fd;
+	}
+	if (!listener_new(ns, fd, path, vbd)) {
+		close(fd);
+		unlink(path);
+		free(path);
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	free(path);
+	return 0;
+}
+
+static int
+listen_tcp(struct nbd_server *ns, const char *hostport, char *err, size_t errlen)
+{
+	char host[256];
+	const char *colon = strrchr(hostport, ':');
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+	struct addrinfo *ai;
+	size_t hl;
+
+	if (!colon || colon == hostport || !colon[1]) {
+		snprintf(err, errlen, "tcp:%s: want tcp:HOST:PORT", hostport);
+		return -EINVAL;
+	}
+	hl = (size_t)(colon - hostport);
+	if (hostport[0] == '[' && hl >= 2 && hostport[hl - 1] == ']') {
+		hostport++;
+		hl -= 2;
+	}
+	if (hl >= sizeof(host)) {
+		snprintf(err, errlen, "tcp: host name too long");
+		return -EINVAL;
+	}
+	memcpy(host, hostport, hl);
+	host[hl] = '\0';
+	int rc = getaddrinfo(host, colon + 1, &hints, &ai);
+	if (rc) {
+		snprintf(err, errlen, "tcp:%s: %s", hostport, gai_strerror(rc));
+		return -EINVAL;
+	}
+	struct nbd_listener *l = listener_alloc(ns, NULL, NULL);
+	if (!l) {
+		freeaddrinfo(ai);
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	l->lev = evconnlistener_new_bind(ns->srv->base, listener_accept, l,
+					 LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC |
+					 LEV_OPT_REUSEABLE, 128, ai->ai_addr,
+					 (int)ai->ai_addrlen);
+	freeaddrinfo(ai);
+	if (!l->lev) {
+		rc = -errno;
+		snprintf(err, errlen, "tcp:%s: %s", hostport, strerror(errno));
+		free(l);
+		return rc;
+	}
+	listener_link(l);
+	return 0;
+}
+
+int
+nbd_listen_global(struct nbd_server *ns, const char *spec, char *err, size_t errlen)
+{
+	if (strncmp(spec, "unix:", 5) == 0) {
+		int fd = unixsock_listen(spec + 5, 0600, err, errlen);
+		if (fd < 0)
+			return fd;
+		if (!listener_new(ns, fd, spec + 5, NULL)) {
+			close(fd);
+			snprintf(err, errlen, "out of memory");
+			return -ENOMEM;
+		}
+		return 0;
+	}
+	if (strncmp(spec, "tcp:", 4) == 0)
+		return listen_tcp(ns, spec + 4, err, errlen);
+	snprintf(err, errlen, "'%s': want unix:PATH or tcp:HOST:PORT", spec);
+	return -EINVAL;
+}
+
+struct nbd_server *
+nbd_server_new(struct server *srv)
+{
+	struct nbd_server *ns = calloc(1, sizeof(*ns));
+	if (!ns)
+		return NULL;
+	ns->srv = srv;
+	LIST_INIT(&ns->listeners);
+	LIST_INIT(&ns->conns);
+	ns->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
+	return ns;
+}
+
+void
+nbd_stop_listening(struct nbd_server *ns)
+{
+	struct nbd_listener *l, *next;
+	for (l = LIST_FIRST(&ns->listeners); l; l = next) {
+		next = LIST_NEXT(l, link);
+		if (!l->vbd)
+			listener_free(l);
+		else
+			evconnlistener_disable(l->lev);
+	}
+}
+
+unsigned
+nbd_connection_count(const struct nbd_server *ns)
+{
+	return ns->nr_conns;
+}
+
+void
+nbd_server_free(struct nbd_server *ns)
+{
+	if (!ns)
+		return;
+	while (!LIST_EMPTY(&ns->listeners))
+		listener_free(LIST_FIRST(&ns->listeners));
+	/* connections still here have requests in flight: drop their sockets */
+	struct nbd_conn *c, *next;
+	for (c = LIST_FIRST(&ns->conns); c; c = next) {
+		next = LIST_NEXT(c, link);
+		conn_cut(c);
+	}
+	free(ns);
+}

@@ -1,0 +1,106 @@
+/* The vbd table and opening a vbd together with its NBD socket. */
+#include "server.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "log.h"
+#include "nbd.h"
+
+struct vbd *
+server_vbd(struct server *srv, int minor)
+{
+	if (minor < 0 || minor >= SERVER_MAX_MINORS)
+		return NULL;
+	return srv->minors[minor];
+}
+
+int
+server_free_minor(struct server *srv)
+{
+	for (int m = 0; m < SERVER_MAX_MINORS; m++)
+		if (!srv->minors[m])
+			return m;
+	return -1;
+}
+
+unsigned
+server_vbd_count(struct server *srv)
+{
+	unsigned n = 0;
+	for (int m = 0; m < SERVER_MAX_MINORS; m++)
+		if (srv->minors[m] && srv->minors[m]->params)
+			n++;
+	return n;
+}
+
+char *
+server_nbd_path(const struct server *srv, int minor)
+{
+	char *p;
+	if (asprintf(&p, "%s/nbd%d.%d", srv->state_dir, (int)srv->pid, minor) < 0)
+		return NULL;
+	return p;
+}
+
+struct open_ctx {
+	struct server *srv;
+	int minor;
+	vbd_done_fn done;
+	void *arg;
+	char err[256];
+};
+
+static void
+open_close_done(void *arg, int err, const char *msg)
+{
+	struct open_ctx *oc = arg;
+	(void)err;
+	(void)msg;
+	oc->done(oc->arg, EIO, oc->err);
+	free(oc);
+}
+
+static void
+open_done(void *arg, int err, const char *msg)
+{
+	struct open_ctx *oc = arg;
+	struct vbd *vbd;
+	int rc;
+
+	if (err) {
+		oc->done(oc->arg, err, msg);
+		free(oc);
+		return;
+	}
+	vbd = oc->srv->minors[oc->minor];
+	rc = nbd_export_vbd(oc->srv->nbd, vbd, oc->err, sizeof(oc->err));
+	if (rc < 0) {
+		/* nothing left behind: the vbd goes again */
+		log_err("minor %d: %s", oc->minor, oc->err);
+		vbd_close(vbd, 0, 1, open_close_done, oc);
+		return;
+	}
+	oc->done(oc->arg, 0, NULL);
+	free(oc);
+}
+
+int
+server_open_vbd(struct server *srv, int minor, const char *params, unsigned flags,
+		vbd_done_fn done, void *arg)
+{
+	struct open_ctx *oc = calloc(1, sizeof(*oc));
+	int rc;
+
+	if (!oc)
+		return -ENOMEM;
+	oc->srv = srv;
+	oc->minor = minor;
+	oc->done = done;
+	oc->arg = arg;
+	rc = vbd_open(srv, minor, params, flags, open_done, oc);
+	if (rc < 0)
+		free(oc);
+	return rc;
+}

@@ -1,0 +1,43 @@
+/* The server: one event loop, its I/O engine, the table of vbds by minor. */
+#ifndef TD_SERVER_H
+#define TD_SERVER_H
+
+#include <sys/types.h>
+
+#include "vbd.h"
+
+#define SERVER_MAX_MINORS 4096
+
+struct event_base;
+struct control;
+struct nbd_server;
+
+struct server {
+	struct event_base *base;
+	struct io_engine *io;
+	struct bufpool *pool;
+	char *state_dir;
+	pid_t pid;
+	unsigned open_flags;	/* TD_OPEN_* added to every open (e.g. NODIRECT) */
+	struct vbd **minors;	/* SERVER_MAX_MINORS slots */
+	struct vbd *zombies;	/* force-closed, waiting for their last I/O */
+	struct nbd_server *nbd;
+	struct control *ctl;
+	int stopping;
+	time_t started;
+};
+
+struct vbd *server_vbd(struct server *srv, int minor);
+int server_free_minor(struct server *srv);	/* lowest free minor, or -1 */
+unsigned server_vbd_count(struct server *srv);
+/* The NBD socket of a minor: <state-dir>/nbd<pid>.<minor>. */
+char *server_nbd_path(const struct server *srv, int minor);
+
+/*
+ * Opens a vbd and attaches its frontends (its NBD socket). done gets the
+ * vbd's minor through the vbd table once it serves.
+ */
+int server_open_vbd(struct server *srv, int minor, const char *params,
+		    unsigned flags, vbd_done_fn done, void *arg);
+
+#endif

@@ -1,0 +1,657 @@
+/*
+ * vbd lifecycle and request path. All of it runs on the loop thread; the
+ * only blocking parts (opening and closing the image chain) run as io_calls
+ * on worker threads while the vbd is marked busy with that operation.
+ */
+#include "vbd.h"
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io.h"
+#include "log.h"
+#include "server.h"
+
+enum vbd_job_kind { JOB_OPEN, JOB_REOPEN, JOB_CLOSE };
+
+/* A chain open or close, run on a worker thread. */
+struct vbd_job {
+	struct io_call call;
+	enum vbd_job_kind kind;
+	struct vbd *vbd;
+	char *params;			/* OPEN, REOPEN */
+	unsigned oflags;
+	struct td_image *old_leaf;	/* REOPEN, CLOSE: closed first */
+	struct td_image *leaf;		/* result */
+	struct td_error err;
+	vbd_done_fn done;
+	void *arg;
+	int fresh;			/* OPEN: the vbd was created for this open */
+};
+
+static void vbd_check_drained(struct vbd *vbd);
+
+static void
+waiters_add(struct vbd *vbd, vbd_done_fn fn, void *arg)
+{
+	struct vbd_waiter *w = calloc(1, sizeof(*w));
+	if (!w) {
+		fn(arg, ENOMEM, "out of memory");
+		return;
+	}
+	w->fn = fn;
+	w->arg = arg;
+	w->next = vbd->drain_waiters;
+	vbd->drain_waiters = w;
+}
+
+static void
+waiters_reply(struct vbd *vbd, int err, const char *msg)
+{
+	struct vbd_waiter *w = vbd->drain_waiters;
+	vbd->drain_waiters = NULL;
+	while (w) {
+		struct vbd_waiter *next = w->next;
+		w->fn(w->arg, err, msg);
+		free(w);
+		w = next;
+	}
+}
+
+/* ---- chain jobs ---- */
+
+static int
+vbd_job_run(struct io_call *c)
+{
+	struct vbd_job *job = (struct vbd_job *)c;
+	struct td_open_ctx ctx = { .io = job->vbd->srv->io };
+
+	if (job->old_leaf)
+		td_chain_close(job->old_leaf);
+	if (job->kind == JOB_CLOSE)
+		return 0;
+	return td_chain_open(job->params, job->oflags, &ctx, &job->leaf, &job->err);
+}
+
+static void vbd_job_done(struct io_call *c, int res);
+
+static void
+vbd_job_start(struct vbd_job *job)
+{
+	job->call.fn = vbd_job_run;
+	job->call.done = vbd_job_done;
+	io_call(job->vbd->srv->io, &job->call);
+}
+
+static struct vbd_job *
+vbd_job_new(struct vbd *vbd, enum vbd_job_kind kind, const char *params,
+	    vbd_done_fn done, void *arg)
+{
+	struct vbd_job *job = calloc(1, sizeof(*job));
+	if (!job)
+		return NULL;
+	if (params && !(job->params = strdup(params))) {
+		free(job);
+		return NULL;
+	}
+	job->kind = kind;
+	job->vbd = vbd;
+	job->done = done;
+	job->arg = arg;
+	job->oflags = (vbd->readonly ? TD_OPEN_RDONLY : 0) |
+		      (vbd->nodirect ? TD_OPEN_NODIRECT : 0) | vbd->srv->open_flags;
+	return job;
+}
+
+static void
+vbd_set_chain(struct vbd *vbd, struct td_image *leaf)
+{
+	vbd->leaf = leaf;
+	vbd->size = leaf->size;
+	vbd->sector_size = leaf->sector_size;
+	vbd->caps = leaf->caps;
+}
+
+static void vbd_dispatch(struct vbd *vbd, struct vbd_request *vr);
+
+static void
+vbd_resume_queued(struct vbd *vbd)
+{
+	while (!TAILQ_EMPTY(&vbd->queued) &&
+	       !(vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED))) {
+		struct vbd_request *vr = TAILQ_FIRST(&vbd->queued);
+		TAILQ_REMOVE(&vbd->queued, vr, link);
+		vbd_dispatch(vbd, vr);
+	}
+}
+
+static void vbd_free(struct vbd *vbd);
+static void vbd_close_finished(struct vbd *vbd);
+
+static void
+vbd_job_done(struct io_call *c, int res)
+{
+	struct vbd_job *job = (struct vbd_job *)c;
+	struct vbd *vbd = job->vbd;
+	struct server *srv = vbd->srv;
+
+	switch (job->kind) {
+	case JOB_OPEN:
+		if (res < 0) {
+			if (job->fresh) {
+				srv->minors[vbd->minor] = NULL;
+				vbd_free(vbd);
+			} else {
+				vbd->state = VBD_CLOSED;
+			}
+			job->done(job->arg, job->err.code, job->err.msg);
+			break;
+		}
+		free(vbd->params);
+		vbd->params = job->params;
+		job->params = NULL;
+		vbd_set_chain(vbd, job->leaf);
+		vbd->state = 0;
+		vbd->opened_at = time(NULL);
+		log_info("minor %d: opened %s (%ju bytes%s)", vbd->minor, vbd->params,
+			 (uintmax_t)vbd->size, vbd->readonly ? ", read-only" : "");
+		job->done(job->arg, 0, NULL);
+		break;
+	case JOB_REOPEN:
+		vbd->state &= ~VBD_OPENING;
+		if (res < 0) {
+			vbd->leaf = NULL;	/* the old chain was closed first */
+			job->done(job->arg, job->err.code, job->err.msg);
+			break;
+		}
+		free(vbd->params);
+		vbd->params = job->params;
+		job->params = NULL;
+		vbd_set_chain(vbd, job->leaf);
+		vbd->state &= ~VBD_PAUSED;
+		log_info("minor %d: resumed on %s", vbd->minor, vbd->params);
+		job->done(job->arg, 0, NULL);
+		vbd_resume_queued(vbd);
+		break;
+	case JOB_CLOSE:
+		vbd->state &= ~VBD_OPENING;
+		vbd->leaf = NULL;
+		if (vbd->state & VBD_SHUTDOWN_REQUESTED) {
+			vbd_close_finished(vbd);
+		} else {
+			vbd->state = (vbd->state & ~VBD_PAUSE_REQUESTED) | VBD_PAUSED;
+			log_info("minor %d: paused", vbd->minor);
+			waiters_reply(vbd, 0, NULL);
+		}
+		break;
+	}
+	free(job->params);
+	free(job);
+}
+
+/* ---- open ---- */
+
+int
+vbd_open(struct server *srv, int minor, const char *params, unsigned flags,
+	 vbd_done_fn done, void *arg)
+{
+	struct vbd *vbd = srv->minors[minor];
+	int fresh = 0;
+
+	if (vbd && !(vbd->state & VBD_CLOSED))
+		return -EBUSY;
+	if (!vbd) {
+		vbd = calloc(1, sizeof(*vbd));
+		if (!vbd)
+			return -ENOMEM;
+		vbd->srv = srv;
+		vbd->minor = minor;
+		TAILQ_INIT(&vbd->queued);
+		TAILQ_INIT(&vbd->inflight);
+		LIST_INIT(&vbd->frontends);
+		fresh = 1;
+	}
+	vbd->readonly = (flags & VBD_OPEN_READONLY) != 0;
+	vbd->nodirect = (flags & VBD_OPEN_NODIRECT) != 0;
+	struct vbd_job *job = vbd_job_new(vbd, JOB_OPEN, params, done, arg);
+	if (!job) {
+		if (fresh)
+			free(vbd);
+		return -ENOMEM;
+	}
+	job->fresh = fresh;
+	memset(&vbd->stats, 0, sizeof(vbd->stats));
+	vbd->state = VBD_OPENING;
+	srv->minors[minor] = vbd;
+	vbd_job_start(job);
+	return 0;
+}
+
+/* ---- pause / unpause ---- */
+
+void
+vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg)
+{
+	if (vbd->state & VBD_PAUSED) {
+		done(arg, 0, NULL);
+		return;
+	}
+	if (vbd->state & VBD_PAUSE_REQUESTED) {
+		waiters_add(vbd, done, arg);
+		return;
+	}
+	if (vbd->state & (VBD_CLOSED | VBD_SHUTDOWN_REQUESTED | VBD_OPENING)) {
+		done(arg, EBUSY, (vbd->state & VBD_CLOSED) ? "vbd is not open"
+			       : "vbd is busy (opening or closing)");
+		return;
+	}
+	vbd->state |= VBD_PAUSE_REQUESTED;
+	waiters_add(vbd, done, arg);
+	vbd_check_drained(vbd);
+}
+
+void
+vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg)
+{
+	if (!(vbd->state & VBD_PAUSED) || (vbd->state & VBD_OPENING)) {
+		done(arg, EINVAL, (vbd->state & VBD_OPENING) ? "vbd is busy (reopening)"
+			       : "vbd is not paused");
+		return;
+	}
+	if (!params && vbd->leaf) {	/* nothing was closed */
+		vbd->state &= ~VBD_PAUSED;
+		log_info("minor %d: resumed", vbd->minor);
+		done(arg, 0, NULL);
+		vbd_resume_queued(vbd);
+		return;
+	}
+	struct vbd_job *job = vbd_job_new(vbd, JOB_REOPEN, params ? params : vbd->params,
+					  done, arg);
+	if (!job) {
+		done(arg, ENOMEM, "out of memory");
+		return;
+	}
+	job->old_leaf = vbd->leaf;
+	vbd->leaf = NULL;
+	vbd->state |= VBD_OPENING;
+	vbd_job_start(job);
+}
+
+/* ---- close ---- */
+
+static void
+vbd_free(struct vbd *vbd)
+{
+	free(vbd->params);
+	free(vbd);
+}
+
+static void
+vbd_shutdown_frontends(struct vbd *vbd)
+{
+	while (!LIST_EMPTY(&vbd->frontends)) {
+		struct vbd_frontend *fe = LIST_FIRST(&vbd->frontends);
+		fe->ops->shutdown(fe);
+		/* shutdown must detach it; make sure the loop ends regardless */
+		if (!LIST_EMPTY(&vbd->frontends) && LIST_FIRST(&vbd->frontends) == fe)
+			vbd_frontend_remove(fe);
+	}
+}
+
+static void
+vbd_fail_deferred(struct io_defer *d)
+{
+	struct vbd_request *vr = d->arg;
+	vr->complete(vr, vr->err);
+}
+
+/* Ends a request that never reached the chain, on the loop's next turn. */
+static void
+vbd_fail_later(struct vbd *vbd, struct vbd_request *vr, int err)
+{
+	struct op_stats *s = &vbd->stats.op[vr->td.op];
+	s->reqs++;
+	if (err)
+		s->errors++;
+	vr->err = err;
+	vr->defer.fn = vbd_fail_deferred;
+	vr->defer.arg = vr;
+	io_defer(vbd->srv->io, &vr->defer);
+}
+
+static void
+vbd_fail_queued(struct vbd *vbd)
+{
+	while (!TAILQ_EMPTY(&vbd->queued)) {
+		struct vbd_request *vr = TAILQ_FIRST(&vbd->queued);
+		TAILQ_REMOVE(&vbd->queued, vr, link);
+		vbd_fail_later(vbd, vr, ESHUTDOWN);
+	}
+}
+
+static void
+vbd_close_finished(struct vbd *vbd)
+{
+	struct server *srv = vbd->srv;
+	int release = vbd->release_on_close;
+
+	log_info("minor %d: closed %s", vbd->minor, vbd->params ? vbd->params : "");
+	if (vbd->state & VBD_DEAD) {	/* a zombie: nobody waits for it */
+		for (struct vbd **p = &srv->zombies; *p; p = &(*p)->zombie_next) {
+			if (*p == vbd) {
+				*p = vbd->zombie_next;
+				break;
+			}
+		}
+		waiters_reply(vbd, 0, NULL);
+		vbd_free(vbd);
+		return;
+	}
+	free(vbd->params);
+	vbd->params = NULL;
+	vbd->state = VBD_CLOSED;
+	waiters_reply(vbd, 0, NULL);
+	if (release) {
+		srv->minors[vbd->minor] = NULL;
+		vbd_free(vbd);
+	}
+}
+
+void
+vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
+{
+	struct server *srv = vbd->srv;
+
+	if (vbd->state & VBD_OPENING) {
+		done(arg, EBUSY, "vbd is busy (opening); try again");
+		return;
+	}
+	if (vbd->state & VBD_CLOSED) {
+		if (release) {
+			srv->minors[vbd->minor] = NULL;
+			vbd_free(vbd);
+		}
+		done(arg, 0, NULL);
+		return;
+	}
+	if ((vbd->state & VBD_PAUSE_REQUESTED) && !(vbd->state & VBD_SHUTDOWN_REQUESTED))
+		waiters_reply(vbd, ESHUTDOWN, "vbd is closing");
+	vbd->state |= VBD_SHUTDOWN_REQUESTED;
+	vbd->state &= ~(VBD_PAUSE_REQUESTED);
+	if (release)
+		vbd->release_on_close = 1;
+	vbd_fail_queued(vbd);
+
+	if (force && vbd->nr_inflight) {
+		/*
+		 * Cut the frontends off now; the vbd lives on as a zombie until the
+		 * kernel returns the I/O it owns, then closes its images.
+		 */
+		log_warn("minor %d: force-closing with %u requests in flight",
+			 vbd->minor, vbd->nr_inflight);
+		vbd_shutdown_frontends(vbd);
+		srv->minors[vbd->minor] = NULL;
+		if (!release) {
+			struct vbd *closed = calloc(1, sizeof(*closed));
+			if (closed) {
+				closed->srv = srv;
+				closed->minor = vbd->minor;
+				closed->state = VBD_CLOSED;
+				TAILQ_INIT(&closed->queued);
+				TAILQ_INIT(&closed->inflight);
+				LIST_INIT(&closed->frontends);
+				srv->minors[vbd->minor] = closed;
+			}
+		}
+		vbd->state |= VBD_DEAD;
+		waiters_reply(vbd, 0, NULL);
+		vbd->zombie_next = srv->zombies;
+		srv->zombies = vbd;
+		done(arg, 0, NULL);
+		return;
+	}
+	waiters_add(vbd, done, arg);
+	vbd_check_drained(vbd);
+}
+
+static void
+vbd_check_drained(struct vbd *vbd)
+{
+	if (vbd->nr_inflight || (vbd->state & VBD_OPENING))
+		return;
+	if (vbd->state & VBD_SHUTDOWN_REQUESTED) {
+		if (!(vbd->state & VBD_DEAD))
+			vbd_shutdown_frontends(vbd);
+		if (!vbd->leaf) {
+			vbd_close_finished(vbd);
+			return;
+		}
+	} else if (vbd->state & VBD_PAUSE_REQUESTED) {
+		if (!vbd->leaf || (vbd->leaf->drv->flags & TD_DRV_KEEP_ON_PAUSE)) {
+			vbd->state = (vbd->state & ~VBD_PAUSE_REQUESTED) | VBD_PAUSED;
+			log_info("minor %d: paused", vbd->minor);
+			waiters_reply(vbd, 0, NULL);
+			return;
+		}
+	} else {
+		return;
+	}
+	struct vbd_job *job = vbd_job_new(vbd, JOB_CLOSE, NULL, NULL, NULL);
+	if (!job) {
+		log_err("minor %d: out of memory closing images", vbd->minor);
+		return;
+	}
+	job->old_leaf = vbd->leaf;
+	vbd->state |= VBD_OPENING;	/* busy until the chain is closed */
+	vbd_job_start(job);
+}
+
+/* ---- requests ---- */
+
+static int
+op_writes(enum td_op op)
+{
+	return op == TD_OP_WRITE || op == TD_OP_DISCARD || op == TD_OP_WRITE_ZEROES;
+}
+
+static void
+vbd_td_done(struct td_request *td, int err)
+{
+	struct vbd_request *vr = (struct vbd_request *)td;
+	struct vbd *vbd = vr->vbd;
+	uint64_t us = (now_ns() - vr->start_ns) / 1000;
+
+	TAILQ_REMOVE(&vbd->inflight, vr, link);
+	vbd->nr_inflight--;
+	op_stats_end(&vbd->stats.op[td->op], td->length, err, us);
+	if (!err && td->op == TD_OP_READ)
+		vbd->stats.secs[0] += td->length >> 9;
+	else if (!err && td->op == TD_OP_WRITE)
+		vbd->stats.secs[1] += td->length >> 9;
+	if (err && !(vbd->state & VBD_DEAD))
+		log_debug("minor %d: %s request at %ju failed: %s", vbd->minor,
+			  td->op == TD_OP_READ ? "read" : "write", (uintmax_t)td->offset,
+			  strerror(err));
+	vr->complete(vr, err);
+	if (!vbd->nr_inflight)
+		vbd_check_drained(vbd);
+}
+
+static void
+vbd_dispatch(struct vbd *vbd, struct vbd_request *vr)
+{
+	struct td_request *td = &vr->td;
+
+	if (td->offset > vbd->size || td->length > vbd->size - td->offset) {
+		vbd_fail_later(vbd, vr, op_writes(td->op) ? ENOSPC : EINVAL);
+		return;
+	}
+	if (vbd->readonly && op_writes(td->op)) {
+		vbd_fail_later(vbd, vr, EROFS);
+		return;
+	}
+	switch (td->op) {
+	case TD_OP_FLUSH:
+		if (!(vbd->caps & TD_CAP_FLUSH)) {
+			vbd_fail_later(vbd, vr, 0);
+			return;
+		}
+		break;
+	case TD_OP_DISCARD:
+	case TD_OP_CACHE:
+		/* both are hints: without support they succeed doing nothing */
+		if (!(vbd->caps & (td->op == TD_OP_DISCARD ? TD_CAP_DISCARD : TD_CAP_CACHE))) {
+			vbd_fail_later(vbd, vr, 0);
+			return;
+		}
+		break;
+	case TD_OP_WRITE_ZEROES:
+		if (!(vbd->caps & TD_CAP_WRITE_ZEROES)) {
+			vbd_fail_later(vbd, vr, ENOTSUP);
+			return;
+		}
+		break;
+	case TD_OP_BLOCK_STATUS:
+		if (!(vbd->caps & TD_CAP_BLOCK_STATUS) || !td->length) {
+			td->nr_extents = td->length ? 1 : 0;
+			if (td->length) {
+				td->extents[0].length = td->length;
+				td->extents[0].flags = 0;
+			}
+			vbd_fail_later(vbd, vr, 0);
+			return;
+		}
+		break;
+	default:
+		break;
+	}
+	vr->start_ns = now_ns();
+	op_stats_start(&vbd->stats.op[td->op]);
+	TAILQ_INSERT_TAIL(&vbd->inflight, vr, link);
+	vbd->nr_inflight++;
+	td->done = vbd_td_done;
+	td_image_submit(vbd->leaf, td);
+}
+
+void
+vbd_submit(struct vbd *vbd, struct vbd_request *vr)
+{
+	vr->vbd = vbd;
+	vr->err = 0;
+	if (vbd->state & (VBD_SHUTDOWN_REQUESTED | VBD_CLOSED | VBD_DEAD)) {
+		vbd_fail_later(vbd, vr, ESHUTDOWN);
+		return;
+	}
+	if ((vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED | VBD_OPENING)) ||
+	    !TAILQ_EMPTY(&vbd->queued)) {
+		TAILQ_INSERT_TAIL(&vbd->queued, vr, link);
+		return;
+	}
+	vbd_dispatch(vbd, vr);
+}
+
+/* ---- frontends ---- */
+
+void
+vbd_frontend_add(struct vbd *vbd, struct vbd_frontend *fe,
+		 const struct vbd_frontend_ops *ops)
+{
+	fe->ops = ops;
+	fe->vbd = vbd;
+	LIST_INSERT_HEAD(&vbd->frontends, fe, link);
+}
+
+void
+vbd_frontend_remove(struct vbd_frontend *fe)
+{
+	if (!fe->vbd)
+		return;
+	LIST_REMOVE(fe, link);
+	fe->vbd = NULL;
+}
+
+unsigned
+vbd_frontend_count(const struct vbd *vbd, const char *kind)
+{
+	unsigned n = 0;
+	const struct vbd_frontend *fe;
+	LIST_FOREACH(fe, &vbd->frontends, link)
+		if (strcmp(fe->ops->kind, kind) == 0)
+			n++;
+	return n;
+}
+
+/* ---- reporting ---- */
+
+const char *
+vbd_type(const struct vbd *vbd)
+{
+	static char type[16];
+	const char *colon = vbd->params ? strchr(vbd->params, ':') : NULL;
+	size_t n = colon ? (size_t)(colon - vbd->params) : 0;
+	if (n >= sizeof(type))
+		n = sizeof(type) - 1;
+	memcpy(type, vbd->params ? vbd->params : "", n);
+	type[n] = '\0';
+	return type;
+}
+
+static const char *const op_names[TD_OP_COUNT] = {
+	"read", "write", "flush", "discard", "write_zeroes", "block_status", "cache",
+};
+
+json_t *
+vbd_stats_json(const struct vbd *vbd)
+{
+	json_t *images = json_array(), *ops = json_object();
+	unsigned queued = 0;
+	const struct vbd_request *vr;
+
+	for (const struct td_image *img = vbd->leaf; img; img = img->parent) {
+		json_array_append_new(images, json_pack(
+			"{s:s, s:s, s:I, s:[I,I], s:[I,I]}",
+			"name", img->params, "driver", img->drv->name,
+			"size", (json_int_t)img->size,
+			"hits", (json_int_t)img->stats.hits[0], (json_int_t)img->stats.hits[1],
+			"fail", (json_int_t)img->stats.fail[0], (json_int_t)img->stats.fail[1]));
+	}
+	for (int op = 0; op < TD_OP_COUNT; op++)
+		json_object_set_new(ops, op_names[op], op_stats_json(&vbd->stats.op[op]));
+	TAILQ_FOREACH(vr, &vbd->queued, link)
+		queued++;
+	return json_pack("{s:s?, s:i, s:i, s:[I,I], s:o, s:i, s:i, s:o, s:{s:i, s:i}}",
+			 "name", vbd->params,
+			 "minor", vbd->minor,
+			 "state", (int)vbd->state,
+			 "secs", (json_int_t)vbd->stats.secs[0], (json_int_t)vbd->stats.secs[1],
+			 "images", images,
+			 "reqs_outstanding", (int)vbd->nr_inflight,
+			 "reqs_queued", (int)queued,
+			 "ops", ops,
+			 "frontends",
+			 "nbd", (int)vbd_frontend_count(vbd, "nbd"),
+			 "blkif", (int)vbd_frontend_count(vbd, "blkif"));
+}
+
+json_t *
+vbd_info_json(const struct vbd *vbd)
+{
+	char *nbd = server_nbd_path(vbd->srv, vbd->minor);
+	const char *colon = vbd->params ? strchr(vbd->params, ':') : NULL;
+	json_t *o = json_pack("{s:i, s:i, s:i, s:s?, s:s?, s:s?, s:b, s:I, s:i, s:i, s:s?}",
+			      "minor", vbd->minor,
+			      "pid", (int)vbd->srv->pid,
+			      "state", (int)vbd->state,
+			      "params", vbd->params,
+			      "type", vbd->params ? vbd_type(vbd) : NULL,
+			      "path", colon ? colon + 1 : NULL,
+			      "readonly", vbd->readonly,
+			      "size", (json_int_t)(vbd->params ? vbd->size : 0),
+			      "sector_size", (int)(vbd->params ? vbd->sector_size : 0),
+			      "chain_depth", (int)td_chain_depth(vbd->leaf),
+			      "nbd", (vbd->state & VBD_CLOSED) ? NULL : nbd);
+	free(nbd);
+	return o;
+}

@@ -1,0 +1,119 @@
+/*
+ * A vbd: one virtual disk, its image chain, its request queue, its state
+ * (open, paused, closing) and its statistics. Frontends (NBD connections,
+ * blkif rings) submit vbd_requests; the vbd queues them while paused and
+ * passes them down the chain otherwise.
+ */
+#ifndef TD_VBD_H
+#define TD_VBD_H
+
+#include <stdint.h>
+#include <sys/queue.h>
+#include <time.h>
+
+#include "driver.h"
+#include "stats.h"
+
+struct server;
+struct vbd;
+
+/* State bits, tapdisk's values (tap-ctl list prints them). */
+#define VBD_DEAD		0x0001	/* force-closed, draining its last I/O */
+#define VBD_CLOSED		0x0002
+#define VBD_PAUSE_REQUESTED	0x0010
+#define VBD_PAUSED		0x0020
+#define VBD_SHUTDOWN_REQUESTED	0x0040
+#define VBD_OPENING		0x1000	/* ours: chain being opened */
+
+struct vbd_request {
+	struct td_request td;
+	struct vbd *vbd;
+	/* the frontend's: called once, on the loop, when the request ends */
+	void (*complete)(struct vbd_request *vr, int err);
+	void *fe;
+	uint64_t start_ns;
+	int err;
+	TAILQ_ENTRY(vbd_request) link;
+	struct io_defer defer;
+};
+
+/* Something a vbd is served through; told when the vbd goes away. */
+struct vbd_frontend;
+struct vbd_frontend_ops {
+	const char *kind;	/* "nbd", "nbd-listener", "blkif" */
+	/* The vbd is closing: stop submitting and go away (vbd_frontend_remove). */
+	void (*shutdown)(struct vbd_frontend *fe);
+};
+struct vbd_frontend {
+	const struct vbd_frontend_ops *ops;
+	struct vbd *vbd;
+	LIST_ENTRY(vbd_frontend) link;
+};
+
+/* A control operation waiting for the vbd to reach a state. */
+typedef void (*vbd_done_fn)(void *arg, int err, const char *msg);
+
+struct vbd_waiter {
+	vbd_done_fn fn;
+	void *arg;
+	struct vbd_waiter *next;
+};
+
+struct vbd_stats {
+	struct op_stats op[TD_OP_COUNT];
+	uint64_t secs[2];	/* sectors read, written (tapdisk's key) */
+};
+
+struct vbd {
+	struct server *srv;
+	int minor;
+	char *params;		/* NULL when closed */
+	unsigned state;
+	int readonly;
+	int nodirect;
+	struct td_image *leaf;
+	uint64_t size;
+	uint32_t sector_size;
+	unsigned caps;
+	time_t opened_at;
+
+	TAILQ_HEAD(, vbd_request) queued;	/* waiting for unpause */
+	TAILQ_HEAD(, vbd_request) inflight;
+	unsigned nr_inflight;
+	LIST_HEAD(, vbd_frontend) frontends;
+	struct vbd_waiter *drain_waiters;	/* pause/close in progress */
+	int release_on_close;			/* destroy: free the minor too */
+
+	struct vbd_stats stats;
+	struct vbd *zombie_next;
+};
+
+#define VBD_OPEN_READONLY 0x1
+#define VBD_OPEN_NODIRECT 0x2
+
+/* Async; done(arg, 0, NULL) once the vbd serves requests. EBUSY if the minor is taken. */
+int vbd_open(struct server *srv, int minor, const char *params, unsigned flags,
+	     vbd_done_fn done, void *arg);
+void vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg);
+/* params NULL: reopen what was open. */
+void vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg);
+/*
+ * Stops the vbd: new requests fail; without force, in-flight ones finish
+ * first; with force, frontends are cut off at once and the images close when
+ * the I/O already in the kernel comes back. The vbd then stays as a CLOSED
+ * minor, or is freed when release is set (destroy).
+ */
+void vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg);
+
+void vbd_submit(struct vbd *vbd, struct vbd_request *vr);
+
+void vbd_frontend_add(struct vbd *vbd, struct vbd_frontend *fe,
+		      const struct vbd_frontend_ops *ops);
+void vbd_frontend_remove(struct vbd_frontend *fe);
+unsigned vbd_frontend_count(const struct vbd *vbd, const char *kind);
+
+const char *vbd_type(const struct vbd *vbd);	/* "aio", "vhd", ...: params up to ':' */
+json_t *vbd_stats_json(const struct vbd *vbd);
+json_t *vbd_info_json(const struct vbd *vbd);
+
+#endif

@@ -1,0 +1,23 @@
+/*
+ * A pool of worker threads that runs blocking work off the event loop and
+ * delivers each completion back on the loop thread, in completion order.
+ */
+#ifndef TD_WORKQ_H
+#define TD_WORKQ_H
+
+struct event_base;
+
+struct workq_item {
+	void (*run)(struct workq_item *it);	/* on a worker thread */
+	void (*done)(struct workq_item *it);	/* on the loop thread */
+	struct workq_item *next;
+};
+
+struct workq;
+
+struct workq *workq_new(struct event_base *base, unsigned nthreads);
+void workq_push(struct workq *q, struct workq_item *it);
+/* Waits for queued and running items to finish; their done callbacks are not called. */
+void workq_free(struct workq *q);
+
+#endif
