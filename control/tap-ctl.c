@@ -97,10 +97,9 @@ cli_call(struct cli *cli, const char *cmd, json_t *args)
 	if (!json_is_true(json_object_get(resp, "ok"))) {
 		json_t *e = json_object_get(resp, "error");
 		const char *msg = json_string_value(json_object_get(e, "message"));
-		json_decref(resp);
 		if (cli->json)
 			exit(1);
-		die("%s: %s", cmd, msg ? msg : "failed");
+		die("%s: %s", cmd, msg ? msg : "failed");	/* exits: resp needs no release */
 	}
 	json_t *result = json_incref(json_object_get(resp, "result"));
 	json_decref(resp);

@@ -175,7 +175,7 @@ ram_close(struct td_image *img)
 static int
 chunk_is_alloc(const struct ram_store *st, uint64_t c)
 {
-	return st->alloc[c >> 3] & (1u << (c & 7));
+	return (st->alloc[c >> 3] >> (c & 7)) & 1;
 }
 
 static void

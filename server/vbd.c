@@ -47,17 +47,14 @@ waiters_add(struct vbd *vbd, vbd_done_fn fn, void *arg)
 	vbd->drain_waiters = w;
 }
 
+static void waiters_run(struct vbd_waiter *w, int err, const char *msg);
+
 static void
 waiters_reply(struct vbd *vbd, int err, const char *msg)
 {
 	struct vbd_waiter *w = vbd->drain_waiters;
 	vbd->drain_waiters = NULL;
-	while (w) {
-		struct vbd_waiter *next = w->next;
-		w->fn(w->arg, err, msg);
-		free(w);
-		w = next;
-	}
+	waiters_run(w, err, msg);
 }
 
 /* ---- chain jobs ---- */
@@ -331,32 +328,44 @@ vbd_fail_queued(struct vbd *vbd)
 	}
 }
 
+/* Replies to everyone waiting on w; the vbd may already be gone. */
+static void
+waiters_run(struct vbd_waiter *w, int err, const char *msg)
+{
+	while (w) {
+		struct vbd_waiter *next = w->next;
+		w->fn(w->arg, err, msg);
+		free(w);
+		w = next;
+	}
+}
+
 static void
 vbd_close_finished(struct vbd *vbd)
 {
 	struct server *srv = vbd->srv;
-	int release = vbd->release_on_close;
+	struct vbd_waiter *w = vbd->drain_waiters;
 
+	vbd->drain_waiters = NULL;
 	log_info("minor %d: closed %s", vbd->minor, vbd->params ? vbd->params : "");
-	if (vbd->state & VBD_DEAD) {	/* a zombie: nobody waits for it */
+	if (vbd->state & VBD_DEAD) {	/* a zombie: its minor is already free */
 		for (struct vbd **p = &srv->zombies; *p; p = &(*p)->zombie_next) {
 			if (*p == vbd) {
 				*p = vbd->zombie_next;
 				break;
 			}
 		}
-		waiters_reply(vbd, 0, NULL);
 		vbd_free(vbd);
-		return;
-	}
-	free(vbd->params);
-	vbd->params = NULL;
-	vbd->state = VBD_CLOSED;
-	waiters_reply(vbd, 0, NULL);
-	if (release) {
+	} else if (vbd->release_on_close) {
 		srv->minors[vbd->minor] = NULL;
 		vbd_free(vbd);
+	} else {
+		free(vbd->params);
+		vbd->params = NULL;
+		vbd->state = VBD_CLOSED;
 	}
+	/* last: a waiter may look at the vbd table (shutdown does) */
+	waiters_run(w, 0, NULL);
 }
 
 void

@@ -1,0 +1,248 @@
+"""Harness for integration tests: starts the real tapdiskd, talks to its
+control socket (validating every response against schema/), and runs
+tap-ctl. The suite runs once per I/O engine (TAPDISKD_IO_ENGINE)."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import jsonschema
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.environ.get("TAPDISKD_BIN_DIR", os.path.join(ROOT, "build", "bin"))
+ENGINE = os.environ.get("TAPDISKD_IO_ENGINE", "uring")
+# Under valgrind or ASan the server is slower: scale timeouts.
+SLOW = float(os.environ.get("TAPDISKD_TIMEOUT_SCALE", "1"))
+
+SCHEMA_BASE = "https://tapdiskd.invalid/schema/"
+
+
+def _load_schemas():
+    store = {}
+    for path in glob.glob(os.path.join(ROOT, "schema", "*.json")):
+        with open(path) as f:
+            doc = json.load(f)
+        store[doc["$id"]] = doc
+    return store
+
+
+SCHEMAS = _load_schemas()
+
+
+def schema(name):
+    return SCHEMAS[SCHEMA_BASE + name]
+
+
+def validate(instance, name):
+    """Validates instance against schema/<name>, resolving $refs locally."""
+    resolver = jsonschema.RefResolver(SCHEMA_BASE + name, schema(name), store=SCHEMAS)
+    jsonschema.Draft202012Validator(schema(name), resolver=resolver).validate(instance)
+
+
+def validate_response(resp, cmd):
+    validate(resp, "response.json")
+    if resp["ok"]:
+        validate(resp["result"], cmd + ".result.json")
+
+
+class ControlError(Exception):
+    def __init__(self, code, message):
+        super().__init__("%s: %s" % (code, message))
+        self.code = code
+        self.message = message
+
+
+class Control:
+    """One connection to the control socket."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30 * SLOW)
+        self.sock.connect(path)
+        self.buf = b""
+        self.next_id = 1
+
+    def send_line(self, data):
+        self.sock.sendall(data)
+
+    def read_line(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("control socket closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def call(self, cmd, check=True, **args):
+        rid = self.next_id
+        self.next_id += 1
+        req = {"id": rid, "cmd": cmd, "args": args}
+        validate(req, "request.json")
+        self.send_line(json.dumps(req).encode() + b"\n")
+        resp = self.read_line()
+        validate_response(resp, cmd)
+        assert resp["id"] == rid
+        if check and not resp["ok"]:
+            raise ControlError(resp["error"]["code"], resp["error"]["message"])
+        return resp
+
+    def close(self):
+        self.sock.close()
+
+
+class Server:
+    """A running tapdiskd on its own state dir."""
+
+    def __init__(self, state_dir, engine=ENGINE, extra=()):
+        self.state_dir = str(state_dir)
+        self.engine = engine
+        self.extra = list(extra)
+        self.proc = None
+        self.log_path = os.path.join(self.state_dir + ".log")
+        self._ctl = None
+
+    @property
+    def ctl_path(self):
+        return os.path.join(self.state_dir, "ctl.sock")
+
+    def start(self, wait=True):
+        self.logf = open(self.log_path, "ab")
+        cmd = [os.path.join(BIN, "tapdiskd"), "--state-dir", self.state_dir,
+               "--foreground", "--io-engine", self.engine] + self.extra
+        wrap = os.environ.get("TAPDISKD_WRAPPER")
+        if wrap:
+            cmd = wrap.split() + cmd
+        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=self.logf)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self):
+        deadline = time.time() + 20 * SLOW
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("tapdiskd exited with %d:\n%s" % (self.proc.returncode, self.log()))
+            try:
+                c = Control(self.ctl_path)
+                c.call("version")
+                c.close()
+                return
+            except (OSError, EOFError):
+                time.sleep(0.02)
+        raise RuntimeError("tapdiskd did not come up:\n" + self.log())
+
+    def log(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def ctl(self):
+        if self._ctl is None:
+            self._ctl = Control(self.ctl_path)
+        return self._ctl
+
+    def call(self, cmd, check=True, **args):
+        return self.ctl.call(cmd, check=check, **args)
+
+    def open(self, params, **args):
+        """Opens a vbd; returns the open result (minor, nbd, size, ...)."""
+        return self.call("open", params=params, **args)["result"]
+
+    def uri(self, minor):
+        return "nbd+unix:///?socket=" + self.nbd_path(minor)
+
+    def nbd_path(self, minor):
+        return os.path.join(self.state_dir, "nbd%d.%d" % (self.proc.pid, minor))
+
+    def stats(self, minor):
+        return self.call("stats", minor=minor)["result"]
+
+    def tapctl(self, *args, check=True, env=None, input=None):
+        cmd = [os.path.join(BIN, "tap-ctl"), "-S", self.state_dir] + [str(a) for a in args]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, input=input,
+                           timeout=60 * SLOW)
+        if check and r.returncode != 0:
+            raise AssertionError("tap-ctl %s failed (%d): %s" % (args, r.returncode, r.stderr))
+        return r
+
+    def stop(self, sig=signal.SIGTERM, timeout=None):
+        """Stops the server; returns its exit status."""
+        if self._ctl:
+            self._ctl.close()
+            self._ctl = None
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout or 60 * SLOW)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("tapdiskd did not stop on %s:\n%s" % (sig, self.log()))
+
+    def kill(self):
+        if self._ctl:
+            self._ctl.close()
+            self._ctl = None
+        self.proc.kill()
+        self.proc.wait()
+
+    def assert_clean_log(self):
+        log = self.log()
+        for bad in ("AddressSanitizer", "runtime error:", "LeakSanitizer", "ERROR SUMMARY: [1-9]",
+                    "Segmentation fault"):
+            assert bad not in log, "sanitizer/valgrind report in server log:\n" + log
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A fresh tapdiskd; stopped (and checked for a clean exit) after the test."""
+    srv = Server(tmp_path / "state").start()
+    yield srv
+    rc = srv.stop()
+    srv.assert_clean_log()
+    assert rc == 0, "tapdiskd exited with %s:\n%s" % (rc, srv.log())
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Factory for tests that need several servers or special options."""
+    servers = []
+
+    def factory(name="state", start=True, **kw):
+        srv = Server(tmp_path / name, **kw)
+        servers.append(srv)
+        return srv.start() if start else srv
+
+    yield factory
+    for srv in servers:
+        if srv.proc and srv.proc.poll() is None:
+            srv.stop()
+        srv.assert_clean_log()
+
+
+def make_image(path, size, pattern=None):
+    """A sparse raw image; pattern fills the first MiB if given."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if pattern is not None:
+            f.write(bytes([pattern]) * (1 << 20))
+    return str(path)
+
+
+def run(*cmd, check=True, timeout=120, **kw):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                       timeout=timeout * SLOW, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError("%s failed (%d):\nstdout: %s\nstderr: %s" %
+                             (" ".join(map(str, cmd)), r.returncode, r.stdout, r.stderr))
+    return r
