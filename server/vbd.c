@@ -400,6 +400,7 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 		 */
 		log_warn("minor %d: force-closing with %u requests in flight",
 			 vbd->minor, vbd->nr_inflight);
+		vbd->state |= VBD_DEAD;	/* frontends see it: cut, do not drain */
 		vbd_shutdown_frontends(vbd);
 		srv->minors[vbd->minor] = NULL;
 		if (!release) {
@@ -414,7 +415,6 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 				srv->minors[vbd->minor] = closed;
 			}
 		}
-		vbd->state |= VBD_DEAD;
 		waiters_reply(vbd, 0, NULL);
 		vbd->zombie_next = srv->zombies;
 		srv->zombies = vbd;

@@ -246,3 +246,82 @@ def run(*cmd, check=True, timeout=120, **kw):
         raise AssertionError("%s failed (%d):\nstdout: %s\nstderr: %s" %
                              (" ".join(map(str, cmd)), r.returncode, r.stdout, r.stderr))
     return r
+
+
+class StuckDisk:
+    """A file whose I/O can be frozen or made to fail on demand: nbdkit's
+    memory plugin behind its pause and error filters, mounted by nbdfuse."""
+
+    def __init__(self, base, size="64M"):
+        self.base = str(base)
+        os.makedirs(os.path.join(self.base, "mnt"), exist_ok=True)
+        self.path = os.path.join(self.base, "mnt", "disk")
+        self.ctl = os.path.join(self.base, "pause.sock")
+        self.inject = os.path.join(self.base, "inject")
+        sock = os.path.join(self.base, "nbd.sock")
+        run("nbdkit", "-U", sock, "-P", os.path.join(self.base, "nbdkit.pid"),
+            "--filter=pause", "--filter=error", "memory", size,
+            "pause-control=" + self.ctl, "error-rate=100%", "error-file=" + self.inject)
+        self.fuse = subprocess.Popen(["nbdfuse", os.path.join(self.base, "mnt", "disk"),
+                                      "--unix", sock])
+        deadline = time.time() + 10
+        while not os.path.exists(self.path):
+            assert time.time() < deadline, "nbdfuse did not mount"
+            time.sleep(0.02)
+
+    def _send(self, c):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(self.ctl)
+        s.sendall(c)
+        reply = s.recv(1)
+        s.close()
+        return reply
+
+    def freeze(self):
+        assert self._send(b"p") == b"P"
+
+    def thaw(self):
+        assert self._send(b"r") == b"R"
+
+    def fail(self, on=True):
+        if on:
+            open(self.inject, "w").close()
+        elif os.path.exists(self.inject):
+            os.unlink(self.inject)
+
+    def close(self):
+        try:
+            self.thaw()
+        except OSError:
+            pass
+        # lazy: a server that still holds the file must not hang the teardown
+        subprocess.run(["fusermount3", "-u", "-z", os.path.join(self.base, "mnt")])
+        try:
+            self.fuse.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.fuse.kill()
+            self.fuse.wait()
+        with open(os.path.join(self.base, "nbdkit.pid")) as f:
+            os.kill(int(f.read()), signal.SIGTERM)
+
+
+@pytest.fixture
+def stuck_disk(tmp_path):
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse for nbdfuse (the freezable test device)")
+    d = StuckDisk(tmp_path / "stuck")
+    yield d
+    d.close()
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def wait_for(pred, timeout=10, what="condition"):
+    deadline = time.time() + timeout * SLOW
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for " + what)

@@ -1,0 +1,188 @@
+/*
+ * Helpers shared by the event-loop fuzz targets: a fatal check that libFuzzer
+ * reports as a crash, running the loop until it is idle, and a client end of
+ * a bufferevent pair that swallows what the server says.
+ */
+#ifndef TD_FUZZ_COMMON_H
+#define TD_FUZZ_COMMON_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+/* Rounds of the loop one settle may take before we call it a livelock. */
+#define FZ_SETTLE_ROUNDS 100000
+
+static inline void fz_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+/* A broken invariant: abort so that libFuzzer saves the input as a crash. */
+static inline void
+fz_fail(const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(stderr, "==fuzz== harness check failed: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	abort();
+}
+
+/*
+ * Runs the loop until no callback is active. Everything the targets drive
+ * (bufferevent pairs with deferred callbacks, io_defer completions of the
+ * ram driver, one-shot events) shows up as an active callback, so an idle
+ * loop means the server waits for its peer. Timers that are not due (the
+ * NBD handshake timeout) are not waited for.
+ */
+static inline void
+fz_settle(struct event_base *base)
+{
+	for (int i = 0; i < FZ_SETTLE_ROUNDS; i++) {
+		if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0)
+			return;
+		event_base_loop(base, EVLOOP_NONBLOCK);
+	}
+	fz_fail("the event loop is still busy after %d rounds (livelock)", FZ_SETTLE_ROUNDS);
+}
+
+/* The fuzzer's end of the connection. */
+struct fz_client {
+	struct bufferevent *bev;
+	int hold;		/* slow reader: not reading the server's output yet */
+	uint64_t received;	/* bytes the server sent */
+	short events;		/* BEV_EVENT_* seen on our end */
+};
+
+/* FUZZ_TRACE=1 in the environment: hex-dump what the server sends to stderr. */
+static inline int
+fz_trace(void)
+{
+	static int on = -1;
+	if (on < 0) {
+		const char *e = getenv("FUZZ_TRACE");
+		on = e && *e && *e != '0';
+	}
+	return on;
+}
+
+static inline void
+fz_client_drain(struct fz_client *cl)
+{
+	struct evbuffer *in = bufferevent_get_input(cl->bev);
+	size_t n = evbuffer_get_length(in);
+
+	if (n && fz_trace()) {
+		const unsigned char *p = evbuffer_pullup(in, -1);
+		fprintf(stderr, "==fuzz== server sent %zu bytes:", n);
+		for (size_t i = 0; i < n && i < 4096; i++)
+			fprintf(stderr, "%s%02x", i % 32 ? "" : "\n  ", p[i]);
+		fprintf(stderr, "%s\n", n > 4096 ? " ..." : "");
+	}
+	cl->received += n;
+	evbuffer_drain(in, n);
+}
+
+static inline void
+fz_client_read_cb(struct bufferevent *bev, void *arg)
+{
+	(void)bev;
+	fz_client_drain(arg);
+}
+
+static inline void
+fz_client_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct fz_client *cl = arg;
+	(void)bev;
+	cl->events |= what;
+}
+
+/*
+ * Makes a connected pair: *server_bev goes to the code under test, the
+ * other end stays with cl. Deferred callbacks make the pair behave like a
+ * socket: nothing the server writes runs our callbacks inside its own call.
+ */
+static inline void
+fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
+	       struct bufferevent **server_bev)
+{
+	struct bufferevent *pair[2];
+
+	if (bufferevent_pair_new(base, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS,
+				 pair) < 0)
+		fz_fail("bufferevent_pair_new failed");
+	cl->bev = pair[1];
+	cl->hold = hold;
+	cl->received = 0;
+	cl->events = 0;
+	bufferevent_setcb(cl->bev, fz_client_read_cb, NULL, fz_client_event_cb, cl);
+	/*
+	 * A slow reader does not read at all: the pair then leaves what the
+	 * server writes in the server's output buffer, as a full socket would.
+	 */
+	bufferevent_enable(cl->bev, hold ? EV_WRITE : EV_READ | EV_WRITE);
+	*server_bev = pair[0];
+}
+
+/* Is the server's end still there? */
+static inline int
+fz_client_connected(const struct fz_client *cl)
+{
+	return bufferevent_pair_get_partner(cl->bev) != NULL;
+}
+
+/*
+ * Writes data in pieces of chunk bytes (0: all at once), letting the server
+ * run in between; after the last piece only if settle_last is set.
+ */
+static inline void
+fz_client_send(struct event_base *base, struct fz_client *cl, const uint8_t *data,
+	       size_t len, size_t chunk, int settle_last)
+{
+	if (!chunk)
+		chunk = len ? len : 1;
+	while (len && fz_client_connected(cl)) {
+		size_t n = len < chunk ? len : chunk;
+		bufferevent_write(cl->bev, data, n);
+		data += n;
+		len -= n;
+		if (len || settle_last)
+			fz_settle(base);
+	}
+}
+
+/* Becomes a fast reader again and takes everything the server has sent. */
+static inline void
+fz_client_release(struct event_base *base, struct fz_client *cl)
+{
+	if (!cl->hold)
+		return;
+	cl->hold = 0;
+	bufferevent_enable(cl->bev, EV_READ);
+	fz_settle(base);
+	fz_client_drain(cl);
+}
+
+/* Half-closes our side: the server reads EOF after what we already sent. */
+static inline void
+fz_client_shutdown(struct fz_client *cl)
+{
+	if (fz_client_connected(cl))
+		bufferevent_flush(cl->bev, EV_WRITE, BEV_FINISHED);
+}
+
+static inline void
+fz_client_close(struct fz_client *cl)
+{
+	bufferevent_free(cl->bev);
+	cl->bev = NULL;
+}
+
+#endif

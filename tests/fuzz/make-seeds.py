@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora under tests/fuzz/corpus/<target>/.
+
+Each seed is a valid or deliberately interesting input in the layout the
+target's header comment describes. Re-run after changing a layout:
+    tests/fuzz/make-seeds.py
+Files are named after their content hash, so re-running is idempotent.
+"""
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(HERE, "corpus")
+
+IHAVEOPT = 0x49484156454F5054
+REQ_MAGIC = 0x25609513
+
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
+OPT_STRUCTURED_REPLY, OPT_LIST_META, OPT_SET_META, OPT_EXTENDED = 8, 9, 10, 11
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE = 0, 1, 2, 3, 4, 5
+CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 6, 7
+F_FUA, F_NO_HOLE, F_DF, F_REQ_ONE, F_FAST_ZERO = 1, 2, 4, 8, 16
+
+
+def be32(v):
+    return struct.pack(">I", v)
+
+
+def s(x):
+    x = x.encode() if isinstance(x, str) else x
+    return be32(len(x)) + x
+
+
+def opt(o, payload=b""):
+    return struct.pack(">QII", IHAVEOPT, o, len(payload)) + payload
+
+
+def go(name, infos=()):
+    return s(name) + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
+
+
+def meta(name, *queries):
+    return s(name) + be32(len(queries)) + b"".join(s(q) for q in queries)
+
+
+def req(cmd, off=0, length=0, flags=0, cookie=None, data=b""):
+    if cookie is None:
+        req.n += 1
+        cookie = req.n
+    return struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, cookie, off, length) + data
+
+
+req.n = 0
+
+FLAGS = be32(1)            # FIXED_NEWSTYLE
+FLAGS_NZ = be32(3)         # FIXED_NEWSTYLE | NO_ZEROES
+
+# ---- fuzz_nbd: byte 0 mode, byte 1 chunk size - 1, byte 2 events, then the
+# client's bytes. mode: 0x01 by name, 0x06 canned start (<<1: 1 GO+structured,
+# 2 EXPORT_NAME, 3 GO plain), 0x08 NO_ZEROES, 0x10 chunked, 0x20 slow reader,
+# 0x40 read-only export, 0x80 paused. events: 0x01 early EOF, 0x02 close the
+# vbd, 0x04 force, 0x08 oversized option first.
+
+def nbd(mode, opts, body, events=0):
+    return bytes([mode, opts, events]) + body
+
+
+IO_MIX = (req(CMD_WRITE, 0, 4096, data=b"\xab" * 4096)
+          + req(CMD_WRITE, 65536 * 3 + 100, 700, F_FUA, data=b"x" * 700)
+          + req(CMD_READ, 0, 8192)
+          + req(CMD_FLUSH)
+          + req(CMD_CACHE, 0, 1 << 20)
+          + req(CMD_TRIM, 0, 65536 * 2)
+          + req(CMD_WRITE_ZEROES, 4096, 131072, F_NO_HOLE)
+          + req(CMD_WRITE_ZEROES, 0, 65536, F_FAST_ZERO)
+          + req(CMD_READ, (4 << 20) - 512, 512)
+          + req(CMD_READ, 4 << 20, 1)                    # past the end
+          + req(CMD_WRITE, (4 << 20) - 10, 20, data=b"y" * 20)  # ENOSPC, payload swallowed
+          + req(CMD_DISC))
+
+STRUCTURED_MIX = (req(CMD_WRITE, 70000, 3000, data=b"z" * 3000)
+                  + req(CMD_BLOCK_STATUS, 0, 4 << 20)
+                  + req(CMD_BLOCK_STATUS, 0, 4 << 20, F_REQ_ONE)
+                  + req(CMD_READ, 0, 65536 + 4096, F_DF)
+                  + req(CMD_READ, 0, 0)
+                  + req(CMD_BLOCK_STATUS, 0, 0)          # EINVAL
+                  + req(CMD_READ, 0, 16, 0x80)            # unknown flag
+                  + req(9, 0, 0)                          # unknown command
+                  + req(CMD_DISC))
+
+FULL_HANDSHAKE = (FLAGS
+                  + opt(OPT_LIST)
+                  + opt(OPT_STARTTLS)
+                  + opt(OPT_EXTENDED)
+                  + opt(OPT_STRUCTURED_REPLY)
+                  + opt(OPT_LIST_META, meta("", "base:"))
+                  + opt(OPT_LIST_META, meta("0"))
+                  + opt(OPT_SET_META, meta("0", "qemu:dirty-bitmap:x", "base:allocation"))
+                  + opt(OPT_INFO, go("0", (0, 1, 2, 3, 99)))
+                  + opt(OPT_GO, go("0", (3,))))
+
+NBD_SEEDS = [
+    nbd(0x00, 0, FULL_HANDSHAKE + STRUCTURED_MIX),
+    nbd(0x01, 0, FULL_HANDSHAKE + IO_MIX),
+    nbd(0x00, 0, FLAGS + opt(OPT_ABORT)),
+    nbd(0x01, 0, FLAGS + opt(OPT_LIST) + opt(OPT_GO, go("7")) + opt(OPT_GO, go("0x"))
+        + opt(OPT_SET_META, meta("0", "base:allocation"))  # needs structured first
+        + opt(OPT_INFO, go("0", (1,))) + opt(OPT_EXPORT_NAME, b"1")
+        + req(CMD_WRITE, 0, 512, data=b"r" * 512) + req(CMD_READ, 0, 512)),
+    nbd(0x00, 0, FLAGS_NZ + opt(OPT_EXPORT_NAME, b"") + IO_MIX),
+    nbd(0x00, 0, be32(0x80)),                             # unknown client flags
+    nbd(0x00, 0, FLAGS + struct.pack(">QII", IHAVEOPT, 99, 70000) + b"\0" * 2000),  # discarded, partial
+    nbd(0x00, 0, FLAGS + struct.pack(">QII", IHAVEOPT, 1, 70000)),  # oversized EXPORT_NAME
+    nbd(0x00, 0, FLAGS + opt(OPT_GO, be32(5000) + b"a" * 10)),  # name too big
+    nbd(0x02, 0, STRUCTURED_MIX),
+    nbd(0x03, 0, STRUCTURED_MIX),
+    nbd(0x04, 0, IO_MIX),
+    nbd(0x0c, 0, IO_MIX),
+    nbd(0x06, 0, IO_MIX),
+    nbd(0x46, 0, IO_MIX),                                 # read-only export
+    nbd(0x43, 0, STRUCTURED_MIX),
+    nbd(0x12, 0, STRUCTURED_MIX),                         # 1-byte chunks
+    nbd(0x14, 6, IO_MIX),                                 # 7-byte chunks
+    nbd(0x22, 0, b"".join(req(CMD_READ, i << 20, 1 << 20) for i in range(4)) * 3),
+    nbd(0x82, 0, IO_MIX),                                 # paused
+    nbd(0x82, 0, STRUCTURED_MIX, 0x01),                   # paused, hang up early
+    nbd(0x82, 0, STRUCTURED_MIX, 0x02),                   # paused, vbd closed
+    nbd(0x02, 0, IO_MIX, 0x02),                           # vbd closed under load
+    nbd(0x02, 0, IO_MIX, 0x06),                           # ... force-closed
+    nbd(0x43, 0, STRUCTURED_MIX, 0x07),
+    nbd(0x02, 0, STRUCTURED_MIX, 0x08),                   # oversized option skipped
+    nbd(0x04, 0, b"".join(req(CMD_WRITE, i * 4096, 1024, data=bytes([i]) * 1024)
+                             for i in range(8)), 0x01),
+    nbd(0x04, 0, req(CMD_WRITE, 0, 1000, data=b"short")),  # payload never completes
+    nbd(0x04, 0, struct.pack(">IHHQQI", 0x12345678, 0, 0, 0, 0, 0)),  # bad magic
+    nbd(0x02, 0, b"".join(req(CMD_READ, 0, 512) for _ in range(140))),  # > 128 in flight
+]
+
+# ---- fuzz_nbd_proto: byte 0 picks the parser ----
+
+PROTO_SEEDS = [
+    b"\0" + req(CMD_READ, 4096, 512, F_FUA, cookie=0x1122334455667788),
+    b"\0" + req(CMD_BLOCK_STATUS, 1 << 40, 0xffffffff, 0xffff, cookie=0),
+    b"\0" + b"\x25\x60\x95",
+    b"\1" + go("", ()),
+    b"\1" + go("export", (0, 1, 2, 3)),
+    b"\1" + go("x" * 4096, (3,)),
+    b"\1" + be32(4097) + b"y" * 4097 + b"\0\0",
+    b"\1" + be32(3) + b"a\0b" + b"\0\0",
+    b"\1" + go("e", (1,))[:-1],
+    b"\2" + meta("", "base:allocation"),
+    b"\2" + meta("0", "base:", "qemu:dirty-bitmap:b0", ""),
+    b"\2" + meta("disk"),
+    b"\2" + s("a") + be32(0x40000000),
+    b"\2" + s("a") + be32(2) + s("q") + be32(4097),
+    b"\2" + meta("a", "q") + b"trailing",
+    b"\3" + be32(28),
+    b"\3" + be32(122),
+]
+
+# ---- fuzz_control: byte 0 mode (0x01 chunked, chunk (mode>>3)+1;
+# 0x02 slow reader; 0x04 hang up early), then request lines ----
+
+
+def line(obj):
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+
+REQS = [
+    {"id": 1, "cmd": "version"},
+    {"id": "two", "cmd": "list", "args": {"type": "ram", "path": "4M", "minor": 0}},
+    {"id": None, "cmd": "stats"},
+    {"id": 4, "cmd": "stats", "args": {"minor": 5000}},
+    {"id": 5, "cmd": "open", "args": {"params": "ram:4M", "minor": 3, "readonly": True}},
+    {"id": 6, "cmd": "create", "args": {"params": "aio:/nonexistent", "nodirect": False}},
+    {"id": 7, "cmd": "open", "args": {"params": "nocolon"}},
+    {"id": 8, "cmd": "close", "args": {"minor": 2, "force": True}},
+    {"id": 9, "cmd": "destroy", "args": {"minor": 1}},
+    {"id": 10, "cmd": "pause", "args": {"minor": 3}},
+    {"id": 11, "cmd": "unpause", "args": {"minor": 3, "params": "ram:4M"}},
+    {"id": 12, "cmd": "unpause", "args": {"minor": 1}},
+]
+BAD = [
+    b"not json\n",
+    b"[1,2,3]\n",
+    b'{"id":1,"cmd":"version","cmd":"list"}\n',
+    b'{"id":1.5,"cmd":"version"}\n',
+    b'{"id":[],"cmd":"version"}\n',
+    b'{"id":1,"cmd":"version","extra":true}\n',
+    b'{"id":1}\n',
+    b'{"id":1,"cmd":42}\n',
+    b'{"id":1,"cmd":"reboot"}\n',
+    b'{"id":1,"cmd":"list","args":[]}\n',
+    b'{"id":1,"cmd":"list","args":{"bogus":1}}\n',
+    b'{"id":1,"cmd":"list","args":{"minor":"0"}}\n',
+    b'{"id":1,"cmd":"close","args":{}}\n',
+    b'{"id":1,"cmd":"close","args":{"minor":true}}\n',
+    b'{"id":"\\u00e9\\ud83d\\ude00","cmd":"version"}\r\n',
+    b"\n\r\n",
+    b'{"id":1,"cmd":"open","args":{"params":"' + b"p" * 700 + b'"}}\n',
+]
+ALL_LINES = b"".join(line(r) for r in REQS) + b"".join(BAD)
+MANY_PAUSES = b"".join(line({"id": i, "cmd": "pause", "args": {"minor": i}}) for i in range(80))
+
+CONTROL_SEEDS = [
+    b"\0" + ALL_LINES,
+    b"\0" + line(REQS[0]),
+    b"\0" + MANY_PAUSES,
+    b"\x04" + MANY_PAUSES,                  # hang up with replies owed
+    b"\x02" + ALL_LINES,                    # slow reader
+    b"\x01" + ALL_LINES[:600],              # 1-byte chunks
+    b"\x39" + ALL_LINES,                    # 8-byte chunks
+    b"\0" + b'{"id":1,"cmd":"version"}',    # no newline before EOF
+    b"\x04" + b'{"id":1,"cmd":"pause","args":{"minor":3}}\n{"id":2,',
+    b"\0" + b"[" * 3000 + b"\n",
+]
+
+
+def write(target, seeds):
+    d = os.path.join(CORPUS, target)
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    for seed in seeds:
+        name = hashlib.sha1(seed).hexdigest()
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(seed)
+    return sum(len(x) for x in seeds)
+
+
+def main():
+    total = 0
+    total += write("fuzz_nbd", NBD_SEEDS)
+    total += write("fuzz_nbd_proto", PROTO_SEEDS)
+    total += write("fuzz_control", CONTROL_SEEDS)
+    print(f"wrote {total} bytes of seeds under {CORPUS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
