@@ -241,7 +241,7 @@ static void
 client_line(struct ctl_client *cl, const char *line, size_t len)
 {
 	json_error_t jerr;
-	json_t *msg = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+	json_t *msg = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
 	json_t *id = NULL, *args;
 	const char *key, *cmdname;
 	json_t *v;
