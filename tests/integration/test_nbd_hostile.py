@@ -601,7 +601,7 @@ def test_mutated_conversations(bed):
         for k in range(rng.randrange(0, 12)):
             cmd = rng.choice([CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_CACHE,
                               CMD_WRITE_ZEROES, CMD_BLOCK_STATUS, CMD_DISC])
-            length = rng.choice([0, 1, 512, 4096, 65536])
+            length = rng.choice([1, 512, 4096, 65536])   # zero: its own test
             off = rng.choice([0, 4096, RAM_SIZE - 4096, RAM_SIZE])
             flags = rng.choice([0, 0, CMD_FLAG_FUA, CMD_FLAG_DF, CMD_FLAG_NO_HOLE])
             payload = bytes(length) if cmd == CMD_WRITE else b""
@@ -909,14 +909,37 @@ def test_structured_error_forms(bed):
         assert rep.error and not rep.chunks, rep
     rep = expect_error(c, CMD_FLUSH, EINVAL, 1, 0)
     assert not rep.chunks
-    # zero-length requests: anything goes but a crash or a lost reply
-    for cmd in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES):
-        c.call(cmd, 4096, 0)
     still_works(c)
-    plain = bed.ready()
-    for cmd in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES):
-        plain.call(cmd, 4096, 0)
-    still_works(plain)
+    bed.check()
+
+
+ZERO_LENGTH_CASES = [(CMD_READ, 0), (CMD_READ, CMD_FLAG_DF), (CMD_WRITE, 0),
+                     (CMD_WRITE, CMD_FLAG_FUA), (CMD_TRIM, 0), (CMD_TRIM, CMD_FLAG_FUA),
+                     (CMD_CACHE, 0), (CMD_WRITE_ZEROES, 0), (CMD_WRITE_ZEROES, CMD_FLAG_FUA),
+                     (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE), (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO)]
+
+
+@pytest.mark.parametrize("minor", [0, 1])
+@pytest.mark.parametrize("cmd,flags", ZERO_LENGTH_CASES,
+                         ids=["%d-0x%x" % cf for cf in ZERO_LENGTH_CASES])
+def test_zero_length_requests(bed, minor, cmd, flags):
+    """Zero-length requests (which a client should not send) get a
+    well-formed reply, success or error: never a crash or a lost reply."""
+    size = bed.sizes[minor]
+    for structured in (False, True):
+        c = bed.ready(minor, structured=structured)
+        for off in (0, 1, 4096, 65536, size - 1, size):
+            if flags & CMD_FLAG_DF and not structured:
+                continue
+            try:
+                rep = c.call(cmd, off, 0, flags=flags, timeout=T(5))
+            except Closed:
+                bed.alive()
+                raise AssertionError("cmd %d flags 0x%x offset %d length 0: connection "
+                                     "dropped" % (cmd, flags, off))
+            bed.alive()
+            assert rep.data == b""
+        still_works(c, minor)
     bed.check()
 
 
