@@ -135,6 +135,8 @@ extern const struct td_driver td_driver_raw;
 extern const struct td_driver td_driver_ram;
 
 const struct td_driver *td_driver_find(const char *type);
+/* Adds a driver beyond the built-in ones (tests, out-of-tree formats). */
+int td_driver_register(const struct td_driver *drv);
 
 /* Splits "type:path"; "aio" is raw. Returns 0 or -errno with err set. */
 int td_params_parse(const char *params, const struct td_driver **drv,

@@ -21,6 +21,9 @@ static const struct td_driver *const drivers[] = {
 	&td_driver_ram,
 };
 
+#define TD_MAX_EXTRA_DRIVERS 8
+static const struct td_driver *extra_drivers[TD_MAX_EXTRA_DRIVERS];
+
 /* Guards the registry; held across whole chain opens and closes. */
 static pthread_mutex_t chain_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct td_image *registry;
@@ -44,7 +47,24 @@ td_driver_find(const char *type)
 	for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++)
 		if (strcmp(drivers[i]->name, type) == 0)
 			return drivers[i];
+	for (size_t i = 0; i < TD_MAX_EXTRA_DRIVERS && extra_drivers[i]; i++)
+		if (strcmp(extra_drivers[i]->name, type) == 0)
+			return extra_drivers[i];
 	return NULL;
+}
+
+int
+td_driver_register(const struct td_driver *drv)
+{
+	if (td_driver_find(drv->name))
+		return -EEXIST;
+	for (size_t i = 0; i < TD_MAX_EXTRA_DRIVERS; i++) {
+		if (!extra_drivers[i]) {
+			extra_drivers[i] = drv;
+			return 0;
+		}
+	}
+	return -ENOSPC;
 }
 
 int
@@ -63,10 +83,14 @@ td_params_parse(const char *params, const struct td_driver **drv, char **path,
 	type[colon - params] = '\0';
 	*drv = td_driver_find(type);
 	if (!*drv) {
-		char known[128] = "aio";
+		char known[256] = "aio";
 		for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++) {
 			strncat(known, ", ", sizeof(known) - strlen(known) - 1);
 			strncat(known, drivers[i]->name, sizeof(known) - strlen(known) - 1);
+		}
+		for (size_t i = 0; i < TD_MAX_EXTRA_DRIVERS && extra_drivers[i]; i++) {
+			strncat(known, ", ", sizeof(known) - strlen(known) - 1);
+			strncat(known, extra_drivers[i]->name, sizeof(known) - strlen(known) - 1);
 		}
 		return td_error_set(err, EINVAL, "unknown image type '%s' (known: %s)",
 				    type, known);

@@ -58,6 +58,9 @@ struct fz_client {
 	int hold;		/* slow reader: not reading the server's output yet */
 	uint64_t received;	/* bytes the server sent */
 	short events;		/* BEV_EVENT_* seen on our end */
+	/* optional: sees every byte the server sends, in order */
+	void (*observe)(const uint8_t *p, size_t len, void *arg);
+	void *observe_arg;
 };
 
 /* FUZZ_TRACE=1 in the environment: hex-dump what the server sends to stderr. */
@@ -86,6 +89,22 @@ fz_client_drain(struct fz_client *cl)
 		fprintf(stderr, "%s\n", n > 4096 ? " ..." : "");
 	}
 	cl->received += n;
+	if (n && cl->observe) {
+		/* walk the chain without copying: replies can be many MiB */
+		struct evbuffer_iovec v[16];
+		size_t left = n;
+		while (left) {
+			int k = evbuffer_peek(in, -1, NULL, v, 16);
+			size_t done = 0;
+			for (int i = 0; i < k && i < 16; i++) {
+				cl->observe(v[i].iov_base, v[i].iov_len, cl->observe_arg);
+				done += v[i].iov_len;
+			}
+			evbuffer_drain(in, done);
+			left -= done;
+		}
+		return;
+	}
 	evbuffer_drain(in, n);
 }
 
@@ -122,6 +141,8 @@ fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
 	cl->hold = hold;
 	cl->received = 0;
 	cl->events = 0;
+	cl->observe = NULL;
+	cl->observe_arg = NULL;
 	bufferevent_setcb(cl->bev, fz_client_read_cb, NULL, fz_client_event_cb, cl);
 	/*
 	 * A slow reader does not read at all: the pair then leaves what the

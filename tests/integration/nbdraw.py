@@ -302,8 +302,17 @@ class NBDRaw:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             target = self.addr
         s.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
         try:
-            s.connect(target)
+            while True:
+                try:
+                    s.connect(target)
+                    break
+                except BlockingIOError:
+                    # a UNIX listener's backlog is full: wait for accept()
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.002)
         except BaseException:
             s.close()
             raise
@@ -339,6 +348,12 @@ class NBDRaw:
     def __exit__(self, *exc):
         self.close()
 
+    def _wait(self, events, timeout):
+        """poll() (not select(): there may be thousands of fds) for events."""
+        p = select.poll()
+        p.register(self.sock.fileno(), events | select.POLLERR | select.POLLHUP)
+        return bool(p.poll(max(0, int(timeout * 1000))))
+
     def send(self, data):
         """Sends raw bytes, all of them (blocking, with the timeout)."""
         self.sock.sendall(data)
@@ -348,8 +363,7 @@ class NBDRaw:
         sent = 0
         view = memoryview(data)
         while sent < len(data) and time.monotonic() < deadline:
-            _, w, _ = select.select([], [self.sock], [], max(0.0, min(0.05, deadline - time.monotonic())))
-            if not w:
+            if not self._wait(select.POLLOUT, min(0.05, deadline - time.monotonic())):
                 continue
             try:
                 n = self.sock.send(view[sent:sent + (1 << 20)], socket.MSG_DONTWAIT)
@@ -408,8 +422,7 @@ class NBDRaw:
         try:
             while True:
                 left = max(0.0, deadline - time.monotonic())
-                r, _, _ = select.select([self.sock], [], [], left)
-                if not r:
+                if not self._wait(select.POLLIN, left):
                     return False
                 try:
                     chunk = self.sock.recv(1 << 20)
@@ -438,8 +451,7 @@ class NBDRaw:
         """True if nothing arrives (and the socket stays open) for timeout."""
         if self.rbuf:
             return False
-        r, _, _ = select.select([self.sock], [], [], timeout)
-        return not r
+        return not self._wait(select.POLLIN, timeout)
 
     # -- handshake --
 

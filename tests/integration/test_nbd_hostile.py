@@ -673,7 +673,7 @@ def test_handshake_timeout(bed):
 
     closed_at = {}
     pos = 0
-    deadline = t0 + T(35)
+    deadline = t0 + T(33.5)
     while time.monotonic() < deadline and len(closed_at) < len(stalled) + 2:
         for name, c in stalled.items():
             if name not in closed_at and c.closed(0):
@@ -1316,6 +1316,33 @@ def test_many_simultaneous_connections(bed):
     stop.set()
     st.join(T(10))
     assert not errors, errors
+    bed.check()
+
+
+def test_connection_limit(bed):
+    """At the server's connection limit (4096) a further client is hung up on
+    at once, without a greeting; closing some lets clients in again."""
+    limit = 4096
+    conns = []
+    try:
+        for i in range(limit):
+            conns.append(NBDRaw(bed.path(i % 2), timeout=T(10)))
+        for c in conns:
+            c.read_greeting()
+        assert bed.connections() == limit
+        extra = NBDRaw(bed.path(0), timeout=T(10))
+        assert extra.expect_closed() == b"", "a connection past the limit was served"
+        extra.close()
+        bed.alive()
+        for c in conns[:16]:
+            c.close()
+        assert poll(lambda: bed.connections() == limit - 16, 5), bed.describe()
+        c = bed.ready(0)
+        still_works(c)
+        c.close()
+    finally:
+        for c in conns:
+            c.close()
     bed.check()
 
 
