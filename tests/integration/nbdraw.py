@@ -12,7 +12,6 @@ deviation raises ServerProtocolError, so a test that reads a reply also
 checks the reply's framing.
 """
 
-import errno
 import select
 import socket
 import struct
