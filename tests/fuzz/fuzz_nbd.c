@@ -33,6 +33,7 @@
  */
 #include <errno.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -262,6 +263,692 @@ build_prefix(struct buf *b, uint8_t mode, uint8_t events, const char *name)
 	}
 }
 
+/* ---- the reply-stream oracle ----
+ *
+ * With a canned start the harness knows what the client says, so it checks
+ * what the server answers, independently of the server's code:
+ *  - the handshake replies are the ones the protocol prescribes;
+ *  - in transmission, every reply is well-formed (magic, chunk types and
+ *    lengths), answers a request that was sent and not answered yet, in the
+ *    form the negotiated mode requires (simple or structured);
+ *  - when nothing cut the connection short, every request got its answer;
+ *  - with distinct cookies, reads return what earlier writes stored (and
+ *    zeros where write-zeroes, trim or nothing wrote) and block status
+ *    never calls data zero that is not.
+ * Requests run on the ram disk in the order they arrive (ram completes
+ * synchronously at submission, a paused vbd queues in order), which is what
+ * lets a replay of the client's stream predict every read.
+ */
+
+#define ORACLE_MAX_PAYLOAD 9000		/* largest reply payload kept whole */
+
+struct oreq {
+	uint64_t cookie, offset;
+	uint32_t length;
+	uint16_t type, flags;
+	const uint8_t *payload;		/* WRITE: in the input */
+	int answered;
+	uint32_t err;
+	uint64_t hash, got;		/* READ: data received */
+	int data_bad;			/* READ: not one sequential chunk */
+	uint32_t *ext;			/* BLOCK_STATUS: length, flags pairs */
+	uint32_t next;
+};
+
+enum ostate {
+	O_OFF,			/* not validating (raw start or given up) */
+	O_GREETING, O_OPT_HDR, O_OPT_PAYLOAD, O_EXPORT_NAME,
+	O_TX, O_SIMPLE, O_CHUNK, O_CHUNK_PAYLOAD, O_READ_DATA,
+};
+
+struct oracle {
+	enum ostate st;
+	uint8_t hdr[ORACLE_MAX_PAYLOAD];
+	size_t have, need;
+	/* handshake */
+	uint32_t opts[4];		/* options sent, in order */
+	int nopts, cur;
+	int export_name;		/* EXPORT_NAME after the options */
+	int no_zeroes, readonly, structured, meta_seen;
+	uint64_t size;
+	uint32_t rep_type, rep_len;
+	/* transmission */
+	struct oreq *reqs;
+	size_t nreqs;
+	int canned, in_tx;		/* canned start; transmission reached */
+	int unique;			/* no cookie twice */
+	int exact;			/* nothing cuts the connection short */
+	struct oreq *cur_req;
+	uint16_t chunk_flags, chunk_type;
+	uint32_t chunk_len;
+	uint64_t data_left;
+	uint64_t data_off;
+};
+
+static struct oracle orc;
+
+static void oracle_chunk_end(void);
+
+static void oracle_fail(const char *what, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+static void
+oracle_fail(const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	fz_fail("NBD reply stream: %s", msg);
+}
+
+static uint64_t
+fnv(uint64_t h, const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ p[i]) * 0x100000001b3ULL;
+	return h;
+}
+#define FNV_INIT 0xcbf29ce484222325ULL
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Splits the client's transmission bytes the way the protocol does. */
+static void
+oracle_parse_requests(const uint8_t *p, size_t len)
+{
+	size_t pos = 0, cap = 0;
+
+	orc.exact = 1;
+	while (len - pos >= NBD_REQUEST_LEN) {
+		struct nbd_request r;
+		if (rd32(p + pos) != NBD_REQUEST_MAGIC) {
+			orc.exact = 0;	/* the server hangs up, dropping replies */
+			break;
+		}
+		r.flags = rd16(p + pos + 4);
+		r.type = rd16(p + pos + 6);
+		r.cookie = rd64(p + pos + 8);
+		r.offset = rd64(p + pos + 16);
+		r.length = rd32(p + pos + 24);
+		pos += NBD_REQUEST_LEN;
+		if (r.type == NBD_CMD_DISC)
+			break;		/* nothing after it is read */
+		if (r.type == NBD_CMD_WRITE && len - pos < r.length)
+			break;		/* its payload never completes */
+		if (orc.nreqs == cap) {
+			cap = cap ? 2 * cap : 64;
+			struct oreq *n = realloc(orc.reqs, cap * sizeof(*n));
+			if (!n)
+				fz_fail("out of memory");
+			orc.reqs = n;
+		}
+		struct oreq *q = &orc.reqs[orc.nreqs++];
+		memset(q, 0, sizeof(*q));
+		q->cookie = r.cookie;
+		q->offset = r.offset;
+		q->length = r.length;
+		q->type = r.type;
+		q->flags = r.flags;
+		q->hash = FNV_INIT;
+		if (r.type == NBD_CMD_WRITE) {
+			q->payload = p + pos;
+			pos += r.length;
+		}
+	}
+	orc.unique = 1;
+	if (orc.nreqs) {
+		uint64_t *c = malloc(orc.nreqs * sizeof(*c));
+		if (!c)
+			fz_fail("out of memory");
+		for (size_t i = 0; i < orc.nreqs; i++)
+			c[i] = orc.reqs[i].cookie;
+		qsort(c, orc.nreqs, sizeof(*c), cmp_u64);
+		for (size_t i = 1; i < orc.nreqs; i++)
+			if (c[i] == c[i - 1])
+				orc.unique = 0;
+		free(c);
+	}
+}
+
+static void
+oracle_end(void)
+{
+	for (size_t i = 0; i < orc.nreqs; i++)
+		free(orc.reqs[i].ext);
+	free(orc.reqs);
+	memset(&orc, 0, sizeof(orc));
+}
+
+static void
+oracle_start(uint8_t mode, uint8_t events, int minor, const uint8_t *data, size_t size)
+{
+	int kind = M_PREFIX(mode);
+
+	oracle_end();
+	if (kind == PREFIX_RAW) {
+		orc.st = O_OFF;
+		return;
+	}
+	orc.st = O_GREETING;
+	orc.need = 18;
+	orc.canned = 1;
+	orc.no_zeroes = (mode & M_NOZEROES) != 0;
+	orc.readonly = minor == 1;
+	orc.size = srv.minors[minor]->size;
+	if (events & E_BIG_OPTION)
+		orc.opts[orc.nopts++] = 0x7f;
+	switch (kind) {
+	case PREFIX_GO_STRUCTURED:
+		orc.opts[orc.nopts++] = NBD_OPT_STRUCTURED_REPLY;
+		orc.opts[orc.nopts++] = NBD_OPT_SET_META_CONTEXT;
+		orc.opts[orc.nopts++] = NBD_OPT_GO;
+		break;
+	case PREFIX_EXPORT_NAME:
+		orc.export_name = 1;
+		break;
+	case PREFIX_GO_PLAIN:
+		orc.opts[orc.nopts++] = NBD_OPT_GO;
+		break;
+	}
+	oracle_parse_requests(data, size);
+	/* the harness itself cuts these connections short */
+	if (events & (E_EARLY_EOF | E_CLOSE))
+		orc.exact = 0;
+}
+
+static void
+oracle_after_options(void)
+{
+	if (orc.export_name) {
+		orc.st = O_EXPORT_NAME;
+		orc.need = orc.no_zeroes ? 10 : 134;
+	} else {
+		orc.st = O_OPT_HDR;
+		orc.need = 20;
+	}
+}
+
+static void
+oracle_start_tx(void)
+{
+	orc.in_tx = 1;
+	/* simple replies to reads carry data only the cookie can size */
+	if (!orc.structured && !orc.unique) {
+		orc.st = O_OFF;
+		return;
+	}
+	orc.st = O_TX;
+	orc.need = 4;
+}
+
+static void
+check_export_flags(uint16_t f)
+{
+	if (!(f & NBD_FLAG_HAS_FLAGS))
+		oracle_fail("export flags %#x lack HAS_FLAGS", f);
+	if (!!(f & NBD_FLAG_READ_ONLY) != orc.readonly)
+		oracle_fail("export flags %#x: READ_ONLY wrong for this export", f);
+	if (orc.readonly && (f & (NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES)))
+		oracle_fail("read-only export offers trim or write-zeroes (%#x)", f);
+	if (!!(f & NBD_FLAG_SEND_DF) != orc.structured)
+		oracle_fail("export flags %#x: SEND_DF without structured replies or "
+			    "the other way round", f);
+}
+
+/* An option reply header (20 bytes) for orc.opts[orc.cur]. */
+static void
+oracle_opt_header(void)
+{
+	uint32_t opt = orc.opts[orc.cur];
+
+	if (rd64(orc.hdr) != NBD_REP_MAGIC)
+		oracle_fail("bad option reply magic");
+	if (rd32(orc.hdr + 8) != opt)
+		oracle_fail("reply for option %u while option %u was pending",
+			    rd32(orc.hdr + 8), opt);
+	orc.rep_type = rd32(orc.hdr + 12);
+	orc.rep_len = rd32(orc.hdr + 16);
+	if (orc.rep_len > ORACLE_MAX_PAYLOAD)
+		oracle_fail("option reply of %u bytes", orc.rep_len);
+	if (orc.rep_type & (1u << 31)) {
+		if (opt == 0x7f && orc.rep_type == NBD_REP_ERR_TOO_BIG)
+			goto next;
+		oracle_fail("the canned option %u got error %#x", opt, orc.rep_type);
+	}
+	if (orc.rep_type == NBD_REP_ACK) {
+		if (orc.rep_len)
+			oracle_fail("ACK with a %u-byte payload", orc.rep_len);
+		if (opt == NBD_OPT_STRUCTURED_REPLY)
+			orc.structured = 1;
+		if (opt == NBD_OPT_SET_META_CONTEXT && !orc.meta_seen)
+			oracle_fail("SET_META_CONTEXT base:allocation acknowledged without "
+				    "the context");
+		if (opt == NBD_OPT_GO) {
+			oracle_start_tx();
+			return;
+		}
+		goto next;
+	}
+	if ((orc.rep_type == NBD_REP_META_CONTEXT && opt == NBD_OPT_SET_META_CONTEXT) ||
+	    (orc.rep_type == NBD_REP_INFO && opt == NBD_OPT_GO)) {
+		orc.st = O_OPT_PAYLOAD;
+		orc.need = orc.rep_len;
+		if (!orc.need)
+			oracle_fail("empty reply payload for option %u", opt);
+		return;
+	}
+	oracle_fail("reply type %#x to option %u", orc.rep_type, opt);
+next:
+	if (++orc.cur == orc.nopts) {
+		oracle_after_options();
+		return;
+	}
+	orc.st = O_OPT_HDR;
+	orc.need = 20;
+}
+
+static void
+oracle_opt_payload(void)
+{
+	const uint8_t *p = orc.hdr;
+	uint32_t len = orc.rep_len;
+
+	if (orc.rep_type == NBD_REP_META_CONTEXT) {
+		if (len != 4 + strlen(NBD_META_BASE_ALLOCATION) ||
+		    rd32(p) != NBD_META_ID_BASE_ALLOCATION ||
+		    memcmp(p + 4, NBD_META_BASE_ALLOCATION, len - 4))
+			oracle_fail("bad META_CONTEXT reply");
+		if (orc.meta_seen++)
+			oracle_fail("base:allocation selected twice");
+	} else {
+		if (len < 2)
+			oracle_fail("INFO reply of %u bytes", len);
+		switch (rd16(p)) {
+		case NBD_INFO_EXPORT:
+			if (len != 12)
+				oracle_fail("INFO_EXPORT of %u bytes", len);
+			if (rd64(p + 2) != orc.size)
+				oracle_fail("export size %ju, the vbd has %ju",
+					    (uintmax_t)rd64(p + 2), (uintmax_t)orc.size);
+			check_export_flags(rd16(p + 10));
+			break;
+		case NBD_INFO_BLOCK_SIZE:
+			if (len != 14)
+				oracle_fail("INFO_BLOCK_SIZE of %u bytes", len);
+			uint32_t mn = rd32(p + 2), pref = rd32(p + 6), mx = rd32(p + 10);
+			if (!mn || (mn & (mn - 1)) || mn > 65536 || pref < mn ||
+			    (pref & (pref - 1)) || mx < pref)
+				oracle_fail("block sizes %u/%u/%u break the protocol's rules",
+					    mn, pref, mx);
+			break;
+		case NBD_INFO_NAME:
+		case NBD_INFO_DESCRIPTION:
+			break;
+		default:
+			oracle_fail("INFO type %u", rd16(p));
+		}
+	}
+	orc.st = O_OPT_HDR;
+	orc.need = 20;
+}
+
+static struct oreq *
+oracle_find(uint64_t cookie)
+{
+	for (size_t i = 0; i < orc.nreqs; i++)
+		if (!orc.reqs[i].answered && orc.reqs[i].cookie == cookie)
+			return &orc.reqs[i];
+	oracle_fail("reply for cookie %#jx, which no pending request has",
+		    (uintmax_t)cookie);
+}
+
+static int
+wire_error_ok(uint32_t e)
+{
+	switch (e) {
+	case NBD_EPERM: case NBD_EIO: case NBD_ENOMEM: case NBD_EINVAL:
+	case NBD_ENOSPC: case NBD_EOVERFLOW: case NBD_ENOTSUP: case NBD_ESHUTDOWN:
+		return 1;
+	}
+	return 0;
+}
+
+static void
+oracle_simple(void)
+{
+	uint32_t err = rd32(orc.hdr + 4);
+	struct oreq *q = oracle_find(rd64(orc.hdr + 8));
+
+	if (err && !wire_error_ok(err))
+		oracle_fail("simple reply error %u is no NBD error", err);
+	q->answered = 1;
+	q->err = err;
+	orc.st = O_TX;
+	orc.need = 4;
+	if (!orc.unique)
+		return;
+	if (orc.structured && (q->type == NBD_CMD_READ || q->type == NBD_CMD_BLOCK_STATUS))
+		oracle_fail("simple reply to a %s with structured replies on",
+			    q->type == NBD_CMD_READ ? "read" : "block status");
+	if (q->type == NBD_CMD_READ && !err && q->length) {
+		orc.cur_req = q;
+		orc.data_left = q->length;
+		orc.st = O_READ_DATA;
+	}
+}
+
+static void
+oracle_chunk_header(void)
+{
+	orc.chunk_flags = rd16(orc.hdr + 4);
+	orc.chunk_type = rd16(orc.hdr + 6);
+	orc.chunk_len = rd32(orc.hdr + 16);
+	if (!orc.structured)
+		oracle_fail("structured reply chunk without structured replies negotiated");
+	if (orc.chunk_flags & ~NBD_REPLY_FLAG_DONE)
+		oracle_fail("chunk flags %#x", orc.chunk_flags);
+	orc.cur_req = oracle_find(rd64(orc.hdr + 8));
+	struct oreq *q = orc.unique ? orc.cur_req : NULL;
+
+	switch (orc.chunk_type) {
+	case NBD_REPLY_TYPE_NONE:
+		if (orc.chunk_len || !(orc.chunk_flags & NBD_REPLY_FLAG_DONE))
+			oracle_fail("NONE chunk with %u bytes or without DONE", orc.chunk_len);
+		break;
+	case NBD_REPLY_TYPE_OFFSET_DATA:
+		if (orc.chunk_len < 9)
+			oracle_fail("OFFSET_DATA chunk of %u bytes", orc.chunk_len);
+		if (q && q->type != NBD_CMD_READ)
+			oracle_fail("OFFSET_DATA chunk for a command %u", q->type);
+		orc.st = O_CHUNK_PAYLOAD;
+		orc.need = 8;	/* the offset; the data streams after it */
+		return;
+	case NBD_REPLY_TYPE_BLOCK_STATUS:
+		if (q && q->type != NBD_CMD_BLOCK_STATUS)
+			oracle_fail("BLOCK_STATUS chunk for a command %u", q->type);
+		/* fall through */
+	case NBD_REPLY_TYPE_ERROR:
+		if (orc.chunk_len > ORACLE_MAX_PAYLOAD)
+			oracle_fail("chunk type %u of %u bytes", orc.chunk_type, orc.chunk_len);
+		orc.st = O_CHUNK_PAYLOAD;
+		orc.need = orc.chunk_len;
+		if (!orc.need)
+			oracle_fail("empty chunk of type %u", orc.chunk_type);
+		return;
+	default:
+		oracle_fail("chunk type %#x", orc.chunk_type);
+	}
+	oracle_chunk_end();
+}
+
+static void
+oracle_chunk_end(void)
+{
+	struct oreq *q = orc.unique ? orc.cur_req : NULL;
+	if (orc.chunk_flags & NBD_REPLY_FLAG_DONE) {
+		orc.cur_req->answered = 1;
+		if (q && q->type == NBD_CMD_READ && !q->err && q->got != q->length)
+			oracle_fail("read of %u bytes ended after %ju bytes", q->length,
+				    (uintmax_t)q->got);
+	}
+	orc.st = O_TX;
+	orc.need = 4;
+}
+
+static void
+oracle_chunk_payload(void)
+{
+	struct oreq *q = orc.unique ? orc.cur_req : NULL;
+	const uint8_t *p = orc.hdr;
+
+	switch (orc.chunk_type) {
+	case NBD_REPLY_TYPE_OFFSET_DATA: {
+		uint64_t off = rd64(p), n = orc.chunk_len - 8;
+		if (q) {
+			if (off < q->offset || n > q->length || off - q->offset > q->length - n)
+				oracle_fail("OFFSET_DATA %ju+%ju outside the read %ju+%u",
+					    (uintmax_t)off, (uintmax_t)n,
+					    (uintmax_t)q->offset, q->length);
+			if (off != q->offset + q->got)
+				q->data_bad = 1;
+		}
+		orc.data_left = n;
+		orc.st = O_READ_DATA;
+		return;
+	}
+	case NBD_REPLY_TYPE_ERROR: {
+		uint32_t err = rd32(p);
+		if (orc.chunk_len < 6 || rd16(p + 4) != orc.chunk_len - 6)
+			oracle_fail("ERROR chunk of %u bytes, message length %u", orc.chunk_len,
+				    orc.chunk_len >= 6 ? rd16(p + 4) : 0);
+		if (!wire_error_ok(err))
+			oracle_fail("ERROR chunk with error %u", err);
+		orc.cur_req->err = err;
+		break;
+	}
+	case NBD_REPLY_TYPE_BLOCK_STATUS: {
+		uint32_t n = (orc.chunk_len - 4) / 8;
+		if (orc.chunk_len < 12 || (orc.chunk_len - 4) % 8)
+			oracle_fail("BLOCK_STATUS chunk of %u bytes", orc.chunk_len);
+		if (rd32(p) != NBD_META_ID_BASE_ALLOCATION)
+			oracle_fail("BLOCK_STATUS for context %u, not base:allocation", rd32(p));
+		if (!q)
+			break;
+		if ((q->flags & NBD_CMD_FLAG_REQ_ONE) && n != 1)
+			oracle_fail("REQ_ONE block status answered with %u extents", n);
+		uint64_t sum = 0;
+		for (uint32_t i = 0; i < n; i++) {
+			uint32_t l = rd32(p + 4 + 8 * i), f = rd32(p + 8 + 8 * i);
+			if (!l)
+				oracle_fail("zero-length extent %u", i);
+			if (f & ~(NBD_STATE_HOLE | NBD_STATE_ZERO))
+				oracle_fail("extent flags %#x", f);
+			sum += l;
+		}
+		if (sum > q->length)
+			oracle_fail("extents cover %ju bytes of a %u-byte query",
+				    (uintmax_t)sum, q->length);
+		if (q->ext)
+			oracle_fail("second BLOCK_STATUS chunk for one request");
+		q->ext = malloc(2 * sizeof(uint32_t) * n);
+		if (!q->ext)
+			fz_fail("out of memory");
+		for (uint32_t i = 0; i < 2 * n; i++)
+			q->ext[i] = rd32(p + 4 + 4 * i);
+		q->next = n;
+		break;
+	}
+	}
+	oracle_chunk_end();
+}
+
+static void
+oracle_header_done(void)
+{
+	orc.have = 0;
+	switch (orc.st) {
+	case O_GREETING:
+		if (rd64(orc.hdr) != NBD_MAGIC || rd64(orc.hdr + 8) != NBD_IHAVEOPT ||
+		    rd16(orc.hdr + 16) != (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+			oracle_fail("bad greeting");
+		if (orc.nopts) {
+			orc.st = O_OPT_HDR;
+			orc.need = 20;
+		} else {
+			oracle_after_options();
+		}
+		break;
+	case O_OPT_HDR:
+		oracle_opt_header();
+		break;
+	case O_OPT_PAYLOAD:
+		oracle_opt_payload();
+		break;
+	case O_EXPORT_NAME:
+		if (rd64(orc.hdr) != orc.size)
+			oracle_fail("EXPORT_NAME: size %ju, the vbd has %ju",
+				    (uintmax_t)rd64(orc.hdr), (uintmax_t)orc.size);
+		check_export_flags(rd16(orc.hdr + 8));
+		for (size_t i = 10; i < orc.need; i++)
+			if (orc.hdr[i])
+				oracle_fail("EXPORT_NAME: reserved bytes not zero");
+		oracle_start_tx();
+		break;
+	case O_TX: {
+		uint32_t magic = rd32(orc.hdr);
+		orc.have = 4;	/* keep the magic: the header goes on */
+		if (magic == NBD_SIMPLE_REPLY_MAGIC) {
+			orc.st = O_SIMPLE;
+			orc.need = 16;
+		} else if (magic == NBD_STRUCTURED_REPLY_MAGIC) {
+			orc.st = O_CHUNK;
+			orc.need = 20;
+		} else {
+			oracle_fail("reply magic %#x", magic);
+		}
+		break;
+	}
+	case O_SIMPLE:
+		oracle_simple();
+		break;
+	case O_CHUNK:
+		oracle_chunk_header();
+		break;
+	case O_CHUNK_PAYLOAD:
+		oracle_chunk_payload();
+		break;
+	default:
+		fz_fail("oracle state %d", orc.st);
+	}
+}
+
+static void
+oracle_feed(const uint8_t *p, size_t n, void *arg)
+{
+	(void)arg;
+	while (n && orc.st != O_OFF) {
+		if (orc.st == O_READ_DATA) {
+			size_t k = n < orc.data_left ? n : (size_t)orc.data_left;
+			struct oreq *q = orc.unique ? orc.cur_req : NULL;
+			if (q) {
+				q->hash = fnv(q->hash, p, k);
+				q->got += k;
+			}
+			p += k;
+			n -= k;
+			orc.data_left -= k;
+			if (!orc.data_left) {
+				if (orc.structured)
+					oracle_chunk_end();
+				else {
+					orc.st = O_TX;
+					orc.need = 4;
+				}
+			}
+			continue;
+		}
+		size_t k = orc.need - orc.have;
+		if (k > n)
+			k = n;
+		memcpy(orc.hdr + orc.have, p, k);
+		orc.have += k;
+		p += k;
+		n -= k;
+		if (orc.have == orc.need)
+			oracle_header_done();
+	}
+}
+
+/* The disk as the client's requests left it, replayed in arrival order. */
+static uint8_t *shadow;
+
+static int
+shadow_zero(uint64_t off, uint64_t len)
+{
+	for (uint64_t i = 0; i < len; i++)
+		if (shadow[off + i])
+			return 0;
+	return 1;
+}
+
+static void
+oracle_finish(void)
+{
+	/* a slow reader that hangs up early may never see it, though */
+	if (orc.canned && !orc.in_tx && orc.exact)
+		oracle_fail("the canned handshake never completed (state %d, %zu of %zu "
+			    "bytes)", orc.st, orc.have, orc.need);
+	if (fz_trace()) {
+		size_t answered = 0;
+		for (size_t i = 0; i < orc.nreqs; i++)
+			answered += orc.reqs[i].answered != 0;
+		fprintf(stderr, "==fuzz== oracle: canned %d, state %d, structured %d, %zu "
+			"requests, %zu answered, cookies %s, %s\n", orc.canned, orc.st,
+			orc.structured, orc.nreqs, answered, orc.unique ? "unique" : "repeat",
+			orc.exact ? "exact (all answered, data replayed)" : "framing only");
+	}
+	if (orc.st == O_OFF || !orc.exact)
+		return;
+	if (orc.st != O_TX || orc.have)
+		oracle_fail("the reply stream ends inside a reply (state %d)", orc.st);
+	for (size_t i = 0; i < orc.nreqs; i++)
+		if (!orc.reqs[i].answered)
+			oracle_fail("request %zu (command %u, cookie %#jx) never got an answer",
+				    i, orc.reqs[i].type, (uintmax_t)orc.reqs[i].cookie);
+	if (!orc.unique)
+		return;
+
+	if (!shadow && !(shadow = calloc(1, 4u << 20)))
+		fz_fail("out of memory");
+	memset(shadow, 0, 4u << 20);
+	for (size_t i = 0; i < orc.nreqs; i++) {
+		struct oreq *q = &orc.reqs[i];
+		if (q->err)
+			continue;
+		if (q->offset > orc.size || q->length > orc.size - q->offset)
+			oracle_fail("command %u beyond the end (%ju+%u) succeeded", q->type,
+				    (uintmax_t)q->offset, q->length);
+		switch (q->type) {
+		case NBD_CMD_WRITE:
+			if (orc.readonly)
+				oracle_fail("a write to the read-only export succeeded");
+			memcpy(shadow + q->offset, q->payload, q->length);
+			break;
+		case NBD_CMD_TRIM:
+		case NBD_CMD_WRITE_ZEROES:
+			if (orc.readonly)
+				oracle_fail("command %u on the read-only export succeeded", q->type);
+			memset(shadow + q->offset, 0, q->length);
+			break;
+		case NBD_CMD_READ:
+			if (q->data_bad)
+				break;
+			if (fnv(FNV_INIT, shadow + q->offset, q->length) != q->hash)
+				oracle_fail("read %ju+%u (cookie %#jx) returned other data than "
+					    "the requests before it stored", (uintmax_t)q->offset,
+					    q->length, (uintmax_t)q->cookie);
+			break;
+		case NBD_CMD_BLOCK_STATUS: {
+			uint64_t off = q->offset;
+			for (uint32_t e = 0; e < q->next; e++) {
+				uint32_t l = q->ext[2 * e], f = q->ext[2 * e + 1];
+				if ((f & NBD_STATE_ZERO) && !shadow_zero(off, l))
+					oracle_fail("block status says %ju+%u reads as zeros; it "
+						    "does not", (uintmax_t)off, l);
+				off += l;
+			}
+			break;
+		}
+		}
+	}
+}
+
 /* ---- per input ---- */
 
 static void
@@ -413,6 +1100,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		set_paused(1);
 
 	fz_client_open(srv.base, &cl, (mode & M_HOLD) != 0, &sbev);
+	oracle_start(mode, events, minor, data, size);
+	cl.observe = oracle_feed;
 	nbd_serve(srv.nbd, sbev, exp);
 	fz_settle(srv.base);
 
@@ -452,6 +1141,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fz_client_close(&cl);
 	fz_settle(srv.base);
 
+	oracle_finish();
+	oracle_end();
 	check_idle();
 	wipe_disk();
 	bufpool_trim(srv.pool);

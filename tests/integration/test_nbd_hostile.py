@@ -1222,6 +1222,66 @@ def test_slow_reader_byte_by_byte(bed):
     bed.check()
 
 
+def test_conversation_one_byte_at_a_time(bed):
+    """Every message of a whole conversation arrives split at every byte
+    boundary, while other clients are served."""
+    c = bed.raw(timeout=T(20))
+    c.read_greeting()
+    src = os.urandom(8192)
+
+    def dribble(data, pause=0.0002):
+        for i in range(len(data)):
+            c.send(data[i:i + 1])
+            if pause:
+                time.sleep(pause)
+
+    dribble(struct.pack(">I", FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES))
+    dribble(build_option(OPT_STRUCTURED_REPLY))
+    assert [r.type for r in c.option_replies(OPT_STRUCTURED_REPLY)] == [REP_ACK]
+    c.structured = True
+    dribble(build_option(OPT_SET_META_CONTEXT, build_meta_payload("", [META])))
+    assert [r.type for r in c.option_replies(OPT_SET_META_CONTEXT)][-1] == REP_ACK
+    dribble(build_option(OPT_LIST))
+    assert c.option_replies(OPT_LIST)[-1].type == REP_ACK
+    bed.healthy([1])
+    dribble(build_option(OPT_GO, build_go_payload("", [INFO_NAME])))
+    assert c.option_replies(OPT_GO)[-1].type == REP_ACK
+    ck = c.new_cookie()
+    c.pending[ck] = (CMD_WRITE, len(src), 4096)
+    dribble(build_request(CMD_WRITE, 4096, len(src), ck, CMD_FLAG_FUA, src), pause=0)
+    assert c.read_reply().error == 0
+    for cmd, length in ((CMD_READ, len(src)), (CMD_BLOCK_STATUS, 65536), (CMD_FLUSH, 0)):
+        ck = c.new_cookie()
+        c.pending[ck] = (cmd, length, 0 if cmd == CMD_FLUSH else 4096)
+        dribble(build_request(cmd, 0 if cmd == CMD_FLUSH else 4096, length, ck))
+        rep = c.read_reply()
+        assert rep.error == 0
+        if cmd == CMD_READ:
+            assert rep.data == src
+    bed.healthy([1])
+    dribble(build_request(CMD_DISC))
+    assert c.expect_closed() == b""
+    bed.check()
+
+
+def test_duplicate_and_reused_cookies(bed):
+    """Cookies are the client's business: duplicates are answered one by one."""
+    c = bed.ready()
+    c.pwrite(b"\x42" * 512, 0)
+    n = 40
+    c.send(b"".join(build_request(CMD_READ, 0, 512, cookie=7) for _ in range(n)))
+    for _ in range(n):
+        magic, err, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+        assert (magic, err, cookie) == (SIMPLE_REPLY_MAGIC, 0, 7)
+        assert c.recv_exact(512) == b"\x42" * 512
+    # a cookie of all ones, and zero
+    for ck in (0, 2 ** 64 - 1):
+        c.send(build_request(CMD_FLUSH, cookie=ck))
+        assert struct.unpack(">IIQ", c.recv_exact(16)) == (SIMPLE_REPLY_MAGIC, 0, ck)
+    still_works(c)
+    bed.check()
+
+
 def test_many_simultaneous_connections(bed):
     n = 200
     conns = []

@@ -1,0 +1,219 @@
+#!/usr/bin/python3
+"""make bench: the same fio workloads (nbd engine, UNIX socket, a 1 GiB raw
+image on /dev/shm) against tapdiskd, qemu-storage-daemon and nbdkit's file
+plugin, one after the other in one run; then tapdiskd's memory: idle RSS
+and RSS with 100 open vbds. Prints a markdown report (ratios tapdiskd/peer)
+and writes it to bench/out/latest.md. Numbers are only comparable within
+one run on one machine."""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BIN = os.path.join(ROOT, "build", "bin")
+
+WORKLOADS = [
+    # name, fio args, metric
+    ("4k randread QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"], "iops"),
+    ("4k randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"], "iops"),
+    ("1M read QD8", ["--rw=read", "--bs=1M", "--iodepth=8"], "bw"),
+    ("1M write QD8", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw"),
+]
+
+
+def wait_socket(path, proc, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited early: %s" % proc.args)
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.05)
+    raise RuntimeError("no socket " + path)
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Tapdiskd:
+    name = "tapdiskd"
+
+    def __init__(self, tmp, image, engine):
+        self.state = os.path.join(tmp, "td")
+        self.proc = subprocess.Popen([os.path.join(BIN, "tapdiskd"), "--state-dir", self.state,
+                                      "--foreground", "--io-engine", engine, "--log-level", "warning"])
+        wait_socket(os.path.join(self.state, "ctl.sock"), self.proc)
+        r = subprocess.run([os.path.join(BIN, "tap-ctl"), "-S", self.state, "create", "-a",
+                            "aio:" + image], capture_output=True, text=True, check=True)
+        self.sock = r.stdout.strip()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+class QemuStorageDaemon:
+    name = "qemu-storage-daemon"
+
+    def __init__(self, tmp, image):
+        self.sock = os.path.join(tmp, "qsd.sock")
+        self.proc = subprocess.Popen([
+            "qemu-storage-daemon",
+            "--blockdev", "driver=file,node-name=file0,filename=%s,cache.direct=off,aio=io_uring" % image,
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
+            "--export", "type=nbd,id=e0,node-name=disk0,name=,writable=on"],
+            stderr=subprocess.DEVNULL)
+        wait_socket(self.sock, self.proc)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+class Nbdkit:
+    name = "nbdkit-file"
+
+    def __init__(self, tmp, image):
+        self.sock = os.path.join(tmp, "nbdkit.sock")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)        # nbdkit leaves it behind
+        self.proc = subprocess.Popen(["nbdkit", "-f", "-U", self.sock, "file", image],
+                                     stderr=subprocess.DEVNULL)
+        wait_socket(self.sock, self.proc)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def run_fio(sock, args, runtime):
+    cmd = ["fio", "--output-format=json", "--name=bench", "--ioengine=nbd",
+           "--uri=nbd+unix:///?socket=" + sock, "--time_based", "--runtime=%d" % runtime,
+           "--ramp_time=1", "--size=1G", "--randrepeat=0"] + args
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]   # fio may print notes first
+    rw = "read" if job["read"]["io_bytes"] else "write"
+    return {"iops": job[rw]["iops"], "bw": job[rw]["bw_bytes"] / (1 << 20),
+            "lat_p99_us": job[rw]["clat_ns"]["percentile"].get("99.000000", 0) / 1000}
+
+
+def memory(tmp, engine):
+    state = os.path.join(tmp, "mem")
+    p = subprocess.Popen([os.path.join(BIN, "tapdiskd"), "--state-dir", state, "--foreground",
+                          "--io-engine", engine, "--log-level", "warning"])
+    wait_socket(os.path.join(state, "ctl.sock"), p)
+    time.sleep(0.5)
+    idle = rss_kb(p.pid)
+    for i in range(100):
+        img = os.path.join(tmp, "m%03d.img" % i)
+        with open(img, "wb") as f:
+            f.truncate(1 << 30)
+        subprocess.run([os.path.join(BIN, "tap-ctl"), "-S", state, "create", "-a", "aio:" + img],
+                       check=True, capture_output=True)
+    time.sleep(0.5)
+    hundred = rss_kb(p.pid)
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+    return idle, hundred
+
+
+def machine():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "%s, %d CPUs, %s, Linux %s" % (model, os.cpu_count(), platform.machine(),
+                                         platform.release())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runtime", type=int, default=int(os.environ.get("BENCH_RUNTIME", "8")))
+    ap.add_argument("--engine", default="uring")
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
+                    help="runs per server and workload; the best counts")
+    a = ap.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
+    image = os.path.join(tmp, "bench.img")
+    try:
+        subprocess.run(["fio", "--name=fill", "--filename=" + image, "--size=1G", "--rw=write",
+                        "--bs=1M", "--ioengine=psync", "--output=/dev/null"], check=True)
+        results = {}
+        servers = [("tapdiskd", lambda: Tapdiskd(tmp, image, a.engine)),
+                   ("qemu-storage-daemon", lambda: QemuStorageDaemon(tmp, image)),
+                   ("nbdkit-file", lambda: Nbdkit(tmp, image))]
+        for wname, wargs, metric in WORKLOADS:
+            for sname, start in servers:
+                best = None
+                for _ in range(a.rounds):
+                    srv = start()
+                    try:
+                        r = run_fio(srv.sock, wargs, a.runtime)
+                    finally:
+                        srv.stop()
+                    if best is None or r[metric] > best[metric]:
+                        best = r
+                results[(wname, sname)] = best
+                print("%-20s %-20s %10.0f %s" % (wname, sname, best[metric],
+                                                 "IOPS" if metric == "iops" else "MiB/s"),
+                      file=sys.stderr)
+        idle, hundred = memory(tmp, a.engine)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    lines = []
+    lines.append("## %s (io engine %s, fio %ds x best of %d)\n" % (
+        datetime.date.today().isoformat(), a.engine, a.runtime, a.rounds))
+    lines.append("Machine: %s\n" % machine())
+    lines.append("| workload | tapdiskd | qemu-storage-daemon | nbdkit file | tapdiskd/qsd | tapdiskd/nbdkit |")
+    lines.append("|---|---|---|---|---|---|")
+    for wname, _, metric in WORKLOADS:
+        t = results[(wname, "tapdiskd")][metric]
+        q = results[(wname, "qemu-storage-daemon")][metric]
+        n = results[(wname, "nbdkit-file")][metric]
+        unit = "IOPS" if metric == "iops" else "MiB/s"
+        lines.append("| %s | %.0f %s | %.0f | %.0f | %.2fx | %.2fx |" % (
+            wname, t, unit, q, n, t / q if q else 0, t / n if n else 0))
+    lines.append("")
+    lines.append("| memory | tapdiskd RSS | target |")
+    lines.append("|---|---|---|")
+    lines.append("| idle | %.1f MB | < 8 MB |" % (idle / 1024))
+    lines.append("| 100 open vbds | %.1f MB | < 64 MB |" % (hundred / 1024))
+    report = "\n".join(lines) + "\n"
+    os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:
+        f.write(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
