@@ -316,6 +316,218 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 	return 0;
 }
 
+/* ---- the response oracle ----
+ *
+ * The protocol promises exactly one response line per request line. The
+ * harness splits the client's bytes into lines as the server must, works out
+ * the id each response must carry (the request's id when the envelope has a
+ * usable one, null otherwise), and checks the response lines against that:
+ * every one a JSON object {"id", "ok": true, "result": {...}} or
+ * {"id", "ok": false, "error": {"code": "E...", "message": "..."}}, and the
+ * ids, as a multiset, the ones expected. Replies may come in any order.
+ */
+
+struct sbuf {
+	char *p;
+	size_t len, cap;
+};
+
+static struct sbuf responses;
+
+static void
+sbuf_add(struct sbuf *b, const void *data, size_t len)
+{
+	if (b->len + len + 1 > b->cap) {
+		size_t cap = b->cap ? b->cap : 4096;
+		while (cap < b->len + len + 1)
+			cap *= 2;
+		char *p = realloc(b->p, cap);
+		if (!p)
+			fz_fail("out of memory");
+		b->p = p;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, data, len);
+	b->len += len;
+	b->p[b->len] = '\0';
+}
+
+static void
+collect(const uint8_t *p, size_t len, void *arg)
+{
+	(void)arg;
+	sbuf_add(&responses, p, len);
+}
+
+static int
+cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+struct idlist {
+	char **v;
+	size_t n, cap;
+};
+
+static void
+idlist_add(struct idlist *l, json_t *id)
+{
+	if (l->n == l->cap) {
+		l->cap = l->cap ? 2 * l->cap : 64;
+		char **v = realloc(l->v, l->cap * sizeof(*v));
+		if (!v)
+			fz_fail("out of memory");
+		l->v = v;
+	}
+	char *s = json_dumps(id ? id : json_null(), JSON_ENCODE_ANY | JSON_COMPACT);
+	if (!s)
+		fz_fail("json_dumps failed on an id");
+	l->v[l->n++] = s;
+}
+
+static void
+idlist_free(struct idlist *l)
+{
+	for (size_t i = 0; i < l->n; i++)
+		free(l->v[i]);
+	free(l->v);
+}
+
+/* The id the response to this request line must carry. */
+static void
+expect_line(struct idlist *want, const char *line, size_t len)
+{
+	json_t *msg = json_loadb(line, len, JSON_REJECT_DUPLICATES, NULL);
+	json_t *id = NULL;
+
+	if (json_is_object(msg)) {
+		id = json_object_get(msg, "id");
+		if (id && !json_is_integer(id) && !json_is_string(id) && !json_is_null(id))
+			id = NULL;
+	}
+	idlist_add(want, id);
+	json_decref(msg);
+}
+
+static const char *const known_codes[] = {
+	"EPERM", "ENOENT", "EIO", "E2BIG", "EBADF", "EAGAIN", "ENOMEM", "EACCES",
+	"EBUSY", "EEXIST", "ENODEV", "ENOTDIR", "EISDIR", "EINVAL", "ENFILE",
+	"EMFILE", "EFBIG", "ENOSPC", "EROFS", "ERANGE", "ENAMETOOLONG", "ENOSYS",
+	"ELOOP", "ENOTSUP", "EOVERFLOW", "ESHUTDOWN", "ETIMEDOUT", "ENXIO", "EPROTO",
+	"ECANCELED", "ESRCH", "EMSGSIZE", "EUCLEAN", "EMLINK",
+};
+
+static void
+check_response(struct idlist *got, const char *line, size_t len)
+{
+	json_error_t jerr;
+	json_t *r = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+	json_t *id, *ok, *result, *error;
+
+	if (!json_is_object(r))
+		fz_fail("response is not a JSON object (%s): %.*s", jerr.text,
+			(int)(len > 200 ? 200 : len), line);
+	id = json_object_get(r, "id");
+	ok = json_object_get(r, "ok");
+	result = json_object_get(r, "result");
+	error = json_object_get(r, "error");
+	if (!id || (!json_is_integer(id) && !json_is_string(id) && !json_is_null(id)))
+		fz_fail("response without a proper id: %.*s", (int)(len > 200 ? 200 : len), line);
+	if (!json_is_boolean(ok) || json_object_size(r) != 3)
+		fz_fail("response fields wrong: %.*s", (int)(len > 200 ? 200 : len), line);
+	if (json_is_true(ok)) {
+		if (!json_is_object(result))
+			fz_fail("ok response without a result object");
+	} else {
+		json_t *code = json_object_get(error, "code");
+		json_t *message = json_object_get(error, "message");
+		if (!json_is_object(error) || json_object_size(error) != 2 ||
+		    !json_is_string(code) || !json_is_string(message))
+			fz_fail("error response malformed: %.*s", (int)(len > 200 ? 200 : len),
+				line);
+		size_t i;
+		for (i = 0; i < sizeof(known_codes) / sizeof(known_codes[0]); i++)
+			if (strcmp(known_codes[i], json_string_value(code)) == 0)
+				break;
+		if (i == sizeof(known_codes) / sizeof(known_codes[0]))
+			fz_fail("error code %s", json_string_value(code));
+	}
+	idlist_add(got, id);
+	json_decref(r);
+}
+
+/*
+ * FUZZ_KNOWN_BUGS=utf8-noreply: to fuzz past the known finding (an error
+ * message cut inside a UTF-8 character is never sent, see tests/fuzz/crashes/
+ * README.md), do not count responses when a request could carry non-ASCII
+ * text (raw bytes >= 0x80 or \u escapes).
+ */
+static int
+tolerate_utf8_noreply(const uint8_t *in, size_t len)
+{
+	static int on = -1;
+	if (on < 0) {
+		const char *e = getenv("FUZZ_KNOWN_BUGS");
+		on = e && strstr(e, "utf8-noreply") != NULL;
+	}
+	if (!on)
+		return 0;
+	for (size_t i = 0; i < len; i++)
+		if (in[i] >= 0x80 || (in[i] == '\\' && i + 1 < len && in[i + 1] == 'u'))
+			return 1;
+	return 0;
+}
+
+/* After a clean run (no early hang-up): one response per request line. */
+static void
+check_responses(const uint8_t *in, size_t inlen, int exact)
+{
+	struct idlist want = { 0 }, got = { 0 };
+	size_t pos = 0;
+
+	/* every response is a whole line */
+	if (responses.len && responses.p[responses.len - 1] != '\n')
+		fz_fail("the last response has no newline");
+	while (pos < responses.len) {
+		char *nl = memchr(responses.p + pos, '\n', responses.len - pos);
+		check_response(&got, responses.p + pos, (size_t)(nl - responses.p) - pos);
+		pos = (size_t)(nl - responses.p) + 1;
+	}
+	if (!exact || tolerate_utf8_noreply(in, inlen))
+		goto out;
+
+	pos = 0;
+	while (pos < inlen) {
+		const uint8_t *nl = memchr(in + pos, '\n', inlen - pos);
+		if (!nl) {
+			idlist_add(&want, NULL);	/* "truncated request" */
+			break;
+		}
+		size_t len = (size_t)(nl - in) - pos;
+		if (len > CONTROL_MAX_LINE)
+			idlist_add(&want, NULL);
+		else if (len && !(len == 1 && in[pos] == '\r'))
+			expect_line(&want, (const char *)in + pos, len);
+		pos += len + 1;
+	}
+	if (want.n != got.n)
+		fz_fail("%zu request lines, %zu responses", want.n, got.n);
+	if (!want.n)
+		goto out;
+	qsort(want.v, want.n, sizeof(*want.v), cmp_str);
+	qsort(got.v, got.n, sizeof(*got.v), cmp_str);
+	for (size_t i = 0; i < want.n; i++)
+		if (strcmp(want.v[i], got.v[i]))
+			fz_fail("response ids differ from request ids: %s expected, %s seen",
+				want.v[i], got.v[i]);
+out:
+	idlist_free(&want);
+	idlist_free(&got);
+}
+
+/* ---- per input ---- */
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -329,6 +541,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size--;
 
 	fz_client_open(srv.base, &cl, (mode & M_HOLD) != 0, &sbev);
+	responses.len = 0;
+	cl.observe = collect;
 	control_serve(ctl, sbev);
 	fz_settle(srv.base);
 	fz_client_send(srv.base, &cl, data, size, (mode & M_CHUNKED) ? M_CHUNK(mode) : 0, 1);
@@ -352,5 +566,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fz_fail("the server kept its end open after EOF with no reply owed");
 	fz_client_close(&cl);
 	fz_settle(srv.base);
+	/* an early hang-up may leave lines unread: then only their form counts */
+	check_responses(data, size, !(mode & M_EARLY_EOF));
 	return 0;
 }
