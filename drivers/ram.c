@@ -190,6 +190,8 @@ chunk_set_alloc(struct ram_store *st, uint64_t c, int on)
 static void
 ram_mark(struct ram_store *st, uint64_t off, uint64_t len)
 {
+	if (!len)
+		return;
 	for (uint64_t c = off >> RAM_CHUNK_SHIFT; c <= (off + len - 1) >> RAM_CHUNK_SHIFT; c++)
 		chunk_set_alloc(st, c, 1);
 }

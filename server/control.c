@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -29,7 +30,7 @@ struct control {
 	struct evconnlistener *lev;
 	char *path;
 	struct log_ratelimit rl;
-	unsigned nr_clients;
+	LIST_HEAD(, ctl_client) clients;
 };
 
 struct ctl_client {
@@ -38,6 +39,7 @@ struct ctl_client {
 	unsigned pending;		/* requests not answered yet */
 	int closing;			/* close once the output is written */
 	int paused;
+	LIST_ENTRY(ctl_client) link;
 };
 
 struct ctl_req {
@@ -81,7 +83,7 @@ client_maybe_free(struct ctl_client *cl)
 {
 	if (cl->bev || cl->pending)
 		return;
-	cl->ctl->nr_clients--;
+	LIST_REMOVE(cl, link);
 	free(cl);
 }
 
@@ -390,7 +392,7 @@ control_serve(struct control *ctl, struct bufferevent *bev)
 	}
 	cl->ctl = ctl;
 	cl->bev = bev;
-	ctl->nr_clients++;
+	LIST_INSERT_HEAD(&ctl->clients, cl, link);
 	bufferevent_setcb(bev, client_read_cb, client_write_cb, client_event_cb, cl);
 	bufferevent_enable(bev, EV_READ | EV_WRITE);
 }
@@ -440,6 +442,7 @@ control_new(struct server *srv, const char *path, char *err, size_t errlen)
 	}
 	ctl->srv = srv;
 	ctl->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
+	LIST_INIT(&ctl->clients);
 	fd = unixsock_listen(path, 0600, err, errlen);
 	if (fd < 0)
 		goto fail;
@@ -465,6 +468,12 @@ control_free(struct control *ctl)
 		return;
 	if (ctl->lev)
 		evconnlistener_free(ctl->lev);
+	/* at exit: requests still pending belong to vbds that are gone too */
+	while (!LIST_EMPTY(&ctl->clients)) {
+		struct ctl_client *cl = LIST_FIRST(&ctl->clients);
+		cl->pending = 0;
+		client_close(cl);
+	}
 	unlink(ctl->path);
 	free(ctl->path);
 	free(ctl);

@@ -105,8 +105,8 @@ parse_options(int argc, char **argv, struct options *o)
 			break;
 		case 'D': o->no_direct = 1; break;
 		case 'o': o->opens[o->nr_opens++] = optarg; break;
-		case 'h': usage(stdout); exit(0);
-		case 'V': printf("tapdiskd 0.1.0\n"); exit(0);
+		case 'h': usage(stdout); free(o->opens); exit(0);
+		case 'V': printf("tapdiskd %s\n", TAPDISKD_VERSION); free(o->opens); exit(0);
 		default: usage(stderr); return -1;
 		}
 	}
@@ -348,29 +348,36 @@ main(int argc, char **argv)
 	int lock_fd, ready_fd = -1, rc = 1;
 	struct event *sigint_ev = NULL, *sigterm_ev = NULL, *idle_ev = NULL;
 
-	if (parse_options(argc, argv, &opts) < 0)
+	if (parse_options(argc, argv, &opts) < 0) {
+		free(opts.opens);
 		return 2;
+	}
 	char **opens = calloc((size_t)opts.nr_opens + 1, sizeof(*opens));
-	for (int i = 0; opens && i < opts.nr_opens; i++)
-		if (!(opens[i] = absolute_params(opts.opens[i])))
-			opens = NULL;
+	char *dir = NULL;
+	lock_fd = -1;
 	if (!opens) {
 		fprintf(stderr, "tapdiskd: out of memory\n");
-		return 1;
+		goto early;
 	}
-	char *dir = realpath(opts.state_dir, NULL);
+	for (int i = 0; i < opts.nr_opens; i++) {
+		if (!(opens[i] = absolute_params(opts.opens[i]))) {
+			fprintf(stderr, "tapdiskd: out of memory\n");
+			goto early;
+		}
+	}
+	dir = realpath(opts.state_dir, NULL);
 	if (!dir && errno == ENOENT && mkdir(opts.state_dir, 0700) == 0)
 		dir = realpath(opts.state_dir, NULL);
 	if (!dir) {
 		fprintf(stderr, "tapdiskd: state dir %s: %s\n", opts.state_dir, strerror(errno));
-		return 1;
+		goto early;
 	}
 	lock_fd = state_dir_lock(dir);
 	if (lock_fd < 0)
-		return 1;
+		goto early;
 	if (!opts.foreground && daemonize(&ready_fd) < 0) {
 		fprintf(stderr, "tapdiskd: cannot daemonize: %s\n", strerror(errno));
-		return 1;
+		goto early;
 	}
 	log_init("tapdiskd", !opts.foreground, opts.level);
 	lock_write_pid(lock_fd);
@@ -454,11 +461,13 @@ out:
 	bufpool_free(srv->pool);
 	if (srv->base)
 		event_base_free(srv->base);
-	for (int i = 0; i < opts.nr_opens; i++)
+early:
+	for (int i = 0; opens && i < opts.nr_opens; i++)
 		free(opens[i]);
 	free(opens);
 	free(opts.opens);
 	free(dir);
-	close(lock_fd);
+	if (lock_fd >= 0)
+		close(lock_fd);
 	return rc;
 }

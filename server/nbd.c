@@ -33,7 +33,8 @@
 #define NBD_MAX_INFLIGHT	128		/* per connection */
 #define NBD_MAX_OUTPUT		(32u << 20)	/* stop reading above this */
 #define NBD_MAX_EXTENTS		1024
-#define NBD_HANDSHAKE_TIMEOUT	30		/* seconds */
+#define NBD_HANDSHAKE_TIMEOUT	30		/* seconds, from accept to GO */
+#define NBD_MAX_HS_OUTPUT	(1u << 20)	/* unread option replies */
 #define NBD_MAX_CONNECTIONS	4096
 #define NBD_DISCARD_LIMIT	(16u << 20)	/* larger option payloads: disconnect */
 
@@ -84,6 +85,7 @@ struct nbd_conn {
 	int reading_paused;
 	int in_process;
 	int closing;			/* DISC or vbd shutdown: finish, then close */
+	struct event *deadline;		/* handshake: a slow client cannot stretch it */
 	LIST_ENTRY(nbd_conn) link;
 	char peer[64];
 };
@@ -123,6 +125,10 @@ conn_cut(struct nbd_conn *c)
 	if (c->bev) {
 		bufferevent_free(c->bev);
 		c->bev = NULL;
+	}
+	if (c->deadline) {
+		event_free(c->deadline);
+		c->deadline = NULL;
 	}
 	if (c->vbd) {
 		vbd_frontend_remove(&c->fe);
@@ -311,8 +317,9 @@ conn_maybe_resume(struct nbd_conn *c)
 		conn_finish(c);
 		return;
 	}
+	size_t limit = c->state == CS_OPT_HEADER ? NBD_MAX_HS_OUTPUT : NBD_MAX_OUTPUT;
 	if (c->reading_paused && c->inflight < NBD_MAX_INFLIGHT &&
-	    evbuffer_get_length(bufferevent_get_output(c->bev)) < NBD_MAX_OUTPUT) {
+	    evbuffer_get_length(bufferevent_get_output(c->bev)) < limit) {
 		c->reading_paused = 0;
 		bufferevent_enable(c->bev, EV_READ);
 		conn_process(c);
@@ -430,7 +437,7 @@ request_check(struct nbd_conn *c, const struct nbd_request *r)
 	if (writes && vbd->readonly)
 		return EPERM;
 	if (r->offset > vbd->size || r->length > vbd->size - r->offset)
-		return writes ? ENOSPC : EINVAL;
+		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? ENOSPC : EINVAL;
 	return 0;
 }
 
@@ -590,8 +597,10 @@ start_transmission(struct nbd_conn *c, struct vbd *vbd)
 	/* contexts chosen for another export do not carry over */
 	if (c->meta_export && export_find(c, c->meta_export) != vbd)
 		c->meta_base_alloc = 0;
-	if (c->bev)
-		bufferevent_set_timeouts(c->bev, NULL, NULL);
+	if (c->deadline) {
+		event_free(c->deadline);
+		c->deadline = NULL;
+	}
 }
 
 static void
@@ -794,6 +803,12 @@ conn_step(struct nbd_conn *c, struct evbuffer *in)
 		c->state = CS_OPT_HEADER;
 		return 1;
 	case CS_OPT_HEADER:
+		if (evbuffer_get_length(bufferevent_get_output(c->bev)) >= NBD_MAX_HS_OUTPUT) {
+			/* the client is not reading its replies: stop reading options */
+			c->reading_paused = 1;
+			bufferevent_disable(c->bev, EV_READ);
+			return 0;
+		}
 		if (avail < NBD_OPT_HEADER_LEN)
 			return 0;
 		evbuffer_remove(in, hdr, NBD_OPT_HEADER_LEN);
@@ -899,14 +914,20 @@ conn_event_cb(struct bufferevent *bev, short what, void *arg)
 	struct nbd_conn *c = arg;
 	(void)bev;
 
-	if (what & BEV_EVENT_TIMEOUT)
-		log_limited(&c->ns->rl, LOG_LVL_WARN, "nbd client %s: handshake timed out",
-			    c->peer);
-	else if ((what & BEV_EVENT_ERROR) && EVUTIL_SOCKET_ERROR() != ECONNRESET &&
+	if ((what & BEV_EVENT_ERROR) && EVUTIL_SOCKET_ERROR() != ECONNRESET &&
 		 EVUTIL_SOCKET_ERROR() != EPIPE)
 		log_limited(&c->ns->rl, LOG_LVL_INFO, "nbd client %s: %s", c->peer,
 			    strerror(EVUTIL_SOCKET_ERROR()));
 	conn_cut(c);
+}
+
+static void
+conn_handshake_expired(evutil_socket_t fd, short what, void *arg)
+{
+	struct nbd_conn *c = arg;
+	(void)fd;
+	(void)what;
+	conn_protocol_error(c, "handshake not finished in time");
 }
 
 /* Stop reading; close once every reply has been handed to the socket. */
@@ -949,8 +970,10 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 		conn_bind(c, vbd);
 
 	struct timeval tv = { NBD_HANDSHAKE_TIMEOUT, 0 };
+	c->deadline = evtimer_new(bufferevent_get_base(bev), conn_handshake_expired, c);
+	if (c->deadline)
+		evtimer_add(c->deadline, &tv);
 	bufferevent_setcb(bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
-	bufferevent_set_timeouts(bev, &tv, NULL);
 	bufferevent_set_max_single_read(bev, 1 << 20);
 	bufferevent_enable(bev, EV_READ | EV_WRITE);
 

@@ -494,11 +494,19 @@ vbd_dispatch(struct vbd *vbd, struct vbd_request *vr)
 	struct td_request *td = &vr->td;
 
 	if (td->offset > vbd->size || td->length > vbd->size - td->offset) {
-		vbd_fail_later(vbd, vr, op_writes(td->op) ? ENOSPC : EINVAL);
+		/* NBD's convention: data written past the end is ENOSPC */
+		vbd_fail_later(vbd, vr, td->op == TD_OP_WRITE || td->op == TD_OP_WRITE_ZEROES ?
+				ENOSPC : EINVAL);
 		return;
 	}
 	if (vbd->readonly && op_writes(td->op)) {
 		vbd_fail_later(vbd, vr, EROFS);
+		return;
+	}
+	/* nothing to do: drivers never see an empty range */
+	if (!td->length && td->op != TD_OP_FLUSH) {
+		td->nr_extents = 0;
+		vbd_fail_later(vbd, vr, 0);
 		return;
 	}
 	switch (td->op) {
@@ -523,12 +531,10 @@ vbd_dispatch(struct vbd *vbd, struct vbd_request *vr)
 		}
 		break;
 	case TD_OP_BLOCK_STATUS:
-		if (!(vbd->caps & TD_CAP_BLOCK_STATUS) || !td->length) {
-			td->nr_extents = td->length ? 1 : 0;
-			if (td->length) {
-				td->extents[0].length = td->length;
-				td->extents[0].flags = 0;
-			}
+		if (!(vbd->caps & TD_CAP_BLOCK_STATUS)) {	/* all data, then */
+			td->nr_extents = 1;
+			td->extents[0].length = td->length;
+			td->extents[0].flags = 0;
 			vbd_fail_later(vbd, vr, 0);
 			return;
 		}
