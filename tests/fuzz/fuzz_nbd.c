@@ -25,6 +25,8 @@
  *     0x04  ... with force (in-flight I/O turns the vbd into a zombie)
  *     0x08  canned starts only: first an unknown option with a payload over
  *           the 64 KiB limit, which the server must skip
+ *     0x10  a second client on the same export, reading while the first
+ *           one's input arrives (and closed with it, or by the vbd close)
  *   rest    the client's bytes
  *
  * After the input, the harness drains the replies, half-closes, and demands
@@ -69,6 +71,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define E_CLOSE		0x02
 #define E_FORCE		0x04
 #define E_BIG_OPTION	0x08
+#define E_SECOND	0x10
 
 #define BIG_OPTION_LEN	(NBD_MAX_OPTION_LEN + 1)
 
@@ -951,6 +954,24 @@ oracle_finish(void)
 
 /* ---- per input ---- */
 
+/* The second client's bytes: GO, then reads spread over the export. */
+static void
+build_reader(struct buf *b, const char *name, uint64_t size)
+{
+	put32(b, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+	put_go(b, name, 0);
+	for (unsigned i = 0; i < 8; i++) {
+		uint8_t r[NBD_REQUEST_LEN];
+		wr32(r, NBD_REQUEST_MAGIC);
+		wr16(r + 4, 0);
+		wr16(r + 6, i == 7 ? NBD_CMD_FLUSH : NBD_CMD_READ);
+		wr64(r + 8, 0x5ec0000u + i);
+		wr64(r + 16, i == 7 ? 0 : (size / 8) * i);
+		wr32(r + 24, i == 7 ? 0 : 65536);
+		buf_put(b, r, sizeof(r));
+	}
+}
+
 static void
 set_paused(int paused)
 {
@@ -1078,9 +1099,9 @@ close_and_reopen(int minor, int force)
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	struct fz_client cl;
+	struct fz_client cl, cl2;
 	struct bufferevent *sbev;
-	struct buf prefix = { 0 };
+	struct buf prefix = { 0 }, reader = { 0 };
 	uint8_t mode, chunk_byte, events;
 
 	if (size < 3)
@@ -1105,6 +1126,16 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	nbd_serve(srv.nbd, sbev, exp);
 	fz_settle(srv.base);
 
+	int second = (events & E_SECOND) != 0;
+	if (second) {
+		/* queued now, served while the first client's input arrives */
+		fz_client_open(srv.base, &cl2, 0, &sbev);
+		nbd_serve(srv.nbd, sbev, exp);
+		build_reader(&reader, exp ? "" : (minor ? "1" : "0"), srv.minors[minor]->size);
+		bufferevent_write(cl2.bev, reader.p, reader.len);
+		free(reader.p);
+	}
+
 	size_t chunk = (mode & M_CHUNKED) ? (size_t)chunk_byte + 1 : 0;
 	int closing = (events & E_CLOSE) != 0;
 	fz_client_send(srv.base, &cl, prefix.p, prefix.len, 0, 1);
@@ -1115,6 +1146,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	if (events & E_EARLY_EOF) {
 		fz_client_shutdown(&cl);
+		if (second)
+			fz_client_shutdown(&cl2);
 		fz_settle(srv.base);
 	}
 	if (mode & M_PAUSED) {
@@ -1134,11 +1167,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 				"and nothing in flight", unread);
 	}
 	fz_client_shutdown(&cl);
+	if (second)
+		fz_client_shutdown(&cl2);
 	fz_settle(srv.base);
 	fz_client_release(srv.base, &cl);
-	if (fz_client_connected(&cl))
+	if (fz_client_connected(&cl) || (second && fz_client_connected(&cl2)))
 		fz_fail("the server kept its end open after EOF");
 	fz_client_close(&cl);
+	if (second)
+		fz_client_close(&cl2);
 	fz_settle(srv.base);
 
 	oracle_finish();

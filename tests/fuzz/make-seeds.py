@@ -63,7 +63,7 @@ FLAGS_NZ = be32(3)         # FIXED_NEWSTYLE | NO_ZEROES
 # client's bytes. mode: 0x01 by name, 0x06 canned start (<<1: 1 GO+structured,
 # 2 EXPORT_NAME, 3 GO plain), 0x08 NO_ZEROES, 0x10 chunked, 0x20 slow reader,
 # 0x40 read-only export, 0x80 paused. events: 0x01 early EOF, 0x02 close the
-# vbd, 0x04 force, 0x08 oversized option first.
+# vbd, 0x04 force, 0x08 oversized option first, 0x10 a second client.
 
 def nbd(mode, opts, body, events=0):
     return bytes([mode, opts, events]) + body
@@ -133,6 +133,9 @@ NBD_SEEDS = [
     nbd(0x02, 0, IO_MIX, 0x06),                           # ... force-closed
     nbd(0x43, 0, STRUCTURED_MIX, 0x07),
     nbd(0x02, 0, STRUCTURED_MIX, 0x08),                   # oversized option skipped
+    nbd(0x02, 0, IO_MIX, 0x10),                           # a second client reading
+    nbd(0x03, 0, STRUCTURED_MIX, 0x16),                   # ... both cut by a force close
+    nbd(0x82, 0, IO_MIX, 0x12),                           # ... paused, then closed
     nbd(0x04, 0, b"".join(req(CMD_WRITE, i * 4096, 1024, data=bytes([i]) * 1024)
                              for i in range(8)), 0x01),
     nbd(0x04, 0, req(CMD_WRITE, 0, 1000, data=b"short")),  # payload never completes
