@@ -16,7 +16,9 @@
 #include <unistd.h>
 #ifdef __linux__
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <sys/ioctl.h>
+#include <sys/vfs.h>
 #endif
 
 #ifndef FALLOC_FL_KEEP_SIZE
@@ -35,6 +37,7 @@ struct raw_priv {
 	int dfd;		/* O_DIRECT, or -1 */
 	uint32_t dio_offset_align, dio_mem_align;
 	int is_blk;
+	unsigned io_flags;	/* IO_F_MEMORY on tmpfs */
 };
 
 /* Steps of a write-zeroes, tried in order until one is supported. */
@@ -88,6 +91,13 @@ raw_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 		goto fail;
 	}
 	p->is_blk = S_ISBLK(st.st_mode);
+#ifdef TMPFS_MAGIC
+	/* tmpfs has no device to wait for: its I/O runs inline (see io.h) */
+	struct statfs sfs;
+	if (fstatfs(p->fd, &sfs) == 0 &&
+	    (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC))
+		p->io_flags = IO_F_MEMORY;
+#endif
 	off_t end = lseek(p->fd, 0, SEEK_END);
 	if (end < 0) {
 		td_error_set(err, errno, "cannot size: %s", strerror(errno));
@@ -172,6 +182,7 @@ raw_issue(struct raw_req *rr, enum io_opcode opcode, int fd, int mode,
 	  uint64_t offset, uint64_t length)
 {
 	rr->op.opcode = opcode;
+	rr->op.flags = ((struct raw_priv *)rr->img->priv)->io_flags;
 	rr->op.fd = fd;
 	rr->op.mode = mode;
 	rr->op.offset = offset;

@@ -95,6 +95,13 @@ io_op_complete(struct io_engine *e, struct io_op *op, int res)
 	op->done(op, res);
 }
 
+static void
+io_memory_done(struct io_defer *d)
+{
+	struct io_op *op = d->arg;
+	io_op_complete(op->engine, op, op->res);
+}
+
 void
 io_submit(struct io_engine *e, struct io_op *op)
 {
@@ -102,6 +109,14 @@ io_submit(struct io_engine *e, struct io_op *op)
 	op->xfer = 0;
 	e->stats.submitted++;
 	e->stats.inflight++;
+	if (op->flags & IO_F_MEMORY) {
+		/* a memory copy: doing it here beats a hand-off to another thread */
+		op->res = io_op_run_sync(op);
+		op->defer.fn = io_memory_done;
+		op->defer.arg = op;
+		io_defer(e, &op->defer);
+		return;
+	}
 	e->ops->submit(e, op);
 }
 

@@ -23,8 +23,19 @@ enum io_opcode {
 	IO_OP_FADVISE,		/* mode: POSIX_FADV_* */
 };
 
+/* Run fn on the loop's next turn: how synchronous drivers complete. */
+struct io_defer {
+	void (*fn)(struct io_defer *d);
+	void *arg;
+	struct io_defer *next;
+};
+
+/* The fd is memory (tmpfs): run the op on the loop, it cannot wait on a device. */
+#define IO_F_MEMORY 0x1
+
 struct io_op {
 	enum io_opcode opcode;
+	unsigned flags;		/* IO_F_* */
 	int fd;
 	int mode;
 	uint64_t offset;
@@ -40,6 +51,7 @@ struct io_op {
 	void *data;
 
 	/* engine-private */
+	struct io_defer defer;
 	struct io_engine *engine;
 	uint64_t xfer;		/* bytes done before a resubmission */
 	int res;
@@ -55,13 +67,6 @@ struct io_call {
 	/* engine-private */
 	int res;
 	struct workq_item wq;
-};
-
-/* Run fn on the loop's next turn: how synchronous drivers complete. */
-struct io_defer {
-	void (*fn)(struct io_defer *d);
-	void *arg;
-	struct io_defer *next;
 };
 
 struct io_engine_stats {

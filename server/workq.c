@@ -23,6 +23,8 @@ struct workq {
 	struct workq_item *done_head, **done_tail;
 	int stopping;
 	unsigned nthreads;
+	unsigned idle;		/* workers waiting for work */
+	unsigned queued;
 	pthread_t *threads;
 	int pipe_rd, pipe_wr;
 	struct event *ev;
@@ -53,8 +55,11 @@ workq_thread(void *arg)
 
 	for (;;) {
 		pthread_mutex_lock(&q->lock);
-		while (!q->head && !q->stopping)
+		while (!q->head && !q->stopping) {
+			q->idle++;
 			pthread_cond_wait(&q->cond, &q->lock);
+			q->idle--;
+		}
 		if (!q->head) {
 			pthread_mutex_unlock(&q->lock);
 			return NULL;
@@ -63,6 +68,7 @@ workq_thread(void *arg)
 		q->head = it->next;
 		if (!q->head)
 			q->tail = &q->head;
+		q->queued--;
 		pthread_mutex_unlock(&q->lock);
 
 		it->run(it);
@@ -144,14 +150,37 @@ fail:
 	return NULL;
 }
 
+/*
+ * Wakes workers in proportion to the backlog: every wake-up is a context
+ * switch, and a worker that finds more work keeps going without one.
+ */
+#define WORKQ_ITEMS_PER_WAKE 4
+
+static void
+workq_wake(struct workq *q)
+{
+	unsigned busy = q->nthreads - q->idle;
+	unsigned want = (q->queued + WORKQ_ITEMS_PER_WAKE - 1) / WORKQ_ITEMS_PER_WAKE;
+	for (unsigned n = busy; n < want && n - busy < q->idle; n++)
+		pthread_cond_signal(&q->cond);
+}
+
 void
 workq_push(struct workq *q, struct workq_item *it)
 {
-	it->next = NULL;
+	workq_push_batch(q, it, &it->next, 1);
+}
+
+void
+workq_push_batch(struct workq *q, struct workq_item *head, struct workq_item **tail,
+		 unsigned n)
+{
+	*tail = NULL;
 	pthread_mutex_lock(&q->lock);
-	*q->tail = it;
-	q->tail = &it->next;
-	pthread_cond_signal(&q->cond);
+	*q->tail = head;
+	q->tail = tail;
+	q->queued += n;
+	workq_wake(q);
 	pthread_mutex_unlock(&q->lock);
 }
 

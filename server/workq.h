@@ -17,6 +17,9 @@ struct workq;
 
 struct workq *workq_new(struct event_base *base, unsigned nthreads);
 void workq_push(struct workq *q, struct workq_item *it);
+/* Queues a linked list of n items (tail: the last item's next field). */
+void workq_push_batch(struct workq *q, struct workq_item *head,
+		      struct workq_item **tail, unsigned n);
 /* Waits for queued and running items to finish; their done callbacks are not called. */
 void workq_free(struct workq *q);
 

@@ -15,10 +15,24 @@ def fio(uri, *opts):
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", *opts, timeout=300)
 
 
-@pytest.mark.parametrize("params", ["aio", "ram"])
-def test_fio_verify(server, tmp_path, params):
+@pytest.fixture
+def shm_dir():
+    """A directory on tmpfs, where raw images take the engine's memory path."""
+    import shutil
+    import tempfile
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("needs /dev/shm (tmpfs)")
+    d = tempfile.mkdtemp(dir="/dev/shm", prefix="tapdiskd-test-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("params", ["aio", "aio-tmpfs", "ram"])
+def test_fio_verify(server, tmp_path, shm_dir, params):
     if params == "aio":
         spec = "aio:" + make_image(tmp_path / "fio.img", 256 << 20)
+    elif params == "aio-tmpfs":
+        spec = "aio:" + make_image(os.path.join(shm_dir, "fio.img"), 256 << 20)
     else:
         spec = "ram:256M"
     server.open(spec)
