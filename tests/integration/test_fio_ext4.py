@@ -108,3 +108,23 @@ def test_ext4_on_a_vbd(server, tmp_path, fuse_loop):
     fuse_loop["loops"].remove(dev)
     # the image itself holds the file system: e2fsck straight on the file agrees
     run("fsck.ext4", "-n", "-f", img)
+
+
+def test_block_device_image(server, tmp_path, fuse_loop):
+    """A raw block device (a loop device): O_DIRECT, discard, flush, size."""
+    backing = make_image(tmp_path / "backing.img", 64 << 20)
+    dev = run("losetup", "--find", "--show", "--direct-io=on", backing).stdout.strip()
+    fuse_loop["loops"].append(dev)
+    r = server.open("aio:" + dev)
+    assert r["size"] == 64 << 20 and r["sector_size"] == 512
+    uri = server.uri(r["minor"])
+    fio(uri, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 1M 1M", "-c", "discard 1536k 512k",
+        "-c", "read -P 0x3c 1M 512k", "-c", "read -P 0 1536k 512k", "-c", "flush",
+        "-c", "write -P 0x11 3000 777", "-c", "read -P 0x11 3000 777", uri)
+    server.call("destroy", minor=r["minor"])
+    run("losetup", "-d", dev)
+    fuse_loop["loops"].remove(dev)
+    with open(backing, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(512 << 10) == b"\x3c" * (512 << 10)
