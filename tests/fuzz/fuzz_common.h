@@ -34,24 +34,6 @@ fz_fail(const char *fmt, ...)
 	abort();
 }
 
-/*
- * Runs the loop until no callback is active. Everything the targets drive
- * (bufferevent pairs with deferred callbacks, io_defer completions of the
- * ram driver, one-shot events) shows up as an active callback, so an idle
- * loop means the server waits for its peer. Timers that are not due (the
- * NBD handshake timeout) are not waited for.
- */
-static inline void
-fz_settle(struct event_base *base)
-{
-	for (int i = 0; i < FZ_SETTLE_ROUNDS; i++) {
-		if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0)
-			return;
-		event_base_loop(base, EVLOOP_NONBLOCK);
-	}
-	fz_fail("the event loop is still busy after %d rounds (livelock)", FZ_SETTLE_ROUNDS);
-}
-
 /* The fuzzer's end of the connection. */
 struct fz_client {
 	struct bufferevent *bev;
@@ -61,7 +43,16 @@ struct fz_client {
 	/* optional: sees every byte the server sends, in order */
 	void (*observe)(const uint8_t *p, size_t len, void *arg);
 	void *observe_arg;
+	/* hung up, but the server has not looked at its socket since */
+	int hangup_pending;
+	int hangup_hops;		/* turns to the first try; -1: none scheduled */
+	struct event_base *base;
 };
+
+/* Open clients, for delivering their hang-ups at the right moment. */
+#define FZ_MAX_CLIENTS 4
+static struct fz_client *fz_clients[FZ_MAX_CLIENTS];
+
 
 /* FUZZ_TRACE=1 in the environment: hex-dump what the server sends to stderr. */
 static inline int
@@ -143,6 +134,17 @@ fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
 	cl->events = 0;
 	cl->observe = NULL;
 	cl->observe_arg = NULL;
+	cl->hangup_pending = 0;
+	cl->hangup_hops = -1;
+	cl->base = base;
+	for (int i = 0; i < FZ_MAX_CLIENTS; i++) {
+		if (!fz_clients[i]) {
+			fz_clients[i] = cl;
+			break;
+		}
+		if (i == FZ_MAX_CLIENTS - 1)
+			fz_fail("too many clients");
+	}
 	bufferevent_setcb(cl->bev, fz_client_read_cb, NULL, fz_client_event_cb, cl);
 	/*
 	 * A slow reader does not read at all: the pair then leaves what the
@@ -150,6 +152,27 @@ fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
 	 */
 	bufferevent_enable(cl->bev, hold ? EV_WRITE : EV_READ | EV_WRITE);
 	*server_bev = pair[0];
+}
+
+/*
+ * Runs the loop until no callback is active. Everything the targets drive
+ * (bufferevent pairs with deferred callbacks, io_defer completions of the
+ * ram driver, one-shot events) shows up as an active callback, so an idle
+ * loop means the server waits for its peer. Timers that are not due (the
+ * NBD handshake timeout) are not waited for.
+ */
+static inline int fz_deliver_hangups(void);
+
+static inline void
+fz_settle(struct event_base *base)
+{
+	for (int i = 0; i < FZ_SETTLE_ROUNDS; i++) {
+		if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0 &&
+		    !fz_deliver_hangups())
+			return;
+		event_base_loop(base, EVLOOP_NONBLOCK);
+	}
+	fz_fail("the event loop is still busy after %d rounds (livelock)", FZ_SETTLE_ROUNDS);
 }
 
 /* Is the server's end still there? */
@@ -191,17 +214,91 @@ fz_client_release(struct event_base *base, struct fz_client *cl)
 	fz_client_drain(cl);
 }
 
-/* Half-closes our side: the server reads EOF after what we already sent. */
-static inline void
-fz_client_shutdown(struct fz_client *cl)
+/*
+ * A socket shows the server an EOF only when it reads, after the data before
+ * it, and it reads only with EV_READ enabled. The pair would deliver it at
+ * once, whatever the server's state; so an EOF waits here until the server's
+ * end is reading and has taken all we sent.
+ */
+static inline int
+fz_deliver_hangups(void)
 {
-	if (fz_client_connected(cl))
+	int did = 0;
+
+	for (int i = 0; i < FZ_MAX_CLIENTS; i++) {
+		struct fz_client *cl = fz_clients[i];
+		if (!cl || !cl->hangup_pending)
+			continue;
+		struct bufferevent *peer = bufferevent_pair_get_partner(cl->bev);
+		if (!peer) {
+			cl->hangup_pending = 0;
+			continue;
+		}
+		if (cl->hangup_hops >= 0)
+			continue;	/* its first try is still to come */
+		if (!(bufferevent_get_enabled(peer) & EV_READ) ||
+		    evbuffer_get_length(bufferevent_get_output(cl->bev)))
+			continue;
+		cl->hangup_pending = 0;
 		bufferevent_flush(cl->bev, EV_WRITE, BEV_FINISHED);
+		did = 1;
+	}
+	return did;
+}
+
+static inline void
+fz_hangup_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct fz_client *cl = arg;
+	(void)fd;
+	(void)what;
+	if (cl->hangup_hops-- > 0) {
+		if (event_base_once(cl->base, -1, EV_TIMEOUT, fz_hangup_cb, cl, NULL) < 0)
+			fz_fail("event_base_once failed");
+		return;
+	}
+	fz_deliver_hangups();
+}
+
+/*
+ * Hangs up. A reset reaches the server at once (its socket fails, unread
+ * data or not). An EOF is first tried two loop turns from now, once the
+ * server has had the turn in which it reads what was sent before (a socket
+ * reads the EOF on its next turn), while its requests may still be in
+ * flight; else whenever it reads again.
+ */
+static inline void
+fz_client_hangup(struct fz_client *cl, int reset)
+{
+	struct bufferevent *peer = bufferevent_pair_get_partner(cl->bev);
+
+	if (!peer)
+		return;
+	if (reset) {
+		bufferevent_trigger_event(peer, BEV_EVENT_ERROR | BEV_EVENT_READING, 0);
+		return;
+	}
+	cl->hangup_pending = 1;
+	cl->hangup_hops = 1;
+	if (event_base_once(cl->base, -1, EV_TIMEOUT, fz_hangup_cb, cl, NULL) < 0)
+		fz_fail("event_base_once failed");
+}
+
+/* Our EOF never reached the server: it stopped reading for good. */
+static inline int
+fz_client_hangup_stuck(const struct fz_client *cl)
+{
+	return cl->hangup_pending && fz_client_connected(cl);
 }
 
 static inline void
 fz_client_close(struct fz_client *cl)
 {
+	if (cl->hangup_hops >= 0)
+		fz_fail("harness: closing a client whose hang-up is still scheduled");
+	for (int i = 0; i < FZ_MAX_CLIENTS; i++)
+		if (fz_clients[i] == cl)
+			fz_clients[i] = NULL;
 	bufferevent_free(cl->bev);
 	cl->bev = NULL;
 }

@@ -11,9 +11,13 @@
  *
  * Input layout:
  *   byte 0  mode
- *     0x01  deliver the input in chunks of ((mode >> 3) + 1) bytes
+ *     0x01  deliver the input in chunks of byte 1 + 1 bytes
  *     0x02  slow reader: leave the server's replies unread until the end
- *     0x04  hang up right after sending (replies still owed)
+ *     0x04  half-close right after sending (lines unread, replies owed)
+ *     0x08  hang up with a connection reset instead of a half-close
+ *     0x10  first a line longer than CONTROL_MAX_LINE (in one piece)
+ *     0x20  last an unterminated line longer than CONTROL_MAX_LINE
+ *   byte 1  chunk size - 1
  *   rest    the client's bytes (newline-delimited JSON requests)
  */
 #include <errno.h>
@@ -41,7 +45,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define M_CHUNKED	0x01
 #define M_HOLD		0x02
 #define M_EARLY_EOF	0x04
-#define M_CHUNK(m)	((size_t)((m) >> 3) + 1)
+#define M_RESET		0x08
+#define M_HUGE_FIRST	0x10
+#define M_HUGE_LAST	0x20
+
+static char *huge;		/* CONTROL_MAX_LINE + 1 bytes of 'x', then '\n' */
 
 static struct server srv;
 static struct control *ctl;
@@ -307,10 +315,15 @@ setup(void)
 int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-	static const char warm[] = "\0{\"id\":1,\"cmd\":\"pause\",\"args\":{\"minor\":1}}\n";
+	static const char warm[] = "\0\0{\"id\":1,\"cmd\":\"pause\",\"args\":{\"minor\":1}}\n";
 	(void)argc;
 	(void)argv;
 	setup();
+	huge = malloc(CONTROL_MAX_LINE + 2);
+	if (!huge)
+		fz_fail("out of memory");
+	memset(huge, 'x', CONTROL_MAX_LINE + 1);
+	huge[CONTROL_MAX_LINE + 1] = '\n';
 	/* warms up what libevent and jansson allocate once */
 	LLVMFuzzerTestOneInput((const uint8_t *)warm, sizeof(warm) - 1);
 	return 0;
@@ -481,10 +494,13 @@ tolerate_utf8_noreply(const uint8_t *in, size_t len)
 
 /* After a clean run (no early hang-up): one response per request line. */
 static void
-check_responses(const uint8_t *in, size_t inlen, int exact)
+check_responses(const uint8_t *in, size_t inlen, int exact, int huge_first)
 {
 	struct idlist want = { 0 }, got = { 0 };
 	size_t pos = 0;
+
+	if (huge_first)
+		idlist_add(&want, NULL);	/* "request line too long" */
 
 	/* every response is a whole line */
 	if (responses.len && responses.p[responses.len - 1] != '\n')
@@ -534,39 +550,53 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct fz_client cl;
 	struct bufferevent *sbev;
 
-	if (size < 1)
+	if (size < 2)
 		return 0;
 	uint8_t mode = data[0];
-	data++;
-	size--;
+	size_t chunk = (mode & M_CHUNKED) ? (size_t)data[1] + 1 : 0;
+	data += 2;
+	size -= 2;
+	int early = (mode & M_EARLY_EOF) != 0, reset = (mode & M_RESET) != 0;
 
 	fz_client_open(srv.base, &cl, (mode & M_HOLD) != 0, &sbev);
 	responses.len = 0;
 	cl.observe = collect;
 	control_serve(ctl, sbev);
 	fz_settle(srv.base);
-	fz_client_send(srv.base, &cl, data, size, (mode & M_CHUNKED) ? M_CHUNK(mode) : 0, 1);
-	if (mode & M_EARLY_EOF)
-		fz_client_shutdown(&cl);
+	if (mode & M_HUGE_FIRST)
+		fz_client_send(srv.base, &cl, (const uint8_t *)huge, CONTROL_MAX_LINE + 2, 0, 1);
+	/* hanging up early: before the server has caught up with the input */
+	fz_client_send(srv.base, &cl, data, size, chunk, !early || (mode & M_HUGE_LAST));
+	if (mode & M_HUGE_LAST)
+		fz_client_send(srv.base, &cl, (const uint8_t *)huge, CONTROL_MAX_LINE + 1, 0, !early);
+	if (early)
+		fz_client_hangup(&cl, reset);
 	fz_settle(srv.base);
 	fz_client_release(srv.base, &cl);
-	if (fz_client_connected(&cl)) {
+	if (fz_client_connected(&cl) && !early && !(mode & M_HUGE_LAST)) {
 		size_t unread = evbuffer_get_length(bufferevent_get_output(cl.bev));
-		if (unread && !(mode & M_EARLY_EOF))
+		if (unread)
 			fz_fail("the server stopped reading with %zu client bytes pending "
 				"and no reply owed", unread);
 	}
-	if (!(mode & M_EARLY_EOF))
-		fz_client_shutdown(&cl);
+	if (!early)
+		fz_client_hangup(&cl, reset);
 	fz_settle(srv.base);
 	fz_client_release(srv.base, &cl);
 	if (later_pending)
 		fz_fail("%u deferred replies never ran", later_pending);
+	if (fz_client_hangup_stuck(&cl))
+		fz_fail("the server stopped reading for good: the client's hang-up never "
+			"reached it");
 	if (fz_client_connected(&cl))
-		fz_fail("the server kept its end open after EOF with no reply owed");
+		fz_fail("the server kept its end open after the client hung up, no reply owed");
 	fz_client_close(&cl);
 	fz_settle(srv.base);
-	/* an early hang-up may leave lines unread: then only their form counts */
-	check_responses(data, size, !(mode & M_EARLY_EOF));
+	/*
+	 * A half-close still gets every answer ("answer, then close"); a reset
+	 * or an over-long line ends the conversation: then only the form counts.
+	 */
+	check_responses(data, size, !reset && !(mode & M_HUGE_LAST),
+			(mode & M_HUGE_FIRST) != 0);
 	return 0;
 }

@@ -27,6 +27,7 @@
  *           the 64 KiB limit, which the server must skip
  *     0x10  a second client on the same export, reading while the first
  *           one's input arrives (and closed with it, or by the vbd close)
+ *     0x20  clients hang up with a connection reset, not a half-close
  *   rest    the client's bytes
  *
  * After the input, the harness drains the replies, half-closes, and demands
@@ -72,6 +73,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define E_FORCE		0x04
 #define E_BIG_OPTION	0x08
 #define E_SECOND	0x10
+#define E_RESET		0x20
 
 #define BIG_OPTION_LEN	(NBD_MAX_OPTION_LEN + 1)
 
@@ -461,7 +463,7 @@ oracle_start(uint8_t mode, uint8_t events, int minor, const uint8_t *data, size_
 	}
 	oracle_parse_requests(data, size);
 	/* the harness itself cuts these connections short */
-	if (events & (E_EARLY_EOF | E_CLOSE))
+	if (events & (E_EARLY_EOF | E_CLOSE | E_RESET))
 		orc.exact = 0;
 }
 
@@ -1144,10 +1146,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (closing)
 		close_and_reopen(minor, (events & E_FORCE) != 0);
 
+	int reset = (events & E_RESET) != 0;
 	if (events & E_EARLY_EOF) {
-		fz_client_shutdown(&cl);
+		fz_client_hangup(&cl, reset);
 		if (second)
-			fz_client_shutdown(&cl2);
+			fz_client_hangup(&cl2, reset);
 		fz_settle(srv.base);
 	}
 	if (mode & M_PAUSED) {
@@ -1166,11 +1169,14 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			fz_fail("the server stopped reading with %zu client bytes pending "
 				"and nothing in flight", unread);
 	}
-	fz_client_shutdown(&cl);
+	fz_client_hangup(&cl, reset);
 	if (second)
-		fz_client_shutdown(&cl2);
+		fz_client_hangup(&cl2, reset);
 	fz_settle(srv.base);
 	fz_client_release(srv.base, &cl);
+	if (fz_client_hangup_stuck(&cl) || (second && fz_client_hangup_stuck(&cl2)))
+		fz_fail("the server stopped reading for good: the client's hang-up never "
+			"reached it");
 	if (fz_client_connected(&cl) || (second && fz_client_connected(&cl2)))
 		fz_fail("the server kept its end open after EOF");
 	fz_client_close(&cl);

@@ -63,7 +63,7 @@ FLAGS_NZ = be32(3)         # FIXED_NEWSTYLE | NO_ZEROES
 # client's bytes. mode: 0x01 by name, 0x06 canned start (<<1: 1 GO+structured,
 # 2 EXPORT_NAME, 3 GO plain), 0x08 NO_ZEROES, 0x10 chunked, 0x20 slow reader,
 # 0x40 read-only export, 0x80 paused. events: 0x01 early EOF, 0x02 close the
-# vbd, 0x04 force, 0x08 oversized option first, 0x10 a second client.
+# vbd, 0x04 force, 0x08 oversized option first, 0x10 a second client, 0x20 reset.
 
 def nbd(mode, opts, body, events=0):
     return bytes([mode, opts, events]) + body
@@ -136,6 +136,7 @@ NBD_SEEDS = [
     nbd(0x02, 0, IO_MIX, 0x10),                           # a second client reading
     nbd(0x03, 0, STRUCTURED_MIX, 0x16),                   # ... both cut by a force close
     nbd(0x82, 0, IO_MIX, 0x12),                           # ... paused, then closed
+    nbd(0x02, 0, IO_MIX, 0x31),                           # both reset early
     nbd(0x04, 0, b"".join(req(CMD_WRITE, i * 4096, 1024, data=bytes([i]) * 1024)
                              for i in range(8)), 0x01),
     nbd(0x04, 0, req(CMD_WRITE, 0, 1000, data=b"short")),  # payload never completes
@@ -165,8 +166,9 @@ PROTO_SEEDS = [
     b"\3" + be32(122),
 ]
 
-# ---- fuzz_control: byte 0 mode (0x01 chunked, chunk (mode>>3)+1;
-# 0x02 slow reader; 0x04 hang up early), then request lines ----
+# ---- fuzz_control: byte 0 mode (0x01 chunked, chunk byte 1 + 1; 0x02 slow
+# reader; 0x04 hang up early; 0x08 reset; 0x10 over-long line first; 0x20
+# over-long unterminated line last), byte 1 chunk size - 1, request lines ----
 
 
 def line(obj):
@@ -210,16 +212,20 @@ ALL_LINES = b"".join(line(r) for r in REQS) + b"".join(BAD)
 MANY_PAUSES = b"".join(line({"id": i, "cmd": "pause", "args": {"minor": i}}) for i in range(80))
 
 CONTROL_SEEDS = [
-    b"\0" + ALL_LINES,
-    b"\0" + line(REQS[0]),
-    b"\0" + MANY_PAUSES,
-    b"\x04" + MANY_PAUSES,                  # hang up with replies owed
-    b"\x02" + ALL_LINES,                    # slow reader
-    b"\x01" + ALL_LINES[:600],              # 1-byte chunks
-    b"\x39" + ALL_LINES,                    # 8-byte chunks
-    b"\0" + b'{"id":1,"cmd":"version"}',    # no newline before EOF
-    b"\x04" + b'{"id":1,"cmd":"pause","args":{"minor":3}}\n{"id":2,',
-    b"\0" + b"[" * 3000 + b"\n",
+    b"\0\0" + ALL_LINES,
+    b"\0\0" + line(REQS[0]),
+    b"\0\0" + MANY_PAUSES,
+    b"\x04\0" + MANY_PAUSES,              # hang up with lines unread, replies owed
+    b"\x0c\0" + MANY_PAUSES,              # ... with a reset
+    b"\x08\0" + ALL_LINES,                # reset at the end
+    b"\x02\0" + ALL_LINES,                # slow reader
+    b"\x01\0" + ALL_LINES[:600],          # 1-byte chunks
+    b"\x01\x07" + ALL_LINES,              # 8-byte chunks
+    b"\0\0" + b'{"id":1,"cmd":"version"}',  # no newline before EOF
+    b"\x04\0" + b'{"id":1,"cmd":"pause","args":{"minor":3}}\n{"id":2,',
+    b"\x10\0" + line(REQS[0]),            # over-long line first
+    b"\x20\0" + line(REQS[9]),            # over-long unterminated line last
+    b"\0\0" + b"[" * 3000 + b"\n",
 ]
 
 
