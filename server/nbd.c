@@ -31,7 +31,8 @@
 #define NBD_MAX_REQUEST		BUFPOOL_MAX_SIZE	/* 32 MiB */
 #define NBD_PREFERRED_BLOCK	4096
 #define NBD_MAX_INFLIGHT	128		/* per connection */
-#define NBD_MAX_OUTPUT		(32u << 20)	/* stop reading above this */
+#define NBD_MAX_OUTPUT		(32u << 20)	/* data buffers per connection: unsent
+						   replies plus requests in flight */
 #define NBD_MAX_EXTENTS		1024
 #define NBD_HANDSHAKE_TIMEOUT	30		/* seconds, from accept to GO */
 #define NBD_MAX_HS_OUTPUT	(1u << 20)	/* unread option replies */
@@ -82,6 +83,7 @@ struct nbd_conn {
 	int discard_err;		/* reply for a discarded write payload */
 	struct nbd_request cur;
 	unsigned inflight;
+	size_t inflight_bytes;		/* data buffers held by requests in flight */
 	int reading_paused;
 	int in_process;
 	int closing;			/* DISC or vbd shutdown: finish, then close */
@@ -308,6 +310,20 @@ nbd_req_free(struct nbd_conn *c, struct nbd_req *nr)
 	free(nr);
 }
 
+/*
+ * Whether c may take no more input now: too many requests in flight, or too
+ * much memory held for it (replies not yet sent, buffers of requests in
+ * flight). Bounds what one client can make the server hold.
+ */
+static int
+conn_over_budget(struct nbd_conn *c)
+{
+	size_t out = evbuffer_get_length(bufferevent_get_output(c->bev));
+	if (c->state == CS_OPT_HEADER)
+		return out >= NBD_MAX_HS_OUTPUT;
+	return c->inflight >= NBD_MAX_INFLIGHT || out + c->inflight_bytes >= NBD_MAX_OUTPUT;
+}
+
 static void
 conn_maybe_resume(struct nbd_conn *c)
 {
@@ -317,9 +333,7 @@ conn_maybe_resume(struct nbd_conn *c)
 		conn_finish(c);
 		return;
 	}
-	size_t limit = c->state == CS_OPT_HEADER ? NBD_MAX_HS_OUTPUT : NBD_MAX_OUTPUT;
-	if (c->reading_paused && c->inflight < NBD_MAX_INFLIGHT &&
-	    evbuffer_get_length(bufferevent_get_output(c->bev)) < limit) {
+	if (c->reading_paused && !conn_over_budget(c)) {
 		c->reading_paused = 0;
 		bufferevent_enable(c->bev, EV_READ);
 		conn_process(c);
@@ -333,6 +347,7 @@ nbd_req_complete(struct vbd_request *vr, int err)
 	struct nbd_conn *c = nr->conn;
 
 	c->inflight--;
+	c->inflight_bytes -= nr->buflen;
 	if (c->bev) {
 		if (err)
 			reply_error(c, nr->cookie, nr->type, err);
@@ -393,6 +408,7 @@ static void
 conn_submit(struct nbd_conn *c, struct nbd_req *nr)
 {
 	c->inflight++;
+	c->inflight_bytes += nr->buflen;
 	vbd_submit(c->vbd, &nr->vr);
 }
 
@@ -544,10 +560,10 @@ export_find(struct nbd_conn *c, const char *name)
 		if (!*name || strcmp(name, own) == 0)
 			vbd = c->default_vbd;
 	} else {
-		char *end;
-		long m = strtol(name, &end, 10);
-		if (*name && !*end && m >= 0 && m < SERVER_MAX_MINORS)
-			vbd = server_vbd(c->ns->srv, (int)m);
+		/* canonical decimal only: "07", "+7" or " 7" name nothing */
+		size_t n = strspn(name, "0123456789");
+		if (n && n <= 4 && !name[n] && (name[0] != '0' || n == 1))
+			vbd = server_vbd(c->ns->srv, atoi(name));
 	}
 	/* a paused vbd is still an export: its requests just wait */
 	if (vbd && ((vbd->state & (VBD_CLOSED | VBD_SHUTDOWN_REQUESTED | VBD_DEAD)) ||
@@ -803,7 +819,7 @@ conn_step(struct nbd_conn *c, struct evbuffer *in)
 		c->state = CS_OPT_HEADER;
 		return 1;
 	case CS_OPT_HEADER:
-		if (evbuffer_get_length(bufferevent_get_output(c->bev)) >= NBD_MAX_HS_OUTPUT) {
+		if (conn_over_budget(c)) {
 			/* the client is not reading its replies: stop reading options */
 			c->reading_paused = 1;
 			bufferevent_disable(c->bev, EV_READ);
@@ -857,8 +873,7 @@ conn_step(struct nbd_conn *c, struct evbuffer *in)
 		return 1;
 	}
 	case CS_REQ_HEADER:
-		if (c->inflight >= NBD_MAX_INFLIGHT ||
-		    evbuffer_get_length(bufferevent_get_output(c->bev)) >= NBD_MAX_OUTPUT) {
+		if (conn_over_budget(c)) {
 			c->reading_paused = 1;
 			bufferevent_disable(c->bev, EV_READ);
 			return 0;

@@ -1648,3 +1648,31 @@ def test_global_listener_hostile(gbed):
         g.try_send(b"\x00\x00\x00\x03" + random.Random(i).randbytes(500))
         assert g.closed(T(5))
     b.check()
+
+
+def test_unread_large_reads_are_bounded_by_bytes(bed):
+    """Large reads count by bytes, not just by number: 40 x 32 MiB reads
+    never read would hold 1.25 GiB; the server takes in only what fits its
+    per-connection budget (in-flight buffers + unsent replies = 32 MiB,
+    plus the one request that crosses it)."""
+    base = bed.rss_mib()
+    c = bed.ready(timeout=T(60))
+    data, cookies = _pipeline(c, CMD_READ, 40, 32 * MiB, lambda i: 0)
+    s = Sender(c, data)
+    time.sleep(T(2))
+    grown = bed.rss_mib() - base
+    assert grown < 64 + 32 + 64, "server grew by %.0f MiB for one stalled client" % grown
+    h = bed.libnbd(1)
+    assert len(h.pread(65536, 0)) == 65536
+    h.shutdown()
+    seen = set()
+    for _ in range(40):
+        rep = c.read_reply(timeout=T(60))
+        assert rep.error == 0 and len(rep.data) == 32 * MiB
+        seen.add(rep.cookie)
+    assert seen == set(cookies)
+    s.join(T(10))
+    assert s.error is None
+    c.disconnect()
+    c.expect_closed()
+    bed.check()
