@@ -136,33 +136,28 @@ def test_oversized_line_disconnects_only_that_client(server):
     other.close()
 
 
-def test_truncated_request_at_eof_gets_an_answer(server):
+def send_then_half_close(server, payload):
+    """Sends payload, shuts down the write side, returns all that comes back."""
     s = socket.socket(socket.AF_UNIX)
     s.connect(server.ctl_path)
-    s.sendall(b'{"id": 5, "cmd": "vers')
+    s.sendall(payload)
     s.shutdown(socket.SHUT_WR)
     data = b""
     while True:
         d = s.recv(4096)
         if not d:
-            break
+            return data
         data += d
-    resp = json.loads(data)
+
+
+def test_truncated_request_at_eof_gets_an_answer(server):
+    resp = json.loads(send_then_half_close(server, b'{"id": 5, "cmd": "vers'))
     validate(resp, "response.json")
     assert resp["ok"] is False and "truncated" in resp["error"]["message"]
 
 
 def test_request_then_half_close_still_answered(server):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(server.ctl_path)
-    s.sendall(b'{"id": 9, "cmd": "open", "args": {"params": "ram:1M"}}\n')
-    s.shutdown(socket.SHUT_WR)
-    data = b""
-    while True:
-        d = s.recv(4096)
-        if not d:
-            break
-        data += d
+    data = send_then_half_close(server, b'{"id": 9, "cmd": "open", "args": {"params": "ram:1M"}}\n')
     resp = json.loads(data)
     assert resp["ok"] and resp["id"] == 9 and resp["result"]["minor"] == 0
 
