@@ -12,7 +12,7 @@ from conftest import make_image, run
 
 def fio(uri, *opts):
     return run("fio", "--output-format=terse", "--name=job", "--ioengine=nbd", "--uri=" + uri,
-               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", *opts, timeout=300)
+               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", *opts, timeout=300)
 
 
 @pytest.fixture
