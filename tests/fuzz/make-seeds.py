@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora under tests/fuzz/corpus/<target>/.
+"""Writes the seed corpora under tests/fuzz/corpus/<target>/ and the known
+reproducers under tests/fuzz/crashes/.
 
 Each seed is a valid or deliberately interesting input in the layout the
 target's header comment describes. Re-run after changing a layout:
@@ -241,12 +242,36 @@ def write(target, seeds):
     return sum(len(x) for x in seeds)
 
 
+# ---- the reproducers of tests/fuzz/crashes/ (see its README.md), kept in
+# step with the input layouts here ----
+
+CRASHES = {
+    "fuzz_nbd-zero-length-write":
+        nbd(0x04, 0, struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_WRITE, 1, 0, 0)),
+    "fuzz_control-no-reply-json-error-utf8":
+        b"\0\0" + b'"\\\xc4\x9b\n',
+    "fuzz_control-no-reply-unknown-command-utf8":
+        b"\0\0" + ('{"id":7,"cmd":"a' + "\u00e9" * 32 + '"}\n').encode(),
+    "fuzz_control-no-reply-long-error-utf8":
+        b"\0\0" + ('{"id":8,"cmd":"open","args":{"params":"a' + "\u00e9" * 300 + '"}}\n').encode(),
+}
+
+
+def write_crashes():
+    d = os.path.join(HERE, "crashes")
+    os.makedirs(d, exist_ok=True)
+    for name, data in CRASHES.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+
+
 def main():
     total = 0
     total += write("fuzz_nbd", NBD_SEEDS)
     total += write("fuzz_nbd_proto", PROTO_SEEDS)
     total += write("fuzz_control", CONTROL_SEEDS)
-    print(f"wrote {total} bytes of seeds under {CORPUS}")
+    write_crashes()
+    print(f"wrote {total} bytes of seeds under {CORPUS}, and the reproducers")
     return 0
 
 
