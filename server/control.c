@@ -39,6 +39,7 @@ struct ctl_client {
 	unsigned pending;		/* requests not answered yet */
 	int closing;			/* close once the output is written */
 	int paused;
+	size_t scanned;			/* input already searched for a newline */
 	LIST_ENTRY(ctl_client) link;
 };
 
@@ -118,11 +119,16 @@ client_send(struct ctl_client *cl, json_t *msg)
 	free(s);
 }
 
+static json_t *error_msg(json_t *id, int err, const char *msg);
+
 static void
 req_finish(struct ctl_req *req, json_t *msg)
 {
 	struct ctl_client *cl = req->client;
 
+	/* every request gets its line, even when its answer cannot be encoded */
+	if (!msg)
+		msg = error_msg(req->id, EIO, "the response could not be encoded");
 	client_send(cl, msg);
 	json_decref(msg);
 	json_decref(req->id);
@@ -157,11 +163,70 @@ ctl_reply_ok(struct ctl_req *req, json_t *result)
 				  "result", result ? result : json_object()));
 }
 
+/* Length of the valid UTF-8 sequence at p (at most n bytes), or 0. */
+static size_t
+utf8_seq_len(const unsigned char *p, size_t n)
+{
+	size_t len;
+	uint32_t cp;
+
+	if (p[0] < 0x80)
+		return 1;
+	if (p[0] >= 0xc2 && p[0] <= 0xdf) {
+		len = 2;
+		cp = p[0] & 0x1f;
+	} else if (p[0] >= 0xe0 && p[0] <= 0xef) {
+		len = 3;
+		cp = p[0] & 0x0f;
+	} else if (p[0] >= 0xf0 && p[0] <= 0xf4) {
+		len = 4;
+		cp = p[0] & 0x07;
+	} else {
+		return 0;
+	}
+	if (n < len)
+		return 0;
+	for (size_t i = 1; i < len; i++) {
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (p[i] & 0x3f);
+	}
+	if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+	    (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return len;
+}
+
+/*
+ * Messages quote what clients sent and may be cut anywhere: replace every
+ * byte that is not part of valid UTF-8 so the response can always be encoded.
+ */
+static void
+utf8_repair(char *s)
+{
+	unsigned char *p = (unsigned char *)s;
+	size_t n = strlen(s);
+
+	while (n) {
+		size_t len = utf8_seq_len(p, n);
+		if (!len) {
+			*p = '?';
+			len = 1;
+		}
+		p += len;
+		n -= len;
+	}
+}
+
 static json_t *
 error_msg(json_t *id, int err, const char *msg)
 {
+	char text[1024];
+
+	snprintf(text, sizeof(text), "%s", msg);
+	utf8_repair(text);
 	return json_pack("{s:O, s:b, s:{s:s, s:s}}", "id", id ? id : json_null(), "ok", 0,
-			 "error", "code", errno_name(err), "message", msg);
+			 "error", "code", errno_name(err), "message", text);
 }
 
 void
@@ -324,10 +389,14 @@ client_process(struct ctl_client *cl)
 			bufferevent_disable(cl->bev, EV_READ);
 			return;
 		}
-		size_t len;
-		char *line = evbuffer_readln(in, &len, EVBUFFER_EOL_LF);
-		if (!line) {
-			if (evbuffer_get_length(in) > CONTROL_MAX_LINE) {
+		/* search only what arrived since the last look: no rescans */
+		struct evbuffer_ptr start, eol;
+		size_t eol_len, len;
+		evbuffer_ptr_set(in, &start, cl->scanned, EVBUFFER_PTR_SET);
+		eol = evbuffer_search_eol(in, &start, &eol_len, EVBUFFER_EOL_LF);
+		if (eol.pos < 0) {
+			cl->scanned = evbuffer_get_length(in);
+			if (cl->scanned > CONTROL_MAX_LINE) {
 				log_limited(&cl->ctl->rl, LOG_LVL_WARN,
 					    "control: request longer than %d bytes; disconnecting",
 					    CONTROL_MAX_LINE);
@@ -337,7 +406,17 @@ client_process(struct ctl_client *cl)
 			}
 			return;
 		}
-		if (len > CONTROL_MAX_LINE) {
+		len = (size_t)eol.pos;
+		cl->scanned = 0;
+		char *line = len <= CONTROL_MAX_LINE ? malloc(len + 1) : NULL;
+		if (line) {
+			evbuffer_remove(in, line, len);
+			line[len] = '\0';
+		} else {
+			evbuffer_drain(in, len);
+		}
+		evbuffer_drain(in, eol_len);
+		if (!line) {
 			client_error(cl, NULL, E2BIG, "request line too long");
 		} else if (len && !(len == 1 && line[0] == '\r')) {
 			/* hold a reference: a handler may answer at once */

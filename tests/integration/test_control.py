@@ -230,3 +230,17 @@ def test_string_and_null_ids_echoed(server):
     assert c.read_line()["id"] is None
     assert c.read_line()["id"] is None
     c.close()
+
+
+@pytest.mark.parametrize("payload", [
+    # each one-byte prefix puts a length limit in the middle of a character
+    '{"id": 1, "cmd": "open", "args": {"params": "aio:/nonexistent/x%s"}}' % ("\u00e9" * 300),
+    '{"id": 1, "cmd": "a%s"}' % ("\u011b" * 40),
+    '{"id": 1, "cmd": "list", "x%s": 1}' % ("\u00e9" * 200),
+])
+def test_error_messages_cut_inside_utf8_still_answer(server, payload):
+    """Error messages quote the client and are length-limited; a cut inside a
+    multi-byte character must not cost the client its response."""
+    resp = raw_call(server, payload.encode() + b"\n")
+    assert resp["ok"] is False and resp["id"] in (1, None)
+    assert resp["error"]["message"]
