@@ -151,17 +151,17 @@ fail:
 }
 
 /*
- * Wakes workers in proportion to the backlog: every wake-up is a context
- * switch, and a worker that finds more work keeps going without one.
+ * Wakes idle workers in proportion to the backlog: every wake-up is a
+ * context switch, and a worker that finds more work keeps going without
+ * one. Busy workers do not count: they may be stuck on a hung device.
  */
 #define WORKQ_ITEMS_PER_WAKE 4
 
 static void
 workq_wake(struct workq *q)
 {
-	unsigned busy = q->nthreads - q->idle;
 	unsigned want = (q->queued + WORKQ_ITEMS_PER_WAKE - 1) / WORKQ_ITEMS_PER_WAKE;
-	for (unsigned n = busy; n < want && n - busy < q->idle; n++)
+	for (unsigned n = 0; n < want && n < q->idle; n++)
 		pthread_cond_signal(&q->cond);
 }
 

@@ -303,6 +303,60 @@ test_memory_ops(void **state)
 	unlink(path);
 }
 
+/* A worker stuck on a hung device must not hold up work queued after it. */
+struct stuck_item {
+	struct workq_item it;
+	pthread_mutex_t *lock;
+	pthread_cond_t *cond;
+	volatile int *release;
+	int done;
+};
+
+static void
+stuck_run(struct workq_item *it)
+{
+	struct stuck_item *s = (struct stuck_item *)it;
+	if (!s->lock)
+		return;
+	pthread_mutex_lock(s->lock);
+	while (!*s->release)
+		pthread_cond_wait(s->cond, s->lock);
+	pthread_mutex_unlock(s->lock);
+}
+
+static void
+stuck_done(struct workq_item *it)
+{
+	((struct stuck_item *)it)->done = 1;
+}
+
+static void
+test_workq_hung_worker(void **state)
+{
+	pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+	volatile int release = 0;
+	struct event_base *base = event_base_new();
+	struct workq *q = workq_new(base, 4);
+	struct stuck_item hung = { .it = { stuck_run, stuck_done, NULL }, &lock, &cond, &release, 0 };
+	(void)state;
+	workq_push(q, &hung.it);
+	usleep(20000);	/* let a worker take it and block */
+	for (int round = 0; round < 3; round++) {
+		struct stuck_item quick = { .it = { stuck_run, stuck_done, NULL } };
+		workq_push(q, &quick.it);
+		assert_true(loop_until(base, &quick.done));
+	}
+	assert_int_equal(hung.done, 0);
+	pthread_mutex_lock(&lock);
+	release = 1;
+	pthread_cond_broadcast(&cond);
+	pthread_mutex_unlock(&lock);
+	assert_true(loop_until(base, &hung.done));
+	workq_free(q);
+	event_base_free(base);
+}
+
 #define ENGINE_TESTS(setupfn) \
 	cmocka_unit_test_setup_teardown(test_memory_ops, setupfn, teardown), \
 	cmocka_unit_test_setup_teardown(test_rw_sync_punch, setupfn, teardown), \
@@ -318,6 +372,7 @@ main(void)
 		ENGINE_TESTS(setup_uring),
 		ENGINE_TESTS(setup_threads),
 		cmocka_unit_test(test_iov_advance),
+		cmocka_unit_test(test_workq_hung_worker),
 		cmocka_unit_test(test_unknown_engine),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
