@@ -42,6 +42,10 @@ struct ctl_cmd {
 
 extern const struct ctl_cmd ctl_cmds[];
 
+/* control_args.c */
+extern const struct ctl_arg ctl_args_none[], ctl_args_list[], ctl_args_stats[],
+	ctl_args_open[], ctl_args_close[], ctl_args_pause[], ctl_args_unpause[];
+
 struct server *ctl_req_server(struct ctl_req *req);
 /* result: stolen reference (may be NULL for {}). */
 void ctl_reply_ok(struct ctl_req *req, json_t *result);

@@ -1,7 +1,7 @@
 /*
- * The control commands: one table entry each (name, arguments, handler).
- * The arguments here and the request schemas in schema/ describe the same
- * thing; tests check every schema'd field against this table's answers.
+ * The control commands: one table entry each (name, arguments, handler);
+ * the argument tables, shared with the control fuzzer, are in
+ * control_args.c and match schema/<cmd>.args.json (test_control.py checks).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -64,8 +64,6 @@ reply_done(void *arg, int err, const char *msg)
 
 /* ---- version ---- */
 
-static const struct ctl_arg no_args[] = { { NULL, 0, 0 } };
-
 static void
 cmd_version(struct ctl_req *req, json_t *args)
 {
@@ -82,13 +80,6 @@ cmd_version(struct ctl_req *req, json_t *args)
 }
 
 /* ---- list ---- */
-
-static const struct ctl_arg list_args[] = {
-	{ "minor", ARG_INT, 0 },
-	{ "type", ARG_STRING, 0 },
-	{ "path", ARG_STRING, 0 },
-	{ NULL, 0, 0 },
-};
 
 static void
 cmd_list(struct ctl_req *req, json_t *args)
@@ -116,11 +107,6 @@ cmd_list(struct ctl_req *req, json_t *args)
 
 /* ---- stats ---- */
 
-static const struct ctl_arg stats_args[] = {
-	{ "minor", ARG_INT, 0 },
-	{ NULL, 0, 0 },
-};
-
 static void
 cmd_stats(struct ctl_req *req, json_t *args)
 {
@@ -140,14 +126,6 @@ cmd_stats(struct ctl_req *req, json_t *args)
 }
 
 /* ---- open / create ---- */
-
-static const struct ctl_arg open_args[] = {
-	{ "params", ARG_STRING, 1 },
-	{ "minor", ARG_INT, 0 },
-	{ "readonly", ARG_BOOL, 0 },
-	{ "nodirect", ARG_BOOL, 0 },
-	{ NULL, 0, 0 },
-};
 
 struct open_req {
 	struct ctl_req *req;
@@ -218,12 +196,6 @@ cmd_open(struct ctl_req *req, json_t *args)
 
 /* ---- close / destroy ---- */
 
-static const struct ctl_arg close_args[] = {
-	{ "minor", ARG_INT, 1 },
-	{ "force", ARG_BOOL, 0 },
-	{ NULL, 0, 0 },
-};
-
 static void
 cmd_close(struct ctl_req *req, json_t *args)
 {
@@ -242,11 +214,6 @@ cmd_destroy(struct ctl_req *req, json_t *args)
 
 /* ---- pause / unpause ---- */
 
-static const struct ctl_arg pause_args[] = {
-	{ "minor", ARG_INT, 1 },
-	{ NULL, 0, 0 },
-};
-
 static void
 cmd_pause(struct ctl_req *req, json_t *args)
 {
@@ -254,12 +221,6 @@ cmd_pause(struct ctl_req *req, json_t *args)
 	if (vbd)
 		vbd_pause(vbd, reply_done, req);
 }
-
-static const struct ctl_arg unpause_args[] = {
-	{ "minor", ARG_INT, 1 },
-	{ "params", ARG_STRING, 0 },
-	{ NULL, 0, 0 },
-};
 
 static void
 cmd_unpause(struct ctl_req *req, json_t *args)
@@ -270,14 +231,14 @@ cmd_unpause(struct ctl_req *req, json_t *args)
 }
 
 const struct ctl_cmd ctl_cmds[] = {
-	{ "version", no_args, cmd_version },
-	{ "list", list_args, cmd_list },
-	{ "stats", stats_args, cmd_stats },
-	{ "open", open_args, cmd_open },
-	{ "create", open_args, cmd_open },
-	{ "close", close_args, cmd_close },
-	{ "destroy", close_args, cmd_destroy },
-	{ "pause", pause_args, cmd_pause },
-	{ "unpause", unpause_args, cmd_unpause },
+	{ "version", ctl_args_none, cmd_version },
+	{ "list", ctl_args_list, cmd_list },
+	{ "stats", ctl_args_stats, cmd_stats },
+	{ "open", ctl_args_open, cmd_open },
+	{ "create", ctl_args_open, cmd_open },
+	{ "close", ctl_args_close, cmd_close },
+	{ "destroy", ctl_args_close, cmd_destroy },
+	{ "pause", ctl_args_pause, cmd_pause },
+	{ "unpause", ctl_args_unpause, cmd_unpause },
 	{ NULL, NULL, NULL },
 };

@@ -5,7 +5,8 @@
  *
  * The real command handlers (control_cmds.c) open, create and destroy
  * images on the host, so they are not linked: this file defines ctl_cmds[]
- * with the same names and argument tables, and handlers that touch nothing
+ * with the same names and the same argument tables (control_args.c), and
+ * handlers that touch nothing
  * but reply the way the real ones do: at once with a result or an error,
  * or a few loop turns later (as open, close and pause do).
  *
@@ -125,8 +126,6 @@ turns_of(json_int_t m)
 	return (int)((uint64_t)m % 4);
 }
 
-static const struct ctl_arg no_args[] = { { NULL, 0, 0 } };
-
 static void
 cmd_version(struct ctl_req *req, json_t *args)
 {
@@ -138,24 +137,12 @@ cmd_version(struct ctl_req *req, json_t *args)
 				    "state_dir", s->state_dir, "vbds", 0, "nbd_connections", 0));
 }
 
-static const struct ctl_arg list_args[] = {
-	{ "minor", ARG_INT, 0 },
-	{ "type", ARG_STRING, 0 },
-	{ "path", ARG_STRING, 0 },
-	{ NULL, 0, 0 },
-};
-
 static void
 cmd_list(struct ctl_req *req, json_t *args)
 {
 	/* echo the filters: client strings go back out through the encoder */
 	ctl_reply_ok(req, json_pack("{s:[], s:O}", "vbds", "filter", args));
 }
-
-static const struct ctl_arg stats_args[] = {
-	{ "minor", ARG_INT, 0 },
-	{ NULL, 0, 0 },
-};
 
 static void
 cmd_stats(struct ctl_req *req, json_t *args)
@@ -173,14 +160,6 @@ cmd_stats(struct ctl_req *req, json_t *args)
 	else
 		ctl_reply_error(req, ENOENT, "minor %lld: no vbd", (long long)m);
 }
-
-static const struct ctl_arg open_args[] = {
-	{ "params", ARG_STRING, 1 },
-	{ "minor", ARG_INT, 0 },
-	{ "readonly", ARG_BOOL, 0 },
-	{ "nodirect", ARG_BOOL, 0 },
-	{ NULL, 0, 0 },
-};
 
 static void
 cmd_open(struct ctl_req *req, json_t *args)
@@ -212,12 +191,6 @@ cmd_open(struct ctl_req *req, json_t *args)
 			      "nbd", ""));
 }
 
-static const struct ctl_arg close_args[] = {
-	{ "minor", ARG_INT, 1 },
-	{ "force", ARG_BOOL, 0 },
-	{ NULL, 0, 0 },
-};
-
 static void
 cmd_close(struct ctl_req *req, json_t *args)
 {
@@ -233,11 +206,6 @@ cmd_close(struct ctl_req *req, json_t *args)
 		reply_later(req, turns_of(m / 2), 0, NULL, NULL);
 }
 
-static const struct ctl_arg pause_args[] = {
-	{ "minor", ARG_INT, 1 },
-	{ NULL, 0, 0 },
-};
-
 static void
 cmd_pause(struct ctl_req *req, json_t *args)
 {
@@ -248,12 +216,6 @@ cmd_pause(struct ctl_req *req, json_t *args)
 	else
 		reply_later(req, turns_of(m), 0, NULL, NULL);
 }
-
-static const struct ctl_arg unpause_args[] = {
-	{ "minor", ARG_INT, 1 },
-	{ "params", ARG_STRING, 0 },
-	{ NULL, 0, 0 },
-};
 
 static void
 cmd_unpause(struct ctl_req *req, json_t *args)
@@ -267,15 +229,15 @@ cmd_unpause(struct ctl_req *req, json_t *args)
 }
 
 const struct ctl_cmd ctl_cmds[] = {
-	{ "version", no_args, cmd_version },
-	{ "list", list_args, cmd_list },
-	{ "stats", stats_args, cmd_stats },
-	{ "open", open_args, cmd_open },
-	{ "create", open_args, cmd_open },
-	{ "close", close_args, cmd_close },
-	{ "destroy", close_args, cmd_close },
-	{ "pause", pause_args, cmd_pause },
-	{ "unpause", unpause_args, cmd_unpause },
+	{ "version", ctl_args_none, cmd_version },
+	{ "list", ctl_args_list, cmd_list },
+	{ "stats", ctl_args_stats, cmd_stats },
+	{ "open", ctl_args_open, cmd_open },
+	{ "create", ctl_args_open, cmd_open },
+	{ "close", ctl_args_close, cmd_close },
+	{ "destroy", ctl_args_close, cmd_close },
+	{ "pause", ctl_args_pause, cmd_pause },
+	{ "unpause", ctl_args_unpause, cmd_unpause },
 	{ NULL, NULL, NULL },
 };
 

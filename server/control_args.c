@@ -1,0 +1,45 @@
+/*
+ * The arguments of every control command: name, JSON type, required.
+ * The server's handlers and the control fuzzer share these tables; each
+ * matches schema/<cmd>.args.json (tests/integration/test_control.py checks).
+ */
+#include "control.h"
+
+const struct ctl_arg ctl_args_none[] = { { NULL, 0, 0 } };
+
+const struct ctl_arg ctl_args_list[] = {
+	{ "minor", ARG_INT, 0 },
+	{ "type", ARG_STRING, 0 },
+	{ "path", ARG_STRING, 0 },
+	{ NULL, 0, 0 },
+};
+
+const struct ctl_arg ctl_args_stats[] = {
+	{ "minor", ARG_INT, 0 },
+	{ NULL, 0, 0 },
+};
+
+const struct ctl_arg ctl_args_open[] = {
+	{ "params", ARG_STRING, 1 },
+	{ "minor", ARG_INT, 0 },
+	{ "readonly", ARG_BOOL, 0 },
+	{ "nodirect", ARG_BOOL, 0 },
+	{ NULL, 0, 0 },
+};
+
+const struct ctl_arg ctl_args_close[] = {
+	{ "minor", ARG_INT, 1 },
+	{ "force", ARG_BOOL, 0 },
+	{ NULL, 0, 0 },
+};
+
+const struct ctl_arg ctl_args_pause[] = {
+	{ "minor", ARG_INT, 1 },
+	{ NULL, 0, 0 },
+};
+
+const struct ctl_arg ctl_args_unpause[] = {
+	{ "minor", ARG_INT, 1 },
+	{ "params", ARG_STRING, 0 },
+	{ NULL, 0, 0 },
+};
