@@ -7,6 +7,7 @@
  * SEEK_HOLE.
  */
 #include "driver.h"
+#include "file_io.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -33,11 +34,7 @@
 static char raw_zeros[RAW_ZERO_CHUNK] __attribute__((aligned(4096)));
 
 struct raw_priv {
-	int fd;			/* buffered */
-	int dfd;		/* O_DIRECT, or -1 */
-	uint32_t dio_offset_align, dio_mem_align;
-	int is_blk;
-	unsigned io_flags;	/* IO_F_MEMORY on tmpfs */
+	struct td_file f;
 };
 
 /* Steps of a write-zeroes, tried in order until one is supported. */
@@ -64,105 +61,34 @@ struct raw_req {
 static int
 raw_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *err)
 {
-	struct raw_priv *p;
-	struct stat st;
-	int acc = (img->oflags & TD_OPEN_RDONLY) ? O_RDONLY : O_RDWR;
+	struct raw_priv *p = calloc(1, sizeof(*p));
+	int rc;
 	(void)ctx;
 
-	p = calloc(1, sizeof(*p));
 	if (!p)
 		return td_error_set(err, ENOMEM, "out of memory");
-	p->dfd = -1;
-	p->fd = open(img->path, acc | O_CLOEXEC | O_NOCTTY);
-	if (p->fd < 0) {
-		td_error_set(err, errno, "%s", strerror(errno));
-		goto fail;
+	rc = td_file_open(&p->f, img->path, (img->oflags & TD_OPEN_RDONLY) != 0,
+			  (img->oflags & TD_OPEN_NODIRECT) != 0, err);
+	if (rc < 0) {
+		free(p);
+		return rc;
 	}
-	if (fstat(p->fd, &st) < 0) {
-		td_error_set(err, errno, "%s", strerror(errno));
-		goto fail;
-	}
-	if (S_ISDIR(st.st_mode)) {
-		td_error_set(err, EISDIR, "%s", strerror(EISDIR));
-		goto fail;
-	}
-	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-		td_error_set(err, EINVAL, "not a regular file or block device");
-		goto fail;
-	}
-	p->is_blk = S_ISBLK(st.st_mode);
-#ifdef TMPFS_MAGIC
-	/* tmpfs has no device to wait for: its I/O runs inline (see io.h) */
-	struct statfs sfs;
-	if (fstatfs(p->fd, &sfs) == 0 &&
-	    (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC))
-		p->io_flags = IO_F_MEMORY;
-#endif
-	off_t end = lseek(p->fd, 0, SEEK_END);
-	if (end < 0) {
-		td_error_set(err, errno, "cannot size: %s", strerror(errno));
-		goto fail;
-	}
-	img->size = (uint64_t)end;
-	img->sector_size = 512;
-#ifdef BLKSSZGET
-	int ss;
-	if (p->is_blk && ioctl(p->fd, BLKSSZGET, &ss) == 0 && ss >= 512)
-		img->sector_size = (uint32_t)ss;
-#endif
-	p->dio_offset_align = p->dio_mem_align = 4096;
-	if (!(img->oflags & TD_OPEN_NODIRECT)) {
-		p->dfd = open(img->path, acc | O_CLOEXEC | O_NOCTTY | O_DIRECT);
-#ifdef STATX_DIOALIGN
-		struct statx stx;
-		if (p->dfd >= 0 && statx(p->dfd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
-		    (stx.stx_mask & STATX_DIOALIGN) && stx.stx_dio_offset_align) {
-			p->dio_offset_align = stx.stx_dio_offset_align;
-			p->dio_mem_align = stx.stx_dio_mem_align ? stx.stx_dio_mem_align : 1;
-		}
-#endif
-		if (p->is_blk && img->sector_size > p->dio_offset_align)
-			p->dio_offset_align = img->sector_size;
-	}
+	img->size = p->f.size;
+	img->sector_size = p->f.sector_size;
 	img->caps = TD_CAP_BLOCK_STATUS | TD_CAP_CACHE;
 	if (!(img->oflags & TD_OPEN_RDONLY))
 		img->caps |= TD_CAP_FLUSH | TD_CAP_DISCARD | TD_CAP_WRITE_ZEROES |
 			     TD_CAP_FAST_ZERO;
 	img->priv = p;
 	return 0;
-fail:
-	if (p->fd >= 0)
-		close(p->fd);
-	free(p);
-	return -err->code;
 }
 
 static void
 raw_close(struct td_image *img)
 {
 	struct raw_priv *p = img->priv;
-
-	if (!(img->oflags & TD_OPEN_RDONLY))
-		fdatasync(p->fd);
-	if (p->dfd >= 0)
-		close(p->dfd);
-	close(p->fd);
+	td_file_close(&p->f, !(img->oflags & TD_OPEN_RDONLY));
 	free(p);
-}
-
-/* The descriptor that can take this transfer. */
-static int
-raw_pick_fd(const struct raw_priv *p, uint64_t offset, const struct iovec *iov,
-	    int iovcnt)
-{
-	if (p->dfd < 0 || offset % p->dio_offset_align)
-		return p->fd;
-	for (int i = 0; i < iovcnt; i++) {
-		if ((uintptr_t)iov[i].iov_base % p->dio_mem_align ||
-		    iov[i].iov_len % p->dio_offset_align)
-			return p->fd;
-	}
-	return p->dfd;
 }
 
 static void raw_op_done(struct io_op *op, int res);
@@ -178,14 +104,13 @@ raw_finish(struct raw_req *rr, int res)
 }
 
 static void
-raw_issue(struct raw_req *rr, enum io_opcode opcode, int fd, int mode,
-	  uint64_t offset, uint64_t length)
+raw_issue(struct raw_req *rr, enum io_opcode opcode, int mode, uint64_t offset,
+	  uint64_t length)
 {
-	rr->op.opcode = opcode;
-	rr->op.flags = ((struct raw_priv *)rr->img->priv)->io_flags;
-	rr->op.fd = fd;
+	struct raw_priv *p = rr->img->priv;
+
+	td_file_prep(&p->f, &rr->op, opcode, offset);
 	rr->op.mode = mode;
-	rr->op.offset = offset;
 	rr->op.length = length;
 	rr->op.done = raw_op_done;
 	rr->op.data = rr;
@@ -195,16 +120,14 @@ raw_issue(struct raw_req *rr, enum io_opcode opcode, int fd, int mode,
 static void
 raw_issue_sync(struct raw_req *rr)
 {
-	struct raw_priv *p = rr->img->priv;
 	rr->step = ZSTEP_SYNC;
-	raw_issue(rr, IO_OP_FDATASYNC, p->fd, 0, 0, 0);
+	raw_issue(rr, IO_OP_FDATASYNC, 0, 0, 0);
 }
 
 /* Writes the next chunk of zeros (the fallback when fallocate cannot). */
 static void
 raw_issue_zero_write(struct raw_req *rr)
 {
-	struct raw_priv *p = rr->img->priv;
 	uint64_t off = rr->req->offset + rr->zeroed;
 	uint64_t n = rr->req->length - rr->zeroed;
 
@@ -214,28 +137,27 @@ raw_issue_zero_write(struct raw_req *rr)
 	rr->zero_iov.iov_len = n;
 	rr->op.iov = &rr->zero_iov;
 	rr->op.iovcnt = 1;
-	raw_issue(rr, IO_OP_WRITEV, raw_pick_fd(p, off, &rr->zero_iov, 1), 0, off, 0);
+	raw_issue(rr, IO_OP_WRITEV, 0, off, 0);
 }
 
 static void
 raw_zero_step(struct raw_req *rr)
 {
-	struct raw_priv *p = rr->img->priv;
 	struct td_request *req = rr->req;
 	int keep = FALLOC_FL_KEEP_SIZE;
 
 	switch (rr->step) {
 	case ZSTEP_PUNCH:
 	case ZSTEP_PUNCH_THEN_ALLOC:
-		raw_issue(rr, IO_OP_FALLOCATE, p->fd, keep | FALLOC_FL_PUNCH_HOLE,
+		raw_issue(rr, IO_OP_FALLOCATE, keep | FALLOC_FL_PUNCH_HOLE,
 			  req->offset, req->length);
 		return;
 	case ZSTEP_ZERO_RANGE:
-		raw_issue(rr, IO_OP_FALLOCATE, p->fd, keep | FALLOC_FL_ZERO_RANGE,
+		raw_issue(rr, IO_OP_FALLOCATE, keep | FALLOC_FL_ZERO_RANGE,
 			  req->offset, req->length);
 		return;
 	case ZSTEP_ALLOC:
-		raw_issue(rr, IO_OP_FALLOCATE, p->fd, keep, req->offset, req->length);
+		raw_issue(rr, IO_OP_FALLOCATE, keep, req->offset, req->length);
 		return;
 	case ZSTEP_WRITE:
 		if (req->flags & TD_REQ_FAST_ZERO) {
@@ -356,7 +278,7 @@ raw_scan_run(struct io_call *c)
 
 	req->nr_extents = 0;
 	while (pos < end && req->nr_extents < req->max_extents) {
-		off_t data = lseek(s->p->fd, (off_t)pos, SEEK_DATA);
+		off_t data = lseek(s->p->f.fd, (off_t)pos, SEEK_DATA);
 		if (data < 0 && errno == ENXIO) {
 			raw_scan_add(req, end - pos, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
 			break;
@@ -371,7 +293,7 @@ raw_scan_run(struct io_call *c)
 			pos += n;
 			continue;
 		}
-		off_t hole = lseek(s->p->fd, (off_t)pos, SEEK_HOLE);
+		off_t hole = lseek(s->p->f.fd, (off_t)pos, SEEK_HOLE);
 		uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
 		if (stop <= pos)
 			stop = end;
@@ -436,16 +358,14 @@ raw_submit(struct td_image *img, struct td_request *req)
 		memcpy(rr->iov, req->iov, (size_t)req->iovcnt * sizeof(*rr->iov));
 		rr->op.iov = rr->iov;
 		rr->op.iovcnt = req->iovcnt;
-		raw_issue(rr, req->op == TD_OP_READ ? IO_OP_READV : IO_OP_WRITEV,
-			  raw_pick_fd(p, req->offset, req->iov, req->iovcnt), 0,
+		raw_issue(rr, req->op == TD_OP_READ ? IO_OP_READV : IO_OP_WRITEV, 0,
 			  req->offset, 0);
 		return;
 	case TD_OP_FLUSH:
-		raw_issue(rr, IO_OP_FDATASYNC, p->fd, 0, 0, 0);
+		raw_issue(rr, IO_OP_FDATASYNC, 0, 0, 0);
 		return;
 	case TD_OP_DISCARD:
-		raw_issue(rr, IO_OP_FALLOCATE, p->fd,
-			  FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, req->offset,
+		raw_issue(rr, IO_OP_FALLOCATE, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, req->offset,
 			  req->length);
 		return;
 	case TD_OP_WRITE_ZEROES:
@@ -453,7 +373,7 @@ raw_submit(struct td_image *img, struct td_request *req)
 		raw_zero_step(rr);
 		return;
 	case TD_OP_CACHE:
-		raw_issue(rr, IO_OP_FADVISE, p->fd, POSIX_FADV_WILLNEED, req->offset,
+		raw_issue(rr, IO_OP_FADVISE, POSIX_FADV_WILLNEED, req->offset,
 			  req->length);
 		return;
 	case TD_OP_BLOCK_STATUS:

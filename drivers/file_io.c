@@ -1,0 +1,117 @@
+/* Opening disk files for the drivers: descriptors, alignment, memory files. */
+#include "file_io.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/fs.h>
+#include <linux/magic.h>
+#include <sys/ioctl.h>
+#include <sys/vfs.h>
+#endif
+
+int
+td_file_open(struct td_file *f, const char *path, int rdonly, int nodirect,
+	     struct td_error *err)
+{
+	struct stat st;
+	int acc = rdonly ? O_RDONLY : O_RDWR;
+
+	memset(f, 0, sizeof(*f));
+	f->dfd = -1;
+	f->fd = open(path, acc | O_CLOEXEC | O_NOCTTY);
+	if (f->fd < 0)
+		return td_error_set(err, errno, "%s", strerror(errno));
+	if (fstat(f->fd, &st) < 0) {
+		td_error_set(err, errno, "%s", strerror(errno));
+		goto fail;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		td_error_set(err, EISDIR, "%s", strerror(EISDIR));
+		goto fail;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		td_error_set(err, EINVAL, "not a regular file or block device");
+		goto fail;
+	}
+	f->is_blk = S_ISBLK(st.st_mode);
+#ifdef TMPFS_MAGIC
+	/* tmpfs has no device to wait for: its I/O runs inline (see io.h) */
+	struct statfs sfs;
+	if (fstatfs(f->fd, &sfs) == 0 &&
+	    (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC))
+		f->io_flags = IO_F_MEMORY;
+#endif
+	off_t end = lseek(f->fd, 0, SEEK_END);
+	if (end < 0) {
+		td_error_set(err, errno, "cannot size: %s", strerror(errno));
+		goto fail;
+	}
+	f->size = (uint64_t)end;
+	f->sector_size = 512;
+#ifdef BLKSSZGET
+	int ss;
+	if (f->is_blk && ioctl(f->fd, BLKSSZGET, &ss) == 0 && ss >= 512)
+		f->sector_size = (uint32_t)ss;
+#endif
+	f->dio_offset_align = f->dio_mem_align = 4096;
+	if (!nodirect) {
+		f->dfd = open(path, acc | O_CLOEXEC | O_NOCTTY | O_DIRECT);
+#ifdef STATX_DIOALIGN
+		struct statx stx;
+		if (f->dfd >= 0 && statx(f->dfd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
+		    (stx.stx_mask & STATX_DIOALIGN) && stx.stx_dio_offset_align) {
+			f->dio_offset_align = stx.stx_dio_offset_align;
+			f->dio_mem_align = stx.stx_dio_mem_align ? stx.stx_dio_mem_align : 1;
+		}
+#endif
+		if (f->is_blk && f->sector_size > f->dio_offset_align)
+			f->dio_offset_align = f->sector_size;
+	}
+	return 0;
+fail:
+	close(f->fd);
+	f->fd = -1;
+	return -err->code;
+}
+
+void
+td_file_close(struct td_file *f, int sync)
+{
+	if (f->fd < 0)
+		return;
+	if (sync)
+		fdatasync(f->fd);
+	if (f->dfd >= 0)
+		close(f->dfd);
+	close(f->fd);
+	f->fd = f->dfd = -1;
+}
+
+int
+td_file_pick_fd(const struct td_file *f, uint64_t offset, const struct iovec *iov,
+		int iovcnt)
+{
+	if (f->dfd < 0 || offset % f->dio_offset_align)
+		return f->fd;
+	for (int i = 0; i < iovcnt; i++) {
+		if ((uintptr_t)iov[i].iov_base % f->dio_mem_align ||
+		    iov[i].iov_len % f->dio_offset_align)
+			return f->fd;
+	}
+	return f->dfd;
+}
+
+void
+td_file_prep(const struct td_file *f, struct io_op *op, enum io_opcode opcode,
+	     uint64_t offset)
+{
+	op->opcode = opcode;
+	op->flags = f->io_flags;
+	op->offset = offset;
+	op->fd = (opcode == IO_OP_READV || opcode == IO_OP_WRITEV) ?
+		 td_file_pick_fd(f, offset, op->iov, op->iovcnt) : f->fd;
+}

@@ -1,0 +1,36 @@
+/*
+ * A disk file (or block device) as drivers use it: a buffered descriptor
+ * and, where the file system allows, an O_DIRECT one; which of the two can
+ * take a given transfer; and whether the file lives in memory (tmpfs).
+ */
+#ifndef TD_FILE_IO_H
+#define TD_FILE_IO_H
+
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "driver.h"
+
+struct td_file {
+	int fd;			/* buffered: metadata, unaligned I/O, sync */
+	int dfd;		/* O_DIRECT, or -1 */
+	uint32_t dio_offset_align, dio_mem_align;
+	uint32_t sector_size;	/* logical block size (block devices), else 512 */
+	int is_blk;
+	unsigned io_flags;	/* IO_F_MEMORY on tmpfs/ramfs */
+	uint64_t size;		/* at open */
+};
+
+/* Blocking. 0, or -errno with err set (the path is not in the message). */
+int td_file_open(struct td_file *f, const char *path, int rdonly, int nodirect,
+		 struct td_error *err);
+/* Blocking: fdatasync (if sync) and close both descriptors. */
+void td_file_close(struct td_file *f, int sync);
+/* The descriptor that can take this transfer (O_DIRECT needs alignment). */
+int td_file_pick_fd(const struct td_file *f, uint64_t offset, const struct iovec *iov,
+		    int iovcnt);
+/* Fills the descriptor and flags of op for a transfer at offset. */
+void td_file_prep(const struct td_file *f, struct io_op *op, enum io_opcode opcode,
+		  uint64_t offset);
+
+#endif
