@@ -88,6 +88,7 @@ struct td_image {
 	unsigned oflags;	/* TD_OPEN_* */
 	uint64_t size;		/* bytes */
 	uint32_t sector_size;
+	uint32_t min_io;	/* offsets and lengths must be multiples (1: any) */
 	unsigned caps;		/* TD_CAP_* */
 	struct td_image *parent;
 	struct io_engine *io;
@@ -133,6 +134,7 @@ struct td_driver {
 
 extern const struct td_driver td_driver_raw;
 extern const struct td_driver td_driver_ram;
+extern const struct td_driver td_driver_vhd;
 
 const struct td_driver *td_driver_find(const char *type);
 /* Adds a driver beyond the built-in ones (tests, out-of-tree formats). */
@@ -160,6 +162,13 @@ void td_image_submit(struct td_image *img, struct td_request *req);
 void td_image_read_parent(struct td_image *img, struct td_request *req);
 /* Completes req with err on the loop's next turn. */
 void td_complete_later(struct td_image *img, struct td_request *req, int err);
+
+/*
+ * Describes bytes [skip, skip+len) of iov in out (at most max entries).
+ * Returns the number of entries, or -1 if more than max are needed.
+ */
+int td_iov_slice(const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len,
+		 struct iovec *out, int max);
 
 /* Zero-fills an iovec array. */
 void td_iov_zero(const struct iovec *iov, int iovcnt);

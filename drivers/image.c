@@ -19,6 +19,7 @@
 static const struct td_driver *const drivers[] = {
 	&td_driver_raw,
 	&td_driver_ram,
+	&td_driver_vhd,
 };
 
 #define TD_MAX_EXTRA_DRIVERS 8
@@ -210,6 +211,7 @@ image_open_one(const char *params, unsigned oflags, const struct td_open_ctx *ct
 	img->oflags = oflags;
 	img->io = ctx->io;
 	img->sector_size = 512;
+	img->min_io = 1;
 	rc = drv->open(img, ctx, err);
 	if (rc < 0) {
 		img->key = NULL;
@@ -413,6 +415,30 @@ td_image_read_parent(struct td_image *img, struct td_request *req)
 	}
 	td_iov_zero(req->iov, req->iovcnt);
 	td_complete_later(img, req, 0);
+}
+
+int
+td_iov_slice(const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len,
+	     struct iovec *out, int max)
+{
+	int n = 0;
+	for (int i = 0; i < iovcnt && len; i++) {
+		if (skip >= iov[i].iov_len) {
+			skip -= iov[i].iov_len;
+			continue;
+		}
+		if (n == max)
+			return -1;
+		uint64_t take = iov[i].iov_len - skip;
+		if (take > len)
+			take = len;
+		out[n].iov_base = (char *)iov[i].iov_base + skip;
+		out[n].iov_len = take;
+		n++;
+		len -= take;
+		skip = 0;
+	}
+	return n;
 }
 
 void

@@ -450,6 +450,8 @@ request_check(struct nbd_conn *c, const struct nbd_request *r)
 	default:
 		return EINVAL;
 	}
+	if (r->offset % vbd->min_io || r->length % vbd->min_io)
+		return EINVAL;	/* below the advertised minimum block size */
 	if (writes && vbd->readonly)
 		return EPERM;
 	if (r->offset > vbd->size || r->length > vbd->size - r->offset)
@@ -641,7 +643,7 @@ opt_go(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 	info_reply(c, buf, 12);
 
 	wr16(buf, NBD_INFO_BLOCK_SIZE);
-	wr32(buf + 2, 1);
+	wr32(buf + 2, vbd->min_io);
 	wr32(buf + 6, NBD_PREFERRED_BLOCK);
 	wr32(buf + 10, NBD_MAX_REQUEST);
 	info_reply(c, buf, 14);

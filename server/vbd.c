@@ -109,6 +109,10 @@ vbd_set_chain(struct vbd *vbd, struct td_image *leaf)
 	vbd->size = leaf->size;
 	vbd->sector_size = leaf->sector_size;
 	vbd->caps = leaf->caps;
+	vbd->min_io = 1;
+	for (struct td_image *img = leaf; img; img = img->parent)
+		if (img->min_io > vbd->min_io)
+			vbd->min_io = img->min_io;
 }
 
 static void vbd_dispatch(struct vbd *vbd, struct vbd_request *vr);
@@ -497,6 +501,11 @@ vbd_dispatch(struct vbd *vbd, struct vbd_request *vr)
 		/* NBD's convention: data written past the end is ENOSPC */
 		vbd_fail_later(vbd, vr, td->op == TD_OP_WRITE || td->op == TD_OP_WRITE_ZEROES ?
 				ENOSPC : EINVAL);
+		return;
+	}
+	if (td->op != TD_OP_FLUSH &&
+	    (td->offset % vbd->min_io || td->length % vbd->min_io)) {
+		vbd_fail_later(vbd, vr, EINVAL);	/* the format works in sectors */
 		return;
 	}
 	if (vbd->readonly && op_writes(td->op)) {

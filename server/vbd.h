@@ -74,6 +74,7 @@ struct vbd {
 	struct td_image *leaf;
 	uint64_t size;
 	uint32_t sector_size;
+	uint32_t min_io;	/* request alignment the chain needs */
 	unsigned caps;
 	time_t opened_at;
 

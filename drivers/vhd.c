@@ -1,0 +1,1491 @@
+/*
+ * vhd: fixed, dynamic and differencing VHDs.
+ *
+ * Fixed disks are raw files with a footer: the raw driver serves them.
+ * Dynamic and differencing disks map each block through the BAT; inside a
+ * block, a sector bitmap says which sectors this image holds (the others
+ * come from the parent, or read as zeros). blktap's batmap marks blocks
+ * whose bitmap is full, so their bitmaps need not be read.
+ *
+ * Everything after open is asynchronous. New blocks are allocated in
+ * batches, in an order that leaves a consistent file at every instant
+ * (for a crash of the process: completed writes are in the file):
+ *   1. the footer moves to the new end of the file (the old one stays,
+ *      dead, in the gap before the first new block);
+ *   2. bitmap and data of every new block;
+ *   3. the BAT sectors that make them reachable;
+ * and only then are the writes acknowledged. Block data is 4 KiB-aligned
+ * (the bitmap sits in the sector before it), so O_DIRECT can take it.
+ * Writes to a block being allocated wait for it; other blocks go on.
+ */
+#include "driver.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <unistd.h>
+
+#include "file_io.h"
+#include "vhd_format.h"
+
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+
+#define VHD_BM_CACHE	256	/* cached block bitmaps per image */
+#define VHD_BM_HASH	64
+#define VHD_MAX_BATCH	64	/* new blocks per allocation batch */
+#define VHD_INLINE_IOV	4
+#define VHD_ZERO_CHUNK	(1u << 20)
+#define VOP_STATUS	2
+
+static char vhd_zeros[VHD_ZERO_CHUNK] __attribute__((aligned(4096)));
+
+struct vhd_priv;
+struct vop;
+
+TAILQ_HEAD(vop_list, vop);
+
+/* A cached sector bitmap. */
+struct bm_entry {
+	uint32_t blk;
+	enum { BM_LOADING, BM_READY } state;
+	unsigned refs;			/* users; never evicted while > 0 */
+	uint8_t *map;
+	struct vop_list waiters;	/* waiting for the load */
+	struct io_op op;
+	struct iovec iov;
+	struct vhd_priv *p;
+	LIST_ENTRY(bm_entry) hash;
+	TAILQ_ENTRY(bm_entry) lru;
+};
+
+/* Work on one block that others must wait for: allocation, deallocation. */
+struct bjob {
+	uint32_t blk;
+	enum { JOB_ALLOC, JOB_DEALLOC } kind;
+	struct vop *first;		/* ALLOC: the write that started it */
+	struct vop_list waiting;	/* later writes to the block */
+	uint64_t start;			/* ALLOC: where the block goes (bitmap) */
+	uint8_t *map;			/* ALLOC: its new bitmap */
+	int err;
+	LIST_ENTRY(bjob) link;		/* all jobs of the image */
+	TAILQ_ENTRY(bjob) queue;	/* ALLOC: waiting for a batch */
+};
+
+/* One incoming request. */
+struct vreq {
+	struct td_request *req;
+	struct td_image *img;
+	int pending;			/* pieces in flight, +1 while issuing */
+	int err;
+};
+
+/* One piece of a request, inside one block (or one metadata step). */
+struct vop {
+	struct vreq *vr;
+	struct vhd_priv *p;
+	uint32_t blk;
+	uint64_t off, len;		/* virtual bytes */
+	int is_write;			/* 0 read, 1 write, VOP_STATUS */
+	int zero;			/* write zeros rather than the request's data */
+	struct bm_entry *bm;
+	struct io_op op;
+	struct td_request sub;		/* a read from the parent */
+	struct iovec *iov;
+	int iovcnt;
+	struct iovec iov_inline[VHD_INLINE_IOV];
+	void (*next)(struct vop *v, int err);	/* where an I/O completion goes */
+	TAILQ_ENTRY(vop) link;
+};
+
+/* An allocation batch in flight. */
+struct batch {
+	struct bjob *jobs[VHD_MAX_BATCH];
+	int nr, pending, err;
+	uint64_t old_next;
+	struct io_op footer_op;
+	struct iovec footer_iov;
+	uint8_t *footer;
+	uint8_t *bat_secs;		/* one 512-byte sector per distinct BAT sector */
+	uint32_t bat_sec_idx[VHD_MAX_BATCH];
+	int nr_secs;
+	struct io_op *ops;		/* bitmap, data and BAT writes */
+	struct iovec *iovs;
+	struct vhd_priv *p;
+};
+
+struct vhd_priv {
+	struct td_image *img;
+	struct td_file f;
+	struct vhd_meta m;
+	struct td_image raw;		/* fixed disks: served by the raw driver */
+	int rdonly;
+	uint64_t next_free;		/* the footer's place; new blocks go after it */
+	LIST_HEAD(, bm_entry) bm_hash[VHD_BM_HASH];
+	TAILQ_HEAD(bm_lru_head, bm_entry) bm_lru;
+	unsigned bm_count;
+	LIST_HEAD(, bjob) jobs;
+	TAILQ_HEAD(, bjob) alloc_queue;
+	struct batch *batch;
+	int batmap_dirty;
+};
+
+static void vreq_piece_done(struct vreq *vr, int err);
+static void vop_start_write(struct vop *v);
+
+static uint64_t
+align_up(uint64_t v, uint64_t a)
+{
+	return (v + a - 1) / a * a;
+}
+
+/* ---- open / close ---- */
+
+struct fd_reader {
+	int fd;
+};
+
+static int
+pread_all(void *ctx, void *buf, size_t len, uint64_t off)
+{
+	struct fd_reader *r = ctx;
+	size_t done = 0;
+	while (done < len) {
+		ssize_t n = pread(r->fd, (char *)buf + done, len - done, (off_t)(off + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+static int
+file_exists(const char *path)
+{
+	return access(path, F_OK) == 0;
+}
+
+static int
+vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *err)
+{
+	struct vhd_priv *p = calloc(1, sizeof(*p));
+	char dir[4096];
+	int rc;
+
+	if (!p)
+		return td_error_set(err, ENOMEM, "out of memory");
+	p->img = img;
+	p->rdonly = (img->oflags & TD_OPEN_RDONLY) != 0;
+	rc = td_file_open(&p->f, img->path, p->rdonly, (img->oflags & TD_OPEN_NODIRECT) != 0,
+			  err);
+	if (rc < 0) {
+		free(p);
+		return rc;
+	}
+	const char *slash = strrchr(img->path, '/');
+	if (slash)
+		snprintf(dir, sizeof(dir), "%.*s", (int)(slash - img->path), img->path);
+	else
+		snprintf(dir, sizeof(dir), ".");
+	if (!dir[0])
+		snprintf(dir, sizeof(dir), "/");
+	struct fd_reader r = { p->f.fd };
+	rc = vhd_meta_load(&p->m, pread_all, &r, p->f.size, dir, file_exists, err);
+	if (rc < 0) {
+		td_file_close(&p->f, 0);
+		free(p);
+		return rc;
+	}
+	img->size = p->m.size;
+	img->sector_size = 512;
+	img->min_io = VHD_SECTOR;
+	img->priv = p;
+
+	if (p->m.footer.type == VHD_TYPE_FIXED) {
+		p->raw.drv = &td_driver_raw;
+		p->raw.path = img->path;
+		p->raw.oflags = img->oflags;
+		p->raw.io = ctx->io;
+		rc = td_driver_raw.open(&p->raw, ctx, err);
+		if (rc < 0) {
+			vhd_meta_free(&p->m);
+			td_file_close(&p->f, 0);
+			free(p);
+			return rc;
+		}
+		p->raw.size = img->size;	/* the footer is not the disk's */
+		img->caps = p->raw.caps;
+		return 0;
+	}
+	for (int i = 0; i < VHD_BM_HASH; i++)
+		LIST_INIT(&p->bm_hash[i]);
+	TAILQ_INIT(&p->bm_lru);
+	LIST_INIT(&p->jobs);
+	TAILQ_INIT(&p->alloc_queue);
+	p->next_free = p->m.footer_offset;
+	img->caps = TD_CAP_BLOCK_STATUS | TD_CAP_CACHE;
+	if (!p->rdonly)
+		img->caps |= TD_CAP_FLUSH | TD_CAP_DISCARD | TD_CAP_WRITE_ZEROES;
+	return 0;
+}
+
+/* The batmap, header first, as one buffer (they are adjacent when we made them). */
+static uint8_t *
+batmap_image(struct vhd_priv *p, size_t *len)
+{
+	struct vhd_meta *m = &p->m;
+	size_t map = (size_t)m->batmap_hdr.size * VHD_SECTOR;
+	uint8_t *buf = malloc(VHD_SECTOR + map);
+	if (!buf)
+		return NULL;
+	uint64_t sum_len = align_up(m->footer.curr_size >> 24, VHD_SECTOR);
+	if (sum_len < VHD_SECTOR)
+		sum_len = VHD_SECTOR;
+	if (sum_len > map)
+		sum_len = map;
+	m->batmap_hdr.version = VHD_BATMAP_VERSION;
+	m->batmap_hdr.checksum = vhd_batmap_checksum(m->batmap, (size_t)sum_len);
+	vhd_batmap_hdr_encode(&m->batmap_hdr, buf);
+	memcpy(buf + VHD_SECTOR, m->batmap, map);
+	*len = VHD_SECTOR + map;
+	return buf;
+}
+
+static int
+batmap_contiguous(const struct vhd_meta *m)
+{
+	return m->batmap_hdr.offset == m->batmap_hdr_offset + VHD_SECTOR;
+}
+
+static void
+vhd_close(struct td_image *img)
+{
+	struct vhd_priv *p = img->priv;
+
+	if (p->m.footer.type == VHD_TYPE_FIXED) {
+		td_driver_raw.close(&p->raw);
+	} else if (p->batmap_dirty && p->m.has_batmap && batmap_contiguous(&p->m)) {
+		size_t len;
+		uint8_t *buf = batmap_image(p, &len);
+		if (buf) {
+			ssize_t w = pwrite(p->f.fd, buf, len, (off_t)p->m.batmap_hdr_offset);
+			(void)w;	/* only an optimisation is lost if this fails */
+			free(buf);
+		}
+	}
+	while (!TAILQ_EMPTY(&p->bm_lru)) {
+		struct bm_entry *e = TAILQ_FIRST(&p->bm_lru);
+		TAILQ_REMOVE(&p->bm_lru, e, lru);
+		free(e->map);
+		free(e);
+	}
+	vhd_meta_free(&p->m);
+	td_file_close(&p->f, !p->rdonly);
+	free(p);
+}
+
+static int
+vhd_get_parent(struct td_image *img, char **params, struct td_error *err)
+{
+	struct vhd_priv *p = img->priv;
+
+	*params = NULL;
+	if (p->m.footer.type != VHD_TYPE_DIFF)
+		return 0;
+	if (asprintf(params, "%s:%s", p->m.parent_raw ? "aio" : "vhd", p->m.parent_path) < 0) {
+		*params = NULL;
+		return td_error_set(err, ENOMEM, "out of memory");
+	}
+	return 0;
+}
+
+static void
+uuid_text(const uint8_t *u, char out[37])
+{
+	snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+		 u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11],
+		 u[12], u[13], u[14], u[15]);
+}
+
+static int
+vhd_validate_parent(struct td_image *img, struct td_image *parent, struct td_error *err)
+{
+	struct vhd_priv *p = img->priv;
+
+	if (p->m.parent_raw)
+		return 0;
+	if (parent->drv != &td_driver_vhd)
+		return td_error_set(err, EINVAL, "parent %s is not a VHD", parent->path);
+	struct vhd_priv *pp = parent->priv;
+	if (memcmp(pp->m.footer.uuid, p->m.header.parent_uuid, 16)) {
+		char want[37], got[37];
+		uuid_text(p->m.header.parent_uuid, want);
+		uuid_text(pp->m.footer.uuid, got);
+		return td_error_set(err, EINVAL, "parent %s has uuid %s, the child expects %s",
+				    parent->path, got, want);
+	}
+	return 0;
+}
+
+/* ---- requests: pieces ---- */
+
+static struct vreq *
+vreq_new(struct td_image *img, struct td_request *req)
+{
+	struct vreq *vr = calloc(1, sizeof(*vr));
+	if (!vr)
+		return NULL;
+	vr->req = req;
+	vr->img = img;
+	vr->pending = 1;
+	return vr;
+}
+
+static void
+vreq_piece_done(struct vreq *vr, int err)
+{
+	if (err && !vr->err)
+		vr->err = err;
+	if (--vr->pending)
+		return;
+	struct td_request *req = vr->req;
+	int e = vr->err;
+	free(vr);
+	req->done(req, e);
+}
+
+static struct vop *
+vop_new(struct vreq *vr, struct vhd_priv *p, uint32_t blk, uint64_t off, uint64_t len)
+{
+	struct vop *v = calloc(1, sizeof(*v));
+	if (!v)
+		return NULL;
+	v->vr = vr;
+	v->p = p;
+	v->blk = blk;
+	v->off = off;
+	v->len = len;
+	vr->pending++;
+	return v;
+}
+
+static void
+vop_finish(struct vop *v, int err)
+{
+	struct vreq *vr = v->vr;
+	if (v->iov && v->iov != v->iov_inline)
+		free(v->iov);
+	free(v);
+	vreq_piece_done(vr, err);
+}
+
+/* Points v->iov at bytes [off, off+len) of the request (or of zeros). */
+static int
+vop_slice(struct vop *v, uint64_t off, uint64_t len)
+{
+	const struct td_request *req = v->vr->req;
+
+	if (v->iov && v->iov != v->iov_inline)
+		free(v->iov);
+	v->iov = v->iov_inline;
+	if (v->zero) {
+		int n = (int)((len + VHD_ZERO_CHUNK - 1) / VHD_ZERO_CHUNK);
+		if (n > VHD_INLINE_IOV && !(v->iov = calloc((size_t)n, sizeof(*v->iov))))
+			return -ENOMEM;
+		for (int i = 0; i < n; i++) {
+			v->iov[i].iov_base = vhd_zeros;
+			v->iov[i].iov_len = len > VHD_ZERO_CHUNK ? VHD_ZERO_CHUNK : len;
+			len -= v->iov[i].iov_len;
+		}
+		v->iovcnt = n;
+		return 0;
+	}
+	int n = td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, v->iov,
+			     VHD_INLINE_IOV);
+	if (n < 0) {
+		v->iov = calloc((size_t)req->iovcnt, sizeof(*v->iov));
+		if (!v->iov)
+			return -ENOMEM;
+		n = td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, v->iov,
+				 req->iovcnt);
+	}
+	v->iovcnt = n;
+	return 0;
+}
+
+static void
+vop_io_done(struct io_op *op, int res)
+{
+	struct vop *v = op->data;
+	v->next(v, res < 0 ? -res : 0);
+}
+
+/* File I/O for v: data at file offset foff. */
+static void
+vop_file_io(struct vop *v, enum io_opcode opc, uint64_t foff,
+	    void (*next)(struct vop *, int))
+{
+	v->op.iov = v->iov;
+	v->op.iovcnt = v->iovcnt;
+	td_file_prep(&v->p->f, &v->op, opc, foff);
+	v->op.done = vop_io_done;
+	v->op.data = v;
+	v->next = next;
+	io_submit(v->p->img->io, &v->op);
+}
+
+/* Metadata I/O through the buffered descriptor. */
+static void
+meta_io(struct vhd_priv *p, struct io_op *op, enum io_opcode opc, struct iovec *iov,
+	void *buf, size_t len, uint64_t off, void (*done)(struct io_op *, int), void *data)
+{
+	iov->iov_base = buf;
+	iov->iov_len = len;
+	op->opcode = opc;
+	op->flags = p->f.io_flags;
+	op->fd = p->f.fd;
+	op->offset = off;
+	op->iov = iov;
+	op->iovcnt = 1;
+	op->done = done;
+	op->data = data;
+	io_submit(p->img->io, op);
+}
+
+static void
+vop_done_next(struct vop *v, int err)
+{
+	vop_finish(v, err);
+}
+
+static void
+vop_parent_done(struct td_request *sub, int err)
+{
+	vop_finish(sub->priv, err);
+}
+
+/* Reads [off, off+len) from the parent (zeros past its end or below the root). */
+static void
+vop_read_parent(struct vop *v, uint64_t off, uint64_t len)
+{
+	struct td_image *img = v->p->img;
+	uint64_t psize = img->parent ? img->parent->size : 0;
+
+	if (vop_slice(v, off, len) < 0) {
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	if (off + len > psize) {
+		/* a child grown past its parent: the tail reads as zeros */
+		uint64_t keep = off < psize ? psize - off : 0;
+		struct iovec *tail = calloc((size_t)v->iovcnt, sizeof(*tail));
+		if (!tail) {
+			vop_finish(v, ENOMEM);
+			return;
+		}
+		int n = td_iov_slice(v->iov, v->iovcnt, keep, len - keep, tail, v->iovcnt);
+		td_iov_zero(tail, n);
+		free(tail);
+		if (!keep) {
+			v->sub.done = vop_parent_done;
+			v->sub.priv = v;
+			td_complete_later(img, &v->sub, 0);
+			return;
+		}
+		len = keep;
+		int m = td_iov_slice(v->iov, v->iovcnt, 0, keep, v->iov, v->iovcnt);
+		v->iovcnt = m;
+	}
+	v->sub.op = TD_OP_READ;
+	v->sub.offset = off;
+	v->sub.length = len;
+	v->sub.iov = v->iov;
+	v->sub.iovcnt = v->iovcnt;
+	v->sub.done = vop_parent_done;
+	v->sub.priv = v;
+	td_image_read_parent(img, &v->sub);
+}
+
+static void
+vop_read_file(struct vop *v, uint64_t off, uint64_t len)
+{
+	struct vhd_meta *m = &v->p->m;
+	uint64_t in_block = off - (uint64_t)v->blk * m->header.block_size;
+
+	if (vop_slice(v, off, len) < 0) {
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	vop_file_io(v, IO_OP_READV, vhd_block_data(m, v->blk) + in_block, vop_done_next);
+}
+
+/* ---- bitmap cache ---- */
+
+static struct bm_entry *
+bm_find(struct vhd_priv *p, uint32_t blk)
+{
+	struct bm_entry *e;
+	LIST_FOREACH(e, &p->bm_hash[blk % VHD_BM_HASH], hash)
+		if (e->blk == blk)
+			return e;
+	return NULL;
+}
+
+static void
+bm_evict(struct vhd_priv *p)
+{
+	struct bm_entry *e, *prev;
+	for (e = TAILQ_LAST(&p->bm_lru, bm_lru_head); e && p->bm_count > VHD_BM_CACHE;
+	     e = prev) {
+		prev = TAILQ_PREV(e, bm_lru_head, lru);
+		if (e->refs || e->state != BM_READY)
+			continue;
+		LIST_REMOVE(e, hash);
+		TAILQ_REMOVE(&p->bm_lru, e, lru);
+		p->bm_count--;
+		free(e->map);
+		free(e);
+	}
+}
+
+static void
+bm_drop(struct vhd_priv *p, uint32_t blk)
+{
+	struct bm_entry *e = bm_find(p, blk);
+	if (e && !e->refs && e->state == BM_READY) {
+		LIST_REMOVE(e, hash);
+		TAILQ_REMOVE(&p->bm_lru, e, lru);
+		p->bm_count--;
+		free(e->map);
+		free(e);
+	}
+}
+
+static struct bm_entry *
+bm_insert(struct vhd_priv *p, uint32_t blk, uint8_t *map)
+{
+	struct bm_entry *e = calloc(1, sizeof(*e));
+	if (!e)
+		return NULL;
+	e->blk = blk;
+	e->p = p;
+	e->map = map;
+	e->state = BM_READY;
+	TAILQ_INIT(&e->waiters);
+	LIST_INSERT_HEAD(&p->bm_hash[blk % VHD_BM_HASH], e, hash);
+	TAILQ_INSERT_HEAD(&p->bm_lru, e, lru);
+	p->bm_count++;
+	return e;
+}
+
+static void vop_with_bitmap(struct vop *v);
+
+static void
+bm_loaded(struct io_op *op, int res)
+{
+	struct bm_entry *e = op->data;
+	struct vhd_priv *p = e->p;
+	struct vop_list waiters;
+
+	TAILQ_INIT(&waiters);
+	TAILQ_CONCAT(&waiters, &e->waiters, link);
+	if (res < 0) {
+		/* forget it: a later request tries again */
+		LIST_REMOVE(e, hash);
+		TAILQ_REMOVE(&p->bm_lru, e, lru);
+		p->bm_count--;
+		free(e->map);
+		free(e);
+		while (!TAILQ_EMPTY(&waiters)) {
+			struct vop *v = TAILQ_FIRST(&waiters);
+			TAILQ_REMOVE(&waiters, v, link);
+			v->bm = NULL;
+			vop_finish(v, -res);
+		}
+		return;
+	}
+	e->state = BM_READY;
+	while (!TAILQ_EMPTY(&waiters)) {
+		struct vop *v = TAILQ_FIRST(&waiters);
+		TAILQ_REMOVE(&waiters, v, link);
+		vop_with_bitmap(v);
+	}
+}
+
+/* Gives v the bitmap of its block (v->bm, referenced) and calls vop_with_bitmap. */
+static void
+bm_get(struct vop *v)
+{
+	struct vhd_priv *p = v->p;
+	struct bm_entry *e = bm_find(p, v->blk);
+
+	if (!e) {
+		uint8_t *map = aligned_alloc(4096, align_up(p->m.bitmap_bytes, 4096));
+		if (!map || !(e = bm_insert(p, v->blk, map))) {
+			free(map);
+			vop_finish(v, ENOMEM);
+			return;
+		}
+		e->state = BM_LOADING;
+		meta_io(p, &e->op, IO_OP_READV, &e->iov, e->map, p->m.bitmap_bytes,
+			vhd_block_offset(&p->m, v->blk), bm_loaded, e);
+		bm_evict(p);
+	} else {
+		TAILQ_REMOVE(&p->bm_lru, e, lru);
+		TAILQ_INSERT_HEAD(&p->bm_lru, e, lru);
+	}
+	e->refs++;
+	v->bm = e;
+	if (e->state == BM_LOADING)
+		TAILQ_INSERT_TAIL(&e->waiters, v, link);
+	else
+		vop_with_bitmap(v);
+}
+
+static void
+bm_put(struct vop *v)
+{
+	if (v->bm) {
+		v->bm->refs--;
+		v->bm = NULL;
+		bm_evict(v->p);
+	}
+}
+
+/* ---- reads ---- */
+
+/* Splits a piece along its bitmap into runs from the file and from the parent. */
+static void
+read_by_bitmap(struct vop *v)
+{
+	struct vhd_priv *p = v->p;
+	uint64_t bs = p->m.header.block_size, base = (uint64_t)v->blk * bs;
+	uint32_t s = (uint32_t)((v->off - base) / VHD_SECTOR);
+	uint32_t end = s + (uint32_t)(v->len / VHD_SECTOR);
+	const uint8_t *map = v->bm->map;
+	struct vreq *vr = v->vr;
+
+	while (s < end) {
+		int bit = vhd_bitmap_test(map, s);
+		uint32_t e = s + 1;
+		while (e < end && vhd_bitmap_test(map, e) == bit)
+			e++;
+		struct vop *run = vop_new(vr, p, v->blk, base + (uint64_t)s * VHD_SECTOR,
+					  (uint64_t)(e - s) * VHD_SECTOR);
+		if (!run) {
+			vr->err = ENOMEM;
+			break;
+		}
+		if (bit)
+			vop_read_file(run, run->off, run->len);
+		else
+			vop_read_parent(run, run->off, run->len);
+		s = e;
+	}
+	bm_put(v);
+	vop_finish(v, 0);
+}
+
+static void
+read_piece(struct vop *v)
+{
+	struct vhd_meta *m = &v->p->m;
+
+	if (m->bat[v->blk] == VHD_BAT_UNUSED)
+		vop_read_parent(v, v->off, v->len);
+	else if (vhd_batmap_test(m, v->blk))
+		vop_read_file(v, v->off, v->len);
+	else
+		bm_get(v);
+}
+
+/* ---- writes to allocated blocks ---- */
+
+static void
+bitmap_written(struct vop *v, int err)
+{
+	bm_put(v);
+	vop_finish(v, err);
+}
+
+/* Data is in place: make its sectors this image's (the bitmap says so). */
+static void
+write_mark(struct vop *v, int err)
+{
+	struct vhd_priv *p = v->p;
+	struct vhd_meta *m = &p->m;
+
+	if (err || vhd_batmap_test(m, v->blk)) {
+		bm_put(v);
+		vop_finish(v, err);
+		return;
+	}
+	uint64_t base = (uint64_t)v->blk * m->header.block_size;
+	uint32_t s = (uint32_t)((v->off - base) / VHD_SECTOR);
+	uint32_t end = s + (uint32_t)(v->len / VHD_SECTOR);
+	uint8_t *map = v->bm->map;
+	int changed = 0;
+	for (uint32_t i = s; i < end; i++) {
+		if (!vhd_bitmap_test(map, i)) {
+			vhd_bitmap_set(map, i);
+			changed = 1;
+		}
+	}
+	if (!changed) {
+		bm_put(v);
+		vop_finish(v, 0);
+		return;
+	}
+	if (m->has_batmap) {
+		uint32_t full = 1;
+		for (uint32_t i = 0; i < m->spb / 8 && full; i++)
+			full = map[i] == 0xff;
+		if (full) {
+			vhd_batmap_set(m, v->blk, 1);
+			p->batmap_dirty = 1;
+		}
+	}
+	/* the sectors of the bitmap holding the change; the buffer only gains bits */
+	uint32_t first = (s / 8) / VHD_SECTOR, last = ((end - 1) / 8) / VHD_SECTOR;
+	v->iov_inline[0].iov_base = map + (size_t)first * VHD_SECTOR;
+	v->iov_inline[0].iov_len = (size_t)(last - first + 1) * VHD_SECTOR;
+	v->op.iov = v->iov_inline;
+	v->op.iovcnt = 1;
+	v->op.opcode = IO_OP_WRITEV;
+	v->op.flags = p->f.io_flags;
+	v->op.fd = p->f.fd;
+	v->op.offset = vhd_block_offset(m, v->blk) + (uint64_t)first * VHD_SECTOR;
+	v->op.done = vop_io_done;
+	v->op.data = v;
+	v->next = bitmap_written;
+	if (v->iov != v->iov_inline)
+		free(v->iov);
+	v->iov = v->iov_inline;
+	io_submit(p->img->io, &v->op);
+}
+
+static void
+write_data(struct vop *v)
+{
+	struct vhd_meta *m = &v->p->m;
+	uint64_t in_block = v->off - (uint64_t)v->blk * m->header.block_size;
+
+	if (vop_slice(v, v->off, v->len) < 0) {
+		bm_put(v);
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	vop_file_io(v, IO_OP_WRITEV, vhd_block_data(m, v->blk) + in_block, write_mark);
+}
+
+static void vop_status_bitmap(struct vop *v);
+
+static void
+vop_with_bitmap(struct vop *v)
+{
+	if (v->is_write == VOP_STATUS)
+		vop_status_bitmap(v);
+	else if (v->is_write)
+		write_data(v);
+	else
+		read_by_bitmap(v);
+}
+
+/* ---- block jobs ---- */
+
+static struct bjob *
+job_find(struct vhd_priv *p, uint32_t blk)
+{
+	struct bjob *j;
+	LIST_FOREACH(j, &p->jobs, link)
+		if (j->blk == blk)
+			return j;
+	return NULL;
+}
+
+/* The job is over: its waiters start again, now on an allocated (or free) block. */
+static void
+job_end(struct bjob *j)
+{
+	struct vop_list waiting;
+
+	LIST_REMOVE(j, link);
+	TAILQ_INIT(&waiting);
+	TAILQ_CONCAT(&waiting, &j->waiting, link);
+	free(j->map);
+	free(j);
+	while (!TAILQ_EMPTY(&waiting)) {
+		struct vop *v = TAILQ_FIRST(&waiting);
+		TAILQ_REMOVE(&waiting, v, link);
+		vop_start_write(v);
+	}
+}
+
+/* The job failed in a way retrying cannot mend: everyone on it gets err. */
+static void
+job_fail(struct bjob *j, int err)
+{
+	LIST_REMOVE(j, link);
+	vop_finish(j->first, err);
+	while (!TAILQ_EMPTY(&j->waiting)) {
+		struct vop *v = TAILQ_FIRST(&j->waiting);
+		TAILQ_REMOVE(&j->waiting, v, link);
+		vop_finish(v, err);
+	}
+	free(j->map);
+	free(j);
+}
+
+static void batch_start(struct vhd_priv *p);
+
+static void
+batch_free(struct batch *b)
+{
+	free(b->footer);
+	free(b->bat_secs);
+	free(b->ops);
+	free(b->iovs);
+	free(b);
+}
+
+static void
+dealloc_punched(struct io_op *op, int res)
+{
+	struct bjob *j = op->data;
+	(void)res;	/* the block is already gone from the BAT: the hole is a bonus */
+	free(op);
+	vop_finish(j->first, 0);
+	job_end(j);
+}
+
+/* A deallocated block's space goes back to the file system. */
+static void
+dealloc_punch(struct vhd_priv *p, struct bjob *j)
+{
+	struct io_op *op = calloc(1, sizeof(*op));
+	if (!op) {
+		vop_finish(j->first, 0);
+		job_end(j);
+		return;
+	}
+	op->opcode = IO_OP_FALLOCATE;
+	op->flags = p->f.io_flags;
+	op->fd = p->f.fd;
+	op->mode = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+	op->offset = j->start;
+	op->length = p->m.bitmap_bytes + (uint64_t)p->m.header.block_size;
+	op->done = dealloc_punched;
+	op->data = j;
+	io_submit(p->img->io, op);
+}
+
+/* Step 4: everything is reachable (or gone); acknowledge, let the waiters go. */
+static void
+batch_finish(struct vhd_priv *p, struct batch *b)
+{
+	struct vhd_meta *m = &p->m;
+
+	for (int i = 0; i < b->nr; i++) {
+		struct bjob *j = b->jobs[i];
+		int err = j->err ? j->err : b->err;
+		if (err) {
+			vop_finish(j->first, err);
+			job_end(j);	/* its waiters try again */
+			continue;
+		}
+		if (j->kind == JOB_DEALLOC) {
+			m->bat[j->blk] = VHD_BAT_UNUSED;
+			bm_drop(p, j->blk);
+			if (m->has_batmap && vhd_batmap_test(m, j->blk)) {
+				vhd_batmap_set(m, j->blk, 0);
+				p->batmap_dirty = 1;
+			}
+			dealloc_punch(p, j);
+			continue;
+		}
+		m->bat[j->blk] = (uint32_t)(j->start / VHD_SECTOR);
+		int full = 1;
+		for (uint32_t k = 0; k < m->spb / 8 && full; k++)
+			full = j->map[k] == 0xff;
+		if (full && m->has_batmap) {
+			vhd_batmap_set(m, j->blk, 1);
+			p->batmap_dirty = 1;
+		}
+		if (bm_insert(p, j->blk, j->map))
+			j->map = NULL;	/* the cache owns it now */
+		bm_evict(p);
+		vop_finish(j->first, 0);
+		job_end(j);
+	}
+	/* only now: waiters that started new jobs above queued behind this batch */
+	p->batch = NULL;
+	batch_free(b);
+	if (!TAILQ_EMPTY(&p->alloc_queue))
+		batch_start(p);
+}
+
+static void
+batch_bat_done(struct io_op *op, int res)
+{
+	struct batch *b = op->data;
+	if (res < 0 && !b->err)
+		b->err = -res;
+	if (--b->pending == 0)
+		batch_finish(b->p, b);
+}
+
+static uint32_t
+job_bat_value(const struct bjob *j)
+{
+	return j->kind == JOB_DEALLOC ? VHD_BAT_UNUSED : (uint32_t)(j->start / VHD_SECTOR);
+}
+
+/*
+ * Step 3: the BAT sectors holding the changed entries. Batches run one at a
+ * time, so no other BAT write races these.
+ */
+static void
+batch_write_bat(struct vhd_priv *p, struct batch *b)
+{
+	struct vhd_meta *m = &p->m;
+	int live = 0;
+
+	for (int i = 0; i < b->nr; i++)
+		if (!b->jobs[i]->err)
+			live++;
+	if (!live || b->err) {
+		batch_finish(p, b);
+		return;
+	}
+	b->nr_secs = 0;
+	for (int i = 0; i < b->nr; i++) {
+		if (b->jobs[i]->err)
+			continue;
+		uint32_t sec = b->jobs[i]->blk / (VHD_SECTOR / 4), k;
+		for (k = 0; k < (uint32_t)b->nr_secs; k++)
+			if (b->bat_sec_idx[k] == sec)
+				break;
+		if (k == (uint32_t)b->nr_secs)
+			b->bat_sec_idx[b->nr_secs++] = sec;
+	}
+	b->bat_secs = aligned_alloc(4096, align_up((size_t)b->nr_secs * VHD_SECTOR, 4096));
+	if (!b->bat_secs) {
+		b->err = ENOMEM;
+		batch_finish(p, b);
+		return;
+	}
+	for (int k = 0; k < b->nr_secs; k++) {
+		uint8_t *sec = b->bat_secs + (size_t)k * VHD_SECTOR;
+		uint32_t first = b->bat_sec_idx[k] * (VHD_SECTOR / 4);
+		for (uint32_t e = 0; e < VHD_SECTOR / 4; e++) {
+			uint32_t v = first + e < m->header.max_bat ? m->bat[first + e] : VHD_BAT_UNUSED;
+			for (int i = 0; i < b->nr; i++)
+				if (!b->jobs[i]->err && b->jobs[i]->blk == first + e)
+					v = job_bat_value(b->jobs[i]);
+			sec[4 * e] = (uint8_t)(v >> 24);
+			sec[4 * e + 1] = (uint8_t)(v >> 16);
+			sec[4 * e + 2] = (uint8_t)(v >> 8);
+			sec[4 * e + 3] = (uint8_t)v;
+		}
+	}
+	b->pending = b->nr_secs;
+	for (int k = 0; k < b->nr_secs; k++)
+		meta_io(p, &b->ops[k], IO_OP_WRITEV, &b->iovs[k], b->bat_secs + (size_t)k * VHD_SECTOR,
+			VHD_SECTOR, m->header.table_offset + (uint64_t)b->bat_sec_idx[k] * VHD_SECTOR,
+			batch_bat_done, b);
+}
+
+static void
+batch_block_done(struct io_op *op, int res)
+{
+	struct batch *b = op->data;
+	int idx = (int)(op - b->ops) / 2;	/* ops[2i] bitmap, ops[2i+1] data */
+	if (res < 0 && !b->jobs[idx]->err)
+		b->jobs[idx]->err = -res;
+	if (--b->pending == 0)
+		batch_write_bat(b->p, b);
+}
+
+/* Step 2: bitmap and data of every new block. */
+static void
+batch_write_blocks(struct vhd_priv *p, struct batch *b)
+{
+	struct vhd_meta *m = &p->m;
+
+	b->pending = 1;
+	for (int i = 0; i < b->nr; i++) {
+		struct bjob *j = b->jobs[i];
+		if (j->kind != JOB_ALLOC)
+			continue;
+		struct vop *v = j->first;
+		uint64_t in_block = v->off - (uint64_t)j->blk * m->header.block_size;
+		struct io_op *dop = &b->ops[2 * i + 1];
+
+		if (vop_slice(v, v->off, v->len) < 0) {
+			j->err = ENOMEM;
+			continue;
+		}
+		b->pending += 2;
+		meta_io(p, &b->ops[2 * i], IO_OP_WRITEV, &b->iovs[2 * i], j->map, m->bitmap_bytes,
+			j->start, batch_block_done, b);
+		dop->iov = v->iov;
+		dop->iovcnt = v->iovcnt;
+		td_file_prep(&p->f, dop, IO_OP_WRITEV, j->start + m->bitmap_bytes + in_block);
+		dop->done = batch_block_done;
+		dop->data = b;
+		io_submit(p->img->io, dop);
+	}
+	if (--b->pending == 0)
+		batch_write_bat(p, b);
+}
+
+static void
+batch_footer_done(struct io_op *op, int res)
+{
+	struct batch *b = op->data;
+	struct vhd_priv *p = b->p;
+
+	if (res < 0) {
+		b->err = -res;
+		p->next_free = b->old_next;	/* nothing was written beyond it */
+		batch_finish(p, b);
+		return;
+	}
+	batch_write_blocks(p, b);
+}
+
+/* Step 1: room for the new blocks, and the footer moved after them. */
+static void
+batch_start(struct vhd_priv *p)
+{
+	struct vhd_meta *m = &p->m;
+	struct batch *b = calloc(1, sizeof(*b));
+	int allocs = 0;
+
+	if (b) {
+		b->ops = calloc(2 * VHD_MAX_BATCH, sizeof(*b->ops));
+		b->iovs = calloc(2 * VHD_MAX_BATCH, sizeof(*b->iovs));
+		b->footer = aligned_alloc(4096, 4096);
+	}
+	if (!b || !b->ops || !b->iovs || !b->footer) {
+		if (b)
+			batch_free(b);
+		while (!TAILQ_EMPTY(&p->alloc_queue)) {
+			struct bjob *j = TAILQ_FIRST(&p->alloc_queue);
+			TAILQ_REMOVE(&p->alloc_queue, j, queue);
+			job_fail(j, ENOMEM);
+		}
+		return;
+	}
+	b->p = p;
+	b->old_next = p->next_free;
+	p->batch = b;
+	uint64_t pos = p->next_free + VHD_FOOTER_SIZE;	/* the old footer stays */
+	while (!TAILQ_EMPTY(&p->alloc_queue) && b->nr < VHD_MAX_BATCH) {
+		struct bjob *j = TAILQ_FIRST(&p->alloc_queue);
+		TAILQ_REMOVE(&p->alloc_queue, j, queue);
+		if (j->kind == JOB_ALLOC) {
+			uint64_t data = align_up(pos + m->bitmap_bytes, VHD_DATA_ALIGN);
+			if ((data - m->bitmap_bytes) / VHD_SECTOR > 0xfffffffeULL) {
+				/* BAT entries are 32-bit sectors: the file cannot grow further */
+				job_fail(j, ENOSPC);
+				continue;
+			}
+			j->start = data - m->bitmap_bytes;
+			pos = data + m->header.block_size;
+			allocs++;
+		}
+		b->jobs[b->nr++] = j;
+	}
+	if (!b->nr) {
+		p->batch = NULL;
+		batch_free(b);
+		return;
+	}
+	if (!allocs) {		/* deallocations only: straight to the BAT */
+		batch_write_bat(p, b);
+		return;
+	}
+	p->next_free = pos;
+	vhd_footer_encode(&m->footer, b->footer);
+	meta_io(p, &b->footer_op, IO_OP_WRITEV, &b->footer_iov, b->footer, VHD_FOOTER_SIZE,
+		pos, batch_footer_done, b);
+}
+
+static struct bjob *
+job_queue(struct vhd_priv *p, struct vop *v, int kind)
+{
+	struct bjob *j = calloc(1, sizeof(*j));
+	if (!j)
+		return NULL;
+	j->blk = v->blk;
+	j->kind = kind;
+	j->first = v;
+	TAILQ_INIT(&j->waiting);
+	LIST_INSERT_HEAD(&p->jobs, j, link);
+	TAILQ_INSERT_TAIL(&p->alloc_queue, j, queue);
+	return j;
+}
+
+/* A write to an unallocated block: it becomes the block's allocation. */
+static void
+alloc_block(struct vop *v)
+{
+	struct vhd_priv *p = v->p;
+	struct vhd_meta *m = &p->m;
+	uint8_t *map = aligned_alloc(4096, align_up(m->bitmap_bytes, 4096));
+	struct bjob *j;
+
+	if (!map) {
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	memset(map, 0, m->bitmap_bytes);
+	uint64_t base = (uint64_t)v->blk * m->header.block_size;
+	uint32_t s = (uint32_t)((v->off - base) / VHD_SECTOR);
+	for (uint32_t i = s; i < s + v->len / VHD_SECTOR; i++)
+		vhd_bitmap_set(map, i);
+	j = job_queue(p, v, JOB_ALLOC);
+	if (!j) {
+		free(map);
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	j->map = map;
+	if (!p->batch)
+		batch_start(p);
+}
+
+static void
+vop_start_write(struct vop *v)
+{
+	struct vhd_priv *p = v->p;
+	struct vhd_meta *m = &p->m;
+	struct bjob *j = job_find(p, v->blk);
+
+	if (j) {
+		TAILQ_INSERT_TAIL(&j->waiting, v, link);
+		return;
+	}
+	if (m->bat[v->blk] == VHD_BAT_UNUSED) {
+		alloc_block(v);
+		return;
+	}
+	v->is_write = 1;
+	if (vhd_batmap_test(m, v->blk))
+		write_data(v);
+	else
+		bm_get(v);
+}
+
+/* A whole block of a dynamic disk goes back to unallocated (reads zero). */
+static void
+dealloc_block(struct vop *v)
+{
+	struct vhd_priv *p = v->p;
+	struct bjob *j = job_queue(p, v, JOB_DEALLOC);
+
+	if (!j) {
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	j->start = vhd_block_offset(&p->m, v->blk);
+	if (!p->batch)
+		batch_start(p);
+}
+
+/* Punches [off, off+len) of an allocated block of a dynamic disk: reads zero. */
+static void
+punch_piece(struct vop *v)
+{
+	struct vhd_meta *m = &v->p->m;
+	uint64_t in_block = v->off - (uint64_t)v->blk * m->header.block_size;
+
+	v->op.mode = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+	v->op.length = v->len;
+	v->op.iov = NULL;
+	v->op.iovcnt = 0;
+	td_file_prep(&v->p->f, &v->op, IO_OP_FALLOCATE, vhd_block_data(m, v->blk) + in_block);
+	v->op.done = vop_io_done;
+	v->op.data = v;
+	v->next = vop_done_next;
+	io_submit(v->p->img->io, &v->op);
+}
+
+/*
+ * Discard and write-zeroes, per block. A dynamic disk has no parent to
+ * expose: whole blocks go back to unallocated, parts of blocks are punched
+ * (they read zero). A differencing disk must not expose its parent, so
+ * zeroing writes zeros and discard does nothing.
+ */
+static void
+zero_piece(struct vop *v, int discard, int no_hole)
+{
+	struct vhd_priv *p = v->p;
+	struct vhd_meta *m = &p->m;
+	int whole = v->len == m->header.block_size;
+
+	if (m->footer.type == VHD_TYPE_DIFF) {
+		if (discard) {
+			vop_finish(v, 0);
+			return;
+		}
+		v->zero = 1;
+		vop_start_write(v);
+		return;
+	}
+	if (no_hole) {
+		v->zero = 1;
+		vop_start_write(v);
+		return;
+	}
+	struct bjob *j = job_find(p, v->blk);
+	if (j) {	/* retried as a zero write once the job is done */
+		v->zero = 1;
+		TAILQ_INSERT_TAIL(&j->waiting, v, link);
+		return;
+	}
+	if (m->bat[v->blk] == VHD_BAT_UNUSED)
+		vop_finish(v, 0);
+	else if (whole)
+		dealloc_block(v);
+	else
+		punch_piece(v);
+}
+
+/* ---- block status ---- */
+
+static void
+status_add(struct td_request *req, uint64_t len, uint32_t flags)
+{
+	if (req->nr_extents && req->extents[req->nr_extents - 1].flags == flags) {
+		req->extents[req->nr_extents - 1].length += len;
+		return;
+	}
+	req->extents[req->nr_extents].length = len;
+	req->extents[req->nr_extents].flags = flags;
+	req->nr_extents++;
+}
+
+
+/* Fills extents as far as known without I/O; loads one bitmap if nothing is known. */
+static void
+status_run(struct vhd_priv *p, struct td_request *req)
+{
+	struct vhd_meta *m = &p->m;
+	uint64_t bs = m->header.block_size, pos = req->offset, end = req->offset + req->length;
+
+	req->nr_extents = 0;
+	while (pos < end && req->nr_extents < req->max_extents) {
+		uint32_t blk = (uint32_t)(pos / bs);
+		uint64_t stop = ((uint64_t)blk + 1) * bs;
+		if (stop > end)
+			stop = end;
+		if (m->bat[blk] == VHD_BAT_UNUSED) {
+			status_add(req, stop - pos, TD_EXTENT_PARENT);
+		} else if (vhd_batmap_test(m, blk)) {
+			status_add(req, stop - pos, 0);
+		} else {
+			struct bm_entry *e = bm_find(p, blk);
+			if (!e || e->state != BM_READY) {
+				if (req->nr_extents)
+					break;
+				/* load it, then start again */
+				struct vreq *vr = vreq_new(p->img, req);
+				struct vop *v = vr ? vop_new(vr, p, blk, pos, 0) : NULL;
+				if (!v) {
+					free(vr);
+					td_complete_later(p->img, req, ENOMEM);
+					return;
+				}
+				vr->pending--;	/* only the vop holds it */
+				v->is_write = VOP_STATUS;
+				bm_get(v);
+				return;
+			}
+			uint32_t s = (uint32_t)((pos - (uint64_t)blk * bs) / VHD_SECTOR);
+			uint32_t se = (uint32_t)((stop - (uint64_t)blk * bs) / VHD_SECTOR);
+			while (s < se && req->nr_extents < req->max_extents) {
+				int bit = vhd_bitmap_test(e->map, s);
+				uint32_t r = s + 1;
+				while (r < se && vhd_bitmap_test(e->map, r) == bit)
+					r++;
+				status_add(req, (uint64_t)(r - s) * VHD_SECTOR, bit ? 0 : TD_EXTENT_PARENT);
+				s = r;
+			}
+			stop = (uint64_t)blk * bs + (uint64_t)s * VHD_SECTOR;
+		}
+		pos = stop;
+	}
+	td_complete_later(p->img, req, 0);
+}
+
+/* ---- flush ---- */
+
+struct flush {
+	struct vhd_priv *p;
+	struct td_request *req;
+	struct io_op op;
+	struct iovec iov;
+	uint8_t *buf;
+};
+
+static void
+flush_synced(struct io_op *op, int res)
+{
+	struct flush *fl = op->data;
+	struct td_request *req = fl->req;
+	free(fl->buf);
+	free(fl);
+	req->done(req, res < 0 ? -res : 0);
+}
+
+static void
+flush_sync(struct flush *fl)
+{
+	fl->op.opcode = IO_OP_FDATASYNC;
+	fl->op.flags = fl->p->f.io_flags;
+	fl->op.fd = fl->p->f.fd;
+	fl->op.done = flush_synced;
+	fl->op.data = fl;
+	io_submit(fl->p->img->io, &fl->op);
+}
+
+static void
+flush_batmap_written(struct io_op *op, int res)
+{
+	struct flush *fl = op->data;
+	(void)res;	/* a batmap that did not make it costs speed, not data */
+	flush_sync(fl);
+}
+
+static void
+vhd_flush(struct vhd_priv *p, struct td_request *req)
+{
+	struct flush *fl = calloc(1, sizeof(*fl));
+	if (!fl) {
+		td_complete_later(p->img, req, ENOMEM);
+		return;
+	}
+	fl->p = p;
+	fl->req = req;
+	if (p->batmap_dirty && p->m.has_batmap && batmap_contiguous(&p->m)) {
+		size_t len;
+		fl->buf = batmap_image(p, &len);
+		if (fl->buf) {
+			p->batmap_dirty = 0;
+			meta_io(p, &fl->op, IO_OP_WRITEV, &fl->iov, fl->buf, len,
+				p->m.batmap_hdr_offset, flush_batmap_written, fl);
+			return;
+		}
+	}
+	flush_sync(fl);
+}
+
+/* ---- submit ---- */
+
+static void
+vop_status_bitmap(struct vop *v)
+{
+	struct td_request *req = v->vr->req;
+	struct vreq *vr = v->vr;
+	bm_put(v);
+	free(v);
+	free(vr);
+	status_run(req->img->priv, req);
+}
+
+static void
+vhd_submit(struct td_image *img, struct td_request *req)
+{
+	struct vhd_priv *p = img->priv;
+	struct vhd_meta *m = &p->m;
+
+	if (m->footer.type == VHD_TYPE_FIXED) {
+		td_driver_raw.submit(&p->raw, req);
+		return;
+	}
+	if (req->op != TD_OP_READ && req->op != TD_OP_BLOCK_STATUS && req->op != TD_OP_CACHE &&
+	    p->rdonly) {
+		td_complete_later(img, req, EROFS);
+		return;
+	}
+	switch (req->op) {
+	case TD_OP_FLUSH:
+		vhd_flush(p, req);
+		return;
+	case TD_OP_CACHE:
+		td_complete_later(img, req, 0);
+		return;
+	case TD_OP_BLOCK_STATUS:
+		status_run(p, req);
+		return;
+	default:
+		break;
+	}
+	struct vreq *vr = vreq_new(img, req);
+	if (!vr) {
+		td_complete_later(img, req, ENOMEM);
+		return;
+	}
+	uint64_t bs = m->header.block_size, pos = req->offset, end = req->offset + req->length;
+	while (pos < end) {
+		uint32_t blk = (uint32_t)(pos / bs);
+		uint64_t stop = ((uint64_t)blk + 1) * bs;
+		if (stop > end)
+			stop = end;
+		struct vop *v = vop_new(vr, p, blk, pos, stop - pos);
+		if (!v) {
+			vr->err = ENOMEM;
+			break;
+		}
+		switch (req->op) {
+		case TD_OP_READ:
+			read_piece(v);
+			break;
+		case TD_OP_WRITE:
+			vop_start_write(v);
+			break;
+		case TD_OP_DISCARD:
+			zero_piece(v, 1, 0);
+			break;
+		case TD_OP_WRITE_ZEROES:
+			zero_piece(v, 0, (req->flags & TD_REQ_NO_HOLE) != 0);
+			break;
+		default:
+			vop_finish(v, EINVAL);
+			break;
+		}
+		pos = stop;
+	}
+	/*
+	 * The pieces may all have completed already (parent reads of a root,
+	 * cached data): the last reference completes the request, but never
+	 * from inside submit.
+	 */
+	if (vr->pending == 1) {
+		vr->pending = 0;
+		td_complete_later(img, req, vr->err);
+		free(vr);
+		return;
+	}
+	vreq_piece_done(vr, 0);
+}
+
+const struct td_driver td_driver_vhd = {
+	.name = "vhd",
+	.open = vhd_open,
+	.close = vhd_close,
+	.submit = vhd_submit,
+	.get_parent = vhd_get_parent,
+	.validate_parent = vhd_validate_parent,
+};
