@@ -30,7 +30,7 @@ UNIT_SRCS   := $(wildcard tests/unit/test_*.c)
 UNIT_BINS   := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 LIBTD       := $(BUILD)/lib/libtapdiskd.a
 
-BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl
+BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 
 .PHONY: all deps check check-unit check-integration check-asan check-fuzz \
         check-valgrind run bench clean fuzz
@@ -53,6 +53,10 @@ $(BUILD)/bin/tapdiskd: $(BUILD)/obj/server/main.o $(LIBTD)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/bin/tap-ctl: $(BUILD)/obj/control/tap-ctl.o $(CLIENT_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/bin/vhd-util: $(BUILD)/obj/control/vhd-util.o $(LIBTD)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
