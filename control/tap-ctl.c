@@ -268,6 +268,41 @@ cmd_unpause(struct cli *cli, int argc, char **argv)
 	return 0;
 }
 
+static int
+cmd_snapshot(struct cli *cli, int argc, char **argv)
+{
+	const char *usage = "snapshot -m MINOR -n NEWLEAF [-p PID]";
+	const char *leaf = NULL;
+	long minor = -1;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:n:p:h")) != -1) {
+		switch (c) {
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		case 'n': leaf = optarg; break;
+		default: usage_die(usage);
+		}
+	}
+	if (minor < 0 || !leaf || optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	char cwd[PATH_MAX], *path = NULL;
+	if (leaf[0] == '/')
+		path = strdup(leaf);
+	else if (getcwd(cwd, sizeof(cwd)) && asprintf(&path, "%s/%s", cwd, leaf) < 0)
+		path = NULL;
+	if (!path)
+		die("out of memory");
+	json_t *r = cli_call(cli, "snapshot", json_pack("{s:I, s:s}", "minor", (json_int_t)minor,
+							"path", path));
+	free(path);
+	if (!cli->json)
+		printf("%s\n", json_string_value(json_object_get(r, "params")));
+	json_decref(r);
+	return 0;
+}
+
 static void
 list_print(json_t *vbd, int tty)
 {
@@ -381,6 +416,7 @@ static const struct {
 	{ "close", cmd_close, "close a vbd's image, keeping the minor" },
 	{ "pause", cmd_pause, "drain I/O and close the images" },
 	{ "unpause", cmd_unpause, "reopen (optionally another image) and resume" },
+	{ "snapshot", cmd_snapshot, "live snapshot: a new leaf on top of the current one" },
 	{ "list", cmd_list, "list vbds" },
 	{ "stats", cmd_stats, "print a vbd's statistics (JSON)" },
 	{ "version", cmd_version, "print the server's version" },

@@ -130,6 +130,12 @@ struct td_driver {
 	/* Optional. Is parent really the image this one was made on? */
 	int (*validate_parent)(struct td_image *img, struct td_image *parent,
 			       struct td_error *err);
+	/*
+	 * Optional, blocking, on a closed image: creates child_path as a new
+	 * leaf on top of parent_path; *child_params is its "type:path".
+	 */
+	int (*create_child)(const char *parent_path, const char *child_path,
+			    char **child_params, struct td_error *err);
 };
 
 extern const struct td_driver td_driver_raw;

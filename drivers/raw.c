@@ -8,6 +8,7 @@
  */
 #include "driver.h"
 #include "file_io.h"
+#include "vhd_file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -383,9 +384,17 @@ raw_submit(struct td_image *img, struct td_request *req)
 	td_complete_later(img, req, EINVAL);
 }
 
+static int
+raw_create_child(const char *parent_path, const char *child_path, char **child_params,
+		 struct td_error *err)
+{
+	return vhd_create_child(parent_path, child_path, 1, child_params, err);
+}
+
 const struct td_driver td_driver_raw = {
 	.name = "raw",
 	.open = raw_open,
 	.close = raw_close,
 	.submit = raw_submit,
+	.create_child = raw_create_child,
 };

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "file_io.h"
+#include "vhd_file.h"
 #include "vhd_format.h"
 
 #ifndef FALLOC_FL_KEEP_SIZE
@@ -1481,6 +1482,32 @@ vhd_submit(struct td_image *img, struct td_request *req)
 	vreq_piece_done(vr, 0);
 }
 
+/* Also serves raw leaves: their snapshot is a VHD on a raw parent. */
+int
+vhd_create_child(const char *parent_path, const char *child_path, int raw_parent,
+		 char **child_params, struct td_error *err)
+{
+	int rc = vhd_file_snapshot(child_path, parent_path, raw_parent, 0, err);
+	if (rc < 0) {
+		char why[sizeof(err->msg)];
+		snprintf(why, sizeof(why), "%s", err->msg);
+		return td_error_set(err, err->code, "%s: %s", child_path, why);
+	}
+	if (asprintf(child_params, "vhd:%s", child_path) < 0) {
+		*child_params = NULL;
+		unlink(child_path);
+		return td_error_set(err, ENOMEM, "out of memory");
+	}
+	return 0;
+}
+
+static int
+vhd_snapshot(const char *parent_path, const char *child_path, char **child_params,
+	     struct td_error *err)
+{
+	return vhd_create_child(parent_path, child_path, 0, child_params, err);
+}
+
 const struct td_driver td_driver_vhd = {
 	.name = "vhd",
 	.open = vhd_open,
@@ -1488,4 +1515,5 @@ const struct td_driver td_driver_vhd = {
 	.submit = vhd_submit,
 	.get_parent = vhd_get_parent,
 	.validate_parent = vhd_validate_parent,
+	.create_child = vhd_snapshot,
 };

@@ -35,6 +35,10 @@ int vhd_file_snapshot(const char *child, const char *parent, int raw_parent,
 /* Chain depth: 1 for an image without parent; a raw parent counts. */
 int vhd_file_depth(const char *path, int *depth, struct td_error *err);
 
+/* A VHD child on parent_path (raw_parent: a raw file); "vhd:child" in *params. */
+int vhd_create_child(const char *parent_path, const char *child_path, int raw_parent,
+		     char **child_params, struct td_error *err);
+
 /* The first byte after all metadata and blocks (where the footer belongs). */
 uint64_t vhd_end_of_data(const struct vhd_meta *m);
 

@@ -44,7 +44,8 @@ extern const struct ctl_cmd ctl_cmds[];
 
 /* control_args.c */
 extern const struct ctl_arg ctl_args_none[], ctl_args_list[], ctl_args_stats[],
-	ctl_args_open[], ctl_args_close[], ctl_args_pause[], ctl_args_unpause[];
+	ctl_args_open[], ctl_args_close[], ctl_args_pause[], ctl_args_unpause[],
+	ctl_args_snapshot[];
 
 struct server *ctl_req_server(struct ctl_req *req);
 /* result: stolen reference (may be NULL for {}). */

@@ -43,3 +43,9 @@ const struct ctl_arg ctl_args_unpause[] = {
 	{ "params", ARG_STRING, 0 },
 	{ NULL, 0, 0 },
 };
+
+const struct ctl_arg ctl_args_snapshot[] = {
+	{ "minor", ARG_INT, 1 },
+	{ "path", ARG_STRING, 1 },
+	{ NULL, 0, 0 },
+};

@@ -12,6 +12,7 @@
 #include "io.h"
 #include "nbd.h"
 #include "server.h"
+#include "snapshot.h"
 #include "vbd.h"
 
 #ifndef TAPDISKD_VERSION
@@ -230,6 +231,43 @@ cmd_unpause(struct ctl_req *req, json_t *args)
 		vbd_unpause(vbd, arg_str(args, "params"), reply_done, req);
 }
 
+/* ---- snapshot ---- */
+
+struct snap_req {
+	struct ctl_req *req;
+	int minor;
+};
+
+static void
+snapshot_done(void *arg, int err, const char *msg)
+{
+	struct snap_req *sr = arg;
+	struct vbd *vbd = server_vbd(ctl_req_server(sr->req), sr->minor);
+	if (err)
+		ctl_reply_error(sr->req, err, "%s", msg ? msg : strerror(err));
+	else
+		ctl_reply_ok(sr->req, json_pack("{s:s?}", "params", vbd ? vbd->params : NULL));
+	free(sr);
+}
+
+static void
+cmd_snapshot(struct ctl_req *req, json_t *args)
+{
+	struct vbd *vbd = arg_vbd(req, args, 1);
+	struct snap_req *sr;
+
+	if (!vbd)
+		return;
+	sr = calloc(1, sizeof(*sr));
+	if (!sr) {
+		ctl_reply_error(req, ENOMEM, "out of memory");
+		return;
+	}
+	sr->req = req;
+	sr->minor = vbd->minor;
+	vbd_snapshot(vbd, arg_str(args, "path"), snapshot_done, sr);
+}
+
 const struct ctl_cmd ctl_cmds[] = {
 	{ "version", ctl_args_none, cmd_version },
 	{ "list", ctl_args_list, cmd_list },
@@ -240,5 +278,6 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "destroy", ctl_args_close, cmd_destroy },
 	{ "pause", ctl_args_pause, cmd_pause },
 	{ "unpause", ctl_args_unpause, cmd_unpause },
+	{ "snapshot", ctl_args_snapshot, cmd_snapshot },
 	{ NULL, NULL, NULL },
 };

@@ -238,6 +238,7 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "destroy", ctl_args_close, cmd_close },
 	{ "pause", ctl_args_pause, cmd_pause },
 	{ "unpause", ctl_args_unpause, cmd_unpause },
+	{ "snapshot", ctl_args_snapshot, cmd_pause },	/* pause, then a reply later */
 	{ NULL, NULL, NULL },
 };
 
