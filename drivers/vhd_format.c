@@ -761,7 +761,7 @@ relative_path(const char *parent, const char *child, char *out, size_t outlen)
 static int
 make_locators(const struct vhd_create *c, struct locator_text loc[3])
 {
-	char rel[4096], win[4096];
+	char rel[4096], win[4096 + 8];
 	int rc;
 
 	rc = relative_path(c->parent_path, c->child_path, rel, sizeof(rel));

@@ -1,0 +1,701 @@
+"""The vhd driver and vhd-util, proven against qemu-img: images made by
+either open in the other with the same size and bytes; chains, shared
+parents, live snapshots and the toolstack's pause/modify/unpause; damaged
+images refused with a clear error; ext4 on a VHD."""
+
+import json
+import os
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from conftest import BIN, ControlError, make_image, run, wait_for
+from vhdpatch import Vhd
+
+MiB = 1 << 20
+
+
+def vhdutil(*args, check=True):
+    return run(os.path.join(BIN, "vhd-util"), *args, check=check)
+
+
+def qemu_size(path):
+    info = json.loads(run("qemu-img", "info", "--output=json", path).stdout)
+    return info["virtual-size"]
+
+
+def to_raw(path, out):
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", path, out)
+    with open(out, "rb") as f:
+        return f.read()
+
+
+def export_bytes(server, minor, out):
+    run("nbdcopy", server.uri(minor), out)
+    with open(out, "rb") as f:
+        return f.read()
+
+
+def connect(server, minor):
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(server.uri(minor))
+    return h
+
+
+# ---- interop with qemu-img ----
+
+@pytest.mark.parametrize("size", ["1M", "100M", "1000M", "1234567k", "3G"])
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_qemu_images_open_with_same_size_and_bytes(server, tmp_path, size, subformat):
+    img = str(tmp_path / "q.vhd")
+    run("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=" + subformat, img, size)
+    qsize = qemu_size(img)
+    r = server.open("vhd:" + img, readonly=True)
+    vsize = r["size"]
+    if subformat == "dynamic":
+        assert vsize == qsize
+    else:
+        # qemu-img counts a fixed disk's footer as data; the disk is before it
+        assert qsize == os.path.getsize(img) and vsize == qsize - 512
+    server.call("destroy", minor=r["minor"])
+    # qemu writes some data, with its own driver and its own allocation
+    run("qemu-io", "-f", "vpc", "-c", "write -P 0x61 0 64k", "-c",
+        "write -P 0x62 %d 4k" % (vsize // 2 // 4096 * 4096), "-c",
+        "write -P 0x63 %d 512" % (vsize - 512), img)
+    r = server.open("vhd:" + img, readonly=True)
+    assert r["size"] == vsize
+    if vsize < (1 << 30):
+        expect = to_raw(img, str(tmp_path / "expect.raw"))[:vsize]
+        got = export_bytes(server, r["minor"], str(tmp_path / "got.raw"))
+        assert got == expect
+        assert got[vsize - 512:] == b"\x63" * 512
+    else:   # large: what was written, and zeros around it
+        mid = vsize // 2 // 4096 * 4096
+        h = connect(server, r["minor"])
+        assert h.pread(65536 + 4096, 0) == b"\x61" * 65536 + bytes(4096)
+        assert h.pread(3 * 4096, mid - 4096) == bytes(4096) + b"\x62" * 4096 + bytes(4096)
+        assert h.pread(1024, vsize - 1024) == bytes(512) + b"\x63" * 512
+        h.shutdown()
+
+
+def test_qemu_force_size_uses_current_size(server, tmp_path):
+    img = str(tmp_path / "fs.vhd")
+    run("qemu-img", "create", "-q", "-f", "vpc", "-o", "force_size=on", img, "1000M")
+    assert qemu_size(img) == 1000 * MiB
+    assert server.open("vhd:" + img, readonly=True)["size"] == 1000 * MiB
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_our_images_convert_to_what_was_written(server, tmp_path, fixed):
+    img = str(tmp_path / "ours.vhd")
+    vhdutil("create", "-n", img, "-s", "40", *(["-r"] if fixed else []))
+    # tap creator: current_size (qemu counts a fixed disk's footer in)
+    assert qemu_size(img) == 40 * MiB + (512 if fixed else 0)
+    r = server.open("vhd:" + img)
+    assert r["size"] == 40 * MiB
+    expect = bytearray(40 * MiB)
+    h = connect(server, r["minor"])
+    for off, n in [(0, 4096), (3 * MiB + 512, 64 * 1024), (10 * MiB, 3 * MiB), (40 * MiB - 512, 512),
+                   (2 * MiB - 1024, 2048)]:
+        blob = os.urandom(n)
+        h.pwrite(blob, off)
+        expect[off:off + n] = blob
+    h.flush()
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    assert vhdutil("check", "-n", img).stdout.strip() == "%s is valid" % img
+    assert to_raw(img, str(tmp_path / "out.raw")) == bytes(expect)
+
+
+def test_block_status_from_bat_and_bitmaps(server, tmp_path):
+    img = str(tmp_path / "bs.vhd")
+    vhdutil("create", "-n", img, "-s", "16")
+    r = server.open("vhd:" + img)
+    h = connect(server, r["minor"])
+    h.pwrite(b"\x01" * 8192, 5 * MiB + 4096)
+    h.shutdown()
+    extents = json.loads(run("nbdinfo", "--map", "--json", server.uri(r["minor"])).stdout)
+    data = [(e["offset"], e["length"]) for e in extents if not e["type"] & 1]
+    assert data == [(5 * MiB + 4096, 8192)], extents
+    m = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw",
+                       server.uri(r["minor"])).stdout)
+    assert [(e["start"], e["length"]) for e in m if e["data"]] == [(5 * MiB + 4096, 8192)]
+    info = json.loads(run("nbdinfo", "--json", server.uri(r["minor"])).stdout)["exports"][0]
+    assert info["block_size_minimum"] == 512
+
+
+def test_unaligned_requests_refused(server, tmp_path):
+    img = str(tmp_path / "u.vhd")
+    vhdutil("create", "-n", img, "-s", "4")
+    r = server.open("vhd:" + img)
+    from nbdraw import CMD_READ, CMD_WRITE, NBDRaw
+    c = NBDRaw(server.nbd_path(r["minor"]))
+    c.handshake(structured=True)
+    assert c.call(CMD_READ, 100, 512).error == 22
+    assert c.call(CMD_WRITE, 0, payload=b"x" * 100).error == 22
+    assert c.call(CMD_READ, 512, 1024).error == 0
+    c.disconnect()
+
+
+# ---- writes, allocation, discard ----
+
+def test_concurrent_writes_to_a_new_block_allocate_it_once(server, tmp_path):
+    img = str(tmp_path / "c.vhd")
+    vhdutil("create", "-n", img, "-s", "16")
+    r = server.open("vhd:" + img)
+    h = connect(server, r["minor"])
+    bufs = [nbd.Buffer.from_bytearray(bytearray([i + 1]) * 4096) for i in range(64)]
+    for i in range(64):
+        h.aio_pwrite(bufs[i], 6 * MiB + i * 4096)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for i in range(64):
+        assert h.pread(4096, 6 * MiB + i * 4096) == bytes([i + 1]) * 4096
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    assert vhdutil("query", "-n", img, "-a").stdout.strip() == "1"
+    assert vhdutil("check", "-n", img).returncode == 0
+
+
+def test_full_blocks_set_the_batmap(server, tmp_path):
+    img = str(tmp_path / "bm.vhd")
+    vhdutil("create", "-n", img, "-s", "8")
+    r = server.open("vhd:" + img)
+    h = connect(server, r["minor"])
+    h.pwrite(b"\x07" * (2 * MiB), 2 * MiB)          # a whole block
+    for off in range(4 * MiB, 6 * MiB, 64 * 1024):   # another, in pieces
+        h.pwrite(b"\x08" * (64 * 1024), off)
+    h.pwrite(b"\x09" * 4096, 6 * MiB)                # a partial block
+    h.flush()
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    v = Vhd(img)
+    bm_off = v.table_off + ((v.max_bat * 4 + 511) // 512) * 512
+    assert bytes(v.data[bm_off:bm_off + 8]) == b"tdbatmap"
+    batmap = v.data[bm_off + 512]
+    assert batmap == 0b01100000, bin(batmap)
+    assert vhdutil("check", "-n", img).returncode == 0
+    r = server.open("vhd:" + img)                    # and it reads back through it
+    h = connect(server, r["minor"])
+    assert h.pread(4096, 2 * MiB) == b"\x07" * 4096
+    assert h.pread(4096, 6 * MiB - 4096) == b"\x08" * 4096
+    h.shutdown()
+
+
+def test_discard_and_zeroes_on_a_dynamic_disk(server, tmp_path):
+    img = str(tmp_path / "d.vhd")
+    vhdutil("create", "-n", img, "-s", "16")
+    r = server.open("vhd:" + img)
+    h = connect(server, r["minor"])
+    h.pwrite(b"\xaa" * (6 * MiB), 0)
+    h.trim(2 * MiB, 2 * MiB)                          # a whole block: deallocated
+    h.zero(1 * MiB, 4 * MiB + 512 * 1024)            # part of a block: punched
+    assert h.pread(2 * MiB, 2 * MiB) == bytes(2 * MiB)
+    assert h.pread(1 * MiB, 4 * MiB + 512 * 1024) == bytes(1 * MiB)
+    assert h.pread(4096, 4 * MiB) == b"\xaa" * 4096
+    h.zero(4096, 0, nbd.CMD_FLAG_NO_HOLE)
+    assert h.pread(8192, 0) == bytes(4096) + b"\xaa" * 4096
+    h.flush()
+    h.shutdown()
+    extents = json.loads(run("nbdinfo", "--map", "--json", server.uri(r["minor"])).stdout)
+    holes = [(e["offset"], e["length"]) for e in extents if e["type"] & 1]
+    assert (2 * MiB, 2 * MiB) in holes, extents
+    server.call("destroy", minor=r["minor"])
+    assert vhdutil("query", "-n", img, "-a").stdout.strip() == "2"
+    assert vhdutil("check", "-n", img).returncode == 0
+    out = to_raw(img, str(tmp_path / "d.raw"))
+    assert out[2 * MiB:4 * MiB] == bytes(2 * MiB)
+
+
+# ---- chains ----
+
+def make_chain(tmp_path, depth=3, size_mb=16):
+    names = [str(tmp_path / ("l%d.vhd" % i)) for i in range(depth)]
+    vhdutil("create", "-n", names[0], "-s", str(size_mb))
+    return names
+
+
+def test_three_deep_chain_reads_the_right_layer(server, tmp_path):
+    names = make_chain(tmp_path)
+    expect = bytearray(16 * MiB)
+    for level in range(3):
+        if level:
+            vhdutil("snapshot", "-n", names[level], "-p", names[level - 1])
+        r = server.open("vhd:" + names[level])
+        h = connect(server, r["minor"])
+        for k in range(4):                             # overlapping writes per level
+            off = (level * 3 + k * 2) * MiB + level * 4096
+            blob = bytes([0x10 * (level + 1) + k]) * (MiB + 4096)
+            h.pwrite(blob, off)
+            expect[off:off + len(blob)] = blob
+        h.flush()
+        h.shutdown()
+        server.call("destroy", minor=r["minor"])
+    assert vhdutil("check", "-n", names[2], "-p").returncode == 0
+    assert vhdutil("query", "-n", names[2], "-d").stdout.strip() == "chain depth: 3"
+    r = server.open("vhd:" + names[2])
+    assert [i["name"] for i in server.stats(r["minor"])["images"]] == ["vhd:" + n for n in reversed(names)]
+    assert export_bytes(server, r["minor"], str(tmp_path / "all.raw")) == bytes(expect)
+
+
+def test_shared_parent_opened_once_children_isolated(server, tmp_path):
+    base = str(tmp_path / "gold.vhd")
+    vhdutil("create", "-n", base, "-s", "8")
+    r = server.open("vhd:" + base)
+    h = connect(server, r["minor"])
+    h.pwrite(b"G" * (8 * MiB), 0)
+    h.flush()
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    before = open(base, "rb").read()
+    kids = []
+    for k in range(2):
+        kid = str(tmp_path / ("kid%d.vhd" % k))
+        vhdutil("snapshot", "-n", kid, "-p", base)
+        kids.append(server.open("vhd:" + kid)["minor"])
+    fds = [os.readlink("/proc/%d/fd/%s" % (server.proc.pid, fd))
+           for fd in os.listdir("/proc/%d/fd" % server.proc.pid)]
+    assert sum(1 for f in fds if f == base) <= 2      # one buffered + one direct, once
+    hs = [connect(server, m) for m in kids]
+    for i, h in enumerate(hs):
+        h.pwrite(bytes([0x30 + i]) * MiB, MiB)
+    for i, h in enumerate(hs):
+        assert h.pread(MiB, MiB) == bytes([0x30 + i]) * MiB
+        assert h.pread(4096, 0) == b"G" * 4096
+        h.shutdown()
+    for m in kids:
+        server.call("destroy", minor=m)
+    assert open(base, "rb").read() == before
+    # the parent cannot be opened for writing while children use it
+    kid = server.open("vhd:" + str(tmp_path / "kid0.vhd"))
+    with pytest.raises(ControlError) as e:
+        server.call("open", params="vhd:" + base)
+    assert e.value.code == "EBUSY"
+    server.call("destroy", minor=kid["minor"])
+
+
+def test_raw_parent_and_grown_child(server, tmp_path):
+    rawp = make_image(tmp_path / "p.raw", 4 * MiB, pattern=0x5e)
+    kid = str(tmp_path / "onraw.vhd")
+    vhdutil("snapshot", "-n", kid, "-p", rawp, "-m", "-S", "10")
+    assert vhdutil("query", "-n", kid, "-p").stdout.strip() == rawp
+    r = server.open("vhd:" + kid)
+    assert r["size"] == 10 * MiB
+    h = connect(server, r["minor"])
+    assert h.pread(4096, 0) == b"\x5e" * 4096           # from the raw parent
+    assert h.pread(8192, 4 * MiB - 4096) == bytes(4096) + bytes(4096)  # past its end
+    h.pwrite(b"k" * 4096, 4 * MiB - 2048 - 2048)
+    assert h.pread(4096, 4 * MiB - 4096) == b"k" * 4096
+    h.shutdown()
+    with open(rawp, "rb") as f:
+        assert f.read(4096) == b"\x5e" * 4096
+
+
+def test_parent_uuid_mismatch_is_refused(server, tmp_path):
+    base = str(tmp_path / "b.vhd")
+    vhdutil("create", "-n", base, "-s", "4")
+    kid = str(tmp_path / "k.vhd")
+    vhdutil("snapshot", "-n", kid, "-p", base)
+    os.unlink(base)
+    vhdutil("create", "-n", base, "-s", "4")           # same name, another disk
+    with pytest.raises(ControlError) as e:
+        server.call("open", params="vhd:" + kid)
+    assert "uuid" in e.value.message and "b.vhd" in e.value.message
+    r = vhdutil("check", "-n", kid, check=False)
+    assert r.returncode == 1 and "another uuid" in r.stdout
+
+
+def test_missing_parent_is_refused(server, tmp_path):
+    base = str(tmp_path / "gone.vhd")
+    vhdutil("create", "-n", base, "-s", "4")
+    kid = str(tmp_path / "orphan.vhd")
+    vhdutil("snapshot", "-n", kid, "-p", base)
+    os.unlink(base)
+    with pytest.raises(ControlError) as e:
+        server.call("open", params="vhd:" + kid)
+    assert e.value.code == "ENOENT" and "parent" in e.value.message
+
+
+# ---- live snapshot and the toolstack's flows ----
+
+def fio(uri, *opts, check=True):
+    return run("fio", "--output-format=terse", "--name=job", "--ioengine=nbd", "--uri=" + uri,
+               *opts, check=check, timeout=300)
+
+
+def test_live_snapshot_under_load(server, tmp_path):
+    base = str(tmp_path / "live.vhd")
+    vhdutil("create", "-n", base, "-s", "64")
+    r = server.open("vhd:" + base)
+    uri = server.uri(r["minor"])
+    p = subprocess.Popen(["fio", "--name=load", "--ioengine=nbd", "--uri=" + uri,
+                          "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M",
+                          "--time_based", "--runtime=3", "--verify=crc32c", "--do_verify=1",
+                          "--verify_fatal=1", "--verify_state_save=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)
+    leaves = []
+    for k in range(3):
+        leaf = str(tmp_path / ("snap%d.vhd" % k))
+        out = server.tapctl("snapshot", "-m", r["minor"], "-n", leaf).stdout.strip()
+        assert out == "vhd:" + leaf
+        leaves.append(leaf)
+        time.sleep(0.3)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out                      # no I/O failed, verify passed
+    assert server.call("list")["result"]["vbds"][0]["params"] == "vhd:" + leaves[-1]
+    assert server.stats(r["minor"])["ops"]["write"]["errors"] == 0
+    server.call("destroy", minor=r["minor"])
+    assert vhdutil("check", "-n", leaves[-1], "-p").returncode == 0
+    assert vhdutil("query", "-n", leaves[-1], "-d").stdout.strip() == "chain depth: 4"
+
+
+def test_snapshot_of_a_raw_leaf_and_refusals(server, tmp_path):
+    rawp = make_image(tmp_path / "leaf.raw", 4 * MiB, pattern=0x42)
+    r = server.open("aio:" + rawp)
+    new = str(tmp_path / "on-raw.vhd")
+    assert server.call("snapshot", minor=r["minor"], path=new)["result"]["params"] == "vhd:" + new
+    h = connect(server, r["minor"])
+    assert h.pread(512, 0) == b"\x42" * 512
+    h.pwrite(b"n" * 512, 0)
+    h.shutdown()
+    with open(rawp, "rb") as f:
+        assert f.read(512) == b"\x42" * 512
+    with pytest.raises(ControlError) as e:             # exists already
+        server.call("snapshot", minor=r["minor"], path=new)
+    assert e.value.code == "EEXIST" and new in e.value.message
+    assert server.call("list")["result"]["vbds"][0]["state"] == 0   # resumed on the old leaf
+    ram = server.open("ram:1M")
+    with pytest.raises(ControlError) as e:
+        server.call("snapshot", minor=ram["minor"], path=str(tmp_path / "x.vhd"))
+    assert e.value.code == "ENOTSUP"
+
+
+def test_toolstack_pause_snapshot_coalesce_unpause(server, tmp_path):
+    base = str(tmp_path / "vm.vhd")
+    vhdutil("create", "-n", base, "-s", "16")
+    r = server.open("vhd:" + base)
+    m = r["minor"]
+    h = connect(server, m)
+    h.pwrite(b"1" * MiB, 0)
+    # snapshot by hand, as a toolstack does
+    server.tapctl("pause", "-m", m)
+    leaf = str(tmp_path / "vm-leaf.vhd")
+    vhdutil("snapshot", "-n", leaf, "-p", base)
+    server.tapctl("unpause", "-m", m, "-a", "vhd:" + leaf)
+    h.pwrite(b"2" * MiB, MiB)
+    assert h.pread(2 * MiB, 0) == b"1" * MiB + b"2" * MiB
+    # and coalesce back
+    server.tapctl("pause", "-m", m)
+    out = vhdutil("coalesce", "-n", leaf).stdout
+    assert "Coalesced 2048 sectors" in out
+    server.tapctl("unpause", "-m", m, "-a", "vhd:" + base)
+    assert h.pread(2 * MiB, 0) == b"1" * MiB + b"2" * MiB   # same connection throughout
+    h.shutdown()
+    server.call("destroy", minor=m)
+    assert vhdutil("check", "-n", base).returncode == 0
+
+
+# ---- damaged images ----
+
+def _alloc(tmp_path, server, name):
+    img = str(tmp_path / name)
+    vhdutil("create", "-n", img, "-s", "8")
+    r = server.open("vhd:" + img)
+    h = connect(server, r["minor"])
+    h.pwrite(b"x" * 4096, 0)
+    h.pwrite(b"y" * 4096, 2 * MiB)
+    h.flush()
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    return img
+
+
+def _bad_cookie(v):
+    v.data[v.footer_off:v.footer_off + 8] = b"notavhd!"
+    v.data[0:8] = b"notavhd!"
+
+
+def _bad_footer_sum(v):
+    v.set_footer("I", 60, 3, fix=False)
+    v.data[v.footer_off + 64] ^= 0xff
+    v.data[0:512] = v.data[v.footer_off:v.footer_off + 512]
+
+
+def _bad_header_sum(v):
+    v.data[v.header_off + 36] ^= 0xff
+
+
+def _too_big(v):
+    v.set_footer("Q", 48, 2041 << 30)
+
+
+def _bad_block_size(v):
+    v.set_header("I", 32, 3 * 1024 * 1024)
+
+
+def _bat_past_end(v):
+    v.set_bat(0, (len(v.data) // 512) + 100)
+
+
+def _bat_into_meta(v):
+    v.set_bat(1, v.table_off // 512)
+
+
+def _bat_overlap(v):
+    v.set_bat(1, v.bat(0) + 1)
+
+
+def _absurd_bat(v):
+    v.set_header("I", 28, 0xfffffff0)
+
+
+@pytest.mark.parametrize("how,needle", [
+    (_bad_cookie, "bad cookie"),
+    (_bad_footer_sum, "checksum"),
+    (_bad_header_sum, "header checksum"),
+    (_too_big, "2040 GiB"),
+    (_bad_block_size, "power of two"),
+    (_bat_past_end, "past the end"),
+    (_bat_into_meta, "overlaps"),
+    (_bat_overlap, "overlap"),
+    (_absurd_bat, "BAT"),
+])
+def test_damaged_images_are_refused_clearly(server, tmp_path, how, needle):
+    img = _alloc(tmp_path, server, "bad.vhd")
+    v = Vhd(img)
+    how(v)
+    v.save()
+    before = open(img, "rb").read()
+    with pytest.raises(ControlError) as e:
+        server.call("open", params="vhd:" + img)
+    assert needle in e.value.message, e.value.message
+    assert img in e.value.message
+    r = server.tapctl("create", "-a", "vhd:" + img, check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    c = vhdutil("check", "-n", img, check=False)
+    assert c.returncode == 1 and "appears invalid" in c.stdout
+    assert open(img, "rb").read() == before           # nothing was written
+    assert server.call("list")["result"]["vbds"] == []
+    good = server.open("ram:1M")                     # the server serves on
+    server.call("destroy", minor=good["minor"])
+
+
+def test_self_loop_in_parent_chain_is_refused(server, tmp_path):
+    base = str(tmp_path / "aa.vhd")
+    vhdutil("create", "-n", base, "-s", "4")
+    kid = str(tmp_path / "bb.vhd")
+    vhdutil("snapshot", "-n", kid, "-p", base)
+    v = Vhd(kid)
+    v.set_parent_uuid(v.uuid())                       # its own parent...
+    for i in range(len(v.data) - 6):                   # ...by every locator
+        if v.data[i:i + 6] == b"aa.vhd":
+            v.data[i:i + 6] = b"bb.vhd"
+        if v.data[i:i + 12] == "aa.vhd".encode("utf-16-le"):
+            v.data[i:i + 12] = "bb.vhd".encode("utf-16-le")
+    v.fix_header()                                    # its parent name changed too
+    v.save()
+    with pytest.raises(ControlError) as e:
+        server.call("open", params="vhd:" + kid)
+    assert e.value.code == "ELOOP" and "loops" in e.value.message
+
+
+def test_repair_restores_the_footer(server, tmp_path):
+    img = _alloc(tmp_path, server, "rep.vhd")
+    before = to_raw(img, str(tmp_path / "before.raw"))
+    with open(img, "r+b") as f:
+        f.seek(-512, 2)
+        f.write(b"\0" * 512)                           # the footer is gone
+    c = vhdutil("check", "-n", img, check=False)
+    assert c.returncode == 1 and "repair" in c.stdout
+    with pytest.raises(ControlError) as e:
+        server.call("open", params="vhd:" + img)
+    assert "repair" in e.value.message
+    vhdutil("repair", "-n", img)
+    assert vhdutil("check", "-n", img).returncode == 0
+    assert to_raw(img, str(tmp_path / "after.raw")) == before
+
+
+# ---- vhd-util ----
+
+def test_vhdutil_query_scan_read(tmp_path):
+    base = str(tmp_path / "q.vhd")
+    vhdutil("create", "-n", base, "-s", "33")              # rounded to whole 2 MiB blocks
+    assert vhdutil("query", "-n", base, "-v").stdout == "34\n"
+    kid = str(tmp_path / "q-kid.vhd")
+    vhdutil("snapshot", "-n", kid, "-p", base)
+    out = vhdutil("query", "-n", kid, "-v", "-s", "-p", "-f", "-d").stdout.splitlines()
+    assert out[0] == "34"
+    assert int(out[1]) == os.path.getsize(kid)
+    assert out[2] == base and out[3] == "hidden: 0" and out[4] == "chain depth: 2"
+    lines = vhdutil("scan", base, kid).stdout.splitlines()
+    assert lines[0] == "vhd=q.vhd capacity=%d size=%d hidden=0 parent=none" % (
+        34 * MiB, os.path.getsize(base))
+    assert lines[1].endswith("parent=q.vhd")
+    bad = tmp_path / "junk.vhd"
+    bad.write_bytes(b"junk" * 300)
+    assert "scan-error=" in vhdutil("scan", str(bad)).stdout
+    rd = vhdutil("read", "-p", "-n", kid).stdout
+    assert "Differencing hard disk" in rd and "Parent locator" in rd and "MacX" in rd
+
+
+def test_vhdutil_errors_are_one_line(tmp_path):
+    for args in (["query", "-n", str(tmp_path / "none.vhd"), "-v"],
+                 ["create", "-n", str(tmp_path), "-s", "4"],
+                 ["create", "-n", str(tmp_path / "x.vhd"), "-s", "3000000"],
+                 ["snapshot", "-n", str(tmp_path / "k.vhd"), "-p", str(tmp_path / "none.vhd")],
+                 ["coalesce", "-n", str(tmp_path / "none.vhd")]):
+        r = vhdutil(*args, check=False)
+        assert r.returncode == 1, args
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("vhd-util "), r.stderr
+    assert vhdutil("create", check=False).returncode == 2
+    assert vhdutil("bogus", check=False).returncode == 2
+    base = str(tmp_path / "e.vhd")
+    vhdutil("create", "-n", base, "-s", "4")
+    r = vhdutil("create", "-n", base, "-s", "4", check=False)
+    assert r.returncode == 1 and "exists" in r.stderr
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_vhdutil_resize(server, tmp_path, fixed):
+    img = str(tmp_path / "rs.vhd")
+    vhdutil("create", "-n", img, "-s", "4", *(["-r"] if fixed else []))
+    r = server.open("vhd:" + img)
+    h = connect(server, r["minor"])
+    h.pwrite(b"r" * MiB, 3 * MiB)
+    h.flush()
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    vhdutil("resize", "-n", img, "-s", "40")            # beyond the BAT's room
+    assert vhdutil("check", "-n", img).returncode == 0
+    assert qemu_size(img) == 40 * MiB + (512 if fixed else 0)
+    r = server.open("vhd:" + img)
+    h = connect(server, r["minor"])
+    assert h.pread(MiB, 3 * MiB) == b"r" * MiB
+    assert h.pread(MiB, 4 * MiB) == bytes(MiB)          # new space reads zero
+    h.pwrite(b"s" * MiB, 30 * MiB)
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    out = to_raw(img, str(tmp_path / "rs.raw"))
+    assert out[30 * MiB:31 * MiB] == b"s" * MiB and out[3 * MiB:4 * MiB] == b"r" * MiB
+    assert vhdutil("resize", "-n", img, "-s", "10", check=False).returncode == 1
+
+
+# ---- a real file system ----
+
+def test_ext4_on_a_vhd(server, tmp_path):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse (nbdfuse, losetup, mount)")
+    img = str(tmp_path / "fs.vhd")
+    vhdutil("create", "-n", img, "-s", "128")
+    r = server.open("vhd:" + img)
+    fmnt = tmp_path / "fuse"
+    fmnt.mkdir()
+    fuse = subprocess.Popen(["nbdfuse", str(fmnt / "disk"), "--unix", server.nbd_path(r["minor"])])
+    dev = None
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        wait_for(lambda: (fmnt / "disk").exists(), what="nbdfuse")
+        dev = run("losetup", "--find", "--show", fmnt / "disk").stdout.strip()
+        run("mkfs.ext4", "-q", "-F", dev)
+        run("mount", dev, mnt)
+        files = {("f%d" % i): os.urandom(300000 + i) for i in range(10)}
+        for n, data in files.items():
+            (mnt / n).write_bytes(data)
+        run("umount", mnt)
+        run("losetup", "-d", dev)
+        dev = None
+    finally:
+        if dev:
+            subprocess.run(["umount", "-l", str(mnt)])
+            subprocess.run(["losetup", "-d", dev])
+        subprocess.run(["fusermount3", "-u", "-z", str(fmnt)])
+        fuse.wait(10)
+    server.call("destroy", minor=r["minor"])
+    assert vhdutil("check", "-n", img).returncode == 0
+    raw = str(tmp_path / "fs.raw")
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", img, raw)
+    run("fsck.ext4", "-n", "-f", raw)
+    # qemu's copy of the image holds the files
+    dev = run("losetup", "--find", "--show", "-r", raw).stdout.strip()
+    try:
+        run("mount", "-o", "ro", dev, mnt)
+        for n, data in files.items():
+            assert (mnt / n).read_bytes() == data
+        run("umount", mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["losetup", "-d", dev])
+
+
+# ---- crash ----
+
+CRASH_WRITER = r"""
+import nbd, os, random, struct, sys
+uri, log, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rnd = random.Random(seed)
+h = nbd.NBD(); h.connect_uri(uri)
+slots = 1024                         # 4 KiB slots over 32 blocks: allocation all along
+i = 0
+with open(log, "w") as lf:
+    while True:
+        slot = rnd.randrange(slots)
+        off = (slot * 65536) % (64 << 20)
+        h.pwrite(struct.pack("<QQ", i, off) * 256, off)
+        lf.write("w %d %d\n" % (i, off))
+        i += 1
+        if i % 16 == 0:
+            h.flush()
+            lf.write("f %d\n" % i)
+            lf.flush(); os.fsync(lf.fileno())
+"""
+
+
+def test_kill9_during_writes_20_times(make_server, tmp_path):
+    import random
+    import signal
+    import struct
+    import sys
+    img = str(tmp_path / "crash.vhd")
+    vhdutil("create", "-n", img, "-s", "64")
+    rnd = random.Random(1234)
+    repaired = 0
+    for it in range(20):
+        srv = make_server(name="st%d" % it)
+        srv.open("vhd:" + img)
+        log = tmp_path / ("w%d.log" % it)
+        w = subprocess.Popen(["/usr/bin/python3", "-c", CRASH_WRITER, srv.uri(0), str(log),
+                              str(it)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: log.exists() and "f " in log.read_text(), what="a flush")
+        time.sleep(rnd.uniform(0, 0.3))
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait()
+        w.wait(10)
+        # acknowledged before the last completed flush: it must read back
+        lines = log.read_text().splitlines()
+        last_f = max(i for i, l in enumerate(lines) if l.startswith("f "))
+        latest = {}
+        for l in lines[:last_f]:
+            if l.startswith("w "):
+                _, seq, off = l.split()
+                latest[int(off)] = int(seq)
+        c = vhdutil("check", "-n", img, check=False)
+        if c.returncode:
+            repaired += 1
+            vhdutil("repair", "-n", img)
+            c = vhdutil("check", "-n", img, check=False)
+        assert c.returncode == 0, c.stdout
+        srv2 = make_server(name="vf%d" % it)
+        srv2.open("vhd:" + img)
+        h = nbd.NBD()
+        h.connect_uri(srv2.uri(0))
+        for off, seq in latest.items():
+            got_seq, got_off = struct.unpack("<QQ", h.pread(512, off)[:16])
+            assert got_off == off and got_seq >= seq, (it, off, seq, got_seq)
+        h.shutdown()
+        assert srv2.stop() == 0
+    print("repairs needed: %d of 20" % repaired)
