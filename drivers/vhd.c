@@ -630,7 +630,7 @@ bm_get(struct vop *v)
 	struct bm_entry *e = bm_find(p, v->blk);
 
 	if (!e) {
-		uint8_t *map = aligned_alloc(4096, align_up(p->m.bitmap_bytes, 4096));
+		uint8_t *map = malloc(p->m.bitmap_bytes);
 		if (!map || !(e = bm_insert(p, v->blk, map))) {
 			free(map);
 			vop_finish(v, ENOMEM);
@@ -1143,7 +1143,7 @@ alloc_block(struct vop *v)
 {
 	struct vhd_priv *p = v->p;
 	struct vhd_meta *m = &p->m;
-	uint8_t *map = aligned_alloc(4096, align_up(m->bitmap_bytes, 4096));
+	uint8_t *map = malloc(m->bitmap_bytes);
 	struct bjob *j;
 
 	if (!map) {
