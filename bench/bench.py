@@ -60,13 +60,13 @@ def rss_kb(pid):
 class Tapdiskd:
     name = "tapdiskd"
 
-    def __init__(self, tmp, image, engine):
+    def __init__(self, tmp, image, engine, fmt="aio"):
         self.state = os.path.join(tmp, "td")
         self.proc = subprocess.Popen([os.path.join(BIN, "tapdiskd"), "--state-dir", self.state,
                                       "--foreground", "--io-engine", engine, "--log-level", "warning"])
         wait_socket(os.path.join(self.state, "ctl.sock"), self.proc)
         r = subprocess.run([os.path.join(BIN, "tap-ctl"), "-S", self.state, "create", "-a",
-                            "aio:" + image], capture_output=True, text=True, check=True)
+                            fmt + ":" + image], capture_output=True, text=True, check=True)
         self.sock = r.stdout.strip()
 
     def stop(self):
@@ -77,12 +77,12 @@ class Tapdiskd:
 class QemuStorageDaemon:
     name = "qemu-storage-daemon"
 
-    def __init__(self, tmp, image):
+    def __init__(self, tmp, image, fmt="raw"):
         self.sock = os.path.join(tmp, "qsd.sock")
         self.proc = subprocess.Popen([
             "qemu-storage-daemon",
             "--blockdev", "driver=file,node-name=file0,filename=%s,cache.direct=off,aio=io_uring" % image,
-            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--blockdev", "driver=%s,node-name=disk0,file=file0" % fmt,
             "--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
             "--export", "type=nbd,id=e0,node-name=disk0,name=,writable=on"],
             stderr=subprocess.DEVNULL)
@@ -118,6 +118,60 @@ def run_fio(sock, args, runtime):
     rw = "read" if job["read"]["io_bytes"] else "write"
     return {"iops": job[rw]["iops"], "bw": job[rw]["bw_bytes"] / (1 << 20),
             "lat_p99_us": job[rw]["clat_ns"]["percentile"].get("99.000000", 0) / 1000}
+
+
+VHD_WORKLOADS = [
+    # name, fio args, metric, image state
+    ("4k randwrite QD32, fresh VHD (allocating)", ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+     "iops", "fresh"),
+    ("4k randread QD32, allocated VHD", ["--rw=randread", "--bs=4k", "--iodepth=32"],
+     "iops", "full"),
+    ("4k randwrite QD32, allocated VHD", ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+     "iops", "full"),
+    ("1M write QD8, fresh VHD", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw", "fresh"),
+]
+
+
+def vhd_images(tmp, engine):
+    """A fresh 1 GiB dynamic VHD, and one with every block written (a copy
+    is served per run, so each run starts from the same state)."""
+    fresh = os.path.join(tmp, "fresh.vhd")
+    full = os.path.join(tmp, "full.vhd")
+    subprocess.run([os.path.join(BIN, "vhd-util"), "create", "-n", fresh, "-s", "1024"], check=True)
+    shutil.copyfile(fresh, full)
+    srv = Tapdiskd(tmp, full, engine, "vhd")
+    try:
+        subprocess.run(["fio", "--name=fill", "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + srv.sock,
+                        "--rw=write", "--bs=1M", "--iodepth=8", "--size=1G", "--output=/dev/null"],
+                       check=True)
+    finally:
+        srv.stop()
+    return {"fresh": fresh, "full": full}
+
+
+def vhd_bench(tmp, engine, runtime, rounds):
+    images = vhd_images(tmp, engine)
+    work = os.path.join(tmp, "work.vhd")
+    results = {}
+    for wname, wargs, metric, state in VHD_WORKLOADS:
+        for sname in ("tapdiskd", "qemu-storage-daemon"):
+            best = None
+            for _ in range(rounds):
+                shutil.copyfile(images[state], work)
+                srv = (Tapdiskd(tmp, work, engine, "vhd") if sname == "tapdiskd"
+                       else QemuStorageDaemon(tmp, work, "vpc"))
+                try:
+                    r = run_fio(srv.sock, wargs, runtime)
+                finally:
+                    srv.stop()
+                if best is None or r[metric] > best[metric]:
+                    best = r
+            results[(wname, sname)] = best
+            print("%-44s %-20s %10.0f %s" % (wname, sname, best[metric],
+                                             "IOPS" if metric == "iops" else "MiB/s"),
+                  file=sys.stderr)
+    os.unlink(work)
+    return results
 
 
 def memory(tmp, engine):
@@ -186,6 +240,7 @@ def main():
                 print("%-20s %-20s %10.0f %s" % (wname, sname, best[metric],
                                                  "IOPS" if metric == "iops" else "MiB/s"),
                       file=sys.stderr)
+        vhd = vhd_bench(tmp, a.engine, a.runtime, a.rounds)
         idle, hundred = memory(tmp, a.engine)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,6 +258,19 @@ def main():
         unit = "IOPS" if metric == "iops" else "MiB/s"
         lines.append("| %s | %.0f %s | %.0f | %.0f | %.2fx | %.2fx |" % (
             wname, t, unit, q, n, t / q if q else 0, t / n if n else 0))
+    lines.append("")
+    raw = {"iops": {"randread": results[("4k randread QD32", "tapdiskd")]["iops"],
+                    "randwrite": results[("4k randwrite QD32", "tapdiskd")]["iops"]}}
+    lines.append("| VHD workload | tapdiskd vhd | qemu-storage-daemon vpc | tapdiskd/qsd | tapdiskd vhd/raw |")
+    lines.append("|---|---|---|---|---|")
+    for wname, _, metric, state in VHD_WORKLOADS:
+        t = vhd[(wname, "tapdiskd")][metric]
+        q = vhd[(wname, "qemu-storage-daemon")][metric]
+        unit = "IOPS" if metric == "iops" else "MiB/s"
+        kind = "randread" if "randread" in wname else "randwrite"
+        vs_raw = "%.2fx" % (t / raw["iops"][kind]) if state == "full" else "-"
+        lines.append("| %s | %.0f %s | %.0f | %.2fx | %s |" % (wname, t, unit, q, t / q if q else 0,
+                                                              vs_raw))
     lines.append("")
     lines.append("| memory | tapdiskd RSS | target |")
     lines.append("|---|---|---|")

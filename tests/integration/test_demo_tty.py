@@ -26,17 +26,21 @@ def test_make_run_demo_serves_and_stops_on_ctrl_c(tmp_path):
     assert uri, "".join(lines)
     text = "".join(lines)
     assert "tap-ctl -S %s list" % rundir in text
-    assert os.path.getsize(rundir / "demo.img") == 1 << 30
+    vhd = str(rundir / "demo.vhd")
+    assert run(os.path.join(BIN, "vhd-util"), "query", "-n", vhd, "-v").stdout == "1024\n"
     run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k", "-c", "read -P 0x44 0 64k", uri)
     out = run(os.path.join(BIN, "tap-ctl"), "-S", rundir, "list").stdout
-    assert "minor=0 state=0 args=aio:%s/demo.img" % rundir in out
+    assert "minor=0 state=0 args=vhd:%s" % vhd in out
     p.send_signal(signal.SIGINT)
     assert p.wait(30) == 0
     rest = p.stdout.read()
     assert "SIGINT: shutting down" in rest and "stopped" in rest
     assert not os.path.exists(rundir / "ctl.sock")
     assert not [f for f in os.listdir(rundir) if f.startswith("nbd")]
-    with open(rundir / "demo.img", "rb") as f:
+    assert run(os.path.join(BIN, "vhd-util"), "check", "-n", vhd).returncode == 0
+    raw = rundir / "demo.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, raw)
+    with open(raw, "rb") as f:
         assert f.read(65536) == b"\x44" * 65536
 
 
