@@ -699,3 +699,31 @@ def test_kill9_during_writes_20_times(make_server, tmp_path):
         h.shutdown()
         assert srv2.stop() == 0
     print("repairs needed: %d of 20" % repaired)
+
+
+def test_zeroes_and_discard_on_a_differencing_disk(server, tmp_path):
+    base = str(tmp_path / "zb.vhd")
+    vhdutil("create", "-n", base, "-s", "8")
+    r = server.open("vhd:" + base)
+    h = connect(server, r["minor"])
+    h.pwrite(b"P" * (8 * MiB), 0)
+    h.flush()
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    kid = str(tmp_path / "zk.vhd")
+    vhdutil("snapshot", "-n", kid, "-p", base)
+    r = server.open("vhd:" + kid)
+    h = connect(server, r["minor"])
+    h.zero(3 * MiB, MiB // 2)                 # must hide the parent, not expose it
+    h.trim(MiB, 5 * MiB)                      # advisory: the data may stay
+    assert h.pread(3 * MiB, MiB // 2) == bytes(3 * MiB)
+    assert h.pread(4096, 0) == b"P" * 4096
+    assert h.pread(4096, 7 * MiB) == b"P" * 4096
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    assert vhdutil("check", "-n", kid, "-p").returncode == 0
+    with open(base, "rb") as f:               # the parent is untouched
+        v = Vhd(base)
+        blk = v.bat(0) * 512 + 512
+        f.seek(blk + MiB // 2)
+        assert f.read(4096) == b"P" * 4096

@@ -187,6 +187,41 @@ test_differencing_locators(void **state)
 	free(mf.data);
 }
 
+/* A parent found by its absolute Windows-form locator alone (W2ku). */
+static void
+test_absolute_windows_locator(void **state)
+{
+	struct memfile mf = { 0 };
+	uint8_t puuid[16] = { 9 };
+	struct vhd_create c = { .size = 4 << 20, .type = VHD_TYPE_DIFF,
+				.parent_path = "/srv/p.vhd", .child_path = "/srv/c.vhd",
+				.parent_uuid = puuid };
+	struct td_error err;
+	struct vhd_meta m;
+	uint8_t hbuf[VHD_HEADER_SIZE];
+	size_t n;
+	(void)state;
+	assert_int_equal(vhd_create_write(&c, mem_write, &mf, &err), 0);
+	assert_int_equal(vhd_meta_load(&m, mem_read, &mf, mf.size, "/srv", NULL, &err), 0);
+	struct vhd_header h = m.header;
+	vhd_meta_free(&m);
+	/* keep only loc[1], rewritten as "C:\\srv\\p.vhd" */
+	h.loc[0].code = h.loc[2].code = VHD_PLAT_NONE;
+	h.loc[0].data_space = h.loc[2].data_space = 0;
+	h.loc[0].data_len = h.loc[2].data_len = 0;
+	h.loc[0].data_offset = h.loc[2].data_offset = 0;
+	uint8_t text[64];
+	assert_int_equal(vhd_utf8_to_utf16("C:\\srv\\p.vhd", 0, text, sizeof(text), &n), 0);
+	h.loc[1].data_len = (uint32_t)n;
+	memcpy(mf.data + h.loc[1].data_offset, text, n);
+	vhd_header_encode(&h, hbuf);
+	memcpy(mf.data + 512, hbuf, sizeof(hbuf));
+	assert_int_equal(vhd_meta_load(&m, mem_read, &mf, mf.size, "/elsewhere", NULL, &err), 0);
+	assert_string_equal(m.parent_path, "/srv/p.vhd");
+	vhd_meta_free(&m);
+	free(mf.data);
+}
+
 static void
 test_utf16(void **state)
 {
@@ -215,6 +250,7 @@ main(void)
 		cmocka_unit_test(test_footer_roundtrip_and_damage),
 		cmocka_unit_test(test_create_and_load_dynamic),
 		cmocka_unit_test(test_differencing_locators),
+		cmocka_unit_test(test_absolute_windows_locator),
 		cmocka_unit_test(test_utf16),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
