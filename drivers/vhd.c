@@ -147,34 +147,6 @@ align_up(uint64_t v, uint64_t a)
 
 /* ---- open / close ---- */
 
-struct fd_reader {
-	int fd;
-};
-
-static int
-pread_all(void *ctx, void *buf, size_t len, uint64_t off)
-{
-	struct fd_reader *r = ctx;
-	size_t done = 0;
-	while (done < len) {
-		ssize_t n = pread(r->fd, (char *)buf + done, len - done, (off_t)(off + done));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -EIO;
-		done += (size_t)n;
-	}
-	return 0;
-}
-
-static int
-file_exists(const char *path)
-{
-	return access(path, F_OK) == 0;
-}
-
 static int
 vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *err)
 {
@@ -199,8 +171,7 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 		snprintf(dir, sizeof(dir), ".");
 	if (!dir[0])
 		snprintf(dir, sizeof(dir), "/");
-	struct fd_reader r = { p->f.fd };
-	rc = vhd_meta_load(&p->m, pread_all, &r, p->f.size, dir, file_exists, err);
+	rc = vhd_meta_load(&p->m, vhd_pread, &p->f.fd, p->f.size, dir, vhd_file_exists, err);
 	if (rc < 0) {
 		td_file_close(&p->f, 0);
 		free(p);

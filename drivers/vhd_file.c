@@ -44,8 +44,8 @@ vhd_pwrite(void *fdp, const void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
-static int
-exists(const char *path)
+int
+vhd_file_exists(const char *path)
 {
 	return access(path, F_OK) == 0;
 }
@@ -93,7 +93,7 @@ vhd_file_open(struct vhd_file *vf, const char *path, int rdwr, struct td_error *
 		td_error_set(err, errno, "%s", strerror(errno));
 		goto fail;
 	}
-	if (vhd_meta_load(&vf->m, vhd_pread, &vf->fd, (uint64_t)size, dir, exists, err) < 0)
+	if (vhd_meta_load(&vf->m, vhd_pread, &vf->fd, (uint64_t)size, dir, vhd_file_exists, err) < 0)
 		goto fail;
 	return 0;
 fail:
