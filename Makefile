@@ -2,7 +2,7 @@
 # test; `make run` starts a demo server; `make bench` compares with peers.
 
 CC      ?= cc
-PKGS    := libevent jansson liburing
+PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn
 PYTHON  := /usr/bin/python3
 BUILD   ?= build
 SAN     ?=
@@ -19,10 +19,11 @@ CFLAGS  := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sani
 LDFLAGS += -fsanitize=address,undefined
 endif
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -DTAPDISKD_VERSION='"$(VERSION)"' $(WARN) $(CFLAGS) \
-              -Iserver -Idrivers -Icontrol $(PKG_CFLAGS) -MMD -MP
+              -Iserver -Iserver/xen -Idrivers -Icontrol $(PKG_CFLAGS) -MMD -MP
 LIBS    := $(PKG_LIBS) -luuid -lpthread
 
-SERVER_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) $(wildcard drivers/*.c)
+SERVER_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) $(wildcard server/xen/*.c) \
+               $(wildcard drivers/*.c)
 SERVER_OBJS := $(SERVER_SRCS:%.c=$(BUILD)/obj/%.o)
 CLIENT_SRCS := control/ctl_client.c
 CLIENT_OBJS := $(CLIENT_SRCS:%.c=$(BUILD)/obj/%.o)
@@ -31,10 +32,11 @@ UNIT_BINS   := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 LIBTD       := $(BUILD)/lib/libtapdiskd.a
 
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
+SIM  := $(BUILD)/tests/blkfront_sim
 
-.PHONY: all deps check check-unit check-integration check-asan check-fuzz \
+.PHONY: all sim deps check check-unit check-integration check-asan check-fuzz \
         check-valgrind run bench clean fuzz
-all: $(BINS)
+all: $(BINS) $(SIM)
 
 deps:
 	@scripts/install-deps check
@@ -60,6 +62,12 @@ $(BUILD)/bin/vhd-util: $(BUILD)/obj/control/vhd-util.o $(LIBTD)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
+# the blkif frontend simulator (tests and make bench): libxenstore only
+$(BUILD)/tests/blkfront_sim: tests/xen/blkfront_sim.c
+	@mkdir -p $(dir $@)
+	@echo "  CC      $<"
+	@$(CC) -std=c11 $(WARN) $(CFLAGS) $(LDFLAGS) -o $@ $< $(shell pkg-config --libs xenstore)
+
 $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBTD)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) -lcmocka
@@ -73,7 +81,7 @@ check-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
 # TAPDISKD_IO_ENGINE chooses the engine the integration suite runs against.
-check-integration: $(BINS)
+check-integration: $(BINS) $(BUILD)/tests/blkfront_sim
 	TAPDISKD_BIN_DIR=$(abspath $(BUILD)/bin) $(PYTHON) -m pytest -q -ra tests/integration $(PYTEST_ARGS)
 
 fuzz:
@@ -92,4 +100,4 @@ bench: all
 clean:
 	rm -rf build
 
--include $(wildcard $(BUILD)/obj/*/*.d $(BUILD)/obj/*/*/*.d)
+-include $(wildcard $(BUILD)/obj/*/*.d $(BUILD)/obj/*/*/*.d $(BUILD)/obj/*/*/*/*.d)

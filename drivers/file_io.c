@@ -13,6 +13,26 @@
 #include <sys/vfs.h>
 #endif
 
+/*
+ * Filesystems whose reads and writes can sleep in io_uring's first,
+ * inline attempt (a FUSE server or a network that stopped answering): their
+ * ops must never be tried on the loop thread.
+ */
+static int
+fs_may_block_submitter(long type)
+{
+	switch ((unsigned long)type) {
+	case 0x65735546:	/* FUSE */
+	case 0x6969:		/* NFS */
+	case 0xFF534D42:	/* CIFS */
+	case 0xFE534D42:	/* SMB2 */
+	case 0x00c36400:	/* Ceph */
+	case 0x01021997:	/* 9p */
+		return 1;
+	}
+	return 0;
+}
+
 int
 td_file_open(struct td_file *f, const char *path, int rdonly, int nodirect,
 	     struct td_error *err)
@@ -41,9 +61,12 @@ td_file_open(struct td_file *f, const char *path, int rdonly, int nodirect,
 #ifdef TMPFS_MAGIC
 	/* tmpfs has no device to wait for: its I/O runs inline (see io.h) */
 	struct statfs sfs;
-	if (fstatfs(f->fd, &sfs) == 0 &&
-	    (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC))
-		f->io_flags = IO_F_MEMORY;
+	if (fstatfs(f->fd, &sfs) == 0) {
+		if (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC)
+			f->io_flags = IO_F_MEMORY;
+		else if (fs_may_block_submitter(sfs.f_type))
+			f->io_flags = IO_F_MAY_BLOCK;
+	}
 #endif
 	off_t end = lseek(f->fd, 0, SEEK_END);
 	if (end < 0) {

@@ -32,6 +32,9 @@ struct io_defer {
 
 /* The fd is memory (tmpfs): run the op on the loop, it cannot wait on a device. */
 #define IO_F_MEMORY 0x1
+/* The fd's filesystem may block io_uring's inline attempt (FUSE, network
+ * filesystems): hand the op straight to the kernel's workers. */
+#define IO_F_MAY_BLOCK 0x2
 
 struct io_op {
 	enum io_opcode opcode;

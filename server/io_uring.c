@@ -91,6 +91,8 @@ uring_queue(struct io_engine *e, struct io_op *op)
 		io_uring_prep_fadvise(sqe, op->fd, op->offset, (off_t)op->length, op->mode);
 		break;
 	}
+	if (op->flags & IO_F_MAY_BLOCK)
+		sqe->flags |= IOSQE_ASYNC;
 	io_uring_sqe_set_data(sqe, op);
 	u->inflight++;
 	uring_arm_flush(u);

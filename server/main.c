@@ -26,6 +26,7 @@
 #include "log.h"
 #include "nbd.h"
 #include "server.h"
+#include "xenbus.h"
 
 #define DEFAULT_STATE_DIR "/run/tapdiskd"
 #define SHUTDOWN_GRACE 30		/* seconds before in-flight I/O is abandoned */
@@ -41,6 +42,7 @@ struct options {
 	enum log_level level;
 	const char **opens;
 	int nr_opens;
+	struct xenbus_opts xen;
 };
 
 static struct server the_server;
@@ -52,7 +54,7 @@ usage(FILE *f)
 	fprintf(f,
 		"usage: tapdiskd [--state-dir DIR] [--foreground] [--io-engine uring|threads]\n"
 		"                [--nbd-listen unix:PATH|tcp:HOST:PORT] [--log-level LEVEL]\n"
-		"                [--no-direct] [--open TYPE:PATH]...\n"
+		"                [--no-direct] [--open TYPE:PATH]... [--no-xen] [--xen-... ]\n"
 		"\n"
 		"  -s, --state-dir DIR    control socket DIR/ctl.sock, NBD sockets DIR/nbd<pid>.<minor>\n"
 		"                         (default %s)\n"
@@ -61,7 +63,11 @@ usage(FILE *f)
 		"  -n, --nbd-listen SPEC  also serve every vbd by export name (its minor)\n"
 		"  -l, --log-level L      error, warning, info (default) or debug\n"
 		"      --no-direct        never open images with O_DIRECT\n"
-		"  -o, --open TYPE:PATH   open a vbd at start (minors 0, 1, ... in order)\n",
+		"  -o, --open TYPE:PATH   open a vbd at start (minors 0, 1, ... in order)\n"
+		"      --no-xen           do not serve Xen guests (blkif)\n"
+		"      --xen-backend-types T  backend directories to watch (default vbd3,vbd)\n"
+		"      --xen-domid N      our domain (default 0)\n"
+		"      --xen-sim DIR      a simulated hypervisor in DIR instead of Xen (tests)\n",
 		DEFAULT_STATE_DIR);
 }
 
@@ -76,6 +82,10 @@ parse_options(int argc, char **argv, struct options *o)
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "no-direct", no_argument, NULL, 'D' },
 		{ "open", required_argument, NULL, 'o' },
+		{ "no-xen", no_argument, NULL, 'X' },
+		{ "xen-backend-types", required_argument, NULL, 'T' },
+		{ "xen-domid", required_argument, NULL, 'd' },
+		{ "xen-sim", required_argument, NULL, 'Y' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -105,6 +115,19 @@ parse_options(int argc, char **argv, struct options *o)
 			break;
 		case 'D': o->no_direct = 1; break;
 		case 'o': o->opens[o->nr_opens++] = optarg; break;
+		case 'X': o->xen.disabled = 1; break;
+		case 'T': o->xen.types = optarg; break;
+		case 'Y': o->xen.sim_dir = optarg; break;
+		case 'd': {
+			char *end;
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (!*optarg || *end || v > 0x7fef) {
+				fprintf(stderr, "tapdiskd: --xen-domid must be a domain number\n");
+				return -1;
+			}
+			o->xen.domid = (uint32_t)v;
+			break;
+		}
 		case 'h': usage(stdout); free(o->opens); exit(0);
 		case 'V': printf("tapdiskd %s\n", TAPDISKD_VERSION); free(o->opens); exit(0);
 		default: usage(stderr); return -1;
@@ -347,6 +370,7 @@ main(int argc, char **argv)
 	char err[512], path[PATH_MAX];
 	int lock_fd, ready_fd = -1, rc = 1;
 	struct event *sigint_ev = NULL, *sigterm_ev = NULL, *idle_ev = NULL;
+	struct xenbus *xb = NULL;
 
 	if (parse_options(argc, argv, &opts) < 0) {
 		free(opts.opens);
@@ -427,6 +451,7 @@ main(int argc, char **argv)
 	}
 	if (startup_opens(srv, opens, opts.nr_opens) < 0)
 		goto out;
+	xb = xenbus_start(srv, &opts.xen);
 
 	log_info("serving on %s (pid %d, io engine %s)", path, (int)srv->pid,
 		 io_engine_name(srv->io));
@@ -443,6 +468,7 @@ main(int argc, char **argv)
 out:
 	if (ready_fd >= 0)
 		close(ready_fd);	/* the parent reads EOF: failure */
+	xenbus_stop(xb);
 	control_free(srv->ctl);
 	nbd_server_free(srv->nbd);
 	if (grace_ev)

@@ -645,7 +645,16 @@ vbd_stats_json(const struct vbd *vbd)
 		json_object_set_new(ops, op_names[op], op_stats_json(&vbd->stats.op[op]));
 	TAILQ_FOREACH(vr, &vbd->queued, link)
 		queued++;
-	return json_pack("{s:s?, s:i, s:i, s:[I,I], s:o, s:i, s:i, s:o, s:{s:i, s:i}}",
+	/* tapdisk reports its (one) blkif frontend as "xenbus" */
+	json_t *xenbus = NULL;
+	struct vbd_frontend *fe;
+	LIST_FOREACH(fe, &vbd->frontends, link) {
+		if (fe->ops->stats && !strcmp(fe->ops->kind, "blkif")) {
+			xenbus = fe->ops->stats(fe);
+			break;
+		}
+	}
+	json_t *out = json_pack("{s:s?, s:i, s:i, s:[I,I], s:o, s:i, s:i, s:o, s:{s:i, s:i}}",
 			 "name", vbd->params,
 			 "minor", vbd->minor,
 			 "state", (int)vbd->state,
@@ -657,6 +666,9 @@ vbd_stats_json(const struct vbd *vbd)
 			 "frontends",
 			 "nbd", (int)vbd_frontend_count(vbd, "nbd"),
 			 "blkif", (int)vbd_frontend_count(vbd, "blkif"));
+	if (xenbus)
+		json_object_set_new(out, "xenbus", xenbus);
+	return out;
 }
 
 json_t *

@@ -43,6 +43,8 @@ struct vbd_frontend_ops {
 	const char *kind;	/* "nbd", "nbd-listener", "blkif" */
 	/* The vbd is closing: stop submitting and go away (vbd_frontend_remove). */
 	void (*shutdown)(struct vbd_frontend *fe);
+	/* Optional: the frontend's own statistics (blkif: under "xenbus"). */
+	json_t *(*stats)(struct vbd_frontend *fe);
 };
 struct vbd_frontend {
 	const struct vbd_frontend_ops *ops;

@@ -99,10 +99,11 @@ class Control:
 class Server:
     """A running tapdiskd on its own state dir."""
 
-    def __init__(self, state_dir, engine=ENGINE, extra=()):
+    def __init__(self, state_dir, engine=ENGINE, extra=(), env=None):
         self.state_dir = str(state_dir)
         self.engine = engine
         self.extra = list(extra)
+        self.env = env
         self.proc = None
         self.log_path = os.path.join(self.state_dir + ".log")
         self._ctl = None
@@ -118,7 +119,7 @@ class Server:
         wrap = os.environ.get("TAPDISKD_WRAPPER")
         if wrap:
             cmd = wrap.split() + cmd
-        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=self.logf)
+        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=self.logf, env=self.env)
         if wait:
             self.wait_ready()
         return self

@@ -1,0 +1,413 @@
+"""The Xen PV block backend, end to end without a hypervisor: tapdiskd on
+its simulated grant/event-channel port (--xen-sim), a test xenstored that
+the real libxenstore and xenstore-utils speak to, the toolstack played with
+xenstore-write/-rm, and blkfront_sim as the guest (its own blkif encoding,
+written from blkif.h). Guest memory is hostile input: the malicious cases
+are each a request xen-blkback would refuse.
+
+The same backend against a real Xen is the lab recipe in tests/xen/README.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, SLOW, Server, fd_count, make_image, run, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIM = os.path.join(BIN, "..", "tests", "blkfront_sim")
+XENSTORED = os.path.join(ROOT, "tests", "xen", "xenstored.py")
+MiB = 1 << 20
+
+MALICIOUS = ["zero-segments", "twelve-segments", "first-after-last", "last-past-page",
+             "past-end", "huge-sector", "bad-gref", "unknown-op", "indirect-zero",
+             "indirect-too-many", "indirect-bad-op", "indirect-bad-page",
+             "discard-secure", "discard-past-end"]
+
+
+class Xen:
+    """A test xenstore, a sim directory, and a tapdiskd serving blkif on them."""
+
+    def __init__(self, tmp_path, extra=()):
+        self.tmp = tmp_path
+        self.sock = str(tmp_path / "xs.sock")
+        self.simdir = str(tmp_path / "sim")
+        os.mkdir(self.simdir)
+        self.xsd = subprocess.Popen(["/usr/bin/python3", XENSTORED, self.sock],
+                                    stdout=subprocess.PIPE, text=True)
+        assert self.xsd.stdout.readline().strip() == "ready"
+        self.env = dict(os.environ, XENSTORED_PATH=self.sock)
+        self.srv = Server(tmp_path / "state", env=self.env,
+                          extra=["--xen-sim", self.simdir] + list(extra)).start()
+        wait_for(lambda: "Xen backend: watching" in self.srv.log(), what="the Xen backend")
+
+    # the toolstack's view
+
+    def xs(self, tool, *args, check=True):
+        r = subprocess.run(["xenstore-" + tool] + [str(a) for a in args], env=self.env,
+                           capture_output=True, text=True, timeout=30)
+        if check and r.returncode:
+            raise AssertionError("xenstore-%s %s: %s" % (tool, args, r.stderr))
+        return r.stdout.strip()
+
+    def read(self, path):
+        r = subprocess.run(["xenstore-read", path], env=self.env, capture_output=True,
+                           text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    def attach(self, minor, domid=1, devid=51712, kind="vbd3", script=None):
+        """What xl/xapi write for a new disk; returns the backend path."""
+        be = "/local/domain/0/backend/%s/%d/%d" % (kind, domid, devid)
+        fe = "/local/domain/%d/device/vbd/%d" % (domid, devid)
+        kv = [be + "/physical-device-path", self.srv.nbd_path(minor),
+              be + "/params", "ignored", be + "/mode", "w", be + "/online", "1"]
+        if script:
+            kv += [be + "/script", script]
+        kv += [be + "/frontend", fe, be + "/frontend-id", domid]
+        self.xs("write", *kv)
+        return be
+
+    def detach(self, domid=1, devid=51712, kind="vbd3"):
+        """What the toolstack does once the guest is gone."""
+        self.xs("rm", "/local/domain/%d/device/vbd/%d" % (domid, devid))
+        self.xs("rm", "/local/domain/0/backend/%s/%d/%d" % (kind, domid, devid))
+
+    def state(self, be):
+        v = self.read(be + "/state")
+        return int(v) if v is not None else None
+
+    # the guest's view
+
+    def sim_cmd(self, be, args, domid=1, devid=51712):
+        return [SIM, "--dir", self.simdir, "--domid", str(domid), "--devid", str(devid),
+                "--backend", be] + [str(a) for a in args]
+
+    def sim_bg(self, be, *args, domid=1, devid=51712):
+        """A guest running while the test does something else."""
+        return subprocess.Popen(self.sim_cmd(be, args, domid, devid), env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def sim(self, be, *args, domid=1, devid=51712, timeout=120, expect_rc=0, raw=False):
+        r = subprocess.run(self.sim_cmd(be, args, domid, devid), env=self.env,
+                           capture_output=True, text=True, timeout=timeout * SLOW)
+        if raw:
+            return r
+        assert r.returncode == expect_rc, "blkfront_sim %s: rc %d\n%s%s\nserver log:\n%s" % (
+            args, r.returncode, r.stdout, r.stderr, self.srv.log()[-4000:])
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        return json.loads(lines[-1])
+
+    def close(self):
+        rc = self.srv.stop()
+        self.srv.assert_clean_log()
+        self.xsd.terminate()
+        self.xsd.wait()
+        assert rc == 0, "tapdiskd exited with %s:\n%s" % (rc, self.srv.log())
+
+
+@pytest.fixture
+def xen(tmp_path):
+    x = Xen(tmp_path)
+    yield x
+    x.close()
+
+
+def ram(xen, size="64M"):
+    return xen.srv.open("ram:" + size)["minor"]
+
+
+# ---- data paths ----
+
+def test_verify_every_byte_with_indirect_discard_and_flush(xen):
+    m = ram(xen)
+    be = xen.attach(m)
+    r = xen.sim(be, "--verify", 2, "--indirect", "--discard", "--region-mb", 32)
+    assert r["errors"] == 0 and r["mismatches"] == 0
+    assert r["reads"] > 1000 and r["writes"] > 1000
+    assert r["indirect"] > 100 and r["discards"] > 10 and r["flushes"] > 10
+    assert xen.state(be) == 6          # Closed after the guest's Closed
+    st = xen.srv.stats(m)
+    assert st["xenbus"]["path"] == be and st["xenbus"]["domid"] == 1
+    assert st["xenbus"]["state"] == 6 and st["frontends"]["blkif"] == 1
+    # every guest write reached the vbd's own counters
+    assert st["ops"]["write"]["reqs"] >= r["writes"]
+    assert st["ops"]["discard"]["reqs"] >= r["discards"]
+
+
+@pytest.mark.parametrize("proto,order,queues,indirect", [
+    ("x86_64", 0, 1, False),
+    ("x86_32", 0, 1, True),
+    ("x86_32", 4, 2, False),
+    ("x86_64", 2, 4, True),
+    ("x86_64", 4, 4, True),
+])
+def test_protocols_rings_and_queues(xen, proto, order, queues, indirect):
+    m = ram(xen)
+    be = xen.attach(m)
+    args = ["--verify", 1, "--proto", proto, "--order", order, "--queues", queues]
+    if indirect:
+        args += ["--indirect"]
+    r = xen.sim(be, *args)
+    assert r["errors"] == 0 and r["mismatches"] == 0 and r["reads"] > 100
+    assert (r["indirect"] > 0) == indirect
+    log = xen.srv.log()
+    assert "%d queue" % queues in log and "protocol %s" % proto in log
+
+
+def test_stats_while_connected(xen):
+    m = ram(xen)
+    be = xen.attach(m)
+    p = xen.sim_bg(be, "--verify", 3, "--queues", 2, "--order", 1)
+    try:
+        wait_for(lambda: xen.state(be) == 4, what="Connected")
+        wait_for(lambda: xen.srv.stats(m)["xenbus"]["reqs"][0] > 0, what="ring requests")
+        x = xen.srv.stats(m)["xenbus"]
+        assert len(x["rings"]) == 2 and x["rings"][0]["pages"] == 2
+        assert x["rings"][0]["entries"] == 64
+        assert x["errors"] == {"msg": 0, "map": 0, "vbd": 0}
+        out = xen.srv.tapctl("stats", "-m", m).stdout
+        assert '"xenbus"' in out
+    finally:
+        out, err = p.communicate(timeout=60 * SLOW)
+    assert p.returncode == 0, err
+
+
+def test_features_advertised_and_readonly_refuses_writes(xen, tmp_path):
+    img = str(tmp_path / "ro.img")
+    make_image(img, 16 * MiB, pattern=ord("R"))
+    m = xen.srv.open("aio:" + img, readonly=True)["minor"]
+    be = xen.attach(m)
+    r = xen.sim(be, "--probe")
+    assert r["sectors"] == 16 * MiB // 512
+    assert r["info"] & 4                       # VDISK_READONLY
+    assert r["sector-size"] == 512 and r["physical-sector-size"] == 4096
+    assert r["feature-flush-cache"] == 1 and r["feature-barrier"] == 1
+    assert r["feature-discard"] == 0
+    assert r["max-ring-page-order"] == 4 and r["multi-queue-max-queues"] == 4
+    assert r["feature-max-indirect-segments"] == 256
+    assert r["read"] == 0 and r["write"] == -1   # BLKIF_RSP_ERROR
+    with open(img, "rb") as f:
+        assert f.read(MiB) == b"R" * MiB
+
+
+def test_io_errors_reach_the_guest_as_errors(xen, stuck_disk):
+    m = xen.srv.open("aio:" + stuck_disk.path)["minor"]
+    be = xen.attach(m)
+    stuck_disk.fail(True)
+    r = xen.sim(be, "--probe")
+    assert r["read"] == -1 and r["write"] == -1
+    assert r["feature-discard"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vhd"])
+def test_guest_writes_land_in_the_image(xen, tmp_path, fmt):
+    """What the guest wrote, read back by qemu-img from the image file."""
+    img = str(tmp_path / ("disk." + fmt))
+    if fmt == "raw":
+        make_image(img, 64 * MiB)
+        params = "aio:" + img
+    else:
+        run(os.path.join(BIN, "vhd-util"), "create", "-n", img, "-s", "64")
+        params = "vhd:" + img
+    m = xen.srv.open(params)["minor"]
+    be = xen.attach(m)
+    dump = str(tmp_path / "expected")
+    r = xen.sim(be, "--verify", 2, "--indirect", "--discard", "--region-mb", 16, "--dump", dump)
+    assert r["errors"] == 0 and r["mismatches"] == 0 and r["writes"] > 100
+    xen.srv.call("close", minor=m)
+    out = str(tmp_path / "actual")
+    run("qemu-img", "convert", "-f", "raw" if fmt == "raw" else "vpc", "-O", "raw", img, out)
+    with open(dump, "rb") as f:
+        want = f.read()
+    with open(out, "rb") as f:
+        got = f.read(len(want))
+    assert got == want
+    if fmt == "vhd":
+        run(os.path.join(BIN, "vhd-util"), "check", "-n", img)
+
+
+def test_barriers_order_writes(xen):
+    m = ram(xen)
+    be = xen.attach(m)
+    r = xen.sim(be, "--barrier", 200)
+    assert r == {"rounds": 200, "violations": 0}
+    x = xen.srv.stats(m)["xenbus"]
+    assert x["state"] == 6 and x["reqs"][0] >= 200 * 4
+
+
+# ---- hostile guests ----
+
+def test_malicious_requests_are_refused_and_the_ring_lives(xen):
+    m = ram(xen)
+    be = xen.attach(m)
+    bad = []
+    for case in MALICIOUS:
+        r = xen.sim(be, "--malicious", case, "--indirect", "--discard", raw=True)
+        if r.returncode != 0:
+            bad.append((case, r.stdout, r.stderr))
+        assert xen.srv.proc.poll() is None, xen.srv.log()
+        # the frontend reboots for the next case
+        xen.xs("write", "/local/domain/1/device/vbd/51712/state", "1")
+        wait_for(lambda: xen.state(be) == 2, what="InitWait after reboot")
+    assert not bad, bad
+    log = xen.srv.log()
+    assert "blkif" in log
+
+
+def test_garbage_ring_every_request_answered(xen):
+    m = ram(xen)
+    be = xen.attach(m)
+    r = xen.sim(be, "--malicious", "garbage", "--seed", 7)
+    assert r["sent"] == r["answered"] and r["sent"] >= 800
+    # and the same frontend then does honest work
+    xen.xs("write", "/local/domain/1/device/vbd/51712/state", "1")
+    wait_for(lambda: xen.state(be) == 2, what="InitWait")
+    r = xen.sim(be, "--verify", 1)
+    assert r["errors"] == 0 and r["mismatches"] == 0
+
+
+def test_producer_ahead_kills_only_that_ring(xen):
+    m1, m2 = ram(xen), ram(xen)
+    be1 = xen.attach(m1, domid=1)
+    be2 = xen.attach(m2, domid=2)
+    other = xen.sim_bg(be2, "--verify", 3, domid=2)
+    r = xen.sim(be1, "--malicious", "producer-ahead", domid=1)
+    assert r["backend_state"] in (5, 6)
+    assert "ring" in xen.srv.log()
+    out, err = other.communicate(timeout=60 * SLOW)
+    assert other.returncode == 0, err
+    res = json.loads(out.splitlines()[-1])
+    assert res["errors"] == 0 and res["mismatches"] == 0
+    # the guest that broke its ring reboots and is served again
+    xen.xs("write", "/local/domain/1/device/vbd/51712/state", "6")
+    wait_for(lambda: xen.state(be1) == 6, what="Closed")
+    xen.xs("write", "/local/domain/1/device/vbd/51712/state", "1")
+    wait_for(lambda: xen.state(be1) == 2, what="InitWait after reboot")
+    r = xen.sim(be1, "--verify", 1, domid=1)
+    assert r["errors"] == 0 and r["mismatches"] == 0
+
+
+def test_bad_ring_config_is_refused(xen):
+    m = ram(xen)
+    be = xen.attach(m)
+    fe = "/local/domain/1/device/vbd/51712"
+    wait_for(lambda: xen.state(be) == 2, what="InitWait")
+    # more pages than offered, a ring-ref that is not a number, too many queues
+    for kv in (["ring-page-order", "9", "ring-ref0", "1", "event-channel", "1"],
+               ["ring-page-order", "0", "ring-ref", "zebra", "event-channel", "1"],
+               ["multi-queue-num-queues", "64", "ring-ref", "1", "event-channel", "1"],
+               ["ring-ref", "1", "event-channel", "1", "protocol", "sparc"]):
+        xen.xs("rm", fe, check=False)
+        args = [fe + "/backend", be]
+        for i in range(0, len(kv), 2):
+            args += [fe + "/" + kv[i], kv[i + 1]]
+        xen.xs("write", *args, fe + "/state", "3")
+        wait_for(lambda: xen.state(be) == 5, what="Closing on a bad config")
+        assert xen.read(be + "/error")
+        xen.xs("rm", be + "/error")
+        xen.xs("write", fe + "/state", "6")
+        wait_for(lambda: xen.state(be) == 6, what="Closed")
+        xen.xs("write", fe + "/state", "1")
+        wait_for(lambda: xen.state(be) == 2, what="InitWait")
+    assert xen.srv.proc.poll() is None
+
+
+def test_guest_vanishing_repeatedly_leaks_nothing(xen):
+    m = ram(xen)
+    fds = None
+    for i in range(6):
+        be = xen.attach(m, domid=10 + i)
+        r = xen.sim(be, "--hold", 0.1, "--qd", 32, "--queues", 2, domid=10 + i)
+        assert r["submitted"] == 32
+        xen.detach(domid=10 + i)
+        wait_for(lambda: "%s: backend directory removed" % be in xen.srv.log(),
+                 what="the device to go")
+        wait_for(lambda: "xenbus" not in xen.srv.stats(m), what="the frontend to go")
+        if i == 1:
+            fds = fd_count(xen.srv.proc.pid)
+    assert fd_count(xen.srv.proc.pid) == fds
+    run("nbdinfo", "--size", xen.srv.uri(m))
+
+
+def test_guest_vanishing_with_io_stuck_in_the_disk(xen, stuck_disk):
+    m = xen.srv.open("aio:" + stuck_disk.path)["minor"]
+    be = xen.attach(m)
+    stuck_disk.freeze()
+    r = xen.sim(be, "--hold", 0.2, "--qd", 16)
+    assert r["submitted"] == 16
+    xen.detach()
+    wait_for(lambda: "backend directory removed" in xen.srv.log(), what="the device to go")
+    stuck_disk.thaw()
+    # the late completions find no guest and free their buffers
+    wait_for(lambda: xen.srv.stats(m)["reqs_outstanding"] == 0, what="the disk to drain")
+    run("nbdinfo", "--size", xen.srv.uri(m))
+
+
+def test_close_under_a_connected_guest(xen):
+    m = ram(xen)
+    be = xen.attach(m)
+    p = xen.sim_bg(be, "--verify", 30)
+    wait_for(lambda: xen.state(be) == 4, what="Connected")
+    time.sleep(0.3)
+    xen.srv.tapctl("close", "-m", m)
+    wait_for(lambda: xen.state(be) == 6, what="the backend to close")
+    out, err = p.communicate(timeout=60 * SLOW)
+    assert p.returncode != 0          # the guest saw its disk go
+    assert xen.srv.proc.poll() is None
+
+
+def test_reopen_then_reconnect(xen, tmp_path):
+    """The toolstack's reboot: close, open again at the same minor, the
+    frontend goes Initialising, the same backend directory serves again."""
+    img = str(tmp_path / "d.img")
+    make_image(img, 32 * MiB)
+    m = xen.srv.open("aio:" + img)["minor"]
+    be = xen.attach(m)
+    r = xen.sim(be, "--verify", 1)
+    assert r["errors"] == 0
+    xen.srv.call("close", minor=m)
+    os.unlink(img)
+    make_image(img, 32 * MiB)      # the guest's checker expects a zeroed disk
+    xen.srv.call("open", minor=m, params="aio:" + img)
+    # the hotplug script re-announces the disk
+    xen.xs("write", be + "/physical-device-path", xen.srv.nbd_path(m))
+    xen.xs("write", "/local/domain/1/device/vbd/51712/state", "1")
+    wait_for(lambda: xen.state(be) == 2, what="InitWait")
+    r = xen.sim(be, "--verify", 1)
+    assert r["errors"] == 0 and r["mismatches"] == 0
+
+
+# ---- which directories are ours ----
+
+def test_claims_vbd_only_with_our_script(xen):
+    m1, m2 = ram(xen), ram(xen)
+    ours = xen.attach(m1, domid=3, kind="vbd", script="/etc/xen/scripts/block-tap")
+    theirs = xen.attach(m2, domid=4, kind="vbd", script="/etc/xen/scripts/block")
+    wait_for(lambda: xen.state(ours) == 2, what="InitWait on our directory")
+    time.sleep(0.3)
+    assert xen.state(theirs) is None         # blkback's, untouched
+    assert xen.read(theirs + "/max-ring-page-order") is None
+    r = xen.sim(ours, "--verify", 1, domid=3)
+    assert r["errors"] == 0
+
+
+def test_backend_types_option(tmp_path):
+    x = Xen(tmp_path, extra=["--xen-backend-types", "vbd"])
+    try:
+        m = ram(x)
+        be = x.attach(m, kind="vbd3")
+        ours = x.attach(m, domid=2, kind="vbd", script="block-tap")
+        wait_for(lambda: x.state(ours) == 2, what="InitWait")
+        assert x.state(be) is None
+    finally:
+        x.close()
+
+
+def test_no_xen_says_so(make_server, tmp_path):
+    s = make_server("plain", env=dict(os.environ, XENSTORED_PATH=str(tmp_path / "none")))
+    wait_for(lambda: "Xen backend disabled" in s.log(), what="the log line")
+    s2 = make_server("off", extra=["--no-xen"])
+    wait_for(lambda: "Xen backend disabled (--no-xen)" in s2.log(), what="the log line")

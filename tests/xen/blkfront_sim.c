@@ -1,0 +1,1113 @@
+/*
+ * blkfront_sim: a guest's blkfront and its hypervisor, for tests and the
+ * ring benchmark, against tapdiskd's blkif backend on its simulated port.
+ *
+ * As the hypervisor of domain D it creates, in the simulation directory,
+ * domD.mem (the guest's pages; grant reference R is page R) and a pair of
+ * FIFOs per event channel (evtD.P.be towards the backend, .fe back). As
+ * the guest it does what Linux's xen-blkfront does on xenstore (waits for
+ * InitWait, writes ring-ref[N], event-channel, protocol, queues, goes
+ * Initialised, waits for Connected) and drives the rings. Its ABI encoding
+ * is written from blkif.h independently of the backend's.
+ *
+ * usage: blkfront_sim --dir DIR --domid D --devid N --backend PATH MODE [options]
+ *   modes:  --verify SECONDS      random I/O, every byte checked
+ *           --bench               throughput (--bs, --qd, --rw, --seconds)
+ *           --barrier N           write/barrier/write ordering, N rounds
+ *           --malicious CASE      one hostile request (see cases[])
+ *           --hold SECONDS        connect, keep QD requests in flight, vanish
+ *           --probe               print what the backend advertises, one read, one write
+ *   options: --queues Q --order O --proto x86_32|x86_64 --indirect
+ *            --mem-mb M --region-mb R --discard (the disk reads zeros where
+ *            discarded) --dump FILE (after --verify: what the region must hold)
+ * Prints one JSON line with what happened; exits non-zero on any mismatch.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <xenstore.h>
+
+#define PAGE 4096u
+#define MAX_QUEUES 8
+#define MAX_PAGES 16
+#define MAX_SEGS 256
+#define OP_READ 0
+#define OP_WRITE 1
+#define OP_BARRIER 2
+#define OP_FLUSH 3
+#define OP_DISCARD 5
+#define OP_INDIRECT 6
+
+static void __attribute__((noreturn, format(printf, 1, 2)))
+fail(const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(stderr, "blkfront_sim: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	exit(1);
+}
+
+static uint64_t
+now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t rng_state = 88172645463325252ull;
+static uint64_t
+rnd(void)
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 7;
+	rng_state ^= rng_state << 17;
+	return rng_state;
+}
+
+/* ---- the hypervisor: granted memory ---- */
+
+static struct {
+	uint8_t *mem;
+	uint32_t pages;
+	uint32_t *free;
+	uint32_t nfree;
+} gnt;
+
+static void
+gnt_init(const char *dir, unsigned domid, unsigned mb)
+{
+	char path[4096];
+	snprintf(path, sizeof(path), "%s/dom%u.mem", dir, domid);
+	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	if (fd < 0 || ftruncate(fd, (off_t)mb << 20) < 0)
+		fail("%s: %s", path, strerror(errno));
+	gnt.pages = (mb << 20) / PAGE;
+	gnt.mem = mmap(NULL, (size_t)gnt.pages * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (gnt.mem == MAP_FAILED)
+		fail("mmap: %s", strerror(errno));
+	close(fd);
+	gnt.free = malloc(gnt.pages * sizeof(*gnt.free));
+	/* page 0 stays unused: reference 0 should never be handed out */
+	for (uint32_t p = gnt.pages - 1; p >= 1; p--)
+		gnt.free[gnt.nfree++] = p;
+}
+
+static uint32_t
+gnt_get(void)
+{
+	if (!gnt.nfree)
+		fail("out of granted pages");
+	return gnt.free[--gnt.nfree];
+}
+
+static void
+gnt_put(uint32_t ref)
+{
+	gnt.free[gnt.nfree++] = ref;
+}
+
+static uint8_t *
+page(uint32_t ref)
+{
+	return gnt.mem + (size_t)ref * PAGE;
+}
+
+/* ---- xenstore ---- */
+
+static struct xs_handle *xs;
+static char fe[256], be[256];
+
+static char *
+xsr(const char *dir, const char *key)
+{
+	char p[512];
+	unsigned len;
+	snprintf(p, sizeof(p), "%s/%s", dir, key);
+	return xs_read(xs, XBT_NULL, p, &len);
+}
+
+static long
+xsr_int(const char *dir, const char *key, long dflt)
+{
+	char *v = xsr(dir, key);
+	long r = v ? strtol(v, NULL, 10) : dflt;
+	free(v);
+	return r;
+}
+
+static void
+xsw(const char *dir, const char *key, const char *fmt, ...)
+{
+	char p[512], v[128];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(v, sizeof(v), fmt, ap);
+	va_end(ap);
+	snprintf(p, sizeof(p), "%s/%s", dir, key);
+	if (!xs_write(xs, XBT_NULL, p, v, (unsigned)strlen(v)))
+		fail("xenstore write %s: %s", p, strerror(errno));
+}
+
+static long
+wait_backend(int want, double secs)
+{
+	uint64_t end = now_ns() + (uint64_t)(secs * 1e9);
+	long s = -1;
+	while (now_ns() < end) {
+		s = xsr_int(be, "state", -1);
+		if (s == want)
+			return s;
+		usleep(2000);
+	}
+	return s;
+}
+
+/* ---- rings ---- */
+
+struct pending {
+	int used, op, nsegs, indirect_pages;
+	uint64_t sector, sectors;
+	uint32_t refs[MAX_SEGS + 8];
+	uint8_t first[MAX_SEGS], last[MAX_SEGS];
+	uint64_t seq;		/* verify: generation stamp */
+};
+
+struct queue {
+	uint8_t *sring;
+	uint32_t refs[MAX_PAGES];
+	unsigned size;
+	int to_be, from_be;
+	uint32_t req_prod_pvt, rsp_cons;
+	struct pending *pend;
+	unsigned inflight;
+	uint32_t *free_ids;
+	unsigned nfree_ids;
+};
+
+static int proto64 = 1;			/* x86_64 layout, else x86_32 */
+static unsigned nq = 1, order, max_indirect;
+static struct queue q[MAX_QUEUES];
+static uint64_t disk_sectors;
+
+static size_t req_size(void) { return proto64 ? 112 : 108; }
+static size_t rsp_size(void) { return proto64 ? 16 : 12; }
+static size_t entry_size(void) { return req_size() > rsp_size() ? req_size() : rsp_size(); }
+
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static uint64_t get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = v << 8 | p[i]; return v; }
+
+static volatile uint32_t *
+ix(struct queue *qq, int i)
+{
+	return (volatile uint32_t *)(qq->sring + 4 * i);	/* req_prod, req_event, rsp_prod, rsp_event */
+}
+
+static void
+queue_setup(const char *dir, unsigned domid, unsigned qi)
+{
+	struct queue *qq = &q[qi];
+	unsigned pages = 1u << order;
+
+	qq->sring = mmap(NULL, (size_t)pages * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	char path[4096];
+	snprintf(path, sizeof(path), "%s/dom%u.mem", dir, domid);
+	int fd = open(path, O_RDWR);
+	for (unsigned i = 0; i < pages; i++) {
+		qq->refs[i] = gnt_get();
+		mmap(qq->sring + (size_t)i * PAGE, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+		     fd, (off_t)qq->refs[i] * PAGE);
+	}
+	close(fd);
+	memset(qq->sring, 0, (size_t)pages * PAGE);
+	*ix(qq, 1) = 1;	/* req_event */
+	*ix(qq, 3) = 1;	/* rsp_event */
+	size_t n = ((size_t)pages * PAGE - 64) / entry_size();
+	qq->size = 1;
+	while (qq->size * 2 <= n)
+		qq->size *= 2;
+	qq->pend = calloc(qq->size, sizeof(*qq->pend));
+	qq->free_ids = calloc(qq->size, sizeof(*qq->free_ids));
+	for (unsigned i = 0; i < qq->size; i++)
+		qq->free_ids[qq->nfree_ids++] = qq->size - 1 - i;
+	/* event channel = 10 + queue */
+	unsigned port = 10 + qi;
+	char a[4096], b[4096];
+	snprintf(a, sizeof(a), "%s/evt%u.%u.be", dir, domid, port);
+	snprintf(b, sizeof(b), "%s/evt%u.%u.fe", dir, domid, port);
+	unlink(a);
+	unlink(b);
+	if (mkfifo(a, 0600) < 0 || mkfifo(b, 0600) < 0)
+		fail("mkfifo: %s", strerror(errno));
+	qq->to_be = open(a, O_RDWR | O_NONBLOCK);
+	qq->from_be = open(b, O_RDWR | O_NONBLOCK);
+	char qdir[512];
+	if (nq == 1)
+		snprintf(qdir, sizeof(qdir), "%s", fe);
+	else
+		snprintf(qdir, sizeof(qdir), "%s/queue-%u", fe, qi);
+	for (unsigned i = 0; i < pages; i++) {
+		char key[32];
+		if (order)
+			snprintf(key, sizeof(key), "ring-ref%u", i);
+		else
+			snprintf(key, sizeof(key), "ring-ref");
+		xsw(qdir, key, "%u", qq->refs[i]);
+	}
+	xsw(qdir, "event-channel", "%u", port);
+}
+
+static uint8_t *
+req_slot(struct queue *qq)
+{
+	return qq->sring + 64 + (qq->req_prod_pvt & (qq->size - 1)) * entry_size();
+}
+
+static void
+kick(struct queue *qq)
+{
+	uint32_t old = *ix(qq, 0), now = qq->req_prod_pvt;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	*ix(qq, 0) = now;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	uint32_t ev = *ix(qq, 1);
+	if ((uint32_t)(now - ev) < (uint32_t)(now - old)) {
+		char c = 1;
+		if (write(qq->to_be, &c, 1) < 0 && errno != EAGAIN)
+			fail("notify: %s", strerror(errno));
+	}
+}
+
+/* Encodes a read/write/barrier/flush request with direct segments. */
+static void
+enc_rw(uint8_t *e, int op, unsigned nsegs, uint64_t id, uint64_t sector, const struct pending *p)
+{
+	memset(e, 0, req_size());
+	e[0] = (uint8_t)op;
+	e[1] = (uint8_t)nsegs;
+	put16(e + 2, 0);
+	put64(e + (proto64 ? 8 : 4), id);
+	put64(e + (proto64 ? 16 : 12), sector);
+	uint8_t *s = e + (proto64 ? 24 : 20);
+	for (unsigned i = 0; i < nsegs; i++, s += 8) {
+		put32(s, p->refs[i]);
+		s[4] = p->first[i];
+		s[5] = p->last[i];
+	}
+}
+
+static void
+enc_indirect(uint8_t *e, int op, unsigned nsegs, uint64_t id, uint64_t sector, struct pending *p)
+{
+	unsigned pages = (nsegs + 511) / 512;
+	memset(e, 0, req_size());
+	e[0] = OP_INDIRECT;
+	e[1] = (uint8_t)op;
+	put16(e + 2, (uint16_t)nsegs);
+	put64(e + (proto64 ? 8 : 4), id);
+	put64(e + (proto64 ? 16 : 12), sector);
+	for (unsigned i = 0; i < pages; i++) {
+		uint32_t ref = gnt_get();
+		p->refs[MAX_SEGS + i] = ref;
+		put32(e + (proto64 ? 28 : 24) + 4 * i, ref);
+		uint8_t *d = page(ref);
+		for (unsigned k = i * 512; k < nsegs && k < (i + 1) * 512; k++) {
+			uint8_t *s = d + 8 * (k - i * 512);
+			memset(s, 0, 8);
+			put32(s, p->refs[k]);
+			s[4] = p->first[k];
+			s[5] = p->last[k];
+		}
+	}
+	p->indirect_pages = (int)pages;
+}
+
+static void
+enc_discard(uint8_t *e, uint64_t id, uint64_t sector, uint64_t nr, int secure)
+{
+	memset(e, 0, req_size());
+	e[0] = OP_DISCARD;
+	e[1] = (uint8_t)secure;
+	put64(e + (proto64 ? 8 : 4), id);
+	put64(e + (proto64 ? 16 : 12), sector);
+	put64(e + (proto64 ? 24 : 20), nr);
+}
+
+struct response {
+	uint64_t id;
+	int op, status;
+};
+
+/* Takes the responses that are there; returns how many. */
+static unsigned
+take_responses(struct queue *qq, struct response *out, unsigned max)
+{
+	unsigned n = 0;
+	for (;;) {
+		uint32_t prod = *ix(qq, 2);
+		__atomic_thread_fence(__ATOMIC_ACQUIRE);
+		while (qq->rsp_cons != prod && n < max) {
+			const uint8_t *e = qq->sring + 64 + (qq->rsp_cons & (qq->size - 1)) * entry_size();
+			out[n].id = get64(e);
+			out[n].op = e[8];
+			out[n].status = (int16_t)(e[10] | e[11] << 8);
+			n++;
+			qq->rsp_cons++;
+		}
+		if (n == max)
+			return n;
+		*ix(qq, 3) = qq->rsp_cons + 1;	/* rsp_event: tell me of the next */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (*ix(qq, 2) == qq->rsp_cons)
+			return n;
+	}
+}
+
+/* Waits until some queue has responses (or timeout ms); returns 0 on timeout. */
+static int
+wait_events(int timeout_ms)
+{
+	struct pollfd pf[MAX_QUEUES];
+	char buf[256];
+	for (unsigned i = 0; i < nq; i++) {
+		if (*ix(&q[i], 2) != q[i].rsp_cons)
+			return 1;
+		pf[i].fd = q[i].from_be;
+		pf[i].events = POLLIN;
+	}
+	int r = poll(pf, nq, timeout_ms);
+	for (unsigned i = 0; i < nq; i++)
+		if (pf[i].revents & POLLIN)
+			while (read(q[i].from_be, buf, sizeof(buf)) > 0)
+				;
+	return r > 0;
+}
+
+/* ---- connecting ---- */
+
+static void
+connect_frontend(const char *dir, unsigned domid, const char *proto)
+{
+	if (wait_backend(2, 10) != 2)
+		fail("backend never reached InitWait (state %ld)", xsr_int(be, "state", -1));
+	long max_order = xsr_int(be, "max-ring-page-order", 0);
+	long max_q = xsr_int(be, "multi-queue-max-queues", 1);
+	long ind = xsr_int(be, "feature-max-indirect-segments", 0);
+	if ((long)order > max_order || (long)nq > max_q)
+		fail("backend offers order %ld, %ld queues", max_order, max_q);
+	max_indirect = (unsigned)(max_indirect ? (ind < (long)max_indirect ? ind : (long)max_indirect) : 0);
+	if (order)
+		xsw(fe, "ring-page-order", "%u", order);
+	if (nq > 1)
+		xsw(fe, "multi-queue-num-queues", "%u", nq);
+	for (unsigned i = 0; i < nq; i++)
+		queue_setup(dir, domid, i);
+	xsw(fe, "protocol", "%s", proto);
+	xsw(fe, "state", "3");
+	if (wait_backend(4, 10) != 4)
+		fail("backend never reached Connected (state %ld)", xsr_int(be, "state", -1));
+	char *s = xsr(be, "sectors");
+	disk_sectors = s ? strtoull(s, NULL, 10) : 0;
+	free(s);
+	xsw(fe, "state", "4");
+}
+
+static void
+disconnect_frontend(void)
+{
+	xsw(fe, "state", "5");
+	if (wait_backend(5, 10) != 5)
+		fail("backend never reached Closing (state %ld)", xsr_int(be, "state", -1));
+	xsw(fe, "state", "6");
+	if (wait_backend(6, 10) != 6)
+		fail("backend never reached Closed (state %ld)", xsr_int(be, "state", -1));
+}
+
+/* ---- requests ---- */
+
+static struct pending *
+take_slot(struct queue *qq, uint64_t *id)
+{
+	if (!qq->nfree_ids)
+		fail("no free request slot");
+	uint32_t i = qq->free_ids[--qq->nfree_ids];
+	struct pending *p = &qq->pend[i];
+	memset(p, 0, sizeof(*p));
+	p->used = 1;
+	*id = i;
+	qq->inflight++;
+	return p;
+}
+
+static void
+give_slot(struct queue *qq, uint64_t id)
+{
+	struct pending *p = &qq->pend[id];
+	for (int i = 0; i < p->nsegs; i++)
+		gnt_put(p->refs[i]);
+	for (int i = 0; i < p->indirect_pages; i++)
+		gnt_put(p->refs[MAX_SEGS + i]);
+	p->used = 0;
+	qq->free_ids[qq->nfree_ids++] = (uint32_t)id;
+	qq->inflight--;
+}
+
+/* Lays a request of `sectors` over segments: random spans when `random_layout`. */
+static void
+layout(struct pending *p, uint64_t sectors, int random_layout)
+{
+	p->nsegs = 0;
+	while (sectors) {
+		unsigned first = random_layout ? (unsigned)(rnd() % 8) : 0;
+		unsigned room = 8 - first;
+		unsigned n = sectors < room ? (unsigned)sectors : room;
+		if (random_layout && n > 1)
+			n = 1 + (unsigned)(rnd() % n);
+		p->refs[p->nsegs] = gnt_get();
+		p->first[p->nsegs] = (uint8_t)first;
+		p->last[p->nsegs] = (uint8_t)(first + n - 1);
+		p->nsegs++;
+		sectors -= n;
+	}
+}
+
+/* Copies between a request's segments and a flat buffer. */
+static void
+seg_copy(struct pending *p, uint8_t *flat, int to_segs)
+{
+	size_t off = 0;
+	for (int i = 0; i < p->nsegs; i++) {
+		uint8_t *g = page(p->refs[i]) + p->first[i] * 512u;
+		size_t len = (size_t)(p->last[i] - p->first[i] + 1) * 512;
+		if (to_segs)
+			memcpy(g, flat + off, len);
+		else
+			memcpy(flat + off, g, len);
+		off += len;
+	}
+}
+
+static void
+submit(struct queue *qq, int op, uint64_t id, struct pending *p)
+{
+	uint8_t *e = req_slot(qq);
+	p->op = op;
+	if (p->nsegs > 11)
+		enc_indirect(e, op, (unsigned)p->nsegs, id, p->sector, p);
+	else
+		enc_rw(e, op, (unsigned)p->nsegs, id, p->sector, p);
+	qq->req_prod_pvt++;
+}
+
+/* ---- verify ---- */
+
+static uint8_t *shadow;		/* what the disk's region must hold */
+static uint8_t *busy;		/* sectors with a request in flight */
+static uint64_t region;		/* sectors */
+
+static const char *dump_path;
+
+static int
+range_free(uint64_t s, uint64_t n)
+{
+	for (uint64_t i = s; i < s + n; i++)
+		if (busy[i])
+			return 0;
+	return 1;
+}
+
+static int
+run_verify(double secs, int use_discard, unsigned max_sectors)
+{
+	uint64_t reads = 0, writes = 0, discards = 0, flushes = 0, errors = 0, mismatches = 0, indirect = 0;
+	uint64_t end = now_ns() + (uint64_t)(secs * 1e9);
+	uint8_t *flat = malloc((size_t)MAX_SEGS * 8 * 512);
+	struct response rs[512];
+
+	shadow = calloc(region, 512);
+	busy = calloc(region, 1);
+	/* the region starts zeroed, as the disks the tests use do */
+	for (;;) {
+		int submitted = 0;
+		for (unsigned qi = 0; qi < nq && now_ns() < end; qi++) {
+			struct queue *qq = &q[qi];
+			for (int tries = 0; tries < 64; tries++) {
+				uint64_t id;
+				if (!qq->nfree_ids)
+					break;
+				unsigned maxs = max_sectors;
+				uint64_t n = 1 + rnd() % maxs;
+				uint64_t s = rnd() % (region - n);
+				if (!range_free(s, n))
+					continue;
+				struct pending *p = take_slot(qq, &id);
+				p->sector = s;
+				p->sectors = n;
+				int kind = (int)(rnd() % 10);
+				if (kind == 9 && rnd() % 4 == 0) {
+					p->nsegs = 0;
+					submit(qq, OP_FLUSH, id, p);
+				} else if (use_discard && kind == 0) {
+					enc_discard(req_slot(qq), id, s, n, 0);
+					qq->req_prod_pvt++;
+					p->op = OP_DISCARD;
+				} else {
+					layout(p, n, 1);
+					if (p->nsegs > 11 && (!max_indirect || (unsigned)p->nsegs > max_indirect)) {
+						give_slot(qq, id);
+						continue;
+					}
+					if (kind < 5) {
+						for (uint64_t i = 0; i < n * 512; i++)
+							flat[i] = (uint8_t)rnd();
+						seg_copy(p, flat, 1);
+						memcpy(shadow + s * 512, flat, n * 512);	/* promised */
+						submit(qq, OP_WRITE, id, p);
+					} else {
+						submit(qq, OP_READ, id, p);
+					}
+					indirect += p->nsegs > 11;
+				}
+				memset(busy + s, 1, n);
+				submitted++;
+			}
+			kick(qq);
+		}
+		int any = 0;
+		for (unsigned qi = 0; qi < nq; qi++) {
+			struct queue *qq = &q[qi];
+			unsigned n = take_responses(qq, rs, 512);
+			for (unsigned k = 0; k < n; k++) {
+				any = 1;
+				if (rs[k].id >= qq->size || !qq->pend[rs[k].id].used)
+					fail("response for unknown id %ju", (uintmax_t)rs[k].id);
+				struct pending *p = &qq->pend[rs[k].id];
+				if (rs[k].status != 0) {
+					errors++;
+				} else if (p->op == OP_READ) {
+					seg_copy(p, flat, 0);
+					if (memcmp(flat, shadow + p->sector * 512, p->sectors * 512))
+						mismatches++;
+					reads++;
+				} else if (p->op == OP_DISCARD) {
+					discards++;
+				} else if (p->op == OP_FLUSH) {
+					flushes++;
+				} else {
+					writes++;
+				}
+				if (p->op == OP_DISCARD && rs[k].status == 0)
+					/* ram, raw and dynamic VHDs read zeros where discarded */
+					memset(shadow + p->sector * 512, 0, p->sectors * 512);
+				memset(busy + p->sector, 0, p->sectors);
+				give_slot(qq, rs[k].id);
+			}
+		}
+		unsigned inflight = 0;
+		for (unsigned qi = 0; qi < nq; qi++)
+			inflight += q[qi].inflight;
+		if (now_ns() >= end && !inflight)
+			break;
+		if (!any && !submitted)
+			if (!wait_events(2000) && inflight)
+				fail("no response for 2 s with %u requests in flight", inflight);
+	}
+	printf("{\"reads\": %ju, \"writes\": %ju, \"discards\": %ju, \"flushes\": %ju, "
+	       "\"indirect\": %ju, \"errors\": %ju, \"mismatches\": %ju}\n", (uintmax_t)reads,
+	       (uintmax_t)writes, (uintmax_t)discards, (uintmax_t)flushes,
+	       (uintmax_t)indirect, (uintmax_t)errors, (uintmax_t)mismatches);
+	if (dump_path) {
+		/* what the disk must now hold, for the tests to check with other tools */
+		FILE *f = fopen(dump_path, "wb");
+		if (!f || fwrite(shadow, 512, region, f) != region || fclose(f))
+			fail("cannot write %s", dump_path);
+	}
+	free(flat);
+	return errors || mismatches;
+}
+
+/* ---- barrier ordering ---- */
+
+static int
+run_barrier(unsigned rounds)
+{
+	struct queue *qq = &q[0];
+	struct response rs[8];
+	unsigned violations = 0;
+
+	for (unsigned r = 0; r < rounds; r++) {
+		uint64_t s = rnd() % (region - 8);
+		uint64_t ids[3];
+		struct pending *w1 = take_slot(qq, &ids[0]);
+		w1->sector = s;
+		w1->sectors = 8;
+		layout(w1, 8, 0);
+		memset(page(w1->refs[0]), 0x11, PAGE);
+		submit(qq, OP_WRITE, ids[0], w1);
+		struct pending *bar = take_slot(qq, &ids[1]);
+		bar->nsegs = 0;
+		submit(qq, OP_BARRIER, ids[1], bar);
+		struct pending *w2 = take_slot(qq, &ids[2]);
+		w2->sector = s;
+		w2->sectors = 8;
+		layout(w2, 8, 0);
+		memset(page(w2->refs[0]), 0x22, PAGE);
+		submit(qq, OP_WRITE, ids[2], w2);
+		kick(qq);
+		unsigned got = 0;
+		uint64_t order_seen[3];
+		while (got < 3) {
+			unsigned n = take_responses(qq, rs, 8);
+			for (unsigned k = 0; k < n; k++) {
+				if (rs[k].status)
+					fail("barrier round %u: request %ju failed", r, (uintmax_t)rs[k].id);
+				order_seen[got++] = rs[k].id;
+			}
+			if (!n && !wait_events(2000))
+				fail("barrier round %u: stuck", r);
+		}
+		/* the barrier answers after the first write, the second after the barrier */
+		if (order_seen[0] != ids[0] || order_seen[1] != ids[1] || order_seen[2] != ids[2])
+			violations++;
+		for (int i = 0; i < 3; i++)
+			give_slot(qq, ids[i]);
+		uint64_t id;
+		struct pending *rd = take_slot(qq, &id);
+		rd->sector = s;
+		rd->sectors = 8;
+		layout(rd, 8, 0);
+		submit(qq, OP_READ, id, rd);
+		kick(qq);
+		while (!take_responses(qq, rs, 1))
+			wait_events(2000);
+		if (page(rd->refs[0])[0] != 0x22 || page(rd->refs[0])[PAGE - 1] != 0x22)
+			violations++;
+		give_slot(qq, id);
+	}
+	printf("{\"rounds\": %u, \"violations\": %u}\n", rounds, violations);
+	return violations != 0;
+}
+
+/* ---- benchmark ---- */
+
+static int
+run_bench(double secs, unsigned bs, unsigned qd, int write, int seq)
+{
+	uint64_t done = 0, bytes = 0, errors = 0;
+	unsigned sectors = bs / 512;
+	uint64_t pos = 0;
+	struct response rs[1024];
+	uint64_t t0 = now_ns(), end = t0 + (uint64_t)(secs * 1e9);
+	unsigned per_q = (qd + nq - 1) / nq;
+
+	if (sectors > 8 * 11 && !max_indirect)
+		fail("%u-byte requests need indirect descriptors", bs);
+	/* each slot keeps its pages for the whole run */
+	while (now_ns() < end) {
+		for (unsigned qi = 0; qi < nq; qi++) {
+			struct queue *qq = &q[qi];
+			int n = 0;
+			while (qq->inflight < per_q && qq->inflight < qq->size) {
+				uint64_t id = 0;
+				struct pending *p = take_slot(qq, &id);
+				if (seq) {
+					p->sector = pos;
+					pos = (pos + sectors) % (region - sectors);
+				} else {
+					p->sector = (rnd() % (region / sectors)) * sectors;
+				}
+				p->sectors = sectors;
+				layout(p, sectors, 0);
+				submit(qq, write ? OP_WRITE : OP_READ, id, p);
+				n++;
+			}
+			if (n)
+				kick(qq);
+			unsigned got = take_responses(qq, rs, 1024);
+			for (unsigned k = 0; k < got; k++) {
+				if (rs[k].status)
+					errors++;
+				done++;
+				bytes += (uint64_t)sectors * 512;
+				give_slot(qq, rs[k].id);
+			}
+		}
+		wait_events(1);
+	}
+	double t = (double)(now_ns() - t0) / 1e9;
+	printf("{\"requests\": %ju, \"seconds\": %.3f, \"iops\": %.0f, \"gbps\": %.3f, \"errors\": %ju}\n",
+	       (uintmax_t)done, t, (double)done / t, (double)bytes / t / 1e9, (uintmax_t)errors);
+	return errors != 0;
+}
+
+/* ---- hostile requests ---- */
+
+/* Puts one raw entry on queue 0, waits for its response; returns its status. */
+static int
+one_raw(void (*fill)(uint8_t *e, uint64_t id, struct pending *p))
+{
+	struct queue *qq = &q[0];
+	struct response rs[4];
+	uint64_t id;
+	struct pending *p = take_slot(qq, &id);
+	fill(req_slot(qq), id, p);
+	qq->req_prod_pvt++;
+	kick(qq);
+	uint64_t end = now_ns() + 3000000000ull;
+	while (now_ns() < end) {
+		unsigned n = take_responses(qq, rs, 4);
+		for (unsigned k = 0; k < n; k++) {
+			if (rs[k].id != id)
+				fail("response for id %ju, expected %ju", (uintmax_t)rs[k].id, (uintmax_t)id);
+			give_slot(qq, id);
+			return rs[k].status;
+		}
+		wait_events(100);
+	}
+	return 1000;	/* no response */
+}
+
+static void f_zero_segs(uint8_t *e, uint64_t id, struct pending *p) { enc_rw(e, OP_READ, 0, id, 0, p); }
+static void
+f_twelve_segs(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 8, 0);
+	enc_rw(e, OP_READ, 1, id, 0, p);
+	e[1] = 12;
+}
+static void
+f_first_after_last(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 1, 0);
+	p->first[0] = 5;
+	p->last[0] = 2;
+	enc_rw(e, OP_READ, 1, id, 0, p);
+}
+static void
+f_last_past_page(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 1, 0);
+	p->last[0] = 8;
+	enc_rw(e, OP_READ, 1, id, 0, p);
+}
+static void
+f_past_end(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 8, 0);
+	enc_rw(e, OP_READ, 1, id, disk_sectors - 4, p);
+}
+static void
+f_huge_sector(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 8, 0);
+	enc_rw(e, OP_WRITE, 1, id, UINT64_MAX - 3, p);
+}
+static void
+f_bad_gref(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 8, 0);
+	gnt_put(p->refs[0]);
+	p->refs[0] = gnt.pages + 1000;	/* never granted */
+	p->nsegs = 0;
+	struct pending tmp = *p;
+	tmp.nsegs = 1;
+	enc_rw(e, OP_WRITE, 1, id, 0, &tmp);
+}
+static void f_unknown_op(uint8_t *e, uint64_t id, struct pending *p) { enc_rw(e, 42, 0, id, 0, p); }
+static void
+f_indirect_zero(uint8_t *e, uint64_t id, struct pending *p)
+{
+	(void)p;
+	memset(e, 0, req_size());
+	e[0] = OP_INDIRECT;
+	e[1] = OP_READ;
+	put64(e + (proto64 ? 8 : 4), id);
+}
+static void
+f_indirect_too_many(uint8_t *e, uint64_t id, struct pending *p)
+{
+	f_indirect_zero(e, id, p);
+	put16(e + 2, 4097);
+}
+static void
+f_indirect_bad_op(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 8, 0);
+	enc_indirect(e, 7, 1, id, 0, p);
+}
+static void
+f_indirect_bad_page(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 8, 0);
+	enc_indirect(e, OP_READ, 1, id, 0, p);
+	put32(e + (proto64 ? 28 : 24), gnt.pages + 7);
+}
+static void f_discard_secure(uint8_t *e, uint64_t id, struct pending *p) { (void)p; enc_discard(e, id, 0, 8, 1); }
+static void
+f_discard_past_end(uint8_t *e, uint64_t id, struct pending *p)
+{
+	(void)p;
+	enc_discard(e, id, disk_sectors - 2, 8, 0);
+}
+
+static const struct {
+	const char *name;
+	void (*fill)(uint8_t *, uint64_t, struct pending *);
+	int expect;
+} cases[] = {
+	{ "zero-segments", f_zero_segs, -1 },
+	{ "twelve-segments", f_twelve_segs, -1 },
+	{ "first-after-last", f_first_after_last, -1 },
+	{ "last-past-page", f_last_past_page, -1 },
+	{ "past-end", f_past_end, -1 },
+	{ "huge-sector", f_huge_sector, -1 },
+	{ "bad-gref", f_bad_gref, -1 },
+	{ "unknown-op", f_unknown_op, -2 },
+	{ "indirect-zero", f_indirect_zero, -1 },
+	{ "indirect-too-many", f_indirect_too_many, -1 },
+	{ "indirect-bad-op", f_indirect_bad_op, -1 },
+	{ "indirect-bad-page", f_indirect_bad_page, -1 },
+	{ "discard-secure", f_discard_secure, -2 },
+	{ "discard-past-end", f_discard_past_end, -1 },
+};
+
+static int
+run_malicious(const char *name)
+{
+	if (!strcmp(name, "producer-ahead")) {
+		/* a req_prod more than a ring ahead: the backend must drop the ring */
+		struct queue *qq = &q[0];
+		qq->req_prod_pvt += qq->size + 5;
+		*ix(qq, 0) = qq->req_prod_pvt;
+		char c = 1;
+		if (write(qq->to_be, &c, 1) < 0)
+			fail("notify");
+		long s = wait_backend(5, 5);
+		if (s != 5)
+			s = wait_backend(6, 1);
+		printf("{\"case\": \"%s\", \"backend_state\": %ld}\n", name, s);
+		return s != 5 && s != 6;
+	}
+	if (!strcmp(name, "garbage")) {
+		/* every entry random bytes: each must get some answer, none may hang */
+		struct queue *qq = &q[0];
+		struct response rs[64];
+		unsigned answered = 0, sent = 0;
+		for (unsigned round = 0; round < 50; round++) {
+			unsigned n = qq->size / 2;
+			for (unsigned i = 0; i < n; i++) {
+				uint8_t *e = req_slot(qq);
+				for (size_t b = 0; b < req_size(); b++)
+					e[b] = (uint8_t)rnd();
+				if (e[0] == OP_READ || e[0] == OP_WRITE || e[0] == OP_INDIRECT)
+					e[1] = (uint8_t)(e[1] % 16);	/* some valid-looking */
+				put64(e + (proto64 ? 8 : 4), 1000000 + sent);
+				qq->req_prod_pvt++;
+				sent++;
+			}
+			kick(qq);
+			uint64_t end = now_ns() + 3000000000ull;
+			while (answered < sent && now_ns() < end) {
+				unsigned k = take_responses(qq, rs, 64);
+				answered += k;
+				if (!k)
+					wait_events(50);
+			}
+		}
+		printf("{\"case\": \"garbage\", \"sent\": %u, \"answered\": %u}\n", sent, answered);
+		return answered != sent;
+	}
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		if (strcmp(cases[i].name, name))
+			continue;
+		int st = one_raw(cases[i].fill);
+		/* the ring still serves a good request afterwards */
+		struct pending *p;
+		uint64_t id;
+		struct response rs[2];
+		p = take_slot(&q[0], &id);
+		p->sector = 0;
+		p->sectors = 8;
+		layout(p, 8, 0);
+		submit(&q[0], OP_READ, id, p);
+		kick(&q[0]);
+		int good = 0;
+		for (int t = 0; t < 30 && !good; t++) {
+			if (take_responses(&q[0], rs, 1))
+				good = rs[0].status == 0 ? 1 : -1;
+			else
+				wait_events(100);
+		}
+		printf("{\"case\": \"%s\", \"status\": %d, \"expected\": %d, \"after\": %d}\n", name,
+		       st, cases[i].expect, good);
+		return st != cases[i].expect || good != 1;
+	}
+	fail("unknown case %s", name);
+}
+
+/* ---- probing: what the backend advertises, one read, one write ---- */
+
+static int
+one_io(int op)
+{
+	struct pending *p;
+	uint64_t id;
+	struct response rs[1];
+	p = take_slot(&q[0], &id);
+	p->sector = 8;
+	p->sectors = 8;
+	layout(p, 8, 0);
+	submit(&q[0], op, id, p);
+	kick(&q[0]);
+	for (int t = 0; t < 50; t++) {
+		if (take_responses(&q[0], rs, 1)) {
+			give_slot(&q[0], id);
+			return rs[0].status;
+		}
+		wait_events(100);
+	}
+	fail("probe: no answer");
+}
+
+static int
+run_probe(void)
+{
+	static const char *keys[] = {
+		"sectors", "info", "sector-size", "physical-sector-size", "feature-flush-cache",
+		"feature-barrier", "feature-discard", "discard-granularity",
+		"feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues",
+	};
+	printf("{");
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+		printf("\"%s\": %ld, ", keys[i], xsr_int(be, keys[i], -1));
+	int r = one_io(OP_READ);
+	int w = one_io(OP_WRITE);
+	printf("\"read\": %d, \"write\": %d}\n", r, w);
+	return 0;
+}
+
+/* ---- holding requests, then vanishing ---- */
+
+static int
+run_hold(double secs, unsigned qd)
+{
+	struct queue *qq = &q[0];
+	unsigned n = 0;
+	while (qq->inflight < qd && qq->inflight < qq->size) {
+		uint64_t id;
+		struct pending *p = take_slot(qq, &id);
+		p->sector = (rnd() % (region / 8)) * 8;
+		p->sectors = 8;
+		layout(p, 8, 0);
+		submit(qq, rnd() & 1 ? OP_WRITE : OP_READ, id, p);
+		n++;
+	}
+	kick(qq);
+	usleep((useconds_t)(secs * 1e6));
+	printf("{\"submitted\": %u}\n", n);
+	return 0;	/* exit without answering anything: the guest is gone */
+}
+
+int
+main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "dir", 1, 0, 'D' }, { "domid", 1, 0, 'd' }, { "devid", 1, 0, 'v' },
+		{ "backend", 1, 0, 'b' }, { "verify", 1, 0, 'V' }, { "bench", 0, 0, 'B' },
+		{ "barrier", 1, 0, 'R' }, { "malicious", 1, 0, 'M' }, { "hold", 1, 0, 'H' },
+		{ "queues", 1, 0, 'q' }, { "order", 1, 0, 'o' }, { "proto", 1, 0, 'p' },
+		{ "indirect", 0, 0, 'i' }, { "mem-mb", 1, 0, 'm' }, { "region-mb", 1, 0, 'r' },
+		{ "discard", 0, 0, 'x' }, { "bs", 1, 0, 's' }, { "qd", 1, 0, 'Q' },
+		{ "rw", 1, 0, 'w' }, { "seconds", 1, 0, 'S' }, { "seed", 1, 0, 'e' },
+		{ "max-sectors", 1, 0, 'X' }, { "probe", 0, 0, 'P' },
+		{ "dump", 1, 0, 'U' },
+		{ 0, 0, 0, 0 },
+	};
+	const char *dir = NULL, *bpath = NULL, *proto = "x86_64-abi", *mal = NULL, *rw = "randread";
+	unsigned domid = 1, devid = 51712, mem_mb = 64, region_mb = 16, bs = 4096, qd = 32;
+	unsigned barrier = 0, max_sectors = 64;
+	double verify = 0, hold = 0, secs = 5;
+	int bench = 0, discard = 0, probe = 0, c;
+
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 'D': dir = optarg; break;
+		case 'd': domid = (unsigned)atoi(optarg); break;
+		case 'v': devid = (unsigned)atoi(optarg); break;
+		case 'b': bpath = optarg; break;
+		case 'V': verify = atof(optarg); break;
+		case 'B': bench = 1; break;
+		case 'R': barrier = (unsigned)atoi(optarg); break;
+		case 'M': mal = optarg; break;
+		case 'H': hold = atof(optarg); break;
+		case 'q': nq = (unsigned)atoi(optarg); break;
+		case 'o': order = (unsigned)atoi(optarg); break;
+		case 'p': proto = !strcmp(optarg, "x86_32") ? "x86_32-abi" : "x86_64-abi"; break;
+		case 'i': max_indirect = MAX_SEGS; break;
+		case 'm': mem_mb = (unsigned)atoi(optarg); break;
+		case 'r': region_mb = (unsigned)atoi(optarg); break;
+		case 'x': discard = 1; break;
+		case 's': bs = (unsigned)atoi(optarg); break;
+		case 'Q': qd = (unsigned)atoi(optarg); break;
+		case 'w': rw = optarg; break;
+		case 'S': secs = atof(optarg); break;
+		case 'e': rng_state = strtoull(optarg, NULL, 10) | 1; break;
+		case 'X': max_sectors = (unsigned)atoi(optarg); break;
+		case 'P': probe = 1; break;
+		case 'U': dump_path = optarg; break;
+		default: fail("bad option");
+		}
+	}
+	if (!dir || !bpath || nq < 1 || nq > MAX_QUEUES || order > 4)
+		fail("usage: see the header of blkfront_sim.c");
+	proto64 = strcmp(proto, "x86_32-abi") != 0;
+	snprintf(be, sizeof(be), "%s", bpath);
+	snprintf(fe, sizeof(fe), "/local/domain/%u/device/vbd/%u", domid, devid);
+	xs = xs_open(0);
+	if (!xs)
+		fail("xs_open: %s", strerror(errno));
+	gnt_init(dir, domid, mem_mb);
+	xsw(fe, "backend", "%s", be);
+	xsw(fe, "backend-id", "0");
+	xsw(fe, "state", "1");
+	connect_frontend(dir, domid, proto);
+	region = (uint64_t)region_mb << 11;
+	if (region > disk_sectors)
+		region = disk_sectors;
+	int rc;
+	if (verify > 0)
+		rc = run_verify(verify, discard, max_sectors);
+	else if (bench)
+		rc = run_bench(secs, bs, qd, strstr(rw, "write") != NULL, strncmp(rw, "rand", 4) != 0);
+	else if (barrier)
+		rc = run_barrier(barrier);
+	else if (mal)
+		rc = run_malicious(mal);
+	else if (hold > 0)
+		return run_hold(hold, qd);
+	else if (probe)
+		rc = run_probe();
+	else
+		rc = 0;
+	if (!mal || strcmp(mal, "producer-ahead"))
+		disconnect_frontend();
+	xs_close(xs);
+	return rc;
+}
