@@ -34,10 +34,11 @@ struct blkif_ring {
 	size_t entry;
 	uint8_t *sring;
 	struct xport_evtchn *evt;
-	struct event *ev, *push_ev;
+	struct event *ev, *push_ev, *dead_ev;
 	uint32_t req_cons, rsp_prod_pvt;
 	unsigned inflight;		/* consumed, not yet answered */
 	int dead;
+	int broken;			/* the guest broke the ring: consume nothing more */
 	int barrier;			/* consumption stopped for a barrier */
 	struct blkif_req *barrier_req;	/* waiting for the ring to drain */
 	void (*on_dead)(void *arg);
@@ -142,6 +143,8 @@ ring_free(struct blkif_ring *r)
 		event_free(r->ev);
 	if (r->push_ev)
 		event_free(r->push_ev);
+	if (r->dead_ev)
+		event_free(r->dead_ev);
 	free(r);
 }
 
@@ -497,15 +500,26 @@ handle_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 
 /* ---- consuming the ring ---- */
 
+/* Tells the device, from a loop turn of its own (never from inside ring code). */
+static void
+ring_on_dead(evutil_socket_t fd, short what, void *arg)
+{
+	struct blkif_ring *r = arg;
+	(void)fd;
+	(void)what;
+	if (!r->dead && r->on_dead)
+		r->on_dead(r->arg);	/* the device disconnects us */
+}
+
 static void
 ring_kill(struct blkif_ring *r, const char *why)
 {
+	if (r->broken)
+		return;
 	log_warn("blkif d%u ring %d: %s; disconnecting the ring", r->domid, r->index, why);
 	r->stats.errors_msg++;
-	void (*dead)(void *) = r->on_dead;
-	r->on_dead = NULL;
-	if (dead)
-		dead(r->arg);	/* the device disconnects us */
+	r->broken = 1;
+	event_active(r->dead_ev, 0, 0);
 }
 
 static void
@@ -514,7 +528,7 @@ ring_process(struct blkif_ring *r)
 	uint8_t entry[128];
 	struct blkif_raw_req raw;
 
-	while (!r->dead && !r->barrier) {
+	while (!r->dead && !r->broken && !r->barrier) {
 		uint32_t prod = load(r, REQ_PROD);
 		/* the guest may have at most a ring's worth outstanding */
 		if ((uint32_t)(prod - r->rsp_prod_pvt) > r->size ||
@@ -600,7 +614,8 @@ blkif_ring_connect(struct server *srv, struct xport *port, struct vbd *vbd,
 	r->rsp_prod_pvt = r->req_cons;
 	r->ev = event_new(srv->base, port->ops->fd(r->evt), EV_READ | EV_PERSIST, ring_on_event, r);
 	r->push_ev = event_new(srv->base, -1, 0, ring_push, r);
-	if (!r->ev || !r->push_ev || event_add(r->ev, NULL) < 0) {
+	r->dead_ev = event_new(srv->base, -1, 0, ring_on_dead, r);
+	if (!r->ev || !r->push_ev || !r->dead_ev || event_add(r->ev, NULL) < 0) {
 		snprintf(err, errlen, "out of memory");
 		port->ops->unbind(r->evt);
 		port->ops->unmap(port, r->domid, r->sring, r->nr_pages);

@@ -50,6 +50,7 @@
 
 #include "bufpool.h"
 #include "fuzz_common.h"
+#include "fuzz_server.h"
 #include "io.h"
 #include "log.h"
 #include "nbd.h"
@@ -88,63 +89,13 @@ static char state_dir[] = "/tmp/tapdiskd-fuzz-nbd-XXXXXX";
 
 /* ---- setup ---- */
 
-struct wait {
-	int done, err;
-	char msg[256];
-};
-
-static void
-wait_done(void *arg, int err, const char *msg)
-{
-	struct wait *w = arg;
-	w->done = 1;
-	w->err = err;
-	snprintf(w->msg, sizeof(w->msg), "%s", msg ? msg : "");
-}
-
 static void
 setup(void)
 {
-	char err[256];
-
-	log_init("fuzz_nbd", 0, LOG_LVL_ERR);
-	signal(SIGPIPE, SIG_IGN);
-	/*
-	 * A fresh name for the state directory, which is then removed at once:
-	 * the harness opens vbds without their NBD sockets, so the server only
-	 * ever prints this path, and nothing is left behind, even after a crash
-	 * (anything that did try to create a file there would just fail).
-	 */
-	if (!mkdtemp(state_dir))
-		fz_fail("mkdtemp: %s", strerror(errno));
-	rmdir(state_dir);
-
-	srv.base = event_base_new();
-	if (!srv.base)
-		fz_fail("event_base_new failed");
-	srv.io = io_engine_new(srv.base, "threads", err, sizeof(err));
-	if (!srv.io)
-		fz_fail("io_engine_new: %s", err);
-	srv.pool = bufpool_new(8u << 20);
-	srv.state_dir = state_dir;
-	srv.pid = getpid();
-	srv.minors = calloc(SERVER_MAX_MINORS, sizeof(*srv.minors));
-	srv.started = time(NULL);
+	fz_server_setup(&srv, "fuzz_nbd", state_dir, vbd_params, vbd_flags, NR_VBDS);
 	srv.nbd = nbd_server_new(&srv);
-	if (!srv.pool || !srv.minors || !srv.nbd)
+	if (!srv.nbd)
 		fz_fail("out of memory");
-
-	/* vbd_open, not server_open_vbd: no socket in the state directory */
-	for (int m = 0; m < NR_VBDS; m++) {
-		struct wait w = { 0 };
-		int rc = vbd_open(&srv, m, vbd_params[m], vbd_flags[m], wait_done, &w);
-		if (rc < 0)
-			fz_fail("vbd_open %s: %s", vbd_params[m], strerror(-rc));
-		while (!w.done)
-			event_base_loop(srv.base, EVLOOP_ONCE);
-		if (w.err)
-			fz_fail("vbd_open %s: %s", vbd_params[m], w.msg);
-	}
 }
 
 int
@@ -974,11 +925,11 @@ static void
 set_paused(int paused)
 {
 	for (int m = 0; m < NR_VBDS; m++) {
-		struct wait w = { 0 };
+		struct fz_wait w = { 0 };
 		if (paused)
-			vbd_pause(srv.minors[m], wait_done, &w);
+			vbd_pause(srv.minors[m], fz_wait_done, &w);
 		else if (srv.minors[m]->state & VBD_PAUSED)
-			vbd_unpause(srv.minors[m], NULL, wait_done, &w);
+			vbd_unpause(srv.minors[m], NULL, fz_wait_done, &w);
 		else
 			continue;	/* closed and reopened meanwhile */
 		fz_settle(srv.base);
@@ -1052,7 +1003,7 @@ wait_for(const int *flag)
 
 struct closer {
 	int minor, force;
-	struct wait w;
+	struct fz_wait w;
 };
 
 static void
@@ -1061,7 +1012,7 @@ close_cb(evutil_socket_t fd, short what, void *arg)
 	struct closer *c = arg;
 	(void)fd;
 	(void)what;
-	vbd_close(srv.minors[c->minor], c->force, 0, wait_done, &c->w);
+	vbd_close(srv.minors[c->minor], c->force, 0, fz_wait_done, &c->w);
 }
 
 /*
@@ -1073,7 +1024,7 @@ static void
 close_and_reopen(int minor, int force)
 {
 	struct closer c = { minor, force, { 0 } };
-	struct wait w = { 0 };
+	struct fz_wait w = { 0 };
 
 	if (event_base_once(srv.base, -1, EV_TIMEOUT, close_cb, &c, NULL) < 0)
 		fz_fail("event_base_once failed");
@@ -1086,7 +1037,7 @@ close_and_reopen(int minor, int force)
 	fz_settle(srv.base);
 	if (!srv.minors[minor] || !(srv.minors[minor]->state & VBD_CLOSED))
 		fz_fail("minor %d: not closed after close", minor);
-	int rc = vbd_open(&srv, minor, vbd_params[minor], vbd_flags[minor], wait_done, &w);
+	int rc = vbd_open(&srv, minor, vbd_params[minor], vbd_flags[minor], fz_wait_done, &w);
 	if (rc < 0)
 		fz_fail("reopening minor %d: %s", minor, strerror(-rc));
 	wait_for(&w.done);

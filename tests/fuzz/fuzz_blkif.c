@@ -1,0 +1,389 @@
+/*
+ * libFuzzer target: one blkif ring (server/xen/ring.c) on a guest whose
+ * whole memory comes from the input, through an in-process port (grant
+ * reference R is page R of that memory; the event channel is an eventfd),
+ * against a ram vbd. Minor 0 is ram:1M read-write, minor 1 ram:1M read-only.
+ *
+ * Input layout:
+ *   byte 0  mode
+ *     0x01  x86_32 layout (else x86_64)
+ *     0x06  ring order (mode >> 1) & 3: 1, 2, 4 or 8 pages
+ *     0x08  the read-only vbd
+ *     0x10  disconnect the ring while its requests are in flight
+ *     0x20  req_prod comes from the next 4 bytes (else: the entry count)
+ *     0x40  a second batch: the guest answers nothing and sends the same
+ *           entries again (indices run on past the first batch)
+ *   byte 1  entry count N
+ *   [4]     req_prod (mode 0x20), little-endian
+ *   N entries of the layout's request size, placed from slot 0 on
+ *   rest    guest pages from page 8 on (indirect descriptors, data)
+ *
+ * Checks: every request consumed gets exactly one response, with its id and
+ * op, and a status of OKAY, ERROR or EOPNOTSUPP; the ring is dropped only
+ * when the guest's index runs ahead; nothing is left in flight in the vbd
+ * afterwards; ASan and UBSan see every access. (A guest that reads disk data
+ * into its own ring pages rewrites its indices and entries: then only the
+ * last two checks hold.)
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "blkif_abi.h"
+#include "fuzz_common.h"
+#include "fuzz_server.h"
+#include "port.h"
+#include "ring.h"
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define M_X86_32	0x01
+#define M_ORDER(m)	(((m) >> 1) & 3)
+#define M_READONLY	0x08
+#define M_DISCONNECT	0x10
+#define M_RAW_PROD	0x20
+#define M_TWICE		0x40
+
+#define GUEST_PAGES	64
+#define DATA_PAGE	8	/* first page after the largest ring we make */
+
+#define NR_VBDS 2
+static const char *const vbd_params[NR_VBDS] = { "ram:1M", "ram:1M" };
+static const unsigned vbd_flags[NR_VBDS] = { 0, VBD_OPEN_READONLY };
+
+static struct server srv;
+static char state_dir[] = "/tmp/tapdiskd-fuzz-blkif-XXXXXX";
+static uint8_t *guest;		/* GUEST_PAGES pages, page aligned */
+
+/* ---- the port: the guest's memory is ours ---- */
+
+struct fz_evtchn {
+	int fd;
+};
+
+static unsigned notifies;
+static unsigned ring_pages;	/* refs below this are the ring's own pages */
+static int clobbered;		/* a read landed on the ring: its contents are the disk's */
+static int guest_evtchn_fd = -1;	/* the backend's end: a write is a kick */
+
+static void *
+fz_map(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
+{
+	(void)p;
+	(void)domid;
+	/* a ring is mapped from consecutive pages here: the harness grants them so */
+	for (unsigned i = 0; i < n; i++)
+		if (refs[i] != refs[0] + i || refs[i] >= GUEST_PAGES) {
+			errno = EINVAL;
+			return NULL;
+		}
+	return guest + (size_t)refs[0] * XEN_PAGE_SIZE;
+}
+
+static void
+fz_unmap(struct xport *p, uint32_t domid, void *addr, unsigned n)
+{
+	(void)p;
+	(void)domid;
+	(void)addr;
+	(void)n;
+}
+
+static int
+fz_copy(struct xport *p, uint32_t domid, struct xport_copy *segs, unsigned n)
+{
+	(void)p;
+	(void)domid;
+	for (unsigned i = 0; i < n; i++) {
+		struct xport_copy *c = &segs[i];
+		if (c->ref >= GUEST_PAGES || (unsigned)c->offset + c->len > XEN_PAGE_SIZE) {
+			c->status = -1;
+			continue;
+		}
+		uint8_t *g = guest + (size_t)c->ref * XEN_PAGE_SIZE + c->offset;
+		if (c->to_guest && c->ref < ring_pages)
+			clobbered = 1;	/* a guest may grant its ring page as a buffer */
+		if (c->to_guest)
+			memcpy(g, c->buf, c->len);
+		else
+			memcpy(c->buf, g, c->len);
+		c->status = 0;
+	}
+	return 0;
+}
+
+static struct xport_evtchn *
+fz_bind(struct xport *p, uint32_t domid, uint32_t port)
+{
+	(void)p;
+	(void)domid;
+	(void)port;
+	struct fz_evtchn *e = malloc(sizeof(*e));
+	if (!e)
+		return NULL;
+	e->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (e->fd < 0) {
+		free(e);
+		return NULL;
+	}
+	guest_evtchn_fd = e->fd;
+	return (struct xport_evtchn *)e;
+}
+
+static void
+fz_unbind(struct xport_evtchn *xe)
+{
+	struct fz_evtchn *e = (struct fz_evtchn *)xe;
+	close(e->fd);
+	if (e->fd == guest_evtchn_fd)
+		guest_evtchn_fd = -1;
+	free(e);
+}
+
+static int
+fz_fd(struct xport_evtchn *xe)
+{
+	return ((struct fz_evtchn *)xe)->fd;
+}
+
+static int
+fz_pending(struct xport_evtchn *xe)
+{
+	uint64_t v;
+	return read(((struct fz_evtchn *)xe)->fd, &v, sizeof(v)) == sizeof(v);
+}
+
+static int
+fz_notify(struct xport_evtchn *xe)
+{
+	(void)xe;
+	notifies++;
+	return 0;
+}
+
+static const struct xport_ops fz_port_ops = {
+	.name = "fuzz", .map = fz_map, .unmap = fz_unmap, .copy = fz_copy,
+	.bind = fz_bind, .unbind = fz_unbind, .fd = fz_fd, .pending = fz_pending,
+	.notify = fz_notify,
+};
+static struct xport fz_port = { &fz_port_ops };
+
+/* ---- the guest's side of the ring, written from blkif.h ---- */
+
+static uint32_t
+rd32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t
+rd64(const uint8_t *p)
+{
+	return rd32(p) | (uint64_t)rd32(p + 4) << 32;
+}
+
+struct want {
+	uint64_t id;
+	uint8_t op;
+	int answered;
+};
+
+static struct blkif_ring *ring;	/* connected, not yet disconnected */
+static int ring_died;
+
+/* As xenbus does: a broken ring is disconnected at once. */
+static void
+ring_dead(void *arg)
+{
+	(void)arg;
+	ring_died = 1;
+	blkif_ring_disconnect(ring);
+	ring = NULL;
+}
+
+static void
+kick(void)
+{
+	uint64_t one = 1;
+	if (guest_evtchn_fd < 0 || write(guest_evtchn_fd, &one, sizeof(one)) != sizeof(one))
+		fz_fail("kick: %s", strerror(errno));
+	event_base_loop(srv.base, EVLOOP_NONBLOCK);	/* the loop sees the fd */
+}
+
+static void
+store_idx(int which, uint32_t v)
+{
+	__atomic_store_n((uint32_t *)(guest + 4 * which), v, __ATOMIC_RELEASE);
+}
+
+static uint32_t
+load_idx(int which)
+{
+	return __atomic_load_n((uint32_t *)(guest + 4 * which), __ATOMIC_ACQUIRE);
+}
+
+enum { REQ_PROD, REQ_EVENT, RSP_PROD, RSP_EVENT };
+
+/*
+ * Matches the responses in slots [from, to) against the requests the
+ * backend consumed: each request answered once, with its id and op.
+ * (Both layouts put id at 0, op at 8, status at 10 in a response.)
+ */
+static void
+check_responses(uint32_t from, uint32_t to, unsigned size, size_t entry, struct want *w,
+		unsigned nw)
+{
+	for (uint32_t i = from; i != to; i++) {
+		const uint8_t *e = guest + BLKIF_RING_HEADER + (i & (size - 1)) * entry;
+		uint64_t id = rd64(e);
+		uint8_t op = e[8];
+		int16_t st = (int16_t)(e[10] | e[11] << 8);
+		if (st != BLKIF_RSP_OKAY && st != BLKIF_RSP_ERROR && st != BLKIF_RSP_EOPNOTSUPP)
+			fz_fail("response %u: status %d", i, st);
+		unsigned k;
+		for (k = 0; k < nw; k++)
+			if (!w[k].answered && w[k].id == id && w[k].op == op)
+				break;
+		if (k == nw)
+			fz_fail("response %u: id %ju op %u answers no outstanding request", i,
+				(uintmax_t)id, op);
+		w[k].answered = 1;
+	}
+}
+
+int
+LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+	(void)argc;
+	(void)argv;
+	fz_server_setup(&srv, "fuzz_blkif", state_dir, vbd_params, vbd_flags, NR_VBDS);
+	if (posix_memalign((void **)&guest, XEN_PAGE_SIZE, (size_t)GUEST_PAGES * XEN_PAGE_SIZE))
+		fz_fail("out of memory");
+	return 0;
+}
+
+/* One batch: entries[0..n) go into slots base.., req_prod moves to base + count. */
+static void
+send_batch(const uint8_t *entries, unsigned n, uint32_t base, uint32_t count, unsigned size,
+	   size_t entry, int proto, struct want *w, unsigned *nw)
+{
+	size_t id_off = proto == BLKIF_PROTO_X86_32 ? 4 : 8;
+	for (uint32_t i = 0; i < count && i < size; i++) {
+		uint8_t *slot = guest + BLKIF_RING_HEADER + ((base + i) & (size - 1)) * entry;
+		if (i < n)
+			memcpy(slot, entries + i * entry, entry);
+		else
+			memset(slot, 0, entry);	/* a zero entry: a READ of no segments */
+		w[*nw].id = rd64(slot + id_off);
+		w[*nw].op = slot[0];
+		w[*nw].answered = 0;
+		(*nw)++;
+	}
+	store_idx(REQ_PROD, base + count);
+	kick();
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	char err[256];
+
+	if (size < 2)
+		return 0;
+	uint8_t mode = data[0];
+	unsigned n = data[1];
+	int proto = mode & M_X86_32 ? BLKIF_PROTO_X86_32 : BLKIF_PROTO_X86_64;
+	unsigned pages = 1u << M_ORDER(mode);
+	size_t entry = blkif_entry_size(proto);
+	unsigned rsize = blkif_ring_entries(proto, pages);
+	size_t off = 2;
+	uint32_t count = n;
+
+	if (mode & M_RAW_PROD) {
+		if (size < off + 4)
+			return 0;
+		count = rd32(data + off);
+		off += 4;
+	}
+	unsigned have = (unsigned)((size - off) / entry);
+	if (n > have)
+		n = have;
+	const uint8_t *entries = data + off;
+	off += (size_t)n * entry;
+	memset(guest, 0, (size_t)GUEST_PAGES * XEN_PAGE_SIZE);
+	if (off < size) {
+		size_t left = size - off, room = (size_t)(GUEST_PAGES - DATA_PAGE) * XEN_PAGE_SIZE;
+		memcpy(guest + (size_t)DATA_PAGE * XEN_PAGE_SIZE, data + off,
+		       left < room ? left : room);
+	}
+	store_idx(RSP_EVENT, 1);	/* the guest wants to hear of responses */
+
+	struct blkif_ring_cfg cfg = { .domid = 7, .nr_pages = pages, .evtchn = 3,
+				      .proto = proto, .index = 0 };
+	for (unsigned i = 0; i < pages; i++)
+		cfg.refs[i] = i;
+	struct vbd *vbd = srv.minors[mode & M_READONLY ? 1 : 0];
+	ring_died = 0;
+	clobbered = 0;
+	ring_pages = pages;
+	ring = blkif_ring_connect(&srv, &fz_port, vbd, &cfg, ring_dead, NULL, err, sizeof(err));
+	if (!ring)
+		fz_fail("blkif_ring_connect: %s", err);
+
+	struct want *w = calloc(2 * (size_t)rsize, sizeof(*w));
+	unsigned nw = 0;
+	if (!w)
+		fz_fail("out of memory");
+	send_batch(entries, n, 0, count, rsize, entry, proto, w, &nw);
+	if ((mode & M_DISCONNECT) && ring) {
+		event_base_loop(srv.base, EVLOOP_NONBLOCK);	/* requests now in flight */
+		blkif_ring_disconnect(ring);
+		ring = NULL;
+	}
+	fz_settle(srv.base);
+	uint32_t rsp = load_idx(RSP_PROD);
+	int ahead = count > rsize;
+	if (ahead && !ring_died && !(mode & M_DISCONNECT))
+		fz_fail("req_prod %u ahead of a %u-entry ring, and the ring lives on", count, rsize);
+	if (!clobbered) {
+		if (!ahead && ring_died)
+			fz_fail("the ring was dropped for %u requests on a %u-entry ring", count,
+				rsize);
+		if (!ring_died && !(mode & M_DISCONNECT) && rsp != count)
+			fz_fail("%u requests, %u responses", count, rsp);
+		check_responses(0, rsp, rsize, entry, w, nw);
+	}
+
+	if (ring && !clobbered && (mode & M_TWICE)) {
+		/* the guest takes its answers and sends the same again */
+		uint32_t base = rsp;
+		nw = 0;
+		memset(w, 0, 2 * (size_t)rsize * sizeof(*w));
+		send_batch(entries, n, base, count, rsize, entry, proto, w, &nw);
+		fz_settle(srv.base);
+		uint32_t rsp2 = load_idx(RSP_PROD);
+		if (!clobbered) {
+			if (ring_died || rsp2 != base + count)
+				fz_fail("second batch: %u requests, %u responses", count, rsp2 - base);
+			check_responses(base, rsp2, rsize, entry, w, nw);
+		}
+	}
+	if (ring) {
+		blkif_ring_disconnect(ring);
+		ring = NULL;
+	}
+	fz_settle(srv.base);
+	for (int m = 0; m < NR_VBDS; m++)
+		if (srv.minors[m]->nr_inflight)
+			fz_fail("minor %d: %u requests still in flight", m, srv.minors[m]->nr_inflight);
+	if (guest_evtchn_fd >= 0)
+		fz_fail("the event channel is still bound");
+	free(w);
+	return 0;
+}
