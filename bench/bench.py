@@ -2,7 +2,8 @@
 """make bench: the same fio workloads (nbd engine, UNIX socket, a 1 GiB raw
 image on /dev/shm) against tapdiskd, qemu-storage-daemon and nbdkit's file
 plugin, one after the other in one run; then tapdiskd's memory: idle RSS
-and RSS with 100 open vbds. Prints a markdown report (ratios tapdiskd/peer)
+and RSS with 100 open vbds; then the blkif ring benchmark (bench/ring.py;
+`--only ring` runs just that). Prints a markdown report (ratios tapdiskd/peer)
 and writes it to bench/out/latest.md. Numbers are only comparable within
 one run on one machine."""
 
@@ -18,6 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ring import ring_bench  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "build", "bin")
@@ -214,7 +218,16 @@ def main():
     ap.add_argument("--engine", default="uring")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
+    ap.add_argument("--only", choices=["all", "ring"], default="all")
     a = ap.parse_args()
+    if a.only == "ring":
+        tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
+        try:
+            table = ring_bench(tmp, a.runtime, a.rounds)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print("Machine: %s\n\n%s" % (machine(), table))
+        return
 
     tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
     image = os.path.join(tmp, "bench.img")
@@ -242,6 +255,7 @@ def main():
                       file=sys.stderr)
         vhd = vhd_bench(tmp, a.engine, a.runtime, a.rounds)
         idle, hundred = memory(tmp, a.engine)
+        ring = ring_bench(tmp, a.runtime, a.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -276,6 +290,8 @@ def main():
     lines.append("|---|---|---|")
     lines.append("| idle | %.1f MB | < 8 MB |" % (idle / 1024))
     lines.append("| 100 open vbds | %.1f MB | < 64 MB |" % (hundred / 1024))
+    lines.append("")
+    lines.append(ring)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:

@@ -51,8 +51,9 @@ sim_domain_drop(struct sim *s, struct sim_domain *d)
 	*d = s->doms[--s->nr];
 }
 
+/* Domain domid's memory, mapped again if page `need` lies past what we have. */
 static struct sim_domain *
-sim_domain(struct sim *s, uint32_t domid)
+sim_domain(struct sim *s, uint32_t domid, uint64_t need)
 {
 	char path[4096];
 	struct stat st;
@@ -62,6 +63,8 @@ sim_domain(struct sim *s, uint32_t domid)
 		struct sim_domain *d = &s->doms[i];
 		if (d->domid != domid)
 			continue;
+		if (need < d->pages)
+			return d;
 		/* the frontend may have grown its memory since: look again */
 		if (fstat(d->fd, &st) == 0 && (size_t)st.st_size / XEN_PAGE_SIZE == d->pages)
 			return d;
@@ -101,7 +104,10 @@ static void *
 sim_map(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
 {
 	struct sim *s = (struct sim *)p;
-	struct sim_domain *d = sim_domain(s, domid);
+	uint32_t top = 0;
+	for (unsigned i = 0; i < n; i++)
+		top = refs[i] > top ? refs[i] : top;
+	struct sim_domain *d = sim_domain(s, domid, top);
 
 	if (!d)
 		return NULL;
@@ -140,7 +146,10 @@ static int
 sim_copy(struct xport *p, uint32_t domid, struct xport_copy *segs, unsigned n)
 {
 	struct sim *s = (struct sim *)p;
-	struct sim_domain *d = sim_domain(s, domid);
+	uint32_t top = 0;
+	for (unsigned i = 0; i < n; i++)
+		top = segs[i].ref > top ? segs[i].ref : top;
+	struct sim_domain *d = sim_domain(s, domid, top);
 
 	if (!d)
 		return -errno;

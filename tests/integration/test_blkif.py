@@ -56,6 +56,25 @@ def test_protocols_rings_and_queues(xen, proto, order, queues, indirect):
     assert "%d queue" % queues in log and "protocol %s" % proto in log
 
 
+def test_thousands_of_requests_in_flight(xen):
+    """A paused vbd holds every request a 4-queue, 16-page guest can send."""
+    m = ram(xen, "256M")
+    be = xen.attach(m)
+    wait_for(lambda: xen.state(be) == 2, what="InitWait")
+    xen.srv.call("pause", minor=m)
+    guest = xen.sim_bg(be, "--verify", 3, "--order", 4, "--queues", 4, "--region-mb", 128,
+                       "--max-sectors", 8, "--patience", 60 * SLOW)
+    wait_for(lambda: xen.srv.stats(m).get("reqs_queued", 0) >= 2000, timeout=30,
+             what="2000 requests queued")
+    st = xen.srv.stats(m)["xenbus"]
+    assert st["reqs"][0] - st["reqs"][1] >= 2000       # in, not yet answered
+    xen.srv.call("unpause", minor=m)
+    out, err = guest.communicate(timeout=120 * SLOW)
+    assert guest.returncode == 0, err
+    r = json.loads(out.splitlines()[-1])
+    assert r["errors"] == 0 and r["mismatches"] == 0 and r["max_inflight"] >= 2000
+
+
 def test_stats_while_connected(xen):
     m = ram(xen)
     be = xen.attach(m)

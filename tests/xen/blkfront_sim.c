@@ -13,6 +13,7 @@
  * usage: blkfront_sim --dir DIR --domid D --devid N --backend PATH MODE [options]
  *   modes:  --verify SECONDS      random I/O, every byte checked
  *           --bench               throughput (--bs, --qd, --rw, --seconds)
+ *           --memcpy              no backend: plain memcpy of --bs blocks (the ceiling)
  *           --barrier N           write/barrier/write ordering, N rounds
  *           --malicious CASE      one hostile request (see cases[])
  *           --hold SECONDS        connect, keep QD requests in flight, vanish
@@ -20,6 +21,7 @@
  *   options: --queues Q --order O --proto x86_32|x86_64 --indirect
  *            --mem-mb M --region-mb R --discard (the disk reads zeros where
  *            discarded) --dump FILE (after --verify: what the region must hold)
+ *            --patience S (seconds without a response before failing; default 2)
  * Prints one JSON line with what happened; exits non-zero on any mismatch.
  */
 #define _GNU_SOURCE
@@ -523,6 +525,8 @@ static uint8_t *busy;		/* sectors with a request in flight */
 static uint64_t region;		/* sectors */
 
 static const char *dump_path;
+static double patience = 2;	/* seconds without any response before giving up */
+static unsigned max_inflight;
 
 static int
 range_free(uint64_t s, uint64_t n)
@@ -623,16 +627,18 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 		unsigned inflight = 0;
 		for (unsigned qi = 0; qi < nq; qi++)
 			inflight += q[qi].inflight;
+		max_inflight = inflight > max_inflight ? inflight : max_inflight;
 		if (now_ns() >= end && !inflight)
 			break;
 		if (!any && !submitted)
-			if (!wait_events(2000) && inflight)
-				fail("no response for 2 s with %u requests in flight", inflight);
+			if (!wait_events((int)(patience * 1000)) && inflight)
+				fail("no response for %.0f s with %u requests in flight", patience,
+				     inflight);
 	}
 	printf("{\"reads\": %ju, \"writes\": %ju, \"discards\": %ju, \"flushes\": %ju, "
-	       "\"indirect\": %ju, \"errors\": %ju, \"mismatches\": %ju}\n", (uintmax_t)reads,
-	       (uintmax_t)writes, (uintmax_t)discards, (uintmax_t)flushes,
-	       (uintmax_t)indirect, (uintmax_t)errors, (uintmax_t)mismatches);
+	       "\"indirect\": %ju, \"errors\": %ju, \"mismatches\": %ju, \"max_inflight\": %u}\n",
+	       (uintmax_t)reads, (uintmax_t)writes, (uintmax_t)discards, (uintmax_t)flushes,
+	       (uintmax_t)indirect, (uintmax_t)errors, (uintmax_t)mismatches, max_inflight);
 	if (dump_path) {
 		/* what the disk must now hold, for the tests to check with other tools */
 		FILE *f = fopen(dump_path, "wb");
@@ -707,54 +713,105 @@ run_barrier(unsigned rounds)
 
 /* ---- benchmark ---- */
 
+/*
+ * Keeps qd ring requests in flight for secs. An I/O of bs bytes is one
+ * request with indirect descriptors; without them it is split, as Linux's
+ * blkfront splits, into requests of at most 11 pages.
+ */
 static int
 run_bench(double secs, unsigned bs, unsigned qd, int write, int seq)
 {
 	uint64_t done = 0, bytes = 0, errors = 0;
 	unsigned sectors = bs / 512;
-	uint64_t pos = 0;
+	unsigned max_part = max_indirect ? sectors : 11 * 8;
+	uint64_t pos = 0, cur = 0, left = 0;
 	struct response rs[1024];
 	uint64_t t0 = now_ns(), end = t0 + (uint64_t)(secs * 1e9);
 	unsigned per_q = (qd + nq - 1) / nq;
 
-	if (sectors > 8 * 11 && !max_indirect)
-		fail("%u-byte requests need indirect descriptors", bs);
-	/* each slot keeps its pages for the whole run */
+	if (!sectors || (max_indirect && sectors > max_indirect * 8) || sectors >= region)
+		fail("--bs %u: out of range", bs);
 	while (now_ns() < end) {
 		for (unsigned qi = 0; qi < nq; qi++) {
 			struct queue *qq = &q[qi];
 			int n = 0;
-			while (qq->inflight < per_q && qq->inflight < qq->size) {
-				uint64_t id = 0;
-				struct pending *p = take_slot(qq, &id);
-				if (seq) {
-					p->sector = pos;
-					pos = (pos + sectors) % (region - sectors);
-				} else {
-					p->sector = (rnd() % (region / sectors)) * sectors;
-				}
-				p->sectors = sectors;
-				layout(p, sectors, 0);
-				submit(qq, write ? OP_WRITE : OP_READ, id, p);
-				n++;
-			}
-			if (n)
-				kick(qq);
+			/* answers first: their slots go straight back to work */
 			unsigned got = take_responses(qq, rs, 1024);
 			for (unsigned k = 0; k < got; k++) {
 				if (rs[k].status)
 					errors++;
 				done++;
-				bytes += (uint64_t)sectors * 512;
+				bytes += qq->pend[rs[k].id].sectors * 512;
 				give_slot(qq, rs[k].id);
 			}
+			while (qq->inflight < per_q && qq->inflight < qq->size) {
+				if (!left) {	/* the next I/O */
+					if (seq) {
+						cur = pos;
+						pos = (pos + sectors) % (region - sectors);
+					} else {
+						cur = (rnd() % (region / sectors)) * sectors;
+					}
+					left = sectors;
+				}
+				unsigned part = left < max_part ? (unsigned)left : max_part;
+				uint64_t id = 0;
+				struct pending *p = take_slot(qq, &id);
+				p->sector = cur;
+				p->sectors = part;
+				layout(p, part, 0);
+				submit(qq, write ? OP_WRITE : OP_READ, id, p);
+				cur += part;
+				left -= part;
+				n++;
+			}
+			if (n)
+				kick(qq);
 		}
 		wait_events(1);
 	}
 	double t = (double)(now_ns() - t0) / 1e9;
-	printf("{\"requests\": %ju, \"seconds\": %.3f, \"iops\": %.0f, \"gbps\": %.3f, \"errors\": %ju}\n",
+	printf("{\"requests\": %ju, \"seconds\": %.3f, \"iops\": %.0f, \"gbps\": %.3f, "
+	       "\"errors\": %ju}\n",
 	       (uintmax_t)done, t, (double)done / t, (double)bytes / t / 1e9, (uintmax_t)errors);
 	return errors != 0;
+}
+
+/*
+ * The ceiling of a bounce-buffer design: plain memcpy of bs-byte blocks,
+ * from a 256 MiB source (bigger than any cache here) to a 64 MiB target.
+ */
+static int
+run_memcpy(double secs, unsigned bs)
+{
+	size_t src_len = 256u << 20, dst_len = 64u << 20;
+	uint8_t *src = malloc(src_len), *dst = malloc(dst_len);
+	uint64_t copies = 0, so = 0, dof = 0;
+
+	if (!src || !dst || !bs || bs > dst_len)
+		fail("--memcpy: bad size or out of memory");
+	memset(src, 0x5a, src_len);
+	memset(dst, 0, dst_len);
+	uint64_t t0 = now_ns(), end = t0 + (uint64_t)(secs * 1e9);
+	while (now_ns() < end) {
+		for (int i = 0; i < 64; i++) {
+			memcpy(dst + dof, src + so, bs);
+			so = so + 2 * bs > src_len ? 0 : so + bs;
+			dof = dof + 2 * bs > dst_len ? 0 : dof + bs;
+			copies++;
+		}
+	}
+	double t = (double)(now_ns() - t0) / 1e9;
+	/* read the target, so that the copies cannot be optimised away */
+	unsigned sum = 0;
+	for (size_t i = 0; i < dst_len; i += 4096)
+		sum += dst[i];
+	printf("{\"copies\": %ju, \"seconds\": %.3f, \"per_sec\": %.0f, \"gbps\": %.3f, "
+	       "\"check\": %u}\n", (uintmax_t)copies, t, (double)copies / t,
+	       (double)copies * bs / t / 1e9, sum);
+	free(src);
+	free(dst);
+	return 0;
 }
 
 /* ---- hostile requests ---- */
@@ -1037,14 +1094,15 @@ main(int argc, char **argv)
 		{ "discard", 0, 0, 'x' }, { "bs", 1, 0, 's' }, { "qd", 1, 0, 'Q' },
 		{ "rw", 1, 0, 'w' }, { "seconds", 1, 0, 'S' }, { "seed", 1, 0, 'e' },
 		{ "max-sectors", 1, 0, 'X' }, { "probe", 0, 0, 'P' },
-		{ "dump", 1, 0, 'U' },
+		{ "dump", 1, 0, 'U' }, { "memcpy", 0, 0, 'C' },
+		{ "patience", 1, 0, 'T' },
 		{ 0, 0, 0, 0 },
 	};
 	const char *dir = NULL, *bpath = NULL, *proto = "x86_64-abi", *mal = NULL, *rw = "randread";
 	unsigned domid = 1, devid = 51712, mem_mb = 64, region_mb = 16, bs = 4096, qd = 32;
 	unsigned barrier = 0, max_sectors = 64;
 	double verify = 0, hold = 0, secs = 5;
-	int bench = 0, discard = 0, probe = 0, c;
+	int bench = 0, discard = 0, probe = 0, copy = 0, c;
 
 	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (c) {
@@ -1072,9 +1130,13 @@ main(int argc, char **argv)
 		case 'X': max_sectors = (unsigned)atoi(optarg); break;
 		case 'P': probe = 1; break;
 		case 'U': dump_path = optarg; break;
+		case 'C': copy = 1; break;
+		case 'T': patience = atof(optarg); break;
 		default: fail("bad option");
 		}
 	}
+	if (copy)
+		return run_memcpy(secs, bs);
 	if (!dir || !bpath || nq < 1 || nq > MAX_QUEUES || order > 4)
 		fail("usage: see the header of blkfront_sim.c");
 	proto64 = strcmp(proto, "x86_32-abi") != 0;
