@@ -18,6 +18,9 @@ import pytest
 from conftest import BIN, SLOW, fd_count, make_image, run, wait_for
 from xen_harness import MALICIOUS, MiB, Xen, ram, xen  # noqa: F401 (xen: fixture)
 
+# the second engine's pass skips these (see pytest.ini)
+pytestmark = pytest.mark.engine_independent
+
 # ---- data paths ----
 
 def test_verify_every_byte_with_indirect_discard_and_flush(xen):
@@ -111,6 +114,7 @@ def test_features_advertised_and_readonly_refuses_writes(xen, tmp_path):
         assert f.read(MiB) == b"R" * MiB
 
 
+@pytest.mark.engine
 def test_io_errors_reach_the_guest_as_errors(xen, stuck_disk):
     m = xen.srv.open("aio:" + stuck_disk.path)["minor"]
     be = xen.attach(m)
@@ -120,6 +124,7 @@ def test_io_errors_reach_the_guest_as_errors(xen, stuck_disk):
     assert r["feature-discard"] == 1
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("fmt", ["raw", "vhd"])
 def test_guest_writes_land_in_the_image(xen, tmp_path, fmt):
     """What the guest wrote, read back by qemu-img from the image file."""
@@ -250,6 +255,7 @@ def test_guest_vanishing_repeatedly_leaks_nothing(xen):
     run("nbdinfo", "--size", xen.srv.uri(m))
 
 
+@pytest.mark.engine
 def test_guest_vanishing_with_io_stuck_in_the_disk(xen, stuck_disk):
     m = xen.srv.open("aio:" + stuck_disk.path)["minor"]
     be = xen.attach(m)

@@ -37,6 +37,9 @@ from nbdraw import (
     build_name, build_option, build_request,
 )
 
+# the second engine's pass skips these (see pytest.ini)
+pytestmark = pytest.mark.engine_independent
+
 KiB = 1 << 10
 MiB = 1 << 20
 RAM_SIZE = 64 * MiB          # minor 0
