@@ -372,20 +372,20 @@ indirect_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 	unsigned nr = raw->indirect_nr_segments;
 	uint8_t op = raw->indirect_op;
 
+	/* the answer names the inner operation, as blkback's does and blkfront checks */
 	r->stats.indirect++;
 	if (op != BLKIF_OP_READ && op != BLKIF_OP_WRITE) {
-		bad_request(r, raw->id, BLKIF_OP_INDIRECT, "indirect operation is not read or write",
+		bad_request(r, raw->id, op, "indirect operation is not read or write",
 			    BLKIF_RSP_ERROR);
 		return;
 	}
 	if (nr == 0 || nr > BLKIF_MAX_INDIRECT_SEGMENTS) {
-		bad_request(r, raw->id, BLKIF_OP_INDIRECT, "indirect segment count out of range",
-			    BLKIF_RSP_ERROR);
+		bad_request(r, raw->id, op, "indirect segment count out of range", BLKIF_RSP_ERROR);
 		return;
 	}
 	unsigned pages = (nr + BLKIF_SEGS_PER_INDIRECT_PAGE - 1) / BLKIF_SEGS_PER_INDIRECT_PAGE;
 	uint8_t *desc = malloc((size_t)pages * XEN_PAGE_SIZE);
-	struct blkif_req *b = breq_new(r, raw->id, BLKIF_OP_INDIRECT);
+	struct blkif_req *b = breq_new(r, raw->id, op);
 	if (!desc || !b || !(b->segs = calloc(nr, sizeof(*b->segs)))) {
 		free(desc);
 		if (b) {

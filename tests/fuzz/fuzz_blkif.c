@@ -281,7 +281,8 @@ send_batch(const uint8_t *entries, unsigned n, uint32_t base, uint32_t count, un
 		else
 			memset(slot, 0, entry);	/* a zero entry: a READ of no segments */
 		w[*nw].id = rd64(slot + id_off);
-		w[*nw].op = slot[0];
+		/* an indirect request is answered with its inner op, as blkback does */
+		w[*nw].op = slot[0] == BLKIF_OP_INDIRECT ? slot[1] : slot[0];
 		w[*nw].answered = 0;
 		(*nw)++;
 	}

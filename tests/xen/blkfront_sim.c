@@ -603,6 +603,9 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 				if (rs[k].id >= qq->size || !qq->pend[rs[k].id].used)
 					fail("response for unknown id %ju", (uintmax_t)rs[k].id);
 				struct pending *p = &qq->pend[rs[k].id];
+				/* blkback answers an indirect request with its inner op */
+				if (rs[k].op != p->op)
+					fail("response to a request of op %d names op %d", p->op, rs[k].op);
 				if (rs[k].status != 0) {
 					errors++;
 				} else if (p->op == OP_READ) {
