@@ -34,7 +34,7 @@ LIBTD       := $(BUILD)/lib/libtapdiskd.a
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 SIM  := $(BUILD)/tests/blkfront_sim
 
-.PHONY: all sim deps check check-unit check-integration check-asan check-fuzz \
+.PHONY: all sim deps check check-xen check-unit check-integration check-asan check-fuzz \
         check-valgrind run bench clean fuzz
 all: $(BINS) $(SIM)
 
@@ -76,6 +76,10 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBTD)
 
 check: deps
 	@scripts/check
+
+# Linux guests on a real Xen 4.17 under QEMU, disks served by tapdiskd (tests/xen/lab)
+check-xen:
+	@tests/xen/lab/check-xen
 
 check-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
