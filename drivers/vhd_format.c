@@ -846,8 +846,11 @@ vhd_create_write(const struct vhd_create *c, vhd_write_fn wr, void *ctx, struct 
 		const char *base = strrchr(c->parent_path, '/');
 		base = base ? base + 1 : c->parent_path;
 		rc = vhd_utf8_to_utf16(base, 1, name16, sizeof(name16), &n);
-		if (rc < 0)
+		if (rc == -ENAMETOOLONG)
 			return td_error_set(err, -rc, "parent name too long for the header");
+		if (rc < 0)	/* e.g. no iconv module for UTF-16 on this host */
+			return td_error_set(err, -rc, "cannot encode the parent name as UTF-16: %s",
+					    strerror(-rc));
 		memcpy(h.parent_name, name16, n);
 		if (c->parent_uuid)
 			memcpy(h.parent_uuid, c->parent_uuid, 16);
