@@ -270,6 +270,37 @@ def test_guest_vanishing_with_io_stuck_in_the_disk(xen, stuck_disk):
     run("nbdinfo", "--size", xen.srv.uri(m))
 
 
+def test_guest_vanishing_while_paused_with_requests_queued(xen, tmp_path):
+    """Requests a paused vbd holds for a guest that is then destroyed: the
+    unpause must answer nobody and free them, and destroy must work both
+    before and after unpause."""
+    img = str(tmp_path / "d.img")
+    make_image(img, 32 * MiB)
+    for destroy_paused in (False, True):
+        m = xen.srv.open("aio:" + img)["minor"]
+        be = xen.attach(m)
+        wait_for(lambda: xen.state(be) == 2, what="InitWait")
+        xen.srv.tapctl("pause", "-m", m)
+        r = xen.sim(be, "--hold", 0.3, "--qd", 256, "--queues", 2, "--order", 3)
+        assert r["submitted"] == 256
+        st = xen.srv.stats(m)
+        assert st["xenbus"]["reqs"][0] - st["xenbus"]["reqs"][1] == 256
+        assert st["reqs_queued"] == 256
+        xen.detach()
+        wait_for(lambda: "%s: backend directory removed" % be in xen.srv.log(),
+                 what="the device to go")
+        if destroy_paused:
+            xen.srv.tapctl("destroy", "-m", m)
+        else:
+            xen.srv.tapctl("unpause", "-m", m)
+            wait_for(lambda: "xenbus" not in xen.srv.stats(m), what="the frontend to go")
+            assert xen.srv.stats(m)["reqs_outstanding"] == 0
+            xen.srv.tapctl("destroy", "-m", m)
+        assert "minor=%d " % m not in xen.srv.tapctl("list").stdout
+    assert xen.srv.proc.poll() is None
+    run("qemu-img", "info", img)
+
+
 def test_close_under_a_connected_guest(xen):
     m = ram(xen)
     be = xen.attach(m)
