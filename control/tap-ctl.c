@@ -141,20 +141,68 @@ print_json(json_t *v)
 	free(s);
 }
 
+/* ---- QoS settings: k=v[,k=v...] ---- */
+
+/* An integer with an optional K, M, G or T suffix (powers of 1024). */
+static json_int_t
+parse_amount(const char *key, const char *s)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(s, &end, 10);
+	int shift = 0;
+
+	switch (*end) {
+	case 'k': case 'K': shift = 10; end++; break;
+	case 'm': case 'M': shift = 20; end++; break;
+	case 'g': case 'G': shift = 30; end++; break;
+	case 't': case 'T': shift = 40; end++; break;
+	}
+	if (errno || end == s || *end || v < 0 || v > (LLONG_MAX >> shift))
+		die("qos: %s: '%s' is not a number (suffixes K, M, G, T allowed)", key, s);
+	return (json_int_t)v << shift;
+}
+
+/* Adds each k=v of a comma-separated list to obj. */
+static void
+parse_qos_list(json_t *obj, const char *list)
+{
+	char *copy = strdup(list), *save = NULL;
+	if (!copy)
+		die("out of memory");
+	for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		char *eq = strchr(tok, '=');
+		if (!eq || eq == tok)
+			die("qos: '%s' is not NAME=VALUE", tok);
+		*eq = '\0';
+		if (!strcmp(tok, "group"))
+			json_object_set_new(obj, tok, json_string(eq + 1));
+		else
+			json_object_set_new(obj, tok, json_integer(parse_amount(tok, eq + 1)));
+	}
+	free(copy);
+}
+
 /* ---- commands ---- */
 
 static int
 cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 {
-	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [-p PID]"
-				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [-p PID]";
+	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [--qos K=V,...] [-p PID]"
+				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [--qos K=V,...] [-p PID]";
 	const char *params = NULL;
 	long minor = -1;
 	int ro = 0, nodirect = 0, c;
+	json_t *qos = NULL;
 
-	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:h")) != -1) {
+	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:h")) != -1) {
 		switch (c) {
 		case 'a': params = optarg; break;
+		case 'q':
+			if (!qos)
+				qos = json_object();
+			parse_qos_list(qos, optarg);
+			break;
 		case 'R': ro = 1; break;
 		case 'D': nodirect = 1; break;
 		case 'd': break;	/* blktap's device name: not used */
@@ -173,6 +221,8 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		json_object_set_new(args, "minor", json_integer(minor));
 	if (nodirect)
 		json_object_set_new(args, "nodirect", json_true());
+	if (qos)
+		json_object_set_new(args, "qos", qos);
 	json_t *r = cli_call(cli, create ? "create" : "open", args);
 	if (create && !cli->json)
 		printf("%s\n", json_string_value(json_object_get(r, "nbd")));
@@ -386,6 +436,89 @@ cmd_stats(struct cli *cli, int argc, char **argv)
 	return 0;
 }
 
+/* "k=v k=v" of the non-zero members of a limits object, or "none" */
+static void
+print_limits(json_t *limits)
+{
+	const char *key;
+	json_t *v;
+	int any = 0;
+
+	printf("limits:");
+	json_object_foreach(limits, key, v) {
+		if (json_integer_value(v)) {
+			printf(" %s=%lld", key, (long long)json_integer_value(v));
+			any = 1;
+		}
+	}
+	printf("%s\n", any ? "" : " none");
+}
+
+static void
+print_qos(json_t *r)
+{
+	json_t *members = json_object_get(r, "members"), *m;
+	size_t i;
+
+	if (members) {
+		printf("group=%s\n", json_string_value(json_object_get(r, "group")));
+		print_limits(json_object_get(r, "limits"));
+		printf("members:");
+		json_array_foreach(members, i, m)
+			printf(" %lld(weight %lld)",
+			       (long long)json_integer_value(json_object_get(m, "minor")),
+			       (long long)json_integer_value(json_object_get(m, "weight")));
+		printf("%s\nthrottled=%lld\n", json_array_size(members) ? "" : " none",
+		       (long long)json_integer_value(json_object_get(r, "throttled")));
+		return;
+	}
+	json_t *group = json_object_get(r, "group"), *st = json_object_get(r, "stats");
+	printf("minor=%lld group=%s weight=%lld\n",
+	       (long long)json_integer_value(json_object_get(r, "minor")),
+	       json_is_string(group) ? json_string_value(group) : "-",
+	       (long long)json_integer_value(json_object_get(r, "weight")));
+	print_limits(json_object_get(r, "limits"));
+	printf("stats: throttled=%lld queued_us_total=%lld queued_us_max=%lld queue_depth=%lld\n",
+	       (long long)json_integer_value(json_object_get(st, "throttled")),
+	       (long long)json_integer_value(json_object_get(st, "queued_us_total")),
+	       (long long)json_integer_value(json_object_get(st, "queued_us_max")),
+	       (long long)json_integer_value(json_object_get(st, "queue_depth")));
+}
+
+/* qos -m MINOR | -g GROUP [K=V ...]: without settings, prints them */
+static int
+cmd_qos(struct cli *cli, int argc, char **argv)
+{
+	const char *usage = "qos {-m MINOR | -g GROUP} [K=V[,K=V...] ...] [-p PID]";
+	const char *group = NULL;
+	long minor = -1;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:g:p:h")) != -1) {
+		switch (c) {
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		case 'g': group = optarg; break;
+		default: usage_die(usage);
+		}
+	}
+	if ((minor < 0) == !group)
+		usage_die(usage);
+	json_t *limits = optind < argc ? json_object() : NULL;
+	for (int i = optind; i < argc; i++)
+		parse_qos_list(limits, argv[i]);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *args = group ? json_pack("{s:s}", "group", group)
+			     : json_pack("{s:I}", "minor", (json_int_t)minor);
+	if (limits)
+		json_object_set_new(args, "limits", limits);
+	json_t *r = cli_call(cli, limits ? "qos-set" : "qos-get", args);
+	if (!cli->json)
+		print_qos(r);
+	json_decref(r);
+	return 0;
+}
+
 static int
 cmd_version(struct cli *cli, int argc, char **argv)
 {
@@ -419,6 +552,7 @@ static const struct {
 	{ "snapshot", cmd_snapshot, "live snapshot: a new leaf on top of the current one" },
 	{ "list", cmd_list, "list vbds" },
 	{ "stats", cmd_stats, "print a vbd's statistics (JSON)" },
+	{ "qos", cmd_qos, "show or change a vbd's or a group's I/O limits" },
 	{ "version", cmd_version, "print the server's version" },
 };
 
@@ -444,6 +578,8 @@ main(int argc, char **argv)
 	for (i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--json") == 0)
 			cli.json = 1;
+		else if (strcmp(argv[i], "--qos") == 0)	/* create/open's -q */
+			argv[n++] = (char *)"-q";
 		else
 			argv[n++] = argv[i];
 	}

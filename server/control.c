@@ -260,7 +260,7 @@ cmd_find(const char *name)
 	return NULL;
 }
 
-static const char *const type_names[] = { "a string", "an integer", "a boolean" };
+static const char *const type_names[] = { "a string", "an integer", "a boolean", "an object" };
 
 static int
 arg_type_ok(const json_t *v, enum ctl_arg_type t)
@@ -269,6 +269,7 @@ arg_type_ok(const json_t *v, enum ctl_arg_type t)
 	case ARG_STRING: return json_is_string(v);
 	case ARG_INT: return json_is_integer(v);
 	case ARG_BOOL: return json_is_boolean(v);
+	case ARG_OBJECT: return json_is_object(v);
 	}
 	return 0;
 }

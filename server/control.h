@@ -25,7 +25,7 @@ void control_serve(struct control *ctl, struct bufferevent *bev);
 
 /* ---- for command handlers (control_cmds.c) ---- */
 
-enum ctl_arg_type { ARG_STRING, ARG_INT, ARG_BOOL };
+enum ctl_arg_type { ARG_STRING, ARG_INT, ARG_BOOL, ARG_OBJECT };
 
 struct ctl_arg {
 	const char *name;
@@ -45,7 +45,7 @@ extern const struct ctl_cmd ctl_cmds[];
 /* control_args.c */
 extern const struct ctl_arg ctl_args_none[], ctl_args_list[], ctl_args_stats[],
 	ctl_args_open[], ctl_args_close[], ctl_args_pause[], ctl_args_unpause[],
-	ctl_args_snapshot[];
+	ctl_args_snapshot[], ctl_args_qos_get[], ctl_args_qos_set[];
 
 struct server *ctl_req_server(struct ctl_req *req);
 /* result: stolen reference (may be NULL for {}). */

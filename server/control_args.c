@@ -24,6 +24,7 @@ const struct ctl_arg ctl_args_open[] = {
 	{ "minor", ARG_INT, 0 },
 	{ "readonly", ARG_BOOL, 0 },
 	{ "nodirect", ARG_BOOL, 0 },
+	{ "qos", ARG_OBJECT, 0 },
 	{ NULL, 0, 0 },
 };
 
@@ -47,5 +48,19 @@ const struct ctl_arg ctl_args_unpause[] = {
 const struct ctl_arg ctl_args_snapshot[] = {
 	{ "minor", ARG_INT, 1 },
 	{ "path", ARG_STRING, 1 },
+	{ NULL, 0, 0 },
+};
+
+/* exactly one of minor and group (the handler checks) */
+const struct ctl_arg ctl_args_qos_get[] = {
+	{ "minor", ARG_INT, 0 },
+	{ "group", ARG_STRING, 0 },
+	{ NULL, 0, 0 },
+};
+
+const struct ctl_arg ctl_args_qos_set[] = {
+	{ "minor", ARG_INT, 0 },
+	{ "group", ARG_STRING, 0 },
+	{ "limits", ARG_OBJECT, 1 },
 	{ NULL, 0, 0 },
 };

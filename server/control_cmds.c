@@ -10,7 +10,10 @@
 
 #include "control.h"
 #include "io.h"
+#include "log.h"
 #include "nbd.h"
+#include "qos.h"
+#include "qos_limits.h"
 #include "server.h"
 #include "snapshot.h"
 #include "vbd.h"
@@ -131,6 +134,7 @@ cmd_stats(struct ctl_req *req, json_t *args)
 struct open_req {
 	struct ctl_req *req;
 	int minor;
+	json_t *qos;	/* checked before opening, applied once open */
 };
 
 static void
@@ -140,6 +144,12 @@ open_done(void *arg, int err, const char *msg)
 	struct ctl_req *req = o->req;
 	struct vbd *vbd = server_vbd(ctl_req_server(req), o->minor);
 
+	if (!err && o->qos) {
+		char why[256];
+		if (qos_vbd_set(vbd, o->qos, why, sizeof(why)) < 0)	/* only ENOMEM now */
+			log_warn("minor %d: qos not set: %s", vbd->minor, why);
+	}
+	json_decref(o->qos);
 	if (err) {
 		ctl_reply_error(req, err, "%s", msg ? msg : strerror(err));
 	} else {
@@ -176,6 +186,12 @@ cmd_open(struct ctl_req *req, json_t *args)
 					SERVER_MAX_MINORS);
 		return;
 	}
+	json_t *qos = json_object_get(args, "qos");
+	char why[256];
+	if (qos && qos_vbd_check(qos, why, sizeof(why)) < 0) {
+		ctl_reply_error(req, EINVAL, "qos: %s", why);
+		return;
+	}
 	o = calloc(1, sizeof(*o));
 	if (!o) {
 		ctl_reply_error(req, ENOMEM, "out of memory");
@@ -183,10 +199,12 @@ cmd_open(struct ctl_req *req, json_t *args)
 	}
 	o->req = req;
 	o->minor = (int)m;
+	o->qos = json_incref(qos);
 	rc = server_open_vbd(srv, (int)m, arg_str(args, "params"),
 			     (arg_bool(args, "readonly") ? VBD_OPEN_READONLY : 0) |
 			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), open_done, o);
 	if (rc < 0) {
+		json_decref(o->qos);
 		free(o);
 		if (rc == -EBUSY)
 			ctl_reply_error(req, EBUSY, "minor %lld is in use", (long long)m);
@@ -268,6 +286,73 @@ cmd_snapshot(struct ctl_req *req, json_t *args)
 	vbd_snapshot(vbd, arg_str(args, "path"), snapshot_done, sr);
 }
 
+/* ---- qos ---- */
+
+/* Exactly one of minor and group; replies an error otherwise. */
+static int
+qos_target(struct ctl_req *req, json_t *args, struct vbd **vbd, const char **group)
+{
+	*vbd = NULL;
+	*group = arg_str(args, "group");
+	if (!json_object_get(args, "minor") == !*group) {
+		ctl_reply_error(req, EINVAL, "name either a minor or a group");
+		return -1;
+	}
+	if (!*group && !(*vbd = arg_vbd(req, args, 1)))
+		return -1;
+	return 0;
+}
+
+static void
+cmd_qos_get(struct ctl_req *req, json_t *args)
+{
+	struct vbd *vbd;
+	const char *group;
+
+	if (qos_target(req, args, &vbd, &group) < 0)
+		return;
+	if (vbd) {
+		ctl_reply_ok(req, qos_vbd_get(vbd));
+		return;
+	}
+	json_t *g = qos_group_get(ctl_req_server(req), group);
+	if (g)
+		ctl_reply_ok(req, g);
+	else
+		ctl_reply_error(req, ENOENT, "qos group %s: no such group", group);
+}
+
+static void
+cmd_qos_set(struct ctl_req *req, json_t *args)
+{
+	json_t *limits = json_object_get(args, "limits");
+	struct vbd *vbd;
+	const char *group;
+	char why[256];
+	int rc;
+
+	if (qos_target(req, args, &vbd, &group) < 0)
+		return;
+	if (vbd)
+		rc = qos_vbd_set(vbd, limits, why, sizeof(why));
+	else
+		rc = qos_group_set(ctl_req_server(req), group, limits, why, sizeof(why));
+	if (rc < 0) {
+		ctl_reply_error(req, -rc, "%s", why);
+		return;
+	}
+	if (vbd) {
+		ctl_reply_ok(req, qos_vbd_get(vbd));
+		return;
+	}
+	/* a group without limits or members is not kept: say so as zeros */
+	json_t *g = qos_group_get(ctl_req_server(req), group);
+	struct qos_config none = { 0 };
+	ctl_reply_ok(req, g ? g : json_pack("{s:s, s:o, s:[], s:i}", "group", group,
+					    "limits", qos_config_json(&none), "members",
+					    "throttled", 0));
+}
+
 const struct ctl_cmd ctl_cmds[] = {
 	{ "version", ctl_args_none, cmd_version },
 	{ "list", ctl_args_list, cmd_list },
@@ -279,5 +364,7 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "pause", ctl_args_pause, cmd_pause },
 	{ "unpause", ctl_args_unpause, cmd_unpause },
 	{ "snapshot", ctl_args_snapshot, cmd_snapshot },
+	{ "qos-get", ctl_args_qos_get, cmd_qos_get },
+	{ "qos-set", ctl_args_qos_set, cmd_qos_set },
 	{ NULL, NULL, NULL },
 };

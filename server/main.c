@@ -25,6 +25,7 @@
 #include "io.h"
 #include "log.h"
 #include "nbd.h"
+#include "qos.h"
 #include "server.h"
 #include "xenbus.h"
 
@@ -484,6 +485,7 @@ out:
 	for (int m = 0; srv->minors && m < SERVER_MAX_MINORS; m++)
 		free(srv->minors[m]);
 	free(srv->minors);
+	qos_groups_free(srv);
 	bufpool_free(srv->pool);
 	if (srv->base)
 		event_base_free(srv->base);

@@ -2,6 +2,7 @@
 #ifndef TD_SERVER_H
 #define TD_SERVER_H
 
+#include <sys/queue.h>
 #include <sys/types.h>
 
 #include "vbd.h"
@@ -11,6 +12,7 @@
 struct event_base;
 struct control;
 struct nbd_server;
+struct qos_group;
 
 struct server {
 	struct event_base *base;
@@ -23,6 +25,7 @@ struct server {
 	struct vbd *zombies;	/* force-closed, waiting for their last I/O */
 	struct nbd_server *nbd;
 	struct control *ctl;
+	LIST_HEAD(, qos_group) qos_groups;
 	int stopping;
 	time_t started;
 };

@@ -12,6 +12,7 @@
 
 #include "io.h"
 #include "log.h"
+#include "qos.h"
 #include "server.h"
 
 enum vbd_job_kind { JOB_OPEN, JOB_REOPEN, JOB_CLOSE };
@@ -115,7 +116,15 @@ vbd_set_chain(struct vbd *vbd, struct td_image *leaf)
 			vbd->min_io = img->min_io;
 }
 
-static void vbd_dispatch(struct vbd *vbd, struct vbd_request *vr);
+/* Through QoS when the vbd has any, else straight down the chain. */
+static void
+vbd_admit(struct vbd *vbd, struct vbd_request *vr)
+{
+	if (vbd->qos)
+		qos_submit(vbd, vr);
+	else
+		vbd_start(vbd, vr);
+}
 
 static void
 vbd_resume_queued(struct vbd *vbd)
@@ -124,8 +133,9 @@ vbd_resume_queued(struct vbd *vbd)
 	       !(vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED))) {
 		struct vbd_request *vr = TAILQ_FIRST(&vbd->queued);
 		TAILQ_REMOVE(&vbd->queued, vr, link);
-		vbd_dispatch(vbd, vr);
+		vbd_admit(vbd, vr);
 	}
+	qos_vbd_resume(vbd);
 }
 
 static void vbd_free(struct vbd *vbd);
@@ -249,6 +259,7 @@ vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg)
 		return;
 	}
 	vbd->state |= VBD_PAUSE_REQUESTED;
+	qos_vbd_requeue(vbd);	/* throttled requests wait for the unpause too */
 	waiters_add(vbd, done, arg);
 	vbd_check_drained(vbd);
 }
@@ -285,6 +296,7 @@ vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg)
 static void
 vbd_free(struct vbd *vbd)
 {
+	qos_vbd_close(vbd);
 	free(vbd->params);
 	free(vbd);
 }
@@ -309,8 +321,8 @@ vbd_fail_deferred(struct io_defer *d)
 }
 
 /* Ends a request that never reached the chain, on the loop's next turn. */
-static void
-vbd_fail_later(struct vbd *vbd, struct vbd_request *vr, int err)
+void
+vbd_fail_request(struct vbd *vbd, struct vbd_request *vr, int err)
 {
 	struct op_stats *s = &vbd->stats.op[vr->td.op];
 	s->reqs++;
@@ -328,7 +340,7 @@ vbd_fail_queued(struct vbd *vbd)
 	while (!TAILQ_EMPTY(&vbd->queued)) {
 		struct vbd_request *vr = TAILQ_FIRST(&vbd->queued);
 		TAILQ_REMOVE(&vbd->queued, vr, link);
-		vbd_fail_later(vbd, vr, ESHUTDOWN);
+		vbd_fail_request(vbd, vr, ESHUTDOWN);
 	}
 }
 
@@ -395,6 +407,7 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 	vbd->state &= ~(VBD_PAUSE_REQUESTED);
 	if (release)
 		vbd->release_on_close = 1;
+	qos_vbd_close(vbd);
 	vbd_fail_queued(vbd);
 
 	if (force && vbd->nr_inflight) {
@@ -492,36 +505,36 @@ vbd_td_done(struct td_request *td, int err)
 		vbd_check_drained(vbd);
 }
 
-static void
-vbd_dispatch(struct vbd *vbd, struct vbd_request *vr)
+void
+vbd_start(struct vbd *vbd, struct vbd_request *vr)
 {
 	struct td_request *td = &vr->td;
 
 	if (td->offset > vbd->size || td->length > vbd->size - td->offset) {
 		/* NBD's convention: data written past the end is ENOSPC */
-		vbd_fail_later(vbd, vr, td->op == TD_OP_WRITE || td->op == TD_OP_WRITE_ZEROES ?
+		vbd_fail_request(vbd, vr, td->op == TD_OP_WRITE || td->op == TD_OP_WRITE_ZEROES ?
 				ENOSPC : EINVAL);
 		return;
 	}
 	if (td->op != TD_OP_FLUSH &&
 	    (td->offset % vbd->min_io || td->length % vbd->min_io)) {
-		vbd_fail_later(vbd, vr, EINVAL);	/* the format works in sectors */
+		vbd_fail_request(vbd, vr, EINVAL);	/* the format works in sectors */
 		return;
 	}
 	if (vbd->readonly && op_writes(td->op)) {
-		vbd_fail_later(vbd, vr, EROFS);
+		vbd_fail_request(vbd, vr, EROFS);
 		return;
 	}
 	/* nothing to do: drivers never see an empty range */
 	if (!td->length && td->op != TD_OP_FLUSH) {
 		td->nr_extents = 0;
-		vbd_fail_later(vbd, vr, 0);
+		vbd_fail_request(vbd, vr, 0);
 		return;
 	}
 	switch (td->op) {
 	case TD_OP_FLUSH:
 		if (!(vbd->caps & TD_CAP_FLUSH)) {
-			vbd_fail_later(vbd, vr, 0);
+			vbd_fail_request(vbd, vr, 0);
 			return;
 		}
 		break;
@@ -529,13 +542,13 @@ vbd_dispatch(struct vbd *vbd, struct vbd_request *vr)
 	case TD_OP_CACHE:
 		/* both are hints: without support they succeed doing nothing */
 		if (!(vbd->caps & (td->op == TD_OP_DISCARD ? TD_CAP_DISCARD : TD_CAP_CACHE))) {
-			vbd_fail_later(vbd, vr, 0);
+			vbd_fail_request(vbd, vr, 0);
 			return;
 		}
 		break;
 	case TD_OP_WRITE_ZEROES:
 		if (!(vbd->caps & TD_CAP_WRITE_ZEROES)) {
-			vbd_fail_later(vbd, vr, ENOTSUP);
+			vbd_fail_request(vbd, vr, ENOTSUP);
 			return;
 		}
 		break;
@@ -544,7 +557,7 @@ vbd_dispatch(struct vbd *vbd, struct vbd_request *vr)
 			td->nr_extents = 1;
 			td->extents[0].length = td->length;
 			td->extents[0].flags = 0;
-			vbd_fail_later(vbd, vr, 0);
+			vbd_fail_request(vbd, vr, 0);
 			return;
 		}
 		break;
@@ -565,7 +578,7 @@ vbd_submit(struct vbd *vbd, struct vbd_request *vr)
 	vr->vbd = vbd;
 	vr->err = 0;
 	if (vbd->state & (VBD_SHUTDOWN_REQUESTED | VBD_CLOSED | VBD_DEAD)) {
-		vbd_fail_later(vbd, vr, ESHUTDOWN);
+		vbd_fail_request(vbd, vr, ESHUTDOWN);
 		return;
 	}
 	if ((vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED | VBD_OPENING)) ||
@@ -573,7 +586,7 @@ vbd_submit(struct vbd *vbd, struct vbd_request *vr)
 		TAILQ_INSERT_TAIL(&vbd->queued, vr, link);
 		return;
 	}
-	vbd_dispatch(vbd, vr);
+	vbd_admit(vbd, vr);
 }
 
 /* ---- frontends ---- */
@@ -666,6 +679,7 @@ vbd_stats_json(const struct vbd *vbd)
 			 "frontends",
 			 "nbd", (int)vbd_frontend_count(vbd, "nbd"),
 			 "blkif", (int)vbd_frontend_count(vbd, "blkif"));
+	json_object_set_new(out, "qos", qos_vbd_stats_json(vbd));
 	if (xenbus)
 		json_object_set_new(out, "xenbus", xenbus);
 	return out;

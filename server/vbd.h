@@ -16,6 +16,7 @@
 
 struct server;
 struct vbd;
+struct qos_vbd;
 
 /* State bits, tapdisk's values (tap-ctl list prints them). */
 #define VBD_DEAD		0x0001	/* force-closed, draining its last I/O */
@@ -88,6 +89,7 @@ struct vbd {
 	int release_on_close;			/* destroy: free the minor too */
 
 	struct vbd_stats stats;
+	struct qos_vbd *qos;			/* NULL: no limits, no group */
 	struct vbd *zombie_next;
 };
 
@@ -109,6 +111,9 @@ void vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *ar
 void vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg);
 
 void vbd_submit(struct vbd *vbd, struct vbd_request *vr);
+/* QoS's: sends an admitted request down the chain; ends one that cannot go. */
+void vbd_start(struct vbd *vbd, struct vbd_request *vr);
+void vbd_fail_request(struct vbd *vbd, struct vbd_request *vr, int err);
 
 void vbd_frontend_add(struct vbd *vbd, struct vbd_frontend *fe,
 		      const struct vbd_frontend_ops *ops);

@@ -38,6 +38,8 @@
 #include "control.h"
 #include "fuzz_common.h"
 #include "log.h"
+#include "qos.h"
+#include "qos_limits.h"
 #include "server.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -228,6 +230,26 @@ cmd_unpause(struct ctl_req *req, json_t *args)
 		reply_later(req, turns_of(m), EINVAL, "vbd is not paused", NULL);
 }
 
+/* qos-set runs the real limits parser; qos-get answers as for a vbd without limits */
+static void
+cmd_qos_set(struct ctl_req *req, json_t *args)
+{
+	char why[256];
+
+	if (qos_vbd_check(json_object_get(args, "limits"), why, sizeof(why)) < 0)
+		ctl_reply_error(req, EINVAL, "qos: %s", why);
+	else
+		ctl_reply_ok(req, NULL);
+}
+
+static void
+cmd_qos_get(struct ctl_req *req, json_t *args)
+{
+	struct qos_config none = { 0 };
+	(void)args;
+	ctl_reply_ok(req, json_pack("{s:o}", "limits", qos_config_json(&none)));
+}
+
 const struct ctl_cmd ctl_cmds[] = {
 	{ "version", ctl_args_none, cmd_version },
 	{ "list", ctl_args_list, cmd_list },
@@ -239,6 +261,8 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "pause", ctl_args_pause, cmd_pause },
 	{ "unpause", ctl_args_unpause, cmd_unpause },
 	{ "snapshot", ctl_args_snapshot, cmd_pause },	/* pause, then a reply later */
+	{ "qos-get", ctl_args_qos_get, cmd_qos_get },
+	{ "qos-set", ctl_args_qos_set, cmd_qos_set },
 	{ NULL, NULL, NULL },
 };
 

@@ -70,7 +70,7 @@ def commands():
                   if k.endswith(".args.json"))
 
 
-WRONG = {"integer": "seven", "string": 7, "boolean": "yes"}
+WRONG = {"integer": "seven", "string": 7, "boolean": "yes", "object": 7}
 
 
 def test_every_command_has_schemas():
@@ -85,7 +85,7 @@ def test_argument_checks_follow_schema(server, cmd):
     """The server's argument table and schema/<cmd>.args.json agree."""
     s = schema(cmd + ".args.json")
     props, required = s["properties"], s.get("required", [])
-    good = {"integer": 0, "string": "ram:1M", "boolean": False}
+    good = {"integer": 0, "string": "ram:1M", "boolean": False, "object": {}}
 
     def base():
         return {k: good[props[k]["type"]] for k in required}
