@@ -4,8 +4,8 @@
  *
  * A vbd without QoS state never comes here. With it, a request goes at once
  * when nothing of its vbd (or group) is waiting and the buckets admit it;
- * otherwise it joins its frontend's queue ("flow"). Flows are served round
- * robin, one request per turn, so a client with 32 requests waiting and one
+ * otherwise it joins its frontend's queue ("flow"). Flows are served by
+ * start-time fair queueing, so a client with 32 requests waiting and one
  * with 1 get the same share. A group's backlogged members are served by
  * deficit round robin: each turn adds weight x quantum to a member's credit,
  * and it sends requests while its credit covers their cost.
@@ -26,6 +26,7 @@
 struct qos_flow {
 	void *key;			/* the frontend: vr->fe */
 	TAILQ_HEAD(, vbd_request) reqs;
+	double start, finish;		/* fair queueing tags */
 	TAILQ_ENTRY(qos_flow) link;
 };
 
@@ -33,7 +34,8 @@ struct qos_vbd {
 	struct vbd *vbd;
 	struct qos_config cfg;
 	struct qos_buckets bk;
-	TAILQ_HEAD(, qos_flow) flows;	/* backlogged, in serving order */
+	TAILQ_HEAD(, qos_flow) flows;	/* backlogged, or idle with a finish tag ahead */
+	double vtime;
 	unsigned depth;
 	struct event *timer;
 
@@ -60,7 +62,7 @@ struct qos_group {
 };
 
 /* A group member's share per turn, in cost units, before its weight. */
-#define DRR_BYTES_UNIT 65536.0
+#define SHARE_BYTES_UNIT 65536.0
 
 static const char *const vbd_extra_keys[] = { "group", "weight", NULL };
 
@@ -95,19 +97,6 @@ request_cost(const struct vbd_request *vr, struct qos_cost *cost)
 	}
 }
 
-/* What a request costs against a group member's credit. */
-static double
-drr_cost(const struct qos_group *g, const struct qos_cost *cost)
-{
-	const struct qos_config *c = &g->cfg;
-	int iops = c->lim[QOS_IOPS_TOTAL].rate || c->lim[QOS_IOPS_READ].rate ||
-		   c->lim[QOS_IOPS_WRITE].rate;
-
-	if (iops || !qos_config_active(c))
-		return qos_ops(c, cost->bytes);
-	return (cost->bytes ? (double)cost->bytes : 512.0) / DRR_BYTES_UNIT;
-}
-
 /* ---- timers ---- */
 
 static void
@@ -126,13 +115,53 @@ vbd_runnable(const struct vbd *vbd)
 			       VBD_SHUTDOWN_REQUESTED | VBD_CLOSED | VBD_DEAD));
 }
 
-/* ---- flows ---- */
+/* ---- flows: start-time fair queueing between a vbd's frontends ---- */
+
+/*
+ * Each flow's head request carries a start tag: the later of the vbd's
+ * virtual time and the flow's last finish tag; the smallest tag goes next.
+ * A client that keeps one request waiting thus alternates with one that
+ * keeps 32 waiting, instead of queueing behind all of them. An emptied flow
+ * is kept until virtual time passes its finish tag, so coming back does not
+ * let it jump the line.
+ */
+static struct qos_flow *
+flow_next(struct qos_vbd *q)
+{
+	struct qos_flow *f, *tmp, *best = NULL;
+
+	for (f = TAILQ_FIRST(&q->flows); f; f = tmp) {
+		tmp = TAILQ_NEXT(f, link);
+		if (TAILQ_EMPTY(&f->reqs)) {
+			if (f->finish <= q->vtime) {
+				TAILQ_REMOVE(&q->flows, f, link);
+				free(f);
+			}
+			continue;
+		}
+		if (!best || f->start < best->start)
+			best = f;
+	}
+	return best;
+}
 
 static struct vbd_request *
 vbd_head(struct qos_vbd *q)
 {
-	struct qos_flow *f = TAILQ_FIRST(&q->flows);
+	struct qos_flow *f = q->depth ? flow_next(q) : NULL;
 	return f ? TAILQ_FIRST(&f->reqs) : NULL;
+}
+
+/* What a request costs in its flow's virtual time, and against a group member's credit. */
+static double
+share_cost(const struct qos_config *c, const struct qos_cost *cost)
+{
+	int iops = c->lim[QOS_IOPS_TOTAL].rate || c->lim[QOS_IOPS_READ].rate ||
+		   c->lim[QOS_IOPS_WRITE].rate;
+
+	if (iops || !qos_config_active(c))
+		return qos_ops(c, cost->bytes);
+	return (cost->bytes ? (double)cost->bytes : 512.0) / SHARE_BYTES_UNIT;
 }
 
 static int
@@ -151,26 +180,38 @@ flow_enqueue(struct qos_vbd *q, struct vbd_request *vr)
 		TAILQ_INIT(&f->reqs);
 		TAILQ_INSERT_TAIL(&q->flows, f, link);
 	}
+	if (TAILQ_EMPTY(&f->reqs))
+		f->start = f->finish > q->vtime ? f->finish : q->vtime;
 	TAILQ_INSERT_TAIL(&f->reqs, vr, link);
 	q->depth++;
 	return 0;
 }
 
-/* Takes the head request; its flow goes to the back of the line. */
+/* Takes the request vbd_head returned. */
 static struct vbd_request *
 flow_dequeue(struct qos_vbd *q)
 {
-	struct qos_flow *f = TAILQ_FIRST(&q->flows);
+	struct qos_flow *f = flow_next(q);
 	struct vbd_request *vr = TAILQ_FIRST(&f->reqs);
+	struct qos_cost cost;
 
 	TAILQ_REMOVE(&f->reqs, vr, link);
-	TAILQ_REMOVE(&q->flows, f, link);
-	if (TAILQ_EMPTY(&f->reqs))
-		free(f);
-	else
-		TAILQ_INSERT_TAIL(&q->flows, f, link);
+	request_cost(vr, &cost);
+	q->vtime = f->start;
+	f->finish = f->start + share_cost(&q->cfg, &cost);
+	f->start = f->finish;
 	q->depth--;
 	return vr;
+}
+
+static void
+flows_free(struct qos_vbd *q)
+{
+	while (!TAILQ_EMPTY(&q->flows)) {
+		struct qos_flow *f = TAILQ_FIRST(&q->flows);
+		TAILQ_REMOVE(&q->flows, f, link);
+		free(f);
+	}
 }
 
 /* ---- sending ---- */
@@ -253,7 +294,7 @@ group_pump(struct qos_group *g)
 			timer_arm(q->timer, wait);
 			continue;
 		}
-		double c = drr_cost(g, &cost);
+		double c = share_cost(&g->cfg, &cost);
 		if (q->deficit < c) {
 			q->deficit += (double)q->weight;
 			TAILQ_REMOVE(&g->active, q, active_link);
@@ -536,6 +577,7 @@ static void
 qos_vbd_free(struct qos_vbd *q)
 {
 	group_leave(q);
+	flows_free(q);
 	event_free(q->timer);
 	free(q);
 }
