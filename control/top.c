@@ -67,7 +67,8 @@ struct hist {
 
 static volatile sig_atomic_t quit_signal;
 static struct termios saved_tty;
-static int tty_raw, screen_alt;
+static int tty_raw, screen_taken;
+static const char *screen_leave;
 
 /* ---- terminal ---- */
 
@@ -94,10 +95,10 @@ signals_catch(void)
 static void
 term_restore(void)
 {
-	if (screen_alt) {
-		fputs("\033[?25h\033[?1049l", stdout);	/* cursor on, main screen */
+	if (screen_taken) {
+		fputs(screen_leave, stdout);
 		fflush(stdout);
-		screen_alt = 0;
+		screen_taken = 0;
 	}
 	if (tty_raw) {
 		tcsetattr(STDIN_FILENO, TCSANOW, &saved_tty);
@@ -109,8 +110,14 @@ static void
 term_setup(struct top *t)
 {
 	atexit(term_restore);
-	fputs("\033[?1049h\033[?25l", stdout);	/* alternate screen, cursor off */
-	screen_alt = 1;
+	if (t->count < 0) {	/* until q: then give the screen back as it was */
+		fputs("\033[?1049h\033[?25l", stdout);	/* alternate screen, cursor off */
+		screen_leave = "\033[?25h\033[?1049l";
+	} else {		/* -n: the last refresh stays on the screen */
+		fputs("\033[?25l", stdout);
+		screen_leave = "\033[?25h";
+	}
+	screen_taken = 1;
 	if (!t->keys || tcgetattr(STDIN_FILENO, &saved_tty) < 0) {
 		t->keys = 0;
 		return;

@@ -6,6 +6,7 @@ Gauges (requests in flight or queued, frontends) are left alone."""
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -242,8 +243,15 @@ def test_reset_zeroes_blkif_counters(xen):
     xen.srv.call("pause", minor=m)
     guest = xen.sim_bg(be, "--verify", 1, "--order", 2, "--queues", 2, "--region-mb", 16,
                        "--max-sectors", 8, "--patience", 60 * SLOW)
-    wait_for(lambda: xen.srv.stats(m)["reqs_queued"] >= 100, timeout=30,
-             what="100 requests queued")
+    seen = []
+
+    def rings_full():
+        # the guest stops sending once its rings are full: no counter moves then
+        seen.append(xen.srv.stats(m)["reqs_queued"])
+        time.sleep(0.2)
+        return len(seen) > 2 and seen[-1] >= 100 and seen[-1] == seen[-3]
+
+    wait_for(rings_full, timeout=30, what="the guest's rings full of queued requests")
     before = xen.srv.call("stats", minor=m, reset=True)["result"]
     assert before["xenbus"]["reqs"][0] >= 100 and before["xenbus"]["kicks"][0] > 0
     after = xen.srv.stats(m)
