@@ -54,7 +54,7 @@ $(BUILD)/bin/tapdiskd: $(BUILD)/obj/server/main.o $(LIBTD)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
-$(BUILD)/bin/tap-ctl: $(BUILD)/obj/control/tap-ctl.o $(CLIENT_OBJS)
+$(BUILD)/bin/tap-ctl: $(BUILD)/obj/control/tap-ctl.o $(BUILD)/obj/control/top.o $(CLIENT_OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 

@@ -63,7 +63,11 @@ write_all(int fd, const char *p, size_t n)
 	return 0;
 }
 
-/* Reads up to the first newline; returns the line without it (malloc'd). */
+/*
+ * Reads up to the first newline; returns the line without it (malloc'd).
+ * Peeks first so that nothing past the newline is consumed, a chunk at a
+ * time: tap-ctl top reads large stats replies every second.
+ */
 static char *
 read_line(int fd, char *err, size_t errlen)
 {
@@ -82,7 +86,7 @@ read_line(int fd, char *err, size_t errlen)
 			buf = nb;
 			cap *= 2;
 		}
-		ssize_t n = read(fd, buf + len, 1);
+		ssize_t n = recv(fd, buf + len, cap - len - 1, MSG_PEEK);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
@@ -90,11 +94,17 @@ read_line(int fd, char *err, size_t errlen)
 				 n < 0 ? ": " : " without answering", n < 0 ? strerror(errno) : "");
 			break;
 		}
-		if (buf[len] == '\n') {
-			buf[len] = '\0';
+		char *nl = memchr(buf + len, '\n', (size_t)n);
+		size_t take = nl ? (size_t)(nl - (buf + len)) + 1 : (size_t)n;
+		if (recv(fd, buf + len, take, 0) != (ssize_t)take) {
+			snprintf(err, errlen, "reading from tapdiskd: %s", strerror(errno));
+			break;
+		}
+		len += take;
+		if (nl) {
+			buf[len - 1] = '\0';
 			return buf;
 		}
-		len++;
 	}
 	free(buf);
 	return NULL;

@@ -13,15 +13,9 @@
 #include <jansson.h>
 
 #include "ctl_client.h"
+#include "tap-ctl.h"
 
-struct cli {
-	const char *state_dir;
-	int json;		/* print raw responses */
-	long pid;		/* -p: must match the server's, or -1 */
-	int fd;
-};
-
-static void
+void
 die(const char *fmt, ...)
 {
 	va_list ap;
@@ -33,14 +27,14 @@ die(const char *fmt, ...)
 	exit(1);
 }
 
-static void
+void
 usage_die(const char *usage)
 {
 	fprintf(stderr, "usage: tap-ctl %s\n", usage);
 	exit(2);
 }
 
-static long
+long
 parse_int(const char *s, const char *what)
 {
 	char *end;
@@ -69,7 +63,7 @@ absolute_params(const char *params)
 	return out;
 }
 
-static void
+void
 cli_connect(struct cli *cli)
 {
 	char err[512];
@@ -83,7 +77,7 @@ cli_connect(struct cli *cli)
  * result object (a reference the caller drops), after printing the raw
  * response if --json was given.
  */
-static json_t *
+json_t *
 cli_call(struct cli *cli, const char *cmd, json_t *args)
 {
 	char err[512], *raw = NULL;
@@ -106,7 +100,7 @@ cli_call(struct cli *cli, const char *cmd, json_t *args)
 	return result ? result : json_object();
 }
 
-static void
+void
 check_pid(struct cli *cli)
 {
 	if (cli->pid < 0)
@@ -122,12 +116,12 @@ check_pid(struct cli *cli)
 		    cli->state_dir, pid);
 }
 
-/* getopt over a command's own arguments; -p is common to all. */
-static int
-next_opt(struct cli *cli, int argc, char **argv, const char *opts)
+int
+next_opt(struct cli *cli, int argc, char **argv, const char *opts,
+	 const struct option *longopts)
 {
 	int c;
-	while ((c = getopt(argc, argv, opts)) == 'p')
+	while ((c = getopt_long(argc, argv, opts, longopts, NULL)) == 'p')
 		cli->pid = parse_int(optarg, "-p PID");
 	return c;
 }
@@ -195,7 +189,7 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 	int ro = 0, nodirect = 0, c;
 	json_t *qos = NULL;
 
-	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:h")) != -1) {
+	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:h", NULL)) != -1) {
 		switch (c) {
 		case 'a': params = optarg; break;
 		case 'q':
@@ -252,7 +246,7 @@ cmd_minor_only(struct cli *cli, int argc, char **argv, const char *cmd, int allo
 
 	snprintf(usage, sizeof(usage), "%s -m MINOR%s [-p PID]", cmd,
 		 allow_force ? " [-f]" : "");
-	while ((c = next_opt(cli, argc, argv, allow_force ? "m:p:ft:h" : "m:p:t:h")) != -1) {
+	while ((c = next_opt(cli, argc, argv, allow_force ? "m:p:ft:h" : "m:p:t:h", NULL)) != -1) {
 		switch (c) {
 		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
 		case 'f': force = 1; break;
@@ -297,7 +291,7 @@ cmd_unpause(struct cli *cli, int argc, char **argv)
 	long minor = -1;
 	int c;
 
-	while ((c = next_opt(cli, argc, argv, "m:p:a:h")) != -1) {
+	while ((c = next_opt(cli, argc, argv, "m:p:a:h", NULL)) != -1) {
 		switch (c) {
 		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
 		case 'a': params = optarg; break;
@@ -326,7 +320,7 @@ cmd_snapshot(struct cli *cli, int argc, char **argv)
 	long minor = -1;
 	int c;
 
-	while ((c = next_opt(cli, argc, argv, "m:n:p:h")) != -1) {
+	while ((c = next_opt(cli, argc, argv, "m:n:p:h", NULL)) != -1) {
 		switch (c) {
 		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
 		case 'n': leaf = optarg; break;
@@ -351,6 +345,13 @@ cmd_snapshot(struct cli *cli, int argc, char **argv)
 		printf("%s\n", json_string_value(json_object_get(r, "params")));
 	json_decref(r);
 	return 0;
+}
+
+/* -m MINOR into a request's arguments */
+static void
+arg_minor(json_t *args, const char *value)
+{
+	json_object_set_new(args, "minor", json_integer(parse_int(value, "-m MINOR")));
 }
 
 static void
@@ -384,12 +385,9 @@ cmd_list(struct cli *cli, int argc, char **argv)
 	json_t *args = json_object();
 	int c;
 
-	while ((c = next_opt(cli, argc, argv, "m:p:t:f:h")) != -1) {
+	while ((c = next_opt(cli, argc, argv, "m:p:t:f:h", NULL)) != -1) {
 		switch (c) {
-		case 'm':
-			json_object_set_new(args, "minor",
-					    json_integer(parse_int(optarg, "-m MINOR")));
-			break;
+		case 'm': arg_minor(args, optarg); break;
 		case 't': json_object_set_new(args, "type", json_string(optarg)); break;
 		case 'f': json_object_set_new(args, "path", json_string(optarg)); break;
 		default: usage_die(usage);
@@ -416,20 +414,26 @@ cmd_list(struct cli *cli, int argc, char **argv)
 static int
 cmd_stats(struct cli *cli, int argc, char **argv)
 {
-	const char *usage = "stats -m MINOR [-p PID]";
-	long minor = -1;
+	static const struct option longopts[] = {
+		{ "reset", no_argument, NULL, 'r' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *usage = "stats [-m MINOR] [-r|--reset] [-p PID]";
+	json_t *args = json_object();
 	int c;
 
-	while ((c = next_opt(cli, argc, argv, "m:p:h")) != -1) {
-		if (c != 'm')
-			usage_die(usage);
-		minor = parse_int(optarg, "-m MINOR");
+	while ((c = next_opt(cli, argc, argv, "m:rp:h", longopts)) != -1) {
+		switch (c) {
+		case 'm': arg_minor(args, optarg); break;
+		case 'r': json_object_set_new(args, "reset", json_true()); break;
+		default: usage_die(usage);
+		}
 	}
-	if (minor < 0 || optind != argc)
+	if (optind != argc)
 		usage_die(usage);
 	cli_connect(cli);
 	check_pid(cli);
-	json_t *r = cli_call(cli, "stats", json_pack("{s:I}", "minor", (json_int_t)minor));
+	json_t *r = cli_call(cli, "stats", args);
 	if (!cli->json)
 		print_json(r);
 	json_decref(r);
@@ -494,7 +498,7 @@ cmd_qos(struct cli *cli, int argc, char **argv)
 	long minor = -1;
 	int c;
 
-	while ((c = next_opt(cli, argc, argv, "m:g:p:h")) != -1) {
+	while ((c = next_opt(cli, argc, argv, "m:g:p:h", NULL)) != -1) {
 		switch (c) {
 		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
 		case 'g': group = optarg; break;
@@ -523,7 +527,7 @@ static int
 cmd_version(struct cli *cli, int argc, char **argv)
 {
 	int c;
-	while ((c = next_opt(cli, argc, argv, "p:h")) != -1)
+	while ((c = next_opt(cli, argc, argv, "p:h", NULL)) != -1)
 		usage_die("version [-p PID]");
 	cli_connect(cli);
 	check_pid(cli);
@@ -551,7 +555,8 @@ static const struct {
 	{ "unpause", cmd_unpause, "reopen (optionally another image) and resume" },
 	{ "snapshot", cmd_snapshot, "live snapshot: a new leaf on top of the current one" },
 	{ "list", cmd_list, "list vbds" },
-	{ "stats", cmd_stats, "print a vbd's statistics (JSON)" },
+	{ "stats", cmd_stats, "statistics as JSON, one vbd (-m) or all; -r/--reset zeroes counters" },
+	{ "top", cmd_top, "live per-vbd IOPS, MB/s, p99 latency, queue depth (-d, -n, -m)" },
 	{ "qos", cmd_qos, "show or change a vbd's or a group's I/O limits" },
 	{ "version", cmd_version, "print the server's version" },
 };
@@ -562,8 +567,8 @@ usage(FILE *f)
 	fprintf(f, "usage: tap-ctl [-S STATE_DIR] [--json] COMMAND [OPTIONS]\n\ncommands:\n");
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
 		fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].help);
-	fprintf(f, "\nThe state dir is -S, else $TAPDISKD_STATE_DIR, else %s.\n",
-		CTL_DEFAULT_STATE_DIR);
+	fprintf(f, "\nThe state dir is -S, else $TAPDISKD_STATE_DIR, else %s.\n"
+		"`tap-ctl COMMAND -h` shows a command's options.\n", CTL_DEFAULT_STATE_DIR);
 }
 
 int

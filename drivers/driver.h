@@ -94,6 +94,8 @@ struct td_image {
 	struct io_engine *io;
 	void *priv;		/* the driver's */
 	struct td_image_stats stats;
+	/* never reused, unlike the address: names the image in a vbd's stats marks */
+	uint64_t serial;
 
 	/* registry of open images (image.c) */
 	char *key;

@@ -28,6 +28,7 @@ static const struct td_driver *extra_drivers[TD_MAX_EXTRA_DRIVERS];
 /* Guards the registry; held across whole chain opens and closes. */
 static pthread_mutex_t chain_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct td_image *registry;
+static uint64_t last_serial;
 
 int
 td_error_set(struct td_error *err, int code, const char *fmt, ...)
@@ -220,6 +221,7 @@ image_open_one(const char *params, unsigned oflags, const struct td_open_ctx *ct
 		goto fail;
 	}
 	img->refs = 1;
+	img->serial = ++last_serial;
 	img->reg_next = registry;
 	registry = img;
 	*out = img;

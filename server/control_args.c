@@ -16,6 +16,7 @@ const struct ctl_arg ctl_args_list[] = {
 
 const struct ctl_arg ctl_args_stats[] = {
 	{ "minor", ARG_INT, 0 },
+	{ "reset", ARG_BOOL, 0 },
 	{ NULL, 0, 0 },
 };
 

@@ -111,21 +111,33 @@ cmd_list(struct ctl_req *req, json_t *args)
 
 /* ---- stats ---- */
 
+/* The stats as they are; with reset, the vbd's counters start again from zero. */
+static json_t *
+stats_take(struct vbd *vbd, int reset)
+{
+	json_t *st = vbd_stats_json(vbd);
+
+	if (reset)
+		vbd_stats_reset(vbd);
+	return st;
+}
+
 static void
 cmd_stats(struct ctl_req *req, json_t *args)
 {
 	struct server *srv = ctl_req_server(req);
+	int reset = arg_bool(args, "reset");
 
 	if (json_object_get(args, "minor")) {
 		struct vbd *vbd = arg_vbd(req, args, 1);
 		if (vbd)
-			ctl_reply_ok(req, vbd_stats_json(vbd));
+			ctl_reply_ok(req, stats_take(vbd, reset));
 		return;
 	}
 	json_t *vbds = json_array();
 	for (int m = 0; m < SERVER_MAX_MINORS; m++)
 		if (srv->minors[m] && srv->minors[m]->params)
-			json_array_append_new(vbds, vbd_stats_json(srv->minors[m]));
+			json_array_append_new(vbds, stats_take(srv->minors[m], reset));
 	ctl_reply_ok(req, json_pack("{s:o}", "vbds", vbds));
 }
 

@@ -1,6 +1,7 @@
 /* Counters and latency histograms, and their JSON form for `stats`. */
 #include "stats.h"
 
+#include <string.h>
 #include <time.h>
 
 uint64_t
@@ -88,6 +89,15 @@ op_stats_end(struct op_stats *s, uint64_t bytes, int err, uint64_t us)
 	else
 		s->bytes += bytes;
 	hist_add(&s->lat, us);
+}
+
+void
+op_stats_reset(struct op_stats *s)
+{
+	uint64_t inflight = s->inflight;
+
+	memset(s, 0, sizeof(*s));
+	s->inflight = inflight;
 }
 
 json_t *

@@ -32,6 +32,8 @@ uint64_t hist_quantile(const struct latency_hist *h, double q);
 
 void op_stats_start(struct op_stats *s);
 void op_stats_end(struct op_stats *s, uint64_t bytes, int err, uint64_t us);
+/* Zeroes the counters and the histogram; inflight, a gauge, stays. */
+void op_stats_reset(struct op_stats *s);
 json_t *op_stats_json(const struct op_stats *s);
 
 uint64_t now_ns(void);

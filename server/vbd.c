@@ -103,6 +103,35 @@ vbd_job_new(struct vbd *vbd, enum vbd_job_kind kind, const char *params,
 	return job;
 }
 
+static struct vbd_image_mark *
+vbd_mark_find(const struct vbd *vbd, const struct td_image *img)
+{
+	for (unsigned i = 0; i < vbd->nr_marks; i++)
+		if (vbd->marks[i].serial == img->serial)
+			return &vbd->marks[i];
+	return NULL;
+}
+
+/* Marks for the chain at vbd->leaf, keeping those of the images still in it. */
+static void
+vbd_marks_rebuild(struct vbd *vbd)
+{
+	unsigned n = td_chain_depth(vbd->leaf), i = 0;
+	struct vbd_image_mark *marks = calloc(n, sizeof(*marks));
+
+	if (!marks)
+		log_warn("minor %d: out of memory: image counters will not reset", vbd->minor);
+	for (const struct td_image *img = vbd->leaf; marks && img; img = img->parent, i++) {
+		const struct vbd_image_mark *old = vbd_mark_find(vbd, img);
+		marks[i].serial = img->serial;
+		if (old)
+			marks[i].at = old->at;
+	}
+	free(vbd->marks);
+	vbd->marks = marks;
+	vbd->nr_marks = marks ? n : 0;
+}
+
 static void
 vbd_set_chain(struct vbd *vbd, struct td_image *leaf)
 {
@@ -114,6 +143,7 @@ vbd_set_chain(struct vbd *vbd, struct td_image *leaf)
 	for (struct td_image *img = leaf; img; img = img->parent)
 		if (img->min_io > vbd->min_io)
 			vbd->min_io = img->min_io;
+	vbd_marks_rebuild(vbd);
 }
 
 /* Through QoS when the vbd has any, else straight down the chain. */
@@ -297,6 +327,7 @@ static void
 vbd_free(struct vbd *vbd)
 {
 	qos_vbd_close(vbd);
+	free(vbd->marks);
 	free(vbd->params);
 	free(vbd);
 }
@@ -639,6 +670,20 @@ static const char *const op_names[TD_OP_COUNT] = {
 	"read", "write", "flush", "discard", "write_zeroes", "block_status", "cache",
 };
 
+/* The image's counters as this vbd reports them: since its last reset. */
+static struct td_image_stats
+image_stats_since_reset(const struct vbd *vbd, const struct td_image *img)
+{
+	struct td_image_stats st = img->stats;
+	const struct vbd_image_mark *m = vbd_mark_find(vbd, img);
+
+	for (int rw = 0; m && rw < 2; rw++) {
+		st.hits[rw] -= m->at.hits[rw];
+		st.fail[rw] -= m->at.fail[rw];
+	}
+	return st;
+}
+
 json_t *
 vbd_stats_json(const struct vbd *vbd)
 {
@@ -647,12 +692,13 @@ vbd_stats_json(const struct vbd *vbd)
 	const struct vbd_request *vr;
 
 	for (const struct td_image *img = vbd->leaf; img; img = img->parent) {
+		struct td_image_stats st = image_stats_since_reset(vbd, img);
 		json_array_append_new(images, json_pack(
 			"{s:s, s:s, s:I, s:[I,I], s:[I,I]}",
 			"name", img->params, "driver", img->drv->name,
 			"size", (json_int_t)img->size,
-			"hits", (json_int_t)img->stats.hits[0], (json_int_t)img->stats.hits[1],
-			"fail", (json_int_t)img->stats.fail[0], (json_int_t)img->stats.fail[1]));
+			"hits", (json_int_t)st.hits[0], (json_int_t)st.hits[1],
+			"fail", (json_int_t)st.fail[0], (json_int_t)st.fail[1]));
 	}
 	for (int op = 0; op < TD_OP_COUNT; op++)
 		json_object_set_new(ops, op_names[op], op_stats_json(&vbd->stats.op[op]));
@@ -683,6 +729,29 @@ vbd_stats_json(const struct vbd *vbd)
 	if (xenbus)
 		json_object_set_new(out, "xenbus", xenbus);
 	return out;
+}
+
+/*
+ * The one list of what a reset zeroes: a new cumulative counter in the
+ * stats belongs here too. Gauges (in flight, queued, frontends) stay.
+ */
+void
+vbd_stats_reset(struct vbd *vbd)
+{
+	struct vbd_frontend *fe;
+
+	for (int op = 0; op < TD_OP_COUNT; op++)
+		op_stats_reset(&vbd->stats.op[op]);
+	vbd->stats.secs[0] = vbd->stats.secs[1] = 0;
+	qos_vbd_stats_reset(vbd);
+	for (const struct td_image *img = vbd->leaf; img; img = img->parent) {
+		struct vbd_image_mark *m = vbd_mark_find(vbd, img);
+		if (m)
+			m->at = img->stats;
+	}
+	LIST_FOREACH(fe, &vbd->frontends, link)
+		if (fe->ops->reset_stats)
+			fe->ops->reset_stats(fe);
 }
 
 json_t *

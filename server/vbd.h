@@ -46,6 +46,8 @@ struct vbd_frontend_ops {
 	void (*shutdown)(struct vbd_frontend *fe);
 	/* Optional: the frontend's own statistics (blkif: under "xenbus"). */
 	json_t *(*stats)(struct vbd_frontend *fe);
+	/* Optional: zero the counters among those statistics (stats reset). */
+	void (*reset_stats)(struct vbd_frontend *fe);
 };
 struct vbd_frontend {
 	const struct vbd_frontend_ops *ops;
@@ -65,6 +67,16 @@ struct vbd_waiter {
 struct vbd_stats {
 	struct op_stats op[TD_OP_COUNT];
 	uint64_t secs[2];	/* sectors read, written (tapdisk's key) */
+};
+
+/*
+ * An image's hits and fail when this vbd's stats were last reset: images
+ * can be shared by several vbds, so a reset subtracts instead of zeroing.
+ * serial tells the image from another opened later at the same address.
+ */
+struct vbd_image_mark {
+	uint64_t serial;
+	struct td_image_stats at;
 };
 
 struct vbd {
@@ -90,6 +102,8 @@ struct vbd {
 
 	struct vbd_stats stats;
 	struct qos_vbd *qos;			/* NULL: no limits, no group */
+	struct vbd_image_mark *marks;	/* one per image of the chain, or NULL */
+	unsigned nr_marks;
 	struct vbd *zombie_next;
 };
 
@@ -122,6 +136,13 @@ unsigned vbd_frontend_count(const struct vbd *vbd, const char *kind);
 
 const char *vbd_type(const struct vbd *vbd);	/* "aio", "vhd", ...: params up to ':' */
 json_t *vbd_stats_json(const struct vbd *vbd);
+/*
+ * Zeroes every cumulative counter vbd_stats_json reports (ops, secs, image
+ * hits/fail, frontend counters); gauges (in flight, queued) stay. Called
+ * right after vbd_stats_json, on the loop, nothing runs in between: each
+ * completed request is in exactly one of the two.
+ */
+void vbd_stats_reset(struct vbd *vbd);
 json_t *vbd_info_json(const struct vbd *vbd);
 
 #endif

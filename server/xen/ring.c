@@ -652,6 +652,13 @@ blkif_ring_get_stats(const struct blkif_ring *r, struct blkif_ring_stats *st)
 	*st = r->stats;
 }
 
+/* All of them are counters (max_segments: since the reset). */
+void
+blkif_ring_reset_stats(struct blkif_ring *r)
+{
+	memset(&r->stats, 0, sizeof(r->stats));
+}
+
 json_t *
 blkif_ring_stats_json(const struct blkif_ring *r)
 {

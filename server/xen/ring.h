@@ -47,5 +47,6 @@ struct blkif_ring *blkif_ring_connect(struct server *srv, struct xport *port, st
 void blkif_ring_disconnect(struct blkif_ring *r);
 void blkif_ring_get_stats(const struct blkif_ring *r, struct blkif_ring_stats *st);
 json_t *blkif_ring_stats_json(const struct blkif_ring *r);
+void blkif_ring_reset_stats(struct blkif_ring *r);
 
 #endif

@@ -333,10 +333,21 @@ dev_fe_stats(struct vbd_frontend *fe)
 			 "vbd", (json_int_t)sum.errors_vbd, "rings", rings);
 }
 
+static void
+dev_fe_reset_stats(struct vbd_frontend *fe)
+{
+	struct xen_dev *d = (struct xen_dev *)((char *)fe - offsetof(struct xen_dev, fe));
+
+	memset(&d->past, 0, sizeof(d->past));
+	for (unsigned i = 0; i < d->nr_rings; i++)
+		blkif_ring_reset_stats(d->rings[i]);
+}
+
 static const struct vbd_frontend_ops dev_fe_ops = {
 	.kind = "blkif",
 	.shutdown = dev_fe_shutdown,
 	.stats = dev_fe_stats,
+	.reset_stats = dev_fe_reset_stats,
 };
 
 static struct vbd *

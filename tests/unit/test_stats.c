@@ -71,6 +71,27 @@ test_op_stats_json(void **state)
 	json_decref(j);
 }
 
+/* reset keeps what is in flight: its end must not take inflight below zero */
+static void
+test_op_stats_reset_keeps_inflight(void **state)
+{
+	(void)state;
+	struct op_stats s = { 0 };
+	op_stats_start(&s);
+	op_stats_start(&s);
+	op_stats_end(&s, 4096, 0, 100);
+	op_stats_reset(&s);
+	assert_int_equal(s.inflight, 1);
+	assert_int_equal(s.reqs + s.bytes + s.errors + s.lat.total + s.lat.sum_us + s.lat.max_us, 0);
+	for (unsigned b = 0; b < HIST_BUCKETS; b++)
+		assert_int_equal(s.lat.count[b], 0);
+	op_stats_end(&s, 512, 0, 7);
+	assert_int_equal(s.inflight, 0);
+	assert_int_equal(s.reqs, 1);
+	assert_int_equal(s.bytes, 512);
+	assert_int_equal(hist_quantile(&s.lat, 0.99), 7);
+}
+
 static void
 test_bufpool(void **state)
 {
@@ -105,6 +126,7 @@ main(void)
 		cmocka_unit_test(test_buckets_are_monotonic_and_tight),
 		cmocka_unit_test(test_quantiles),
 		cmocka_unit_test(test_op_stats_json),
+		cmocka_unit_test(test_op_stats_reset_keeps_inflight),
 		cmocka_unit_test(test_bufpool),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
