@@ -10,6 +10,7 @@
 
 #include "control.h"
 #include "io.h"
+#include "metrics_http.h"
 #include "nbd.h"
 #include "server.h"
 #include "snapshot.h"
@@ -70,14 +71,15 @@ cmd_version(struct ctl_req *req, json_t *args)
 {
 	struct server *srv = ctl_req_server(req);
 	(void)args;
-	ctl_reply_ok(req, json_pack("{s:s, s:i, s:i, s:s, s:s, s:i, s:i}",
+	ctl_reply_ok(req, json_pack("{s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:s*}",
 				    "version", TAPDISKD_VERSION,
 				    "protocol", CONTROL_PROTOCOL_VERSION,
 				    "pid", (int)srv->pid,
 				    "io_engine", io_engine_name(srv->io),
 				    "state_dir", srv->state_dir,
 				    "vbds", (int)server_vbd_count(srv),
-				    "nbd_connections", (int)nbd_connection_count(srv->nbd)));
+				    "nbd_connections", (int)nbd_connection_count(srv->nbd),
+				    "metrics", metrics_http_address(srv->metrics)));
 }
 
 /* ---- list ---- */
@@ -119,11 +121,7 @@ cmd_stats(struct ctl_req *req, json_t *args)
 			ctl_reply_ok(req, vbd_stats_json(vbd));
 		return;
 	}
-	json_t *vbds = json_array();
-	for (int m = 0; m < SERVER_MAX_MINORS; m++)
-		if (srv->minors[m] && srv->minors[m]->params)
-			json_array_append_new(vbds, vbd_stats_json(srv->minors[m]));
-	ctl_reply_ok(req, json_pack("{s:o}", "vbds", vbds));
+	ctl_reply_ok(req, server_stats_json(srv));
 }
 
 /* ---- open / create ---- */
