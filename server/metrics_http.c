@@ -527,12 +527,11 @@ scrape_labels(struct scrape *s)
 	return 0;
 }
 
-static int
-render_metrics(struct server *srv, struct evbuffer *out)
+int
+metrics_prometheus(json_t *stats, struct evbuffer *out)
 {
-	json_t *stats = server_stats_json(srv);
 	struct scrape s = { out, json_object_get(stats, "vbds"), NULL };
-	int rc = stats ? scrape_labels(&s) : -ENOMEM;
+	int rc = scrape_labels(&s);
 
 	if (rc == 0) {
 		for (size_t f = 0; f < sizeof(op_families) / sizeof(op_families[0]); f++)
@@ -545,7 +544,6 @@ render_metrics(struct server *srv, struct evbuffer *out)
 	for (size_t i = 0; s.labels && s.labels[i]; i++)
 		free(s.labels[i]);
 	free(s.labels);
-	json_decref(stats);
 	return rc;
 }
 
@@ -558,13 +556,10 @@ dump_to_evbuffer(const char *data, size_t size, void *out)
 }
 
 static int
-render_stats(struct server *srv, struct evbuffer *out)
+render_stats(json_t *stats, struct evbuffer *out)
 {
-	json_t *stats = server_stats_json(srv);
-	int rc = stats ? json_dump_callback(stats, dump_to_evbuffer, out, JSON_COMPACT) : -1;
-
-	json_decref(stats);
-	if (rc < 0 || evbuffer_add(out, "\n", 1) < 0)
+	if (json_dump_callback(stats, dump_to_evbuffer, out, JSON_COMPACT) < 0 ||
+	    evbuffer_add(out, "\n", 1) < 0)
 		return -ENOMEM;
 	return 0;
 }
@@ -574,12 +569,12 @@ render_stats(struct server *srv, struct evbuffer *out)
 struct route {
 	const char *path;
 	const char *content_type;
-	int (*render)(struct server *srv, struct evbuffer *out);
+	int (*render)(json_t *stats, struct evbuffer *out);	/* server_stats_json()'s */
 };
 
 static const struct route routes[] = {
 	{ "/stats", "application/json", render_stats },
-	{ "/metrics", "text/plain; version=0.0.4; charset=utf-8", render_metrics },
+	{ "/metrics", "text/plain; version=0.0.4; charset=utf-8", metrics_prometheus },
 };
 
 static const struct route *
@@ -615,6 +610,7 @@ on_request(struct evhttp_request *req, void *arg)
 	enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
 	const struct route *r = route_of(evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req)));
 	struct evbuffer *body;
+	json_t *stats;
 
 	if (c)
 		evhttp_request_set_on_complete_cb(req, on_response_sent, c);
@@ -628,12 +624,14 @@ on_request(struct evhttp_request *req, void *arg)
 		return;
 	}
 	body = evbuffer_new();
-	if (!body || r->render(m->srv, body) < 0) {
+	stats = server_stats_json(m->srv);
+	if (!body || !stats || r->render(stats, body) < 0) {
 		send_status(req, HTTP_INTERNAL, "Internal Server Error");
 	} else {
 		evhttp_add_header(headers, "Content-Type", r->content_type);
 		evhttp_send_reply(req, HTTP_OK, "OK", body);
 	}
+	json_decref(stats);
 	if (body)
 		evbuffer_free(body);
 }

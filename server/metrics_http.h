@@ -9,6 +9,9 @@
 
 #include <stddef.h>
 
+#include <jansson.h>
+
+struct evbuffer;
 struct server;
 struct metrics_http;
 
@@ -25,6 +28,12 @@ struct metrics_http *metrics_http_new(struct server *srv, const char *spec,
 
 /* The bound address, "127.0.0.1:PORT" or "[::1]:PORT"; NULL for NULL. */
 const char *metrics_http_address(const struct metrics_http *m);
+
+/*
+ * The Prometheus text of a stats document ({"vbds": [...]}, as
+ * server_stats_json() makes it) appended to out: GET /metrics. 0 or -errno.
+ */
+int metrics_prometheus(json_t *stats, struct evbuffer *out);
 
 /* Closes the socket and every connection. NULL is fine. */
 void metrics_http_free(struct metrics_http *m);
