@@ -3,10 +3,12 @@
  * GET /stats (server_stats_json(), as `tap-ctl stats` prints it) and GET
  * /metrics (the same document turned into Prometheus text format 0.0.4).
  *
- * It owns the listening socket and every HTTP connection, and keeps a
- * slow or hostile client to a few fds: small requests, idle timeouts, a
- * deadline per request, at most METRICS_MAX_CONNS connections (beyond
- * that the listener pauses and new clients wait in the kernel's backlog).
+ * It owns the listening socket, every HTTP connection and the renderings,
+ * and keeps a slow or hostile client to a few fds and little loop time:
+ * small requests, idle timeouts, a deadline per request, one rendering per
+ * METRICS_CACHE_MS shared by every client, at most METRICS_MAX_CONNS
+ * connections (beyond that the listener pauses and new clients wait in the
+ * kernel's backlog).
  */
 #include "metrics_http.h"
 
@@ -36,6 +38,9 @@
 #define METRICS_MAX_HEADERS 8192
 #define METRICS_MAX_CONNS 32
 #define METRICS_BACKLOG 128
+#define METRICS_CACHE_MS 1000	/* a rendering serves every client for this long */
+
+enum route_id { ROUTE_STATS, ROUTE_METRICS, NROUTES };
 
 struct metrics_conn {
 	struct metrics_http *m;
@@ -50,6 +55,8 @@ struct metrics_http {
 	struct evhttp *http;
 	struct evconnlistener *listener;	/* NULL once stopping */
 	struct event *adopt;
+	struct evbuffer *cache[NROUTES];	/* each route's last rendering */
+	struct event *expire;			/* drops them */
 	TAILQ_HEAD(, metrics_conn) conns;
 	unsigned nconns;
 	char address[NI_MAXHOST + NI_MAXSERV + 4];
@@ -572,18 +579,65 @@ struct route {
 	int (*render)(json_t *stats, struct evbuffer *out);	/* server_stats_json()'s */
 };
 
-static const struct route routes[] = {
-	{ "/stats", "application/json", render_stats },
-	{ "/metrics", "text/plain; version=0.0.4; charset=utf-8", metrics_prometheus },
+static const struct route routes[NROUTES] = {
+	[ROUTE_STATS] = { "/stats", "application/json", render_stats },
+	[ROUTE_METRICS] = { "/metrics", "text/plain; version=0.0.4; charset=utf-8",
+			    metrics_prometheus },
 };
 
-static const struct route *
+static int
 route_of(const char *path)
 {
-	for (size_t i = 0; path && i < sizeof(routes) / sizeof(routes[0]); i++)
+	for (int i = 0; path && i < NROUTES; i++)
 		if (!strcmp(path, routes[i].path))
-			return &routes[i];
-	return NULL;
+			return i;
+	return -1;
+}
+
+static void
+drop_cache(struct metrics_http *m)
+{
+	for (int i = 0; i < NROUTES; i++) {
+		if (m->cache[i])
+			evbuffer_free(m->cache[i]);	/* responses still sending hold a reference */
+		m->cache[i] = NULL;
+	}
+}
+
+static void
+on_cache_expired(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	drop_cache(arg);
+}
+
+/*
+ * A route's document, rendered at most once per METRICS_CACHE_MS: clients
+ * asking in a loop cost the loop nothing more, and share one copy.
+ */
+static struct evbuffer *
+route_body(struct metrics_http *m, int r)
+{
+	struct timeval tv = { METRICS_CACHE_MS / 1000, METRICS_CACHE_MS % 1000 * 1000 };
+	json_t *stats;
+	struct evbuffer *body;
+
+	if (m->cache[r])
+		return m->cache[r];
+	stats = server_stats_json(m->srv);
+	body = evbuffer_new();
+	if (!stats || !body || routes[r].render(stats, body) < 0) {
+		json_decref(stats);
+		if (body)
+			evbuffer_free(body);
+		return NULL;
+	}
+	json_decref(stats);
+	m->cache[r] = body;
+	if (!evtimer_pending(m->expire, NULL))
+		evtimer_add(m->expire, &tv);
+	return body;
 }
 
 /* A status with a one-line body; evhttp_send_error would drop our headers (Allow). */
@@ -608,9 +662,8 @@ on_request(struct evhttp_request *req, void *arg)
 	struct metrics_conn *c = conn_of(m, evhttp_request_get_connection(req));
 	struct evkeyvalq *headers = evhttp_request_get_output_headers(req);
 	enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
-	const struct route *r = route_of(evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req)));
+	int r = route_of(evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req)));
 	struct evbuffer *body;
-	json_t *stats;
 
 	if (c)
 		evhttp_request_set_on_complete_cb(req, on_response_sent, c);
@@ -619,21 +672,17 @@ on_request(struct evhttp_request *req, void *arg)
 		send_status(req, HTTP_BADMETHOD, "Method Not Allowed");
 		return;
 	}
-	if (!r) {
+	if (r < 0) {
 		send_status(req, HTTP_NOTFOUND, "Not Found");
 		return;
 	}
-	body = evbuffer_new();
-	stats = server_stats_json(m->srv);
-	if (!body || !stats || r->render(stats, body) < 0) {
+	body = route_body(m, r);
+	if (!body || evbuffer_add_buffer_reference(evhttp_request_get_output_buffer(req), body) < 0) {
 		send_status(req, HTTP_INTERNAL, "Internal Server Error");
-	} else {
-		evhttp_add_header(headers, "Content-Type", r->content_type);
-		evhttp_send_reply(req, HTTP_OK, "OK", body);
+		return;
 	}
-	json_decref(stats);
-	if (body)
-		evbuffer_free(body);
+	evhttp_add_header(headers, "Content-Type", routes[r].content_type);
+	evhttp_send_reply(req, HTTP_OK, "OK", NULL);
 }
 
 /* ---- lifetime ---- */
@@ -681,8 +730,9 @@ metrics_http_new(struct server *srv, const char *spec, int allow_remote, char *e
 		format_address(fd, m->address, sizeof(m->address));
 		m->http = evhttp_new(srv->base);
 		m->adopt = event_new(srv->base, -1, 0, on_adopt, m);
+		m->expire = evtimer_new(srv->base, on_cache_expired, m);
 	}
-	if (!m || !m->http || !m->adopt || http_setup(m, fd) < 0) {
+	if (!m || !m->http || !m->adopt || !m->expire || http_setup(m, fd) < 0) {
 		snprintf(err, errlen, "%s: out of memory", spec);
 		if (!m || !m->listener)
 			close(fd);
@@ -716,5 +766,8 @@ metrics_http_free(struct metrics_http *m)
 	}
 	if (m->adopt)
 		event_free(m->adopt);
+	drop_cache(m);
+	if (m->expire)
+		event_free(m->expire);
 	free(m);
 }

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.engine_independent
 OPS = ["read", "write", "flush", "discard", "write_zeroes", "block_status", "cache"]
 METRICS_TIMEOUT = 10        # the server's idle timeout and per-request deadline
 MAX_CONNS = 32              # the server's cap on metrics connections
+CACHE = 1.0                 # a rendering serves every client for this long (s)
 
 
 @pytest.fixture
@@ -105,6 +106,17 @@ def test_stats_is_the_control_sockets_document(msrv):
     assert json.loads(get(msrv, "/stats?minor=1&x")[1]) == doc
 
 
+def test_renderings_are_shared_for_a_second(msrv):
+    t0 = time.time()
+    first = get(msrv, "/stats")[1]
+    msrv.open("ram:8M")
+    second = get(msrv, "/stats")[1]
+    if time.time() - t0 < CACHE * 0.8:
+        assert second == first
+    wait_for(lambda: len(json.loads(get(msrv, "/stats")[1])["vbds"]) == 1,
+             timeout=CACHE + 5, what="the new vbd in /stats")
+
+
 def test_stats_with_no_vbds(msrv):
     doc = json.loads(get(msrv, "/stats")[1])
     validate(doc, "stats.result.json")
@@ -168,8 +180,11 @@ def test_counters_follow_real_io(msrv):
     before = scrape(msrv)
     qemu_io(msrv, 0, *["write -P 9 %dk 64k" % (64 * i) for i in range(16)],
             "read -P 9 0 1M", "flush", "discard 2M 1M")
-    after = scrape(msrv)
     stats = msrv.stats(0)
+    # a scrape within a second of the last one gets the same rendering
+    wait_for(lambda: series(scrape(msrv), "tapdiskd_requests_total")[("0", "write")]
+             == stats["ops"]["write"]["reqs"], timeout=CACHE + 5, what="a fresh rendering")
+    after = scrape(msrv)
     reqs = series(after, "tapdiskd_requests_total")
     nbytes = series(after, "tapdiskd_bytes_total")
     for op in OPS:
