@@ -11,6 +11,7 @@
 #include "control.h"
 #include "io.h"
 #include "log.h"
+#include "metrics_http.h"
 #include "nbd.h"
 #include "qos.h"
 #include "qos_limits.h"
@@ -73,14 +74,15 @@ cmd_version(struct ctl_req *req, json_t *args)
 {
 	struct server *srv = ctl_req_server(req);
 	(void)args;
-	ctl_reply_ok(req, json_pack("{s:s, s:i, s:i, s:s, s:s, s:i, s:i}",
+	ctl_reply_ok(req, json_pack("{s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:s*}",
 				    "version", TAPDISKD_VERSION,
 				    "protocol", CONTROL_PROTOCOL_VERSION,
 				    "pid", (int)srv->pid,
 				    "io_engine", io_engine_name(srv->io),
 				    "state_dir", srv->state_dir,
 				    "vbds", (int)server_vbd_count(srv),
-				    "nbd_connections", (int)nbd_connection_count(srv->nbd)));
+				    "nbd_connections", (int)nbd_connection_count(srv->nbd),
+				    "metrics", metrics_http_address(srv->metrics)));
 }
 
 /* ---- list ---- */
@@ -134,11 +136,12 @@ cmd_stats(struct ctl_req *req, json_t *args)
 			ctl_reply_ok(req, stats_take(vbd, reset));
 		return;
 	}
-	json_t *vbds = json_array();
-	for (int m = 0; m < SERVER_MAX_MINORS; m++)
-		if (srv->minors[m] && srv->minors[m]->params)
-			json_array_append_new(vbds, stats_take(srv->minors[m], reset));
-	ctl_reply_ok(req, json_pack("{s:o}", "vbds", vbds));
+	json_t *all = server_stats_json(srv);
+	if (reset)	/* same loop turn: nothing completes in between */
+		for (int m = 0; m < SERVER_MAX_MINORS; m++)
+			if (srv->minors[m] && srv->minors[m]->params)
+				vbd_stats_reset(srv->minors[m]);
+	ctl_reply_ok(req, all);
 }
 
 /* ---- open / create ---- */

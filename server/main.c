@@ -24,6 +24,7 @@
 #include "control.h"
 #include "io.h"
 #include "log.h"
+#include "metrics_http.h"
 #include "nbd.h"
 #include "qos.h"
 #include "server.h"
@@ -38,6 +39,8 @@ struct options {
 	const char *state_dir;
 	const char *io_engine;
 	const char *nbd_listen;
+	const char *metrics_listen;
+	int metrics_allow_remote;
 	int foreground;
 	int no_direct;
 	enum log_level level;
@@ -56,6 +59,7 @@ usage(FILE *f)
 		"usage: tapdiskd [--state-dir DIR] [--foreground] [--io-engine uring|threads]\n"
 		"                [--nbd-listen unix:PATH|tcp:HOST:PORT] [--log-level LEVEL]\n"
 		"                [--no-direct] [--open TYPE:PATH]... [--no-xen] [--xen-... ]\n"
+		"                [--metrics-listen HOST:PORT [--metrics-allow-remote]]\n"
 		"\n"
 		"  -s, --state-dir DIR    control socket DIR/ctl.sock, NBD sockets DIR/nbd<pid>.<minor>\n"
 		"                         (default %s)\n"
@@ -68,8 +72,24 @@ usage(FILE *f)
 		"      --no-xen           do not serve Xen guests (blkif)\n"
 		"      --xen-backend-types T  backend directories to watch (default vbd3,vbd)\n"
 		"      --xen-domid N      our domain (default 0)\n"
-		"      --xen-sim DIR      a simulated hypervisor in DIR instead of Xen (tests)\n",
+		"      --xen-sim DIR      a simulated hypervisor in DIR instead of Xen (tests)\n"
+		"      --metrics-listen HOST:PORT  serve GET /stats (JSON) and /metrics (Prometheus)\n"
+		"                         over HTTP; loopback only, PORT 0 lets the kernel pick\n"
+		"      --metrics-allow-remote  let --metrics-listen take any address\n",
 		DEFAULT_STATE_DIR);
+}
+
+/* A bad or non-loopback --metrics-listen is refused before anything starts. */
+static int
+check_metrics_listen(const struct options *o)
+{
+	char err[256];
+
+	if (!o->metrics_listen ||
+	    metrics_http_check(o->metrics_listen, o->metrics_allow_remote, err, sizeof(err)) == 0)
+		return 0;
+	fprintf(stderr, "tapdiskd: --metrics-listen %s\n", err);
+	return -1;
 }
 
 static int
@@ -87,6 +107,8 @@ parse_options(int argc, char **argv, struct options *o)
 		{ "xen-backend-types", required_argument, NULL, 'T' },
 		{ "xen-domid", required_argument, NULL, 'd' },
 		{ "xen-sim", required_argument, NULL, 'Y' },
+		{ "metrics-listen", required_argument, NULL, 'M' },
+		{ "metrics-allow-remote", no_argument, NULL, 'A' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -119,6 +141,8 @@ parse_options(int argc, char **argv, struct options *o)
 		case 'X': o->xen.disabled = 1; break;
 		case 'T': o->xen.types = optarg; break;
 		case 'Y': o->xen.sim_dir = optarg; break;
+		case 'M': o->metrics_listen = optarg; break;
+		case 'A': o->metrics_allow_remote = 1; break;
 		case 'd': {
 			char *end;
 			unsigned long v = strtoul(optarg, &end, 10);
@@ -138,7 +162,7 @@ parse_options(int argc, char **argv, struct options *o)
 		fprintf(stderr, "tapdiskd: unexpected argument '%s'\n", argv[optind]);
 		return -1;
 	}
-	return 0;
+	return check_metrics_listen(o);
 }
 
 /* Creates the state dir if needed and takes its lock; returns the lock fd. */
@@ -441,6 +465,14 @@ main(int argc, char **argv)
 		log_err("control socket %s", err);
 		goto out;
 	}
+	if (opts.metrics_listen) {
+		srv->metrics = metrics_http_new(srv, opts.metrics_listen, opts.metrics_allow_remote,
+						err, sizeof(err));
+		if (!srv->metrics) {
+			log_err("--metrics-listen %s", err);
+			goto out;
+		}
+	}
 	sigint_ev = evsignal_new(srv->base, SIGINT, on_signal, srv);
 	sigterm_ev = evsignal_new(srv->base, SIGTERM, on_signal, srv);
 	idle_ev = event_new(srv->base, -1, EV_PERSIST, on_idle_tick, srv);
@@ -470,6 +502,7 @@ out:
 	if (ready_fd >= 0)
 		close(ready_fd);	/* the parent reads EOF: failure */
 	xenbus_stop(xb);
+	metrics_http_free(srv->metrics);
 	control_free(srv->ctl);
 	nbd_server_free(srv->nbd);
 	if (grace_ev)

@@ -35,6 +35,17 @@ server_vbd_count(struct server *srv)
 	return n;
 }
 
+json_t *
+server_stats_json(struct server *srv)
+{
+	json_t *vbds = json_array();
+
+	for (int m = 0; m < SERVER_MAX_MINORS; m++)
+		if (srv->minors[m] && srv->minors[m]->params)
+			json_array_append_new(vbds, vbd_stats_json(srv->minors[m]));
+	return json_pack("{s:o}", "vbds", vbds);
+}
+
 char *
 server_nbd_path(const struct server *srv, int minor)
 {

@@ -13,6 +13,7 @@ struct event_base;
 struct control;
 struct nbd_server;
 struct qos_group;
+struct metrics_http;
 
 struct server {
 	struct event_base *base;
@@ -26,6 +27,7 @@ struct server {
 	struct nbd_server *nbd;
 	struct control *ctl;
 	LIST_HEAD(, qos_group) qos_groups;
+	struct metrics_http *metrics;	/* --metrics-listen, or NULL */
 	int stopping;
 	time_t started;
 };
@@ -33,6 +35,8 @@ struct server {
 struct vbd *server_vbd(struct server *srv, int minor);
 int server_free_minor(struct server *srv);	/* lowest free minor, or -1 */
 unsigned server_vbd_count(struct server *srv);
+/* Every open vbd's statistics, {"vbds": [...]}: `stats` without a minor, GET /stats. */
+json_t *server_stats_json(struct server *srv);
 /* The NBD socket of a minor: <state-dir>/nbd<pid>.<minor>. */
 char *server_nbd_path(const struct server *srv, int minor);
 
