@@ -21,6 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qos import qos_bench  # noqa: E402
 from ring import ring_bench  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -72,6 +73,23 @@ class Tapdiskd:
         r = subprocess.run([os.path.join(BIN, "tap-ctl"), "-S", self.state, "create", "-a",
                             fmt + ":" + image], capture_output=True, text=True, check=True)
         self.sock = r.stdout.strip()
+
+    def ctl(self, cmd, **args):
+        """One control request; its result, or an exception with the server's message."""
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(os.path.join(self.state, "ctl.sock"))
+        s.sendall((json.dumps({"id": 1, "cmd": cmd, "args": args}) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            d = s.recv(65536)
+            if not d:
+                break
+            buf += d
+        s.close()
+        r = json.loads(buf)
+        if not r["ok"]:
+            raise RuntimeError("%s: %s" % (cmd, r["error"]["message"]))
+        return r.get("result")
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -212,18 +230,35 @@ def machine():
                                          platform.release())
 
 
+def qos_part(tmp, a, image=None):
+    if image is None:
+        image = os.path.join(tmp, "bench.img")
+        subprocess.run(["fio", "--name=fill", "--filename=" + image, "--size=1G", "--rw=write",
+                        "--bs=1M", "--ioengine=psync", "--output=/dev/null"], check=True)
+    return qos_bench(Tapdiskd, run_fio, wait_socket, os.path.join(BIN, "vhd-util"), tmp, image,
+                     a.engine, a.runtime, a.rounds)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", type=int, default=int(os.environ.get("BENCH_RUNTIME", "8")))
     ap.add_argument("--engine", default="uring")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
-    ap.add_argument("--only", choices=["all", "ring"], default="all")
+    ap.add_argument("--only", choices=["all", "ring", "qos"], default="all")
     a = ap.parse_args()
     if a.only == "ring":
         tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
         try:
             table = ring_bench(tmp, a.runtime, a.rounds)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print("Machine: %s\n\n%s" % (machine(), table))
+        return
+    if a.only == "qos":
+        tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
+        try:
+            table = qos_part(tmp, a)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print("Machine: %s\n\n%s" % (machine(), table))
@@ -256,6 +291,7 @@ def main():
         vhd = vhd_bench(tmp, a.engine, a.runtime, a.rounds)
         idle, hundred = memory(tmp, a.engine)
         ring = ring_bench(tmp, a.runtime, a.rounds)
+        qos = qos_part(tmp, a, image)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -292,6 +328,8 @@ def main():
     lines.append("| 100 open vbds | %.1f MB | < 64 MB |" % (hundred / 1024))
     lines.append("")
     lines.append(ring)
+    lines.append("")
+    lines.append(qos)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:
