@@ -41,6 +41,7 @@ struct options {
 	const char *nbd_listen;
 	const char *metrics_listen;
 	int metrics_allow_remote;
+	unsigned handshake_secs, metrics_timeout_secs;
 	int foreground;
 	int no_direct;
 	enum log_level level;
@@ -75,7 +76,9 @@ usage(FILE *f)
 		"      --xen-sim DIR      a simulated hypervisor in DIR instead of Xen (tests)\n"
 		"      --metrics-listen HOST:PORT  serve GET /stats (JSON) and /metrics (Prometheus)\n"
 		"                         over HTTP; loopback only, PORT 0 lets the kernel pick\n"
-		"      --metrics-allow-remote  let --metrics-listen take any address\n",
+		"      --metrics-allow-remote  let --metrics-listen take any address\n"
+		"      --nbd-handshake-timeout S  cut NBD clients still negotiating after S s (30)\n"
+		"      --metrics-timeout S  cut HTTP clients idle, or on one request, for S s (10)\n",
 		DEFAULT_STATE_DIR);
 }
 
@@ -90,6 +93,17 @@ check_metrics_listen(const struct options *o)
 		return 0;
 	fprintf(stderr, "tapdiskd: --metrics-listen %s\n", err);
 	return -1;
+}
+
+static int
+parse_seconds(const char *s, unsigned *out)
+{
+	char *end;
+	unsigned long v = strtoul(s, &end, 10);
+	if (!*s || *end || v < 1 || v > 3600)
+		return -1;
+	*out = (unsigned)v;
+	return 0;
 }
 
 static int
@@ -109,6 +123,8 @@ parse_options(int argc, char **argv, struct options *o)
 		{ "xen-sim", required_argument, NULL, 'Y' },
 		{ "metrics-listen", required_argument, NULL, 'M' },
 		{ "metrics-allow-remote", no_argument, NULL, 'A' },
+		{ "nbd-handshake-timeout", required_argument, NULL, 'H' },
+		{ "metrics-timeout", required_argument, NULL, 'W' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -117,6 +133,8 @@ parse_options(int argc, char **argv, struct options *o)
 
 	o->state_dir = DEFAULT_STATE_DIR;
 	o->level = LOG_LVL_INFO;
+	o->handshake_secs = 30;
+	o->metrics_timeout_secs = 10;
 	o->opens = calloc((size_t)argc, sizeof(*o->opens));
 	while ((c = getopt_long(argc, argv, "s:Fe:n:l:o:hV", longopts, NULL)) != -1) {
 		switch (c) {
@@ -143,6 +161,15 @@ parse_options(int argc, char **argv, struct options *o)
 		case 'Y': o->xen.sim_dir = optarg; break;
 		case 'M': o->metrics_listen = optarg; break;
 		case 'A': o->metrics_allow_remote = 1; break;
+		case 'H':
+		case 'W':
+			if (parse_seconds(optarg, c == 'H' ? &o->handshake_secs
+							   : &o->metrics_timeout_secs) < 0) {
+				fprintf(stderr, "tapdiskd: --%s must be 1 to 3600 seconds\n",
+					c == 'H' ? "nbd-handshake-timeout" : "metrics-timeout");
+				return -1;
+			}
+			break;
 		case 'd': {
 			char *end;
 			unsigned long v = strtoul(optarg, &end, 10);
@@ -437,6 +464,8 @@ main(int argc, char **argv)
 	srv->state_dir = dir;
 	srv->started = time(NULL);
 	srv->open_flags = opts.no_direct ? TD_OPEN_NODIRECT : 0;
+	srv->nbd_handshake_secs = opts.handshake_secs;
+	srv->metrics_timeout_secs = opts.metrics_timeout_secs;
 	srv->minors = calloc(SERVER_MAX_MINORS, sizeof(*srv->minors));
 	srv->base = event_base_new();
 	srv->pool = bufpool_new(POOL_CACHE);

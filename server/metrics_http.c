@@ -34,7 +34,6 @@
 #include "server.h"
 #include "stats.h"
 
-#define METRICS_TIMEOUT 10	/* s: idle while reading or writing; and per request */
 #define METRICS_MAX_HEADERS 8192
 #define METRICS_MAX_CONNS 32
 #define METRICS_BACKLOG 128
@@ -192,7 +191,7 @@ conn_forget(struct metrics_conn *c)
 static void
 conn_arm(struct metrics_conn *c)
 {
-	struct timeval tv = { METRICS_TIMEOUT, 0 };
+	struct timeval tv = { (time_t)c->m->srv->metrics_timeout_secs, 0 };
 	evtimer_add(c->deadline, &tv);
 }
 
@@ -213,7 +212,7 @@ on_deadline(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 
 	log_debug("metrics: dropping a client that took over %d s for one request",
-		  METRICS_TIMEOUT);
+		  c->m->srv->metrics_timeout_secs);
 	evhttp_connection_set_closecb(evcon, NULL, NULL);
 	conn_forget(c);
 	evhttp_connection_free(evcon);
@@ -692,7 +691,7 @@ http_setup(struct metrics_http *m, int fd)
 {
 	struct evhttp_bound_socket *bound;
 
-	evhttp_set_timeout(m->http, METRICS_TIMEOUT);
+	evhttp_set_timeout(m->http, (int)m->srv->metrics_timeout_secs);
 	evhttp_set_max_headers_size(m->http, METRICS_MAX_HEADERS);
 	evhttp_set_max_body_size(m->http, 0);
 	/* every method reaches on_request, which answers 405 with Allow */

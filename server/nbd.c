@@ -34,7 +34,6 @@
 #define NBD_MAX_OUTPUT		(32u << 20)	/* data buffers per connection: unsent
 						   replies plus requests in flight */
 #define NBD_MAX_EXTENTS		1024
-#define NBD_HANDSHAKE_TIMEOUT	30		/* seconds, from accept to GO */
 #define NBD_MAX_HS_OUTPUT	(1u << 20)	/* unread option replies */
 #define NBD_MAX_CONNECTIONS	4096
 #define NBD_DISCARD_LIMIT	(16u << 20)	/* larger option payloads: disconnect */
@@ -986,7 +985,7 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	if (vbd)
 		conn_bind(c, vbd);
 
-	struct timeval tv = { NBD_HANDSHAKE_TIMEOUT, 0 };
+	struct timeval tv = { (time_t)ns->srv->nbd_handshake_secs, 0 };
 	c->deadline = evtimer_new(bufferevent_get_base(bev), conn_handshake_expired, c);
 	if (c->deadline)
 		evtimer_add(c->deadline, &tv);

@@ -28,6 +28,8 @@ struct server {
 	struct control *ctl;
 	LIST_HEAD(, qos_group) qos_groups;
 	struct metrics_http *metrics;	/* --metrics-listen, or NULL */
+	unsigned nbd_handshake_secs;	/* accept to transmission, at most */
+	unsigned metrics_timeout_secs;	/* an HTTP client's idle time and request */
 	int stopping;
 	time_t started;
 };

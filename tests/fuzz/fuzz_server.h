@@ -53,6 +53,8 @@ fz_server_setup(struct server *srv, const char *name, char *state_dir,
 	rmdir(state_dir);
 
 	srv->base = event_base_new();
+	srv->nbd_handshake_secs = 30;
+	srv->metrics_timeout_secs = 10;
 	if (!srv->base)
 		fz_fail("event_base_new failed");
 	srv->io = io_engine_new(srv->base, "threads", err, sizeof(err));

@@ -23,7 +23,7 @@ from conftest import BIN, SLOW, Control, fd_count, run, validate, wait_for
 pytestmark = pytest.mark.engine_independent
 
 OPS = ["read", "write", "flush", "discard", "write_zeroes", "block_status", "cache"]
-METRICS_TIMEOUT = 10        # the server's idle timeout and per-request deadline
+METRICS_TIMEOUT = 3         # --metrics-timeout here (default 10): idle timeout and deadline
 MAX_CONNS = 32              # the server's cap on metrics connections
 CACHE = 1.0                 # a rendering serves every client for this long (s)
 
@@ -31,7 +31,8 @@ CACHE = 1.0                 # a rendering serves every client for this long (s)
 @pytest.fixture
 def msrv(make_server):
     """A server with the endpoint on a kernel-chosen loopback port."""
-    return make_server(extra=["--metrics-listen", "127.0.0.1:0"])
+    return make_server(extra=["--metrics-listen", "127.0.0.1:0",
+                              "--metrics-timeout", str(METRICS_TIMEOUT)])
 
 
 def address(srv):

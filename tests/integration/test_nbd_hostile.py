@@ -653,9 +653,30 @@ def test_mutated_conversations(bed):
 
 # handshake timeout --------------------------------------------------------
 
-def test_handshake_timeout(bed):
-    """Handshakes that stall, or drag on, are cut at 30 s; a connection in
-    transmission is never timed out, however idle."""
+HANDSHAKE_SECS = 4
+
+
+@pytest.fixture
+def quick_bed(make_server, tmp_path):
+    """A bed whose server cuts handshakes after HANDSHAKE_SECS (default 30)."""
+    srv = make_server(extra=["--nbd-handshake-timeout", str(HANDSHAKE_SECS)])
+    b = _make_bed(srv, tmp_path)
+    yield b
+    b.check()
+
+
+def test_handshake_timeout_option_is_checked(make_server):
+    for bad in ("0", "3601", "soon"):
+        srv = make_server(name="s" + bad, start=False,
+                          extra=["--nbd-handshake-timeout", bad])
+        with pytest.raises(RuntimeError, match="must be 1 to 3600 seconds"):
+            srv.start()
+
+
+def test_handshake_timeout(quick_bed):
+    """Handshakes that stall, or drag on, are cut at the handshake timeout; a
+    connection in transmission is never timed out, however idle."""
+    bed = quick_bed
     t0 = time.monotonic()
     stalled = {
         "silent": bed.raw(),
@@ -681,7 +702,7 @@ def test_handshake_timeout(bed):
 
     closed_at = {}
     pos = 0
-    deadline = t0 + T(33.5)
+    deadline = t0 + T(HANDSHAKE_SECS + 3.5)
     while time.monotonic() < deadline and len(closed_at) < len(stalled) + 2:
         for name, c in stalled.items():
             if name not in closed_at and c.closed(0):
@@ -705,8 +726,9 @@ def test_handshake_timeout(bed):
     for name in list(stalled) + ["slowloris", "chatty"]:
         if name not in closed_at:
             problems.append("%s: handshake still open after %.1f s" % (name, elapsed))
-        elif not 29 <= closed_at[name] <= T(33):
-            problems.append("%s: cut after %.1f s, not 30" % (name, closed_at[name]))
+        elif not HANDSHAKE_SECS - 1 <= closed_at[name] <= T(HANDSHAKE_SECS + 3):
+            problems.append("%s: cut after %.1f s, not %d" % (name, closed_at[name],
+                                                               HANDSHAKE_SECS))
     assert not problems, "\n".join(problems)
     bed.check()
 
