@@ -115,13 +115,22 @@ damaged(struct vmdk_priv *p, const struct vmdk_extent *e, const char *why)
 	return EIO;
 }
 
-/* Prefixes err's message with the extent it is about. */
+/* Puts before in front of err's message. */
 static int
-extent_error(struct td_error *err, const struct vmdk_desc_extent *de, unsigned idx)
+error_prefix(struct td_error *err, const char *before)
 {
 	char msg[sizeof(err->msg)];
 	memcpy(msg, err->msg, sizeof(msg));
-	return td_error_set(err, err->code, "extent %u (%s): %s", idx + 1, de->file, msg);
+	return td_error_set(err, err->code, "%s%s", before, msg);
+}
+
+/* Says which extent err is about. */
+static int
+extent_error(struct td_error *err, const struct vmdk_desc_extent *de, unsigned idx)
+{
+	char before[VMDK_MAX_NAME + 32];
+	snprintf(before, sizeof(before), "extent %u (%s): ", idx + 1, de->file);
+	return error_prefix(err, before);
 }
 
 /* ---- open / close ---- */
@@ -224,11 +233,8 @@ open_monolithic(struct vmdk_priv *p, struct td_file *f, const char *dir, struct 
 		return 0;
 	rc = vmdk_desc_parse(text, strlen(text), &d, err);
 	free(text);
-	if (rc < 0) {
-		char msg[sizeof(err->msg)];
-		memcpy(msg, err->msg, sizeof(msg));
-		return td_error_set(err, err->code, "embedded %s", msg);
-	}
+	if (rc < 0)
+		return error_prefix(err, "embedded ");
 	rc = take_parent(p, &d, dir, err);
 	vmdk_desc_free(&d);
 	return rc;
@@ -350,12 +356,8 @@ open_descriptor(struct vmdk_priv *p, struct td_file *f, const char *dir,
 	if (!text)
 		return -err->code;
 	rc = vmdk_desc_parse(text, strlen(text), &d, err);
-	if (rc < 0 && !looks_like_descriptor(text)) {
-		char msg[sizeof(err->msg)];
-		memcpy(msg, err->msg, sizeof(msg));
-		td_error_set(err, err->code, "not a VMDK: no sparse extent magic, and not a "
-			     "descriptor (%s)", msg);
-	}
+	if (rc < 0 && !looks_like_descriptor(text))
+		error_prefix(err, "not a VMDK: no sparse extent magic, and not a descriptor: ");
 	free(text);
 	if (rc < 0)
 		return rc;
@@ -404,12 +406,37 @@ zcache_size(struct vmdk_priv *p)
 	}
 }
 
+/* Opens img->path, whichever kind of VMDK file it is. */
+static int
+open_file(struct vmdk_priv *p, const char *dir, const struct td_open_ctx *ctx,
+	  struct td_error *err)
+{
+	uint8_t head[VMDK_SECTOR] = { 0 };
+	struct td_file f;
+	int rc = td_file_open(&f, p->img->path, 1, (p->img->oflags & TD_OPEN_NODIRECT) != 0, err);
+
+	if (rc < 0)
+		return rc;
+	size_t n = f.size < sizeof(head) ? (size_t)f.size : sizeof(head);
+	if ((rc = vhd_pread(&f.fd, head, n, 0)) < 0) {
+		td_file_close(&f, 0);
+		return td_error_set(err, -rc, "cannot read: %s", strerror(-rc));
+	}
+	switch (vmdk_probe(head, n)) {
+	case VMDK_FILE_SPARSE:
+		return open_monolithic(p, &f, dir, err);
+	case VMDK_FILE_COWD:
+		td_file_close(&f, 0);
+		return td_error_set(err, ENOTSUP, "ESX sparse (COWD) extents are not supported");
+	default:
+		return open_descriptor(p, &f, dir, ctx, err);
+	}
+}
+
 static int
 vmdk_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *err)
 {
-	uint8_t head[VMDK_SECTOR] = { 0 };
 	char dir[PATH_MAX];
-	struct td_file f;
 	int rc;
 
 	if (!(img->oflags & TD_OPEN_RDONLY))
@@ -419,34 +446,12 @@ vmdk_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 	if (!p)
 		return td_error_set(err, ENOMEM, "out of memory");
 	p->img = img;
+	p->cid = p->parent_cid = VMDK_NO_PARENT;	/* a sparse file may have no descriptor */
 	p->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
 	mc_init(&p->gt, ctx->io, VMDK_GT_CACHE);
 	p->gt.decode = gt_decode;
 	dir_of(img->path, dir, sizeof(dir));
-	rc = td_file_open(&f, img->path, 1, (img->oflags & TD_OPEN_NODIRECT) != 0, err);
-	if (rc < 0) {
-		free(p);
-		return rc;
-	}
-	size_t n = f.size < sizeof(head) ? (size_t)f.size : sizeof(head);
-	if ((rc = vhd_pread(&f.fd, head, n, 0)) < 0) {
-		td_file_close(&f, 0);
-		free(p);
-		return td_error_set(err, -rc, "cannot read: %s", strerror(-rc));
-	}
-	switch (vmdk_probe(head, n)) {
-	case VMDK_FILE_SPARSE:
-		rc = open_monolithic(p, &f, dir, err);
-		break;
-	case VMDK_FILE_COWD:
-		td_file_close(&f, 0);
-		rc = td_error_set(err, ENOTSUP, "ESX sparse (COWD) extents are not supported");
-		break;
-	default:
-		rc = open_descriptor(p, &f, dir, ctx, err);
-		break;
-	}
-	if (rc < 0) {
+	if ((rc = open_file(p, dir, ctx, err)) < 0) {
 		priv_free(p);
 		return rc;
 	}

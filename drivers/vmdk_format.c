@@ -409,6 +409,26 @@ parse_hex32(const char *w, size_t n, uint32_t *v)
 	return 0;
 }
 
+/* A word of the file, fit to quote in a one-line message. */
+static const char *
+quoted(char *out, size_t outlen, const char *w, size_t n)
+{
+	size_t i;
+	for (i = 0; i < n && i + 1 < outlen; i++)
+		out[i] = w[i] >= 0x20 && w[i] < 0x7f ? w[i] : '?';
+	out[i] = '\0';
+	return out;
+}
+
+static int
+has_control(const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+			return 1;
+	return 0;
+}
+
 static int __attribute__((format(printf, 4, 5)))
 line_error(struct td_error *err, int code, unsigned line, const char *fmt, ...)
 {
@@ -425,6 +445,10 @@ vmdk_name_check(const char *name, char *why, size_t whylen)
 {
 	if (!*name) {
 		snprintf(why, whylen, "empty file name");
+		return -EACCES;
+	}
+	if (has_control(name, strlen(name))) {
+		snprintf(why, whylen, "control character in file name");
 		return -EACCES;
 	}
 	if (name[0] == '/') {
@@ -447,6 +471,8 @@ vmdk_name_check(const char *name, char *why, size_t whylen)
 static int
 extent_type(const char *w, size_t n, enum vmdk_ext_type *t, unsigned line, struct td_error *err)
 {
+	char q[33];
+
 	if (word_is(w, n, "FLAT") || word_is(w, n, "VMFS"))
 		*t = VMDK_EXT_FLAT;
 	else if (word_is(w, n, "SPARSE"))
@@ -458,8 +484,8 @@ extent_type(const char *w, size_t n, enum vmdk_ext_type *t, unsigned line, struc
 		 word_is(w, n, "VSANSPARSE"))
 		return line_error(err, ENOTSUP, line, "%.*s extents are not supported", (int)n, w);
 	else
-		return line_error(err, EUCLEAN, line, "unknown extent type '%.*s'",
-				  (int)(n > 32 ? 32 : n), w);
+		return line_error(err, EUCLEAN, line, "unknown extent type '%s'",
+				  quoted(q, sizeof(q), w, n));
 	return 0;
 }
 
@@ -491,6 +517,25 @@ extent_file(struct cursor *c, struct vmdk_desc_extent *e, unsigned line, struct 
 	return rc < 0 ? line_error(err, -rc, line, "%s", why) : 0;
 }
 
+/* What may follow the file name: a FLAT extent's offset, nothing else. */
+static int
+extent_offset(struct cursor *c, struct vmdk_desc_extent *e, unsigned line, struct td_error *err)
+{
+	const char *w;
+	size_t n = next_word(c, &w);
+
+	if (n && e->type == VMDK_EXT_FLAT) {
+		/* bytes must stay addressable as an off_t */
+		if (parse_u64(w, n, &e->offset) < 0 ||
+		    e->offset > (uint64_t)INT64_MAX / VMDK_SECTOR - e->sectors)
+			return line_error(err, EUCLEAN, line, "bad extent offset");
+		n = next_word(c, &w);
+	}
+	if (n)
+		return line_error(err, EUCLEAN, line, "unexpected text after the extent");
+	return 0;
+}
+
 /* ACCESS SECTORS TYPE ["FILE" [OFFSET]] */
 static int
 parse_extent(struct vmdk_desc *d, struct cursor *c, unsigned line, struct td_error *err)
@@ -513,22 +558,9 @@ parse_extent(struct vmdk_desc *d, struct cursor *c, unsigned line, struct td_err
 		return rc;
 	if (d->nr_ext == VMDK_MAX_EXTENTS)
 		return line_error(err, EUCLEAN, line, "more than %u extents", VMDK_MAX_EXTENTS);
-	if ((rc = extent_file(c, &e, line, err)) < 0)
+	if ((rc = extent_file(c, &e, line, err)) < 0 ||
+	    (rc = extent_offset(c, &e, line, err)) < 0)
 		goto fail;
-	n = next_word(c, &w);
-	if (n && e.type == VMDK_EXT_FLAT) {
-		/* bytes must stay addressable as an off_t */
-		if (parse_u64(w, n, &e.offset) < 0 ||
-		    e.offset > (uint64_t)INT64_MAX / VMDK_SECTOR - e.sectors) {
-			rc = line_error(err, EUCLEAN, line, "bad extent offset");
-			goto fail;
-		}
-		n = next_word(c, &w);
-	}
-	if (n) {
-		rc = line_error(err, EUCLEAN, line, "unexpected text after the extent");
-		goto fail;
-	}
 	if ((d->nr_ext & (d->nr_ext - 1)) == 0) {	/* 0, 1, 2, 4...: grow */
 		void *ext = realloc(d->ext, (d->nr_ext ? 2 * d->nr_ext : 1) * sizeof(*d->ext));
 		if (!ext) {
@@ -573,11 +605,12 @@ parse_kv(struct vmdk_desc *d, const char *key, size_t klen, const char *v, size_
 	 unsigned line, struct td_error *err)
 {
 	uint64_t version;
+	char q[17];
 
 	if (word_is(key, klen, "version")) {
 		if (parse_u64(v, n, &version) < 0 || version < 1 || version > 3)
-			return line_error(err, ENOTSUP, line, "descriptor version '%.*s' is not "
-					  "supported", (int)(n > 16 ? 16 : n), v);
+			return line_error(err, ENOTSUP, line, "descriptor version '%s' is not "
+					  "supported", quoted(q, sizeof(q), v, n));
 		d->version = (unsigned)version;
 	} else if (word_is(key, klen, "CID")) {
 		if (parse_hex32(v, n, &d->cid) < 0)
@@ -586,12 +619,12 @@ parse_kv(struct vmdk_desc *d, const char *key, size_t klen, const char *v, size_
 		if (parse_hex32(v, n, &d->parent_cid) < 0)
 			return line_error(err, EUCLEAN, line, "bad parentCID");
 	} else if (word_is(key, klen, "createType")) {
-		if (!n || n >= sizeof(d->create_type))
+		if (!n || n >= sizeof(d->create_type) || has_control(v, n))
 			return line_error(err, EUCLEAN, line, "bad createType");
 		memcpy(d->create_type, v, n);
 		d->create_type[n] = '\0';
 	} else if (word_is(key, klen, "parentFileNameHint")) {
-		if (!n || n > VMDK_MAX_NAME)
+		if (!n || n > VMDK_MAX_NAME || has_control(v, n))
 			return line_error(err, EUCLEAN, line, "bad parentFileNameHint");
 		free(d->parent_hint);
 		if (!(d->parent_hint = strndup(v, n)))

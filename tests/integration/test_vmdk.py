@@ -244,6 +244,17 @@ def test_delta_disk_on_a_vmdk_parent(server, tmp_path):
     assert names == ["vmdk:" + kid, "vmdk:" + base]
     zeros, data = our_map(server, r["minor"])
     assert data == [(0, 2 * MiB), (7 * MiB, 64 * KiB)]
+    # another delta, naming its parent by an absolute path: the parent is opened once
+    kid2 = str(tmp_path / "kid2.vmdk")
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-b", base, "-F", "vmdk", kid2)
+    r2 = open_ro(server, kid2)
+    pid = server.proc.pid
+    fds = [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)]
+    assert sum(1 for f in fds if f == base) <= 2      # one buffered + one direct, once
+    h = connect(server, r2["minor"])
+    assert h.pread(8192, MiB) == b"\x11" * 8192
+    h.shutdown()
+    server.call("destroy", minor=r2["minor"])
     server.call("destroy", minor=r["minor"])
     # the parent is not the disk the child was made on
     text = open(base, "rb").read()
@@ -279,6 +290,9 @@ def test_writes_are_refused(server, tmp_path):
     h = connect(server, minor)
     with pytest.raises(nbd.Error):
         h.pwrite(b"x" * 512, 0)
+    server.tapctl("pause", "-m", minor)              # closes the image, reopens it read-only
+    server.tapctl("unpause", "-m", minor)
+    assert h.pread(4096, 0) == bytes(4096)
     h.shutdown()
     assert open(img, "rb").read() == before
 

@@ -555,6 +555,10 @@ static const struct bad_desc bad_descs[] = {
 	{ "createType=x\nRW 68719476736 FLAT \"a\"\nRW 68719476737 FLAT \"b\"\n", EUCLEAN,
 	  "line 3: the disk grows beyond 64 TiB" },
 	{ "createType=x\n= 3\n", EUCLEAN, "neither KEY=VALUE" },
+	{ "createType=x\nRW 8 FLAT \"a\033[2Jb\"\n", EACCES, "control character" },
+	{ "createType=x\nRW 8 \033[2J \"a\"\n", EUCLEAN, "unknown extent type '?[2J'" },
+	{ "createType=x\nparentFileNameHint=\"a\tb\"\n", EUCLEAN, "bad parentFileNameHint" },
+	{ "createType=x\nversion=\0011\n", ENOTSUP, "version '?1'" },
 };
 
 static void
