@@ -143,6 +143,7 @@ struct td_driver {
 extern const struct td_driver td_driver_raw;
 extern const struct td_driver td_driver_ram;
 extern const struct td_driver td_driver_vhd;
+extern const struct td_driver td_driver_vmdk;
 
 const struct td_driver *td_driver_find(const char *type);
 /* Adds a driver beyond the built-in ones (tests, out-of-tree formats). */
@@ -181,5 +182,27 @@ int td_iov_slice(const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t le
 /* Zero-fills an iovec array. */
 void td_iov_zero(const struct iovec *iov, int iovcnt);
 uint64_t td_iov_length(const struct iovec *iov, int iovcnt);
+
+/* Block status: appends an extent to req, merging it with the last if alike. */
+void td_extent_add(struct td_request *req, uint64_t len, uint32_t flags);
+
+/*
+ * A request a driver serves in pieces: it completes with the first error
+ * once the last piece is done, never from inside submit.
+ */
+struct td_pieces {
+	struct td_request *req;
+	struct td_image *img;
+	int pending;		/* pieces in flight, +1 while submit issues them */
+	int err;
+};
+/* In submit: NULL if out of memory. */
+struct td_pieces *td_pieces_new(struct td_image *img, struct td_request *req);
+/* One more piece (before it is issued). */
+static inline void td_pieces_add(struct td_pieces *ps) { ps->pending++; }
+/* A piece is done (err 0 or an errno); the last one completes and frees ps. */
+void td_pieces_done(struct td_pieces *ps, int err);
+/* End of submit: every piece is issued (or failed, ps->err set). */
+void td_pieces_issued(struct td_pieces *ps);
 
 #endif

@@ -20,6 +20,7 @@ static const struct td_driver *const drivers[] = {
 	&td_driver_raw,
 	&td_driver_ram,
 	&td_driver_vhd,
+	&td_driver_vmdk,
 };
 
 #define TD_MAX_EXTRA_DRIVERS 8
@@ -457,4 +458,54 @@ td_iov_length(const struct iovec *iov, int iovcnt)
 	for (int i = 0; i < iovcnt; i++)
 		n += iov[i].iov_len;
 	return n;
+}
+
+void
+td_extent_add(struct td_request *req, uint64_t len, uint32_t flags)
+{
+	struct td_extent *last = req->nr_extents ? &req->extents[req->nr_extents - 1] : NULL;
+	if (last && last->flags == flags) {
+		last->length += len;
+		return;
+	}
+	req->extents[req->nr_extents].length = len;
+	req->extents[req->nr_extents].flags = flags;
+	req->nr_extents++;
+}
+
+struct td_pieces *
+td_pieces_new(struct td_image *img, struct td_request *req)
+{
+	struct td_pieces *ps = calloc(1, sizeof(*ps));
+	if (ps) {
+		ps->req = req;
+		ps->img = img;
+		ps->pending = 1;
+	}
+	return ps;
+}
+
+void
+td_pieces_done(struct td_pieces *ps, int err)
+{
+	if (err && !ps->err)
+		ps->err = err;
+	if (--ps->pending)
+		return;
+	struct td_request *req = ps->req;
+	err = ps->err;
+	free(ps);
+	req->done(req, err);
+}
+
+void
+td_pieces_issued(struct td_pieces *ps)
+{
+	/* every piece may be done already (zeros, cached data): not from inside submit */
+	if (ps->pending == 1) {
+		td_complete_later(ps->img, ps->req, ps->err);
+		free(ps);
+		return;
+	}
+	td_pieces_done(ps, 0);
 }

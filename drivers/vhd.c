@@ -21,6 +21,7 @@
 #include "driver.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,7 @@
 #include <unistd.h>
 
 #include "file_io.h"
+#include "meta_cache.h"
 #include "vhd_file.h"
 #include "vhd_format.h"
 
@@ -38,7 +40,6 @@
 #endif
 
 #define VHD_BM_CACHE	256	/* cached block bitmaps per image */
-#define VHD_BM_HASH	64
 #define VHD_MAX_BATCH	64	/* new blocks per allocation batch */
 #define VHD_INLINE_IOV	4
 #define VHD_ZERO_CHUNK	(1u << 20)
@@ -50,20 +51,6 @@ struct vhd_priv;
 struct vop;
 
 TAILQ_HEAD(vop_list, vop);
-
-/* A cached sector bitmap. */
-struct bm_entry {
-	uint32_t blk;
-	enum { BM_LOADING, BM_READY } state;
-	unsigned refs;			/* users; never evicted while > 0 */
-	uint8_t *map;
-	struct vop_list waiters;	/* waiting for the load */
-	struct io_op op;
-	struct iovec iov;
-	struct vhd_priv *p;
-	LIST_ENTRY(bm_entry) hash;
-	TAILQ_ENTRY(bm_entry) lru;
-};
 
 /* Work on one block that others must wait for: allocation, deallocation. */
 struct bjob {
@@ -78,23 +65,16 @@ struct bjob {
 	TAILQ_ENTRY(bjob) queue;	/* ALLOC: waiting for a batch */
 };
 
-/* One incoming request. */
-struct vreq {
-	struct td_request *req;
-	struct td_image *img;
-	int pending;			/* pieces in flight, +1 while issuing */
-	int err;
-};
-
 /* One piece of a request, inside one block (or one metadata step). */
 struct vop {
-	struct vreq *vr;
+	struct td_pieces *vr;
 	struct vhd_priv *p;
 	uint32_t blk;
 	uint64_t off, len;		/* virtual bytes */
 	int is_write;			/* 0 read, 1 write, VOP_STATUS */
 	int zero;			/* write zeros rather than the request's data */
-	struct bm_entry *bm;
+	struct mc_entry *bm;		/* its bitmap, pinned */
+	struct mc_waiter bm_wait;
 	struct io_op op;
 	struct td_request sub;		/* a read from the parent */
 	struct iovec *iov;
@@ -127,16 +107,13 @@ struct vhd_priv {
 	struct td_image raw;		/* fixed disks: served by the raw driver */
 	int rdonly;
 	uint64_t next_free;		/* the footer's place; new blocks go after it */
-	LIST_HEAD(, bm_entry) bm_hash[VHD_BM_HASH];
-	TAILQ_HEAD(bm_lru_head, bm_entry) bm_lru;
-	unsigned bm_count;
+	struct mc_cache bm;		/* sector bitmaps, by block */
 	LIST_HEAD(, bjob) jobs;
 	TAILQ_HEAD(, bjob) alloc_queue;
 	struct batch *batch;
 	int batmap_dirty;
 };
 
-static void vreq_piece_done(struct vreq *vr, int err);
 static void vop_start_write(struct vop *v);
 
 static uint64_t
@@ -198,9 +175,7 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 		img->caps = p->raw.caps;
 		return 0;
 	}
-	for (int i = 0; i < VHD_BM_HASH; i++)
-		LIST_INIT(&p->bm_hash[i]);
-	TAILQ_INIT(&p->bm_lru);
+	mc_init(&p->bm, ctx->io, VHD_BM_CACHE);
 	LIST_INIT(&p->jobs);
 	TAILQ_INIT(&p->alloc_queue);
 	p->next_free = p->m.footer_offset;
@@ -254,12 +229,7 @@ vhd_close(struct td_image *img)
 			free(buf);
 		}
 	}
-	while (!TAILQ_EMPTY(&p->bm_lru)) {
-		struct bm_entry *e = TAILQ_FIRST(&p->bm_lru);
-		TAILQ_REMOVE(&p->bm_lru, e, lru);
-		free(e->map);
-		free(e);
-	}
+	mc_free(&p->bm);
 	vhd_meta_free(&p->m);
 	td_file_close(&p->f, !p->rdonly);
 	free(p);
@@ -310,33 +280,8 @@ vhd_validate_parent(struct td_image *img, struct td_image *parent, struct td_err
 
 /* ---- requests: pieces ---- */
 
-static struct vreq *
-vreq_new(struct td_image *img, struct td_request *req)
-{
-	struct vreq *vr = calloc(1, sizeof(*vr));
-	if (!vr)
-		return NULL;
-	vr->req = req;
-	vr->img = img;
-	vr->pending = 1;
-	return vr;
-}
-
-static void
-vreq_piece_done(struct vreq *vr, int err)
-{
-	if (err && !vr->err)
-		vr->err = err;
-	if (--vr->pending)
-		return;
-	struct td_request *req = vr->req;
-	int e = vr->err;
-	free(vr);
-	req->done(req, e);
-}
-
 static struct vop *
-vop_new(struct vreq *vr, struct vhd_priv *p, uint32_t blk, uint64_t off, uint64_t len)
+vop_new(struct td_pieces *vr, struct vhd_priv *p, uint32_t blk, uint64_t off, uint64_t len)
 {
 	struct vop *v = calloc(1, sizeof(*v));
 	if (!v)
@@ -346,18 +291,18 @@ vop_new(struct vreq *vr, struct vhd_priv *p, uint32_t blk, uint64_t off, uint64_
 	v->blk = blk;
 	v->off = off;
 	v->len = len;
-	vr->pending++;
+	td_pieces_add(vr);
 	return v;
 }
 
 static void
 vop_finish(struct vop *v, int err)
 {
-	struct vreq *vr = v->vr;
+	struct td_pieces *vr = v->vr;
 	if (v->iov && v->iov != v->iov_inline)
 		free(v->iov);
 	free(v);
-	vreq_piece_done(vr, err);
+	td_pieces_done(vr, err);
 }
 
 /* Points v->iov at bytes [off, off+len) of the request (or of zeros). */
@@ -502,134 +447,38 @@ vop_read_file(struct vop *v, uint64_t off, uint64_t len)
 
 /* ---- bitmap cache ---- */
 
-static struct bm_entry *
-bm_find(struct vhd_priv *p, uint32_t blk)
-{
-	struct bm_entry *e;
-	LIST_FOREACH(e, &p->bm_hash[blk % VHD_BM_HASH], hash)
-		if (e->blk == blk)
-			return e;
-	return NULL;
-}
-
-static void
-bm_evict(struct vhd_priv *p)
-{
-	struct bm_entry *e, *prev;
-	for (e = TAILQ_LAST(&p->bm_lru, bm_lru_head); e && p->bm_count > VHD_BM_CACHE;
-	     e = prev) {
-		prev = TAILQ_PREV(e, bm_lru_head, lru);
-		if (e->refs || e->state != BM_READY)
-			continue;
-		LIST_REMOVE(e, hash);
-		TAILQ_REMOVE(&p->bm_lru, e, lru);
-		p->bm_count--;
-		free(e->map);
-		free(e);
-	}
-}
-
-static void
-bm_drop(struct vhd_priv *p, uint32_t blk)
-{
-	struct bm_entry *e = bm_find(p, blk);
-	if (e && !e->refs && e->state == BM_READY) {
-		LIST_REMOVE(e, hash);
-		TAILQ_REMOVE(&p->bm_lru, e, lru);
-		p->bm_count--;
-		free(e->map);
-		free(e);
-	}
-}
-
-static struct bm_entry *
-bm_insert(struct vhd_priv *p, uint32_t blk, uint8_t *map)
-{
-	struct bm_entry *e = calloc(1, sizeof(*e));
-	if (!e)
-		return NULL;
-	e->blk = blk;
-	e->p = p;
-	e->map = map;
-	e->state = BM_READY;
-	TAILQ_INIT(&e->waiters);
-	LIST_INSERT_HEAD(&p->bm_hash[blk % VHD_BM_HASH], e, hash);
-	TAILQ_INSERT_HEAD(&p->bm_lru, e, lru);
-	p->bm_count++;
-	return e;
-}
-
 static void vop_with_bitmap(struct vop *v);
 
 static void
-bm_loaded(struct io_op *op, int res)
+bm_ready(struct mc_waiter *w, struct mc_entry *e, int err)
 {
-	struct bm_entry *e = op->data;
-	struct vhd_priv *p = e->p;
-	struct vop_list waiters;
+	struct vop *v = (struct vop *)((char *)w - offsetof(struct vop, bm_wait));
 
-	TAILQ_INIT(&waiters);
-	TAILQ_CONCAT(&waiters, &e->waiters, link);
-	if (res < 0) {
-		/* forget it: a later request tries again */
-		LIST_REMOVE(e, hash);
-		TAILQ_REMOVE(&p->bm_lru, e, lru);
-		p->bm_count--;
-		free(e->map);
-		free(e);
-		while (!TAILQ_EMPTY(&waiters)) {
-			struct vop *v = TAILQ_FIRST(&waiters);
-			TAILQ_REMOVE(&waiters, v, link);
-			v->bm = NULL;
-			vop_finish(v, -res);
-		}
-		return;
-	}
-	e->state = BM_READY;
-	while (!TAILQ_EMPTY(&waiters)) {
-		struct vop *v = TAILQ_FIRST(&waiters);
-		TAILQ_REMOVE(&waiters, v, link);
+	v->bm = e;
+	if (err)
+		vop_finish(v, err);
+	else
 		vop_with_bitmap(v);
-	}
 }
 
-/* Gives v the bitmap of its block (v->bm, referenced) and calls vop_with_bitmap. */
+/* Gives v the bitmap of its block (v->bm, pinned) and calls vop_with_bitmap. */
 static void
 bm_get(struct vop *v)
 {
 	struct vhd_priv *p = v->p;
-	struct bm_entry *e = bm_find(p, v->blk);
 
-	if (!e) {
-		uint8_t *map = malloc(p->m.bitmap_bytes);
-		if (!map || !(e = bm_insert(p, v->blk, map))) {
-			free(map);
-			vop_finish(v, ENOMEM);
-			return;
-		}
-		e->state = BM_LOADING;
-		meta_io(p, &e->op, IO_OP_READV, &e->iov, e->map, p->m.bitmap_bytes,
-			vhd_block_offset(&p->m, v->blk), bm_loaded, e);
-		bm_evict(p);
-	} else {
-		TAILQ_REMOVE(&p->bm_lru, e, lru);
-		TAILQ_INSERT_HEAD(&p->bm_lru, e, lru);
-	}
-	e->refs++;
-	v->bm = e;
-	if (e->state == BM_LOADING)
-		TAILQ_INSERT_TAIL(&e->waiters, v, link);
-	else
-		vop_with_bitmap(v);
+	v->bm_wait.ready = bm_ready;
+	if (mc_get(&p->bm, v->blk, p->f.fd, p->f.io_flags, vhd_block_offset(&p->m, v->blk),
+		   p->m.bitmap_bytes, &v->bm_wait) < 0)
+		vop_finish(v, ENOMEM);
 }
 
 static void
 bm_put(struct vop *v)
 {
 	if (v->bm) {
-		v->bm->refs--;
+		mc_put(&v->p->bm, v->bm);
 		v->bm = NULL;
-		bm_evict(v->p);
 	}
 }
 
@@ -643,8 +492,8 @@ read_by_bitmap(struct vop *v)
 	uint64_t bs = p->m.header.block_size, base = (uint64_t)v->blk * bs;
 	uint32_t s = (uint32_t)((v->off - base) / VHD_SECTOR);
 	uint32_t end = s + (uint32_t)(v->len / VHD_SECTOR);
-	const uint8_t *map = v->bm->map;
-	struct vreq *vr = v->vr;
+	const uint8_t *map = v->bm->buf;
+	struct td_pieces *vr = v->vr;
 
 	while (s < end) {
 		int bit = vhd_bitmap_test(map, s);
@@ -704,7 +553,7 @@ write_mark(struct vop *v, int err)
 	uint64_t base = (uint64_t)v->blk * m->header.block_size;
 	uint32_t s = (uint32_t)((v->off - base) / VHD_SECTOR);
 	uint32_t end = s + (uint32_t)(v->len / VHD_SECTOR);
-	uint8_t *map = v->bm->map;
+	uint8_t *map = v->bm->buf;
 	int changed = 0;
 	for (uint32_t i = s; i < end; i++) {
 		if (!vhd_bitmap_test(map, i)) {
@@ -876,7 +725,7 @@ batch_finish(struct vhd_priv *p, struct batch *b)
 		}
 		if (j->kind == JOB_DEALLOC) {
 			m->bat[j->blk] = VHD_BAT_UNUSED;
-			bm_drop(p, j->blk);
+			mc_drop(&p->bm, j->blk);
 			if (m->has_batmap && vhd_batmap_test(m, j->blk)) {
 				vhd_batmap_set(m, j->blk, 0);
 				p->batmap_dirty = 1;
@@ -892,9 +741,8 @@ batch_finish(struct vhd_priv *p, struct batch *b)
 			vhd_batmap_set(m, j->blk, 1);
 			p->batmap_dirty = 1;
 		}
-		if (bm_insert(p, j->blk, j->map))
+		if (mc_insert(&p->bm, j->blk, j->map))
 			j->map = NULL;	/* the cache owns it now */
-		bm_evict(p);
 		vop_finish(j->first, 0);
 		job_end(j);
 	}
@@ -1236,19 +1084,6 @@ zero_piece(struct vop *v, int discard, int no_hole)
 
 /* ---- block status ---- */
 
-static void
-status_add(struct td_request *req, uint64_t len, uint32_t flags)
-{
-	if (req->nr_extents && req->extents[req->nr_extents - 1].flags == flags) {
-		req->extents[req->nr_extents - 1].length += len;
-		return;
-	}
-	req->extents[req->nr_extents].length = len;
-	req->extents[req->nr_extents].flags = flags;
-	req->nr_extents++;
-}
-
-
 /* Fills extents as far as known without I/O; loads one bitmap if nothing is known. */
 static void
 status_run(struct vhd_priv *p, struct td_request *req)
@@ -1263,16 +1098,16 @@ status_run(struct vhd_priv *p, struct td_request *req)
 		if (stop > end)
 			stop = end;
 		if (m->bat[blk] == VHD_BAT_UNUSED) {
-			status_add(req, stop - pos, TD_EXTENT_PARENT);
+			td_extent_add(req, stop - pos, TD_EXTENT_PARENT);
 		} else if (vhd_batmap_test(m, blk)) {
-			status_add(req, stop - pos, 0);
+			td_extent_add(req, stop - pos, 0);
 		} else {
-			struct bm_entry *e = bm_find(p, blk);
-			if (!e || e->state != BM_READY) {
+			struct mc_entry *e = mc_find(&p->bm, blk);
+			if (!e || !e->ready) {
 				if (req->nr_extents)
 					break;
 				/* load it, then start again */
-				struct vreq *vr = vreq_new(p->img, req);
+				struct td_pieces *vr = td_pieces_new(p->img, req);
 				struct vop *v = vr ? vop_new(vr, p, blk, pos, 0) : NULL;
 				if (!v) {
 					free(vr);
@@ -1287,11 +1122,11 @@ status_run(struct vhd_priv *p, struct td_request *req)
 			uint32_t s = (uint32_t)((pos - (uint64_t)blk * bs) / VHD_SECTOR);
 			uint32_t se = (uint32_t)((stop - (uint64_t)blk * bs) / VHD_SECTOR);
 			while (s < se && req->nr_extents < req->max_extents) {
-				int bit = vhd_bitmap_test(e->map, s);
+				int bit = vhd_bitmap_test(e->buf, s);
 				uint32_t r = s + 1;
-				while (r < se && vhd_bitmap_test(e->map, r) == bit)
+				while (r < se && vhd_bitmap_test(e->buf, r) == bit)
 					r++;
-				status_add(req, (uint64_t)(r - s) * VHD_SECTOR, bit ? 0 : TD_EXTENT_PARENT);
+				td_extent_add(req, (uint64_t)(r - s) * VHD_SECTOR, bit ? 0 : TD_EXTENT_PARENT);
 				s = r;
 			}
 			stop = (uint64_t)blk * bs + (uint64_t)s * VHD_SECTOR;
@@ -1369,7 +1204,7 @@ static void
 vop_status_bitmap(struct vop *v)
 {
 	struct td_request *req = v->vr->req;
-	struct vreq *vr = v->vr;
+	struct td_pieces *vr = v->vr;
 	bm_put(v);
 	free(v);
 	free(vr);
@@ -1404,7 +1239,7 @@ vhd_submit(struct td_image *img, struct td_request *req)
 	default:
 		break;
 	}
-	struct vreq *vr = vreq_new(img, req);
+	struct td_pieces *vr = td_pieces_new(img, req);
 	if (!vr) {
 		td_complete_later(img, req, ENOMEM);
 		return;
@@ -1439,18 +1274,7 @@ vhd_submit(struct td_image *img, struct td_request *req)
 		}
 		pos = stop;
 	}
-	/*
-	 * The pieces may all have completed already (parent reads of a root,
-	 * cached data): the last reference completes the request, but never
-	 * from inside submit.
-	 */
-	if (vr->pending == 1) {
-		vr->pending = 0;
-		td_complete_later(img, req, vr->err);
-		free(vr);
-		return;
-	}
-	vreq_piece_done(vr, 0);
+	td_pieces_issued(vr);
 }
 
 /* Also serves raw leaves: their snapshot is a VHD on a raw parent. */

@@ -24,7 +24,7 @@ FUZZ_SAN_LIST := $(if $(strip $(FUZZ_SAN)),$(comma)$(strip $(FUZZ_SAN)))
 FUZZ_PKGS  := libevent jansson liburing xenstore xengnttab xenevtchn
 
 FUZZ_PKG_CFLAGS := $(shell pkg-config --cflags $(FUZZ_PKGS))
-FUZZ_LIBS       := $(shell pkg-config --libs $(FUZZ_PKGS)) -luuid -lpthread -lm
+FUZZ_LIBS       := $(shell pkg-config --libs $(FUZZ_PKGS)) -luuid -lpthread -lm -lz
 
 FUZZ_COMMON := -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1 \
                -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iserver -Iserver/xen -Idrivers \
@@ -40,7 +40,7 @@ FUZZ_LIB_SRCS := $(filter-out server/main.c server/control_cmds.c,$(wildcard ser
 FUZZ_LIB_OBJS := $(FUZZ_LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZ_LIB      := $(FUZZ_BUILD)/libtd-fuzz.a
 
-FUZZ_TARGETS := fuzz_nbd fuzz_nbd_proto fuzz_control fuzz_vhd_meta fuzz_blkif
+FUZZ_TARGETS := fuzz_nbd fuzz_nbd_proto fuzz_control fuzz_vhd_meta fuzz_blkif fuzz_vmdk_meta
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
 .PHONY: all clean

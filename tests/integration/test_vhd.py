@@ -12,6 +12,7 @@ import nbd
 import pytest
 
 from conftest import BIN, ControlError, make_image, run, wait_for
+from images import connect, export_bytes, qemu_raw, qemu_size
 from vhdpatch import Vhd
 
 MiB = 1 << 20
@@ -21,28 +22,8 @@ def vhdutil(*args, check=True):
     return run(os.path.join(BIN, "vhd-util"), *args, check=check)
 
 
-def qemu_size(path):
-    info = json.loads(run("qemu-img", "info", "--output=json", path).stdout)
-    return info["virtual-size"]
-
-
 def to_raw(path, out):
-    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", path, out)
-    with open(out, "rb") as f:
-        return f.read()
-
-
-def export_bytes(server, minor, out):
-    run("nbdcopy", server.uri(minor), out)
-    with open(out, "rb") as f:
-        return f.read()
-
-
-def connect(server, minor):
-    h = nbd.NBD()
-    h.add_meta_context("base:allocation")
-    h.connect_uri(server.uri(minor))
-    return h
+    return qemu_raw(path, "vpc", out)
 
 
 # ---- interop with qemu-img ----
