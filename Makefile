@@ -20,7 +20,7 @@ LDFLAGS += -fsanitize=address,undefined
 endif
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -DTAPDISKD_VERSION='"$(VERSION)"' $(WARN) $(CFLAGS) \
               -Iserver -Iserver/xen -Idrivers -Icontrol $(PKG_CFLAGS) -MMD -MP
-LIBS    := $(PKG_LIBS) -luuid -lpthread -lm
+LIBS    := $(PKG_LIBS) -luuid -lz -lpthread -lm
 
 SERVER_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) $(wildcard server/xen/*.c) \
                $(wildcard drivers/*.c)

@@ -256,19 +256,6 @@ struct raw_scan {
 	struct raw_priv *p;
 };
 
-static void
-raw_scan_add(struct td_request *req, uint64_t len, uint32_t flags)
-{
-	struct td_extent *last = req->nr_extents ? &req->extents[req->nr_extents - 1] : NULL;
-	if (last && last->flags == flags) {
-		last->length += len;
-		return;
-	}
-	req->extents[req->nr_extents].length = len;
-	req->extents[req->nr_extents].flags = flags;
-	req->nr_extents++;
-}
-
 /* Worker thread: walks SEEK_DATA/SEEK_HOLE over the range. */
 static int
 raw_scan_run(struct io_call *c)
@@ -281,16 +268,16 @@ raw_scan_run(struct io_call *c)
 	while (pos < end && req->nr_extents < req->max_extents) {
 		off_t data = lseek(s->p->f.fd, (off_t)pos, SEEK_DATA);
 		if (data < 0 && errno == ENXIO) {
-			raw_scan_add(req, end - pos, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
+			td_extent_add(req, end - pos, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
 			break;
 		}
 		if (data < 0) {	/* no hole support: all data */
-			raw_scan_add(req, end - pos, 0);
+			td_extent_add(req, end - pos, 0);
 			break;
 		}
 		if ((uint64_t)data > pos) {
 			uint64_t n = (uint64_t)data < end ? (uint64_t)data - pos : end - pos;
-			raw_scan_add(req, n, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
+			td_extent_add(req, n, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
 			pos += n;
 			continue;
 		}
@@ -298,7 +285,7 @@ raw_scan_run(struct io_call *c)
 		uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
 		if (stop <= pos)
 			stop = end;
-		raw_scan_add(req, stop - pos, 0);
+		td_extent_add(req, stop - pos, 0);
 		pos = stop;
 	}
 	return 0;

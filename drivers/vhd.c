@@ -364,34 +364,8 @@ vop_finish(struct vop *v, int err)
 static int
 vop_slice(struct vop *v, uint64_t off, uint64_t len)
 {
-	const struct td_request *req = v->vr->req;
-
-	if (v->iov && v->iov != v->iov_inline)
-		free(v->iov);
-	v->iov = v->iov_inline;
-	if (v->zero) {
-		int n = (int)((len + VHD_ZERO_CHUNK - 1) / VHD_ZERO_CHUNK);
-		if (n > VHD_INLINE_IOV && !(v->iov = calloc((size_t)n, sizeof(*v->iov))))
-			return -ENOMEM;
-		for (int i = 0; i < n; i++) {
-			v->iov[i].iov_base = vhd_zeros;
-			v->iov[i].iov_len = len > VHD_ZERO_CHUNK ? VHD_ZERO_CHUNK : len;
-			len -= v->iov[i].iov_len;
-		}
-		v->iovcnt = n;
-		return 0;
-	}
-	int n = td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, v->iov,
-			     VHD_INLINE_IOV);
-	if (n < 0) {
-		v->iov = calloc((size_t)req->iovcnt, sizeof(*v->iov));
-		if (!v->iov)
-			return -ENOMEM;
-		n = td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, v->iov,
-				 req->iovcnt);
-	}
-	v->iovcnt = n;
-	return 0;
+	return td_req_iov(v->vr->req, off, len, v->zero ? vhd_zeros : NULL, VHD_ZERO_CHUNK,
+			  v->iov_inline, VHD_INLINE_IOV, &v->iov, &v->iovcnt);
 }
 
 static void
@@ -449,42 +423,13 @@ vop_parent_done(struct td_request *sub, int err)
 static void
 vop_read_parent(struct vop *v, uint64_t off, uint64_t len)
 {
-	struct td_image *img = v->p->img;
-	uint64_t psize = img->parent ? img->parent->size : 0;
-
 	if (vop_slice(v, off, len) < 0) {
 		vop_finish(v, ENOMEM);
 		return;
 	}
-	if (off + len > psize) {
-		/* a child grown past its parent: the tail reads as zeros */
-		uint64_t keep = off < psize ? psize - off : 0;
-		struct iovec *tail = calloc((size_t)v->iovcnt, sizeof(*tail));
-		if (!tail) {
-			vop_finish(v, ENOMEM);
-			return;
-		}
-		int n = td_iov_slice(v->iov, v->iovcnt, keep, len - keep, tail, v->iovcnt);
-		td_iov_zero(tail, n);
-		free(tail);
-		if (!keep) {
-			v->sub.done = vop_parent_done;
-			v->sub.priv = v;
-			td_complete_later(img, &v->sub, 0);
-			return;
-		}
-		len = keep;
-		int m = td_iov_slice(v->iov, v->iovcnt, 0, keep, v->iov, v->iovcnt);
-		v->iovcnt = m;
-	}
-	v->sub.op = TD_OP_READ;
-	v->sub.offset = off;
-	v->sub.length = len;
-	v->sub.iov = v->iov;
-	v->sub.iovcnt = v->iovcnt;
-	v->sub.done = vop_parent_done;
 	v->sub.priv = v;
-	td_image_read_parent(img, &v->sub);
+	td_image_read_parent_range(v->p->img, &v->sub, off, len, v->iov, v->iovcnt,
+				   vop_parent_done);
 }
 
 static void
@@ -1236,19 +1181,6 @@ zero_piece(struct vop *v, int discard, int no_hole)
 
 /* ---- block status ---- */
 
-static void
-status_add(struct td_request *req, uint64_t len, uint32_t flags)
-{
-	if (req->nr_extents && req->extents[req->nr_extents - 1].flags == flags) {
-		req->extents[req->nr_extents - 1].length += len;
-		return;
-	}
-	req->extents[req->nr_extents].length = len;
-	req->extents[req->nr_extents].flags = flags;
-	req->nr_extents++;
-}
-
-
 /* Fills extents as far as known without I/O; loads one bitmap if nothing is known. */
 static void
 status_run(struct vhd_priv *p, struct td_request *req)
@@ -1263,9 +1195,9 @@ status_run(struct vhd_priv *p, struct td_request *req)
 		if (stop > end)
 			stop = end;
 		if (m->bat[blk] == VHD_BAT_UNUSED) {
-			status_add(req, stop - pos, TD_EXTENT_PARENT);
+			td_extent_add(req, stop - pos, TD_EXTENT_PARENT);
 		} else if (vhd_batmap_test(m, blk)) {
-			status_add(req, stop - pos, 0);
+			td_extent_add(req, stop - pos, 0);
 		} else {
 			struct bm_entry *e = bm_find(p, blk);
 			if (!e || e->state != BM_READY) {
@@ -1291,7 +1223,7 @@ status_run(struct vhd_priv *p, struct td_request *req)
 				uint32_t r = s + 1;
 				while (r < se && vhd_bitmap_test(e->map, r) == bit)
 					r++;
-				status_add(req, (uint64_t)(r - s) * VHD_SECTOR, bit ? 0 : TD_EXTENT_PARENT);
+				td_extent_add(req, (uint64_t)(r - s) * VHD_SECTOR, bit ? 0 : TD_EXTENT_PARENT);
 				s = r;
 			}
 			stop = (uint64_t)blk * bs + (uint64_t)s * VHD_SECTOR;

@@ -24,7 +24,7 @@ FUZZ_SAN_LIST := $(if $(strip $(FUZZ_SAN)),$(comma)$(strip $(FUZZ_SAN)))
 FUZZ_PKGS  := libevent jansson liburing xenstore xengnttab xenevtchn
 
 FUZZ_PKG_CFLAGS := $(shell pkg-config --cflags $(FUZZ_PKGS))
-FUZZ_LIBS       := $(shell pkg-config --libs $(FUZZ_PKGS)) -luuid -lpthread -lm
+FUZZ_LIBS       := $(shell pkg-config --libs $(FUZZ_PKGS)) -luuid -lz -lpthread -lm
 
 FUZZ_COMMON := -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1 \
                -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iserver -Iserver/xen -Idrivers \
