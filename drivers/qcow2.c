@@ -2061,10 +2061,12 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 		rc = qcow2_file_clear_autoclear(q->f.fd, &q->m, err);
 	const struct qcow2_meta *m = &q->m;
 	uint64_t cs = m->cluster_size;
-	q->known_end = m->file_size;
-	q->next_free = div_up(m->file_size, cs) * cs;
-	if (rc == 0 && q->f.is_blk && !q->rdonly)
-		rc = qcow2_file_used_end(q->f.fd, m, &q->next_free, err);
+	if (rc == 0) {
+		q->known_end = m->file_size;
+		q->next_free = div_up(m->file_size, cs) * cs;
+		if (q->f.is_blk && !q->rdonly)
+			rc = qcow2_file_used_end(q->f.fd, m, &q->next_free, err);
+	}
 	if (rc < 0) {
 		qcow2_meta_free(&q->m);
 		td_file_close(&q->f, 0);

@@ -347,8 +347,8 @@ check_features(const struct qcow2_meta *m, int rdonly, struct td_error *err)
 		return td_error_set(err, EROFS, "the image is marked corrupt (qemu-img check -r "
 				    "all repairs it); it can only be opened read-only");
 	if (h->nb_snapshots)
-		return td_error_set(err, EROFS, "the image has %u internal snapshots; it can only "
-				    "be opened read-only", h->nb_snapshots);
+		return td_error_set(err, EROFS, "the image has internal snapshots (%u); it can "
+				    "only be opened read-only", h->nb_snapshots);
 	return 0;
 }
 
