@@ -1536,10 +1536,7 @@ batch_grow_written(struct batch *b)
 		return;
 	}
 	qcow2_put64(hdr, b->grow_host);
-	hdr[8] = (uint8_t)(clusters >> 24);
-	hdr[9] = (uint8_t)(clusters >> 16);
-	hdr[10] = (uint8_t)(clusters >> 8);
-	hdr[11] = (uint8_t)clusters;
+	qcow2_put32(hdr + 8, clusters);
 	batch_step_begin(b, batch_grown);
 	batch_io(b, IO_OP_WRITEV, NULL, 0, hdr, 12, 48, NULL, hdr);
 	batch_step_end(b);

@@ -73,10 +73,7 @@ qcow2_file_repair(int fd, struct qcow2_meta *m, struct td_error *err)
 		return td_error_set(err, errno, "%s", strerror(errno));
 	/* bytes 48..79: the refcount table, the snapshots (unchanged), the features */
 	qcow2_put64(hdr, table);
-	hdr[8] = (uint8_t)(clusters >> 24);
-	hdr[9] = (uint8_t)(clusters >> 16);
-	hdr[10] = (uint8_t)(clusters >> 8);
-	hdr[11] = (uint8_t)clusters;
+	qcow2_put32(hdr + 8, clusters);
 	memset(hdr + 12, 0, 4);		/* no snapshots: qcow2_count_refs refuses them */
 	qcow2_put64(hdr + 16, m->h.snapshots_offset);
 	qcow2_put64(hdr + 24, m->h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY);

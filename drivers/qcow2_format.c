@@ -26,15 +26,6 @@ be32(const uint8_t *p)
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-static void
-put32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)(v >> 24);
-	p[1] = (uint8_t)(v >> 16);
-	p[2] = (uint8_t)(v >> 8);
-	p[3] = (uint8_t)v;
-}
-
 static uint64_t
 align_up(uint64_t v, uint64_t a)
 {
@@ -102,24 +93,24 @@ void
 qcow2_header_encode(const struct qcow2_header *h, uint8_t b[QCOW2_V3_HEADER])
 {
 	memset(b, 0, QCOW2_V3_HEADER);
-	put32(b, h->magic);
-	put32(b + 4, h->version);
+	qcow2_put32(b, h->magic);
+	qcow2_put32(b + 4, h->version);
 	qcow2_put64(b + 8, h->backing_file_offset);
-	put32(b + 16, h->backing_file_size);
-	put32(b + 20, h->cluster_bits);
+	qcow2_put32(b + 16, h->backing_file_size);
+	qcow2_put32(b + 20, h->cluster_bits);
 	qcow2_put64(b + 24, h->size);
-	put32(b + 32, h->crypt_method);
-	put32(b + 36, h->l1_size);
+	qcow2_put32(b + 32, h->crypt_method);
+	qcow2_put32(b + 36, h->l1_size);
 	qcow2_put64(b + 40, h->l1_table_offset);
 	qcow2_put64(b + 48, h->refcount_table_offset);
-	put32(b + 56, h->refcount_table_clusters);
-	put32(b + 60, h->nb_snapshots);
+	qcow2_put32(b + 56, h->refcount_table_clusters);
+	qcow2_put32(b + 60, h->nb_snapshots);
 	qcow2_put64(b + 64, h->snapshots_offset);
 	qcow2_put64(b + 72, h->incompatible_features);
 	qcow2_put64(b + 80, h->compatible_features);
 	qcow2_put64(b + 88, h->autoclear_features);
-	put32(b + 96, h->refcount_order);
-	put32(b + 100, h->header_length);
+	qcow2_put32(b + 96, h->refcount_order);
+	qcow2_put32(b + 100, h->header_length);
 }
 
 /* ---- loading ---- */
@@ -653,7 +644,7 @@ qcow2_rc_set(uint8_t *b, uint64_t idx, unsigned bits, uint64_t v)
 		b[2 * idx + 1] = (uint8_t)v;
 		return;
 	case 32:
-		put32(b + 4 * idx, (uint32_t)v);
+		qcow2_put32(b + 4 * idx, (uint32_t)v);
 		return;
 	default:
 		qcow2_put64(b + 8 * idx, v);
@@ -923,23 +914,27 @@ build_header_cluster(const struct qcow2_create *c, struct qcow2_header *h, uint8
 
 	if (name_len > QCOW2_MAX_BACKING_NAME || fmt_len >= 32)
 		return td_error_set(err, ENAMETOOLONG, "backing file name is too long");
-	if (pos + 8 + align_up(fmt_len, 8) + 8 + 48 * nf + 8 + name_len > cs)
+	if (pos + 8 + align_up(fmt_len, 8) + 8 + name_len > cs)
 		return td_error_set(err, ENAMETOOLONG, "the header does not fit in one cluster");
+	if (pos + 8 + align_up(fmt_len, 8) + 8 + 48 * nf + 8 + name_len > cs)
+		nf = 0;		/* the feature names are only a courtesy */
 	if (c->backing) {
-		put32(hdr + pos, QCOW2_EXT_BACKING_FMT);
-		put32(hdr + pos + 4, (uint32_t)fmt_len);
+		qcow2_put32(hdr + pos, QCOW2_EXT_BACKING_FMT);
+		qcow2_put32(hdr + pos + 4, (uint32_t)fmt_len);
 		memcpy(hdr + pos + 8, c->backing_fmt, fmt_len);
 		pos += 8 + align_up(fmt_len, 8);
 	}
-	put32(hdr + pos, QCOW2_EXT_FEATURES);
-	put32(hdr + pos + 4, (uint32_t)(48 * nf));
-	for (size_t i = 0; i < nf; i++) {
-		uint8_t *e = hdr + pos + 8 + 48 * i;
-		e[0] = known_features[i].type;
-		e[1] = known_features[i].bit;
-		memcpy(e + 2, known_features[i].name, strlen(known_features[i].name));
+	if (nf) {
+		qcow2_put32(hdr + pos, QCOW2_EXT_FEATURES);
+		qcow2_put32(hdr + pos + 4, (uint32_t)(48 * nf));
+		for (size_t i = 0; i < nf; i++) {
+			uint8_t *e = hdr + pos + 8 + 48 * i;
+			e[0] = known_features[i].type;
+			e[1] = known_features[i].bit;
+			memcpy(e + 2, known_features[i].name, strlen(known_features[i].name));
+		}
+		pos += 8 + 48 * nf;
 	}
-	pos += 8 + 48 * nf;
 	pos += 8;	/* the end marker: zeros */
 	if (c->backing) {
 		h->backing_file_offset = pos;

@@ -140,6 +140,14 @@ qcow2_be64(const uint8_t *p)
 	       (uint64_t)p[6] << 8 | p[7];
 }
 static inline void
+qcow2_put32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)(v >> 24);
+	p[1] = (uint8_t)(v >> 16);
+	p[2] = (uint8_t)(v >> 8);
+	p[3] = (uint8_t)v;
+}
+static inline void
 qcow2_put64(uint8_t *p, uint64_t v)
 {
 	for (int i = 7; i >= 0; i--) {

@@ -15,21 +15,7 @@
 #include <string.h>
 
 #include "vhd_format.h"
-
-struct mem {
-	const uint8_t *data;
-	size_t size;
-};
-
-static int
-mem_read(void *ctx, void *buf, size_t len, uint64_t off)
-{
-	const struct mem *m = ctx;
-	if (off > m->size || len > m->size - off)
-		return -EIO;
-	memcpy(buf, m->data + off, len);
-	return 0;
-}
+#include "../memfile.h"
 
 static void
 check_invariants(const struct vhd_meta *m, size_t size)
@@ -66,7 +52,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	struct mem mem = { data, size };
+	struct memfile mem = { (uint8_t *)(uintptr_t)data, size };
 	struct vhd_meta m;
 	struct td_error err;
 	char out[2048];
