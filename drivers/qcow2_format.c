@@ -340,6 +340,11 @@ check_features(const struct qcow2_meta *m, int rdonly, struct td_error *err)
 	if (h->nb_snapshots)
 		return td_error_set(err, EROFS, "the image has internal snapshots (%u); it can "
 				    "only be opened read-only", h->nb_snapshots);
+	/* writing would make them inconsistent, and qemu then counts them as leaks */
+	if (m->has_bitmaps)
+		return td_error_set(err, EROFS, "the image has persistent dirty bitmaps (%u), which "
+				    "are not maintained here; open it read-only, or remove them "
+				    "(qemu-img bitmap --remove)", m->nb_bitmaps);
 	return 0;
 }
 
@@ -726,64 +731,6 @@ count_l2(const struct qcow2_meta *m, struct counter *k, const uint8_t *t, uint32
 	return 0;
 }
 
-static int
-count_bitmap_table(const struct qcow2_meta *m, qcow2_read_fn rd, void *ctx,
-		   struct counter *k, uint64_t off, uint32_t size)
-{
-	uint64_t *t = NULL;
-	int rc;
-
-	if (off % m->cluster_size || size > (QCOW2_MAX_BITMAP_DIR / 8))
-		return td_error_set(k->err, EUCLEAN, "bitmap table at %#jx is invalid",
-				    (uintmax_t)off);
-	if ((rc = count_range(k, off, (uint64_t)size * 8, "bitmap table")) < 0)
-		return rc;
-	if ((rc = read_table(rd, ctx, off, size, &t, "bitmap table", k->err)) < 0)
-		return rc;
-	for (uint32_t i = 0; i < size && rc == 0; i++) {
-		uint64_t c = t[i] & QCOW2_OFFSET_MASK;
-		if (c % m->cluster_size)
-			rc = td_error_set(k->err, EUCLEAN, "bitmap data cluster is not aligned");
-		else if (c)
-			rc = count_range(k, c, m->cluster_size, "bitmap data");
-	}
-	free(t);
-	return rc;
-}
-
-static int
-count_bitmaps(const struct qcow2_meta *m, qcow2_read_fn rd, void *ctx, struct counter *k)
-{
-	uint64_t len = m->bitmap_dir_size, pos = 0;
-	uint8_t *dir;
-	int rc;
-
-	if (!m->has_bitmaps)
-		return 0;
-	if ((rc = count_range(k, m->bitmap_dir_offset, len, "bitmap directory")) < 0)
-		return rc;
-	if (!(dir = malloc(len)))
-		return td_error_set(k->err, ENOMEM, "out of memory");
-	if ((rc = rd(ctx, dir, len, m->bitmap_dir_offset)) < 0) {
-		free(dir);
-		return td_error_set(k->err, -rc, "cannot read the bitmap directory");
-	}
-	for (uint32_t i = 0; i < m->nb_bitmaps && rc == 0; i++) {
-		if (len - pos < 24) {
-			rc = td_error_set(k->err, EUCLEAN, "bitmap directory is truncated");
-			break;
-		}
-		const uint8_t *e = dir + pos;
-		uint64_t esize = align_up(24 + (uint64_t)be32(e + 20) + (e[18] << 8 | e[19]), 8);
-		rc = count_bitmap_table(m, rd, ctx, k, qcow2_be64(e), be32(e + 8));
-		if (esize > len - pos)
-			esize = len - pos;
-		pos += esize;
-	}
-	free(dir);
-	return rc;
-}
-
 int
 qcow2_count_refs(const struct qcow2_meta *m, qcow2_read_fn rd, void *ctx, uint32_t *counts,
 		 uint64_t n, struct td_error *err)
@@ -792,8 +739,9 @@ qcow2_count_refs(const struct qcow2_meta *m, qcow2_read_fn rd, void *ctx, uint32
 	uint8_t *t;
 	int rc;
 
-	if (m->h.nb_snapshots)
-		return td_error_set(err, ENOTSUP, "cannot count the references of internal snapshots");
+	if (m->h.nb_snapshots || m->has_bitmaps)
+		return td_error_set(err, ENOTSUP, "cannot count the references of internal "
+				    "snapshots or bitmaps");
 	memset(counts, 0, n * sizeof(*counts));
 	if ((rc = count_range(&k, 0, m->cluster_size, "header")) < 0 ||
 	    (rc = count_range(&k, m->h.l1_table_offset, (uint64_t)m->h.l1_size * 8, "L1 table")) < 0)
@@ -813,8 +761,6 @@ qcow2_count_refs(const struct qcow2_meta *m, qcow2_read_fn rd, void *ctx, uint32
 		rc = count_l2(m, &k, t, i);
 	}
 	free(t);
-	if (rc == 0)
-		rc = count_bitmaps(m, rd, ctx, &k);
 	return rc;
 }
 

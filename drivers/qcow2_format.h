@@ -205,9 +205,10 @@ int qcow2_inflate(const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen);
 /*
  * Counts the references to every host cluster [0, n): the header, the L1
  * table, L2 tables, data (compressed data counts once per cluster it
- * touches), preallocated zero clusters, the bitmaps. The refcount
- * structures themselves are not counted (a rebuild replaces them).
- * Refuses images with internal snapshots. 0, or -errno with err set.
+ * touches), preallocated zero clusters. The refcount structures themselves
+ * are not counted (a rebuild replaces them). Refuses images with internal
+ * snapshots or persistent bitmaps (never opened for writing). 0, or -errno
+ * with err set.
  */
 int qcow2_count_refs(const struct qcow2_meta *m, qcow2_read_fn rd, void *ctx,
 		     uint32_t *counts, uint64_t n, struct td_error *err);

@@ -431,6 +431,10 @@ def _snapshot(path):
     run("qemu-img", "snapshot", "-c", "s1", path)
 
 
+def _bitmap(path):
+    run("qemu-img", "bitmap", "--add", path, "b0")
+
+
 @pytest.mark.parametrize("how,needle,ro_ok", [
     ("extended_l2=on", "extended L2 entries", False),
     ("compression_type=zstd", "zstd compression", False),
@@ -441,6 +445,7 @@ def _snapshot(path):
     (_feature_name_for_bit_10, "unknown incompatible feature 'dirty bit' (bit 10)", False),
     (_set("incompat", 2), "marked corrupt", True),
     (_snapshot, "internal snapshots (1)", True),
+    (_bitmap, "persistent dirty bitmaps (1)", True),
 ])
 def test_unsupported_features_are_refused_by_name(server, tmp_path, how, needle, ro_ok):
     img = str(tmp_path / "f.qcow2")
