@@ -116,10 +116,12 @@ class Header:
 
 # ---- images qemu-img makes ----
 
+@pytest.mark.parametrize("backing", [False, True])
 @pytest.mark.parametrize("cluster", [4096, 65536, 2 * MiB])
 @pytest.mark.parametrize("compat", ["0.10", "1.1"])
-def test_qemu_images_read_identically(server, tmp_path, compat, cluster):
-    img = qcow2(tmp_path / "q.qcow2", 24 * MiB, compat, cluster)
+def test_qemu_images_read_identically(server, tmp_path, compat, cluster, backing):
+    base = make_base(tmp_path, "qcow2", 16 * MiB)[0] if backing else None
+    img = qcow2(tmp_path / "q.qcow2", 24 * MiB, compat, cluster, base, "qcow2")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 64k", "-c", "write -P 0x62 1049088 100k",
         "-c", "write -z 4M 2M", "-c", "write -P 0x63 6M 3M", "-c", "discard 7M 1M",
         "-c", "write -P 0x64 %d 4k" % (24 * MiB - 4096), img)
@@ -435,6 +437,7 @@ def _bitmap(path):
     run("qemu-img", "bitmap", "--add", path, "b0")
 
 
+@pytest.mark.engine_independent     # refused at open, or reads of nothing allocated
 @pytest.mark.parametrize("how,needle,ro_ok", [
     ("extended_l2=on", "extended L2 entries", False),
     ("compression_type=zstd", "zstd compression", False),
@@ -489,6 +492,7 @@ def _reftable_huge(h):
     h["rt_clusters"] = 1 << 20
 
 
+@pytest.mark.engine_independent     # refused at open: no I/O through the engine
 @pytest.mark.parametrize("how,needle", [
     (_set("magic", 0x12345678), "bad magic"),
     (_set("version", 4), "version 4"),
