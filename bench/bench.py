@@ -1,7 +1,9 @@
 #!/usr/bin/python3
 """make bench: the same fio workloads (nbd engine, UNIX socket, a 1 GiB raw
 image on /dev/shm) against tapdiskd, qemu-storage-daemon and nbdkit's file
-plugin, one after the other in one run; then tapdiskd's memory: idle RSS
+plugin, one after the other in one run; VHD and qcow2 images against
+qemu-storage-daemon's vpc and qcow2 drivers (`--only vhd|qcow2` runs one of
+those); then tapdiskd's memory: idle RSS
 and RSS with 100 open vbds; then the blkif ring benchmark (bench/ring.py;
 `--only ring` runs just that). Prints a markdown report (ratios tapdiskd/peer)
 and writes it to bench/out/latest.md. Numbers are only comparable within
@@ -142,26 +144,34 @@ def run_fio(sock, args, runtime):
             "lat_p99_us": job[rw]["clat_ns"]["percentile"].get("99.000000", 0) / 1000}
 
 
-VHD_WORKLOADS = [
-    # name, fio args, metric, image state
-    ("4k randwrite QD32, fresh VHD (allocating)", ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+FORMAT_WORKLOADS = [
+    # name ({} is the format), fio args, metric, image state
+    ("4k randwrite QD32, fresh {} (allocating)", ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
      "iops", "fresh"),
-    ("4k randread QD32, allocated VHD", ["--rw=randread", "--bs=4k", "--iodepth=32"],
+    ("4k randread QD32, allocated {}", ["--rw=randread", "--bs=4k", "--iodepth=32"],
      "iops", "full"),
-    ("4k randwrite QD32, allocated VHD", ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    ("4k randwrite QD32, allocated {}", ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
      "iops", "full"),
-    ("1M write QD8, fresh VHD", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw", "fresh"),
+    ("1M write QD8, fresh {}", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw", "fresh"),
 ]
+QCOW2_EXTRA = [("1M read QD8, allocated {}", ["--rw=read", "--bs=1M", "--iodepth=8"], "bw", "full")]
+
+# format: (tapdiskd type, qemu-storage-daemon driver, label, extra workloads)
+FORMATS = {"vhd": ("vhd", "vpc", "VHD", []), "qcow2": ("qcow2", "qcow2", "qcow2", QCOW2_EXTRA)}
 
 
-def vhd_images(tmp, engine):
-    """A fresh 1 GiB dynamic VHD, and one with every block written (a copy
-    is served per run, so each run starts from the same state)."""
-    fresh = os.path.join(tmp, "fresh.vhd")
-    full = os.path.join(tmp, "full.vhd")
-    subprocess.run([os.path.join(BIN, "vhd-util"), "create", "-n", fresh, "-s", "1024"], check=True)
+def format_images(tmp, engine, fmt):
+    """A fresh 1 GiB image (vhd-util's dynamic VHD, qemu-img's qcow2 with 64 KiB
+    clusters), and one with every block written (a copy is served per run, so
+    each run starts from the same state)."""
+    fresh = os.path.join(tmp, "fresh." + fmt)
+    full = os.path.join(tmp, "full." + fmt)
+    if fmt == "vhd":
+        subprocess.run([os.path.join(BIN, "vhd-util"), "create", "-n", fresh, "-s", "1024"], check=True)
+    else:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", fresh, "1G"], check=True)
     shutil.copyfile(fresh, full)
-    srv = Tapdiskd(tmp, full, engine, "vhd")
+    srv = Tapdiskd(tmp, full, engine, FORMATS[fmt][0])
     try:
         subprocess.run(["fio", "--name=fill", "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + srv.sock,
                         "--rw=write", "--bs=1M", "--iodepth=8", "--size=1G", "--output=/dev/null"],
@@ -171,17 +181,20 @@ def vhd_images(tmp, engine):
     return {"fresh": fresh, "full": full}
 
 
-def vhd_bench(tmp, engine, runtime, rounds):
-    images = vhd_images(tmp, engine)
-    work = os.path.join(tmp, "work.vhd")
+def format_bench(tmp, engine, runtime, rounds, fmt):
+    """tapdiskd and qemu-storage-daemon on the same image files of one format."""
+    td_type, qsd_driver, label, extra = FORMATS[fmt]
+    images = format_images(tmp, engine, fmt)
+    work = os.path.join(tmp, "work." + fmt)
     results = {}
-    for wname, wargs, metric, state in VHD_WORKLOADS:
+    for wname, wargs, metric, state in FORMAT_WORKLOADS + extra:
+        wname = wname.format(label)
         for sname in ("tapdiskd", "qemu-storage-daemon"):
             best = None
             for _ in range(rounds):
                 shutil.copyfile(images[state], work)
-                srv = (Tapdiskd(tmp, work, engine, "vhd") if sname == "tapdiskd"
-                       else QemuStorageDaemon(tmp, work, "vpc"))
+                srv = (Tapdiskd(tmp, work, engine, td_type) if sname == "tapdiskd"
+                       else QemuStorageDaemon(tmp, work, qsd_driver))
                 try:
                     r = run_fio(srv.sock, wargs, runtime)
                 finally:
@@ -189,11 +202,32 @@ def vhd_bench(tmp, engine, runtime, rounds):
                 if best is None or r[metric] > best[metric]:
                     best = r
             results[(wname, sname)] = best
-            print("%-44s %-20s %10.0f %s" % (wname, sname, best[metric],
+            print("%-46s %-20s %10.0f %s" % (wname, sname, best[metric],
                                              "IOPS" if metric == "iops" else "MiB/s"),
                   file=sys.stderr)
     os.unlink(work)
+    for f in images.values():
+        os.unlink(f)
     return results
+
+
+def format_table(fmt, res, raw_iops=None):
+    """The markdown table of one format's rows (vs raw: tapdiskd's raw rows, when run)."""
+    td_type, qsd_driver, label, extra = FORMATS[fmt]
+    lines = ["| %s workload | tapdiskd %s | qemu-storage-daemon %s | tapdiskd/qsd | tapdiskd %s/raw |"
+             % (label, td_type, qsd_driver, td_type), "|---|---|---|---|---|"]
+    for wname, _, metric, state in FORMAT_WORKLOADS + extra:
+        wname = wname.format(label)
+        t = res[(wname, "tapdiskd")][metric]
+        q = res[(wname, "qemu-storage-daemon")][metric]
+        unit = "IOPS" if metric == "iops" else "MiB/s"
+        kind = "randread" if "randread" in wname else "randwrite"
+        vs_raw = "-"
+        if raw_iops and state == "full" and metric == "iops":
+            vs_raw = "%.2fx" % (t / raw_iops[kind])
+        lines.append("| %s | %.0f %s | %.0f | %.2fx | %s |" % (wname, t, unit, q, t / q if q else 0,
+                                                              vs_raw))
+    return "\n".join(lines)
 
 
 def memory(tmp, engine):
@@ -245,12 +279,20 @@ def main():
     ap.add_argument("--engine", default="uring")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
-    ap.add_argument("--only", choices=["all", "ring", "qos"], default="all")
+    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2"], default="all")
     a = ap.parse_args()
     if a.only == "ring":
         tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
         try:
             table = ring_bench(tmp, a.runtime, a.rounds)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print("Machine: %s\n\n%s" % (machine(), table))
+        return
+    if a.only in FORMATS:
+        tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
+        try:
+            table = format_table(a.only, format_bench(tmp, a.engine, a.runtime, a.rounds, a.only))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print("Machine: %s\n\n%s" % (machine(), table))
@@ -288,7 +330,7 @@ def main():
                 print("%-20s %-20s %10.0f %s" % (wname, sname, best[metric],
                                                  "IOPS" if metric == "iops" else "MiB/s"),
                       file=sys.stderr)
-        vhd = vhd_bench(tmp, a.engine, a.runtime, a.rounds)
+        formats = {fmt: format_bench(tmp, a.engine, a.runtime, a.rounds, fmt) for fmt in FORMATS}
         idle, hundred = memory(tmp, a.engine)
         ring = ring_bench(tmp, a.runtime, a.rounds)
         qos = qos_part(tmp, a, image)
@@ -309,19 +351,11 @@ def main():
         lines.append("| %s | %.0f %s | %.0f | %.0f | %.2fx | %.2fx |" % (
             wname, t, unit, q, n, t / q if q else 0, t / n if n else 0))
     lines.append("")
-    raw = {"iops": {"randread": results[("4k randread QD32", "tapdiskd")]["iops"],
-                    "randwrite": results[("4k randwrite QD32", "tapdiskd")]["iops"]}}
-    lines.append("| VHD workload | tapdiskd vhd | qemu-storage-daemon vpc | tapdiskd/qsd | tapdiskd vhd/raw |")
-    lines.append("|---|---|---|---|---|")
-    for wname, _, metric, state in VHD_WORKLOADS:
-        t = vhd[(wname, "tapdiskd")][metric]
-        q = vhd[(wname, "qemu-storage-daemon")][metric]
-        unit = "IOPS" if metric == "iops" else "MiB/s"
-        kind = "randread" if "randread" in wname else "randwrite"
-        vs_raw = "%.2fx" % (t / raw["iops"][kind]) if state == "full" else "-"
-        lines.append("| %s | %.0f %s | %.0f | %.2fx | %s |" % (wname, t, unit, q, t / q if q else 0,
-                                                              vs_raw))
-    lines.append("")
+    raw_iops = {"randread": results[("4k randread QD32", "tapdiskd")]["iops"],
+                "randwrite": results[("4k randwrite QD32", "tapdiskd")]["iops"]}
+    for fmt, res in formats.items():
+        lines.append(format_table(fmt, res, raw_iops))
+        lines.append("")
     lines.append("| memory | tapdiskd RSS | target |")
     lines.append("|---|---|---|")
     lines.append("| idle | %.1f MB | < 8 MB |" % (idle / 1024))

@@ -144,6 +144,7 @@ extern const struct td_driver td_driver_raw;
 extern const struct td_driver td_driver_ram;
 extern const struct td_driver td_driver_vhd;
 extern const struct td_driver td_driver_vmdk;
+extern const struct td_driver td_driver_qcow2;
 
 const struct td_driver *td_driver_find(const char *type);
 /* Adds a driver beyond the built-in ones (tests, out-of-tree formats). */
@@ -179,12 +180,33 @@ void td_complete_later(struct td_image *img, struct td_request *req, int err);
 int td_iov_slice(const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len,
 		 struct iovec *out, int max);
 
+/*
+ * Points *iov at bytes [off, off+len) of req's data, or with zeros set, at
+ * len bytes of zeros from a buffer of zeros_len bytes: in inl when ninl
+ * entries suffice, else in a new array. An array *iov held before (not
+ * inl) is freed first; free the last one unless it is inl. 0 or -ENOMEM.
+ */
+int td_req_iov(const struct td_request *req, uint64_t off, uint64_t len, const void *zeros,
+	       size_t zeros_len, struct iovec *inl, int ninl, struct iovec **iov, int *iovcnt);
+
+/*
+ * For a driver: reads [off, off+len) of img's parent into iov (the part
+ * past the parent's end, or all of it below the root, reads as zeros),
+ * then done(sub, err). The caller owns sub and sets sub->priv.
+ */
+void td_image_read_parent_range(struct td_image *img, struct td_request *sub, uint64_t off,
+				uint64_t len, struct iovec *iov, int iovcnt,
+				void (*done)(struct td_request *sub, int err));
+
+/* Block status: adds an extent (merged with the last when flags match); 0 when full. */
+int td_extent_add(struct td_request *req, uint64_t len, uint32_t flags);
+
+/* Zeroes the bytes of iov from keep on; returns the entries that hold [0, keep). */
+int td_iov_zero_tail(struct iovec *iov, int iovcnt, uint64_t keep);
 /* Zero-fills an iovec array. */
 void td_iov_zero(const struct iovec *iov, int iovcnt);
 uint64_t td_iov_length(const struct iovec *iov, int iovcnt);
 
-/* Block status: appends an extent to req, merging it with the last if alike. */
-void td_extent_add(struct td_request *req, uint64_t len, uint32_t flags);
 
 /*
  * A request a driver serves in pieces: it completes with the first error

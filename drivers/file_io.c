@@ -138,3 +138,55 @@ td_file_prep(const struct td_file *f, struct io_op *op, enum io_opcode opcode,
 	op->fd = (opcode == IO_OP_READV || opcode == IO_OP_WRITEV) ?
 		 td_file_pick_fd(f, offset, op->iov, op->iovcnt) : f->fd;
 }
+
+int
+td_pread_full(void *fdp, void *buf, size_t len, uint64_t off)
+{
+	int fd = *(int *)fdp;
+	size_t done = 0;
+	while (done < len) {
+		ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+int
+td_pwrite_full(void *fdp, const void *buf, size_t len, uint64_t off)
+{
+	int fd = *(int *)fdp;
+	size_t done = 0;
+	while (done < len) {
+		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+int
+td_file_create(const char *path, int (*fill)(int fd, void *arg, struct td_error *err),
+	       void *arg, struct td_error *err)
+{
+	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	int rc;
+
+	if (fd < 0)
+		return td_error_set(err, errno, "%s", strerror(errno));
+	rc = fill(fd, arg, err);
+	if (rc == 0 && fsync(fd) < 0)
+		rc = td_error_set(err, errno, "%s", strerror(errno));
+	close(fd);
+	if (rc < 0)
+		unlink(path);	/* nothing left behind */
+	return rc;
+}

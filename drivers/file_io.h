@@ -33,4 +33,18 @@ int td_file_pick_fd(const struct td_file *f, uint64_t offset, const struct iovec
 void td_file_prep(const struct td_file *f, struct io_op *op, enum io_opcode opcode,
 		  uint64_t offset);
 
+/*
+ * Blocking whole transfers for the offline tools and open paths; ctx is an
+ * int * (the descriptor). 0 or -errno; reading past the end is -EIO.
+ */
+int td_pread_full(void *fdp, void *buf, size_t len, uint64_t off);
+int td_pwrite_full(void *fdp, const void *buf, size_t len, uint64_t off);
+
+/*
+ * Blocking: creates path (it must not exist), lets fill write it, syncs it;
+ * removes it again if anything failed. 0, or -errno with err set.
+ */
+int td_file_create(const char *path, int (*fill)(int fd, void *arg, struct td_error *err),
+		   void *arg, struct td_error *err);
+
 #endif

@@ -21,6 +21,7 @@ static const struct td_driver *const drivers[] = {
 	&td_driver_ram,
 	&td_driver_vhd,
 	&td_driver_vmdk,
+	&td_driver_qcow2,
 };
 
 #define TD_MAX_EXTRA_DRIVERS 8
@@ -343,8 +344,11 @@ resolve_block_status(struct td_image *img, struct td_request *req)
 	unsigned i;
 
 	if (req->nr_extents && (req->extents[0].flags & TD_EXTENT_PARENT)) {
-		if (img->parent) {
+		/* a child larger than its parent: past the parent's end is zeros */
+		if (img->parent && req->offset < img->parent->size) {
 			req->length = req->extents[0].length;
+			if (req->length > img->parent->size - req->offset)
+				req->length = img->parent->size - req->offset;
 			req->nr_extents = 0;
 			td_image_submit(img->parent, req);
 			return 1;
@@ -420,6 +424,87 @@ td_image_read_parent(struct td_image *img, struct td_request *req)
 	td_complete_later(img, req, 0);
 }
 
+void
+td_image_read_parent_range(struct td_image *img, struct td_request *sub, uint64_t off,
+			   uint64_t len, struct iovec *iov, int iovcnt,
+			   void (*done)(struct td_request *sub, int err))
+{
+	uint64_t psize = img->parent ? img->parent->size : 0;
+	uint64_t keep = off < psize ? (len < psize - off ? len : psize - off) : 0;
+
+	sub->done = done;
+	if (keep < len)		/* a child grown past its parent: the tail reads as zeros */
+		iovcnt = td_iov_zero_tail(iov, iovcnt, keep);
+	if (!keep) {
+		td_complete_later(img, sub, 0);
+		return;
+	}
+	sub->op = TD_OP_READ;
+	sub->flags = 0;
+	sub->offset = off;
+	sub->length = keep;
+	sub->iov = iov;
+	sub->iovcnt = iovcnt;
+	td_image_read_parent(img, sub);
+}
+
+/* The entries td_req_iov needs, in *out (inl, or a new array). */
+static int
+req_iov_fill(const struct td_request *req, uint64_t off, uint64_t len, const void *zeros,
+	     size_t zeros_len, struct iovec *inl, int ninl, struct iovec **out)
+{
+	int n;
+
+	*out = inl;
+	if (zeros) {
+		n = (int)((len + zeros_len - 1) / zeros_len);
+		if (n > ninl && !(*out = calloc((size_t)n, sizeof(**out))))
+			return -ENOMEM;
+		for (int i = 0; i < n; i++) {
+			(*out)[i].iov_base = (void *)(uintptr_t)zeros;
+			(*out)[i].iov_len = len > zeros_len ? zeros_len : len;
+			len -= (*out)[i].iov_len;
+		}
+		return n;
+	}
+	n = td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, inl, ninl);
+	if (n >= 0)
+		return n;
+	if (!(*out = calloc((size_t)req->iovcnt, sizeof(**out))))
+		return -ENOMEM;
+	return td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, *out, req->iovcnt);
+}
+
+int
+td_req_iov(const struct td_request *req, uint64_t off, uint64_t len, const void *zeros,
+	   size_t zeros_len, struct iovec *inl, int ninl, struct iovec **iov, int *iovcnt)
+{
+	if (*iov && *iov != inl)
+		free(*iov);
+	int n = req_iov_fill(req, off, len, zeros, zeros_len, inl, ninl, iov);
+	if (n < 0) {
+		*iov = NULL;
+		return n;
+	}
+	*iovcnt = n;
+	return 0;
+}
+
+int
+td_extent_add(struct td_request *req, uint64_t len, uint32_t flags)
+{
+	if (req->nr_extents && req->extents[req->nr_extents - 1].flags == flags) {
+		req->extents[req->nr_extents - 1].length += len;
+		return 1;
+	}
+	if (req->nr_extents == req->max_extents)
+		return 0;
+	req->extents[req->nr_extents].length = len;
+	req->extents[req->nr_extents].flags = flags;
+	req->nr_extents++;
+	return 1;
+}
+
 int
 td_iov_slice(const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len,
 	     struct iovec *out, int max)
@@ -444,6 +529,21 @@ td_iov_slice(const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len,
 	return n;
 }
 
+int
+td_iov_zero_tail(struct iovec *iov, int iovcnt, uint64_t keep)
+{
+	uint64_t pos = 0;
+	for (int i = 0; i < iovcnt; i++) {
+		uint64_t l = iov[i].iov_len;
+		if (pos + l > keep) {
+			uint64_t from = keep > pos ? keep - pos : 0;
+			memset((char *)iov[i].iov_base + from, 0, l - from);
+		}
+		pos += l;
+	}
+	return td_iov_slice(iov, iovcnt, 0, keep, iov, iovcnt);
+}
+
 void
 td_iov_zero(const struct iovec *iov, int iovcnt)
 {
@@ -458,19 +558,6 @@ td_iov_length(const struct iovec *iov, int iovcnt)
 	for (int i = 0; i < iovcnt; i++)
 		n += iov[i].iov_len;
 	return n;
-}
-
-void
-td_extent_add(struct td_request *req, uint64_t len, uint32_t flags)
-{
-	struct td_extent *last = req->nr_extents ? &req->extents[req->nr_extents - 1] : NULL;
-	if (last && last->flags == flags) {
-		last->length += len;
-		return;
-	}
-	req->extents[req->nr_extents].length = len;
-	req->extents[req->nr_extents].flags = flags;
-	req->nr_extents++;
 }
 
 struct td_pieces *

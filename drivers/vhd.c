@@ -309,34 +309,8 @@ vop_finish(struct vop *v, int err)
 static int
 vop_slice(struct vop *v, uint64_t off, uint64_t len)
 {
-	const struct td_request *req = v->vr->req;
-
-	if (v->iov && v->iov != v->iov_inline)
-		free(v->iov);
-	v->iov = v->iov_inline;
-	if (v->zero) {
-		int n = (int)((len + VHD_ZERO_CHUNK - 1) / VHD_ZERO_CHUNK);
-		if (n > VHD_INLINE_IOV && !(v->iov = calloc((size_t)n, sizeof(*v->iov))))
-			return -ENOMEM;
-		for (int i = 0; i < n; i++) {
-			v->iov[i].iov_base = vhd_zeros;
-			v->iov[i].iov_len = len > VHD_ZERO_CHUNK ? VHD_ZERO_CHUNK : len;
-			len -= v->iov[i].iov_len;
-		}
-		v->iovcnt = n;
-		return 0;
-	}
-	int n = td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, v->iov,
-			     VHD_INLINE_IOV);
-	if (n < 0) {
-		v->iov = calloc((size_t)req->iovcnt, sizeof(*v->iov));
-		if (!v->iov)
-			return -ENOMEM;
-		n = td_iov_slice(req->iov, req->iovcnt, off - req->offset, len, v->iov,
-				 req->iovcnt);
-	}
-	v->iovcnt = n;
-	return 0;
+	return td_req_iov(v->vr->req, off, len, v->zero ? vhd_zeros : NULL, VHD_ZERO_CHUNK,
+			  v->iov_inline, VHD_INLINE_IOV, &v->iov, &v->iovcnt);
 }
 
 static void
@@ -394,42 +368,13 @@ vop_parent_done(struct td_request *sub, int err)
 static void
 vop_read_parent(struct vop *v, uint64_t off, uint64_t len)
 {
-	struct td_image *img = v->p->img;
-	uint64_t psize = img->parent ? img->parent->size : 0;
-
 	if (vop_slice(v, off, len) < 0) {
 		vop_finish(v, ENOMEM);
 		return;
 	}
-	if (off + len > psize) {
-		/* a child grown past its parent: the tail reads as zeros */
-		uint64_t keep = off < psize ? psize - off : 0;
-		struct iovec *tail = calloc((size_t)v->iovcnt, sizeof(*tail));
-		if (!tail) {
-			vop_finish(v, ENOMEM);
-			return;
-		}
-		int n = td_iov_slice(v->iov, v->iovcnt, keep, len - keep, tail, v->iovcnt);
-		td_iov_zero(tail, n);
-		free(tail);
-		if (!keep) {
-			v->sub.done = vop_parent_done;
-			v->sub.priv = v;
-			td_complete_later(img, &v->sub, 0);
-			return;
-		}
-		len = keep;
-		int m = td_iov_slice(v->iov, v->iovcnt, 0, keep, v->iov, v->iovcnt);
-		v->iovcnt = m;
-	}
-	v->sub.op = TD_OP_READ;
-	v->sub.offset = off;
-	v->sub.length = len;
-	v->sub.iov = v->iov;
-	v->sub.iovcnt = v->iovcnt;
-	v->sub.done = vop_parent_done;
 	v->sub.priv = v;
-	td_image_read_parent(img, &v->sub);
+	td_image_read_parent_range(v->p->img, &v->sub, off, len, v->iov, v->iovcnt,
+				   vop_parent_done);
 }
 
 static void

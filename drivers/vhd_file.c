@@ -1,6 +1,8 @@
 /* Whole-file VHD operations with plain blocking I/O. */
 #include "vhd_file.h"
 
+#include "file_io.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -13,35 +15,13 @@
 int
 vhd_pread(void *fdp, void *buf, size_t len, uint64_t off)
 {
-	int fd = *(int *)fdp;
-	size_t done = 0;
-	while (done < len) {
-		ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -EIO;
-		done += (size_t)n;
-	}
-	return 0;
+	return td_pread_full(fdp, buf, len, off);
 }
 
 int
 vhd_pwrite(void *fdp, const void *buf, size_t len, uint64_t off)
 {
-	int fd = *(int *)fdp;
-	size_t done = 0;
-	while (done < len) {
-		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		done += (size_t)n;
-	}
-	return 0;
+	return td_pwrite_full(fdp, buf, len, off);
 }
 
 int
@@ -115,16 +95,20 @@ vhd_file_close(struct vhd_file *vf)
 	vf->path = NULL;
 }
 
-int
-vhd_file_create(const char *path, struct vhd_create *c, struct td_error *err)
+struct create_arg {
+	const char *path;
+	struct vhd_create *c;
+};
+
+static int
+create_fill(int fd, void *arg, struct td_error *err)
 {
-	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	struct create_arg *a = arg;
+	struct vhd_create *c = a->c;
+	char *abs = absolute(a->path);
+	const char *saved = c->child_path;
 	int rc;
 
-	if (fd < 0)
-		return td_error_set(err, errno, "%s", strerror(errno));
-	char *abs = absolute(path);
-	const char *saved = c->child_path;
 	if (!c->child_path)
 		c->child_path = abs;
 	rc = abs ? vhd_create_write(c, vhd_pwrite, &fd, err)
@@ -133,12 +117,14 @@ vhd_file_create(const char *path, struct vhd_create *c, struct td_error *err)
 	free(abs);
 	if (rc == 0 && c->type == VHD_TYPE_FIXED && ftruncate(fd, (off_t)(c->size + VHD_FOOTER_SIZE)) < 0)
 		rc = td_error_set(err, errno, "%s", strerror(errno));
-	if (rc == 0 && fsync(fd) < 0)
-		rc = td_error_set(err, errno, "%s", strerror(errno));
-	close(fd);
-	if (rc < 0)
-		unlink(path);	/* nothing left behind */
 	return rc;
+}
+
+int
+vhd_file_create(const char *path, struct vhd_create *c, struct td_error *err)
+{
+	struct create_arg a = { path, c };
+	return td_file_create(path, create_fill, &a, err);
 }
 
 int

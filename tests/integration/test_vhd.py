@@ -5,14 +5,14 @@ images refused with a clear error; ext4 on a VHD."""
 
 import json
 import os
-import subprocess
-import time
 
 import nbd
 import pytest
 
 from conftest import BIN, ControlError, make_image, run, wait_for
-from images import connect, export_bytes, qemu_raw, qemu_size
+from images import qemu_raw, qemu_size
+from imagetests import (connect, export_bytes, ext4_check_raw, ext4_on_vbd, kill9_rounds,
+                        snapshots_under_fio)
 from vhdpatch import Vhd
 
 MiB = 1 << 20
@@ -311,24 +311,8 @@ def test_live_snapshot_under_load(server, tmp_path):
     base = str(tmp_path / "live.vhd")
     vhdutil("create", "-n", base, "-s", "64")
     r = server.open("vhd:" + base)
-    uri = server.uri(r["minor"])
-    p = subprocess.Popen(["fio", "--name=load", "--ioengine=nbd", "--uri=" + uri,
-                          "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M",
-                          "--time_based", "--runtime=3", "--verify=crc32c", "--do_verify=1",
-                          "--verify_fatal=1", "--verify_state_save=0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(1)
-    leaves = []
-    for k in range(3):
-        leaf = str(tmp_path / ("snap%d.vhd" % k))
-        out = server.tapctl("snapshot", "-m", r["minor"], "-n", leaf).stdout.strip()
-        assert out == "vhd:" + leaf
-        leaves.append(leaf)
-        time.sleep(0.3)
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out                      # no I/O failed, verify passed
-    assert server.call("list")["result"]["vbds"][0]["params"] == "vhd:" + leaves[-1]
-    assert server.stats(r["minor"])["ops"]["write"]["errors"] == 0
+    leaves = [str(tmp_path / ("snap%d.vhd" % k)) for k in range(3)]
+    snapshots_under_fio(server, r["minor"], "vhd", leaves)
     server.call("destroy", minor=r["minor"])
     assert vhdutil("check", "-n", leaves[-1], "-p").returncode == 0
     assert vhdutil("query", "-n", leaves[-1], "-d").stdout.strip() == "chain depth: 4"
@@ -573,113 +557,31 @@ def test_ext4_on_a_vhd(server, tmp_path):
     img = str(tmp_path / "fs.vhd")
     vhdutil("create", "-n", img, "-s", "128")
     r = server.open("vhd:" + img)
-    fmnt = tmp_path / "fuse"
-    fmnt.mkdir()
-    fuse = subprocess.Popen(["nbdfuse", str(fmnt / "disk"), "--unix", server.nbd_path(r["minor"])])
-    dev = None
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        wait_for(lambda: (fmnt / "disk").exists(), what="nbdfuse")
-        dev = run("losetup", "--find", "--show", fmnt / "disk").stdout.strip()
-        run("mkfs.ext4", "-q", "-F", dev)
-        run("mount", dev, mnt)
-        files = {("f%d" % i): os.urandom(300000 + i) for i in range(10)}
-        for n, data in files.items():
-            (mnt / n).write_bytes(data)
-        run("umount", mnt)
-        run("losetup", "-d", dev)
-        dev = None
-    finally:
-        if dev:
-            subprocess.run(["umount", "-l", str(mnt)])
-            subprocess.run(["losetup", "-d", dev])
-        subprocess.run(["fusermount3", "-u", "-z", str(fmnt)])
-        fuse.wait(10)
+    files = ext4_on_vbd(server, r["minor"], tmp_path)
     server.call("destroy", minor=r["minor"])
     assert vhdutil("check", "-n", img).returncode == 0
     raw = str(tmp_path / "fs.raw")
     run("qemu-img", "convert", "-f", "vpc", "-O", "raw", img, raw)
-    run("fsck.ext4", "-n", "-f", raw)
-    # qemu's copy of the image holds the files
-    dev = run("losetup", "--find", "--show", "-r", raw).stdout.strip()
-    try:
-        run("mount", "-o", "ro", dev, mnt)
-        for n, data in files.items():
-            assert (mnt / n).read_bytes() == data
-        run("umount", mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        subprocess.run(["losetup", "-d", dev])
+    ext4_check_raw(raw, tmp_path, files)   # qemu's copy of the image holds the files
 
 
 # ---- crash ----
 
-CRASH_WRITER = r"""
-import nbd, os, random, struct, sys
-uri, log, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rnd = random.Random(seed)
-h = nbd.NBD(); h.connect_uri(uri)
-slots = 1024                         # 4 KiB slots over 32 blocks: allocation all along
-i = 0
-with open(log, "w") as lf:
-    while True:
-        slot = rnd.randrange(slots)
-        off = (slot * 65536) % (64 << 20)
-        h.pwrite(struct.pack("<QQ", i, off) * 256, off)
-        lf.write("w %d %d\n" % (i, off))
-        i += 1
-        if i % 16 == 0:
-            h.flush()
-            lf.write("f %d\n" % i)
-            lf.flush(); os.fsync(lf.fileno())
-"""
-
-
 def test_kill9_during_writes_20_times(make_server, tmp_path):
-    import random
-    import signal
-    import struct
-    import sys
     img = str(tmp_path / "crash.vhd")
     vhdutil("create", "-n", img, "-s", "64")
-    rnd = random.Random(1234)
-    repaired = 0
-    for it in range(20):
-        srv = make_server(name="st%d" % it)
-        srv.open("vhd:" + img)
-        log = tmp_path / ("w%d.log" % it)
-        w = subprocess.Popen(["/usr/bin/python3", "-c", CRASH_WRITER, srv.uri(0), str(log),
-                              str(it)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: log.exists() and "f " in log.read_text(), what="a flush")
-        time.sleep(rnd.uniform(0, 0.3))
-        srv.proc.send_signal(signal.SIGKILL)
-        srv.proc.wait()
-        w.wait(10)
-        # acknowledged before the last completed flush: it must read back
-        lines = log.read_text().splitlines()
-        last_f = max(i for i, l in enumerate(lines) if l.startswith("f "))
-        latest = {}
-        for l in lines[:last_f]:
-            if l.startswith("w "):
-                _, seq, off = l.split()
-                latest[int(off)] = int(seq)
+    repaired = []
+
+    def check(it):
         c = vhdutil("check", "-n", img, check=False)
         if c.returncode:
-            repaired += 1
+            repaired.append(it)
             vhdutil("repair", "-n", img)
             c = vhdutil("check", "-n", img, check=False)
         assert c.returncode == 0, c.stdout
-        srv2 = make_server(name="vf%d" % it)
-        srv2.open("vhd:" + img)
-        h = nbd.NBD()
-        h.connect_uri(srv2.uri(0))
-        for off, seq in latest.items():
-            got_seq, got_off = struct.unpack("<QQ", h.pread(512, off)[:16])
-            assert got_off == off and got_seq >= seq, (it, off, seq, got_seq)
-        h.shutdown()
-        assert srv2.stop() == 0
-    print("repairs needed: %d of 20" % repaired)
+
+    kill9_rounds(make_server, tmp_path, "vhd:" + img, check)
+    print("repairs needed: %d of 20" % len(repaired))
 
 
 def test_zeroes_and_discard_on_a_differencing_disk(server, tmp_path):

@@ -11,35 +11,7 @@
 #include <cmocka.h>
 
 #include "vhd_format.h"
-
-/* A growable in-memory file. */
-struct memfile {
-	uint8_t *data;
-	size_t size;
-};
-
-static int
-mem_write(void *ctx, const void *buf, size_t len, uint64_t off)
-{
-	struct memfile *m = ctx;
-	if (off + len > m->size) {
-		m->data = realloc(m->data, off + len);
-		memset(m->data + m->size, 0, off + len - m->size);
-		m->size = off + len;
-	}
-	memcpy(m->data + off, buf, len);
-	return 0;
-}
-
-static int
-mem_read(void *ctx, void *buf, size_t len, uint64_t off)
-{
-	struct memfile *m = ctx;
-	if (off > m->size || len > m->size - off)
-		return -EIO;
-	memcpy(buf, m->data + off, len);
-	return 0;
-}
+#include "../memfile.h"
 
 static void
 test_geometry(void **state)
