@@ -244,11 +244,18 @@ qreq_synced(struct io_op *op, int res)
 	req->done(req, res < 0 ? -res : 0);
 }
 
+static void zero_issue(struct qreq *qr);
+
 static void
 qreq_piece_done(struct qreq *qr, int err)
 {
 	if (err && !qr->err)
 		qr->err = err;
+	if (qr->zpos < qr->zend && !qr->err && !qr->issuing && qr->pending <= Q_ZERO_PIECES / 2) {
+		qr->pending--;
+		zero_issue(qr);		/* more of a long zeroing */
+		return;
+	}
 	if (--qr->pending)
 		return;
 	struct td_request *req = qr->req;
@@ -916,34 +923,60 @@ zero_piece(struct qreq *qr, uint64_t off, uint64_t len, int mode)
 		write_range(v);
 }
 
+/* One L2 table's span of a discard or write-zeroes, from qr->zpos. */
+static void
+zero_span(struct qcow2 *q, struct qreq *qr)
+{
+	uint64_t cs = q->m.cluster_size, size = q->img->size, pos = qr->zpos;
+	uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, qr->zend);
+	int discard = qr->req->op == TD_OP_DISCARD, mode = qr->zmode;
+	/* whole clusters: [a, z); the disk's last cluster is whole at its end */
+	uint64_t a = div_up(pos, cs) * cs;
+	uint64_t z = stop == size ? stop : stop / cs * cs;
+
+	qr->zpos = stop;
+	if (a >= z || mode < 0) {	/* no whole cluster, or zeros written throughout */
+		if (!discard)
+			zero_piece(qr, pos, stop - pos, -1);
+		return;
+	}
+	if (pos < a && !discard)
+		zero_piece(qr, pos, a - pos, -1);
+	zero_piece(qr, a, z - a, mode);
+	if (z < stop && !discard)
+		zero_piece(qr, z, stop - z, -1);
+}
+
+/*
+ * Issues the spans of a discard or write-zeroes, Q_ZERO_PIECES at most in
+ * flight (a request may cover a whole disk); qreq_piece_done calls again
+ * as they complete. Holds the request while issuing: pieces that complete
+ * at once do not end it under us.
+ */
+static void
+zero_issue(struct qreq *qr)
+{
+	if (qr->issuing)
+		return;
+	qr->issuing = 1;
+	qr->pending++;
+	while (qr->zpos < qr->zend && qr->pending <= Q_ZERO_PIECES && !qr->err)
+		zero_span(qr->q, qr);
+	qr->issuing = 0;
+	qreq_piece_done(qr, 0);
+}
+
 static void
 zero_submit(struct qcow2 *q, struct qreq *qr)
 {
 	struct td_request *req = qr->req;
-	uint64_t cs = q->m.cluster_size, size = q->img->size;
-	uint64_t pos = req->offset, end = req->offset + req->length;
-	int mode = zero_mode(q, req), discard = req->op == TD_OP_DISCARD;
 
-	if (mode == -2)
+	qr->zmode = zero_mode(q, req);
+	if (qr->zmode == -2)
 		return;
-	while (pos < end && !qr->err) {
-		uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, end);
-		/* whole clusters: [a, z); the disk's last cluster is whole at its end */
-		uint64_t a = div_up(pos, cs) * cs;
-		uint64_t z = stop == size ? stop : stop / cs * cs;
-		if (a >= z || mode < 0) {
-			a = z = stop;	/* no whole cluster, or zeros written throughout */
-			if (!discard)
-				zero_piece(qr, pos, stop - pos, -1);
-		} else {
-			if (pos < a && !discard)
-				zero_piece(qr, pos, a - pos, -1);
-			zero_piece(qr, a, z - a, mode);
-			if (z < stop && !discard)
-				zero_piece(qr, z, stop - z, -1);
-		}
-		pos = stop;
-	}
+	qr->zpos = req->offset;
+	qr->zend = req->offset + req->length;
+	zero_issue(qr);
 }
 
 /* Would zeroing write data (FAST_ZERO refuses that)? */

@@ -27,6 +27,7 @@
 #define Q_RB_CACHE	(1u << 20)	/* bytes of refcount blocks */
 #define Q_CACHE_MIN	4		/* entries, whatever the cluster size */
 #define Q_ZERO_BYTES	(2u << 20)	/* one cluster of the largest size */
+#define Q_ZERO_PIECES	64		/* in flight per discard or write-zeroes */
 
 struct qcow2;
 struct qop;
@@ -70,6 +71,9 @@ struct qreq {
 	int err;
 	struct io_op sync_op;		/* FUA */
 	struct mwait wait;		/* block status: an L2 table loading */
+	uint64_t zpos, zend;		/* discard, write-zeroes: what is left to issue */
+	int zmode;			/* how whole clusters are zeroed */
+	int issuing;			/* zero_issue is running */
 };
 
 /* One piece of a request: a range inside one L2 table's span, or one run. */

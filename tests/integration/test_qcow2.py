@@ -366,6 +366,15 @@ def test_refcount_table_grows_with_small_clusters(server, tmp_path):
     check_clean(img)
     out = to_raw(img, str(tmp_path / "out.raw"))
     assert all(out[i * MiB * 2 + 4096:i * MiB * 2 + 4096 + MiB] == blob for i in range(24))
+    r = server.open("qcow2:" + img)                    # 2048 L2 spans in one request
+    h = connect(server, r["minor"])
+    h.zero(64 * MiB - 1024, 512)
+    assert h.pread(MiB, 2 * MiB) == bytes(MiB)
+    h.shutdown()
+    server.call("destroy", minor=r["minor"])
+    check_clean(img)
+    out = to_raw(img, str(tmp_path / "out.raw"))
+    assert out == bytes(512) + b"\0" * (64 * MiB - 1024) + bytes(512)
 
 
 @pytest.mark.parametrize("bits", [1, 8, 64])
