@@ -13,19 +13,7 @@ import time
 import nbd
 
 from conftest import run, wait_for
-
-
-def export_bytes(server, minor, out):
-    run("nbdcopy", server.uri(minor), out)
-    with open(out, "rb") as f:
-        return f.read()
-
-
-def connect(server, minor):
-    h = nbd.NBD()
-    h.add_meta_context("base:allocation")
-    h.connect_uri(server.uri(minor))
-    return h
+from images import connect, export_bytes  # noqa: F401 (the format tests import them here)
 
 
 def snapshots_under_fio(server, minor, kind, leaves):
