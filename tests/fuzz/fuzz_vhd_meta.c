@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../mem_file.h"
+#include "../memfile.h"
 #include "vhd_format.h"
 
 static void
@@ -52,17 +52,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	struct mem_file mem = { (uint8_t *)(uintptr_t)data, size };
+	struct memfile mem = { (uint8_t *)(uintptr_t)data, size };
 	struct vhd_meta m;
 	struct td_error err;
 	char out[2048];
 
-	if (vhd_meta_load(&m, mem_file_read, &mem, size, "/nonexistent", NULL, &err) < 0) {
+	if (vhd_meta_load(&m, mem_read, &mem, size, "/nonexistent", NULL, &err) < 0) {
 		assert(err.code > 0 && err.msg[0]);
 		return 0;
 	}
 	check_invariants(&m, size);
-	vhd_meta_check_blocks(&m, mem_file_read, &mem, out, sizeof(out));
+	vhd_meta_check_blocks(&m, mem_read, &mem, out, sizeof(out));
 	vhd_meta_free(&m);
 	return 0;
 }

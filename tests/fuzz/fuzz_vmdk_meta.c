@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../mem_file.h"
+#include "../memfile.h"
 #include "vmdk_format.h"
 
 #define MAX_TABLES	64	/* grain tables walked per input */
@@ -59,7 +59,7 @@ parse_desc(const char *text, size_t len)
 
 /* Decodes one grain table entry as a read would, inflating if allowed. */
 static void
-walk_grain(const struct vmdk_sparse *s, struct mem_file *mem, uint64_t grain, uint32_t gte,
+walk_grain(const struct vmdk_sparse *s, struct memfile *mem, uint64_t grain, uint32_t gte,
 	   uint8_t *out, int *inflates)
 {
 	uint64_t off = 0;
@@ -80,7 +80,7 @@ walk_grain(const struct vmdk_sparse *s, struct mem_file *mem, uint64_t grain, ui
 }
 
 static void
-walk_tables(const struct vmdk_sparse *s, struct mem_file *mem)
+walk_tables(const struct vmdk_sparse *s, struct memfile *mem)
 {
 	uint32_t *gt = malloc(s->gt_bytes);
 	uint8_t *out = malloc(s->grain_bytes);
@@ -91,7 +91,7 @@ walk_tables(const struct vmdk_sparse *s, struct mem_file *mem)
 		if (!s->gd[t])
 			continue;
 		walked++;
-		assert(mem_file_read(mem, gt, s->gt_bytes, (uint64_t)s->gd[t] * VMDK_SECTOR) == 0);
+		assert(mem_read(mem, gt, s->gt_bytes, (uint64_t)s->gd[t] * VMDK_SECTOR) == 0);
 		vmdk_gt_decode(gt, s->gtes);
 		for (uint32_t i = 0; i < s->gtes; i++)
 			walk_grain(s, mem, (uint64_t)t * s->gtes + i, gt[i], out, &inflates);
@@ -118,7 +118,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	struct mem_file mem = { (uint8_t *)(uintptr_t)data, size };
+	struct memfile mem = { (uint8_t *)(uintptr_t)data, size };
 	struct vmdk_sparse s;
 	struct td_error err;
 	char *text;
@@ -127,12 +127,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		parse_desc((const char *)data, size);
 		return 0;
 	}
-	if (vmdk_sparse_load(&s, mem_file_read, &mem, size, &err) < 0) {
+	if (vmdk_sparse_load(&s, mem_read, &mem, size, &err) < 0) {
 		assert(err.code > 0 && err.msg[0]);
 		return 0;
 	}
 	check_sparse(&s, size);
-	if (vmdk_sparse_descriptor(&s, mem_file_read, &mem, &text, &err) == 0 && text) {
+	if (vmdk_sparse_descriptor(&s, mem_read, &mem, &text, &err) == 0 && text) {
 		parse_desc(text, strlen(text));
 		free(text);
 	}

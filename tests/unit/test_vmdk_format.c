@@ -16,7 +16,7 @@
 
 #include <cmocka.h>
 
-#include "../mem_file.h"
+#include "../memfile.h"
 #include "vmdk_format.h"
 
 #define SEC VMDK_SECTOR
@@ -24,7 +24,7 @@
 /* ---- an image in memory ---- */
 
 static void
-mem_grow(struct mem_file *m, size_t size)
+mem_grow(struct memfile *m, size_t size)
 {
 	if (size > m->size) {
 		m->data = realloc(m->data, size);
@@ -34,7 +34,7 @@ mem_grow(struct mem_file *m, size_t size)
 }
 
 static void
-put32(struct mem_file *m, size_t off, uint32_t v)
+put32(struct memfile *m, size_t off, uint32_t v)
 {
 	mem_grow(m, off + 4);
 	for (int i = 0; i < 4; i++)
@@ -42,14 +42,14 @@ put32(struct mem_file *m, size_t off, uint32_t v)
 }
 
 static void
-put64(struct mem_file *m, size_t off, uint64_t v)
+put64(struct memfile *m, size_t off, uint64_t v)
 {
 	put32(m, off, (uint32_t)v);
 	put32(m, off + 4, (uint32_t)(v >> 32));
 }
 
 static void
-put_bytes(struct mem_file *m, size_t off, const void *p, size_t n)
+put_bytes(struct memfile *m, size_t off, const void *p, size_t n)
 {
 	mem_grow(m, off + n);
 	memcpy(m->data + off, p, n);
@@ -57,7 +57,7 @@ put_bytes(struct mem_file *m, size_t off, const void *p, size_t n)
 
 /* A SparseExtentHeader at off. */
 static void
-put_header(struct mem_file *m, size_t off, const struct vmdk_header *h)
+put_header(struct memfile *m, size_t off, const struct vmdk_header *h)
 {
 	put32(m, off, h->magic);
 	put32(m, off + 4, h->version);
@@ -98,10 +98,10 @@ small_header(void)
 	return h;
 }
 
-static struct mem_file
+static struct memfile
 small_image(const struct vmdk_header *h)
 {
-	struct mem_file m = { 0 };
+	struct memfile m = { 0 };
 	put_header(&m, 0, h);
 	put_bytes(&m, SEC, embedded, sizeof(embedded) - 1);
 	put32(&m, 3 * SEC, 4);
@@ -119,9 +119,9 @@ small_image(const struct vmdk_header *h)
 }
 
 static int
-load(struct mem_file *m, struct vmdk_sparse *s, struct td_error *err)
+load(struct memfile *m, struct vmdk_sparse *s, struct td_error *err)
 {
-	return vmdk_sparse_load(s, mem_file_read, m, m->size, err);
+	return vmdk_sparse_load(s, mem_read, m, m->size, err);
 }
 
 static void
@@ -138,7 +138,7 @@ static void
 test_sparse_load(void **state)
 {
 	struct vmdk_header h = small_header();
-	struct mem_file m = small_image(&h);
+	struct memfile m = small_image(&h);
 	struct vmdk_sparse s;
 	struct td_error err;
 	uint64_t off = 0;
@@ -169,7 +169,7 @@ test_sparse_load(void **state)
 	assert_int_equal(vmdk_grain_decode(&s, 3, 18, &off, why, sizeof(why)), -EUCLEAN);
 	assert_non_null(strstr(why, "past the end"));
 
-	assert_int_equal(vmdk_sparse_descriptor(&s, mem_file_read, &m, &text, &err), 0);
+	assert_int_equal(vmdk_sparse_descriptor(&s, mem_read, &m, &text, &err), 0);
 	struct vmdk_desc d;
 	assert_int_equal(vmdk_desc_parse(text, strlen(text), &d, &err), 0);
 	assert_int_equal(d.cid, 0x12345678);
@@ -199,7 +199,7 @@ test_last_grain_may_be_partial(void **state)
 	(void)state;
 
 	h.capacity = 62;			/* the last grain holds 2 sectors */
-	struct mem_file m = small_image(&h);
+	struct memfile m = small_image(&h);
 	m.size = 17 * SEC + 2 * SEC;		/* grain 15 at 17: only its 2 sectors there */
 	assert_int_equal(load(&m, &s, &err), 0);
 	assert_int_equal(vmdk_grain_need(&s, 15), 2 * SEC);
@@ -215,36 +215,36 @@ test_last_grain_may_be_partial(void **state)
 
 struct damage {
 	const char *name;
-	void (*apply)(struct vmdk_header *h, struct mem_file *m);
+	void (*apply)(struct vmdk_header *h, struct memfile *m);
 	int code;
 	const char *needle;
 };
 
-static void d_magic(struct vmdk_header *h, struct mem_file *m) { (void)m; h->magic = 0x12345678; }
-static void d_version(struct vmdk_header *h, struct mem_file *m) { (void)m; h->version = 4; }
-static void d_newline(struct vmdk_header *h, struct mem_file *m) { (void)m; h->nl[2] = '\n'; }
-static void d_compress(struct vmdk_header *h, struct mem_file *m) { (void)m; h->compress = 2; }
-static void d_grain_odd(struct vmdk_header *h, struct mem_file *m) { (void)m; h->grain_size = 3; }
-static void d_grain_big(struct vmdk_header *h, struct mem_file *m) { (void)m; h->grain_size = 4096; }
-static void d_gtes_zero(struct vmdk_header *h, struct mem_file *m) { (void)m; h->gtes = 0; }
-static void d_gtes_big(struct vmdk_header *h, struct mem_file *m) { (void)m; h->gtes = 513; }
-static void d_capacity_zero(struct vmdk_header *h, struct mem_file *m) { (void)m; h->capacity = 0; }
-static void d_capacity_huge(struct vmdk_header *h, struct mem_file *m) { (void)m; h->capacity = 1ULL << 50; }
+static void d_magic(struct vmdk_header *h, struct memfile *m) { (void)m; h->magic = 0x12345678; }
+static void d_version(struct vmdk_header *h, struct memfile *m) { (void)m; h->version = 4; }
+static void d_newline(struct vmdk_header *h, struct memfile *m) { (void)m; h->nl[2] = '\n'; }
+static void d_compress(struct vmdk_header *h, struct memfile *m) { (void)m; h->compress = 2; }
+static void d_grain_odd(struct vmdk_header *h, struct memfile *m) { (void)m; h->grain_size = 3; }
+static void d_grain_big(struct vmdk_header *h, struct memfile *m) { (void)m; h->grain_size = 4096; }
+static void d_gtes_zero(struct vmdk_header *h, struct memfile *m) { (void)m; h->gtes = 0; }
+static void d_gtes_big(struct vmdk_header *h, struct memfile *m) { (void)m; h->gtes = 513; }
+static void d_capacity_zero(struct vmdk_header *h, struct memfile *m) { (void)m; h->capacity = 0; }
+static void d_capacity_huge(struct vmdk_header *h, struct memfile *m) { (void)m; h->capacity = 1ULL << 50; }
 static void
-d_gd_huge(struct vmdk_header *h, struct mem_file *m)
+d_gd_huge(struct vmdk_header *h, struct memfile *m)
 {
 	(void)m;
 	h->capacity = 1ULL << 37;	/* 64 TiB in 1-sector grains, 1 per table */
 	h->grain_size = 1;
 	h->gtes = 1;
 }
-static void d_gd_past_end(struct vmdk_header *h, struct mem_file *m) { (void)m; h->gd_offset = 20; }
-static void d_gd_zero(struct vmdk_header *h, struct mem_file *m) { (void)m; h->gd_offset = 0; }
-static void d_gt_past_end(struct vmdk_header *h, struct mem_file *m) { (void)h; put32(m, 3 * SEC + 4, 20); }
-static void d_gt_wrap(struct vmdk_header *h, struct mem_file *m) { (void)h; put32(m, 3 * SEC + 8, 0xffffffff); }
-static void d_desc_past_end(struct vmdk_header *h, struct mem_file *m) { (void)m; h->desc_offset = 19; }
-static void d_desc_huge(struct vmdk_header *h, struct mem_file *m) { (void)m; h->desc_size = 1u << 20; }
-static void d_stream_no_footer(struct vmdk_header *h, struct mem_file *m) { (void)m; h->gd_offset = VMDK_GD_AT_END; }
+static void d_gd_past_end(struct vmdk_header *h, struct memfile *m) { (void)m; h->gd_offset = 20; }
+static void d_gd_zero(struct vmdk_header *h, struct memfile *m) { (void)m; h->gd_offset = 0; }
+static void d_gt_past_end(struct vmdk_header *h, struct memfile *m) { (void)h; put32(m, 3 * SEC + 4, 20); }
+static void d_gt_wrap(struct vmdk_header *h, struct memfile *m) { (void)h; put32(m, 3 * SEC + 8, 0xffffffff); }
+static void d_desc_past_end(struct vmdk_header *h, struct memfile *m) { (void)m; h->desc_offset = 19; }
+static void d_desc_huge(struct vmdk_header *h, struct memfile *m) { (void)m; h->desc_size = 1u << 20; }
+static void d_stream_no_footer(struct vmdk_header *h, struct memfile *m) { (void)m; h->gd_offset = VMDK_GD_AT_END; }
 
 static const struct damage damages[] = {
 	{ "magic", d_magic, EUCLEAN, "bad magic" },
@@ -273,7 +273,7 @@ test_damaged_extents_refused(void **state)
 	(void)state;
 	for (size_t i = 0; i < sizeof(damages) / sizeof(damages[0]); i++) {
 		struct vmdk_header h = small_header();
-		struct mem_file m = small_image(&h);
+		struct memfile m = small_image(&h);
 		struct vmdk_sparse s;
 		struct td_error err = { 0 };
 		damages[i].apply(&h, &m);
@@ -286,7 +286,7 @@ test_damaged_extents_refused(void **state)
 	}
 	struct vmdk_sparse s;
 	struct td_error err;
-	struct mem_file tiny = { (uint8_t *)"KDMV", 4 };
+	struct memfile tiny = { (uint8_t *)"KDMV", 4 };
 	assert_int_equal(load(&tiny, &s, &err), -EUCLEAN);
 	assert_non_null(strstr(err.msg, "too short"));
 }
@@ -295,7 +295,7 @@ test_damaged_extents_refused(void **state)
 
 /* A grain of 4 sectors filled with fill, deflated behind its marker at sector sec. */
 static size_t
-put_zgrain(struct mem_file *m, size_t sec, uint64_t lba, const uint8_t *data, size_t len)
+put_zgrain(struct memfile *m, size_t sec, uint64_t lba, const uint8_t *data, size_t len)
 {
 	uLongf zlen = compressBound(len);
 	uint8_t *z = malloc(zlen);
@@ -308,7 +308,7 @@ put_zgrain(struct mem_file *m, size_t sec, uint64_t lba, const uint8_t *data, si
 }
 
 static void
-put_marker(struct mem_file *m, size_t sec, uint64_t val, uint32_t type)
+put_marker(struct memfile *m, size_t sec, uint64_t val, uint32_t type)
 {
 	put64(m, sec * SEC, val);
 	put32(m, sec * SEC + 8, 0);
@@ -321,11 +321,11 @@ put_marker(struct mem_file *m, size_t sec, uint64_t val, uint32_t type)
  * (0 and 5), a grain table marker and table, the directory marker and
  * directory, the footer marker, the footer, end of stream.
  */
-static struct mem_file
+static struct memfile
 stream_image(uint8_t *g0, uint8_t *g5, size_t *gt_sec)
 {
 	struct vmdk_header h = small_header();
-	struct mem_file m = { 0 };
+	struct memfile m = { 0 };
 	h.version = 3;
 	h.flags |= VMDK_FLAG_COMPRESSED | VMDK_FLAG_MARKERS;
 	h.compress = VMDK_COMPRESS_DEFLATE;
@@ -358,7 +358,7 @@ stream_image(uint8_t *g0, uint8_t *g5, size_t *gt_sec)
 }
 
 static int
-read_grain(struct mem_file *m, const struct vmdk_sparse *s, uint64_t grain, uint32_t gte,
+read_grain(struct memfile *m, const struct vmdk_sparse *s, uint64_t grain, uint32_t gte,
 	   uint8_t *out, char *why, size_t whylen)
 {
 	uint64_t off;
@@ -374,7 +374,7 @@ test_stream_with_footer(void **state)
 {
 	uint8_t g0[2048], g3[2048], out[2048];
 	size_t gt_sec;
-	struct mem_file m = stream_image(g0, g3, &gt_sec);
+	struct memfile m = stream_image(g0, g3, &gt_sec);
 	struct vmdk_sparse s;
 	struct td_error err;
 	char why[256];
@@ -424,7 +424,7 @@ static void
 test_inflate_size_rules(void **state)
 {
 	struct vmdk_header h = small_header();
-	struct mem_file m = { 0 };
+	struct memfile m = { 0 };
 	struct vmdk_sparse s;
 	struct td_error err;
 	uint8_t big[4096], out[2048];
@@ -434,7 +434,7 @@ test_inflate_size_rules(void **state)
 	h.compress = VMDK_COMPRESS_DEFLATE;
 	h.flags |= VMDK_FLAG_MARKERS;
 	h.capacity = 14;			/* grain 3: 2 sectors */
-	struct mem_file base = small_image(&h);
+	struct memfile base = small_image(&h);
 	m = base;
 	memset(big, 0x11, sizeof(big));
 	assert_int_equal(load(&m, &s, &err), 0);
