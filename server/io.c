@@ -16,6 +16,8 @@
 
 #define IO_CALL_THREADS 2
 #define IO_POOL_THREADS 8
+/* tmpfs ops this big are copies worth another CPU; smaller ones run inline */
+#define IO_MEMORY_INLINE_MAX (64u << 10)
 
 struct iovec *
 io_iov_advance(struct iovec *iov, int *iovcnt, uint64_t n)
@@ -102,6 +104,17 @@ io_memory_done(struct io_defer *d)
 	io_op_complete(op->engine, op, op->res);
 }
 
+static uint64_t
+io_op_bytes(const struct io_op *op)
+{
+	uint64_t n = 0;
+	if (op->opcode != IO_OP_READV && op->opcode != IO_OP_WRITEV)
+		return 0;
+	for (int i = 0; i < op->iovcnt; i++)
+		n += op->iov[i].iov_len;
+	return n;
+}
+
 void
 io_submit(struct io_engine *e, struct io_op *op)
 {
@@ -109,8 +122,11 @@ io_submit(struct io_engine *e, struct io_op *op)
 	op->xfer = 0;
 	e->stats.submitted++;
 	e->stats.inflight++;
-	if (op->flags & IO_F_MEMORY) {
-		/* a memory copy: doing it here beats a hand-off to another thread */
+	if ((op->flags & IO_F_MEMORY) && io_op_bytes(op) >= IO_MEMORY_INLINE_MAX) {
+		/* a big copy: another CPU does it while the loop serves sockets */
+		op->flags |= IO_F_MAY_BLOCK;
+	} else if (op->flags & IO_F_MEMORY) {
+		/* a small memory copy: doing it here beats a hand-off to another thread */
 		op->res = io_op_run_sync(op);
 		op->defer.fn = io_memory_done;
 		op->defer.arg = op;

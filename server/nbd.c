@@ -37,6 +37,12 @@
 #define NBD_MAX_HS_OUTPUT	(1u << 20)	/* unread option replies */
 #define NBD_MAX_CONNECTIONS	4096
 #define NBD_DISCARD_LIMIT	(16u << 20)	/* larger option payloads: disconnect */
+#define NBD_DIRECT_PAYLOAD	(64u << 10)	/* larger write payloads skip the input buffer */
+/*
+ * A UNIX socket's send buffer (capped by net.core.wmem_max): the default
+ * 208 KiB splits every large read reply into several wake-ups of both sides.
+ */
+#define NBD_UNIX_SNDBUF		(4 << 20)
 
 struct nbd_listener {
 	struct nbd_server *ns;
@@ -80,6 +86,9 @@ struct nbd_conn {
 	uint32_t opt, opt_len;
 	uint64_t discard_left;
 	int discard_err;		/* reply for a discarded write payload */
+	struct nbd_req *payload;	/* a large write, its payload arriving in place */
+	size_t payload_got;
+	struct event *payload_ev;	/* the socket is readable, for payload */
 	struct nbd_request cur;
 	unsigned inflight;
 	size_t inflight_bytes;		/* data buffers held by requests in flight */
@@ -103,6 +112,7 @@ struct nbd_req {
 };
 
 static void conn_process(struct nbd_conn *c);
+static void nbd_req_free(struct nbd_conn *c, struct nbd_req *nr);
 static void conn_finish(struct nbd_conn *c);
 
 /* ---- connection lifetime ---- */
@@ -126,6 +136,14 @@ conn_cut(struct nbd_conn *c)
 	if (c->bev) {
 		bufferevent_free(c->bev);
 		c->bev = NULL;
+	}
+	if (c->payload_ev) {
+		event_free(c->payload_ev);
+		c->payload_ev = NULL;
+	}
+	if (c->payload) {
+		nbd_req_free(c, c->payload);
+		c->payload = NULL;
 	}
 	if (c->deadline) {
 		event_free(c->deadline);
@@ -548,6 +566,87 @@ conn_write_payload(struct nbd_conn *c, struct evbuffer *in)
 	conn_submit(c, nr);
 }
 
+static void
+conn_payload_readable(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	conn_process(arg);
+}
+
+/* Starts receiving a large write payload in place; 0, or -1 when out of memory. */
+static int
+conn_payload_begin(struct nbd_conn *c)
+{
+	struct nbd_req *nr = nbd_req_new(c);
+
+	if (nr) {
+		nr->buflen = c->cur.length;
+		nr->buf = bufpool_get(c->ns->srv->pool, c->cur.length);
+	}
+	if (!nr || !nr->buf) {
+		if (nr)
+			nbd_req_free(c, nr);
+		return -1;
+	}
+	nr->iov.iov_base = nr->buf;
+	nr->iov.iov_len = c->cur.length;
+	nr->vr.td.iov = &nr->iov;
+	nr->vr.td.iovcnt = 1;
+	c->payload = nr;
+	c->payload_got = 0;
+	return 0;
+}
+
+/*
+ * A large write payload goes from the socket straight into the request's
+ * buffer (only what the input buffer already holds is copied), with the
+ * bufferevent's reading off meanwhile. Returns 1 when it is complete or
+ * being discarded, 0 to wait for the socket, -1 if c is gone.
+ */
+static int
+conn_recv_payload(struct nbd_conn *c, struct evbuffer *in)
+{
+	size_t len = c->cur.length;
+
+	if (!c->payload && conn_payload_begin(c) < 0) {
+		c->discard_left = len;
+		c->discard_err = ENOMEM;
+		c->state = CS_REQ_DISCARD;
+		return 1;
+	}
+	char *buf = c->payload->buf;
+	int got = evbuffer_remove(in, buf + c->payload_got, len - c->payload_got);
+	if (got > 0)
+		c->payload_got += (size_t)got;
+	while (c->payload_got < len) {
+		ssize_t n = recv(bufferevent_getfd(c->bev), buf + c->payload_got,
+				 len - c->payload_got, MSG_DONTWAIT);
+		if (n > 0) {
+			c->payload_got += (size_t)n;
+		} else if (n < 0 && errno == EINTR) {
+			continue;
+		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			bufferevent_disable(c->bev, EV_READ);
+			event_add(c->payload_ev, NULL);
+			return 0;
+		} else {
+			if (n < 0 && errno != ECONNRESET)
+				log_limited(&c->ns->rl, LOG_LVL_INFO, "nbd client %s: %s",
+					    c->peer, strerror(errno));
+			conn_cut(c);
+			return -1;
+		}
+	}
+	struct nbd_req *nr = c->payload;
+	c->payload = NULL;
+	c->state = CS_REQ_HEADER;
+	event_del(c->payload_ev);
+	bufferevent_enable(c->bev, EV_READ);
+	conn_submit(c, nr);
+	return 1;
+}
+
 /* ---- handshake ---- */
 
 static struct vbd *
@@ -888,6 +987,8 @@ conn_step(struct nbd_conn *c, struct evbuffer *in)
 		}
 		return conn_request(c) < 0 ? -1 : 1;
 	case CS_REQ_PAYLOAD:
+		if (c->cur.length >= NBD_DIRECT_PAYLOAD && c->payload_ev)
+			return conn_recv_payload(c, in);
 		if (avail < c->cur.length)
 			return 0;
 		conn_write_payload(c, in);
@@ -956,6 +1057,8 @@ conn_finish(struct nbd_conn *c)
 		return;
 	}
 	bufferevent_disable(c->bev, EV_READ);
+	if (c->payload_ev)
+		event_del(c->payload_ev);
 	if (c->inflight)
 		return;
 	if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
@@ -989,8 +1092,13 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	c->deadline = evtimer_new(bufferevent_get_base(bev), conn_handshake_expired, c);
 	if (c->deadline)
 		evtimer_add(c->deadline, &tv);
+	/* without it, large writes take the input buffer's path */
+	c->payload_ev = event_new(bufferevent_get_base(bev), bufferevent_getfd(bev), EV_READ,
+				  conn_payload_readable, c);
 	bufferevent_setcb(bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
 	bufferevent_set_max_single_read(bev, 1 << 20);
+	/* libevent writes 16 KiB per loop turn otherwise */
+	bufferevent_set_max_single_write(bev, NBD_UNIX_SNDBUF);
 	bufferevent_enable(bev, EV_READ | EV_WRITE);
 
 	wr64(greet, NBD_MAGIC);
@@ -1008,7 +1116,6 @@ listener_accept(struct evconnlistener *lev, evutil_socket_t fd,
 	struct nbd_listener *l = arg;
 	struct nbd_server *ns = l->ns;
 	(void)lev;
-	(void)sa;
 	(void)salen;
 
 	if (ns->nr_conns >= NBD_MAX_CONNECTIONS || ns->srv->stopping) {
@@ -1016,6 +1123,11 @@ listener_accept(struct evconnlistener *lev, evutil_socket_t fd,
 			    ns->srv->stopping ? "shutting down" : "too many connections");
 		close(fd);
 		return;
+	}
+	if (sa->sa_family == AF_UNIX) {
+		int sndbuf = NBD_UNIX_SNDBUF;
+		/* best effort: the kernel caps it, and the default works too */
+		(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
 	}
 	struct bufferevent *bev = bufferevent_socket_new(ns->srv->base, fd,
 							 BEV_OPT_CLOSE_ON_FREE);
