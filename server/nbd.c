@@ -1092,9 +1092,10 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	c->deadline = evtimer_new(bufferevent_get_base(bev), conn_handshake_expired, c);
 	if (c->deadline)
 		evtimer_add(c->deadline, &tv);
-	/* without it, large writes take the input buffer's path */
-	c->payload_ev = event_new(bufferevent_get_base(bev), bufferevent_getfd(bev), EV_READ,
-				  conn_payload_readable, c);
+	/* without it (no socket: a bufferevent pair), large writes take the input buffer's path */
+	if (bufferevent_getfd(bev) >= 0)
+		c->payload_ev = event_new(bufferevent_get_base(bev), bufferevent_getfd(bev),
+					  EV_READ, conn_payload_readable, c);
 	bufferevent_setcb(bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
 	bufferevent_set_max_single_read(bev, 1 << 20);
 	/* libevent writes 16 KiB per loop turn otherwise */
