@@ -93,6 +93,15 @@ td_file_open(struct td_file *f, const char *path, int rdonly, int nodirect,
 #endif
 		if (f->is_blk && f->sector_size > f->dio_offset_align)
 			f->dio_offset_align = f->sector_size;
+		/*
+		 * Direct transfers must cover whole pages. One that shares a page
+		 * with a buffered transfer in flight (other bytes of it) fails to
+		 * invalidate that page: the kernel then keeps a stale page and
+		 * fails the next fdatasync with EIO.
+		 */
+		long page = sysconf(_SC_PAGESIZE);
+		if (page > 0 && f->dio_offset_align < (uint32_t)page)
+			f->dio_offset_align = (uint32_t)page;
 	}
 	return 0;
 fail:

@@ -3,6 +3,7 @@ clients (qemu-io, qemu-img, nbdinfo, nbdcopy) reading and writing."""
 
 import json
 import os
+import random
 
 import nbd
 import pytest
@@ -208,6 +209,46 @@ def test_unaligned_io_and_fua(server, tmp_path):
     with open(img, "rb") as f:
         f.seek(777)
         assert f.read(12345) == blob
+
+
+def test_direct_and_buffered_io_sharing_pages(server, tmp_path):
+    """Sector-aligned writes, and unaligned writes and reads of other bytes
+    of the same pages, all in flight together, on a file that takes
+    O_DIRECT. The unaligned ones go through the page cache, so a direct
+    write to such a page would collide with them (the kernel then warns
+    "Page cache invalidation failure" and fails the next fdatasync with
+    EIO). Only page-aligned transfers may go direct: every flush succeeds
+    and every byte lands."""
+    size = 8 << 20
+    img = make_image(tmp_path / "pages.img", size)
+    server.open("aio:" + img)
+    h = nbd.NBD()
+    h.connect_uri(server.uri(0))
+    rng = random.Random(7)
+    expect = bytearray(size)
+
+    def write(off, n):
+        data = os.urandom(n)
+        expect[off:off + n] = data
+        h.aio_pwrite(data, off)
+
+    for _ in range(12):
+        for base in range(0, size, 4096):
+            ops = [lambda: write(base, 512),
+                   lambda: write(base + 1000 + rng.randrange(2000), 100),
+                   lambda: h.aio_pread(nbd.Buffer(50), base + 3200 + rng.randrange(800))]
+            rng.shuffle(ops)
+            for op in ops[:2]:
+                op()
+            while h.aio_in_flight() >= 64:
+                h.poll(-1)
+        while h.aio_in_flight():
+            h.poll(-1)
+        h.flush()
+    assert h.pread(size, 0) == expect
+    h.shutdown()
+    with open(img, "rb") as f:
+        assert f.read() == expect
 
 
 def test_ram_disk_block_status_and_discard(server):
