@@ -1793,3 +1793,26 @@ def test_vbd_changes_state_mid_payload(bed, action):
     else:
         assert bed.server.open("ram:64M", minor=0)["minor"] == 0
     bed.check()
+
+
+def test_stalled_large_write_payloads_cost_only_what_arrived(bed):
+    """40 clients each announce a 32 MiB write, send 64 KiB of it and stall.
+    The payload buffers are taken at the header but only what arrives is
+    touched: the server's memory grows by about what was sent, not by
+    1.25 GiB; the others are served meanwhile; hanging up frees it all."""
+    base = bed.rss_mib()
+    stalled = []
+    for i in range(40):
+        c = bed.ready(0, timeout=T(30))
+        ck = c.new_cookie()
+        c.pending[ck] = (CMD_WRITE, 32 * MiB, 0)
+        c.send(build_request(CMD_WRITE, 0, 32 * MiB, ck) + b"\x33" * (64 * KiB))
+        stalled.append(c)
+    time.sleep(0.3)
+    grown = bed.rss_mib() - base
+    assert grown < 64, "server grew by %.0f MiB for 40 x 64 KiB of payload" % grown
+    bed.healthy()
+    for i, c in enumerate(stalled):
+        c.abort() if i % 2 else c.close()
+    assert poll(lambda: bed.connections() == 0, 5), bed.describe()
+    bed.check()
