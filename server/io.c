@@ -122,16 +122,17 @@ io_submit(struct io_engine *e, struct io_op *op)
 	op->xfer = 0;
 	e->stats.submitted++;
 	e->stats.inflight++;
-	if ((op->flags & IO_F_MEMORY) && io_op_bytes(op) >= IO_MEMORY_INLINE_MAX) {
-		/* a big copy: another CPU does it while the loop serves sockets */
+	if (op->flags & IO_F_MEMORY) {
+		if (io_op_bytes(op) < IO_MEMORY_INLINE_MAX) {
+			/* a small copy: doing it here beats a hand-off to another thread */
+			op->res = io_op_run_sync(op);
+			op->defer.fn = io_memory_done;
+			op->defer.arg = op;
+			io_defer(e, &op->defer);
+			return;
+		}
+		/* a big one: another CPU copies while the loop serves sockets */
 		op->flags |= IO_F_MAY_BLOCK;
-	} else if (op->flags & IO_F_MEMORY) {
-		/* a small memory copy: doing it here beats a hand-off to another thread */
-		op->res = io_op_run_sync(op);
-		op->defer.fn = io_memory_done;
-		op->defer.arg = op;
-		io_defer(e, &op->defer);
-		return;
 	}
 	e->ops->submit(e, op);
 }

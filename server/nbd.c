@@ -421,6 +421,25 @@ nbd_req_new(struct nbd_conn *c)
 	return nr;
 }
 
+/* Gives nr a data buffer of its length, as its one iovec; 0, or -1 when out of memory. */
+static int
+nbd_req_attach_buf(struct nbd_conn *c, struct nbd_req *nr)
+{
+	size_t len = nr->vr.td.length;
+
+	if (len) {
+		nr->buf = bufpool_get(c->ns->srv->pool, len);
+		if (!nr->buf)
+			return -1;
+		nr->buflen = len;
+	}
+	nr->iov.iov_base = nr->buf;
+	nr->iov.iov_len = len;
+	nr->vr.td.iov = &nr->iov;
+	nr->vr.td.iovcnt = 1;
+	return 0;
+}
+
 static void
 conn_submit(struct nbd_conn *c, struct nbd_req *nr)
 {
@@ -513,17 +532,11 @@ conn_request(struct nbd_conn *c)
 		return 0;
 	}
 	if (r->type == NBD_CMD_READ && r->length) {
-		nr->buflen = r->length;
-		nr->buf = bufpool_get(c->ns->srv->pool, r->length);
-		if (!nr->buf) {
+		if (nbd_req_attach_buf(c, nr) < 0) {
 			nbd_req_free(c, nr);
 			reply_error(c, r->cookie, r->type, ENOMEM);
 			return 0;
 		}
-		nr->iov.iov_base = nr->buf;
-		nr->iov.iov_len = r->length;
-		nr->vr.td.iov = &nr->iov;
-		nr->vr.td.iovcnt = 1;
 	} else if (r->type == NBD_CMD_BLOCK_STATUS) {
 		unsigned max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_MAX_EXTENTS;
 		nr->extents = calloc(max, sizeof(*nr->extents));
@@ -547,11 +560,7 @@ conn_write_payload(struct nbd_conn *c, struct evbuffer *in)
 	struct nbd_req *nr = nbd_req_new(c);
 
 	c->state = CS_REQ_HEADER;
-	if (nr && r->length) {
-		nr->buflen = r->length;
-		nr->buf = bufpool_get(c->ns->srv->pool, r->length);
-	}
-	if (!nr || (r->length && !nr->buf)) {
+	if (!nr || nbd_req_attach_buf(c, nr) < 0) {
 		evbuffer_drain(in, r->length);
 		if (nr)
 			nbd_req_free(c, nr);
@@ -559,10 +568,6 @@ conn_write_payload(struct nbd_conn *c, struct evbuffer *in)
 		return;
 	}
 	evbuffer_remove(in, nr->buf, r->length);
-	nr->iov.iov_base = nr->buf;
-	nr->iov.iov_len = r->length;
-	nr->vr.td.iov = &nr->iov;
-	nr->vr.td.iovcnt = 1;
 	conn_submit(c, nr);
 }
 
@@ -580,19 +585,11 @@ conn_payload_begin(struct nbd_conn *c)
 {
 	struct nbd_req *nr = nbd_req_new(c);
 
-	if (nr) {
-		nr->buflen = c->cur.length;
-		nr->buf = bufpool_get(c->ns->srv->pool, c->cur.length);
-	}
-	if (!nr || !nr->buf) {
+	if (!nr || nbd_req_attach_buf(c, nr) < 0) {
 		if (nr)
 			nbd_req_free(c, nr);
 		return -1;
 	}
-	nr->iov.iov_base = nr->buf;
-	nr->iov.iov_len = c->cur.length;
-	nr->vr.td.iov = &nr->iov;
-	nr->vr.td.iovcnt = 1;
 	c->payload = nr;
 	c->payload_got = 0;
 	return 0;
