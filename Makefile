@@ -1,13 +1,28 @@
-# tapdiskd: `make` builds build/bin/{tapdiskd,tap-ctl}; `make check` runs every
-# test; `make run` starts a demo server; `make bench` compares with peers.
+# tapdiskd: `make` builds build/bin/{tapdiskd,tap-ctl,vhd-util}; `make check`
+# runs every test; `make run` starts a demo server; `make bench` compares with
+# peers; `make install` / `make deb` install it; `make check-fresh` proves the
+# README's commands and the package on a Debian root with nothing installed.
+#
+# run, check, bench and check-fresh first install the Debian packages they
+# need (scripts/install-deps), then build through a second make: the
+# pkg-config flags below are computed when make reads this file, which on a
+# fresh machine is before the -dev packages are there.
 
 CC      ?= cc
-PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn
+PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd
 PYTHON  := /usr/bin/python3
 BUILD   ?= build
 SAN     ?=
 VERSION := 0.1.0
 
+# Goals that install packages first and build in a sub-make, or build nothing.
+NOBUILD_GOALS := run check bench check-fresh check-xen deps deb clean uninstall
+ifneq ($(filter-out $(NOBUILD_GOALS),$(or $(MAKECMDGOALS),all)),)
+ifneq ($(shell pkg-config --exists $(PKGS) && echo ok),ok)
+$(error the build needs Debian packages that are missing ($(PKGS) through pkg-config): \
+        run `scripts/install-deps build` first (make run and make check do it))
+endif
+endif
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -35,11 +50,11 @@ BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 SIM  := $(BUILD)/tests/blkfront_sim
 
 .PHONY: all sim deps check check-xen check-unit check-integration check-asan check-fuzz \
-        check-valgrind run bench clean fuzz
+        check-valgrind check-fresh run bench clean fuzz install uninstall deb
 all: $(BINS) $(SIM)
 
 deps:
-	@scripts/install-deps check
+	@scripts/install-deps all
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -74,8 +89,15 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBTD)
 
 # ---- tests ----
 
-check: deps
+check:
+	@scripts/install-deps check
 	@scripts/check
+
+# The README's `make run` and the .deb on a Debian 12 root made by debootstrap
+# (tests/fresh/check-fresh; the root is cached under /var/cache/tapdiskd-fresh)
+check-fresh:
+	@scripts/install-deps fresh
+	@tests/fresh/check-fresh
 
 # Linux guests on a real Xen 4.17 under QEMU, disks served by tapdiskd (tests/xen/lab)
 check-xen:
@@ -94,12 +116,54 @@ fuzz:
 check-fuzz: fuzz
 	@tests/fuzz/run-all $(FUZZ_SECONDS)
 
-run: deps all
+run:
+	@scripts/install-deps build
+	@$(MAKE) --no-print-directory all
 	@scripts/run-demo
 
-bench: all
+bench:
 	@scripts/install-deps bench
+	@$(MAKE) --no-print-directory all
 	@bench/run
+
+# ---- install ----
+# make install [PREFIX=/usr/local] [DESTDIR=...]; make uninstall removes
+# exactly what it installs. block-tap goes where libxl looks for hotplug
+# scripts, whatever the prefix; the unit's ExecStart names $(SBINDIR).
+PREFIX     ?= /usr/local
+SBINDIR    ?= $(PREFIX)/sbin
+DATADIR    ?= $(PREFIX)/share
+MANDIR     ?= $(DATADIR)/man
+XENSCRIPTS ?= /etc/xen/scripts
+DEFAULTDIR ?= /etc/default
+UNITDIR    ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,$(PREFIX)/lib/systemd/system)
+MANPAGES   := $(wildcard docs/man/*.8)
+SCHEMAS    := $(wildcard schema/*.json)
+INSTALLED  := $(addprefix $(SBINDIR)/,tapdiskd tap-ctl vhd-util) $(XENSCRIPTS)/block-tap \
+              $(UNITDIR)/tapdiskd.service $(DEFAULTDIR)/tapdiskd \
+              $(addprefix $(MANDIR)/man8/,$(notdir $(MANPAGES))) \
+              $(addprefix $(DATADIR)/tapdiskd/schema/,$(notdir $(SCHEMAS)))
+
+install: $(BINS)
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(XENSCRIPTS) $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(DEFAULTDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DATADIR)/tapdiskd/schema
+	install -m 0755 $(BINS) $(DESTDIR)$(SBINDIR)/
+	install -m 0755 contrib/xl-hotplug/block-tap $(DESTDIR)$(XENSCRIPTS)/block-tap
+	sed 's|/usr/sbin/|$(SBINDIR)/|g' contrib/systemd/tapdiskd.service \
+		>$(DESTDIR)$(UNITDIR)/tapdiskd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/tapdiskd.service
+	install -m 0644 contrib/systemd/tapdiskd.default $(DESTDIR)$(DEFAULTDIR)/tapdiskd
+	install -m 0644 $(MANPAGES) $(DESTDIR)$(MANDIR)/man8/
+	install -m 0644 $(SCHEMAS) $(DESTDIR)$(DATADIR)/tapdiskd/schema/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	-rmdir $(DESTDIR)$(DATADIR)/tapdiskd/schema $(DESTDIR)$(DATADIR)/tapdiskd 2>/dev/null
+
+# build/deb/tapdiskd_$(VERSION)_amd64.deb, built from a clean copy of HEAD's tree
+deb:
+	@scripts/install-deps package
+	@scripts/build-deb
 
 clean:
 	rm -rf build

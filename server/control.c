@@ -19,6 +19,7 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "fdlimit.h"
 #include "log.h"
 #include "server.h"
 #include "unixsock.h"
@@ -509,6 +510,23 @@ control_accept(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *
 	control_serve(ctl, bev);
 }
 
+/* Out of descriptors: the waiting client is told why and let go (fdlimit.h). */
+static void
+control_accept_error(struct evconnlistener *lev, void *arg)
+{
+	struct control *ctl = arg;
+	char msg[256], line[512];
+
+	fdlimit_message(msg, sizeof(msg), "control");
+	snprintf(line, sizeof(line), "{\"id\":null,\"ok\":false,\"error\":"
+		 "{\"code\":\"EMFILE\",\"message\":\"%s\"}}\n", msg);
+	int rc = fdlimit_shed(evconnlistener_get_fd(lev), EVUTIL_SOCKET_ERROR(), line);
+	if (rc < 0)
+		log_limited(&ctl->rl, LOG_LVL_WARN, "control: accept: %s", strerror(-rc));
+	else
+		log_limited(&ctl->rl, LOG_LVL_WARN, "%s", msg);
+}
+
 struct control *
 control_new(struct server *srv, const char *path, char *err, size_t errlen)
 {
@@ -534,6 +552,7 @@ control_new(struct server *srv, const char *path, char *err, size_t errlen)
 		snprintf(err, errlen, "%s: cannot listen", path);
 		goto fail;
 	}
+	evconnlistener_set_error_cb(ctl->lev, control_accept_error);
 	return ctl;
 fail:
 	free(ctl->path);

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "control.h"
+#include "fdlimit.h"
 #include "io.h"
 #include "log.h"
 #include "metrics_http.h"
@@ -221,10 +222,15 @@ cmd_open(struct ctl_req *req, json_t *args)
 	if (rc < 0) {
 		json_decref(o->qos);
 		free(o);
-		if (rc == -EBUSY)
+		if (rc == -EBUSY) {
 			ctl_reply_error(req, EBUSY, "minor %lld is in use", (long long)m);
-		else
+		} else if (rc == -EMFILE) {
+			char msg[256];
+			fdlimit_message(msg, sizeof(msg), arg_str(args, "params"));
+			ctl_reply_error(req, EMFILE, "%s", msg);
+		} else {
 			ctl_reply_error(req, -rc, "%s", strerror(-rc));
+		}
 	}
 }
 

@@ -22,12 +22,14 @@
 
 #include "bufpool.h"
 #include "control.h"
+#include "fdlimit.h"
 #include "io.h"
 #include "log.h"
 #include "metrics_http.h"
 #include "nbd.h"
 #include "qos.h"
 #include "server.h"
+#include "service_notify.h"
 #include "xenbus.h"
 
 #define DEFAULT_STATE_DIR "/run/tapdiskd"
@@ -282,6 +284,22 @@ daemonize(int *ready_fd)
 	return 0;
 }
 
+/* Thousands of vbds need thousands of descriptors: take what the hard limit allows. */
+static void
+raise_fd_limit(void)
+{
+	unsigned long before = 0, after = 0;
+	int rc = fdlimit_init(&before, &after);
+
+	if (rc < 0)
+		log_warn("file descriptors: cannot raise the limit of %lu: %s", before,
+			 strerror(-rc));
+	else if (after != before)
+		log_info("file descriptors: limit raised from %lu to %lu", before, after);
+	else
+		log_info("file descriptors: limit %lu", after);
+}
+
 /* ---- shutdown ---- */
 
 static void
@@ -344,6 +362,7 @@ on_signal(evutil_socket_t sig, short what, void *arg)
 		return;
 	}
 	log_info("%s: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+	service_notify_stopping();
 	srv->stopping = 1;
 	nbd_stop_listening(srv->nbd);
 	struct timeval tv = { SHUTDOWN_GRACE, 0 };
@@ -457,6 +476,7 @@ main(int argc, char **argv)
 	}
 	log_init("tapdiskd", !opts.foreground, opts.level);
 	lock_write_pid(lock_fd);
+	raise_fd_limit();
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGHUP, SIG_IGN);
 
@@ -517,6 +537,7 @@ main(int argc, char **argv)
 
 	log_info("serving on %s (pid %d, io engine %s)", path, (int)srv->pid,
 		 io_engine_name(srv->io));
+	service_notify_ready(server_vbd_count(srv));
 	if (ready_fd >= 0) {
 		char ok = 0;
 		if (write(ready_fd, &ok, 1) < 0)
@@ -559,5 +580,6 @@ early:
 	free(dir);
 	if (lock_fd >= 0)
 		close(lock_fd);
+	fdlimit_fini();
 	return rc;
 }

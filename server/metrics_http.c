@@ -30,6 +30,7 @@
 #include <event2/listener.h>
 #include <event2/util.h>
 
+#include "fdlimit.h"
 #include "log.h"
 #include "server.h"
 #include "stats.h"
@@ -686,6 +687,14 @@ on_request(struct evhttp_request *req, void *arg)
 
 /* ---- lifetime ---- */
 
+/* Out of descriptors: the waiting client is let go (fdlimit.h). */
+static void
+on_accept_error(struct evconnlistener *lev, void *arg)
+{
+	(void)arg;
+	(void)fdlimit_shed(evconnlistener_get_fd(lev), EVUTIL_SOCKET_ERROR(), NULL);
+}
+
 static int
 http_setup(struct metrics_http *m, int fd)
 {
@@ -704,6 +713,7 @@ http_setup(struct metrics_http *m, int fd)
 	if (!bound)
 		return -ENOMEM;
 	m->listener = evhttp_bound_socket_get_listener(bound);
+	evconnlistener_set_error_cb(m->listener, on_accept_error);
 	return 0;
 }
 

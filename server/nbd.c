@@ -22,6 +22,7 @@
 #include <event2/listener.h>
 
 #include "bufpool.h"
+#include "fdlimit.h"
 #include "log.h"
 #include "nbd_proto.h"
 #include "server.h"
@@ -1136,6 +1137,22 @@ listener_accept(struct evconnlistener *lev, evutil_socket_t fd,
 	nbd_serve(ns, bev, l->vbd);
 }
 
+/* Out of descriptors: the waiting client is let go (fdlimit.h). */
+static void
+listener_accept_error(struct evconnlistener *lev, void *arg)
+{
+	struct nbd_listener *l = arg;
+	char msg[256];
+	int rc = fdlimit_shed(evconnlistener_get_fd(lev), EVUTIL_SOCKET_ERROR(), NULL);
+
+	if (rc < 0) {
+		log_limited(&l->ns->rl, LOG_LVL_WARN, "nbd: accept: %s", strerror(-rc));
+		return;
+	}
+	fdlimit_message(msg, sizeof(msg), "nbd: refused a connection");
+	log_limited(&l->ns->rl, LOG_LVL_WARN, "%s", msg);
+}
+
 static void
 listener_free(struct nbd_listener *l)
 {
@@ -1181,6 +1198,7 @@ listener_alloc(struct nbd_server *ns, const char *path, struct vbd *vbd)
 static void
 listener_link(struct nbd_listener *l)
 {
+	evconnlistener_set_error_cb(l->lev, listener_accept_error);
 	LIST_INSERT_HEAD(&l->ns->listeners, l, link);
 	if (l->vbd)
 		vbd_frontend_add(l->vbd, &l->fe, &listener_fe_ops);

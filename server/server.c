@@ -5,8 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "fdlimit.h"
 #include "log.h"
 #include "nbd.h"
+#include "service_notify.h"
 
 struct vbd *
 server_vbd(struct server *srv, int minor)
@@ -35,6 +37,12 @@ server_vbd_count(struct server *srv)
 	return n;
 }
 
+void
+server_vbds_changed(struct server *srv)
+{
+	service_notify_status(server_vbd_count(srv));
+}
+
 json_t *
 server_stats_json(struct server *srv)
 {
@@ -58,6 +66,7 @@ server_nbd_path(const struct server *srv, int minor)
 struct open_ctx {
 	struct server *srv;
 	int minor;
+	int code;		/* why the NBD socket failed */
 	vbd_done_fn done;
 	void *arg;
 	char err[256];
@@ -69,7 +78,7 @@ open_close_done(void *arg, int err, const char *msg)
 	struct open_ctx *oc = arg;
 	(void)err;
 	(void)msg;
-	oc->done(oc->arg, EIO, oc->err);
+	oc->done(oc->arg, oc->code, oc->err);
 	free(oc);
 }
 
@@ -88,6 +97,9 @@ open_done(void *arg, int err, const char *msg)
 	vbd = oc->srv->minors[oc->minor];
 	rc = nbd_export_vbd(oc->srv->nbd, vbd, oc->err, sizeof(oc->err));
 	if (rc < 0) {
+		oc->code = -rc;
+		if (oc->code == EMFILE || oc->code == ENFILE)
+			fdlimit_message(oc->err, sizeof(oc->err), vbd->params);
 		/* nothing left behind: the vbd goes again */
 		log_err("minor %d: %s", oc->minor, oc->err);
 		vbd_close(vbd, 0, 1, open_close_done, oc);
@@ -104,6 +116,10 @@ server_open_vbd(struct server *srv, int minor, const char *params, unsigned flag
 	struct open_ctx *oc = calloc(1, sizeof(*oc));
 	int rc;
 
+	if (fdlimit_check_open() < 0) {
+		free(oc);
+		return -EMFILE;
+	}
 	if (!oc)
 		return -ENOMEM;
 	oc->srv = srv;

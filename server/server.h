@@ -37,6 +37,8 @@ struct server {
 struct vbd *server_vbd(struct server *srv, int minor);
 int server_free_minor(struct server *srv);	/* lowest free minor, or -1 */
 unsigned server_vbd_count(struct server *srv);
+/* A vbd opened or closed: the service manager's STATUS follows. */
+void server_vbds_changed(struct server *srv);
 /* Every open vbd's statistics, {"vbds": [...]}: `stats` without a minor, GET /stats. */
 json_t *server_stats_json(struct server *srv);
 /* The NBD socket of a minor: <state-dir>/nbd<pid>.<minor>. */
@@ -44,7 +46,8 @@ char *server_nbd_path(const struct server *srv, int minor);
 
 /*
  * Opens a vbd and attaches its frontends (its NBD socket). done gets the
- * vbd's minor through the vbd table once it serves.
+ * vbd's minor through the vbd table once it serves. -EMFILE at once if the
+ * open would eat into the descriptors kept for control clients (fdlimit.h).
  */
 int server_open_vbd(struct server *srv, int minor, const char *params,
 		    unsigned flags, vbd_done_fn done, void *arg);

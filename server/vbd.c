@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "io.h"
+#include "fdlimit.h"
 #include "log.h"
 #include "qos.h"
 #include "server.h"
@@ -171,6 +172,14 @@ vbd_resume_queued(struct vbd *vbd)
 static void vbd_free(struct vbd *vbd);
 static void vbd_close_finished(struct vbd *vbd);
 
+/* Out of descriptors is the operator's to fix, whichever image hit it: say so. */
+static void
+job_explain_fd_error(struct vbd_job *job)
+{
+	if (job->err.code == EMFILE || job->err.code == ENFILE)
+		fdlimit_message(job->err.msg, sizeof(job->err.msg), job->params);
+}
+
 static void
 vbd_job_done(struct io_call *c, int res)
 {
@@ -181,6 +190,7 @@ vbd_job_done(struct io_call *c, int res)
 	switch (job->kind) {
 	case JOB_OPEN:
 		if (res < 0) {
+			job_explain_fd_error(job);
 			if (job->fresh) {
 				srv->minors[vbd->minor] = NULL;
 				vbd_free(vbd);
@@ -198,12 +208,14 @@ vbd_job_done(struct io_call *c, int res)
 		vbd->opened_at = time(NULL);
 		log_info("minor %d: opened %s (%ju bytes%s)", vbd->minor, vbd->params,
 			 (uintmax_t)vbd->size, vbd->readonly ? ", read-only" : "");
+		server_vbds_changed(srv);
 		job->done(job->arg, 0, NULL);
 		break;
 	case JOB_REOPEN:
 		vbd->state &= ~VBD_OPENING;
 		if (res < 0) {
 			vbd->leaf = NULL;	/* the old chain was closed first */
+			job_explain_fd_error(job);
 			job->done(job->arg, job->err.code, job->err.msg);
 			break;
 		}
@@ -411,6 +423,7 @@ vbd_close_finished(struct vbd *vbd)
 		vbd->params = NULL;
 		vbd->state = VBD_CLOSED;
 	}
+	server_vbds_changed(srv);
 	/* last: a waiter may look at the vbd table (shutdown does) */
 	waiters_run(w, 0, NULL);
 }
@@ -466,6 +479,7 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 		waiters_reply(vbd, 0, NULL);
 		vbd->zombie_next = srv->zombies;
 		srv->zombies = vbd;
+		server_vbds_changed(srv);
 		done(arg, 0, NULL);
 		return;
 	}

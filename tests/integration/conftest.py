@@ -99,11 +99,12 @@ class Control:
 class Server:
     """A running tapdiskd on its own state dir."""
 
-    def __init__(self, state_dir, engine=ENGINE, extra=(), env=None):
+    def __init__(self, state_dir, engine=ENGINE, extra=(), env=None, prefix=()):
         self.state_dir = str(state_dir)
         self.engine = engine
         self.extra = list(extra)
         self.env = env
+        self.prefix = list(prefix)   # e.g. prlimit: exec's the server, same pid
         self.proc = None
         self.log_path = os.path.join(self.state_dir + ".log")
         self._ctl = None
@@ -119,6 +120,7 @@ class Server:
         wrap = os.environ.get("TAPDISKD_WRAPPER")
         if wrap:
             cmd = wrap.split() + cmd
+        cmd = self.prefix + cmd
         self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=self.logf, env=self.env)
         if wait:
             self.wait_ready()
