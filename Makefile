@@ -13,7 +13,8 @@ PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd
 PYTHON  := /usr/bin/python3
 BUILD   ?= build
 SAN     ?=
-VERSION := 0.1.0
+# one version, the package's
+VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
 
 # Goals that install packages first and build in a sub-make, or build nothing.
 NOBUILD_GOALS := run check bench check-fresh check-xen deps deb clean uninstall
@@ -50,8 +51,9 @@ BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 SIM  := $(BUILD)/tests/blkfront_sim
 
 .PHONY: all sim deps check check-xen check-unit check-integration check-asan check-fuzz \
-        check-valgrind check-fresh run bench clean fuzz install uninstall deb
+        check-valgrind check-fresh run bench clean fuzz install uninstall deb bins
 all: $(BINS) $(SIM)
+bins: $(BINS)
 
 deps:
 	@scripts/install-deps all
@@ -59,7 +61,7 @@ deps:
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	@echo "  CC      $<"
-	@$(CC) $(ALL_CFLAGS) -c $< -o $@
+	@$(CC) $(CPPFLAGS) $(ALL_CFLAGS) -c $< -o $@
 
 $(LIBTD): $(SERVER_OBJS)
 	@mkdir -p $(dir $@)

@@ -63,6 +63,7 @@ usage(FILE *f)
 		"                [--nbd-listen unix:PATH|tcp:HOST:PORT] [--log-level LEVEL]\n"
 		"                [--no-direct] [--open TYPE:PATH]... [--no-xen] [--xen-... ]\n"
 		"                [--metrics-listen HOST:PORT [--metrics-allow-remote]]\n"
+		"                [--nbd-handshake-timeout S] [--metrics-timeout S]\n"
 		"\n"
 		"  -s, --state-dir DIR    control socket DIR/ctl.sock, NBD sockets DIR/nbd<pid>.<minor>\n"
 		"                         (default %s)\n"
@@ -80,7 +81,10 @@ usage(FILE *f)
 		"                         over HTTP; loopback only, PORT 0 lets the kernel pick\n"
 		"      --metrics-allow-remote  let --metrics-listen take any address\n"
 		"      --nbd-handshake-timeout S  cut NBD clients still negotiating after S s (30)\n"
-		"      --metrics-timeout S  cut HTTP clients idle, or on one request, for S s (10)\n",
+		"      --metrics-timeout S  cut HTTP clients idle, or on one request, for S s (10)\n"
+		"  -h, --help             this text\n"
+		"  -V, --version          print the version\n"
+		"\nSee tapdiskd(8).\n",
 		DEFAULT_STATE_DIR);
 }
 
