@@ -224,3 +224,9 @@ def tmp_control(deb):
     run("rm", "-rf", d)
     run("dpkg-deb", "-e", deb, d)
     return d
+
+
+def test_install_and_package_scripts_are_shellcheck_clean():
+    run("shellcheck", "-S", "warning", *[os.path.join(ROOT, p) for p in (
+        "scripts/install-deps", "scripts/build-deb", "scripts/run-demo", "scripts/check",
+        "tests/fresh/check-fresh")])
