@@ -288,20 +288,31 @@ daemonize(int *ready_fd)
 	return 0;
 }
 
-/* Thousands of vbds need thousands of descriptors: take what the hard limit allows. */
+/*
+ * Thousands of vbds need thousands of descriptors: take what the hard limit
+ * allows. The figure is logged once the server is up (log_fd_limit), so a
+ * failed start still says one line.
+ */
+static unsigned long fd_limit_before, fd_limit_after;
+
 static void
 raise_fd_limit(void)
 {
-	unsigned long before = 0, after = 0;
-	int rc = fdlimit_init(&before, &after);
+	int rc = fdlimit_init(&fd_limit_before, &fd_limit_after);
 
 	if (rc < 0)
-		log_warn("file descriptors: cannot raise the limit of %lu: %s", before,
+		log_warn("file descriptors: cannot raise the limit of %lu: %s", fd_limit_before,
 			 strerror(-rc));
-	else if (after != before)
-		log_info("file descriptors: limit raised from %lu to %lu", before, after);
+}
+
+static void
+log_fd_limit(void)
+{
+	if (fd_limit_after != fd_limit_before)
+		log_info("file descriptors: limit raised from %lu to %lu", fd_limit_before,
+			 fd_limit_after);
 	else
-		log_info("file descriptors: limit %lu", after);
+		log_info("file descriptors: limit %lu", fd_limit_after);
 }
 
 /* ---- shutdown ---- */
@@ -541,6 +552,7 @@ main(int argc, char **argv)
 
 	log_info("serving on %s (pid %d, io engine %s)", path, (int)srv->pid,
 		 io_engine_name(srv->io));
+	log_fd_limit();
 	service_notify_ready(server_vbd_count(srv));
 	if (ready_fd >= 0) {
 		char ok = 0;
