@@ -66,8 +66,8 @@ fdlimit_in_use(void)
 	struct dirent *de;
 	unsigned n = 0;
 
-	if (!d)
-		return 0;
+	if (!d)	/* no descriptor left even for this: all are in use */
+		return errno == EMFILE ? (unsigned)fdlimit_soft() : 0;
 	while ((de = readdir(d)))
 		if (de->d_name[0] != '.')
 			n++;

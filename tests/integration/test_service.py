@@ -157,7 +157,9 @@ def test_out_of_descriptors_open_fails_with_emfile_and_nothing_else_is_disturbed
 @pytest.mark.engine
 def test_nbd_clients_taking_the_last_descriptors_do_not_spin_the_loop(make_server, tmp_path):
     limit = 128
-    srv = make_server(prefix=["prlimit", "--nofile=%d:%d" % (limit, limit)])
+    srv = make_server(prefix=["prlimit", "--nofile=%d:%d" % (limit, limit)],
+                      extra=["--metrics-listen", "127.0.0.1:0"])
+    metrics = srv.call("version")["result"]["metrics"]
     minors, _ = _open_until_refused(srv, tmp_path)
 
     # more clients than descriptors are left: the excess is shed, not spun on
@@ -180,6 +182,13 @@ def test_nbd_clients_taking_the_last_descriptors_do_not_spin_the_loop(make_serve
     reply = c.recv(4096).decode()
     c.close()
     assert '"code":"EMFILE"' in reply and "out of file descriptors" in reply, reply
+    assert "(%d in use of %d" % (limit, limit) in reply, reply
+    # and an HTTP client is let go at once
+    host, port = metrics.rsplit(":", 1)
+    h = socket.create_connection((host, int(port)), timeout=10 * SLOW)
+    h.sendall(b"GET /stats HTTP/1.0\r\n\r\n")
+    assert h.recv(4096) == b"", "an HTTP client served with no descriptor left?"
+    h.close()
     # the log is rate-limited, not a line per loop turn
     assert srv.log().count("out of file descriptors") < 40, srv.log()[-2000:]
 
