@@ -35,17 +35,39 @@ CFLAGS  := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sani
 LDFLAGS += -fsanitize=address,undefined
 endif
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -DTAPDISKD_VERSION='"$(VERSION)"' $(WARN) $(CFLAGS) \
-              -Iserver -Iserver/xen -Idrivers -Icontrol $(PKG_CFLAGS) -MMD -MP
+              $(PKG_CFLAGS) -MMD -MP
 LIBS    := $(PKG_LIBS) -luuid -lpthread -lm -lz
+# the offline tools link only what their layers use
+VHDUTIL_LIBS := $(shell pkg-config --libs libevent liburing 2>/dev/null) -luuid -lpthread -lm -lz
+TAPCTL_LIBS  := $(shell pkg-config --libs jansson 2>/dev/null) -lm
 
-SERVER_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) $(wildcard server/xen/*.c) \
-               $(wildcard drivers/*.c)
-SERVER_OBJS := $(SERVER_SRCS:%.c=$(BUILD)/obj/%.o)
+# Layers, each with its own include path, so that an include the wrong way
+# (drivers/ reaching into server/, lib/ into anything) does not compile:
+#   control -> (the socket) -> server (server/, server/xen/) -> drivers -> lib
+# vhd-util works on files: control/ sees drivers/ and lib/, never server/.
+INC_lib     := -Ilib
+INC_drivers := -Idrivers $(INC_lib)
+INC_server  := -Iserver -Iserver/xen $(INC_drivers)
+INC_control := -Icontrol $(INC_drivers)
+INC_tests   := -Itests $(INC_server) -Icontrol
+$(BUILD)/obj/lib/%.o: INC := $(INC_lib)
+$(BUILD)/obj/drivers/%.o: INC := $(INC_drivers)
+$(BUILD)/obj/server/%.o: INC := $(INC_server)
+$(BUILD)/obj/control/%.o: INC := $(INC_control)
+$(BUILD)/obj/tests/%.o: INC := $(INC_tests)
+
+LIB_SRCS    := $(wildcard lib/*.c)
+DRV_SRCS    := $(wildcard drivers/*.c)
+SERVER_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) $(wildcard server/xen/*.c)
 CLIENT_SRCS := control/ctl_client.c
 CLIENT_OBJS := $(CLIENT_SRCS:%.c=$(BUILD)/obj/%.o)
 UNIT_SRCS   := $(wildcard tests/unit/test_*.c)
 UNIT_BINS   := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
-LIBTD       := $(BUILD)/lib/libtapdiskd.a
+LIBTD_LIB   := $(BUILD)/lib/libtd-lib.a
+LIBTD_DRV   := $(BUILD)/lib/libtd-drivers.a
+LIBTD_SRV   := $(BUILD)/lib/libtd-server.a
+# in link order: each archive needs only those after it
+LIBTD       := $(LIBTD_SRV) $(LIBTD_DRV) $(LIBTD_LIB)
 
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 SIM  := $(BUILD)/tests/blkfront_sim
@@ -61,11 +83,14 @@ deps:
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	@echo "  CC      $<"
-	@$(CC) $(CPPFLAGS) $(ALL_CFLAGS) -c $< -o $@
+	@$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(INC) -c $< -o $@
 
-$(LIBTD): $(SERVER_OBJS)
+$(LIBTD_LIB): $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
+$(LIBTD_DRV): $(DRV_SRCS:%.c=$(BUILD)/obj/%.o)
+$(LIBTD_SRV): $(SERVER_SRCS:%.c=$(BUILD)/obj/%.o)
+$(LIBTD):
 	@mkdir -p $(dir $@)
-	rm -f $@ && ar rcs $@ $^
+	@rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/bin/tapdiskd: $(BUILD)/obj/server/main.o $(LIBTD)
 	@mkdir -p $(dir $@)
@@ -73,17 +98,17 @@ $(BUILD)/bin/tapdiskd: $(BUILD)/obj/server/main.o $(LIBTD)
 
 $(BUILD)/bin/tap-ctl: $(BUILD)/obj/control/tap-ctl.o $(BUILD)/obj/control/top.o $(CLIENT_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(TAPCTL_LIBS)
 
-$(BUILD)/bin/vhd-util: $(BUILD)/obj/control/vhd-util.o $(LIBTD)
+$(BUILD)/bin/vhd-util: $(BUILD)/obj/control/vhd-util.o $(LIBTD_DRV) $(LIBTD_LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(VHDUTIL_LIBS)
 
 # the blkif frontend simulator (tests and make bench): libxenstore only
 $(BUILD)/tests/blkfront_sim: tests/xen/blkfront_sim.c
 	@mkdir -p $(dir $@)
 	@echo "  CC      $<"
-	@$(CC) -std=c11 $(WARN) $(CFLAGS) $(LDFLAGS) -o $@ $< $(shell pkg-config --libs xenstore)
+	@$(CC) -std=c11 $(WARN) $(CFLAGS) -Ilib $(LDFLAGS) -o $@ $< $(shell pkg-config --libs xenstore)
 
 $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBTD)
 	@mkdir -p $(dir $@)

@@ -25,6 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "container_of.h"
 #include "qcow2_file.h"
 
 static char q_zeros[Q_ZERO_BYTES] __attribute__((aligned(4096)));
@@ -364,7 +365,7 @@ iov_copy(const struct iovec *iov, int iovcnt, uint8_t *buf, int to_buf)
 static void
 qop_resume(struct mwait *w, int err)
 {
-	struct qop *v = (struct qop *)((char *)w - offsetof(struct qop, wait));
+	struct qop *v = container_of(w, struct qop, wait);
 	if (err)
 		qop_finish(v, err);
 	else
@@ -1009,7 +1010,7 @@ static void status_run(struct qreq *qr);
 static void
 status_retry(struct mwait *w, int err)
 {
-	struct qreq *qr = (struct qreq *)((char *)w - offsetof(struct qreq, wait));
+	struct qreq *qr = container_of(w, struct qreq, wait);
 	struct td_request *req = qr->req;
 
 	if (err) {

@@ -14,17 +14,13 @@
 #include <string.h>
 #include <zlib.h>
 
+#include "byteorder.h"
+
 #ifndef EUCLEAN
 #define EUCLEAN EINVAL
 #endif
 
 #define FAIL(...) do { td_error_set(err, EUCLEAN, __VA_ARGS__); goto fail; } while (0)
-
-static uint32_t
-be32(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
 
 static uint64_t
 align_up(uint64_t v, uint64_t a)
@@ -49,18 +45,18 @@ qcow2_header_decode(const uint8_t *b, size_t len, struct qcow2_header *h, char *
 		snprintf(why, whylen, "file too short for a qcow2 header");
 		return -EUCLEAN;
 	}
-	h->magic = be32(b);
-	h->version = be32(b + 4);
+	h->magic = get_be32(b);
+	h->version = get_be32(b + 4);
 	h->backing_file_offset = qcow2_be64(b + 8);
-	h->backing_file_size = be32(b + 16);
-	h->cluster_bits = be32(b + 20);
+	h->backing_file_size = get_be32(b + 16);
+	h->cluster_bits = get_be32(b + 20);
 	h->size = qcow2_be64(b + 24);
-	h->crypt_method = be32(b + 32);
-	h->l1_size = be32(b + 36);
+	h->crypt_method = get_be32(b + 32);
+	h->l1_size = get_be32(b + 36);
 	h->l1_table_offset = qcow2_be64(b + 40);
 	h->refcount_table_offset = qcow2_be64(b + 48);
-	h->refcount_table_clusters = be32(b + 56);
-	h->nb_snapshots = be32(b + 60);
+	h->refcount_table_clusters = get_be32(b + 56);
+	h->nb_snapshots = get_be32(b + 60);
 	h->snapshots_offset = qcow2_be64(b + 64);
 	if (h->magic != QCOW2_MAGIC) {
 		snprintf(why, whylen, "not a qcow2 image (bad magic)");
@@ -82,8 +78,8 @@ qcow2_header_decode(const uint8_t *b, size_t len, struct qcow2_header *h, char *
 	h->incompatible_features = qcow2_be64(b + 72);
 	h->compatible_features = qcow2_be64(b + 80);
 	h->autoclear_features = qcow2_be64(b + 88);
-	h->refcount_order = be32(b + 96);
-	h->header_length = be32(b + 100);
+	h->refcount_order = get_be32(b + 96);
+	h->header_length = get_be32(b + 100);
 	if (h->header_length > QCOW2_V3_HEADER && len > QCOW2_V3_HEADER)
 		h->compression_type = b[104];
 	return 0;
@@ -212,12 +208,12 @@ ext_bitmaps(struct qcow2_meta *m, const uint8_t *d, uint32_t len, struct td_erro
 {
 	if (len < 24)
 		return td_error_set(err, EUCLEAN, "bitmaps extension is too short");
-	m->nb_bitmaps = be32(d);
+	m->nb_bitmaps = get_be32(d);
 	m->bitmap_dir_size = qcow2_be64(d + 8);
 	m->bitmap_dir_offset = qcow2_be64(d + 16);
 	if (!(m->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
 		return 0;	/* inconsistent: qemu ignores them, so do we */
-	if (m->nb_bitmaps == 0 || m->nb_bitmaps > QCOW2_MAX_BITMAPS || be32(d + 4) ||
+	if (m->nb_bitmaps == 0 || m->nb_bitmaps > QCOW2_MAX_BITMAPS || get_be32(d + 4) ||
 	    m->bitmap_dir_size > QCOW2_MAX_BITMAP_DIR || m->bitmap_dir_size == 0 ||
 	    m->bitmap_dir_offset % m->cluster_size || m->bitmap_dir_offset == 0 ||
 	    m->bitmap_dir_offset > m->file_size ||
@@ -257,7 +253,7 @@ read_extensions(struct qcow2_meta *m, const uint8_t *hdr, uint64_t len, struct t
 	if (m->h.backing_file_offset && m->h.backing_file_offset < end)
 		end = m->h.backing_file_offset;
 	while (off + 8 <= end) {
-		uint32_t type = be32(hdr + off), elen = be32(hdr + off + 4);
+		uint32_t type = get_be32(hdr + off), elen = get_be32(hdr + off + 4);
 		const uint8_t *d = hdr + off + 8;
 		if (type == QCOW2_EXT_END)
 			break;
@@ -623,7 +619,7 @@ qcow2_rc_get(const uint8_t *b, uint64_t idx, unsigned bits)
 	case 16:
 		return (uint64_t)b[2 * idx] << 8 | b[2 * idx + 1];
 	case 32:
-		return be32(b + 4 * idx);
+		return get_be32(b + 4 * idx);
 	default:
 		return qcow2_be64(b + 8 * idx);
 	}

@@ -29,6 +29,7 @@
 #include <sys/queue.h>
 #include <unistd.h>
 
+#include "container_of.h"
 #include "file_io.h"
 #include "meta_cache.h"
 #include "vhd_file.h"
@@ -397,7 +398,7 @@ static void vop_with_bitmap(struct vop *v);
 static void
 bm_ready(struct mc_waiter *w, struct mc_entry *e, int err)
 {
-	struct vop *v = (struct vop *)((char *)w - offsetof(struct vop, bm_wait));
+	struct vop *v = container_of(w, struct vop, bm_wait);
 
 	v->bm = e;
 	if (err)

@@ -14,6 +14,8 @@
 #include <time.h>
 #include <uuid/uuid.h>
 
+#include "byteorder.h"
+
 #ifndef EUCLEAN
 #define EUCLEAN EINVAL
 #endif
@@ -25,23 +27,6 @@
 static const char footer_cookie[8] = "conectix";
 static const char header_cookie[8] = "cxsparse";
 static const char batmap_cookie[8] = "tdbatmap";
-
-/* ---- big-endian fields ---- */
-
-static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t
-be32(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
-static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-static void
-put32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
-}
-static void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
 
 static uint64_t
 align_up(uint64_t v, uint64_t a)
@@ -66,23 +51,23 @@ vhd_footer_encode(const struct vhd_footer *f, uint8_t b[VHD_FOOTER_SIZE])
 {
 	memset(b, 0, VHD_FOOTER_SIZE);
 	memcpy(b, f->cookie, 8);
-	put32(b + 8, f->features);
-	put32(b + 12, f->version);
-	put64(b + 16, f->data_offset);
-	put32(b + 24, f->timestamp);
+	put_be32(b + 8, f->features);
+	put_be32(b + 12, f->version);
+	put_be64(b + 16, f->data_offset);
+	put_be32(b + 24, f->timestamp);
 	memcpy(b + 28, f->creator_app, 4);
-	put32(b + 32, f->creator_version);
-	put32(b + 36, f->creator_os);
-	put64(b + 40, f->orig_size);
-	put64(b + 48, f->curr_size);
-	put16(b + 56, f->cyls);
+	put_be32(b + 32, f->creator_version);
+	put_be32(b + 36, f->creator_os);
+	put_be64(b + 40, f->orig_size);
+	put_be64(b + 48, f->curr_size);
+	put_be16(b + 56, f->cyls);
 	b[58] = f->heads;
 	b[59] = f->spt;
-	put32(b + 60, f->type);
+	put_be32(b + 60, f->type);
 	memcpy(b + 68, f->uuid, 16);
 	b[84] = f->saved;
 	b[85] = f->hidden;
-	put32(b + 64, vhd_checksum(b, VHD_FOOTER_SIZE, 64));
+	put_be32(b + 64, vhd_checksum(b, VHD_FOOTER_SIZE, 64));
 }
 
 int
@@ -91,20 +76,20 @@ vhd_footer_decode(const uint8_t b[VHD_FOOTER_SIZE], struct vhd_footer *f, char *
 {
 	memset(f, 0, sizeof(*f));
 	memcpy(f->cookie, b, 8);
-	f->features = be32(b + 8);
-	f->version = be32(b + 12);
-	f->data_offset = be64(b + 16);
-	f->timestamp = be32(b + 24);
+	f->features = get_be32(b + 8);
+	f->version = get_be32(b + 12);
+	f->data_offset = get_be64(b + 16);
+	f->timestamp = get_be32(b + 24);
 	memcpy(f->creator_app, b + 28, 4);
-	f->creator_version = be32(b + 32);
-	f->creator_os = be32(b + 36);
-	f->orig_size = be64(b + 40);
-	f->curr_size = be64(b + 48);
-	f->cyls = be16(b + 56);
+	f->creator_version = get_be32(b + 32);
+	f->creator_os = get_be32(b + 36);
+	f->orig_size = get_be64(b + 40);
+	f->curr_size = get_be64(b + 48);
+	f->cyls = get_be16(b + 56);
 	f->heads = b[58];
 	f->spt = b[59];
-	f->type = be32(b + 60);
-	f->checksum = be32(b + 64);
+	f->type = get_be32(b + 60);
+	f->checksum = get_be32(b + 64);
 	memcpy(f->uuid, b + 68, 16);
 	f->saved = b[84];
 	f->hidden = b[85];
@@ -124,22 +109,22 @@ vhd_header_encode(const struct vhd_header *h, uint8_t b[VHD_HEADER_SIZE])
 {
 	memset(b, 0, VHD_HEADER_SIZE);
 	memcpy(b, h->cookie, 8);
-	put64(b + 8, h->data_offset);
-	put64(b + 16, h->table_offset);
-	put32(b + 24, h->version);
-	put32(b + 28, h->max_bat);
-	put32(b + 32, h->block_size);
+	put_be64(b + 8, h->data_offset);
+	put_be64(b + 16, h->table_offset);
+	put_be32(b + 24, h->version);
+	put_be32(b + 28, h->max_bat);
+	put_be32(b + 32, h->block_size);
 	memcpy(b + 40, h->parent_uuid, 16);
-	put32(b + 56, h->parent_ts);
+	put_be32(b + 56, h->parent_ts);
 	memcpy(b + 64, h->parent_name, 512);
 	for (int i = 0; i < 8; i++) {
 		uint8_t *l = b + 576 + 24 * i;
-		put32(l, h->loc[i].code);
-		put32(l + 4, h->loc[i].data_space);
-		put32(l + 8, h->loc[i].data_len);
-		put64(l + 16, h->loc[i].data_offset);
+		put_be32(l, h->loc[i].code);
+		put_be32(l + 4, h->loc[i].data_space);
+		put_be32(l + 8, h->loc[i].data_len);
+		put_be64(l + 16, h->loc[i].data_offset);
 	}
-	put32(b + 36, vhd_checksum(b, VHD_HEADER_SIZE, 36));
+	put_be32(b + 36, vhd_checksum(b, VHD_HEADER_SIZE, 36));
 }
 
 int
@@ -148,21 +133,21 @@ vhd_header_decode(const uint8_t b[VHD_HEADER_SIZE], struct vhd_header *h, char *
 {
 	memset(h, 0, sizeof(*h));
 	memcpy(h->cookie, b, 8);
-	h->data_offset = be64(b + 8);
-	h->table_offset = be64(b + 16);
-	h->version = be32(b + 24);
-	h->max_bat = be32(b + 28);
-	h->block_size = be32(b + 32);
-	h->checksum = be32(b + 36);
+	h->data_offset = get_be64(b + 8);
+	h->table_offset = get_be64(b + 16);
+	h->version = get_be32(b + 24);
+	h->max_bat = get_be32(b + 28);
+	h->block_size = get_be32(b + 32);
+	h->checksum = get_be32(b + 36);
 	memcpy(h->parent_uuid, b + 40, 16);
-	h->parent_ts = be32(b + 56);
+	h->parent_ts = get_be32(b + 56);
 	memcpy(h->parent_name, b + 64, 512);
 	for (int i = 0; i < 8; i++) {
 		const uint8_t *l = b + 576 + 24 * i;
-		h->loc[i].code = be32(l);
-		h->loc[i].data_space = be32(l + 4);
-		h->loc[i].data_len = be32(l + 8);
-		h->loc[i].data_offset = be64(l + 16);
+		h->loc[i].code = get_be32(l);
+		h->loc[i].data_space = get_be32(l + 4);
+		h->loc[i].data_len = get_be32(l + 8);
+		h->loc[i].data_offset = get_be64(l + 16);
 	}
 	if (memcmp(h->cookie, header_cookie, 8)) {
 		snprintf(why, len, "no dynamic disk header (bad cookie)");
@@ -180,10 +165,10 @@ vhd_batmap_hdr_encode(const struct vhd_batmap_hdr *bh, uint8_t b[VHD_SECTOR])
 {
 	memset(b, 0, VHD_SECTOR);
 	memcpy(b, bh->cookie, 8);
-	put64(b + 8, bh->offset);
-	put32(b + 16, bh->size);
-	put32(b + 20, bh->version);
-	put32(b + 24, bh->checksum);
+	put_be64(b + 8, bh->offset);
+	put_be32(b + 16, bh->size);
+	put_be32(b + 20, bh->version);
+	put_be32(b + 24, bh->checksum);
 	b[28] = bh->marker;
 }
 
@@ -191,10 +176,10 @@ void
 vhd_batmap_hdr_decode(const uint8_t b[VHD_SECTOR], struct vhd_batmap_hdr *bh)
 {
 	memcpy(bh->cookie, b, 8);
-	bh->offset = be64(b + 8);
-	bh->size = be32(b + 16);
-	bh->version = be32(b + 20);
-	bh->checksum = be32(b + 24);
+	bh->offset = get_be64(b + 8);
+	bh->size = get_be32(b + 16);
+	bh->version = get_be32(b + 20);
+	bh->checksum = get_be32(b + 24);
 	bh->marker = b[28];
 }
 
@@ -586,7 +571,7 @@ vhd_meta_load(struct vhd_meta *m, vhd_read_fn rd, void *ctx, uint64_t file_size,
 		goto fail;
 	}
 	for (uint32_t i = 0; i < h->max_bat; i++)
-		m->bat[i] = be32(raw + 4 * (size_t)i);
+		m->bat[i] = get_be32(raw + 4 * (size_t)i);
 	free(raw);
 
 	if (load_batmap(m, rd, ctx) < 0) {

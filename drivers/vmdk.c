@@ -33,6 +33,7 @@
 #include <string.h>
 #include <sys/queue.h>
 
+#include "container_of.h"
 #include "file_io.h"
 #include "log.h"
 #include "meta_cache.h"
@@ -808,7 +809,7 @@ gt_with(struct vop *v)
 static void
 gt_ready(struct mc_waiter *w, struct mc_entry *g, int err)
 {
-	struct vop *v = (struct vop *)((char *)w - offsetof(struct vop, gt_wait));
+	struct vop *v = container_of(w, struct vop, gt_wait);
 
 	v->gt = g;
 	if (err)

@@ -14,46 +14,38 @@
 #include <string.h>
 #include <zlib.h>
 
+#include "byteorder.h"
+
 #ifndef EUCLEAN
 #define EUCLEAN EINVAL
 #endif
-
-/* ---- little-endian fields ---- */
-
-static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static uint32_t
-le32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static uint64_t le64(const uint8_t *p) { return le32(p) | (uint64_t)le32(p + 4) << 32; }
 
 void
 vmdk_header_decode(const uint8_t b[VMDK_SECTOR], struct vmdk_header *h)
 {
 	memset(h, 0, sizeof(*h));
-	h->magic = le32(b);
-	h->version = le32(b + 4);
-	h->flags = le32(b + 8);
-	h->capacity = le64(b + 12);
-	h->grain_size = le64(b + 20);
-	h->desc_offset = le64(b + 28);
-	h->desc_size = le64(b + 36);
-	h->gtes = le32(b + 44);
-	h->rgd_offset = le64(b + 48);
-	h->gd_offset = le64(b + 56);
-	h->overhead = le64(b + 64);
+	h->magic = get_le32(b);
+	h->version = get_le32(b + 4);
+	h->flags = get_le32(b + 8);
+	h->capacity = get_le64(b + 12);
+	h->grain_size = get_le64(b + 20);
+	h->desc_offset = get_le64(b + 28);
+	h->desc_size = get_le64(b + 36);
+	h->gtes = get_le32(b + 44);
+	h->rgd_offset = get_le64(b + 48);
+	h->gd_offset = get_le64(b + 56);
+	h->overhead = get_le64(b + 64);
 	h->unclean = b[72];
 	memcpy(h->nl, b + 73, 4);
-	h->compress = le16(b + 77);
+	h->compress = get_le16(b + 77);
 }
 
 enum vmdk_file_kind
 vmdk_probe(const uint8_t *buf, size_t len)
 {
-	if (len >= 4 && le32(buf) == VMDK_MAGIC)
+	if (len >= 4 && get_le32(buf) == VMDK_MAGIC)
 		return VMDK_FILE_SPARSE;
-	if (len >= 4 && le32(buf) == VMDK_COWD_MAGIC)
+	if (len >= 4 && get_le32(buf) == VMDK_COWD_MAGIC)
 		return VMDK_FILE_COWD;
 	return VMDK_FILE_TEXT;
 }
@@ -62,7 +54,7 @@ void
 vmdk_gt_decode(uint32_t *gt, uint32_t n)
 {
 	for (uint32_t i = 0; i < n; i++)
-		gt[i] = le32((const uint8_t *)&gt[i]);
+		gt[i] = get_le32((const uint8_t *)&gt[i]);
 }
 
 /* ---- the sparse extent ---- */
@@ -101,8 +93,8 @@ load_footer(struct vmdk_sparse *s, vmdk_read_fn rd, void *ctx, struct td_error *
 
 	if (fs < 4 * VMDK_SECTOR ||
 	    (rc = rd(ctx, buf, sizeof(buf), fs - sizeof(buf))) < 0 ||
-	    le32(buf + 8) != 0 || le32(buf + 12) != VMDK_MARKER_FOOTER ||
-	    le64(buf + 1024) != 0 || le32(buf + 1032) != 0 || le32(buf + 1036) != VMDK_MARKER_EOS)
+	    get_le32(buf + 8) != 0 || get_le32(buf + 12) != VMDK_MARKER_FOOTER ||
+	    get_le64(buf + 1024) != 0 || get_le32(buf + 1032) != 0 || get_le32(buf + 1036) != VMDK_MARKER_EOS)
 		return td_error_set(err, EUCLEAN, "stream-optimized extent without its footer "
 				    "and end-of-stream marker (truncated?)");
 	vmdk_header_decode(buf + VMDK_SECTOR, &s->h);
@@ -286,8 +278,8 @@ grain_payload(const struct vmdk_sparse *s, uint64_t grain, const uint8_t *in, si
 			 (uintmax_t)grain);
 		return -EUCLEAN;
 	}
-	uint64_t lba = le64(in);
-	uint32_t size = le32(in + 8);
+	uint64_t lba = get_le64(in);
+	uint32_t size = get_le32(in + 8);
 	if (size == 0)
 		snprintf(why, whylen, "grain %ju: a metadata marker where a grain should be",
 			 (uintmax_t)grain);

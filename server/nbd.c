@@ -22,6 +22,7 @@
 #include <event2/listener.h>
 
 #include "bufpool.h"
+#include "container_of.h"
 #include "fdlimit.h"
 #include "log.h"
 #include "nbd_proto.h"
@@ -168,7 +169,7 @@ conn_protocol_error(struct nbd_conn *c, const char *what)
 static void
 conn_fe_shutdown(struct vbd_frontend *fe)
 {
-	struct nbd_conn *c = (struct nbd_conn *)((char *)fe - offsetof(struct nbd_conn, fe));
+	struct nbd_conn *c = container_of(fe, struct nbd_conn, fe);
 	int force = fe->vbd && (fe->vbd->state & VBD_DEAD);
 
 	vbd_frontend_remove(fe);
@@ -209,10 +210,10 @@ static void
 opt_reply(struct nbd_conn *c, uint32_t type, const void *data, uint32_t len)
 {
 	uint8_t h[20];
-	wr64(h, NBD_REP_MAGIC);
-	wr32(h + 8, c->opt);
-	wr32(h + 12, type);
-	wr32(h + 16, len);
+	put_be64(h, NBD_REP_MAGIC);
+	put_be32(h + 8, c->opt);
+	put_be32(h + 12, type);
+	put_be32(h + 16, len);
 	conn_write(c, h, sizeof(h));
 	if (len)
 		conn_write(c, data, len);
@@ -222,9 +223,9 @@ static void
 simple_reply(struct nbd_conn *c, uint64_t cookie, uint32_t err)
 {
 	uint8_t h[16];
-	wr32(h, NBD_SIMPLE_REPLY_MAGIC);
-	wr32(h + 4, err);
-	wr64(h + 8, cookie);
+	put_be32(h, NBD_SIMPLE_REPLY_MAGIC);
+	put_be32(h + 4, err);
+	put_be64(h + 8, cookie);
 	conn_write(c, h, sizeof(h));
 }
 
@@ -233,11 +234,11 @@ chunk_header(struct nbd_conn *c, uint64_t cookie, uint16_t flags, uint16_t type,
 	     uint32_t len)
 {
 	uint8_t h[20];
-	wr32(h, NBD_STRUCTURED_REPLY_MAGIC);
-	wr16(h + 4, flags);
-	wr16(h + 6, type);
-	wr64(h + 8, cookie);
-	wr32(h + 16, len);
+	put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
+	put_be16(h + 4, flags);
+	put_be16(h + 6, type);
+	put_be64(h + 8, cookie);
+	put_be32(h + 16, len);
 	conn_write(c, h, sizeof(h));
 }
 
@@ -248,8 +249,8 @@ reply_error(struct nbd_conn *c, uint64_t cookie, uint16_t type, int err)
 	uint32_t wire = nbd_errno_to_wire(err);
 	if (c->structured && (type == NBD_CMD_READ || type == NBD_CMD_BLOCK_STATUS)) {
 		uint8_t p[6];
-		wr32(p, wire);
-		wr16(p + 4, 0);
+		put_be32(p, wire);
+		put_be16(p + 4, 0);
 		chunk_header(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, sizeof(p));
 		conn_write(c, p, sizeof(p));
 		return;
@@ -277,7 +278,7 @@ reply_read(struct nbd_conn *c, struct nbd_req *nr)
 		}
 		chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
 			     (uint32_t)(8 + len));
-		wr64(off, nr->vr.td.offset);
+		put_be64(off, nr->vr.td.offset);
 		conn_write(c, off, sizeof(off));
 	} else {
 		simple_reply(c, nr->cookie, 0);
@@ -301,15 +302,15 @@ reply_block_status(struct nbd_conn *c, struct nbd_req *nr)
 		reply_error(c, nr->cookie, nr->type, ENOMEM);
 		return;
 	}
-	wr32(p, NBD_META_ID_BASE_ALLOCATION);
+	put_be32(p, NBD_META_ID_BASE_ALLOCATION);
 	for (uint32_t i = 0; i < n; i++) {
 		uint32_t fl = 0;
 		if (td->extents[i].flags & TD_EXTENT_HOLE)
 			fl |= NBD_STATE_HOLE;
 		if (td->extents[i].flags & TD_EXTENT_ZERO)
 			fl |= NBD_STATE_ZERO;
-		wr32(p + 4 + 8 * i, (uint32_t)td->extents[i].length);
-		wr32(p + 8 + 8 * i, fl);
+		put_be32(p + 4 + 8 * i, (uint32_t)td->extents[i].length);
+		put_be32(p + 8 + 8 * i, fl);
 	}
 	chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
 		     4 + 8 * n);
@@ -697,7 +698,7 @@ info_string(struct nbd_conn *c, uint16_t type, const char *s)
 	uint8_t *p = malloc(2 + n);
 	if (!p)
 		return;
-	wr16(p, type);
+	put_be16(p, type);
 	memcpy(p + 2, s, n);
 	info_reply(c, p, (uint32_t)(2 + n));
 	free(p);
@@ -733,15 +734,15 @@ opt_go(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 		opt_reply(c, NBD_REP_ERR_UNKNOWN, NULL, 0);
 		return;
 	}
-	wr16(buf, NBD_INFO_EXPORT);
-	wr64(buf + 2, vbd->size);
-	wr16(buf + 10, export_flags(c, vbd));
+	put_be16(buf, NBD_INFO_EXPORT);
+	put_be64(buf + 2, vbd->size);
+	put_be16(buf + 10, export_flags(c, vbd));
 	info_reply(c, buf, 12);
 
-	wr16(buf, NBD_INFO_BLOCK_SIZE);
-	wr32(buf + 2, vbd->min_io);
-	wr32(buf + 6, NBD_PREFERRED_BLOCK);
-	wr32(buf + 10, NBD_MAX_REQUEST);
+	put_be16(buf, NBD_INFO_BLOCK_SIZE);
+	put_be32(buf + 2, vbd->min_io);
+	put_be32(buf + 6, NBD_PREFERRED_BLOCK);
+	put_be32(buf + 10, NBD_MAX_REQUEST);
 	info_reply(c, buf, 14);
 
 	if (go.want_name)
@@ -771,8 +772,8 @@ opt_export_name(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 		conn_protocol_error(c, "unknown export");
 		return;
 	}
-	wr64(buf, vbd->size);
-	wr16(buf + 8, export_flags(c, vbd));
+	put_be64(buf, vbd->size);
+	put_be16(buf + 8, export_flags(c, vbd));
 	conn_write(c, buf, (c->cflags & NBD_FLAG_C_NO_ZEROES) ? 10 : sizeof(buf));
 	start_transmission(c, vbd);
 }
@@ -796,7 +797,7 @@ opt_list(struct nbd_conn *c, uint32_t len)
 		uint8_t *p = malloc(4 + (size_t)n + dlen);
 		if (!p)
 			break;
-		wr32(p, (uint32_t)n);
+		put_be32(p, (uint32_t)n);
 		memcpy(p + 4, name, (size_t)n);
 		memcpy(p + 4 + n, vbd->params, dlen);
 		opt_reply(c, NBD_REP_SERVER, p, (uint32_t)(4 + (size_t)n + dlen));
@@ -822,7 +823,7 @@ meta_query(const char *q, uint32_t qlen, void *arg)
 		return;
 	w->matched = 1;
 	uint8_t p[4 + sizeof(NBD_META_BASE_ALLOCATION) - 1];
-	wr32(p, NBD_META_ID_BASE_ALLOCATION);
+	put_be32(p, NBD_META_ID_BASE_ALLOCATION);
 	memcpy(p + 4, NBD_META_BASE_ALLOCATION, sizeof(NBD_META_BASE_ALLOCATION) - 1);
 	opt_reply(w->c, NBD_REP_META_CONTEXT, p, sizeof(p));
 }
@@ -909,7 +910,7 @@ conn_step(struct nbd_conn *c, struct evbuffer *in)
 		if (avail < 4)
 			return 0;
 		evbuffer_remove(in, hdr, 4);
-		c->cflags = rd32(hdr);
+		c->cflags = get_be32(hdr);
 		if (c->cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
 			conn_protocol_error(c, "unknown client flags");
 			return -1;
@@ -926,12 +927,12 @@ conn_step(struct nbd_conn *c, struct evbuffer *in)
 		if (avail < NBD_OPT_HEADER_LEN)
 			return 0;
 		evbuffer_remove(in, hdr, NBD_OPT_HEADER_LEN);
-		if (rd64(hdr) != NBD_IHAVEOPT) {
+		if (get_be64(hdr) != NBD_IHAVEOPT) {
 			conn_protocol_error(c, "bad option magic");
 			return -1;
 		}
-		c->opt = rd32(hdr + 8);
-		c->opt_len = rd32(hdr + 12);
+		c->opt = get_be32(hdr + 8);
+		c->opt_len = get_be32(hdr + 12);
 		if (c->opt_len > NBD_MAX_OPTION_LEN) {
 			if (c->opt_len > NBD_DISCARD_LIMIT || c->opt == NBD_OPT_EXPORT_NAME) {
 				conn_protocol_error(c, "oversized option");
@@ -1100,9 +1101,9 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	bufferevent_set_max_single_write(bev, NBD_UNIX_SNDBUF);
 	bufferevent_enable(bev, EV_READ | EV_WRITE);
 
-	wr64(greet, NBD_MAGIC);
-	wr64(greet + 8, NBD_IHAVEOPT);
-	wr16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+	put_be64(greet, NBD_MAGIC);
+	put_be64(greet + 8, NBD_IHAVEOPT);
+	put_be16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
 	conn_write(c, greet, sizeof(greet));
 }
 
@@ -1171,7 +1172,7 @@ listener_free(struct nbd_listener *l)
 static void
 listener_fe_shutdown(struct vbd_frontend *fe)
 {
-	listener_free((struct nbd_listener *)((char *)fe - offsetof(struct nbd_listener, fe)));
+	listener_free(container_of(fe, struct nbd_listener, fe));
 }
 
 static const struct vbd_frontend_ops listener_fe_ops = {

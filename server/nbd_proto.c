@@ -7,13 +7,13 @@
 int
 nbd_parse_request(const uint8_t *p, struct nbd_request *req)
 {
-	if (rd32(p) != NBD_REQUEST_MAGIC)
+	if (get_be32(p) != NBD_REQUEST_MAGIC)
 		return -1;
-	req->flags = rd16(p + 4);
-	req->type = rd16(p + 6);
-	req->cookie = rd64(p + 8);
-	req->offset = rd64(p + 16);
-	req->length = rd32(p + 24);
+	req->flags = get_be16(p + 4);
+	req->type = get_be16(p + 6);
+	req->cookie = get_be64(p + 8);
+	req->offset = get_be64(p + 16);
+	req->length = get_be32(p + 24);
 	return 0;
 }
 
@@ -23,7 +23,7 @@ parse_name(const uint8_t *p, uint32_t len, uint32_t *pos, char *out)
 {
 	if (len - *pos < 4)
 		return NBD_REP_ERR_INVALID;
-	uint32_t n = rd32(p + *pos);
+	uint32_t n = get_be32(p + *pos);
 	*pos += 4;
 	if (n > NBD_MAX_STRING)
 		return NBD_REP_ERR_TOO_BIG;
@@ -48,12 +48,12 @@ nbd_parse_opt_go(const uint8_t *p, uint32_t len, struct nbd_opt_go *out)
 		return rc;
 	if (len - pos < 2)
 		return NBD_REP_ERR_INVALID;
-	out->nr_info = rd16(p + pos);
+	out->nr_info = get_be16(p + pos);
 	pos += 2;
 	if ((uint32_t)out->nr_info * 2 != len - pos)
 		return NBD_REP_ERR_INVALID;
 	for (uint16_t i = 0; i < out->nr_info; i++, pos += 2) {
-		switch (rd16(p + pos)) {
+		switch (get_be16(p + pos)) {
 		case NBD_INFO_NAME: out->want_name = 1; break;
 		case NBD_INFO_DESCRIPTION: out->want_description = 1; break;
 		case NBD_INFO_BLOCK_SIZE: out->want_block_size = 1; break;
@@ -76,7 +76,7 @@ nbd_parse_opt_meta(const uint8_t *p, uint32_t len, char *name,
 		return rc;
 	if (len - pos < 4)
 		return NBD_REP_ERR_INVALID;
-	*nr_queries = rd32(p + pos);
+	*nr_queries = get_be32(p + pos);
 	pos += 4;
 	/* each query takes at least its 4-byte length */
 	if (*nr_queries > (len - pos) / 4)

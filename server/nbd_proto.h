@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "byteorder.h"
+
 #define NBD_MAGIC		0x4e42444d41474943ULL	/* "NBDMAGIC" */
 #define NBD_IHAVEOPT		0x49484156454F5054ULL	/* "IHAVEOPT" */
 #define NBD_REP_MAGIC		0x0003e889045565a9ULL
@@ -146,18 +148,5 @@ uint32_t nbd_parse_opt_meta(const uint8_t *p, uint32_t len, char *name,
 
 /* errno -> NBD error value */
 uint32_t nbd_errno_to_wire(int err);
-
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static inline uint32_t rd32(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static inline uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) << 32 | rd32(p + 4); }
-static inline void wr16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-static inline void wr32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
-}
-static inline void wr64(uint8_t *p, uint64_t v) { wr32(p, (uint32_t)(v >> 32)); wr32(p + 4, (uint32_t)v); }
 
 #endif

@@ -3,14 +3,9 @@
 
 #include <string.h>
 
-/* Fields read little-endian (both ABIs are x86, and native is x86_64 here). */
-static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static uint32_t
-le32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static uint64_t le64(const uint8_t *p) { return le32(p) | (uint64_t)le32(p + 4) << 32; }
+#include "byteorder.h"
+
+/* Fields are little-endian: both ABIs are x86, and native is x86_64 here. */
 
 /*
  * Offsets of each layout: x86_64 aligns 64-bit fields to 8 (id at 8),
@@ -56,25 +51,25 @@ blkif_decode(int proto, const uint8_t *e, struct blkif_raw_req *r)
 	switch (r->op) {
 	case BLKIF_OP_DISCARD:
 		r->discard_flag = e[1];
-		r->id = le64(e + l->id);
-		r->sector = le64(e + l->sector);
-		r->nr_sectors = le64(e + l->dis_nr);
+		r->id = get_le64(e + l->id);
+		r->sector = get_le64(e + l->sector);
+		r->nr_sectors = get_le64(e + l->dis_nr);
 		break;
 	case BLKIF_OP_INDIRECT:
 		r->indirect_op = e[1];
-		r->indirect_nr_segments = le16(e + 2);
-		r->id = le64(e + l->ind_id);
-		r->sector = le64(e + l->ind_sector);
+		r->indirect_nr_segments = get_le16(e + 2);
+		r->id = get_le64(e + l->ind_id);
+		r->sector = get_le64(e + l->ind_sector);
 		for (int i = 0; i < BLKIF_MAX_INDIRECT_PAGES; i++)
-			r->indirect_grefs[i] = le32(e + l->ind_grefs + 4 * (size_t)i);
+			r->indirect_grefs[i] = get_le32(e + l->ind_grefs + 4 * (size_t)i);
 		break;
 	default:
 		r->nr_segments = e[1];
-		r->id = le64(e + l->id);
-		r->sector = le64(e + l->sector);
+		r->id = get_le64(e + l->id);
+		r->sector = get_le64(e + l->sector);
 		for (int i = 0; i < BLKIF_MAX_SEGMENTS; i++) {
 			const uint8_t *s = e + l->seg + 8 * (size_t)i;
-			r->seg[i].gref = le32(s);
+			r->seg[i].gref = get_le32(s);
 			r->seg[i].first_sect = s[4];
 			r->seg[i].last_sect = s[5];
 		}
@@ -100,7 +95,7 @@ void
 blkif_indirect_seg(const uint8_t *pages, unsigned n, struct blkif_seg *s)
 {
 	const uint8_t *p = pages + 8 * (size_t)n;
-	s->gref = le32(p);
+	s->gref = get_le32(p);
 	s->first_sect = p[4];
 	s->last_sect = p[5];
 }

@@ -22,6 +22,7 @@
 #include <event2/event.h>
 #include <xenstore.h>
 
+#include "container_of.h"
 #include "log.h"
 #include "port.h"
 #include "ring.h"
@@ -302,7 +303,7 @@ dev_unbind(struct xen_dev *d)
 static void
 dev_fe_shutdown(struct vbd_frontend *fe)
 {
-	struct xen_dev *d = (struct xen_dev *)((char *)fe - offsetof(struct xen_dev, fe));
+	struct xen_dev *d = container_of(fe, struct xen_dev, fe);
 	/* the vbd is closing under the guest: tell it the disk is going */
 	dev_unbind(d);
 	if (d->state != XS_CLOSED) {
@@ -314,7 +315,7 @@ dev_fe_shutdown(struct vbd_frontend *fe)
 static json_t *
 dev_fe_stats(struct vbd_frontend *fe)
 {
-	struct xen_dev *d = (struct xen_dev *)((char *)fe - offsetof(struct xen_dev, fe));
+	struct xen_dev *d = container_of(fe, struct xen_dev, fe);
 	struct blkif_ring_stats sum = d->past, s;
 	json_t *rings = json_array();
 
@@ -336,7 +337,7 @@ dev_fe_stats(struct vbd_frontend *fe)
 static void
 dev_fe_reset_stats(struct vbd_frontend *fe)
 {
-	struct xen_dev *d = (struct xen_dev *)((char *)fe - offsetof(struct xen_dev, fe));
+	struct xen_dev *d = container_of(fe, struct xen_dev, fe);
 
 	memset(&d->past, 0, sizeof(d->past));
 	for (unsigned i = 0; i < d->nr_rings; i++)

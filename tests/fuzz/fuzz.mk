@@ -27,7 +27,7 @@ FUZZ_PKG_CFLAGS := $(shell pkg-config --cflags $(FUZZ_PKGS))
 FUZZ_LIBS       := $(shell pkg-config --libs $(FUZZ_PKGS)) -luuid -lpthread -lm -lz
 
 FUZZ_COMMON := -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1 \
-               -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iserver -Iserver/xen -Idrivers \
+               -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iserver -Iserver/xen -Idrivers -Ilib -Itests \
                $(FUZZ_PKG_CFLAGS) $(FUZZ_EXTRA_CFLAGS) -MMD -MP
 # library objects: instrumented for coverage, no main from libFuzzer
 FUZZ_LIB_CFLAGS := -fsanitize=fuzzer-no-link$(FUZZ_SAN_LIST) $(FUZZ_COMMON)
@@ -36,7 +36,7 @@ FUZZ_LDFLAGS    := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_EXTRA_CFLAGS)
 
 FUZZ_LIB_SRCS := $(filter-out server/main.c server/control_cmds.c,$(wildcard server/*.c)) \
                  $(wildcard server/xen/*.c) \
-                 $(wildcard drivers/*.c)
+                 $(wildcard drivers/*.c) $(wildcard lib/*.c)
 FUZZ_LIB_OBJS := $(FUZZ_LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZ_LIB      := $(FUZZ_BUILD)/libtd-fuzz.a
 

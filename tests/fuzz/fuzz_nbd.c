@@ -140,7 +140,7 @@ static void
 put32(struct buf *b, uint32_t v)
 {
 	uint8_t x[4];
-	wr32(x, v);
+	put_be32(x, v);
 	buf_put(b, x, 4);
 }
 
@@ -148,7 +148,7 @@ static void
 put16(struct buf *b, uint16_t v)
 {
 	uint8_t x[2];
-	wr16(x, v);
+	put_be16(x, v);
 	buf_put(b, x, 2);
 }
 
@@ -156,7 +156,7 @@ static void
 put_opt(struct buf *b, uint32_t opt, uint32_t len)
 {
 	uint8_t x[8];
-	wr64(x, NBD_IHAVEOPT);
+	put_be64(x, NBD_IHAVEOPT);
 	buf_put(b, x, 8);
 	put32(b, opt);
 	put32(b, len);
@@ -319,15 +319,15 @@ oracle_parse_requests(const uint8_t *p, size_t len)
 	orc.exact = 1;
 	while (len - pos >= NBD_REQUEST_LEN) {
 		struct nbd_request r;
-		if (rd32(p + pos) != NBD_REQUEST_MAGIC) {
+		if (get_be32(p + pos) != NBD_REQUEST_MAGIC) {
 			orc.exact = 0;	/* the server hangs up, dropping replies */
 			break;
 		}
-		r.flags = rd16(p + pos + 4);
-		r.type = rd16(p + pos + 6);
-		r.cookie = rd64(p + pos + 8);
-		r.offset = rd64(p + pos + 16);
-		r.length = rd32(p + pos + 24);
+		r.flags = get_be16(p + pos + 4);
+		r.type = get_be16(p + pos + 6);
+		r.cookie = get_be64(p + pos + 8);
+		r.offset = get_be64(p + pos + 16);
+		r.length = get_be32(p + pos + 24);
 		pos += NBD_REQUEST_LEN;
 		if (r.type == NBD_CMD_DISC)
 			break;		/* nothing after it is read */
@@ -459,13 +459,13 @@ oracle_opt_header(void)
 {
 	uint32_t opt = orc.opts[orc.cur];
 
-	if (rd64(orc.hdr) != NBD_REP_MAGIC)
+	if (get_be64(orc.hdr) != NBD_REP_MAGIC)
 		oracle_fail("bad option reply magic");
-	if (rd32(orc.hdr + 8) != opt)
+	if (get_be32(orc.hdr + 8) != opt)
 		oracle_fail("reply for option %u while option %u was pending",
-			    rd32(orc.hdr + 8), opt);
-	orc.rep_type = rd32(orc.hdr + 12);
-	orc.rep_len = rd32(orc.hdr + 16);
+			    get_be32(orc.hdr + 8), opt);
+	orc.rep_type = get_be32(orc.hdr + 12);
+	orc.rep_len = get_be32(orc.hdr + 16);
 	if (orc.rep_len > ORACLE_MAX_PAYLOAD)
 		oracle_fail("option reply of %u bytes", orc.rep_len);
 	if (orc.rep_type & (1u << 31)) {
@@ -513,7 +513,7 @@ oracle_opt_payload(void)
 
 	if (orc.rep_type == NBD_REP_META_CONTEXT) {
 		if (len != 4 + strlen(NBD_META_BASE_ALLOCATION) ||
-		    rd32(p) != NBD_META_ID_BASE_ALLOCATION ||
+		    get_be32(p) != NBD_META_ID_BASE_ALLOCATION ||
 		    memcmp(p + 4, NBD_META_BASE_ALLOCATION, len - 4))
 			oracle_fail("bad META_CONTEXT reply");
 		if (orc.meta_seen++)
@@ -521,19 +521,19 @@ oracle_opt_payload(void)
 	} else {
 		if (len < 2)
 			oracle_fail("INFO reply of %u bytes", len);
-		switch (rd16(p)) {
+		switch (get_be16(p)) {
 		case NBD_INFO_EXPORT:
 			if (len != 12)
 				oracle_fail("INFO_EXPORT of %u bytes", len);
-			if (rd64(p + 2) != orc.size)
+			if (get_be64(p + 2) != orc.size)
 				oracle_fail("export size %ju, the vbd has %ju",
-					    (uintmax_t)rd64(p + 2), (uintmax_t)orc.size);
-			check_export_flags(rd16(p + 10));
+					    (uintmax_t)get_be64(p + 2), (uintmax_t)orc.size);
+			check_export_flags(get_be16(p + 10));
 			break;
 		case NBD_INFO_BLOCK_SIZE:
 			if (len != 14)
 				oracle_fail("INFO_BLOCK_SIZE of %u bytes", len);
-			uint32_t mn = rd32(p + 2), pref = rd32(p + 6), mx = rd32(p + 10);
+			uint32_t mn = get_be32(p + 2), pref = get_be32(p + 6), mx = get_be32(p + 10);
 			if (!mn || (mn & (mn - 1)) || mn > 65536 || pref < mn ||
 			    (pref & (pref - 1)) || mx < pref)
 				oracle_fail("block sizes %u/%u/%u break the protocol's rules",
@@ -543,7 +543,7 @@ oracle_opt_payload(void)
 		case NBD_INFO_DESCRIPTION:
 			break;
 		default:
-			oracle_fail("INFO type %u", rd16(p));
+			oracle_fail("INFO type %u", get_be16(p));
 		}
 	}
 	orc.st = O_OPT_HDR;
@@ -574,8 +574,8 @@ wire_error_ok(uint32_t e)
 static void
 oracle_simple(void)
 {
-	uint32_t err = rd32(orc.hdr + 4);
-	struct oreq *q = oracle_find(rd64(orc.hdr + 8));
+	uint32_t err = get_be32(orc.hdr + 4);
+	struct oreq *q = oracle_find(get_be64(orc.hdr + 8));
 
 	if (err && !wire_error_ok(err))
 		oracle_fail("simple reply error %u is no NBD error", err);
@@ -598,14 +598,14 @@ oracle_simple(void)
 static void
 oracle_chunk_header(void)
 {
-	orc.chunk_flags = rd16(orc.hdr + 4);
-	orc.chunk_type = rd16(orc.hdr + 6);
-	orc.chunk_len = rd32(orc.hdr + 16);
+	orc.chunk_flags = get_be16(orc.hdr + 4);
+	orc.chunk_type = get_be16(orc.hdr + 6);
+	orc.chunk_len = get_be32(orc.hdr + 16);
 	if (!orc.structured)
 		oracle_fail("structured reply chunk without structured replies negotiated");
 	if (orc.chunk_flags & ~NBD_REPLY_FLAG_DONE)
 		oracle_fail("chunk flags %#x", orc.chunk_flags);
-	orc.cur_req = oracle_find(rd64(orc.hdr + 8));
+	orc.cur_req = oracle_find(get_be64(orc.hdr + 8));
 	struct oreq *q = orc.unique ? orc.cur_req : NULL;
 
 	switch (orc.chunk_type) {
@@ -661,7 +661,7 @@ oracle_chunk_payload(void)
 
 	switch (orc.chunk_type) {
 	case NBD_REPLY_TYPE_OFFSET_DATA: {
-		uint64_t off = rd64(p), n = orc.chunk_len - 8;
+		uint64_t off = get_be64(p), n = orc.chunk_len - 8;
 		if (q) {
 			if (off < q->offset || n > q->length || off - q->offset > q->length - n)
 				oracle_fail("OFFSET_DATA %ju+%ju outside the read %ju+%u",
@@ -675,10 +675,10 @@ oracle_chunk_payload(void)
 		return;
 	}
 	case NBD_REPLY_TYPE_ERROR: {
-		uint32_t err = rd32(p);
-		if (orc.chunk_len < 6 || rd16(p + 4) != orc.chunk_len - 6)
+		uint32_t err = get_be32(p);
+		if (orc.chunk_len < 6 || get_be16(p + 4) != orc.chunk_len - 6)
 			oracle_fail("ERROR chunk of %u bytes, message length %u", orc.chunk_len,
-				    orc.chunk_len >= 6 ? rd16(p + 4) : 0);
+				    orc.chunk_len >= 6 ? get_be16(p + 4) : 0);
 		if (!wire_error_ok(err))
 			oracle_fail("ERROR chunk with error %u", err);
 		orc.cur_req->err = err;
@@ -688,15 +688,15 @@ oracle_chunk_payload(void)
 		uint32_t n = (orc.chunk_len - 4) / 8;
 		if (orc.chunk_len < 12 || (orc.chunk_len - 4) % 8)
 			oracle_fail("BLOCK_STATUS chunk of %u bytes", orc.chunk_len);
-		if (rd32(p) != NBD_META_ID_BASE_ALLOCATION)
-			oracle_fail("BLOCK_STATUS for context %u, not base:allocation", rd32(p));
+		if (get_be32(p) != NBD_META_ID_BASE_ALLOCATION)
+			oracle_fail("BLOCK_STATUS for context %u, not base:allocation", get_be32(p));
 		if (!q)
 			break;
 		if ((q->flags & NBD_CMD_FLAG_REQ_ONE) && n != 1)
 			oracle_fail("REQ_ONE block status answered with %u extents", n);
 		uint64_t sum = 0;
 		for (uint32_t i = 0; i < n; i++) {
-			uint32_t l = rd32(p + 4 + 8 * i), f = rd32(p + 8 + 8 * i);
+			uint32_t l = get_be32(p + 4 + 8 * i), f = get_be32(p + 8 + 8 * i);
 			if (!l)
 				oracle_fail("zero-length extent %u", i);
 			if (f & ~(NBD_STATE_HOLE | NBD_STATE_ZERO))
@@ -712,7 +712,7 @@ oracle_chunk_payload(void)
 		if (!q->ext)
 			fz_fail("out of memory");
 		for (uint32_t i = 0; i < 2 * n; i++)
-			q->ext[i] = rd32(p + 4 + 4 * i);
+			q->ext[i] = get_be32(p + 4 + 4 * i);
 		q->next = n;
 		break;
 	}
@@ -726,8 +726,8 @@ oracle_header_done(void)
 	orc.have = 0;
 	switch (orc.st) {
 	case O_GREETING:
-		if (rd64(orc.hdr) != NBD_MAGIC || rd64(orc.hdr + 8) != NBD_IHAVEOPT ||
-		    rd16(orc.hdr + 16) != (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+		if (get_be64(orc.hdr) != NBD_MAGIC || get_be64(orc.hdr + 8) != NBD_IHAVEOPT ||
+		    get_be16(orc.hdr + 16) != (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
 			oracle_fail("bad greeting");
 		if (orc.nopts) {
 			orc.st = O_OPT_HDR;
@@ -743,17 +743,17 @@ oracle_header_done(void)
 		oracle_opt_payload();
 		break;
 	case O_EXPORT_NAME:
-		if (rd64(orc.hdr) != orc.size)
+		if (get_be64(orc.hdr) != orc.size)
 			oracle_fail("EXPORT_NAME: size %ju, the vbd has %ju",
-				    (uintmax_t)rd64(orc.hdr), (uintmax_t)orc.size);
-		check_export_flags(rd16(orc.hdr + 8));
+				    (uintmax_t)get_be64(orc.hdr), (uintmax_t)orc.size);
+		check_export_flags(get_be16(orc.hdr + 8));
 		for (size_t i = 10; i < orc.need; i++)
 			if (orc.hdr[i])
 				oracle_fail("EXPORT_NAME: reserved bytes not zero");
 		oracle_start_tx();
 		break;
 	case O_TX: {
-		uint32_t magic = rd32(orc.hdr);
+		uint32_t magic = get_be32(orc.hdr);
 		orc.have = 4;	/* keep the magic: the header goes on */
 		if (magic == NBD_SIMPLE_REPLY_MAGIC) {
 			orc.st = O_SIMPLE;
@@ -911,12 +911,12 @@ build_reader(struct buf *b, const char *name, uint64_t size)
 	put_go(b, name, 0);
 	for (unsigned i = 0; i < 8; i++) {
 		uint8_t r[NBD_REQUEST_LEN];
-		wr32(r, NBD_REQUEST_MAGIC);
-		wr16(r + 4, 0);
-		wr16(r + 6, i == 7 ? NBD_CMD_FLUSH : NBD_CMD_READ);
-		wr64(r + 8, 0x5ec0000u + i);
-		wr64(r + 16, i == 7 ? 0 : (size / 8) * i);
-		wr32(r + 24, i == 7 ? 0 : 65536);
+		put_be32(r, NBD_REQUEST_MAGIC);
+		put_be16(r + 4, 0);
+		put_be16(r + 6, i == 7 ? NBD_CMD_FLUSH : NBD_CMD_READ);
+		put_be64(r + 8, 0x5ec0000u + i);
+		put_be64(r + 16, i == 7 ? 0 : (size / 8) * i);
+		put_be32(r + 24, i == 7 ? 0 : 65536);
 		buf_put(b, r, sizeof(r));
 	}
 }

@@ -49,7 +49,7 @@ fuzz_request(const uint8_t *data, size_t size)
 	p = dup_exact(hdr, sizeof(hdr));
 	memset(&req, 0xa5, sizeof(req));
 	int rc = nbd_parse_request(p, &req);
-	if (rd32(hdr) != NBD_REQUEST_MAGIC) {
+	if (get_be32(hdr) != NBD_REQUEST_MAGIC) {
 		if (rc != -1)
 			fz_fail("bad magic accepted");
 	} else {
@@ -57,12 +57,12 @@ fuzz_request(const uint8_t *data, size_t size)
 			fz_fail("good magic refused");
 		/* the parse must be lossless: encode it back */
 		uint8_t back[NBD_REQUEST_LEN];
-		wr32(back, NBD_REQUEST_MAGIC);
-		wr16(back + 4, req.flags);
-		wr16(back + 6, req.type);
-		wr64(back + 8, req.cookie);
-		wr64(back + 16, req.offset);
-		wr32(back + 24, req.length);
+		put_be32(back, NBD_REQUEST_MAGIC);
+		put_be16(back + 4, req.flags);
+		put_be16(back + 6, req.type);
+		put_be64(back + 8, req.cookie);
+		put_be64(back + 16, req.offset);
+		put_be32(back + 24, req.length);
 		if (memcmp(back, hdr, sizeof(hdr)) != 0)
 			fz_fail("request header does not round-trip");
 	}
@@ -77,7 +77,7 @@ model_go(const uint8_t *p, size_t len, size_t *name_len)
 {
 	if (len < 4)
 		return NBD_REP_ERR_INVALID;
-	uint32_t n = rd32(p);
+	uint32_t n = get_be32(p);
 	if (n > NBD_MAX_STRING)
 		return NBD_REP_ERR_TOO_BIG;
 	if (len - 4 < n)
@@ -88,7 +88,7 @@ model_go(const uint8_t *p, size_t len, size_t *name_len)
 	size_t rest = len - 4 - n;
 	if (rest < 2)
 		return NBD_REP_ERR_INVALID;
-	if ((size_t)rd16(p + 4 + n) * 2 != rest - 2)
+	if ((size_t)get_be16(p + 4 + n) * 2 != rest - 2)
 		return NBD_REP_ERR_INVALID;
 	return 0;
 }
@@ -110,11 +110,11 @@ fuzz_go(const uint8_t *data, size_t size)
 	if (rc == 0) {
 		if (strlen(go->name) != name_len || memcmp(go->name, data + 4, name_len))
 			fz_fail("GO: export name parsed wrong");
-		if (go->nr_info != rd16(data + 4 + name_len))
+		if (go->nr_info != get_be16(data + 4 + name_len))
 			fz_fail("GO: nr_info wrong");
 		int want_name = 0, want_desc = 0, want_bs = 0;
 		for (size_t i = 0; i < go->nr_info; i++) {
-			uint16_t t = rd16(data + 4 + name_len + 2 + 2 * i);
+			uint16_t t = get_be16(data + 4 + name_len + 2 + 2 * i);
 			want_name |= t == NBD_INFO_NAME;
 			want_desc |= t == NBD_INFO_DESCRIPTION;
 			want_bs |= t == NBD_INFO_BLOCK_SIZE;
@@ -145,7 +145,7 @@ meta_each(const char *q, uint32_t qlen, void *arg)
 
 	if (strlen(q) != qlen || qlen > NBD_MAX_STRING)
 		fz_fail("META: query length %u does not match the string", qlen);
-	if (s->pos + 4 > s->len || rd32(s->data + s->pos) != qlen ||
+	if (s->pos + 4 > s->len || get_be32(s->data + s->pos) != qlen ||
 	    s->pos + 4 + qlen > s->len || memcmp(s->data + s->pos + 4, q, qlen))
 		fz_fail("META: query %u is not the one in the payload", s->calls);
 	s->pos += 4 + qlen;
@@ -157,7 +157,7 @@ model_string(const uint8_t *p, size_t len, size_t *pos)
 {
 	if (len - *pos < 4)
 		return NBD_REP_ERR_INVALID;
-	uint32_t n = rd32(p + *pos);
+	uint32_t n = get_be32(p + *pos);
 	*pos += 4;
 	if (n > NBD_MAX_STRING)
 		return NBD_REP_ERR_TOO_BIG;
@@ -176,7 +176,7 @@ model_meta(const uint8_t *p, size_t len, size_t *queries_at, uint32_t *nq)
 		return rc;
 	if (len - pos < 4)
 		return NBD_REP_ERR_INVALID;
-	*nq = rd32(p + pos);
+	*nq = get_be32(p + pos);
 	pos += 4;
 	*queries_at = pos;
 	if (*nq > (len - pos) / 4)
@@ -204,7 +204,7 @@ fuzz_meta(const uint8_t *data, size_t size)
 	if (rc && !is_rep_err(rc))
 		fz_fail("META: unexpected error %#x", rc);
 	if (rc == 0) {
-		size_t n = rd32(data);
+		size_t n = get_be32(data);
 		if (strlen(name) != n || memcmp(name, data + 4, n))
 			fz_fail("META: export name parsed wrong");
 		if (nq != want_nq)
@@ -231,7 +231,7 @@ fuzz_errno(const uint8_t *data, size_t size)
 {
 	uint8_t b[4] = { 0 };
 	memcpy(b, data, size < 4 ? size : 4);
-	int err = (int)rd32(b);
+	int err = (int)get_be32(b);
 	uint32_t w = nbd_errno_to_wire(err);
 	if ((err == 0) != (w == 0))
 		fz_fail("errno %d maps to wire error %u", err, w);

@@ -14,7 +14,7 @@ static size_t
 put_name(uint8_t *p, const char *s)
 {
 	size_t n = strlen(s);
-	wr32(p, (uint32_t)n);
+	put_be32(p, (uint32_t)n);
 	memcpy(p + 4, s, n);
 	return 4 + n;
 }
@@ -25,12 +25,12 @@ test_request(void **state)
 	uint8_t b[28];
 	struct nbd_request r;
 	(void)state;
-	wr32(b, NBD_REQUEST_MAGIC);
-	wr16(b + 4, NBD_CMD_FLAG_FUA);
-	wr16(b + 6, NBD_CMD_WRITE);
-	wr64(b + 8, 0x1122334455667788ULL);
-	wr64(b + 16, 1ULL << 40);
-	wr32(b + 24, 4096);
+	put_be32(b, NBD_REQUEST_MAGIC);
+	put_be16(b + 4, NBD_CMD_FLAG_FUA);
+	put_be16(b + 6, NBD_CMD_WRITE);
+	put_be64(b + 8, 0x1122334455667788ULL);
+	put_be64(b + 16, 1ULL << 40);
+	put_be32(b + 24, 4096);
 	assert_int_equal(nbd_parse_request(b, &r), 0);
 	assert_int_equal(r.flags, NBD_CMD_FLAG_FUA);
 	assert_int_equal(r.type, NBD_CMD_WRITE);
@@ -48,9 +48,9 @@ test_opt_go(void **state)
 	struct nbd_opt_go go;
 	(void)state;
 	size_t n = put_name(b, "vm1");
-	wr16(b + n, 2);
-	wr16(b + n + 2, NBD_INFO_BLOCK_SIZE);
-	wr16(b + n + 4, 77);	/* unknown: ignored */
+	put_be16(b + n, 2);
+	put_be16(b + n + 2, NBD_INFO_BLOCK_SIZE);
+	put_be16(b + n + 4, 77);	/* unknown: ignored */
 	assert_int_equal(nbd_parse_opt_go(b, (uint32_t)n + 6, &go), 0);
 	assert_string_equal(go.name, "vm1");
 	assert_true(go.want_block_size);
@@ -61,13 +61,13 @@ test_opt_go(void **state)
 	/* trailing junk too */
 	assert_int_equal(nbd_parse_opt_go(b, (uint32_t)n + 7, &go), NBD_REP_ERR_INVALID);
 	/* a name longer than the payload */
-	wr32(b, 0xffffffff);
+	put_be32(b, 0xffffffff);
 	assert_int_equal(nbd_parse_opt_go(b, (uint32_t)n + 6, &go), NBD_REP_ERR_TOO_BIG);
-	wr32(b, 100);
+	put_be32(b, 100);
 	assert_int_equal(nbd_parse_opt_go(b, (uint32_t)n + 6, &go), NBD_REP_ERR_INVALID);
 	/* an embedded NUL in the name */
 	memcpy(b, "\0\0\0\3a\0b", 7);
-	wr16(b + 7, 0);
+	put_be16(b + 7, 0);
 	assert_int_equal(nbd_parse_opt_go(b, 9, &go), NBD_REP_ERR_INVALID);
 }
 
@@ -94,7 +94,7 @@ test_opt_meta(void **state)
 	uint32_t nq;
 	(void)state;
 	size_t n = put_name(b, "");
-	wr32(b + n, 2);
+	put_be32(b + n, 2);
 	n += 4;
 	n += put_name(b + n, "base:allocation");
 	n += put_name(b + n, "qemu:dirty-bitmap:x");
@@ -109,7 +109,7 @@ test_opt_meta(void **state)
 		assert_int_equal(s.n, 0);
 	}
 	/* a huge query count cannot make it loop or read past the end */
-	wr32(b + 4, 0x7fffffff);
+	put_be32(b + 4, 0x7fffffff);
 	assert_int_equal(nbd_parse_opt_meta(b, (uint32_t)n, name, each, &s, &nq),
 			 NBD_REP_ERR_INVALID);
 }

@@ -41,6 +41,8 @@
 
 #include <xenstore.h>
 
+#include "byteorder.h"
+
 #define PAGE 4096u
 #define MAX_QUEUES 8
 #define MAX_PAGES 16
@@ -211,9 +213,6 @@ static size_t req_size(void) { return proto64 ? 112 : 108; }
 static size_t rsp_size(void) { return proto64 ? 16 : 12; }
 static size_t entry_size(void) { return req_size() > rsp_size() ? req_size() : rsp_size(); }
 
-static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static uint64_t get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = v << 8 | p[i]; return v; }
 
 static volatile uint32_t *
@@ -304,12 +303,12 @@ enc_rw(uint8_t *e, int op, unsigned nsegs, uint64_t id, uint64_t sector, const s
 	memset(e, 0, req_size());
 	e[0] = (uint8_t)op;
 	e[1] = (uint8_t)nsegs;
-	put16(e + 2, 0);
-	put64(e + (proto64 ? 8 : 4), id);
-	put64(e + (proto64 ? 16 : 12), sector);
+	put_le16(e + 2, 0);
+	put_le64(e + (proto64 ? 8 : 4), id);
+	put_le64(e + (proto64 ? 16 : 12), sector);
 	uint8_t *s = e + (proto64 ? 24 : 20);
 	for (unsigned i = 0; i < nsegs; i++, s += 8) {
-		put32(s, p->refs[i]);
+		put_le32(s, p->refs[i]);
 		s[4] = p->first[i];
 		s[5] = p->last[i];
 	}
@@ -322,18 +321,18 @@ enc_indirect(uint8_t *e, int op, unsigned nsegs, uint64_t id, uint64_t sector, s
 	memset(e, 0, req_size());
 	e[0] = OP_INDIRECT;
 	e[1] = (uint8_t)op;
-	put16(e + 2, (uint16_t)nsegs);
-	put64(e + (proto64 ? 8 : 4), id);
-	put64(e + (proto64 ? 16 : 12), sector);
+	put_le16(e + 2, (uint16_t)nsegs);
+	put_le64(e + (proto64 ? 8 : 4), id);
+	put_le64(e + (proto64 ? 16 : 12), sector);
 	for (unsigned i = 0; i < pages; i++) {
 		uint32_t ref = gnt_get();
 		p->refs[MAX_SEGS + i] = ref;
-		put32(e + (proto64 ? 28 : 24) + 4 * i, ref);
+		put_le32(e + (proto64 ? 28 : 24) + 4 * i, ref);
 		uint8_t *d = page(ref);
 		for (unsigned k = i * 512; k < nsegs && k < (i + 1) * 512; k++) {
 			uint8_t *s = d + 8 * (k - i * 512);
 			memset(s, 0, 8);
-			put32(s, p->refs[k]);
+			put_le32(s, p->refs[k]);
 			s[4] = p->first[k];
 			s[5] = p->last[k];
 		}
@@ -347,9 +346,9 @@ enc_discard(uint8_t *e, uint64_t id, uint64_t sector, uint64_t nr, int secure)
 	memset(e, 0, req_size());
 	e[0] = OP_DISCARD;
 	e[1] = (uint8_t)secure;
-	put64(e + (proto64 ? 8 : 4), id);
-	put64(e + (proto64 ? 16 : 12), sector);
-	put64(e + (proto64 ? 24 : 20), nr);
+	put_le64(e + (proto64 ? 8 : 4), id);
+	put_le64(e + (proto64 ? 16 : 12), sector);
+	put_le64(e + (proto64 ? 24 : 20), nr);
 }
 
 struct response {
@@ -898,13 +897,13 @@ f_indirect_zero(uint8_t *e, uint64_t id, struct pending *p)
 	memset(e, 0, req_size());
 	e[0] = OP_INDIRECT;
 	e[1] = OP_READ;
-	put64(e + (proto64 ? 8 : 4), id);
+	put_le64(e + (proto64 ? 8 : 4), id);
 }
 static void
 f_indirect_too_many(uint8_t *e, uint64_t id, struct pending *p)
 {
 	f_indirect_zero(e, id, p);
-	put16(e + 2, 4097);
+	put_le16(e + 2, 4097);
 }
 static void
 f_indirect_bad_op(uint8_t *e, uint64_t id, struct pending *p)
@@ -917,7 +916,7 @@ f_indirect_bad_page(uint8_t *e, uint64_t id, struct pending *p)
 {
 	layout(p, 8, 0);
 	enc_indirect(e, OP_READ, 1, id, 0, p);
-	put32(e + (proto64 ? 28 : 24), gnt.pages + 7);
+	put_le32(e + (proto64 ? 28 : 24), gnt.pages + 7);
 }
 static void f_discard_secure(uint8_t *e, uint64_t id, struct pending *p) { (void)p; enc_discard(e, id, 0, 8, 1); }
 static void
@@ -978,7 +977,7 @@ run_malicious(const char *name)
 					e[b] = (uint8_t)rnd();
 				if (e[0] == OP_READ || e[0] == OP_WRITE || e[0] == OP_INDIRECT)
 					e[1] = (uint8_t)(e[1] % 16);	/* some valid-looking */
-				put64(e + (proto64 ? 8 : 4), 1000000 + sent);
+				put_le64(e + (proto64 ? 8 : 4), 1000000 + sent);
 				qq->req_prod_pvt++;
 				sent++;
 			}

@@ -16,6 +16,7 @@
 #include <event2/event.h>
 #include <liburing.h>
 
+#include "container_of.h"
 #include "log.h"
 
 #define RING_ENTRIES 256
@@ -103,14 +104,14 @@ uring_queue(struct io_engine *e, struct io_op *op)
 static void
 fallback_run(struct workq_item *it)
 {
-	struct io_op *op = (struct io_op *)((char *)it - offsetof(struct io_op, wq));
+	struct io_op *op = container_of(it, struct io_op, wq);
 	op->res = io_op_run_sync(op);
 }
 
 static void
 fallback_done(struct workq_item *it)
 {
-	struct io_op *op = (struct io_op *)((char *)it - offsetof(struct io_op, wq));
+	struct io_op *op = container_of(it, struct io_op, wq);
 	io_op_complete(op->engine, op, op->res);
 }
 

@@ -10,6 +10,8 @@
 
 #include <event2/event.h>
 
+#include "container_of.h"
+
 /* Ops submitted during one loop turn go to the workers together. */
 struct threads_impl {
 	struct workq *wq;
@@ -21,7 +23,7 @@ struct threads_impl {
 static struct io_op *
 op_of(struct workq_item *it)
 {
-	return (struct io_op *)((char *)it - offsetof(struct io_op, wq));
+	return container_of(it, struct io_op, wq);
 }
 
 static void

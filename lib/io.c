@@ -14,6 +14,8 @@
 
 #include <event2/event.h>
 
+#include "container_of.h"
+
 #define IO_CALL_THREADS 2
 #define IO_POOL_THREADS 8
 /* tmpfs ops this big are copies worth another CPU; smaller ones run inline */
@@ -140,14 +142,14 @@ io_submit(struct io_engine *e, struct io_op *op)
 static void
 io_call_run(struct workq_item *it)
 {
-	struct io_call *c = (struct io_call *)((char *)it - offsetof(struct io_call, wq));
+	struct io_call *c = container_of(it, struct io_call, wq);
 	c->res = c->fn(c);
 }
 
 static void
 io_call_done(struct workq_item *it)
 {
-	struct io_call *c = (struct io_call *)((char *)it - offsetof(struct io_call, wq));
+	struct io_call *c = container_of(it, struct io_call, wq);
 	c->done(c, c->res);
 }
 
