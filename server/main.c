@@ -14,20 +14,14 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
 #include <event2/event.h>
 
-#include "bufpool.h"
-#include "control.h"
 #include "fdlimit.h"
 #include "io.h"
 #include "log.h"
 #include "metrics_http.h"
 #include "nbd.h"
-#include "qos.h"
 #include "server.h"
 #include "service_notify.h"
 #include "xenbus.h"
@@ -35,7 +29,6 @@
 #define DEFAULT_STATE_DIR "/run/tapdiskd"
 #define SHUTDOWN_GRACE 30		/* seconds before in-flight I/O is abandoned */
 #define POOL_CACHE (16u << 20)
-#define IDLE_TRIM_INTERVAL 5
 
 struct options {
 	const char *state_dir;
@@ -52,7 +45,7 @@ struct options {
 	struct xenbus_opts xen;
 };
 
-static struct server the_server;
+static struct server *the_server;	/* for the startup opens' callbacks */
 static struct event *grace_ev;
 
 static void
@@ -387,19 +380,6 @@ on_signal(evutil_socket_t sig, short what, void *arg)
 	shutdown_vbds(srv, 0);
 }
 
-static void
-on_idle_tick(evutil_socket_t fd, short what, void *arg)
-{
-	struct server *srv = arg;
-	(void)fd;
-	(void)what;
-	if (bufpool_trim_idle(srv->pool)) {
-#ifdef __GLIBC__
-		malloc_trim(0);
-#endif
-	}
-}
-
 /* ---- startup opens (--open) ---- */
 
 static void
@@ -411,9 +391,9 @@ startup_open_done(void *arg, int err, const char *msg)
 		return;
 	}
 	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
-		struct vbd *vbd = the_server.minors[m];
+		struct vbd *vbd = the_server->minors[m];
 		if (vbd && vbd->params && !strcmp(vbd->params, params)) {
-			char *nbd = server_nbd_path(&the_server, m);
+			char *nbd = server_nbd_path(the_server, m);
 			log_info("minor %d: NBD URI nbd+unix:///?socket=%s", m, nbd);
 			free(nbd);
 		}
@@ -448,147 +428,128 @@ startup_opens(struct server *srv, char **opens, int n)
 	return 0;
 }
 
-int
-main(int argc, char **argv)
+/* Signals: SIGINT and SIGTERM shut down, through the loop. */
+static int
+add_signals(struct server *srv, struct event **sigint_ev, struct event **sigterm_ev)
 {
-	struct options opts = { 0 };
-	struct server *srv = &the_server;
+	*sigint_ev = evsignal_new(srv->base, SIGINT, on_signal, srv);
+	*sigterm_ev = evsignal_new(srv->base, SIGTERM, on_signal, srv);
+	return *sigint_ev && *sigterm_ev && evsignal_add(*sigint_ev, NULL) == 0 &&
+	       evsignal_add(*sigterm_ev, NULL) == 0 ? 0 : -1;
+}
+
+/* Tells the parent of a daemonized server whether it started (0) or not. */
+static void
+report_ready(int *ready_fd, char ok)
+{
+	if (*ready_fd < 0)
+		return;
+	if (ok == 0 && write(*ready_fd, &ok, 1) < 0)
+		log_warn("cannot tell the parent we are ready");
+	close(*ready_fd);	/* EOF without a byte: failure */
+	*ready_fd = -1;
+}
+
+/* Runs the server until a signal has shut every vbd down. 0, or 1 if it could not start. */
+static int
+serve(const struct options *opts, char *dir, char **opens, int *ready_fd)
+{
 	char err[512], path[PATH_MAX];
-	int lock_fd, ready_fd = -1, rc = 1;
-	struct event *sigint_ev = NULL, *sigterm_ev = NULL, *idle_ev = NULL;
+	struct event *sigint_ev = NULL, *sigterm_ev = NULL;
 	struct xenbus *xb = NULL;
+	struct server *srv;
+	int rc = 1;
 
-	if (parse_options(argc, argv, &opts) < 0) {
-		free(opts.opens);
-		return 2;
-	}
-	char **opens = calloc((size_t)opts.nr_opens + 1, sizeof(*opens));
-	char *dir = NULL;
-	lock_fd = -1;
-	if (!opens) {
-		fprintf(stderr, "tapdiskd: out of memory\n");
-		goto early;
-	}
-	for (int i = 0; i < opts.nr_opens; i++) {
-		if (!(opens[i] = absolute_params(opts.opens[i]))) {
-			fprintf(stderr, "tapdiskd: out of memory\n");
-			goto early;
-		}
-	}
-	dir = realpath(opts.state_dir, NULL);
-	if (!dir && errno == ENOENT && mkdir(opts.state_dir, 0700) == 0)
-		dir = realpath(opts.state_dir, NULL);
-	if (!dir) {
-		fprintf(stderr, "tapdiskd: state dir %s: %s\n", opts.state_dir, strerror(errno));
-		goto early;
-	}
-	lock_fd = state_dir_lock(dir);
-	if (lock_fd < 0)
-		goto early;
-	if (!opts.foreground && daemonize(&ready_fd) < 0) {
-		fprintf(stderr, "tapdiskd: cannot daemonize: %s\n", strerror(errno));
-		goto early;
-	}
-	log_init("tapdiskd", !opts.foreground, opts.level);
-	lock_write_pid(lock_fd);
-	raise_fd_limit();
-	signal(SIGPIPE, SIG_IGN);
-	signal(SIGHUP, SIG_IGN);
-
-	srv->pid = getpid();
-	srv->state_dir = dir;
-	srv->started = time(NULL);
-	srv->open_flags = opts.no_direct ? TD_OPEN_NODIRECT : 0;
-	srv->nbd_handshake_secs = opts.handshake_secs;
-	srv->metrics_timeout_secs = opts.metrics_timeout_secs;
-	srv->minors = calloc(SERVER_MAX_MINORS, sizeof(*srv->minors));
-	srv->base = event_base_new();
-	srv->pool = bufpool_new(POOL_CACHE);
-	if (!srv->minors || !srv->base || !srv->pool) {
-		log_err("out of memory");
-		goto out;
-	}
-	srv->io = io_engine_new(srv->base, opts.io_engine, err, sizeof(err));
-	if (!srv->io) {
-		log_err("%s", err);
-		goto out;
-	}
-	remove_stale_sockets(dir);
-	srv->nbd = nbd_server_new(srv);
-	if (!srv->nbd) {
-		log_err("out of memory");
-		goto out;
-	}
-	if (opts.nbd_listen && nbd_listen_global(srv->nbd, opts.nbd_listen, err, sizeof(err)) < 0) {
-		log_err("--nbd-listen %s", err);
-		goto out;
-	}
 	snprintf(path, sizeof(path), "%s/ctl.sock", dir);
-	srv->ctl = control_new(srv, path, err, sizeof(err));
-	if (!srv->ctl) {
-		log_err("control socket %s", err);
-		goto out;
+	struct server_config cfg = {
+		.state_dir = dir,
+		.io_engine = opts->io_engine,
+		.open_flags = opts->no_direct ? TD_OPEN_NODIRECT : 0,
+		.pool_cache = POOL_CACHE,
+		.nbd_handshake_secs = opts->handshake_secs,
+		.metrics_timeout_secs = opts->metrics_timeout_secs,
+		.ctl_path = path,
+		.nbd_listen = opts->nbd_listen,
+		.metrics_listen = opts->metrics_listen,
+		.metrics_allow_remote = opts->metrics_allow_remote,
+	};
+	remove_stale_sockets(dir);
+	srv = the_server = server_new(&cfg, err, sizeof(err));
+	if (!srv) {
+		log_err("%s", err);
+		return 1;
 	}
-	if (opts.metrics_listen) {
-		srv->metrics = metrics_http_new(srv, opts.metrics_listen, opts.metrics_allow_remote,
-						err, sizeof(err));
-		if (!srv->metrics) {
-			log_err("--metrics-listen %s", err);
-			goto out;
-		}
-	}
-	sigint_ev = evsignal_new(srv->base, SIGINT, on_signal, srv);
-	sigterm_ev = evsignal_new(srv->base, SIGTERM, on_signal, srv);
-	idle_ev = event_new(srv->base, -1, EV_PERSIST, on_idle_tick, srv);
-	struct timeval tick = { IDLE_TRIM_INTERVAL, 0 };
-	if (!sigint_ev || !sigterm_ev || !idle_ev || evsignal_add(sigint_ev, NULL) < 0 ||
-	    evsignal_add(sigterm_ev, NULL) < 0 || event_add(idle_ev, &tick) < 0) {
+	if (add_signals(srv, &sigint_ev, &sigterm_ev) < 0) {
 		log_err("cannot set up signal handling");
 		goto out;
 	}
-	if (startup_opens(srv, opens, opts.nr_opens) < 0)
+	if (startup_opens(srv, opens, opts->nr_opens) < 0)
 		goto out;
-	xb = xenbus_start(srv, &opts.xen);
+	xb = xenbus_start(srv, &opts->xen);
 
 	log_info("serving on %s (pid %d, io engine %s)", path, (int)srv->pid,
 		 io_engine_name(srv->io));
 	log_fd_limit();
 	service_notify_ready(server_vbd_count(srv));
-	if (ready_fd >= 0) {
-		char ok = 0;
-		if (write(ready_fd, &ok, 1) < 0)
-			log_warn("cannot tell the parent we are ready");
-		close(ready_fd);
-		ready_fd = -1;
-	}
+	report_ready(ready_fd, 0);
 	event_base_dispatch(srv->base);
 	log_info("stopped");
 	rc = 0;
 out:
-	if (ready_fd >= 0)
-		close(ready_fd);	/* the parent reads EOF: failure */
 	xenbus_stop(xb);
-	metrics_http_free(srv->metrics);
-	control_free(srv->ctl);
-	nbd_server_free(srv->nbd);
 	if (grace_ev)
 		event_free(grace_ev);
 	if (sigint_ev)
 		event_free(sigint_ev);
 	if (sigterm_ev)
 		event_free(sigterm_ev);
-	if (idle_ev)
-		event_free(idle_ev);
-	if (!srv->zombies)
-		io_engine_free(srv->io);
-	for (int m = 0; srv->minors && m < SERVER_MAX_MINORS; m++)
-		free(srv->minors[m]);
-	free(srv->minors);
-	qos_groups_free(srv);
-	bufpool_free(srv->pool);
-	if (srv->base)
-		event_base_free(srv->base);
-early:
+	server_free(srv);
+	the_server = NULL;
+	return rc;
+}
+
+int
+main(int argc, char **argv)
+{
+	struct options opts = { 0 };
+	int lock_fd = -1, ready_fd = -1, rc = 1;
+	char **opens = NULL, *dir = NULL;
+
+	if (parse_options(argc, argv, &opts) < 0) {
+		free(opts.opens);
+		return 2;
+	}
+	opens = calloc((size_t)opts.nr_opens + 1, sizeof(*opens));
+	for (int i = 0; opens && i < opts.nr_opens; i++)
+		if (!(opens[i] = absolute_params(opts.opens[i])))
+			goto nomem;
+	if (!opens)
+		goto nomem;
+	dir = realpath(opts.state_dir, NULL);
+	if (!dir && errno == ENOENT && mkdir(opts.state_dir, 0700) == 0)
+		dir = realpath(opts.state_dir, NULL);
+	if (!dir) {
+		fprintf(stderr, "tapdiskd: state dir %s: %s\n", opts.state_dir, strerror(errno));
+		goto out;
+	}
+	lock_fd = state_dir_lock(dir);
+	if (lock_fd < 0)
+		goto out;
+	if (!opts.foreground && daemonize(&ready_fd) < 0) {
+		fprintf(stderr, "tapdiskd: cannot daemonize: %s\n", strerror(errno));
+		goto out;
+	}
+	log_init("tapdiskd", !opts.foreground, opts.level);
+	lock_write_pid(lock_fd);
+	raise_fd_limit();
+	signal(SIGPIPE, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);
+	rc = serve(&opts, dir, opens, &ready_fd);
+	report_ready(&ready_fd, 1);
+	goto out;
+nomem:
+	fprintf(stderr, "tapdiskd: out of memory\n");
+out:
 	for (int i = 0; opens && i < opts.nr_opens; i++)
 		free(opens[i]);
 	free(opens);

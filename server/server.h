@@ -1,4 +1,5 @@
-/* The server: one event loop, its I/O engine, the table of vbds by minor. */
+/* The server: one event loop, its I/O engine, the table of vbds by minor;
+ * server_new() builds it for tapdiskd and the fuzz targets alike. */
 #ifndef TD_SERVER_H
 #define TD_SERVER_H
 
@@ -14,6 +15,8 @@ struct control;
 struct nbd_server;
 struct qos_group;
 struct metrics_http;
+
+struct event;
 
 struct server {
 	struct event_base *base;
@@ -32,7 +35,35 @@ struct server {
 	unsigned metrics_timeout_secs;	/* an HTTP client's idle time and request */
 	int stopping;
 	time_t started;
+	struct event *idle_tick;	/* gives idle buffers back to the system */
 };
+
+/* What server_new builds. Zero means the default or "none". */
+struct server_config {
+	const char *state_dir;		/* absolute and existing: NBD sockets go here */
+	const char *io_engine;		/* "uring", "threads"; NULL: the best the kernel has */
+	unsigned open_flags;		/* TD_OPEN_* added to every open */
+	size_t pool_cache;		/* bytes of idle buffers the pool keeps (16 MiB) */
+	unsigned nbd_handshake_secs;	/* 30 */
+	unsigned metrics_timeout_secs;	/* 10 */
+	const char *ctl_path;		/* the control socket; NULL: none */
+	const char *nbd_listen;		/* --nbd-listen SPEC */
+	const char *metrics_listen;	/* --metrics-listen HOST:PORT */
+	int metrics_allow_remote;
+};
+
+/*
+ * Builds a server on a new event loop: its I/O engine, buffer pool, NBD
+ * server and the listeners the config names. NULL with err set (one line,
+ * naming the part that failed) if any part fails; nothing is left behind.
+ * The caller runs srv->base and adds signals, xenstore and vbds.
+ */
+struct server *server_new(const struct server_config *cfg, char *err, size_t errlen);
+/*
+ * Frees what server_new built and every vbd left in the table. The I/O
+ * engine stays allocated if zombies still own I/O in the kernel.
+ */
+void server_free(struct server *srv);
 
 struct vbd *server_vbd(struct server *srv, int minor);
 int server_free_minor(struct server *srv);	/* lowest free minor, or -1 */

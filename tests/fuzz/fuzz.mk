@@ -5,8 +5,9 @@
 # The server and driver sources are compiled with the same sanitizers as the
 # harnesses (coverage instrumentation without libFuzzer's main) into one
 # archive; each target pulls from it only the objects it needs.
-# control_cmds.c is left out on purpose: its handlers touch host files, and
-# fuzz_control.c brings its own command table. main.c has its own main().
+# fuzz_control.c brings its own command table (the real handlers touch host
+# files), so the linker never pulls control_cmds.o into it; the other
+# targets get the real one with server_new(). main.c has its own main().
 
 FUZZ_CC    ?= clang
 FUZZ_BUILD ?= build/fuzz
@@ -34,7 +35,7 @@ FUZZ_LIB_CFLAGS := -fsanitize=fuzzer-no-link$(FUZZ_SAN_LIST) $(FUZZ_COMMON)
 FUZZ_CFLAGS     := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_COMMON)
 FUZZ_LDFLAGS    := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_EXTRA_CFLAGS)
 
-FUZZ_LIB_SRCS := $(filter-out server/main.c server/control_cmds.c,$(wildcard server/*.c)) \
+FUZZ_LIB_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) \
                  $(wildcard server/xen/*.c) \
                  $(wildcard drivers/*.c) $(wildcard lib/*.c)
 FUZZ_LIB_OBJS := $(FUZZ_LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)

@@ -57,7 +57,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 static const char *const vbd_params[NR_VBDS] = { "ram:1M", "ram:1M" };
 static const unsigned vbd_flags[NR_VBDS] = { 0, VBD_OPEN_READONLY };
 
-static struct server srv;
+static struct server *srv;
 static char state_dir[] = "/tmp/tapdiskd-fuzz-blkif-XXXXXX";
 static uint8_t *guest;		/* GUEST_PAGES pages, page aligned */
 
@@ -213,7 +213,7 @@ kick(void)
 	uint64_t one = 1;
 	if (guest_evtchn_fd < 0 || write(guest_evtchn_fd, &one, sizeof(one)) != sizeof(one))
 		fz_fail("kick: %s", strerror(errno));
-	event_base_loop(srv.base, EVLOOP_NONBLOCK);	/* the loop sees the fd */
+	event_base_loop(srv->base, EVLOOP_NONBLOCK);	/* the loop sees the fd */
 }
 
 static void
@@ -262,7 +262,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	(void)argc;
 	(void)argv;
-	fz_server_setup(&srv, "fuzz_blkif", state_dir, vbd_params, vbd_flags, NR_VBDS);
+	srv = fz_server_setup("fuzz_blkif", state_dir, vbd_params, vbd_flags, NR_VBDS);
 	if (posix_memalign((void **)&guest, XEN_PAGE_SIZE, (size_t)GUEST_PAGES * XEN_PAGE_SIZE))
 		fz_fail("out of memory");
 	return 0;
@@ -329,11 +329,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 				      .proto = proto, .index = 0 };
 	for (unsigned i = 0; i < pages; i++)
 		cfg.refs[i] = i;
-	struct vbd *vbd = srv.minors[mode & M_READONLY ? 1 : 0];
+	struct vbd *vbd = srv->minors[mode & M_READONLY ? 1 : 0];
 	ring_died = 0;
 	clobbered = 0;
 	ring_pages = pages;
-	ring = blkif_ring_connect(&srv, &fz_port, vbd, &cfg, ring_dead, NULL, err, sizeof(err));
+	ring = blkif_ring_connect(srv, &fz_port, vbd, &cfg, ring_dead, NULL, err, sizeof(err));
 	if (!ring)
 		fz_fail("blkif_ring_connect: %s", err);
 
@@ -343,11 +343,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fz_fail("out of memory");
 	send_batch(entries, n, 0, count, rsize, entry, proto, w, &nw);
 	if ((mode & M_DISCONNECT) && ring) {
-		event_base_loop(srv.base, EVLOOP_NONBLOCK);	/* requests now in flight */
+		event_base_loop(srv->base, EVLOOP_NONBLOCK);	/* requests now in flight */
 		blkif_ring_disconnect(ring);
 		ring = NULL;
 	}
-	fz_settle(srv.base);
+	fz_settle(srv->base);
 	uint32_t rsp = load_idx(RSP_PROD);
 	int ahead = count > rsize;
 	if (ahead && !ring_died && !(mode & M_DISCONNECT))
@@ -367,7 +367,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		nw = 0;
 		memset(w, 0, 2 * (size_t)rsize * sizeof(*w));
 		send_batch(entries, n, base, count, rsize, entry, proto, w, &nw);
-		fz_settle(srv.base);
+		fz_settle(srv->base);
 		uint32_t rsp2 = load_idx(RSP_PROD);
 		if (!clobbered) {
 			if (ring_died || rsp2 != base + count)
@@ -379,10 +379,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		blkif_ring_disconnect(ring);
 		ring = NULL;
 	}
-	fz_settle(srv.base);
+	fz_settle(srv->base);
 	for (int m = 0; m < NR_VBDS; m++)
-		if (srv.minors[m]->nr_inflight)
-			fz_fail("minor %d: %u requests still in flight", m, srv.minors[m]->nr_inflight);
+		if (srv->minors[m]->nr_inflight)
+			fz_fail("minor %d: %u requests still in flight", m, srv->minors[m]->nr_inflight);
 	if (guest_evtchn_fd >= 0)
 		fz_fail("the event channel is still bound");
 	free(w);

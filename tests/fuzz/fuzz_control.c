@@ -54,7 +54,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static char *huge;		/* CONTROL_MAX_LINE + 1 bytes of 'x', then '\n' */
 
-static struct server srv;
+static struct server *srv;
 static struct control *ctl;
 static unsigned later_pending;	/* deferred replies not sent yet */
 
@@ -75,7 +75,7 @@ static void
 later_schedule(struct later *l)
 {
 	/* no timeout: active at once, yet run from the loop, not from here */
-	if (event_base_once(srv.base, -1, EV_TIMEOUT, later_cb, l, NULL) < 0)
+	if (event_base_once(srv->base, -1, EV_TIMEOUT, later_cb, l, NULL) < 0)
 		fz_fail("event_base_once failed");
 }
 
@@ -277,26 +277,23 @@ setup(void)
 
 	log_init("fuzz_control", 0, LOG_LVL_ERR);
 	signal(SIGPIPE, SIG_IGN);
-	srv.base = event_base_new();
-	if (!srv.base)
-		fz_fail("event_base_new failed");
-	srv.pid = getpid();
-	srv.state_dir = "/nonexistent/fuzz";	/* only ever printed */
-	srv.started = time(NULL);
 
 	/*
-	 * control_new() insists on a listening socket. Make it in a private
-	 * directory and remove both at once: the listener stays open but no
-	 * one can reach it, and nothing is left on the host.
+	 * The control socket is made in a private directory and both are
+	 * removed at once: the listener stays open but no one can reach it,
+	 * and nothing is left on the host.
 	 */
 	if (!mkdtemp(dir))
 		fz_fail("mkdtemp: %s", strerror(errno));
 	snprintf(path, sizeof(path), "%s/ctl", dir);
-	ctl = control_new(&srv, path, err, sizeof(err));
+	struct server_config cfg = { .state_dir = "/nonexistent/fuzz", .io_engine = "threads",
+				     .ctl_path = path };
+	srv = server_new(&cfg, err, sizeof(err));
 	unlink(path);
 	rmdir(dir);
-	if (!ctl)
-		fz_fail("control_new: %s", err);
+	if (!srv)
+		fz_fail("server_new: %s", err);
+	ctl = srv->ctl;
 }
 
 int
@@ -545,21 +542,21 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size -= 2;
 	int early = (mode & M_EARLY_EOF) != 0, reset = (mode & M_RESET) != 0;
 
-	fz_client_open(srv.base, &cl, (mode & M_HOLD) != 0, &sbev);
+	fz_client_open(srv->base, &cl, (mode & M_HOLD) != 0, &sbev);
 	responses.len = 0;
 	cl.observe = collect;
 	control_serve(ctl, sbev);
-	fz_settle(srv.base);
+	fz_settle(srv->base);
 	if (mode & M_HUGE_FIRST)
-		fz_client_send(srv.base, &cl, (const uint8_t *)huge, CONTROL_MAX_LINE + 2, 0, 1);
+		fz_client_send(srv->base, &cl, (const uint8_t *)huge, CONTROL_MAX_LINE + 2, 0, 1);
 	/* hanging up early: before the server has caught up with the input */
-	fz_client_send(srv.base, &cl, data, size, chunk, !early || (mode & M_HUGE_LAST));
+	fz_client_send(srv->base, &cl, data, size, chunk, !early || (mode & M_HUGE_LAST));
 	if (mode & M_HUGE_LAST)
-		fz_client_send(srv.base, &cl, (const uint8_t *)huge, CONTROL_MAX_LINE + 1, 0, !early);
+		fz_client_send(srv->base, &cl, (const uint8_t *)huge, CONTROL_MAX_LINE + 1, 0, !early);
 	if (early)
 		fz_client_hangup(&cl, reset);
-	fz_settle(srv.base);
-	fz_client_release(srv.base, &cl);
+	fz_settle(srv->base);
+	fz_client_release(srv->base, &cl);
 	if (fz_client_connected(&cl) && !early && !(mode & M_HUGE_LAST)) {
 		size_t unread = evbuffer_get_length(bufferevent_get_output(cl.bev));
 		if (unread)
@@ -568,8 +565,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	if (!early)
 		fz_client_hangup(&cl, reset);
-	fz_settle(srv.base);
-	fz_client_release(srv.base, &cl);
+	fz_settle(srv->base);
+	fz_client_release(srv->base, &cl);
 	if (later_pending)
 		fz_fail("%u deferred replies never ran", later_pending);
 	if (fz_client_hangup_stuck(&cl))
@@ -578,7 +575,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (fz_client_connected(&cl))
 		fz_fail("the server kept its end open after the client hung up, no reply owed");
 	fz_client_close(&cl);
-	fz_settle(srv.base);
+	fz_settle(srv->base);
 	/*
 	 * A half-close still gets every answer ("answer, then close"); a reset
 	 * or an over-long line ends the conversation: then only the form counts.

@@ -84,7 +84,7 @@ enum { PREFIX_RAW, PREFIX_GO_STRUCTURED, PREFIX_EXPORT_NAME, PREFIX_GO_PLAIN };
 static const char *const vbd_params[NR_VBDS] = { "ram:4M", "ram:1M" };
 static const unsigned vbd_flags[NR_VBDS] = { 0, VBD_OPEN_READONLY };
 
-static struct server srv;
+static struct server *srv;
 static char state_dir[] = "/tmp/tapdiskd-fuzz-nbd-XXXXXX";
 
 /* ---- setup ---- */
@@ -92,10 +92,7 @@ static char state_dir[] = "/tmp/tapdiskd-fuzz-nbd-XXXXXX";
 static void
 setup(void)
 {
-	fz_server_setup(&srv, "fuzz_nbd", state_dir, vbd_params, vbd_flags, NR_VBDS);
-	srv.nbd = nbd_server_new(&srv);
-	if (!srv.nbd)
-		fz_fail("out of memory");
+	srv = fz_server_setup("fuzz_nbd", state_dir, vbd_params, vbd_flags, NR_VBDS);
 }
 
 int
@@ -392,7 +389,7 @@ oracle_start(uint8_t mode, uint8_t events, int minor, const uint8_t *data, size_
 	orc.canned = 1;
 	orc.no_zeroes = (mode & M_NOZEROES) != 0;
 	orc.readonly = minor == 1;
-	orc.size = srv.minors[minor]->size;
+	orc.size = srv->minors[minor]->size;
 	if (events & E_BIG_OPTION)
 		orc.opts[orc.nopts++] = 0x7f;
 	switch (kind) {
@@ -927,12 +924,12 @@ set_paused(int paused)
 	for (int m = 0; m < NR_VBDS; m++) {
 		struct fz_wait w = { 0 };
 		if (paused)
-			vbd_pause(srv.minors[m], fz_wait_done, &w);
-		else if (srv.minors[m]->state & VBD_PAUSED)
-			vbd_unpause(srv.minors[m], NULL, fz_wait_done, &w);
+			vbd_pause(srv->minors[m], fz_wait_done, &w);
+		else if (srv->minors[m]->state & VBD_PAUSED)
+			vbd_unpause(srv->minors[m], NULL, fz_wait_done, &w);
 		else
 			continue;	/* closed and reopened meanwhile */
-		fz_settle(srv.base);
+		fz_settle(srv->base);
 		if (!w.done || w.err)
 			fz_fail("%s minor %d: %s", paused ? "pause" : "unpause", m,
 				w.done ? w.msg : "no answer");
@@ -955,7 +952,7 @@ static void
 wipe_disk(void)
 {
 	static struct vbd_request vr;
-	struct vbd *vbd = srv.minors[0];
+	struct vbd *vbd = srv->minors[0];
 
 	memset(&vr, 0, sizeof(vr));
 	vr.td.op = TD_OP_DISCARD;
@@ -964,7 +961,7 @@ wipe_disk(void)
 	vr.complete = wipe_complete;
 	wipe_done = 0;
 	vbd_submit(vbd, &vr);
-	fz_settle(srv.base);
+	fz_settle(srv->base);
 	if (!wipe_done)
 		fz_fail("the wipe request never completed");
 }
@@ -972,11 +969,11 @@ wipe_disk(void)
 static void
 check_idle(void)
 {
-	unsigned n = nbd_connection_count(srv.nbd);
+	unsigned n = nbd_connection_count(srv->nbd);
 	if (n)
 		fz_fail("%u NBD connection(s) still alive after the client hung up", n);
 	for (int m = 0; m < NR_VBDS; m++) {
-		struct vbd *vbd = srv.minors[m];
+		struct vbd *vbd = srv->minors[m];
 		if (!vbd || !vbd->params)
 			fz_fail("minor %d is gone", m);
 		if (vbd->state)
@@ -989,7 +986,7 @@ check_idle(void)
 			fz_fail("minor %d: %u NBD frontend(s) still attached", m,
 				vbd_frontend_count(vbd, "nbd"));
 	}
-	if (srv.zombies)
+	if (srv->zombies)
 		fz_fail("a zombie vbd appeared");
 }
 
@@ -998,7 +995,7 @@ static void
 wait_for(const int *flag)
 {
 	while (!*flag)
-		event_base_loop(srv.base, EVLOOP_ONCE);
+		event_base_loop(srv->base, EVLOOP_ONCE);
 }
 
 struct closer {
@@ -1012,7 +1009,7 @@ close_cb(evutil_socket_t fd, short what, void *arg)
 	struct closer *c = arg;
 	(void)fd;
 	(void)what;
-	vbd_close(srv.minors[c->minor], c->force, 0, fz_wait_done, &c->w);
+	vbd_close(srv->minors[c->minor], c->force, 0, fz_wait_done, &c->w);
 }
 
 /*
@@ -1026,18 +1023,18 @@ close_and_reopen(int minor, int force)
 	struct closer c = { minor, force, { 0 } };
 	struct fz_wait w = { 0 };
 
-	if (event_base_once(srv.base, -1, EV_TIMEOUT, close_cb, &c, NULL) < 0)
+	if (event_base_once(srv->base, -1, EV_TIMEOUT, close_cb, &c, NULL) < 0)
 		fz_fail("event_base_once failed");
 	wait_for(&c.w.done);
 	if (c.w.err)
 		fz_fail("closing minor %d: %s", minor, c.w.msg);
 	/* a force-closed vbd with I/O out lives on as a zombie until it is back */
-	while (srv.zombies)
-		event_base_loop(srv.base, EVLOOP_ONCE);
-	fz_settle(srv.base);
-	if (!srv.minors[minor] || !(srv.minors[minor]->state & VBD_CLOSED))
+	while (srv->zombies)
+		event_base_loop(srv->base, EVLOOP_ONCE);
+	fz_settle(srv->base);
+	if (!srv->minors[minor] || !(srv->minors[minor]->state & VBD_CLOSED))
 		fz_fail("minor %d: not closed after close", minor);
-	int rc = vbd_open(&srv, minor, vbd_params[minor], vbd_flags[minor], fz_wait_done, &w);
+	int rc = vbd_open(srv, minor, vbd_params[minor], vbd_flags[minor], fz_wait_done, &w);
 	if (rc < 0)
 		fz_fail("reopening minor %d: %s", minor, strerror(-rc));
 	wait_for(&w.done);
@@ -1062,33 +1059,33 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size -= 3;
 
 	int minor = (mode & M_READONLY) ? 1 : 0;
-	struct vbd *exp = (mode & M_BYNAME) ? NULL : srv.minors[minor];
+	struct vbd *exp = (mode & M_BYNAME) ? NULL : srv->minors[minor];
 	/* the default export answers to "" too; by name it must be the minor */
 	build_prefix(&prefix, mode, events, exp ? "" : (minor ? "1" : "0"));
 
 	if (mode & M_PAUSED)
 		set_paused(1);
 
-	fz_client_open(srv.base, &cl, (mode & M_HOLD) != 0, &sbev);
+	fz_client_open(srv->base, &cl, (mode & M_HOLD) != 0, &sbev);
 	oracle_start(mode, events, minor, data, size);
 	cl.observe = oracle_feed;
-	nbd_serve(srv.nbd, sbev, exp);
-	fz_settle(srv.base);
+	nbd_serve(srv->nbd, sbev, exp);
+	fz_settle(srv->base);
 
 	int second = (events & E_SECOND) != 0;
 	if (second) {
 		/* queued now, served while the first client's input arrives */
-		fz_client_open(srv.base, &cl2, 0, &sbev);
-		nbd_serve(srv.nbd, sbev, exp);
-		build_reader(&reader, exp ? "" : (minor ? "1" : "0"), srv.minors[minor]->size);
+		fz_client_open(srv->base, &cl2, 0, &sbev);
+		nbd_serve(srv->nbd, sbev, exp);
+		build_reader(&reader, exp ? "" : (minor ? "1" : "0"), srv->minors[minor]->size);
 		bufferevent_write(cl2.bev, reader.p, reader.len);
 		free(reader.p);
 	}
 
 	size_t chunk = (mode & M_CHUNKED) ? (size_t)chunk_byte + 1 : 0;
 	int closing = (events & E_CLOSE) != 0;
-	fz_client_send(srv.base, &cl, prefix.p, prefix.len, 0, 1);
-	fz_client_send(srv.base, &cl, data, size, chunk, !closing);
+	fz_client_send(srv->base, &cl, prefix.p, prefix.len, 0, 1);
+	fz_client_send(srv->base, &cl, data, size, chunk, !closing);
 	free(prefix.p);
 	if (closing)
 		close_and_reopen(minor, (events & E_FORCE) != 0);
@@ -1098,13 +1095,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fz_client_hangup(&cl, reset);
 		if (second)
 			fz_client_hangup(&cl2, reset);
-		fz_settle(srv.base);
+		fz_settle(srv->base);
 	}
 	if (mode & M_PAUSED) {
 		set_paused(0);
-		fz_settle(srv.base);
+		fz_settle(srv->base);
 	}
-	fz_client_release(srv.base, &cl);
+	fz_client_release(srv->base, &cl);
 
 	/*
 	 * With every reply read and no request in flight, a server still
@@ -1119,8 +1116,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fz_client_hangup(&cl, reset);
 	if (second)
 		fz_client_hangup(&cl2, reset);
-	fz_settle(srv.base);
-	fz_client_release(srv.base, &cl);
+	fz_settle(srv->base);
+	fz_client_release(srv->base, &cl);
 	if (fz_client_hangup_stuck(&cl) || (second && fz_client_hangup_stuck(&cl2)))
 		fz_fail("the server stopped reading for good: the client's hang-up never "
 			"reached it");
@@ -1129,12 +1126,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fz_client_close(&cl);
 	if (second)
 		fz_client_close(&cl2);
-	fz_settle(srv.base);
+	fz_settle(srv->base);
 
 	oracle_finish();
 	oracle_end();
 	check_idle();
 	wipe_disk();
-	bufpool_trim(srv.pool);
+	bufpool_trim(srv->pool);
 	return 0;
 }
