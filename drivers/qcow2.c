@@ -18,6 +18,7 @@
  */
 #include "qcow2_priv.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -1077,10 +1078,8 @@ qcow2_submit(struct td_image *img, struct td_request *req)
 	struct qcow2 *q = img->priv;
 	struct qreq *qr;
 
-	if ((op_writes(req->op) || req->op == TD_OP_FLUSH) && q->rdonly) {
-		td_complete_later(img, req, EROFS);
-		return;
-	}
+	/* vbd_start refuses writes to read-only disks; caps keep flushes away */
+	assert(!q->rdonly || (!op_writes(req->op) && req->op != TD_OP_FLUSH));
 	if (req->op == TD_OP_CACHE) {
 		td_complete_later(img, req, 0);
 		return;

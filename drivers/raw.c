@@ -10,6 +10,7 @@
 #include "file_io.h"
 #include "vhd_file.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -319,11 +320,9 @@ raw_submit(struct td_image *img, struct td_request *req)
 		io_call(img->io, &s->call);
 		return;
 	}
-	if (req->op != TD_OP_READ && req->op != TD_OP_CACHE &&
-	    (img->oflags & TD_OPEN_RDONLY)) {
-		td_complete_later(img, req, EROFS);
-		return;
-	}
+	/* vbd_start refuses writes to read-only disks; caps keep flushes away */
+	assert(!(img->oflags & TD_OPEN_RDONLY) || req->op == TD_OP_READ ||
+	       req->op == TD_OP_CACHE || req->op == TD_OP_BLOCK_STATUS);
 	rr = calloc(1, sizeof(*rr));
 	if (!rr) {
 		td_complete_later(img, req, ENOMEM);

@@ -20,6 +20,7 @@
  */
 #include "driver.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stddef.h>
 #include <fcntl.h>
@@ -1167,11 +1168,9 @@ vhd_submit(struct td_image *img, struct td_request *req)
 		td_driver_raw.submit(&p->raw, req);
 		return;
 	}
-	if (req->op != TD_OP_READ && req->op != TD_OP_BLOCK_STATUS && req->op != TD_OP_CACHE &&
-	    p->rdonly) {
-		td_complete_later(img, req, EROFS);
-		return;
-	}
+	/* vbd_start refuses writes to read-only disks; caps keep flushes away */
+	assert(!p->rdonly || req->op == TD_OP_READ || req->op == TD_OP_BLOCK_STATUS ||
+	       req->op == TD_OP_CACHE);
 	switch (req->op) {
 	case TD_OP_FLUSH:
 		vhd_flush(p, req);

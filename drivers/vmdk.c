@@ -25,6 +25,7 @@
  */
 #include "driver.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stddef.h>
 #include <limits.h>
@@ -1100,7 +1101,9 @@ vmdk_submit(struct td_image *img, struct td_request *req)
 		td_complete_later(img, req, 0);
 		return;
 	default:
-		td_complete_later(img, req, EROFS);
+		/* read-only: vbd_start refuses writes, and caps keep flushes away */
+		assert(!"a write reached a vmdk");
+		td_complete_later(img, req, EROFS);	/* NDEBUG builds */
 		return;
 	}
 }

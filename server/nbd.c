@@ -456,9 +456,6 @@ request_check(struct nbd_conn *c, const struct nbd_request *r)
 {
 	const uint16_t known = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF |
 			       NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
-	struct vbd *vbd = c->vbd;
-	int writes = r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM ||
-		     r->type == NBD_CMD_WRITE_ZEROES;
 
 	if (r->flags & ~known)
 		return EINVAL;
@@ -488,12 +485,7 @@ request_check(struct nbd_conn *c, const struct nbd_request *r)
 	default:
 		return EINVAL;
 	}
-	if (r->offset % vbd->min_io || r->length % vbd->min_io)
-		return EINVAL;	/* below the advertised minimum block size */
-	if (writes && vbd->readonly)
-		return EPERM;
-	if (r->offset > vbd->size || r->length > vbd->size - r->offset)
-		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? ENOSPC : EINVAL;
+	/* bounds, alignment and read-only are the vbd's to check (vbd_start) */
 	return 0;
 }
 

@@ -555,6 +555,15 @@ vbd_start(struct vbd *vbd, struct vbd_request *vr)
 {
 	struct td_request *td = &vr->td;
 
+	/*
+	 * The one check of a request against the disk, for every frontend;
+	 * below this, drivers assert what it guarantees. Read-only first: a
+	 * write past the end of a read-only disk is refused as a write.
+	 */
+	if (vbd->readonly && op_writes(td->op)) {
+		vbd_fail_request(vbd, vr, EROFS);
+		return;
+	}
 	if (td->offset > vbd->size || td->length > vbd->size - td->offset) {
 		/* NBD's convention: data written past the end is ENOSPC */
 		vbd_fail_request(vbd, vr, td->op == TD_OP_WRITE || td->op == TD_OP_WRITE_ZEROES ?
@@ -564,10 +573,6 @@ vbd_start(struct vbd *vbd, struct vbd_request *vr)
 	if (td->op != TD_OP_FLUSH &&
 	    (td->offset % vbd->min_io || td->length % vbd->min_io)) {
 		vbd_fail_request(vbd, vr, EINVAL);	/* the format works in sectors */
-		return;
-	}
-	if (vbd->readonly && op_writes(td->op)) {
-		vbd_fail_request(vbd, vr, EROFS);
 		return;
 	}
 	/* nothing to do: drivers never see an empty range */
