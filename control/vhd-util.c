@@ -19,6 +19,7 @@
 #include <event2/event.h>
 
 #include "driver.h"
+#include "file_io.h"
 #include "io.h"
 #include "vhd_file.h"
 #include "vhd_format.h"
@@ -245,7 +246,7 @@ check_one(const char *name, int parents, char *out, size_t outlen)
 		PROBLEM("%s: footer saved/hidden flags are not 0 or 1\n", name);
 	if (is_nil(f->uuid))
 		PROBLEM("%s: footer uuid is nil\n", name);
-	if (vhd_pread(&vf.fd, raw, sizeof(raw), m->footer_offset) == 0)
+	if (td_pread_full(&vf.fd, raw, sizeof(raw), m->footer_offset) == 0)
 		for (unsigned i = 86; i < VHD_FOOTER_SIZE; i++)
 			if (raw[i]) {
 				PROBLEM("%s: footer reserved bytes are not zero\n", name);
@@ -253,13 +254,13 @@ check_one(const char *name, int parents, char *out, size_t outlen)
 			}
 	if (f->type != VHD_TYPE_FIXED) {
 		uint8_t backup[VHD_FOOTER_SIZE];
-		if (vhd_pread(&vf.fd, backup, sizeof(backup), 0) < 0 ||
+		if (td_pread_full(&vf.fd, backup, sizeof(backup), 0) < 0 ||
 		    memcmp(backup, raw, sizeof(raw)))
 			PROBLEM("%s: the backup footer at offset 0 differs from the footer "
 				"(vhd-util repair rewrites it)\n", name);
 		char buf[4096];
 		buf[0] = '\0';
-		problems += vhd_meta_check_blocks(m, vhd_pread, &vf.fd, buf, sizeof(buf));
+		problems += vhd_meta_check_blocks(m, td_pread_full, &vf.fd, buf, sizeof(buf));
 		for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
 			int n = snprintf(out + used, used < outlen ? outlen - used : 0, "%s: %s\n",
 					 name, line);
@@ -355,14 +356,14 @@ cmd_repair(int argc, char **argv)
 		die("%s: %s", name, strerror(errno));
 	off_t size = lseek(fd, 0, SEEK_END);
 	int primary_ok = size >= VHD_FOOTER_SIZE &&
-			 vhd_pread(&fd, buf, sizeof(buf), (uint64_t)size - VHD_FOOTER_SIZE) == 0 &&
+			 td_pread_full(&fd, buf, sizeof(buf), (uint64_t)size - VHD_FOOTER_SIZE) == 0 &&
 			 vhd_footer_decode(buf, &f, why, sizeof(why)) == 0;
-	int backup_ok = vhd_pread(&fd, back, sizeof(back), 0) == 0 &&
+	int backup_ok = td_pread_full(&fd, back, sizeof(back), 0) == 0 &&
 			vhd_footer_decode(back, &f, why, sizeof(why)) == 0 &&
 			f.type != VHD_TYPE_FIXED;
 	if (primary_ok) {
 		if (vhd_footer_decode(buf, &f, why, sizeof(why)) == 0 && f.type != VHD_TYPE_FIXED &&
-		    memcmp(buf, back, sizeof(buf)) && vhd_pwrite(&fd, buf, sizeof(buf), 0) < 0)
+		    memcmp(buf, back, sizeof(buf)) && td_pwrite_full(&fd, buf, sizeof(buf), 0) < 0)
 			die("%s: %s", name, strerror(errno));
 		fsync(fd);
 		close(fd);
@@ -379,13 +380,13 @@ cmd_repair(int argc, char **argv)
 	uint64_t tail = ((uint64_t)size + VHD_SECTOR - 1) / VHD_SECTOR * VHD_SECTOR;
 	struct vhd_file vf;
 	struct td_error err;
-	if (vhd_pwrite(&fd, back, sizeof(back), tail) < 0)
+	if (td_pwrite_full(&fd, back, sizeof(back), tail) < 0)
 		die("%s: %s", name, strerror(errno));
 	if (vhd_file_open(&vf, name, 1, &err) < 0)
 		die("%s: %s", name, err.msg);
 	uint64_t end = vhd_end_of_data(&vf.m);
 	vhd_file_close(&vf);
-	if (vhd_pwrite(&fd, back, sizeof(back), end) < 0 ||
+	if (td_pwrite_full(&fd, back, sizeof(back), end) < 0 ||
 	    ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0 || fsync(fd) < 0)
 		die("%s: %s", name, strerror(errno));
 	close(fd);
@@ -546,7 +547,7 @@ cmd_scan(int argc, char **argv)
 static void
 write_or_die(int fd, const void *buf, size_t len, uint64_t off, const char *name)
 {
-	if (vhd_pwrite(&fd, buf, len, off) < 0)
+	if (td_pwrite_full(&fd, buf, len, off) < 0)
 		die("%s: %s", name, strerror(errno));
 }
 
@@ -742,7 +743,7 @@ cmd_coalesce(int argc, char **argv)
 			continue;
 		if (vhd_batmap_test(m, blk))
 			memset(map, 0xff, m->bitmap_bytes);
-		else if (vhd_pread(&vf.fd, map, m->bitmap_bytes, vhd_block_offset(m, blk)) < 0)
+		else if (td_pread_full(&vf.fd, map, m->bitmap_bytes, vhd_block_offset(m, blk)) < 0)
 			die("%s: cannot read the bitmap of block %u", name, blk);
 		uint64_t base = (uint64_t)blk * m->header.block_size;
 		for (uint32_t sct = 0; sct < m->spb && !rc;) {
@@ -759,7 +760,7 @@ cmd_coalesce(int argc, char **argv)
 				break;	/* beyond a smaller parent: nowhere to put it */
 			if (off + len > parent->size)
 				len = parent->size - off;
-			if (vhd_pread(&vf.fd, buf, len, vhd_block_data(m, blk) + (off - base)) < 0)
+			if (td_pread_full(&vf.fd, buf, len, vhd_block_data(m, blk) + (off - base)) < 0)
 				die("%s: cannot read block %u", name, blk);
 			rc = sync_submit(&s, parent, TD_OP_WRITE, buf, off, len);
 			sectors += len / VHD_SECTOR;

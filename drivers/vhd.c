@@ -45,7 +45,6 @@
 #define VHD_MAX_BATCH	64	/* new blocks per allocation batch */
 #define VHD_INLINE_IOV	4
 #define VHD_ZERO_CHUNK	(1u << 20)
-#define VOP_STATUS	2
 
 static char vhd_zeros[VHD_ZERO_CHUNK] __attribute__((aligned(4096)));
 
@@ -68,12 +67,15 @@ struct bjob {
 };
 
 /* One piece of a request, inside one block (or one metadata step). */
+/* What a piece does once its block's bitmap is at hand. */
+enum vop_kind { VOP_READ, VOP_WRITE, VOP_STATUS };
+
 struct vop {
-	struct td_pieces *vr;
+	struct td_pieces *ps;
 	struct vhd_priv *p;
 	uint32_t blk;
 	uint64_t off, len;		/* virtual bytes */
-	int is_write;			/* 0 read, 1 write, VOP_STATUS */
+	enum vop_kind kind;		/* what the block's bitmap is wanted for */
 	int zero;			/* write zeros rather than the request's data */
 	struct mc_entry *bm;		/* its bitmap, pinned */
 	struct mc_waiter bm_wait;
@@ -150,7 +152,7 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 		snprintf(dir, sizeof(dir), ".");
 	if (!dir[0])
 		snprintf(dir, sizeof(dir), "/");
-	rc = vhd_meta_load(&p->m, vhd_pread, &p->f.fd, p->f.size, dir, vhd_file_exists, err);
+	rc = vhd_meta_load(&p->m, td_pread_full, &p->f.fd, p->f.size, dir, vhd_file_exists, err);
 	if (rc < 0) {
 		td_file_close(&p->f, 0);
 		free(p);
@@ -283,35 +285,35 @@ vhd_validate_parent(struct td_image *img, struct td_image *parent, struct td_err
 /* ---- requests: pieces ---- */
 
 static struct vop *
-vop_new(struct td_pieces *vr, struct vhd_priv *p, uint32_t blk, uint64_t off, uint64_t len)
+vop_new(struct td_pieces *ps, struct vhd_priv *p, uint32_t blk, uint64_t off, uint64_t len)
 {
 	struct vop *v = calloc(1, sizeof(*v));
 	if (!v)
 		return NULL;
-	v->vr = vr;
+	v->ps = ps;
 	v->p = p;
 	v->blk = blk;
 	v->off = off;
 	v->len = len;
-	td_pieces_add(vr);
+	td_pieces_add(ps);
 	return v;
 }
 
 static void
 vop_finish(struct vop *v, int err)
 {
-	struct td_pieces *vr = v->vr;
+	struct td_pieces *ps = v->ps;
 	if (v->iov && v->iov != v->iov_inline)
 		free(v->iov);
 	free(v);
-	td_pieces_done(vr, err);
+	td_pieces_done(ps, err);
 }
 
 /* Points v->iov at bytes [off, off+len) of the request (or of zeros). */
 static int
 vop_slice(struct vop *v, uint64_t off, uint64_t len)
 {
-	return td_req_iov(v->vr->req, off, len, v->zero ? vhd_zeros : NULL, VHD_ZERO_CHUNK,
+	return td_req_iov(v->ps->req, off, len, v->zero ? vhd_zeros : NULL, VHD_ZERO_CHUNK,
 			  v->iov_inline, VHD_INLINE_IOV, &v->iov, &v->iovcnt);
 }
 
@@ -440,17 +442,17 @@ read_by_bitmap(struct vop *v)
 	uint32_t s = (uint32_t)((v->off - base) / VHD_SECTOR);
 	uint32_t end = s + (uint32_t)(v->len / VHD_SECTOR);
 	const uint8_t *map = v->bm->buf;
-	struct td_pieces *vr = v->vr;
+	struct td_pieces *ps = v->ps;
 
 	while (s < end) {
 		int bit = vhd_bitmap_test(map, s);
 		uint32_t e = s + 1;
 		while (e < end && vhd_bitmap_test(map, e) == bit)
 			e++;
-		struct vop *run = vop_new(vr, p, v->blk, base + (uint64_t)s * VHD_SECTOR,
+		struct vop *run = vop_new(ps, p, v->blk, base + (uint64_t)s * VHD_SECTOR,
 					  (uint64_t)(e - s) * VHD_SECTOR);
 		if (!run) {
-			vr->err = ENOMEM;
+			ps->err = ENOMEM;
 			break;
 		}
 		if (bit)
@@ -560,12 +562,17 @@ static void vop_status_bitmap(struct vop *v);
 static void
 vop_with_bitmap(struct vop *v)
 {
-	if (v->is_write == VOP_STATUS)
+	switch (v->kind) {
+	case VOP_STATUS:
 		vop_status_bitmap(v);
-	else if (v->is_write)
+		break;
+	case VOP_WRITE:
 		write_data(v);
-	else
+		break;
+	case VOP_READ:
 		read_by_bitmap(v);
+		break;
+	}
 }
 
 /* ---- block jobs ---- */
@@ -947,7 +954,7 @@ vop_start_write(struct vop *v)
 		alloc_block(v);
 		return;
 	}
-	v->is_write = 1;
+	v->kind = VOP_WRITE;
 	if (vhd_batmap_test(m, v->blk))
 		write_data(v);
 	else
@@ -1054,15 +1061,15 @@ status_run(struct vhd_priv *p, struct td_request *req)
 				if (req->nr_extents)
 					break;
 				/* load it, then start again */
-				struct td_pieces *vr = td_pieces_new(p->img, req);
-				struct vop *v = vr ? vop_new(vr, p, blk, pos, 0) : NULL;
+				struct td_pieces *ps = td_pieces_new(p->img, req);
+				struct vop *v = ps ? vop_new(ps, p, blk, pos, 0) : NULL;
 				if (!v) {
-					free(vr);
+					free(ps);
 					td_complete_later(p->img, req, ENOMEM);
 					return;
 				}
-				vr->pending--;	/* only the vop holds it */
-				v->is_write = VOP_STATUS;
+				ps->pending--;	/* only the vop holds it */
+				v->kind = VOP_STATUS;
 				bm_get(v);
 				return;
 			}
@@ -1150,11 +1157,11 @@ vhd_flush(struct vhd_priv *p, struct td_request *req)
 static void
 vop_status_bitmap(struct vop *v)
 {
-	struct td_request *req = v->vr->req;
-	struct td_pieces *vr = v->vr;
+	struct td_request *req = v->ps->req;
+	struct td_pieces *ps = v->ps;
 	bm_put(v);
 	free(v);
-	free(vr);
+	free(ps);
 	status_run(req->img->priv, req);
 }
 
@@ -1184,8 +1191,8 @@ vhd_submit(struct td_image *img, struct td_request *req)
 	default:
 		break;
 	}
-	struct td_pieces *vr = td_pieces_new(img, req);
-	if (!vr) {
+	struct td_pieces *ps = td_pieces_new(img, req);
+	if (!ps) {
 		td_complete_later(img, req, ENOMEM);
 		return;
 	}
@@ -1195,9 +1202,9 @@ vhd_submit(struct td_image *img, struct td_request *req)
 		uint64_t stop = ((uint64_t)blk + 1) * bs;
 		if (stop > end)
 			stop = end;
-		struct vop *v = vop_new(vr, p, blk, pos, stop - pos);
+		struct vop *v = vop_new(ps, p, blk, pos, stop - pos);
 		if (!v) {
-			vr->err = ENOMEM;
+			ps->err = ENOMEM;
 			break;
 		}
 		switch (req->op) {
@@ -1219,7 +1226,7 @@ vhd_submit(struct td_image *img, struct td_request *req)
 		}
 		pos = stop;
 	}
-	td_pieces_issued(vr);
+	td_pieces_issued(ps);
 }
 
 /* Also serves raw leaves: their snapshot is a VHD on a raw parent. */

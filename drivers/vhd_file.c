@@ -13,18 +13,6 @@
 #include <unistd.h>
 
 int
-vhd_pread(void *fdp, void *buf, size_t len, uint64_t off)
-{
-	return td_pread_full(fdp, buf, len, off);
-}
-
-int
-vhd_pwrite(void *fdp, const void *buf, size_t len, uint64_t off)
-{
-	return td_pwrite_full(fdp, buf, len, off);
-}
-
-int
 vhd_file_exists(const char *path)
 {
 	return access(path, F_OK) == 0;
@@ -73,7 +61,7 @@ vhd_file_open(struct vhd_file *vf, const char *path, int rdwr, struct td_error *
 		td_error_set(err, errno, "%s", strerror(errno));
 		goto fail;
 	}
-	if (vhd_meta_load(&vf->m, vhd_pread, &vf->fd, (uint64_t)size, dir, vhd_file_exists, err) < 0)
+	if (vhd_meta_load(&vf->m, td_pread_full, &vf->fd, (uint64_t)size, dir, vhd_file_exists, err) < 0)
 		goto fail;
 	return 0;
 fail:
@@ -111,7 +99,7 @@ create_fill(int fd, void *arg, struct td_error *err)
 
 	if (!c->child_path)
 		c->child_path = abs;
-	rc = abs ? vhd_create_write(c, vhd_pwrite, &fd, err)
+	rc = abs ? vhd_create_write(c, td_pwrite_full, &fd, err)
 		 : td_error_set(err, ENOMEM, "out of memory");
 	c->child_path = saved;
 	free(abs);

@@ -18,9 +18,7 @@ struct vhd_file {
 int vhd_file_open(struct vhd_file *vf, const char *path, int rdwr, struct td_error *err);
 void vhd_file_close(struct vhd_file *vf);
 
-int vhd_pread(void *fdp, void *buf, size_t len, uint64_t off);	/* ctx: int *fd */
 int vhd_file_exists(const char *path);	/* for parent lookups */
-int vhd_pwrite(void *fdp, const void *buf, size_t len, uint64_t off);
 
 /* Creates path (it must not exist) from c; the file is synced. */
 int vhd_file_create(const char *path, struct vhd_create *c, struct td_error *err);

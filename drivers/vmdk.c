@@ -87,7 +87,7 @@ struct vmdk_priv {
 /* A piece of a read (inside one extent and one grain table), or a block status step. */
 struct vop {
 	struct vmdk_priv *p;
-	struct td_pieces *vr;		/* reads */
+	struct td_pieces *ps;		/* reads */
 	struct td_request *status;	/* block status waiting for a grain table */
 	struct vmdk_extent *ext;
 	uint64_t off, len;		/* virtual bytes */
@@ -227,8 +227,8 @@ open_monolithic(struct vmdk_priv *p, struct td_file *f, const char *dir, struct 
 	e->f = *f;
 	if (!(e->name = strdup(p->img->path)))
 		return td_error_set(err, ENOMEM, "out of memory");
-	if ((rc = vmdk_sparse_load(&e->s, vhd_pread, &e->f.fd, e->f.size, err)) < 0 ||
-	    (rc = vmdk_sparse_descriptor(&e->s, vhd_pread, &e->f.fd, &text, err)) < 0)
+	if ((rc = vmdk_sparse_load(&e->s, td_pread_full, &e->f.fd, e->f.size, err)) < 0 ||
+	    (rc = vmdk_sparse_descriptor(&e->s, td_pread_full, &e->f.fd, &text, err)) < 0)
 		return rc;
 	e->len = e->s.capacity * VMDK_SECTOR;
 	if (!text)
@@ -284,7 +284,7 @@ static int
 open_sparse(struct vmdk_extent *e, struct td_image *img, struct td_error *err)
 {
 	int rc = td_file_open(&e->f, e->path, 1, (img->oflags & TD_OPEN_NODIRECT) != 0, err);
-	if (rc < 0 || (rc = vmdk_sparse_load(&e->s, vhd_pread, &e->f.fd, e->f.size, err)) < 0)
+	if (rc < 0 || (rc = vmdk_sparse_load(&e->s, td_pread_full, &e->f.fd, e->f.size, err)) < 0)
 		return rc;
 	if (e->s.capacity * VMDK_SECTOR < e->len)
 		return td_error_set(err, EUCLEAN, "sparse file of %ju sectors for an extent of %ju",
@@ -335,7 +335,7 @@ read_text(struct td_file *f, struct td_error *err)
 		td_error_set(err, ENOMEM, "out of memory");
 		return NULL;
 	}
-	if ((rc = vhd_pread(&f->fd, text, (size_t)f->size, 0)) < 0) {
+	if ((rc = td_pread_full(&f->fd, text, (size_t)f->size, 0)) < 0) {
 		td_error_set(err, -rc, "cannot read: %s", strerror(-rc));
 		free(text);
 		return NULL;
@@ -420,7 +420,7 @@ open_file(struct vmdk_priv *p, const char *dir, const struct td_open_ctx *ctx,
 	if (rc < 0)
 		return rc;
 	size_t n = f.size < sizeof(head) ? (size_t)f.size : sizeof(head);
-	if ((rc = vhd_pread(&f.fd, head, n, 0)) < 0) {
+	if ((rc = td_pread_full(&f.fd, head, n, 0)) < 0) {
 		td_file_close(&f, 0);
 		return td_error_set(err, -rc, "cannot read: %s", strerror(-rc));
 	}
@@ -537,21 +537,21 @@ piece_end(const struct vmdk_extent *e, uint64_t pos, uint64_t end)
 }
 
 static struct vop *
-vop_new(struct vmdk_priv *p, struct td_pieces *vr, struct vmdk_extent *e, uint64_t off,
+vop_new(struct vmdk_priv *p, struct td_pieces *ps, struct vmdk_extent *e, uint64_t off,
 	uint64_t len)
 {
 	struct vop *v = calloc(1, sizeof(*v));
 	if (!v)
 		return NULL;
 	v->p = p;
-	v->vr = vr;
+	v->ps = ps;
 	v->ext = e;
 	v->off = off;
 	v->len = len;
 	if (e->type == VMDK_EXT_SPARSE)
 		v->gdi = vmdk_gd_index(&e->s, vmdk_grain_of(&e->s, off - e->start));
-	if (vr)
-		td_pieces_add(vr);
+	if (ps)
+		td_pieces_add(ps);
 	return v;
 }
 
@@ -559,15 +559,15 @@ vop_new(struct vmdk_priv *p, struct td_pieces *vr, struct vmdk_extent *e, uint64
 static void
 vop_done(struct vop *v, int err)
 {
-	struct td_pieces *vr = v->vr;
+	struct td_pieces *ps = v->ps;
 	struct td_request *status = v->status;
 
 	if (v->iov != v->iov_inline)
 		free(v->iov);
 	free(v->zbuf);
 	free(v);
-	if (vr)
-		td_pieces_done(vr, err);
+	if (ps)
+		td_pieces_done(ps, err);
 	else if (status)	/* failed before its I/O, maybe inside submit */
 		td_complete_later(status->img, status, err);
 }
@@ -576,7 +576,7 @@ vop_done(struct vop *v, int err)
 static int
 vop_slice(struct vop *v)
 {
-	const struct td_request *req = v->vr->req;
+	const struct td_request *req = v->ps->req;
 	uint64_t skip = v->off - req->offset;
 
 	v->iov = v->iov_inline;
@@ -901,19 +901,19 @@ run_start(struct vop *v, const struct run *r)
 static void
 read_runs(struct vop *v)
 {
-	struct td_pieces *vr = v->vr;
+	struct td_pieces *ps = v->ps;
 	uint64_t pos = v->off, end = v->off + v->len;
 	char why[256];
 
 	while (pos < end) {
 		struct run r;
 		if (run_at(v->ext, v->gt->buf, pos, end, &r, why, sizeof(why)) < 0) {
-			vr->err = damaged(v->p, v->ext, why);
+			ps->err = damaged(v->p, v->ext, why);
 			break;
 		}
-		struct vop *rv = vop_new(v->p, vr, v->ext, pos, r.len);
+		struct vop *rv = vop_new(v->p, ps, v->ext, pos, r.len);
 		if (!rv) {
-			vr->err = ENOMEM;
+			ps->err = ENOMEM;
 			break;
 		}
 		run_start(rv, &r);
@@ -947,25 +947,25 @@ read_piece(struct vop *v)
 static void
 read_start(struct vmdk_priv *p, struct td_request *req)
 {
-	struct td_pieces *vr = td_pieces_new(p->img, req);
+	struct td_pieces *ps = td_pieces_new(p->img, req);
 	uint64_t pos = req->offset, end = req->offset + req->length;
 
-	if (!vr) {
+	if (!ps) {
 		td_complete_later(p->img, req, ENOMEM);
 		return;
 	}
 	while (pos < end) {
 		struct vmdk_extent *e = extent_at(p, pos);
 		uint64_t stop = piece_end(e, pos, end);
-		struct vop *v = vop_new(p, vr, e, pos, stop - pos);
+		struct vop *v = vop_new(p, ps, e, pos, stop - pos);
 		if (!v) {
-			vr->err = ENOMEM;
+			ps->err = ENOMEM;
 			break;
 		}
 		read_piece(v);
 		pos = stop;
 	}
-	td_pieces_issued(vr);
+	td_pieces_issued(ps);
 }
 
 /* ---- block status ---- */

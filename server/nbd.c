@@ -419,7 +419,7 @@ nbd_req_new(struct nbd_conn *c)
 	if (c->cur.flags & NBD_CMD_FLAG_FAST_ZERO)
 		nr->vr.td.flags |= TD_REQ_FAST_ZERO;
 	nr->vr.complete = nbd_req_complete;
-	nr->vr.fe = c;
+	nr->vr.flow = c;
 	return nr;
 }
 

@@ -24,7 +24,7 @@
 #include "vbd.h"
 
 struct qos_flow {
-	void *key;			/* the frontend: vr->fe */
+	const void *key;		/* vr->flow */
 	TAILQ_HEAD(, vbd_request) reqs;
 	double start, finish;		/* fair queueing tags */
 	TAILQ_ENTRY(qos_flow) link;
@@ -170,13 +170,13 @@ flow_enqueue(struct qos_vbd *q, struct vbd_request *vr)
 	struct qos_flow *f;
 
 	TAILQ_FOREACH(f, &q->flows, link)
-		if (f->key == vr->fe)
+		if (f->key == vr->flow)
 			break;
 	if (!f) {
 		f = calloc(1, sizeof(*f));
 		if (!f)
 			return -ENOMEM;
-		f->key = vr->fe;
+		f->key = vr->flow;
 		TAILQ_INIT(&f->reqs);
 		TAILQ_INSERT_TAIL(&q->flows, f, link);
 	}

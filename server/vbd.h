@@ -31,7 +31,7 @@ struct vbd_request {
 	struct vbd *vbd;
 	/* the frontend's: called once, on the loop, when the request ends */
 	void (*complete)(struct vbd_request *vr, int err);
-	void *fe;
+	const void *flow;	/* its QoS fair-queueing key: the NBD connection or blkif ring */
 	uint64_t start_ns;
 	int err;
 	TAILQ_ENTRY(vbd_request) link;

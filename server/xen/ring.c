@@ -272,7 +272,7 @@ breq_submit(struct blkif_req *b)
 		return;
 	}
 	b->vr.complete = breq_complete;
-	b->vr.fe = r;
+	b->vr.flow = r;
 	vbd_submit(r->vbd, &b->vr);
 }
 
