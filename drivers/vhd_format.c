@@ -468,25 +468,27 @@ load_batmap(struct vhd_meta *m, vhd_read_fn rd, void *ctx)
 	return 0;
 }
 
-int
-vhd_meta_load(struct vhd_meta *m, vhd_read_fn rd, void *ctx, uint64_t file_size,
-	      const char *dir, int (*exists)(const char *path), struct td_error *err)
+/* Bytes the BAT takes in the file: whole sectors. */
+static uint64_t
+bat_size(const struct vhd_meta *m)
 {
-	uint8_t buf[VHD_HEADER_SIZE];
+	return align_up((uint64_t)m->header.max_bat * 4, VHD_SECTOR);
+}
+
+/* The footer at the end of the file: decoded, and the disk it describes checked. */
+static int
+load_footer(struct vhd_meta *m, vhd_read_fn rd, void *ctx, struct td_error *err)
+{
+	uint8_t buf[VHD_FOOTER_SIZE];
 	char why[128];
-	struct range *ranges = NULL;
 	int rc;
 
-	memset(m, 0, sizeof(*m));
-	m->file_size = file_size;
-	if (file_size < VHD_FOOTER_SIZE || file_size % VHD_SECTOR)
+	if (m->file_size < VHD_FOOTER_SIZE || m->file_size % VHD_SECTOR)
 		FAIL("file size %ju is not a whole number of sectors holding a footer",
-		     (uintmax_t)file_size);
-	m->footer_offset = file_size - VHD_FOOTER_SIZE;
-	if ((rc = rd(ctx, buf, VHD_FOOTER_SIZE, m->footer_offset)) < 0) {
-		td_error_set(err, -rc, "cannot read the footer: %s", strerror(-rc));
-		goto fail;
-	}
+		     (uintmax_t)m->file_size);
+	m->footer_offset = m->file_size - VHD_FOOTER_SIZE;
+	if ((rc = rd(ctx, buf, VHD_FOOTER_SIZE, m->footer_offset)) < 0)
+		return td_error_set(err, -rc, "cannot read the footer: %s", strerror(-rc));
 	if (vhd_footer_decode(buf, &m->footer, why, sizeof(why)) < 0) {
 		/* a backup footer at offset 0 means repair can restore it */
 		struct vhd_footer backup;
@@ -513,28 +515,36 @@ vhd_meta_load(struct vhd_meta *m, vhd_read_fn rd, void *ctx, uint64_t file_size,
 		/* qemu's CHS rounding may say more than the disk holds: trust the bytes */
 		m->size = f->curr_size;
 	}
-
-	if (f->type == VHD_TYPE_FIXED) {
-		if (f->data_offset != VHD_NO_OFFSET)
-			FAIL("fixed disk with a data offset");
-		if (m->footer_offset < f->curr_size)
-			FAIL("fixed disk of %ju bytes in a file of %ju", (uintmax_t)f->curr_size,
-			     (uintmax_t)file_size);
-		m->meta_end = m->footer_offset;
+	if (f->type != VHD_TYPE_FIXED)
 		return 0;
-	}
+	if (f->data_offset != VHD_NO_OFFSET)
+		FAIL("fixed disk with a data offset");
+	if (m->footer_offset < f->curr_size)
+		FAIL("fixed disk of %ju bytes in a file of %ju", (uintmax_t)f->curr_size,
+		     (uintmax_t)m->file_size);
+	m->meta_end = m->footer_offset;
+	return 0;
+fail:
+	return -err->code;
+}
 
-	/* dynamic and differencing */
+/* A dynamic or differencing disk's header, and the geometry it gives. */
+static int
+load_dynamic_header(struct vhd_meta *m, vhd_read_fn rd, void *ctx, struct td_error *err)
+{
+	const struct vhd_footer *f = &m->footer;
+	struct vhd_header *h = &m->header;
+	uint8_t buf[VHD_HEADER_SIZE];
+	char why[128];
+	int rc;
+
 	if (f->data_offset < VHD_FOOTER_SIZE || f->data_offset % VHD_SECTOR ||
 	    f->data_offset > m->footer_offset - VHD_HEADER_SIZE || m->footer_offset < VHD_HEADER_SIZE)
 		FAIL("dynamic header offset %ju out of place", (uintmax_t)f->data_offset);
-	if ((rc = rd(ctx, buf, VHD_HEADER_SIZE, f->data_offset)) < 0) {
-		td_error_set(err, -rc, "cannot read the header: %s", strerror(-rc));
-		goto fail;
-	}
-	if (vhd_header_decode(buf, &m->header, why, sizeof(why)) < 0)
+	if ((rc = rd(ctx, buf, VHD_HEADER_SIZE, f->data_offset)) < 0)
+		return td_error_set(err, -rc, "cannot read the header: %s", strerror(-rc));
+	if (vhd_header_decode(buf, h, why, sizeof(why)) < 0)
 		FAIL("%s", why);
-	struct vhd_header *h = &m->header;
 	if (h->version != VHD_VERSION(1, 0) || h->data_offset != VHD_NO_OFFSET)
 		FAIL("unsupported dynamic header (version %#x)", h->version);
 	if (h->block_size < VHD_BLOCK_MIN || h->block_size > VHD_BLOCK_MAX ||
@@ -548,7 +558,7 @@ vhd_meta_load(struct vhd_meta *m, vhd_read_fn rd, void *ctx, uint64_t file_size,
 		FAIL("BAT of %u entries cannot map %ju bytes", h->max_bat, (uintmax_t)f->curr_size);
 	if (h->max_bat > VHD_MAX_SIZE / h->block_size + 1)
 		FAIL("BAT of %u entries is absurd", h->max_bat);
-	uint64_t bat_bytes = align_up((uint64_t)h->max_bat * 4, VHD_SECTOR);
+	uint64_t bat_bytes = bat_size(m);
 	if (h->table_offset % VHD_SECTOR || h->table_offset < VHD_FOOTER_SIZE ||
 	    h->table_offset > m->footer_offset || bat_bytes > m->footer_offset - h->table_offset)
 		FAIL("BAT at %ju does not fit in the file", (uintmax_t)h->table_offset);
@@ -557,35 +567,53 @@ vhd_meta_load(struct vhd_meta *m, vhd_read_fn rd, void *ctx, uint64_t file_size,
 		FAIL("BAT overlaps the dynamic header");
 	if (f->type == VHD_TYPE_DYNAMIC && !is_nil(h->parent_uuid))
 		FAIL("dynamic disk names a parent");
+	return 0;
+fail:
+	return -err->code;
+}
 
+/* The block allocation table, then the batmap if there is one. */
+static int
+load_bat(struct vhd_meta *m, vhd_read_fn rd, void *ctx, struct td_error *err)
+{
+	const struct vhd_header *h = &m->header;
+	uint64_t bat_bytes = bat_size(m);
 	uint8_t *raw = malloc(bat_bytes);
+	int rc;
+
 	m->bat = malloc((size_t)h->max_bat * sizeof(*m->bat));
 	if (!raw || !m->bat) {
 		free(raw);
-		td_error_set(err, ENOMEM, "out of memory for a BAT of %u entries", h->max_bat);
-		goto fail;
+		return td_error_set(err, ENOMEM, "out of memory for a BAT of %u entries",
+				    h->max_bat);
 	}
 	if ((rc = rd(ctx, raw, bat_bytes, h->table_offset)) < 0) {
 		free(raw);
-		td_error_set(err, -rc, "cannot read the BAT: %s", strerror(-rc));
-		goto fail;
+		return td_error_set(err, -rc, "cannot read the BAT: %s", strerror(-rc));
 	}
 	for (uint32_t i = 0; i < h->max_bat; i++)
 		m->bat[i] = get_be32(raw + 4 * (size_t)i);
 	free(raw);
+	if (load_batmap(m, rd, ctx) < 0)
+		return td_error_set(err, ENOMEM, "out of memory");
+	return 0;
+}
 
-	if (load_batmap(m, rd, ctx) < 0) {
-		td_error_set(err, ENOMEM, "out of memory");
-		goto fail;
-	}
-
-	/* every region of the file, so blocks can be checked against all of it */
+/*
+ * Every region of the file (headers, tables, locators, blocks) in place and
+ * none overlapping another; m->meta_end is where the last one ends.
+ */
+static int
+check_layout(struct vhd_meta *m, struct td_error *err)
+{
+	const struct vhd_footer *f = &m->footer;
+	const struct vhd_header *h = &m->header;
+	uint64_t bat_bytes = bat_size(m);
 	size_t nr = 0, cap = (size_t)h->max_bat + 16;
-	ranges = malloc(cap * sizeof(*ranges));
-	if (!ranges) {
-		td_error_set(err, ENOMEM, "out of memory");
-		goto fail;
-	}
+	struct range *ranges = malloc(cap * sizeof(*ranges));
+
+	if (!ranges)
+		return td_error_set(err, ENOMEM, "out of memory");
 	if (f->data_offset >= VHD_FOOTER_SIZE)
 		ranges[nr++] = (struct range){ 0, VHD_FOOTER_SIZE, "the backup footer", 0 };
 	ranges[nr++] = (struct range){ f->data_offset, f->data_offset + VHD_HEADER_SIZE,
@@ -637,17 +665,32 @@ vhd_meta_load(struct vhd_meta *m, vhd_read_fn rd, void *ctx, uint64_t file_size,
 	}
 	m->meta_end = nr ? ranges[nr - 1].end : 0;
 	free(ranges);
-	ranges = NULL;
+	return 0;
+fail:
+	free(ranges);
+	return -err->code;
+}
 
-	if (f->type == VHD_TYPE_DIFF) {
-		m->parent_raw = is_nil(h->parent_uuid);
-		rc = load_parent(m, rd, ctx, dir, exists, err);
-		if (rc < 0)
+int
+vhd_meta_load(struct vhd_meta *m, vhd_read_fn rd, void *ctx, uint64_t file_size,
+	      const char *dir, int (*exists)(const char *path), struct td_error *err)
+{
+	memset(m, 0, sizeof(*m));
+	m->file_size = file_size;
+	if (load_footer(m, rd, ctx, err) < 0)
+		goto fail;
+	if (m->footer.type == VHD_TYPE_FIXED)
+		return 0;
+	if (load_dynamic_header(m, rd, ctx, err) < 0 || load_bat(m, rd, ctx, err) < 0 ||
+	    check_layout(m, err) < 0)
+		goto fail;
+	if (m->footer.type == VHD_TYPE_DIFF) {
+		m->parent_raw = is_nil(m->header.parent_uuid);
+		if (load_parent(m, rd, ctx, dir, exists, err) < 0)
 			goto fail;
 	}
 	return 0;
 fail:
-	free(ranges);
 	vhd_meta_free(m);
 	return -err->code;
 }
