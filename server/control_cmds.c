@@ -169,13 +169,15 @@ open_done(void *arg, int err, const char *msg)
 	if (err) {
 		ctl_reply_error(req, err, "%s", msg ? msg : strerror(err));
 	} else {
-		char *nbd = server_nbd_path(vbd->srv, vbd->minor);
+		json_t *info = vbd_info_json(vbd);
+		json_t *nbd = json_object_get(info, "nbd");
 		ctl_reply_ok(req, json_pack("{s:i, s:s, s:I, s:i, s:b, s:s}",
 					    "minor", vbd->minor, "params", vbd->params,
 					    "size", (json_int_t)vbd->size,
 					    "sector_size", (int)vbd->sector_size,
-					    "readonly", vbd->readonly, "nbd", nbd ? nbd : ""));
-		free(nbd);
+					    "readonly", vbd->readonly,
+					    "nbd", json_is_string(nbd) ? json_string_value(nbd) : ""));
+		json_decref(info);
 	}
 	free(o);
 }

@@ -393,7 +393,7 @@ startup_open_done(void *arg, int err, const char *msg)
 	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
 		struct vbd *vbd = the_server->minors[m];
 		if (vbd && vbd->params && !strcmp(vbd->params, params)) {
-			char *nbd = server_nbd_path(the_server, m);
+			char *nbd = nbd_vbd_path(the_server, m);
 			log_info("minor %d: NBD URI nbd+unix:///?socket=%s", m, nbd);
 			free(nbd);
 		}

@@ -1218,7 +1218,7 @@ listener_new(struct nbd_server *ns, evutil_socket_t fd, const char *path,
 int
 nbd_export_vbd(struct nbd_server *ns, struct vbd *vbd, char *err, size_t errlen)
 {
-	char *path = server_nbd_path(ns->srv, vbd->minor);
+	char *path = nbd_vbd_path(ns->srv, vbd->minor);
 	int fd;
 
 	if (!path) {
@@ -1312,6 +1312,37 @@ nbd_listen_global(struct nbd_server *ns, const char *spec, char *err, size_t err
 	return -EINVAL;
 }
 
+char *
+nbd_vbd_path(const struct server *srv, int minor)
+{
+	char *p;
+	if (asprintf(&p, "%s/nbd%d.%d", srv->state_dir, (int)srv->pid, minor) < 0)
+		return NULL;
+	return p;
+}
+
+/* The frontend kind: every vbd gets its socket; its path is in the vbd's description. */
+static int
+nbd_vbd_opened(void *state, struct vbd *vbd, char *err, size_t errlen)
+{
+	return nbd_export_vbd(state, vbd, err, errlen);
+}
+
+static void
+nbd_vbd_info(void *state, const struct vbd *vbd, json_t *info)
+{
+	struct nbd_server *ns = state;
+	char *path = (vbd->state & VBD_CLOSED) ? NULL : nbd_vbd_path(ns->srv, vbd->minor);
+	json_object_set_new(info, "nbd", path ? json_string(path) : json_null());
+	free(path);
+}
+
+static const struct frontend_class nbd_frontend_class = {
+	.name = "nbd",
+	.vbd_opened = nbd_vbd_opened,
+	.vbd_info = nbd_vbd_info,
+};
+
 struct nbd_server *
 nbd_server_new(struct server *srv)
 {
@@ -1322,6 +1353,10 @@ nbd_server_new(struct server *srv)
 	LIST_INIT(&ns->listeners);
 	LIST_INIT(&ns->conns);
 	ns->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
+	if (server_frontend_register(srv, &nbd_frontend_class, ns) < 0) {
+		free(ns);
+		return NULL;
+	}
 	return ns;
 }
 

@@ -20,6 +20,8 @@ void nbd_server_free(struct nbd_server *ns);
 int nbd_listen_global(struct nbd_server *ns, const char *spec, char *err, size_t errlen);
 /* Creates the vbd's own socket; it goes away when the vbd closes. */
 int nbd_export_vbd(struct nbd_server *ns, struct vbd *vbd, char *err, size_t errlen);
+/* A vbd's own NBD socket: <state-dir>/nbd<pid>.<minor> (blktap's naming). */
+char *nbd_vbd_path(const struct server *srv, int minor);
 /* Stops accepting new connections everywhere (shutdown). */
 void nbd_stop_listening(struct nbd_server *ns);
 unsigned nbd_connection_count(const struct nbd_server *ns);

@@ -18,6 +18,27 @@ struct metrics_http;
 
 struct event;
 
+/*
+ * A kind of frontend (NBD, ...) as the server core sees it: told of each
+ * vbd that opens, so that it can serve it (attaching a vbd_frontend), and
+ * asked for its keys in a vbd's description. The core names no frontend: a
+ * new one is a file that registers one of these (server_frontend_register).
+ * blkif needs neither hook: xenstore, not an open, brings its rings.
+ */
+struct frontend_class {
+	const char *name;
+	/* Optional. A vbd opened: serve it. 0, or -errno with err (the open fails). */
+	int (*vbd_opened)(void *state, struct vbd *vbd, char *err, size_t errlen);
+	/* Optional. Adds its keys to the vbd's description (list, open's reply). */
+	void (*vbd_info)(void *state, const struct vbd *vbd, json_t *info);
+};
+#define SERVER_MAX_FRONTENDS 4
+
+struct server_frontend {
+	const struct frontend_class *cls;
+	void *state;
+};
+
 struct server {
 	struct event_base *base;
 	struct io_engine *io;
@@ -36,6 +57,8 @@ struct server {
 	int stopping;
 	time_t started;
 	struct event *idle_tick;	/* gives idle buffers back to the system */
+	struct server_frontend frontends[SERVER_MAX_FRONTENDS];
+	unsigned nr_frontends;
 };
 
 /* What server_new builds. Zero means the default or "none". */
@@ -72,11 +95,11 @@ unsigned server_vbd_count(struct server *srv);
 void server_vbds_changed(struct server *srv);
 /* Every open vbd's statistics, {"vbds": [...]}: `stats` without a minor, GET /stats. */
 json_t *server_stats_json(struct server *srv);
-/* The NBD socket of a minor: <state-dir>/nbd<pid>.<minor>. */
-char *server_nbd_path(const struct server *srv, int minor);
+/* Adds a frontend kind; -ENOSPC past SERVER_MAX_FRONTENDS. */
+int server_frontend_register(struct server *srv, const struct frontend_class *cls, void *state);
 
 /*
- * Opens a vbd and attaches its frontends (its NBD socket). done gets the
+ * Opens a vbd and tells every frontend kind (NBD makes its socket). done gets the
  * vbd's minor through the vbd table once it serves. -EMFILE at once if the
  * open would eat into the descriptors kept for control clients (fdlimit.h).
  */

@@ -776,9 +776,8 @@ vbd_stats_reset(struct vbd *vbd)
 json_t *
 vbd_info_json(const struct vbd *vbd)
 {
-	char *nbd = server_nbd_path(vbd->srv, vbd->minor);
 	const char *colon = vbd->params ? strchr(vbd->params, ':') : NULL;
-	json_t *o = json_pack("{s:i, s:i, s:i, s:s?, s:s?, s:s?, s:b, s:I, s:i, s:i, s:s?}",
+	json_t *o = json_pack("{s:i, s:i, s:i, s:s?, s:s?, s:s?, s:b, s:I, s:i, s:i}",
 			      "minor", vbd->minor,
 			      "pid", (int)vbd->srv->pid,
 			      "state", (int)vbd->state,
@@ -788,8 +787,12 @@ vbd_info_json(const struct vbd *vbd)
 			      "readonly", vbd->readonly,
 			      "size", (json_int_t)(vbd->params ? vbd->size : 0),
 			      "sector_size", (int)(vbd->params ? vbd->sector_size : 0),
-			      "chain_depth", (int)td_chain_depth(vbd->leaf),
-			      "nbd", (vbd->state & VBD_CLOSED) ? NULL : nbd);
-	free(nbd);
+			      "chain_depth", (int)td_chain_depth(vbd->leaf));
+
+	for (unsigned i = 0; o && i < vbd->srv->nr_frontends; i++) {
+		const struct server_frontend *f = &vbd->srv->frontends[i];
+		if (f->cls->vbd_info)
+			f->cls->vbd_info(f->state, vbd, o);
+	}
 	return o;
 }

@@ -358,9 +358,11 @@ vbd_by_socket(struct server *srv, const char *path)
 		struct vbd *vbd = srv->minors[m];
 		if (!vbd || !vbd->params || (vbd->state & (VBD_CLOSED | VBD_SHUTDOWN_REQUESTED)))
 			continue;
-		char *p = server_nbd_path(srv, m);
+		/* the socket block-tap wrote is the one in the vbd's description */
+		json_t *info = vbd_info_json(vbd);
+		const char *p = json_string_value(json_object_get(info, "nbd"));
 		int same = p && !strcmp(p, path);
-		free(p);
+		json_decref(info);
 		if (same)
 			return vbd;
 	}
