@@ -58,6 +58,14 @@ struct td_request {
 	unsigned max_extents, nr_extents;
 	void (*done)(struct td_request *req, int err);	/* err: 0 or an errno */
 	void *priv;					/* the submitter's */
+	/*
+	 * Scratch space reserved with the request by its submitter (the vbd's
+	 * frontends reserve td_chain_scratch_size() bytes), from which the
+	 * drivers take their per-request state with td_req_alloc: steady-state
+	 * I/O then allocates nothing. NULL/0: every td_req_alloc is a calloc.
+	 */
+	void *scratch;
+	size_t scratch_size, scratch_used;
 
 	/* chain bookkeeping (image.c) */
 	struct td_image *img;
@@ -121,6 +129,12 @@ struct td_open_ctx {
 struct td_driver {
 	const char *name;
 	unsigned flags;		/* TD_DRV_* */
+	/*
+	 * Bytes of per-request state submit usually needs (taken with
+	 * td_req_alloc), as SPDK's bdev modules declare get_ctx_size: a chain
+	 * reserves the sum over its images with every request.
+	 */
+	size_t ctx_size;
 	/* Sets size, sector_size, caps and priv. Returns 0 or -errno with err set. */
 	int (*open)(struct td_image *img, const struct td_open_ctx *ctx,
 		    struct td_error *err);
@@ -145,6 +159,19 @@ extern const struct td_driver td_driver_ram;
 extern const struct td_driver td_driver_vhd;
 extern const struct td_driver td_driver_vmdk;
 extern const struct td_driver td_driver_qcow2;
+
+/*
+ * Per-request state for a driver: size zeroed bytes from the request's
+ * scratch while it lasts, else from the heap (NULL if out of memory).
+ * td_req_free gives back what came from the heap; scratch is the
+ * submitter's and lives as long as the request.
+ */
+void *td_req_alloc(struct td_request *req, size_t size);
+void td_req_free(struct td_request *req, void *p);
+/* A struct's room in scratch (td_req_alloc aligns to 16), for ctx_size. */
+#define TD_CTX_SIZE(type) ((sizeof(type) + 15) & ~(size_t)15)
+/* The scratch a request on this chain should carry: the images' ctx_size summed. */
+size_t td_chain_scratch_size(const struct td_image *leaf);
 
 const struct td_driver *td_driver_find(const char *type);
 /* Adds a driver beyond the built-in ones (tests, out-of-tree formats). */
@@ -218,7 +245,7 @@ struct td_pieces {
 	int pending;		/* pieces in flight, +1 while submit issues them */
 	int err;
 };
-/* In submit: NULL if out of memory. */
+/* In submit: NULL if out of memory. From the request's scratch when there is room. */
 struct td_pieces *td_pieces_new(struct td_image *img, struct td_request *req);
 /* One more piece (before it is issued). */
 static inline void td_pieces_add(struct td_pieces *ps) { ps->pending++; }

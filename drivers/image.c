@@ -560,10 +560,44 @@ td_iov_length(const struct iovec *iov, int iovcnt)
 	return n;
 }
 
+#define TD_SCRATCH_MAX 4096	/* a deep chain's requests fall back to the heap */
+
+void *
+td_req_alloc(struct td_request *req, size_t size)
+{
+	size_t at = (req->scratch_used + 15) & ~(size_t)15;
+
+	if (req->scratch && at <= req->scratch_size && size <= req->scratch_size - at) {
+		void *p = (char *)req->scratch + at;
+		req->scratch_used = at + size;
+		memset(p, 0, size);
+		return p;
+	}
+	return calloc(1, size);
+}
+
+void
+td_req_free(struct td_request *req, void *p)
+{
+	if (req->scratch && (char *)p >= (char *)req->scratch &&
+	    (char *)p < (char *)req->scratch + req->scratch_size)
+		return;
+	free(p);
+}
+
+size_t
+td_chain_scratch_size(const struct td_image *leaf)
+{
+	size_t n = 0;
+	for (const struct td_image *img = leaf; img; img = img->parent)
+		n += (img->drv->ctx_size + 15) & ~(size_t)15;
+	return n < TD_SCRATCH_MAX ? n : TD_SCRATCH_MAX;
+}
+
 struct td_pieces *
 td_pieces_new(struct td_image *img, struct td_request *req)
 {
-	struct td_pieces *ps = calloc(1, sizeof(*ps));
+	struct td_pieces *ps = td_req_alloc(req, sizeof(*ps));
 	if (ps) {
 		ps->req = req;
 		ps->img = img;
@@ -581,7 +615,7 @@ td_pieces_done(struct td_pieces *ps, int err)
 		return;
 	struct td_request *req = ps->req;
 	err = ps->err;
-	free(ps);
+	td_req_free(req, ps);
 	req->done(req, err);
 }
 
@@ -590,8 +624,9 @@ td_pieces_issued(struct td_pieces *ps)
 {
 	/* every piece may be done already (zeros, cached data): not from inside submit */
 	if (ps->pending == 1) {
-		td_complete_later(ps->img, ps->req, ps->err);
-		free(ps);
+		struct td_request *req = ps->req;
+		td_complete_later(ps->img, req, ps->err);
+		td_req_free(req, ps);
 		return;
 	}
 	td_pieces_done(ps, 0);

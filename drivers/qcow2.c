@@ -228,7 +228,7 @@ l2_get(struct qcow2 *q, uint64_t off, struct mwait *w, struct centry **out)
 static struct qreq *
 qreq_new(struct qcow2 *q, struct td_request *req)
 {
-	struct qreq *qr = calloc(1, sizeof(*qr));
+	struct qreq *qr = td_req_alloc(req, sizeof(*qr));
 	if (!qr)
 		return NULL;
 	qr->req = req;
@@ -242,7 +242,7 @@ qreq_synced(struct io_op *op, int res)
 {
 	struct qreq *qr = op->data;
 	struct td_request *req = qr->req;
-	free(qr);
+	td_req_free(req, qr);
 	req->done(req, res < 0 ? -res : 0);
 }
 
@@ -271,14 +271,14 @@ qreq_piece_done(struct qreq *qr, int err)
 		return;
 	}
 	int e = qr->err;
-	free(qr);
+	td_req_free(req, qr);
 	req->done(req, e);
 }
 
 static struct qop *
 qop_new(struct qreq *qr, uint64_t off, uint64_t len)
 {
-	struct qop *v = calloc(1, sizeof(*v));
+	struct qop *v = td_req_alloc(qr->req, sizeof(*v));
 	if (!v)
 		return NULL;
 	v->qr = qr;
@@ -297,7 +297,7 @@ qop_finish(struct qop *v, int err)
 		free(v->iov);
 	free(v->buf);
 	free(v->cluster);
-	free(v);
+	td_req_free(qr->req, v);
 	qreq_piece_done(qr, err);
 }
 
@@ -1015,7 +1015,7 @@ status_retry(struct mwait *w, int err)
 	struct td_request *req = qr->req;
 
 	if (err) {
-		free(qr);
+		td_req_free(req, qr);
 		req->done(req, err);
 		return;
 	}
@@ -1046,7 +1046,7 @@ status_run(struct qreq *qr)
 		if ((rc = l2_get(q, pos, &qr->wait, &l2)) > 0)
 			return;
 		if (rc < 0) {
-			free(qr);
+			td_req_free(req, qr);
 			td_complete_later(q->img, req, -rc);
 			return;
 		}
@@ -1060,7 +1060,7 @@ status_run(struct qreq *qr)
 		if (!room)
 			break;
 	}
-	free(qr);
+	td_req_free(req, qr);
 	td_complete_later(q->img, req, 0);
 }
 
@@ -1131,7 +1131,7 @@ qcow2_submit(struct td_image *img, struct td_request *req)
 	 */
 	if (qr->pending == 1 && !(op_writes(req->op) && (req->flags & TD_REQ_FUA) && !qr->err)) {
 		int err = qr->err;
-		free(qr);
+		td_req_free(req, qr);
 		td_complete_later(img, req, err);
 		return;
 	}
@@ -1263,6 +1263,7 @@ qcow2_get_parent(struct td_image *img, char **params, struct td_error *err)
 
 const struct td_driver td_driver_qcow2 = {
 	.name = "qcow2",
+	.ctx_size = TD_CTX_SIZE(struct qreq) + TD_CTX_SIZE(struct qop),
 	.open = qcow2_open,
 	.close = qcow2_close,
 	.submit = qcow2_submit,

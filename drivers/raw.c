@@ -101,7 +101,7 @@ raw_finish(struct raw_req *rr, int res)
 	struct td_request *req = rr->req;
 	if (rr->iov != rr->iov_inline)
 		free(rr->iov);
-	free(rr);
+	td_req_free(req, rr);
 	req->done(req, res < 0 ? -res : 0);
 }
 
@@ -323,7 +323,7 @@ raw_submit(struct td_image *img, struct td_request *req)
 	/* vbd_start refuses writes to read-only disks; caps keep flushes away */
 	assert(!(img->oflags & TD_OPEN_RDONLY) || req->op == TD_OP_READ ||
 	       req->op == TD_OP_CACHE || req->op == TD_OP_BLOCK_STATUS);
-	rr = calloc(1, sizeof(*rr));
+	rr = td_req_alloc(req, sizeof(*rr));
 	if (!rr) {
 		td_complete_later(img, req, ENOMEM);
 		return;
@@ -337,7 +337,7 @@ raw_submit(struct td_image *img, struct td_request *req)
 		if (req->iovcnt > RAW_INLINE_IOV) {
 			rr->iov = calloc((size_t)req->iovcnt, sizeof(*rr->iov));
 			if (!rr->iov) {
-				free(rr);
+				td_req_free(req, rr);
 				td_complete_later(img, req, ENOMEM);
 				return;
 			}
@@ -366,7 +366,7 @@ raw_submit(struct td_image *img, struct td_request *req)
 	case TD_OP_BLOCK_STATUS:
 		break;
 	}
-	free(rr);
+	td_req_free(req, rr);
 	td_complete_later(img, req, EINVAL);
 }
 
@@ -379,6 +379,7 @@ raw_create_child(const char *parent_path, const char *child_path, char **child_p
 
 const struct td_driver td_driver_raw = {
 	.name = "raw",
+	.ctx_size = TD_CTX_SIZE(struct raw_req),
 	.open = raw_open,
 	.close = raw_close,
 	.submit = raw_submit,

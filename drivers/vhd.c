@@ -287,7 +287,7 @@ vhd_validate_parent(struct td_image *img, struct td_image *parent, struct td_err
 static struct vop *
 vop_new(struct td_pieces *ps, struct vhd_priv *p, uint32_t blk, uint64_t off, uint64_t len)
 {
-	struct vop *v = calloc(1, sizeof(*v));
+	struct vop *v = td_req_alloc(ps->req, sizeof(*v));
 	if (!v)
 		return NULL;
 	v->ps = ps;
@@ -305,7 +305,7 @@ vop_finish(struct vop *v, int err)
 	struct td_pieces *ps = v->ps;
 	if (v->iov && v->iov != v->iov_inline)
 		free(v->iov);
-	free(v);
+	td_req_free(ps->req, v);
 	td_pieces_done(ps, err);
 }
 
@@ -1064,7 +1064,8 @@ status_run(struct vhd_priv *p, struct td_request *req)
 				struct td_pieces *ps = td_pieces_new(p->img, req);
 				struct vop *v = ps ? vop_new(ps, p, blk, pos, 0) : NULL;
 				if (!v) {
-					free(ps);
+					if (ps)
+						td_req_free(req, ps);
 					td_complete_later(p->img, req, ENOMEM);
 					return;
 				}
@@ -1160,8 +1161,8 @@ vop_status_bitmap(struct vop *v)
 	struct td_request *req = v->ps->req;
 	struct td_pieces *ps = v->ps;
 	bm_put(v);
-	free(v);
-	free(ps);
+	td_req_free(req, v);
+	td_req_free(req, ps);
 	status_run(req->img->priv, req);
 }
 
@@ -1257,6 +1258,7 @@ vhd_snapshot(const char *parent_path, const char *child_path, char **child_param
 
 const struct td_driver td_driver_vhd = {
 	.name = "vhd",
+	.ctx_size = TD_CTX_SIZE(struct td_pieces) + TD_CTX_SIZE(struct vop),
 	.open = vhd_open,
 	.close = vhd_close,
 	.submit = vhd_submit,

@@ -1110,6 +1110,7 @@ vmdk_submit(struct td_image *img, struct td_request *req)
 
 const struct td_driver td_driver_vmdk = {
 	.name = "vmdk",
+	.ctx_size = TD_CTX_SIZE(struct td_pieces),
 	.open = vmdk_open,
 	.close = vmdk_close,
 	.submit = vmdk_submit,

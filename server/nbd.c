@@ -24,6 +24,7 @@
 #include "bufpool.h"
 #include "container_of.h"
 #include "fdlimit.h"
+#include "freelist.h"
 #include "log.h"
 #include "nbd_proto.h"
 #include "server.h"
@@ -98,6 +99,7 @@ struct nbd_conn {
 	int in_process;
 	int closing;			/* DISC or vbd shutdown: finish, then close */
 	struct event *deadline;		/* handshake: a slow client cannot stretch it */
+	struct freelist reqs;		/* nbd_reqs with their scratch, for reuse */
 	LIST_ENTRY(nbd_conn) link;
 	char peer[64];
 };
@@ -111,7 +113,11 @@ struct nbd_req {
 	size_t buflen;
 	struct iovec iov;
 	struct td_extent *extents;
+	size_t alloc_size;		/* with the scratch that follows it */
 };
+
+/* Where a request's scratch starts: after it, 16-byte aligned. */
+#define NBD_REQ_HEAD ((sizeof(struct nbd_req) + 15) & ~(size_t)15)
 
 static void conn_process(struct nbd_conn *c);
 static void nbd_req_free(struct nbd_conn *c, struct nbd_req *nr);
@@ -127,6 +133,7 @@ conn_maybe_free(struct nbd_conn *c)
 		return;
 	LIST_REMOVE(c, link);
 	c->ns->nr_conns--;
+	freelist_drain(&c->reqs);
 	free(c->meta_export);
 	free(c);
 }
@@ -326,7 +333,7 @@ nbd_req_free(struct nbd_conn *c, struct nbd_req *nr)
 	if (nr->buf)
 		bufpool_put(c->ns->srv->pool, nr->buf, nr->buflen);
 	free(nr->extents);
-	free(nr);
+	freelist_put(&c->reqs, nr, nr->alloc_size);
 }
 
 /*
@@ -402,9 +409,14 @@ cmd_to_op(uint16_t type)
 static struct nbd_req *
 nbd_req_new(struct nbd_conn *c)
 {
-	struct nbd_req *nr = calloc(1, sizeof(*nr));
+	/* one allocation for the request and its drivers' state, reused */
+	size_t scratch = c->vbd->scratch_size, size = NBD_REQ_HEAD + scratch;
+	struct nbd_req *nr = freelist_get(&c->reqs, size);
 	if (!nr)
 		return NULL;
+	nr->alloc_size = size;
+	nr->vr.td.scratch = scratch ? (char *)nr + NBD_REQ_HEAD : NULL;
+	nr->vr.td.scratch_size = scratch;
 	nr->conn = c;
 	nr->cookie = c->cur.cookie;
 	nr->type = c->cur.type;
@@ -1073,6 +1085,7 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	c->ns = ns;
 	c->bev = bev;
 	c->default_vbd = vbd;
+	c->reqs = (struct freelist)FREELIST_INIT(NBD_MAX_INFLIGHT);
 	snprintf(c->peer, sizeof(c->peer), "#%ju", (uintmax_t)++ns->conn_serial);
 	LIST_INSERT_HEAD(&ns->conns, c, link);
 	ns->nr_conns++;

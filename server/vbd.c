@@ -140,6 +140,7 @@ vbd_set_chain(struct vbd *vbd, struct td_image *leaf)
 	vbd->size = leaf->size;
 	vbd->sector_size = leaf->sector_size;
 	vbd->caps = leaf->caps;
+	vbd->scratch_size = td_chain_scratch_size(leaf);
 	vbd->min_io = 1;
 	for (struct td_image *img = leaf; img; img = img->parent)
 		if (img->min_io > vbd->min_io)

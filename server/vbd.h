@@ -90,6 +90,7 @@ struct vbd {
 	uint64_t size;
 	uint32_t sector_size;
 	uint32_t min_io;	/* request alignment the chain needs */
+	size_t scratch_size;	/* drivers' per-request state a frontend reserves (td_chain_scratch_size) */
 	unsigned caps;
 	time_t opened_at;
 
