@@ -1,9 +1,13 @@
 /*
  * NBD server frontend: listeners, the fixed-newstyle handshake and the
- * transmission phase, all on non-blocking bufferevents. A connection reads
- * nothing it has no room for (in-flight and output limits), answers every
- * malformed message with the protocol's error or a clean disconnect, and
- * outlives its socket until its in-flight requests have come back.
+ * transmission phase. The handshake runs on a bufferevent; in transmission
+ * a connection reads its socket into its own receive buffer and sends the
+ * replies of each loop turn as one batch (lib/rxbuf, lib/txbatch), so that
+ * steady-state requests cost no heap calls; the bufferevent's output takes
+ * what the socket cannot yet. A connection reads nothing it has no room for
+ * (in-flight and output limits), answers every malformed message with the
+ * protocol's error or a clean disconnect, and outlives its socket until its
+ * in-flight requests have come back.
  */
 #include "nbd.h"
 
@@ -27,7 +31,9 @@
 #include "freelist.h"
 #include "log.h"
 #include "nbd_proto.h"
+#include "rxbuf.h"
 #include "server.h"
+#include "txbatch.h"
 #include "unixsock.h"
 #include "vbd.h"
 
@@ -41,6 +47,7 @@
 #define NBD_MAX_CONNECTIONS	4096
 #define NBD_DISCARD_LIMIT	(16u << 20)	/* larger option payloads: disconnect */
 #define NBD_DIRECT_PAYLOAD	(64u << 10)	/* larger write payloads skip the input buffer */
+#define NBD_RX_BUF		(NBD_DIRECT_PAYLOAD + 4096)	/* a header and a smaller payload */
 /*
  * A UNIX socket's send buffer (capped by net.core.wmem_max): the default
  * 208 KiB splits every large read reply into several wake-ups of both sides.
@@ -91,7 +98,12 @@ struct nbd_conn {
 	int discard_err;		/* reply for a discarded write payload */
 	struct nbd_req *payload;	/* a large write, its payload arriving in place */
 	size_t payload_got;
-	struct event *payload_ev;	/* the socket is readable, for payload */
+	struct rxbuf rx;		/* transmission on a socket: its input */
+	struct event *rx_ev;		/* the socket is readable, when rx is set up */
+	struct txbatch txb;		/* replies of this loop turn */
+	struct event *flush_ev;		/* sends txb when the turn ends */
+	int flush_pending;
+	int tx_err;			/* sending failed: cut at the next flush */
 	struct nbd_request cur;
 	unsigned inflight;
 	size_t inflight_bytes;		/* data buffers held by requests in flight */
@@ -122,6 +134,7 @@ struct nbd_req {
 static void conn_process(struct nbd_conn *c);
 static void nbd_req_free(struct nbd_conn *c, struct nbd_req *nr);
 static void conn_finish(struct nbd_conn *c);
+static void conn_read_enable(struct nbd_conn *c, int on);
 
 /* ---- connection lifetime ---- */
 
@@ -146,9 +159,15 @@ conn_cut(struct nbd_conn *c)
 		bufferevent_free(c->bev);
 		c->bev = NULL;
 	}
-	if (c->payload_ev) {
-		event_free(c->payload_ev);
-		c->payload_ev = NULL;
+	if (c->rx_ev) {
+		event_free(c->rx_ev);
+		c->rx_ev = NULL;
+	}
+	rxbuf_free(&c->rx);
+	txb_drop(&c->txb);
+	if (c->flush_ev) {
+		event_free(c->flush_ev);
+		c->flush_ev = NULL;
 	}
 	if (c->payload) {
 		nbd_req_free(c, c->payload);
@@ -206,11 +225,77 @@ conn_bind(struct nbd_conn *c, struct vbd *vbd)
 
 /* ---- output ---- */
 
+static struct evbuffer *
+conn_output(struct nbd_conn *c)
+{
+	return bufferevent_get_output(c->bev);
+}
+
+/* The batch goes out when this loop turn ends (conn_flush_cb). */
+static void
+conn_flush_soon(struct nbd_conn *c)
+{
+	if (!c->flush_pending && c->flush_ev) {
+		c->flush_pending = 1;
+		event_active(c->flush_ev, EV_TIMEOUT, 1);
+	}
+}
+
+static void
+conn_flush(struct nbd_conn *c)
+{
+	int err = txb_flush(&c->txb, bufferevent_getfd(c->bev), conn_output(c));
+	if (err && !c->tx_err)
+		c->tx_err = err;
+}
+
+static int
+batch_add(struct nbd_conn *c, const void *data, size_t len, txb_release_fn *release, void *arg)
+{
+	return release ? txb_add_ref(&c->txb, data, len, release, arg)
+		       : txb_add(&c->txb, data, len);
+}
+
+/*
+ * Queues len bytes for the client: copied, or (release set) referenced
+ * until sent and then released. Into the batch while the bufferevent's
+ * output is empty, else behind what it holds (the order txbatch.h asks).
+ */
+static void
+conn_send(struct nbd_conn *c, const void *data, size_t len, txb_release_fn *release, void *arg)
+{
+	if (!c->bev) {
+		if (release)
+			release(data, len, arg);
+		return;
+	}
+	struct evbuffer *out = conn_output(c);
+	if (!evbuffer_get_length(out)) {
+		int r = batch_add(c, data, len, release, arg);
+		if (r == -ENOSPC) {
+			conn_flush(c);
+			if (!evbuffer_get_length(out))
+				r = batch_add(c, data, len, release, arg);
+		}
+		if (r == 0) {
+			conn_flush_soon(c);
+			return;
+		}
+	}
+	int r = release ? evbuffer_add_reference(out, data, len, release, arg)
+			: evbuffer_add(out, data, len);
+	if (r < 0) {
+		if (release)
+			release(data, len, arg);
+		c->tx_err = -ENOMEM;
+		conn_flush_soon(c);
+	}
+}
+
 static void
 conn_write(struct nbd_conn *c, const void *data, size_t len)
 {
-	if (c->bev)
-		bufferevent_write(c->bev, data, len);
+	conn_send(c, data, len, NULL, NULL);
 }
 
 static void
@@ -292,9 +377,9 @@ reply_read(struct nbd_conn *c, struct nbd_req *nr)
 	}
 	if (len && c->bev) {
 		/* the socket takes the buffer itself; the pool gets it back after */
-		evbuffer_add_reference(bufferevent_get_output(c->bev), nr->buf, len,
-				       pool_release, pool);
+		void *buf = nr->buf;
 		nr->buf = NULL;
+		conn_send(c, buf, len, pool_release, pool);
 	}
 }
 
@@ -344,7 +429,7 @@ nbd_req_free(struct nbd_conn *c, struct nbd_req *nr)
 static int
 conn_over_budget(struct nbd_conn *c)
 {
-	size_t out = evbuffer_get_length(bufferevent_get_output(c->bev));
+	size_t out = evbuffer_get_length(conn_output(c)) + txb_length(&c->txb);
 	if (c->state == CS_OPT_HEADER)
 		return out >= NBD_MAX_HS_OUTPUT;
 	return c->inflight >= NBD_MAX_INFLIGHT || out + c->inflight_bytes >= NBD_MAX_OUTPUT;
@@ -361,7 +446,7 @@ conn_maybe_resume(struct nbd_conn *c)
 	}
 	if (c->reading_paused && !conn_over_budget(c)) {
 		c->reading_paused = 0;
-		bufferevent_enable(c->bev, EV_READ);
+		conn_read_enable(c, 1);
 		conn_process(c);
 	}
 }
@@ -558,31 +643,126 @@ conn_request(struct nbd_conn *c)
 	return 0;
 }
 
+/* ---- transmission input ---- */
+
+static void
+conn_read_enable(struct nbd_conn *c, int on)
+{
+	if (c->rx_ev) {
+		if (on)
+			event_add(c->rx_ev, NULL);
+		else
+			event_del(c->rx_ev);
+	} else if (on) {
+		bufferevent_enable(c->bev, EV_READ);
+	} else {
+		bufferevent_disable(c->bev, EV_READ);
+	}
+}
+
+static void
+conn_rx_readable(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	conn_process(arg);
+}
+
+/*
+ * Transmission on a socket reads into c's own buffer from here on (what
+ * the bufferevent has read already moves over). Without a socket (a
+ * bufferevent pair), or short of memory, the bufferevent goes on reading.
+ */
+static void
+conn_rx_start(struct nbd_conn *c)
+{
+	int fd = bufferevent_getfd(c->bev);
+	struct evbuffer *in = bufferevent_get_input(c->bev);
+	size_t room;
+
+	if (fd < 0 || evbuffer_get_length(in) > NBD_RX_BUF || rxbuf_init(&c->rx, NBD_RX_BUF) < 0)
+		return;
+	c->rx_ev = event_new(bufferevent_get_base(c->bev), fd, EV_READ | EV_PERSIST,
+			     conn_rx_readable, c);
+	if (!c->rx_ev) {
+		rxbuf_free(&c->rx);
+		return;
+	}
+	uint8_t *p = rxbuf_space(&c->rx, &room);
+	int got = evbuffer_remove(in, p, room);
+	rxbuf_commit(&c->rx, got > 0 ? (size_t)got : 0);
+	bufferevent_disable(c->bev, EV_READ);
+	if (!c->reading_paused && !c->closing)
+		event_add(c->rx_ev, NULL);
+}
+
+/* The socket ended or failed (err: a negative errno, 0 for end of stream). */
+static void
+conn_rx_failed(struct nbd_conn *c, int err)
+{
+	if (err && err != -ECONNRESET)
+		log_limited(&c->ns->rl, LOG_LVL_INFO, "nbd client %s: %s", c->peer,
+			    strerror(-err));
+	conn_cut(c);
+}
+
+/* Whether want bytes of input are there: 1, 0 to wait, -1 if c is gone. */
+static int
+in_have(struct nbd_conn *c, size_t want)
+{
+	if (!c->rx.data)
+		return evbuffer_get_length(bufferevent_get_input(c->bev)) >= want;
+	while (rxbuf_len(&c->rx) < want) {
+		ssize_t n = rxbuf_fill(&c->rx, bufferevent_getfd(c->bev));
+		if (n == -EAGAIN)
+			return 0;
+		if (n <= 0) {
+			conn_rx_failed(c, (int)n);
+			return -1;
+		}
+	}
+	return 1;
+}
+
+static size_t
+in_length(struct nbd_conn *c)
+{
+	return c->rx.data ? rxbuf_len(&c->rx) : evbuffer_get_length(bufferevent_get_input(c->bev));
+}
+
+/* Takes n bytes (that in_have found) into dst, or drops them (dst NULL). */
+static void
+in_take(struct nbd_conn *c, void *dst, size_t n)
+{
+	struct evbuffer *in = c->rx.data ? NULL : bufferevent_get_input(c->bev);
+
+	if (!dst && in)
+		evbuffer_drain(in, n);
+	else if (!dst)
+		rxbuf_consume(&c->rx, n);
+	else if (in)
+		evbuffer_remove(in, dst, n);
+	else
+		rxbuf_take(&c->rx, dst, n);
+}
+
 /* The whole write payload is in the input buffer. */
 static void
-conn_write_payload(struct nbd_conn *c, struct evbuffer *in)
+conn_write_payload(struct nbd_conn *c)
 {
 	struct nbd_request *r = &c->cur;
 	struct nbd_req *nr = nbd_req_new(c);
 
 	c->state = CS_REQ_HEADER;
 	if (!nr || nbd_req_attach_buf(c, nr) < 0) {
-		evbuffer_drain(in, r->length);
+		in_take(c, NULL, r->length);
 		if (nr)
 			nbd_req_free(c, nr);
 		reply_error(c, r->cookie, r->type, ENOMEM);
 		return;
 	}
-	evbuffer_remove(in, nr->buf, r->length);
+	in_take(c, nr->buf, r->length);
 	conn_submit(c, nr);
-}
-
-static void
-conn_payload_readable(evutil_socket_t fd, short what, void *arg)
-{
-	(void)fd;
-	(void)what;
-	conn_process(arg);
 }
 
 /* Starts receiving a large write payload in place; 0, or -1 when out of memory. */
@@ -603,12 +783,12 @@ conn_payload_begin(struct nbd_conn *c)
 
 /*
  * A large write payload goes from the socket straight into the request's
- * buffer (only what the input buffer already holds is copied), with the
- * bufferevent's reading off meanwhile. Returns 1 when it is complete or
- * being discarded, 0 to wait for the socket, -1 if c is gone.
+ * buffer (only what the receive buffer already holds is copied). Returns 1
+ * when it is complete or being discarded, 0 to wait for the socket, -1 if
+ * c is gone.
  */
 static int
-conn_recv_payload(struct nbd_conn *c, struct evbuffer *in)
+conn_recv_payload(struct nbd_conn *c)
 {
 	size_t len = c->cur.length;
 
@@ -619,33 +799,24 @@ conn_recv_payload(struct nbd_conn *c, struct evbuffer *in)
 		return 1;
 	}
 	char *buf = c->payload->buf;
-	int got = evbuffer_remove(in, buf + c->payload_got, len - c->payload_got);
-	if (got > 0)
-		c->payload_got += (size_t)got;
+	c->payload_got += rxbuf_take(&c->rx, buf + c->payload_got, len - c->payload_got);
 	while (c->payload_got < len) {
 		ssize_t n = recv(bufferevent_getfd(c->bev), buf + c->payload_got,
 				 len - c->payload_got, MSG_DONTWAIT);
-		if (n > 0) {
+		if (n > 0)
 			c->payload_got += (size_t)n;
-		} else if (n < 0 && errno == EINTR) {
+		else if (n < 0 && errno == EINTR)
 			continue;
-		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			bufferevent_disable(c->bev, EV_READ);
-			event_add(c->payload_ev, NULL);
+		else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			return 0;
-		} else {
-			if (n < 0 && errno != ECONNRESET)
-				log_limited(&c->ns->rl, LOG_LVL_INFO, "nbd client %s: %s",
-					    c->peer, strerror(errno));
-			conn_cut(c);
+		else {
+			conn_rx_failed(c, n < 0 ? -errno : 0);
 			return -1;
 		}
 	}
 	struct nbd_req *nr = c->payload;
 	c->payload = NULL;
 	c->state = CS_REQ_HEADER;
-	event_del(c->payload_ev);
-	bufferevent_enable(c->bev, EV_READ);
 	conn_submit(c, nr);
 	return 1;
 }
@@ -902,12 +1073,62 @@ conn_option(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 
 /* ---- input state machine ---- */
 
+/* Transmission: as conn_step. */
+static int
+conn_step_transmission(struct nbd_conn *c)
+{
+	uint8_t hdr[NBD_REQUEST_LEN];
+	int r;
+
+	if (!c->rx.data)
+		conn_rx_start(c);
+	switch (c->state) {
+	case CS_REQ_DISCARD: {
+		if ((r = in_have(c, 1)) <= 0)
+			return r;
+		size_t n = in_length(c);
+		n = n < c->discard_left ? n : c->discard_left;
+		in_take(c, NULL, n);
+		c->discard_left -= n;
+		if (c->discard_left)
+			return 0;
+		reply_error(c, c->cur.cookie, c->cur.type, c->discard_err);
+		c->state = CS_REQ_HEADER;
+		return 1;
+	}
+	case CS_REQ_HEADER:
+		if (conn_over_budget(c)) {
+			c->reading_paused = 1;
+			conn_read_enable(c, 0);
+			return 0;
+		}
+		if ((r = in_have(c, NBD_REQUEST_LEN)) <= 0)
+			return r;
+		in_take(c, hdr, NBD_REQUEST_LEN);
+		if (nbd_parse_request(hdr, &c->cur) < 0) {
+			conn_protocol_error(c, "bad request magic");
+			return -1;
+		}
+		return conn_request(c) < 0 ? -1 : 1;
+	case CS_REQ_PAYLOAD:
+		if (c->cur.length >= NBD_DIRECT_PAYLOAD && c->rx.data)
+			return conn_recv_payload(c);
+		if ((r = in_have(c, c->cur.length)) <= 0)
+			return r;
+		conn_write_payload(c);
+		return 1;
+	default:
+		return 0;
+	}
+}
+
 /* Advances by one message; returns 1 to go on, 0 to wait for input, -1 if c is gone. */
 static int
-conn_step(struct nbd_conn *c, struct evbuffer *in)
+conn_step(struct nbd_conn *c)
 {
+	struct evbuffer *in = bufferevent_get_input(c->bev);	/* the handshake's */
 	size_t avail = evbuffer_get_length(in);
-	uint8_t hdr[NBD_REQUEST_LEN];
+	uint8_t hdr[NBD_OPT_HEADER_LEN];
 
 	switch (c->state) {
 	case CS_CLIENT_FLAGS:
@@ -959,43 +1180,18 @@ conn_step(struct nbd_conn *c, struct evbuffer *in)
 		evbuffer_drain(in, c->opt_len);
 		return c->closing ? -1 : 1;
 	}
-	case CS_OPT_DISCARD:
-	case CS_REQ_DISCARD: {
+	case CS_OPT_DISCARD: {
 		size_t n = avail < c->discard_left ? avail : c->discard_left;
 		evbuffer_drain(in, n);
 		c->discard_left -= n;
 		if (c->discard_left)
 			return 0;
-		if (c->state == CS_OPT_DISCARD) {
-			opt_reply(c, NBD_REP_ERR_TOO_BIG, NULL, 0);
-			c->state = CS_OPT_HEADER;
-		} else {
-			reply_error(c, c->cur.cookie, c->cur.type, c->discard_err);
-			c->state = CS_REQ_HEADER;
-		}
+		opt_reply(c, NBD_REP_ERR_TOO_BIG, NULL, 0);
+		c->state = CS_OPT_HEADER;
 		return 1;
 	}
-	case CS_REQ_HEADER:
-		if (conn_over_budget(c)) {
-			c->reading_paused = 1;
-			bufferevent_disable(c->bev, EV_READ);
-			return 0;
-		}
-		if (avail < NBD_REQUEST_LEN)
-			return 0;
-		evbuffer_remove(in, hdr, NBD_REQUEST_LEN);
-		if (nbd_parse_request(hdr, &c->cur) < 0) {
-			conn_protocol_error(c, "bad request magic");
-			return -1;
-		}
-		return conn_request(c) < 0 ? -1 : 1;
-	case CS_REQ_PAYLOAD:
-		if (c->cur.length >= NBD_DIRECT_PAYLOAD && c->payload_ev)
-			return conn_recv_payload(c, in);
-		if (avail < c->cur.length)
-			return 0;
-		conn_write_payload(c, in);
-		return 1;
+	default:
+		return conn_step_transmission(c);
 	}
 	return 0;
 }
@@ -1007,7 +1203,7 @@ conn_process(struct nbd_conn *c)
 		return;
 	c->in_process = 1;
 	while (c->bev && !c->closing &&
-	       conn_step(c, bufferevent_get_input(c->bev)) > 0)
+	       conn_step(c) > 0)
 		;
 	c->in_process = 0;
 	conn_maybe_free(c);
@@ -1025,6 +1221,28 @@ conn_write_cb(struct bufferevent *bev, void *arg)
 {
 	struct nbd_conn *c = arg;
 	(void)bev;
+	conn_maybe_resume(c);
+}
+
+/* The loop turn is over: its replies go out together. */
+static void
+conn_flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct nbd_conn *c = arg;
+	(void)fd;
+	(void)what;
+
+	c->flush_pending = 0;
+	if (!c->bev)
+		return;
+	conn_flush(c);
+	if (c->tx_err) {
+		if (c->tx_err != -EPIPE && c->tx_err != -ECONNRESET)
+			log_limited(&c->ns->rl, LOG_LVL_INFO, "nbd client %s: %s", c->peer,
+				    strerror(-c->tx_err));
+		conn_cut(c);
+		return;
+	}
 	conn_maybe_resume(c);
 }
 
@@ -1059,12 +1277,15 @@ conn_finish(struct nbd_conn *c)
 		conn_maybe_free(c);
 		return;
 	}
-	bufferevent_disable(c->bev, EV_READ);
-	if (c->payload_ev)
-		event_del(c->payload_ev);
+	conn_read_enable(c, 0);
 	if (c->inflight)
 		return;
-	if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
+	conn_flush(c);
+	if (c->tx_err) {
+		conn_cut(c);
+		return;
+	}
+	if (evbuffer_get_length(conn_output(c)) == 0) {
 		conn_cut(c);
 		return;
 	}
@@ -1096,10 +1317,11 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	c->deadline = evtimer_new(bufferevent_get_base(bev), conn_handshake_expired, c);
 	if (c->deadline)
 		evtimer_add(c->deadline, &tv);
-	/* without it (no socket: a bufferevent pair), large writes take the input buffer's path */
-	if (bufferevent_getfd(bev) >= 0)
-		c->payload_ev = event_new(bufferevent_get_base(bev), bufferevent_getfd(bev),
-					  EV_READ, conn_payload_readable, c);
+	c->flush_ev = event_new(bufferevent_get_base(bev), -1, 0, conn_flush_cb, c);
+	if (!c->flush_ev) {
+		conn_cut(c);
+		return;
+	}
 	bufferevent_setcb(bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
 	bufferevent_set_max_single_read(bev, 1 << 20);
 	/* libevent writes 16 KiB per loop turn otherwise */
