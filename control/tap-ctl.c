@@ -45,22 +45,18 @@ parse_int(const char *s, const char *what)
 	return v;
 }
 
-/* TYPE:PATH with PATH made absolute: the server does not share our cwd. */
-static char *
-absolute_params(const char *params)
+/*
+ * Our working directory goes with every path we send ("cwd"): the server
+ * does not share it, and resolves relative paths against it (it alone
+ * knows which image types name files).
+ */
+static void
+add_cwd(json_t *args)
 {
-	const char *colon = strchr(params, ':');
-	char cwd[PATH_MAX], *out;
-
-	if (!colon || colon == params || !colon[1])
-		die("'%s' is not TYPE:PATH (e.g. aio:/srv/disk.img)", params);
-	if (colon[1] == '/' || strncmp(params, "ram:", 4) == 0)
-		return strdup(params);
+	char cwd[PATH_MAX];
 	if (!getcwd(cwd, sizeof(cwd)))
 		die("getcwd: %s", strerror(errno));
-	if (asprintf(&out, "%.*s:%s/%s", (int)(colon - params), params, cwd, colon + 1) < 0)
-		die("out of memory");
-	return out;
+	json_object_set_new(args, "cwd", json_string(cwd));
 }
 
 void
@@ -208,9 +204,8 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		usage_die(usage);
 	cli_connect(cli);
 	check_pid(cli);
-	char *abs = absolute_params(params);
-	json_t *args = json_pack("{s:s, s:b}", "params", abs, "readonly", ro);
-	free(abs);
+	json_t *args = json_pack("{s:s, s:b}", "params", params, "readonly", ro);
+	add_cwd(args);
 	if (minor >= 0)
 		json_object_set_new(args, "minor", json_integer(minor));
 	if (nodirect)
@@ -304,9 +299,8 @@ cmd_unpause(struct cli *cli, int argc, char **argv)
 	check_pid(cli);
 	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
 	if (params) {
-		char *abs = absolute_params(params);
-		json_object_set_new(args, "params", json_string(abs));
-		free(abs);
+		json_object_set_new(args, "params", json_string(params));
+		add_cwd(args);
 	}
 	json_decref(cli_call(cli, "unpause", args));
 	return 0;
@@ -331,16 +325,9 @@ cmd_snapshot(struct cli *cli, int argc, char **argv)
 		usage_die(usage);
 	cli_connect(cli);
 	check_pid(cli);
-	char cwd[PATH_MAX], *path = NULL;
-	if (leaf[0] == '/')
-		path = strdup(leaf);
-	else if (getcwd(cwd, sizeof(cwd)) && asprintf(&path, "%s/%s", cwd, leaf) < 0)
-		path = NULL;
-	if (!path)
-		die("out of memory");
-	json_t *r = cli_call(cli, "snapshot", json_pack("{s:I, s:s}", "minor", (json_int_t)minor,
-							"path", path));
-	free(path);
+	json_t *args = json_pack("{s:I, s:s}", "minor", (json_int_t)minor, "path", leaf);
+	add_cwd(args);
+	json_t *r = cli_call(cli, "snapshot", args);
 	if (!cli->json)
 		printf("%s\n", json_string_value(json_object_get(r, "params")));
 	json_decref(r);

@@ -68,8 +68,7 @@ struct td_request {
 	size_t scratch_size, scratch_used;
 
 	/* chain bookkeeping (image.c) */
-	struct td_image *img;
-	void (*caller_done)(struct td_request *req, int err);
+	struct td_image *img;		/* whose driver has it now */
 	int deferred_err;
 	struct io_defer defer;
 };
@@ -181,6 +180,16 @@ int td_driver_register(const struct td_driver *drv);
 int td_params_parse(const char *params, const struct td_driver **drv,
 		    char **path, struct td_error *err);
 
+/*
+ * A path made absolute against dir (a client's working directory), into
+ * *out (malloc'd). A relative path without dir is refused: the server's own
+ * directory means nothing to the client. Returns 0 or -errno with err set.
+ */
+int td_path_absolute(const char *path, const char *dir, char **out, struct td_error *err);
+/* The same for TYPE:PATH params; drivers whose path names no file keep it as it is. */
+int td_params_absolute(const char *params, const char *dir, char **out,
+		       struct td_error *err);
+
 /* Blocking (worker thread): opens the leaf and every parent below it. */
 int td_chain_open(const char *params, unsigned oflags,
 		  const struct td_open_ctx *ctx, struct td_image **leaf,
@@ -197,7 +206,13 @@ void td_image_submit(struct td_image *img, struct td_request *req);
  * not allocated in img. Reads go to the parent, or read zeros below the root.
  */
 void td_image_read_parent(struct td_image *img, struct td_request *req);
-/* Completes req with err on the loop's next turn. */
+/*
+ * How a driver ends a request it was handed (or passed on to it whole):
+ * the chain's accounting, then req->done. Sub-requests a driver submits
+ * come back to their own done through the same path.
+ */
+void td_request_done(struct td_request *req, int err);
+/* td_request_done(req, err) on the loop's next turn, as img's driver. */
 void td_complete_later(struct td_image *img, struct td_request *req, int err);
 
 /*

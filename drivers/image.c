@@ -105,6 +105,44 @@ td_params_parse(const char *params, const struct td_driver **drv, char **path,
 	return 0;
 }
 
+int
+td_path_absolute(const char *path, const char *dir, char **out, struct td_error *err)
+{
+	if (path[0] == '/')
+		*out = strdup(path);
+	else if (!dir || dir[0] != '/')
+		return td_error_set(err, EINVAL, "'%s' is a relative path: give an absolute one "
+				    "(tap-ctl sends its working directory as cwd)", path);
+	else if (asprintf(out, "%s/%s", dir, path) < 0)
+		*out = NULL;
+	return *out ? 0 : td_error_set(err, ENOMEM, "out of memory");
+}
+
+int
+td_params_absolute(const char *params, const char *dir, char **out, struct td_error *err)
+{
+	const struct td_driver *drv;
+	char *path, *abs;
+	int rc = td_params_parse(params, &drv, &path, err);
+
+	if (rc < 0)
+		return rc;
+	if (drv->flags & TD_DRV_NOFILE) {
+		free(path);
+		*out = strdup(params);
+		return *out ? 0 : td_error_set(err, ENOMEM, "out of memory");
+	}
+	rc = td_path_absolute(path, dir, &abs, err);
+	free(path);
+	if (rc < 0)
+		return rc;
+	int type_len = (int)(strchr(params, ':') - params);
+	if (asprintf(out, "%.*s:%s", type_len, params, abs) < 0)
+		*out = NULL;
+	free(abs);
+	return *out ? 0 : td_error_set(err, ENOMEM, "out of memory");
+}
+
 /* The registry key of a file: which file it is, whatever path names it. */
 static int
 image_key(const struct td_driver *drv, const char *path, char **key,
@@ -365,45 +403,51 @@ resolve_block_status(struct td_image *img, struct td_request *req)
 	return 0;
 }
 
-static void
-image_req_done(struct td_request *req, int err)
+static int
+op_is_write(enum td_op op)
 {
-	struct td_image *img = req->img;
-	int is_write = req->op != TD_OP_READ && req->op != TD_OP_BLOCK_STATUS &&
-		       req->op != TD_OP_CACHE;
-
-	req->done = req->caller_done;
-	if (!err && req->op == TD_OP_BLOCK_STATUS && resolve_block_status(img, req))
-		return;
-	if (err)
-		img->stats.fail[is_write]++;
-	req->done(req, err);
+	return op != TD_OP_READ && op != TD_OP_BLOCK_STATUS && op != TD_OP_CACHE;
 }
 
+/*
+ * The chain's side of every call into a driver, as nbdkit's backend wraps
+ * each layer: td_image_submit counts the request and hands it to img's
+ * driver; the driver ends it with td_request_done, which counts a failure,
+ * sends what block status left to the parent, and only then calls the
+ * submitter's done. req->done is never replaced on the way.
+ */
 void
 td_image_submit(struct td_image *img, struct td_request *req)
 {
-	int is_write = req->op != TD_OP_READ && req->op != TD_OP_BLOCK_STATUS &&
-		       req->op != TD_OP_CACHE;
-
-	img->stats.hits[is_write]++;
+	img->stats.hits[op_is_write(req->op)]++;
 	req->img = img;
-	req->caller_done = req->done;
-	req->done = image_req_done;
 	req->nr_extents = 0;
 	img->drv->submit(img, req);
+}
+
+void
+td_request_done(struct td_request *req, int err)
+{
+	struct td_image *img = req->img;
+
+	if (!err && req->op == TD_OP_BLOCK_STATUS && resolve_block_status(img, req))
+		return;
+	if (err)
+		img->stats.fail[op_is_write(req->op)]++;
+	req->done(req, err);
 }
 
 static void
 complete_deferred(struct io_defer *d)
 {
 	struct td_request *req = d->arg;
-	req->done(req, req->deferred_err);
+	td_request_done(req, req->deferred_err);
 }
 
 void
 td_complete_later(struct td_image *img, struct td_request *req, int err)
 {
+	req->img = img;		/* a driver's own sub-request was never submitted */
 	req->deferred_err = err;
 	req->defer.fn = complete_deferred;
 	req->defer.arg = req;
@@ -413,9 +457,7 @@ td_complete_later(struct td_image *img, struct td_request *req, int err)
 void
 td_image_read_parent(struct td_image *img, struct td_request *req)
 {
-	/* The request img itself was handed: pass it on whole. */
-	if (req->img == img && req->done == image_req_done)
-		req->done = req->caller_done;
+	/* whole (the parent's driver ends it for img's) or a driver's sub-request */
 	if (img->parent) {
 		td_image_submit(img->parent, req);
 		return;
@@ -616,7 +658,7 @@ td_pieces_done(struct td_pieces *ps, int err)
 	struct td_request *req = ps->req;
 	err = ps->err;
 	td_req_free(req, ps);
-	req->done(req, err);
+	td_request_done(req, err);
 }
 
 void

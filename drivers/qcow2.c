@@ -243,7 +243,7 @@ qreq_synced(struct io_op *op, int res)
 	struct qreq *qr = op->data;
 	struct td_request *req = qr->req;
 	td_req_free(req, qr);
-	req->done(req, res < 0 ? -res : 0);
+	td_request_done(req, res < 0 ? -res : 0);
 }
 
 static void zero_issue(struct qreq *qr);
@@ -272,7 +272,7 @@ qreq_piece_done(struct qreq *qr, int err)
 	}
 	int e = qr->err;
 	td_req_free(req, qr);
-	req->done(req, e);
+	td_request_done(req, e);
 }
 
 static struct qop *
@@ -1016,7 +1016,7 @@ status_retry(struct mwait *w, int err)
 
 	if (err) {
 		td_req_free(req, qr);
-		req->done(req, err);
+		td_request_done(req, err);
 		return;
 	}
 	status_run(qr);

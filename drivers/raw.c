@@ -102,7 +102,7 @@ raw_finish(struct raw_req *rr, int res)
 	if (rr->iov != rr->iov_inline)
 		free(rr->iov);
 	td_req_free(req, rr);
-	req->done(req, res < 0 ? -res : 0);
+	td_request_done(req, res < 0 ? -res : 0);
 }
 
 static void
@@ -298,7 +298,7 @@ raw_scan_done(struct io_call *c, int res)
 	struct raw_scan *s = (struct raw_scan *)c;
 	struct td_request *req = s->req;
 	free(s);
-	req->done(req, res < 0 ? -res : 0);
+	td_request_done(req, res < 0 ? -res : 0);
 }
 
 static void

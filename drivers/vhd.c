@@ -1108,7 +1108,7 @@ flush_synced(struct io_op *op, int res)
 	struct td_request *req = fl->req;
 	free(fl->buf);
 	free(fl);
-	req->done(req, res < 0 ? -res : 0);
+	td_request_done(req, res < 0 ? -res : 0);
 }
 
 static void

@@ -1011,7 +1011,7 @@ status_flat_done(struct td_request *sub, int err)
 
 	req->nr_extents = sub->nr_extents;
 	free(v);
-	req->done(req, err);
+	td_request_done(req, err);
 }
 
 /* A FLAT extent first: the raw driver scans its file. */

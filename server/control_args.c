@@ -26,6 +26,7 @@ const struct ctl_arg ctl_args_open[] = {
 	{ "readonly", ARG_BOOL, 0 },
 	{ "nodirect", ARG_BOOL, 0 },
 	{ "qos", ARG_OBJECT, 0 },
+	{ "cwd", ARG_STRING, 0 },	/* the client's, for a relative path */
 	{ NULL, 0, 0 },
 };
 
@@ -43,12 +44,14 @@ const struct ctl_arg ctl_args_pause[] = {
 const struct ctl_arg ctl_args_unpause[] = {
 	{ "minor", ARG_INT, 1 },
 	{ "params", ARG_STRING, 0 },
+	{ "cwd", ARG_STRING, 0 },
 	{ NULL, 0, 0 },
 };
 
 const struct ctl_arg ctl_args_snapshot[] = {
 	{ "minor", ARG_INT, 1 },
 	{ "path", ARG_STRING, 1 },
+	{ "cwd", ARG_STRING, 0 },
 	{ NULL, 0, 0 },
 };
 

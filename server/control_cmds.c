@@ -182,6 +182,26 @@ open_done(void *arg, int err, const char *msg)
 	free(o);
 }
 
+/*
+ * The args' params (or path, when is_path) made absolute against their
+ * cwd: a malloc'd string, or NULL with the error replied.
+ */
+static char *
+arg_absolute(struct ctl_req *req, json_t *args, const char *key, int is_path)
+{
+	const char *v = arg_str(args, key), *cwd = arg_str(args, "cwd");
+	struct td_error err;
+	char *out;
+	int rc = is_path ? td_path_absolute(v, cwd, &out, &err)
+			 : td_params_absolute(v, cwd, &out, &err);
+
+	if (rc < 0) {
+		ctl_reply_error(req, err.code, "%s", err.msg);
+		return NULL;
+	}
+	return out;
+}
+
 static void
 cmd_open(struct ctl_req *req, json_t *args)
 {
@@ -210,15 +230,19 @@ cmd_open(struct ctl_req *req, json_t *args)
 		ctl_reply_error(req, EINVAL, "qos: %s", why);
 		return;
 	}
+	char *params = arg_absolute(req, args, "params", 0);
+	if (!params)
+		return;
 	o = calloc(1, sizeof(*o));
 	if (!o) {
+		free(params);
 		ctl_reply_error(req, ENOMEM, "out of memory");
 		return;
 	}
 	o->req = req;
 	o->minor = (int)m;
 	o->qos = json_incref(qos);
-	rc = server_open_vbd(srv, (int)m, arg_str(args, "params"),
+	rc = server_open_vbd(srv, (int)m, params,
 			     (arg_bool(args, "readonly") ? VBD_OPEN_READONLY : 0) |
 			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), open_done, o);
 	if (rc < 0) {
@@ -228,12 +252,13 @@ cmd_open(struct ctl_req *req, json_t *args)
 			ctl_reply_error(req, EBUSY, "minor %lld is in use", (long long)m);
 		} else if (rc == -EMFILE) {
 			char msg[256];
-			fdlimit_message(msg, sizeof(msg), arg_str(args, "params"));
+			fdlimit_message(msg, sizeof(msg), params);
 			ctl_reply_error(req, EMFILE, "%s", msg);
 		} else {
 			ctl_reply_error(req, -rc, "%s", strerror(-rc));
 		}
 	}
+	free(params);
 }
 
 /* ---- close / destroy ---- */
@@ -268,8 +293,12 @@ static void
 cmd_unpause(struct ctl_req *req, json_t *args)
 {
 	struct vbd *vbd = arg_vbd(req, args, 1);
-	if (vbd)
-		vbd_unpause(vbd, arg_str(args, "params"), reply_done, req);
+	char *params = NULL;
+
+	if (!vbd || (arg_str(args, "params") && !(params = arg_absolute(req, args, "params", 0))))
+		return;
+	vbd_unpause(vbd, params, reply_done, req);
+	free(params);
 }
 
 /* ---- snapshot ---- */
@@ -297,16 +326,20 @@ cmd_snapshot(struct ctl_req *req, json_t *args)
 	struct vbd *vbd = arg_vbd(req, args, 1);
 	struct snap_req *sr;
 
-	if (!vbd)
+	char *path;
+
+	if (!vbd || !(path = arg_absolute(req, args, "path", 1)))
 		return;
 	sr = calloc(1, sizeof(*sr));
 	if (!sr) {
+		free(path);
 		ctl_reply_error(req, ENOMEM, "out of memory");
 		return;
 	}
 	sr->req = req;
 	sr->minor = vbd->minor;
-	vbd_snapshot(vbd, arg_str(args, "path"), snapshot_done, sr);
+	vbd_snapshot(vbd, path, snapshot_done, sr);
+	free(path);
 }
 
 /* ---- qos ---- */

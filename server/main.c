@@ -400,19 +400,31 @@ startup_open_done(void *arg, int err, const char *msg)
 	}
 }
 
-/* A relative path means relative to where we were started: make it absolute. */
-static char *
-absolute_params(const char *params)
+/*
+ * The --open params, a relative path meaning relative to where we were
+ * started; NULL after saying why not.
+ */
+static char **
+absolute_opens(const char *const *params, int n)
 {
-	const char *colon = strchr(params, ':');
-	char cwd[PATH_MAX], *abs;
+	char **out = calloc((size_t)n + 1, sizeof(*out)), cwd[PATH_MAX];
+	struct td_error err;
 
-	if (!colon || !colon[1] || colon[1] == '/' || !strncmp(params, "ram:", 4) ||
-	    !getcwd(cwd, sizeof(cwd)))
-		return strdup(params);
-	if (asprintf(&abs, "%.*s:%s/%s", (int)(colon - params), params, cwd, colon + 1) < 0)
+	if (!out || !getcwd(cwd, sizeof(cwd))) {
+		fprintf(stderr, "tapdiskd: %s\n", strerror(errno));
+		free(out);
 		return NULL;
-	return abs;
+	}
+	for (int i = 0; i < n; i++) {
+		if (td_params_absolute(params[i], cwd, &out[i], &err) < 0) {
+			fprintf(stderr, "tapdiskd: --open: %s\n", err.msg);
+			while (i--)
+				free(out[i]);
+			free(out);
+			return NULL;
+		}
+	}
+	return out;
 }
 
 static int
@@ -519,12 +531,9 @@ main(int argc, char **argv)
 		free(opts.opens);
 		return 2;
 	}
-	opens = calloc((size_t)opts.nr_opens + 1, sizeof(*opens));
-	for (int i = 0; opens && i < opts.nr_opens; i++)
-		if (!(opens[i] = absolute_params(opts.opens[i])))
-			goto nomem;
+	opens = absolute_opens(opts.opens, opts.nr_opens);
 	if (!opens)
-		goto nomem;
+		goto out;
 	dir = realpath(opts.state_dir, NULL);
 	if (!dir && errno == ENOENT && mkdir(opts.state_dir, 0700) == 0)
 		dir = realpath(opts.state_dir, NULL);
@@ -547,8 +556,6 @@ main(int argc, char **argv)
 	rc = serve(&opts, dir, opens, &ready_fd);
 	report_ready(&ready_fd, 1);
 	goto out;
-nomem:
-	fprintf(stderr, "tapdiskd: out of memory\n");
 out:
 	for (int i = 0; opens && i < opts.nr_opens; i++)
 		free(opens[i]);

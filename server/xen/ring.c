@@ -17,6 +17,7 @@
 #include <event2/event.h>
 
 #include "bufpool.h"
+#include "freelist.h"
 #include "log.h"
 #include "port.h"
 #include "server.h"
@@ -45,6 +46,7 @@ struct blkif_ring {
 	void *arg;
 	struct blkif_ring_stats stats;
 	struct log_ratelimit rl;
+	struct freelist reqs;		/* blkif_reqs with their scratch, for reuse */
 };
 
 enum breq_kind { BR_DATA, BR_FLUSH, BR_DISCARD };
@@ -57,8 +59,9 @@ struct blkif_req {
 	int is_write;
 	int flush_then_write;		/* barrier/flush with data: flush, then write FUA */
 	unsigned nr_segs;
-	struct blkif_seg *segs;
+	struct blkif_seg *segs;		/* inline_segs, or an indirect request's from the pool */
 	struct blkif_seg inline_segs[BLKIF_MAX_SEGMENTS];
+	size_t alloc_size;		/* with the drivers' scratch that follows */
 	void *buf;
 	size_t buflen;
 	uint64_t sector, bytes;
@@ -145,6 +148,7 @@ ring_free(struct blkif_ring *r)
 		event_free(r->push_ev);
 	if (r->dead_ev)
 		event_free(r->dead_ev);
+	freelist_drain(&r->reqs);
 	free(r);
 }
 
@@ -162,8 +166,8 @@ breq_free(struct blkif_req *b)
 	if (b->buf)
 		bufpool_put(r->srv->pool, b->buf, b->buflen);
 	if (b->segs != b->inline_segs)
-		free(b->segs);
-	free(b);
+		bufpool_put(r->srv->pool, b->segs, b->nr_segs * sizeof(*b->segs));
+	freelist_put(&r->reqs, b, b->alloc_size);
 	r->inflight--;
 }
 
@@ -245,7 +249,11 @@ breq_complete(struct vbd_request *vr, int err)
 	if (b->flush_then_write) {
 		/* the flush is done: now the data, durable before it completes */
 		b->flush_then_write = 0;
+		void *scratch = b->vr.td.scratch;
+		size_t scratch_size = b->vr.td.scratch_size;
 		memset(&b->vr.td, 0, sizeof(b->vr.td));
+		b->vr.td.scratch = scratch;
+		b->vr.td.scratch_size = scratch_size;
 		b->vr.td.op = TD_OP_WRITE;
 		b->vr.td.flags = TD_REQ_FUA;
 		b->vr.td.offset = b->sector * 512;
@@ -278,12 +286,20 @@ breq_submit(struct blkif_req *b)
 
 /* ---- requests ---- */
 
+/* Where a request's scratch starts: after it, 16-byte aligned. */
+#define BREQ_HEAD ((sizeof(struct blkif_req) + 15) & ~(size_t)15)
+
 static struct blkif_req *
 breq_new(struct blkif_ring *r, uint64_t id, uint8_t op)
 {
-	struct blkif_req *b = calloc(1, sizeof(*b));
+	/* one allocation for the request and its drivers' state, reused */
+	size_t scratch = r->vbd ? r->vbd->scratch_size : 0, size = BREQ_HEAD + scratch;
+	struct blkif_req *b = freelist_get(&r->reqs, size);
 	if (!b)
 		return NULL;
+	b->alloc_size = size;
+	b->vr.td.scratch = scratch ? (char *)b + BREQ_HEAD : NULL;
+	b->vr.td.scratch_size = scratch;
 	b->ring = r;
 	b->id = id;
 	b->op = op;
@@ -384,16 +400,20 @@ indirect_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 		return;
 	}
 	unsigned pages = (nr + BLKIF_SEGS_PER_INDIRECT_PAGE - 1) / BLKIF_SEGS_PER_INDIRECT_PAGE;
-	uint8_t *desc = malloc((size_t)pages * XEN_PAGE_SIZE);
+	struct bufpool *pool = r->srv->pool;
+	size_t desc_len = (size_t)pages * XEN_PAGE_SIZE;
+	uint8_t *desc = bufpool_get(pool, desc_len);
 	struct blkif_req *b = breq_new(r, raw->id, op);
-	if (!desc || !b || !(b->segs = calloc(nr, sizeof(*b->segs)))) {
-		free(desc);
+	if (!desc || !b || !(b->segs = bufpool_get(pool, nr * sizeof(*b->segs)))) {
+		if (desc)
+			bufpool_put(pool, desc, desc_len);
 		if (b) {
 			b->segs = b->inline_segs;
 			breq_done(b, BLKIF_RSP_ERROR);
 		}
 		return;
 	}
+	b->nr_segs = nr;	/* the size of segs, for breq_free */
 	struct xport_copy c[BLKIF_MAX_INDIRECT_PAGES];
 	for (unsigned i = 0; i < pages; i++) {
 		c[i].ref = raw->indirect_grefs[i];
@@ -407,15 +427,14 @@ indirect_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 	for (unsigned i = 0; i < pages; i++)
 		bad |= c[i].status != 0;
 	if (bad) {
-		free(desc);
+		bufpool_put(pool, desc, desc_len);
 		r->stats.errors_map++;
 		breq_done(b, BLKIF_RSP_ERROR);
 		return;
 	}
 	for (unsigned i = 0; i < nr; i++)
 		blkif_indirect_seg(desc, i, &b->segs[i]);
-	free(desc);
-	b->nr_segs = nr;
+	bufpool_put(pool, desc, desc_len);
 	b->sector = raw->sector;
 	data_request(r, b, op == BLKIF_OP_WRITE);
 }
@@ -596,6 +615,7 @@ blkif_ring_connect(struct server *srv, struct xport *port, struct vbd *vbd,
 	r->on_dead = dead;
 	r->arg = arg;
 	r->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
+	r->reqs = (struct freelist)FREELIST_INIT(r->size);
 	r->sring = port->ops->map(port, cfg->domid, cfg->refs, cfg->nr_pages);
 	if (!r->sring) {
 		snprintf(err, errlen, "cannot map the ring: %s", strerror(errno));

@@ -329,3 +329,27 @@ def test_tcp_listener_on_loopback(make_server):
     srv.open("ram:1M")
     run("qemu-io", "-f", "raw", "-c", "write -P 7 0 64k", "-c", "read -P 7 0 64k",
         "nbd://127.0.0.1:%d/0" % port)
+
+
+def test_relative_paths_resolve_against_the_clients_cwd(server, tmp_path):
+    """The server alone decides what is a path (ram: names no file), against
+    the cwd the client sends; without one a relative path is refused."""
+    make_image(tmp_path / "a.img", 1 << 20)
+    r = server.call("open", check=False, params="aio:a.img")
+    assert r["ok"] is False and "relative path" in r["error"]["message"]
+    assert server.call("list")["result"]["vbds"] == []
+    m = server.open("aio:a.img", cwd=str(tmp_path))["minor"]
+    assert server.call("list")["result"]["vbds"][0]["path"] == str(tmp_path / "a.img")
+    server.call("close", minor=m)
+    # ram:SIZE names no file: it is never joined to a directory
+    opened = server.open("ram:4M", cwd=str(tmp_path))
+    m = opened["minor"]
+    assert opened["params"] == "ram:4M" and opened["size"] == 4 << 20
+    # a snapshot's new leaf resolves the same way
+    from conftest import BIN
+    run(os.path.join(BIN, "vhd-util"), "create", "-n", str(tmp_path / "b.vhd"), "-s", "4")
+    m2 = server.open("vhd:" + str(tmp_path / "b.vhd"))["minor"]
+    r = server.call("snapshot", minor=m2, path="b-snap.vhd", cwd=str(tmp_path))
+    assert (tmp_path / "b-snap.vhd").exists(), r
+    server.call("close", minor=m)
+    server.call("close", minor=m2)
