@@ -70,7 +70,7 @@ LIBTD_SRV   := $(BUILD)/lib/libtd-server.a
 LIBTD       := $(LIBTD_SRV) $(LIBTD_DRV) $(LIBTD_LIB)
 
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
-SIM  := $(BUILD)/tests/blkfront_sim
+SIM  := $(BUILD)/tests/blkfront_sim $(BUILD)/tests/alloc_probe.so
 
 .PHONY: all sim deps check check-xen check-unit check-integration check-asan check-fuzz \
         check-valgrind check-fresh run bench clean fuzz install uninstall deb bins
@@ -109,6 +109,12 @@ $(BUILD)/tests/blkfront_sim: tests/xen/blkfront_sim.c
 	@mkdir -p $(dir $@)
 	@echo "  CC      $<"
 	@$(CC) -std=c11 $(WARN) $(CFLAGS) -Ilib $(LDFLAGS) -o $@ $< $(shell pkg-config --libs xenstore)
+
+# LD_PRELOAD: heap calls counted (make bench) or failed on demand (the tests)
+$(BUILD)/tests/alloc_probe.so: tests/preload/alloc_probe.c
+	@mkdir -p $(dir $@)
+	@echo "  CC      $<"
+	@$(CC) -std=c11 $(WARN) -O2 -fPIC -shared -o $@ $< -ldl
 
 $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBTD)
 	@mkdir -p $(dir $@)

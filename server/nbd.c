@@ -80,6 +80,8 @@ enum conn_state {
 	CS_REQ_HEADER,
 	CS_REQ_PAYLOAD,
 	CS_REQ_DISCARD,
+	CS_REQ_READY,			/* c->cur waits for memory to become a request */
+	CS_REQ_MEMWAIT,			/* out of memory: reading stopped, mem_ev retries */
 };
 
 struct nbd_conn {
@@ -112,6 +114,8 @@ struct nbd_conn {
 	int closing;			/* DISC or vbd shutdown: finish, then close */
 	struct event *deadline;		/* handshake: a slow client cannot stretch it */
 	struct freelist reqs;		/* nbd_reqs with their scratch, for reuse */
+	struct event *mem_ev;		/* out of memory: retry (or a completion does) */
+	enum conn_state mem_resume;	/* the state to retry in */
 	LIST_ENTRY(nbd_conn) link;
 	char peer[64];
 };
@@ -135,6 +139,7 @@ static void conn_process(struct nbd_conn *c);
 static void nbd_req_free(struct nbd_conn *c, struct nbd_req *nr);
 static void conn_finish(struct nbd_conn *c);
 static void conn_read_enable(struct nbd_conn *c, int on);
+static void conn_mem_resume(struct nbd_conn *c);
 
 /* ---- connection lifetime ---- */
 
@@ -168,6 +173,10 @@ conn_cut(struct nbd_conn *c)
 	if (c->flush_ev) {
 		event_free(c->flush_ev);
 		c->flush_ev = NULL;
+	}
+	if (c->mem_ev) {
+		event_free(c->mem_ev);
+		c->mem_ev = NULL;
 	}
 	if (c->payload) {
 		nbd_req_free(c, c->payload);
@@ -444,6 +453,10 @@ conn_maybe_resume(struct nbd_conn *c)
 		conn_finish(c);
 		return;
 	}
+	if (c->state == CS_REQ_MEMWAIT) {
+		conn_mem_resume(c);	/* a request came back: try now */
+		return;
+	}
 	if (c->reading_paused && !conn_over_budget(c)) {
 		c->reading_paused = 0;
 		conn_read_enable(c, 1);
@@ -586,6 +599,78 @@ request_check(struct nbd_conn *c, const struct nbd_request *r)
 	return 0;
 }
 
+/*
+ * c->cur as a request with the memory it needs (its context, its data
+ * buffer, its extents), or NULL when memory is short: the caller waits
+ * (conn_mem_wait) instead of failing the request.
+ */
+static struct nbd_req *
+nbd_req_prepare(struct nbd_conn *c)
+{
+	const struct nbd_request *r = &c->cur;
+	struct nbd_req *nr = nbd_req_new(c);
+
+	if (!nr)
+		return NULL;
+	if (r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) {
+		if (nbd_req_attach_buf(c, nr) < 0)
+			goto short_of_memory;
+	} else if (r->type == NBD_CMD_BLOCK_STATUS) {
+		unsigned max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_MAX_EXTENTS;
+		nr->extents = calloc(max, sizeof(*nr->extents));
+		if (!nr->extents)
+			goto short_of_memory;
+		nr->vr.td.extents = nr->extents;
+		nr->vr.td.max_extents = max;
+	}
+	return nr;
+short_of_memory:
+	nbd_req_free(c, nr);
+	return NULL;
+}
+
+#define NBD_MEM_RETRY_MS 10
+
+/*
+ * Out of memory for c->cur: stop reading and try again in resume when a
+ * request of c comes back or after a moment. Back-pressure, as the client
+ * sees it: its request waits, and never fails for want of memory here.
+ */
+static int
+conn_mem_wait(struct nbd_conn *c, enum conn_state resume)
+{
+	struct timeval tv = { 0, NBD_MEM_RETRY_MS * 1000 };
+
+	log_limited(&c->ns->rl, LOG_LVL_WARN, "nbd client %s: out of memory; its requests wait",
+		    c->peer);
+	c->mem_resume = resume;
+	c->state = CS_REQ_MEMWAIT;
+	conn_read_enable(c, 0);
+	evtimer_add(c->mem_ev, &tv);
+	return 0;
+}
+
+/* Memory may be there again: retry where conn_mem_wait stopped. */
+static void
+conn_mem_resume(struct nbd_conn *c)
+{
+	event_del(c->mem_ev);
+	c->state = c->mem_resume;
+	if (!c->reading_paused && !c->closing)
+		conn_read_enable(c, 1);
+	conn_process(c);
+}
+
+static void
+conn_mem_retry(evutil_socket_t fd, short what, void *arg)
+{
+	struct nbd_conn *c = arg;
+	(void)fd;
+	(void)what;
+	if (c->state == CS_REQ_MEMWAIT)
+		conn_mem_resume(c);
+}
+
 /* A request header has arrived. Returns 0 to continue, -1 if c is gone. */
 static int
 conn_request(struct nbd_conn *c)
@@ -617,28 +702,9 @@ conn_request(struct nbd_conn *c)
 		reply_error(c, r->cookie, r->type, err);
 		return 0;
 	}
-	struct nbd_req *nr = nbd_req_new(c);
-	if (!nr) {
-		reply_error(c, r->cookie, r->type, ENOMEM);
-		return 0;
-	}
-	if (r->type == NBD_CMD_READ && r->length) {
-		if (nbd_req_attach_buf(c, nr) < 0) {
-			nbd_req_free(c, nr);
-			reply_error(c, r->cookie, r->type, ENOMEM);
-			return 0;
-		}
-	} else if (r->type == NBD_CMD_BLOCK_STATUS) {
-		unsigned max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_MAX_EXTENTS;
-		nr->extents = calloc(max, sizeof(*nr->extents));
-		if (!nr->extents) {
-			nbd_req_free(c, nr);
-			reply_error(c, r->cookie, r->type, ENOMEM);
-			return 0;
-		}
-		nr->vr.td.extents = nr->extents;
-		nr->vr.td.max_extents = max;
-	}
+	struct nbd_req *nr = nbd_req_prepare(c);
+	if (!nr)
+		return conn_mem_wait(c, CS_REQ_READY);
 	conn_submit(c, nr);
 	return 0;
 }
@@ -746,39 +812,18 @@ in_take(struct nbd_conn *c, void *dst, size_t n)
 		rxbuf_take(&c->rx, dst, n);
 }
 
-/* The whole write payload is in the input buffer. */
-static void
+/* The whole write payload is in the input buffer; it stays there while memory is short. */
+static int
 conn_write_payload(struct nbd_conn *c)
 {
-	struct nbd_request *r = &c->cur;
-	struct nbd_req *nr = nbd_req_new(c);
+	struct nbd_req *nr = nbd_req_prepare(c);
 
+	if (!nr)
+		return conn_mem_wait(c, CS_REQ_PAYLOAD);
 	c->state = CS_REQ_HEADER;
-	if (!nr || nbd_req_attach_buf(c, nr) < 0) {
-		in_take(c, NULL, r->length);
-		if (nr)
-			nbd_req_free(c, nr);
-		reply_error(c, r->cookie, r->type, ENOMEM);
-		return;
-	}
-	in_take(c, nr->buf, r->length);
+	in_take(c, nr->buf, c->cur.length);
 	conn_submit(c, nr);
-}
-
-/* Starts receiving a large write payload in place; 0, or -1 when out of memory. */
-static int
-conn_payload_begin(struct nbd_conn *c)
-{
-	struct nbd_req *nr = nbd_req_new(c);
-
-	if (!nr || nbd_req_attach_buf(c, nr) < 0) {
-		if (nr)
-			nbd_req_free(c, nr);
-		return -1;
-	}
-	c->payload = nr;
-	c->payload_got = 0;
-	return 0;
+	return 1;
 }
 
 /*
@@ -792,11 +837,10 @@ conn_recv_payload(struct nbd_conn *c)
 {
 	size_t len = c->cur.length;
 
-	if (!c->payload && conn_payload_begin(c) < 0) {
-		c->discard_left = len;
-		c->discard_err = ENOMEM;
-		c->state = CS_REQ_DISCARD;
-		return 1;
+	if (!c->payload) {
+		if (!(c->payload = nbd_req_prepare(c)))
+			return conn_mem_wait(c, CS_REQ_PAYLOAD);
+		c->payload_got = 0;
 	}
 	char *buf = c->payload->buf;
 	c->payload_got += rxbuf_take(&c->rx, buf + c->payload_got, len - c->payload_got);
@@ -1115,8 +1159,10 @@ conn_step_transmission(struct nbd_conn *c)
 			return conn_recv_payload(c);
 		if ((r = in_have(c, c->cur.length)) <= 0)
 			return r;
-		conn_write_payload(c);
-		return 1;
+		return conn_write_payload(c);
+	case CS_REQ_READY:
+		c->state = CS_REQ_HEADER;
+		return conn_request(c) < 0 ? -1 : 1;
 	default:
 		return 0;
 	}
@@ -1318,7 +1364,8 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	if (c->deadline)
 		evtimer_add(c->deadline, &tv);
 	c->flush_ev = event_new(bufferevent_get_base(bev), -1, 0, conn_flush_cb, c);
-	if (!c->flush_ev) {
+	c->mem_ev = evtimer_new(bufferevent_get_base(bev), conn_mem_retry, c);
+	if (!c->flush_ev || !c->mem_ev) {
 		conn_cut(c);
 		return;
 	}

@@ -47,6 +47,9 @@ struct blkif_ring {
 	struct blkif_ring_stats stats;
 	struct log_ratelimit rl;
 	struct freelist reqs;		/* blkif_reqs with their scratch, for reuse */
+	struct blkif_req *spare;	/* the next request's, had before it is consumed */
+	struct event *mem_ev;		/* out of memory: retry consuming */
+	int mem_waiting;
 };
 
 enum breq_kind { BR_DATA, BR_FLUSH, BR_DISCARD };
@@ -148,6 +151,10 @@ ring_free(struct blkif_ring *r)
 		event_free(r->push_ev);
 	if (r->dead_ev)
 		event_free(r->dead_ev);
+	if (r->mem_ev)
+		event_free(r->mem_ev);
+	if (r->spare)
+		freelist_put(&r->reqs, r->spare, r->spare->alloc_size);
 	freelist_drain(&r->reqs);
 	free(r);
 }
@@ -185,6 +192,8 @@ breq_done(struct blkif_req *b, int16_t status)
 		ring_release(r);
 		return;
 	}
+	if (r->mem_waiting)
+		event_active(r->mem_ev, EV_TIMEOUT, 0);	/* memory came back with b */
 	if (r->barrier_req && r->inflight == 1) {
 		struct blkif_req *bar = r->barrier_req;
 		r->barrier_req = NULL;
@@ -286,13 +295,32 @@ breq_submit(struct blkif_req *b)
 
 /* ---- requests ---- */
 
+#define RING_MEM_RETRY_MS 10
+
+/*
+ * No memory for the next request: leave it on the ring (the guest sees a
+ * slow disk, not an error) and look again when a request comes back or
+ * after a moment.
+ */
+static void
+ring_mem_wait(struct blkif_ring *r)
+{
+	struct timeval tv = { 0, RING_MEM_RETRY_MS * 1000 };
+
+	if (!r->mem_waiting)
+		log_limited(&r->rl, LOG_LVL_WARN, "blkif d%u ring %d: out of memory; "
+			    "requests wait on the ring", r->domid, r->index);
+	r->mem_waiting = 1;
+	evtimer_add(r->mem_ev, &tv);
+}
+
 /* Where a request's scratch starts: after it, 16-byte aligned. */
 #define BREQ_HEAD ((sizeof(struct blkif_req) + 15) & ~(size_t)15)
 
+/* One allocation for a request and its drivers' state, reused. */
 static struct blkif_req *
-breq_new(struct blkif_ring *r, uint64_t id, uint8_t op)
+breq_alloc(struct blkif_ring *r)
 {
-	/* one allocation for the request and its drivers' state, reused */
 	size_t scratch = r->vbd ? r->vbd->scratch_size : 0, size = BREQ_HEAD + scratch;
 	struct blkif_req *b = freelist_get(&r->reqs, size);
 	if (!b)
@@ -300,6 +328,17 @@ breq_new(struct blkif_ring *r, uint64_t id, uint8_t op)
 	b->alloc_size = size;
 	b->vr.td.scratch = scratch ? (char *)b + BREQ_HEAD : NULL;
 	b->vr.td.scratch_size = scratch;
+	return b;
+}
+
+/* The spare that ring_process made sure of before consuming the request. */
+static struct blkif_req *
+breq_new(struct blkif_ring *r, uint64_t id, uint8_t op)
+{
+	struct blkif_req *b = r->spare;
+	r->spare = NULL;
+	if (!b)
+		return NULL;
 	b->ring = r;
 	b->id = id;
 	b->op = op;
@@ -556,6 +595,10 @@ ring_process(struct blkif_ring *r)
 			return;
 		}
 		while (r->req_cons != prod && !r->barrier && !r->dead) {
+			if (!r->spare && !(r->spare = breq_alloc(r))) {
+				ring_mem_wait(r);
+				return;
+			}
 			const uint8_t *e = r->sring + BLKIF_RING_HEADER +
 					   (r->req_cons & (r->size - 1)) * r->entry;
 			memcpy(entry, e, r->entry);	/* once: the guest may rewrite it */
@@ -571,6 +614,19 @@ ring_process(struct blkif_ring *r)
 		if (load(r, REQ_PROD) == r->req_cons)
 			return;
 	}
+}
+
+static void
+ring_mem_retry(evutil_socket_t fd, short what, void *arg)
+{
+	struct blkif_ring *r = arg;
+	(void)fd;
+	(void)what;
+	if (!r->mem_waiting || r->dead)
+		return;
+	r->mem_waiting = 0;
+	event_del(r->mem_ev);
+	ring_process(r);
 }
 
 static void
@@ -635,7 +691,8 @@ blkif_ring_connect(struct server *srv, struct xport *port, struct vbd *vbd,
 	r->ev = event_new(srv->base, port->ops->fd(r->evt), EV_READ | EV_PERSIST, ring_on_event, r);
 	r->push_ev = event_new(srv->base, -1, 0, ring_push, r);
 	r->dead_ev = event_new(srv->base, -1, 0, ring_on_dead, r);
-	if (!r->ev || !r->push_ev || !r->dead_ev || event_add(r->ev, NULL) < 0) {
+	r->mem_ev = evtimer_new(srv->base, ring_mem_retry, r);
+	if (!r->ev || !r->push_ev || !r->dead_ev || !r->mem_ev || event_add(r->ev, NULL) < 0) {
 		snprintf(err, errlen, "out of memory");
 		port->ops->unbind(r->evt);
 		port->ops->unmap(port, r->domid, r->sring, r->nr_pages);

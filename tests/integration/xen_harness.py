@@ -28,7 +28,7 @@ MALICIOUS = ["zero-segments", "twelve-segments", "first-after-last", "last-past-
 class Xen:
     """A test xenstore, a sim directory, and a tapdiskd serving blkif on them."""
 
-    def __init__(self, tmp_path, extra=()):
+    def __init__(self, tmp_path, extra=(), server_env=None):
         self.tmp = tmp_path
         self.sock = str(tmp_path / "xs.sock")
         self.simdir = str(tmp_path / "sim")
@@ -37,7 +37,7 @@ class Xen:
                                     stdout=subprocess.PIPE, text=True)
         assert self.xsd.stdout.readline().strip() == "ready"
         self.env = dict(os.environ, XENSTORED_PATH=self.sock)
-        self.srv = Server(tmp_path / "state", env=self.env,
+        self.srv = Server(tmp_path / "state", env=dict(self.env, **(server_env or {})),
                           extra=["--xen-sim", self.simdir] + list(extra)).start()
         wait_for(lambda: "Xen backend: watching" in self.srv.log(), what="the Xen backend")
 

@@ -1,12 +1,15 @@
 /*
- * LD_PRELOAD allocation counter for make bench: counts calls to malloc,
- * calloc, realloc and posix_memalign/aligned_alloc made by the process, and
- * writes the totals ("allocs N\n") to the file named by ALLOC_COUNT_FILE
- * each time the process gets SIGUSR2. The bench reads it before and after a
- * workload of known request count: allocations per request, from outside.
+ * LD_PRELOAD probe of a process's heap calls, for make bench and the tests:
+ * - counts calls to malloc, calloc, realloc and posix_memalign/aligned_alloc,
+ *   and writes the total ("allocs N\n") to the file named by
+ *   ALLOC_COUNT_FILE each time the process gets SIGUSR2: allocations per
+ *   request, measured from outside;
+ * - SIGUSR1 toggles failing every one of them (ENOMEM) until the next
+ *   SIGUSR1: how the process behaves when memory runs out.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -16,6 +19,7 @@
 #include <unistd.h>
 
 static atomic_ulong count;
+static atomic_int failing;
 static void *(*real_malloc)(size_t);
 static void *(*real_calloc)(size_t, size_t);
 static void *(*real_realloc)(void *, size_t);
@@ -66,6 +70,13 @@ on_usr2(int sig)
 }
 
 static void
+on_usr1(int sig)
+{
+	(void)sig;
+	atomic_store(&failing, !atomic_load(&failing));
+}
+
+static void
 resolve(void)
 {
 	if (real_malloc || resolving)
@@ -82,6 +93,19 @@ resolve(void)
 	sa.sa_handler = on_usr2;
 	sa.sa_flags = SA_RESTART;
 	sigaction(SIGUSR2, &sa, NULL);
+	sa.sa_handler = on_usr1;
+	sigaction(SIGUSR1, &sa, NULL);
+}
+
+/* An allocation that is to fail now (counted all the same). */
+static int
+fail_now(void)
+{
+	atomic_fetch_add(&count, 1);
+	if (!atomic_load(&failing))
+		return 0;
+	errno = ENOMEM;
+	return 1;
 }
 
 void *
@@ -90,8 +114,7 @@ malloc(size_t n)
 	resolve();
 	if (!real_malloc)
 		return arena_alloc(n);
-	atomic_fetch_add(&count, 1);
-	return real_malloc(n);
+	return fail_now() ? NULL : real_malloc(n);
 }
 
 void *
@@ -100,32 +123,28 @@ calloc(size_t a, size_t b)
 	resolve();
 	if (!real_calloc)
 		return arena_alloc(a * b);	/* zeroed: static storage */
-	atomic_fetch_add(&count, 1);
-	return real_calloc(a, b);
+	return fail_now() ? NULL : real_calloc(a, b);
 }
 
 void *
 realloc(void *p, size_t n)
 {
 	resolve();
-	atomic_fetch_add(&count, 1);
-	return real_realloc(p, n);
+	return fail_now() ? NULL : real_realloc(p, n);
 }
 
 int
 posix_memalign(void **p, size_t a, size_t n)
 {
 	resolve();
-	atomic_fetch_add(&count, 1);
-	return real_posix_memalign(p, a, n);
+	return fail_now() ? ENOMEM : real_posix_memalign(p, a, n);
 }
 
 void *
 aligned_alloc(size_t a, size_t n)
 {
 	resolve();
-	atomic_fetch_add(&count, 1);
-	return real_aligned_alloc(a, n);
+	return fail_now() ? NULL : real_aligned_alloc(a, n);
 }
 
 void
