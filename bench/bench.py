@@ -23,6 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from allocs import alloc_bench  # noqa: E402
 from qos import qos_bench  # noqa: E402
 from ring import ring_bench  # noqa: E402
 
@@ -67,10 +68,11 @@ def rss_kb(pid):
 class Tapdiskd:
     name = "tapdiskd"
 
-    def __init__(self, tmp, image, engine, fmt="aio"):
+    def __init__(self, tmp, image, engine, fmt="aio", env=None):
         self.state = os.path.join(tmp, "td")
         self.proc = subprocess.Popen([os.path.join(BIN, "tapdiskd"), "--state-dir", self.state,
-                                      "--foreground", "--io-engine", engine, "--log-level", "warning"])
+                                      "--foreground", "--io-engine", engine, "--log-level", "warning"],
+                                     env=env)
         wait_socket(os.path.join(self.state, "ctl.sock"), self.proc)
         r = subprocess.run([os.path.join(BIN, "tap-ctl"), "-S", self.state, "create", "-a",
                             fmt + ":" + image], capture_output=True, text=True, check=True)
@@ -273,14 +275,48 @@ def qos_part(tmp, a, image=None):
                      a.engine, a.runtime, a.rounds)
 
 
+def allocs_part(tmp, a):
+    """Allocations per request on a filled raw, vhd and qcow2 image of 64 MiB."""
+    images = {}
+    for label, fmt in (("raw", "aio"), ("vhd", "vhd"), ("qcow2", "qcow2")):
+        path = os.path.join(tmp, "allocs." + label)
+        if label == "raw":
+            with open(path, "wb") as f:
+                f.truncate(64 << 20)
+        elif label == "vhd":
+            subprocess.run([os.path.join(BIN, "vhd-util"), "create", "-n", path, "-s", "64"],
+                           check=True)
+        else:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
+        srv = Tapdiskd(tmp, path, a.engine, fmt)
+        try:
+            subprocess.run(["fio", "--name=fill", "--ioengine=nbd", "--rw=write", "--bs=1M",
+                            "--uri=nbd+unix:///?socket=" + srv.sock, "--size=64M",
+                            "--output=/dev/null"], check=True)
+        finally:
+            srv.stop()
+        images[label] = (fmt, path)
+    return alloc_bench(tmp, images, lambda t, img, fmt, env: Tapdiskd(t, img, a.engine, fmt, env),
+                       a.runtime)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", type=int, default=int(os.environ.get("BENCH_RUNTIME", "8")))
     ap.add_argument("--engine", default="uring")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
-    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2"], default="all")
+    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs"],
+                    default="all")
     a = ap.parse_args()
+    if a.only == "allocs":
+        tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
+        try:
+            table = allocs_part(tmp, a)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print("Machine: %s\n\n%s" % (machine(), table))
+        return
     if a.only == "ring":
         tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
         try:
@@ -334,6 +370,7 @@ def main():
         idle, hundred = memory(tmp, a.engine)
         ring = ring_bench(tmp, a.runtime, a.rounds)
         qos = qos_part(tmp, a, image)
+        allocs = allocs_part(tmp, a)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -364,6 +401,8 @@ def main():
     lines.append(ring)
     lines.append("")
     lines.append(qos)
+    lines.append("")
+    lines.append(allocs)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:
