@@ -88,6 +88,12 @@ resolve(void)
 	real_posix_memalign = dlsym(RTLD_NEXT, "posix_memalign");
 	real_aligned_alloc = dlsym(RTLD_NEXT, "aligned_alloc");
 	resolving = 0;
+}
+
+/* Not from the first malloc: under ASan that comes before its interceptors are ready. */
+__attribute__((constructor)) static void
+install_handlers(void)
+{
 	struct sigaction sa;
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_usr2;
