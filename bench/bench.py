@@ -309,34 +309,16 @@ def main():
     ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs"],
                     default="all")
     a = ap.parse_args()
-    if a.only == "allocs":
+    single = {"ring": lambda tmp: ring_bench(tmp, a.runtime, a.rounds),
+              "qos": lambda tmp: qos_part(tmp, a),
+              "allocs": lambda tmp: allocs_part(tmp, a)}
+    for fmt in FORMATS:
+        single[fmt] = lambda tmp, fmt=fmt: format_table(
+            fmt, format_bench(tmp, a.engine, a.runtime, a.rounds, fmt))
+    if a.only in single:
         tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
         try:
-            table = allocs_part(tmp, a)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print("Machine: %s\n\n%s" % (machine(), table))
-        return
-    if a.only == "ring":
-        tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
-        try:
-            table = ring_bench(tmp, a.runtime, a.rounds)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print("Machine: %s\n\n%s" % (machine(), table))
-        return
-    if a.only in FORMATS:
-        tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
-        try:
-            table = format_table(a.only, format_bench(tmp, a.engine, a.runtime, a.rounds, a.only))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print("Machine: %s\n\n%s" % (machine(), table))
-        return
-    if a.only == "qos":
-        tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
-        try:
-            table = qos_part(tmp, a)
+            table = single[a.only](tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print("Machine: %s\n\n%s" % (machine(), table))

@@ -129,11 +129,8 @@ struct nbd_req {
 	size_t buflen;
 	struct iovec iov;
 	struct td_extent *extents;
-	size_t alloc_size;		/* with the scratch that follows it */
 };
 
-/* Where a request's scratch starts: after it, 16-byte aligned. */
-#define NBD_REQ_HEAD ((sizeof(struct nbd_req) + 15) & ~(size_t)15)
 
 static void conn_process(struct nbd_conn *c);
 static void nbd_req_free(struct nbd_conn *c, struct nbd_req *nr);
@@ -427,7 +424,7 @@ nbd_req_free(struct nbd_conn *c, struct nbd_req *nr)
 	if (nr->buf)
 		bufpool_put(c->ns->srv->pool, nr->buf, nr->buflen);
 	free(nr->extents);
-	freelist_put(&c->reqs, nr, nr->alloc_size);
+	vbd_request_put(&c->reqs, &nr->vr);
 }
 
 /*
@@ -507,14 +504,9 @@ cmd_to_op(uint16_t type)
 static struct nbd_req *
 nbd_req_new(struct nbd_conn *c)
 {
-	/* one allocation for the request and its drivers' state, reused */
-	size_t scratch = c->vbd->scratch_size, size = NBD_REQ_HEAD + scratch;
-	struct nbd_req *nr = freelist_get(&c->reqs, size);
+	struct nbd_req *nr = (struct nbd_req *)vbd_request_get(c->vbd, &c->reqs, sizeof(*nr));
 	if (!nr)
 		return NULL;
-	nr->alloc_size = size;
-	nr->vr.td.scratch = scratch ? (char *)nr + NBD_REQ_HEAD : NULL;
-	nr->vr.td.scratch_size = scratch;
 	nr->conn = c;
 	nr->cookie = c->cur.cookie;
 	nr->type = c->cur.type;

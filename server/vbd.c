@@ -12,6 +12,7 @@
 
 #include "io.h"
 #include "fdlimit.h"
+#include "freelist.h"
 #include "log.h"
 #include "qos.h"
 #include "server.h"
@@ -796,4 +797,27 @@ vbd_info_json(const struct vbd *vbd)
 			f->cls->vbd_info(f->state, vbd, o);
 	}
 	return o;
+}
+
+/* ---- frontends' requests ---- */
+
+struct vbd_request *
+vbd_request_get(const struct vbd *vbd, struct freelist *fl, size_t head)
+{
+	/* one allocation for the request and its drivers' state, reused */
+	size_t at = (head + 15) & ~(size_t)15, scratch = vbd ? vbd->scratch_size : 0;
+	struct vbd_request *vr = freelist_get(fl, at + scratch);
+
+	if (!vr)
+		return NULL;
+	vr->alloc_size = at + scratch;
+	vr->td.scratch = scratch ? (char *)vr + at : NULL;
+	vr->td.scratch_size = scratch;
+	return vr;
+}
+
+void
+vbd_request_put(struct freelist *fl, struct vbd_request *vr)
+{
+	freelist_put(fl, vr, vr->alloc_size);
 }

@@ -36,7 +36,18 @@ struct vbd_request {
 	int err;
 	TAILQ_ENTRY(vbd_request) link;
 	struct io_defer defer;
+	size_t alloc_size;	/* the frontend's struct and the scratch after it */
 };
+
+struct freelist;
+/*
+ * A frontend's request from fl: head bytes (the frontend's struct, which
+ * starts with its vbd_request), then the scratch vbd's drivers take their
+ * per-request state from (none if vbd is NULL). Zeroed; NULL if out of
+ * memory. vbd_request_put gives it back to fl.
+ */
+struct vbd_request *vbd_request_get(const struct vbd *vbd, struct freelist *fl, size_t head);
+void vbd_request_put(struct freelist *fl, struct vbd_request *vr);
 
 /* Something a vbd is served through; told when the vbd goes away. */
 struct vbd_frontend;

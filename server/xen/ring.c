@@ -64,7 +64,6 @@ struct blkif_req {
 	unsigned nr_segs;
 	struct blkif_seg *segs;		/* inline_segs, or an indirect request's from the pool */
 	struct blkif_seg inline_segs[BLKIF_MAX_SEGMENTS];
-	size_t alloc_size;		/* with the drivers' scratch that follows */
 	void *buf;
 	size_t buflen;
 	uint64_t sector, bytes;
@@ -154,7 +153,7 @@ ring_free(struct blkif_ring *r)
 	if (r->mem_ev)
 		event_free(r->mem_ev);
 	if (r->spare)
-		freelist_put(&r->reqs, r->spare, r->spare->alloc_size);
+		vbd_request_put(&r->reqs, &r->spare->vr);
 	freelist_drain(&r->reqs);
 	free(r);
 }
@@ -174,7 +173,7 @@ breq_free(struct blkif_req *b)
 		bufpool_put(r->srv->pool, b->buf, b->buflen);
 	if (b->segs != b->inline_segs)
 		bufpool_put(r->srv->pool, b->segs, b->nr_segs * sizeof(*b->segs));
-	freelist_put(&r->reqs, b, b->alloc_size);
+	vbd_request_put(&r->reqs, &b->vr);
 	r->inflight--;
 }
 
@@ -314,21 +313,10 @@ ring_mem_wait(struct blkif_ring *r)
 	evtimer_add(r->mem_ev, &tv);
 }
 
-/* Where a request's scratch starts: after it, 16-byte aligned. */
-#define BREQ_HEAD ((sizeof(struct blkif_req) + 15) & ~(size_t)15)
-
-/* One allocation for a request and its drivers' state, reused. */
 static struct blkif_req *
 breq_alloc(struct blkif_ring *r)
 {
-	size_t scratch = r->vbd ? r->vbd->scratch_size : 0, size = BREQ_HEAD + scratch;
-	struct blkif_req *b = freelist_get(&r->reqs, size);
-	if (!b)
-		return NULL;
-	b->alloc_size = size;
-	b->vr.td.scratch = scratch ? (char *)b + BREQ_HEAD : NULL;
-	b->vr.td.scratch_size = scratch;
-	return b;
+	return (struct blkif_req *)vbd_request_get(r->vbd, &r->reqs, sizeof(struct blkif_req));
 }
 
 /* The spare that ring_process made sure of before consuming the request. */
