@@ -102,6 +102,7 @@ struct nbd_conn {
 	size_t payload_got;
 	struct rxbuf rx;		/* transmission on a socket: its input */
 	struct event *rx_ev;		/* the socket is readable, when rx is set up */
+	int rx_drained;			/* the last recv emptied the socket: wait for rx_ev */
 	struct txbatch txb;		/* replies of this loop turn */
 	struct event *flush_ev;		/* sends txb when the turn ends */
 	int flush_pending;
@@ -721,9 +722,11 @@ conn_read_enable(struct nbd_conn *c, int on)
 static void
 conn_rx_readable(evutil_socket_t fd, short what, void *arg)
 {
+	struct nbd_conn *c = arg;
 	(void)fd;
 	(void)what;
-	conn_process(arg);
+	c->rx_drained = 0;
+	conn_process(c);
 }
 
 /*
@@ -771,13 +774,19 @@ in_have(struct nbd_conn *c, size_t want)
 	if (!c->rx.data)
 		return evbuffer_get_length(bufferevent_get_input(c->bev)) >= want;
 	while (rxbuf_len(&c->rx) < want) {
-		ssize_t n = rxbuf_fill(&c->rx, bufferevent_getfd(c->bev));
-		if (n == -EAGAIN)
+		/* a short read emptied the socket: epoll says when there is more */
+		if (c->rx_drained)
 			return 0;
+		ssize_t n = rxbuf_fill(&c->rx, bufferevent_getfd(c->bev));
+		if (n == -EAGAIN) {
+			c->rx_drained = 1;
+			return 0;
+		}
 		if (n <= 0) {
 			conn_rx_failed(c, (int)n);
 			return -1;
 		}
+		c->rx_drained = c->rx.tail < c->rx.cap;
 	}
 	return 1;
 }
