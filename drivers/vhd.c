@@ -695,7 +695,7 @@ batch_finish(struct vhd_priv *p, struct batch *b)
 			vhd_batmap_set(m, j->blk, 1);
 			p->batmap_dirty = 1;
 		}
-		if (mc_insert(&p->bm, j->blk, j->map))
+		if (mc_insert(&p->bm, j->blk, j->start, j->map) == 0)
 			j->map = NULL;	/* the cache owns it now */
 		vop_finish(j->first, 0);
 		job_end(j);
