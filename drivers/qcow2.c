@@ -1,9 +1,9 @@
 /*
  * qcow2: qemu's copy-on-write format, versions 2 and 3, on the request path.
  *
- * Guest clusters map through the L1 table (in memory) and L2 tables (a
- * bounded cache, loaded asynchronously); refcount blocks are cached the same
- * way. Reads go to the data cluster, to the backing file, to zeros, or
+ * Guest clusters map through the L1 table (in memory) and L2 tables, which
+ * are loaded asynchronously into a bounded cache (meta_cache.h) and checked
+ * as they are read; refcount blocks are cached the same way. Reads go to the data cluster, to the backing file, to zeros, or
  * through inflate (off the loop) for compressed clusters. Everything after
  * open is asynchronous and never waits on the disk from the loop.
  *
@@ -37,11 +37,11 @@ static void zero_range(struct qop *v);
 
 /* The raw L2 entry of guest cluster c in a table (NULL: no table, unallocated). */
 static uint64_t
-l2_entry(const struct qcow2 *q, const struct centry *l2, uint64_t c)
+l2_entry(const struct qcow2 *q, const struct mc_entry *l2, uint64_t c)
 {
 	if (!l2)
 		return 0;
-	return qcow2_be64(l2->buf + 8 * (c & (q->m.l2_entries - 1)));
+	return qcow2_be64((const uint8_t *)l2->buf + 8 * (c & (q->m.l2_entries - 1)));
 }
 
 struct qcow2_cluster
@@ -75,152 +75,45 @@ qcow2_io_prep_meta(struct qcow2 *q, struct io_op *op, enum io_opcode opc, struct
 	op->iovcnt = 1;
 }
 
-/* ---- the metadata cache ---- */
+/* ---- the metadata caches (meta_cache.h) ---- */
 
-static void
-cache_init(struct mcache *c, struct qcow2 *q, int is_l2, unsigned bytes)
-{
-	c->q = q;
-	c->is_l2 = is_l2;
-	for (int i = 0; i < Q_HASH; i++)
-		LIST_INIT(&c->hash[i]);
-	TAILQ_INIT(&c->lru);
-	c->max = bytes / q->m.cluster_size;
-	if (c->max < Q_CACHE_MIN)
-		c->max = Q_CACHE_MIN;
-}
-
-static struct centry *
-cache_find(struct mcache *c, uint64_t idx)
-{
-	struct centry *e;
-	LIST_FOREACH(e, &c->hash[idx % Q_HASH], hash)
-		if (e->idx == idx)
-			return e;
-	return NULL;
-}
-
-static void
-cache_drop(struct centry *e)
-{
-	LIST_REMOVE(e, hash);
-	TAILQ_REMOVE(&e->c->lru, e, lru);
-	e->c->count--;
-	free(e->buf);
-	free(e);
-}
-
-void
-qcow2_cache_evict(struct mcache *c)
-{
-	struct centry *e, *prev;
-	for (e = TAILQ_LAST(&c->lru, centry_lru); e && c->count > c->max; e = prev) {
-		prev = TAILQ_PREV(e, centry_lru, lru);
-		if (!e->refs && !e->loading)
-			cache_drop(e);
-	}
-}
-
-/* A table made in memory (a new L2 table or refcount block): buf is the cache's now. */
-struct centry *
-qcow2_cache_insert(struct mcache *c, uint64_t idx, uint64_t host, uint8_t *buf)
-{
-	struct centry *e = calloc(1, sizeof(*e));
-	if (!e)
-		return NULL;
-	e->c = c;
-	e->idx = idx;
-	e->host = host;
-	e->buf = buf;
-	TAILQ_INIT(&e->waiters);
-	LIST_INSERT_HEAD(&c->hash[idx % Q_HASH], e, hash);
-	TAILQ_INSERT_HEAD(&c->lru, e, lru);
-	c->count++;
-	return e;
-}
-
-static void
-cache_loaded(struct io_op *op, int res)
-{
-	struct centry *e = op->data;
-	struct qcow2 *q = e->c->q;
-	struct mwait_list waiters;
-	char why[160];
-	int err = res < 0 ? -res : 0;
-
-	if (!err && e->c->is_l2 &&
-	    qcow2_l2_check(&q->m, e->buf, q->next_free, why, sizeof(why)) < 0) {
-		log_limited(&q->rl, LOG_LVL_ERR, "%s: L2 table %ju at %#jx is corrupt: %s",
-			    q->img->params, (uintmax_t)e->idx, (uintmax_t)e->host, why);
-		err = EIO;
-	}
-	TAILQ_INIT(&waiters);
-	TAILQ_CONCAT(&waiters, &e->waiters, link);
-	if (err)
-		cache_drop(e);	/* forget it: a later request tries again */
-	else
-		e->loading = 0;
-	while (!TAILQ_EMPTY(&waiters)) {
-		struct mwait *w = TAILQ_FIRST(&waiters);
-		TAILQ_REMOVE(&waiters, w, link);
-		w->fn(w, err);
-	}
-}
-
-/*
- * The table idx (at host): 0 with *out pinned if it is in memory; 1 if w
- * will be called once it is (then ask again); -ENOMEM.
- */
-int
-qcow2_cache_get(struct mcache *c, uint64_t idx, uint64_t host, struct mwait *w,
-	  struct centry **out)
-{
-	struct qcow2 *q = c->q;
-	struct centry *e = cache_find(c, idx);
-
-	if (e && !e->loading) {
-		TAILQ_REMOVE(&c->lru, e, lru);
-		TAILQ_INSERT_HEAD(&c->lru, e, lru);
-		e->refs++;
-		*out = e;
-		return 0;
-	}
-	if (!e) {
-		uint8_t *buf = qcow2_buf_alloc(q->m.cluster_size);
-		if (!buf || !(e = qcow2_cache_insert(c, idx, host, buf))) {
-			free(buf);
-			return -ENOMEM;
-		}
-		e->loading = 1;
-		qcow2_io_prep_meta(q, &e->op, IO_OP_READV, &e->iov, e->buf, q->m.cluster_size, host);
-		e->op.done = cache_loaded;
-		e->op.data = e;
-		io_submit(q->img->io, &e->op);
-		qcow2_cache_evict(c);
-	}
-	TAILQ_INSERT_TAIL(&e->waiters, w, link);
-	return 1;
-}
-
-void
-qcow2_cache_put(struct centry *e)
-{
-	if (!e)
-		return;
-	e->refs--;
-	qcow2_cache_evict(e->c);
-}
-
-/* The L2 table of guest offset off: see qcow2_cache_get; *out NULL when there is none. */
+/* The L2 cache's on_load: a table is checked as it is read, its entries trusted after. */
 static int
-l2_get(struct qcow2 *q, uint64_t off, struct mwait *w, struct centry **out)
+l2_loaded(struct mc_cache *c, struct mc_entry *e, size_t len)
 {
-	uint64_t l1i = off >> q->span_bits;
+	struct qcow2 *q = c->priv;
+	char why[160];
 
-	*out = NULL;
-	if (l1i >= q->m.h.l1_size || !q->m.l1[l1i])
+	(void)len;
+	if (qcow2_l2_check(&q->m, e->buf, q->next_free, why, sizeof(why)) == 0)
 		return 0;
-	return qcow2_cache_get(&q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, w, out);
+	log_limited(&q->rl, LOG_LVL_ERR, "%s: L2 table %ju at %#jx is corrupt: %s",
+		    q->img->params, (uintmax_t)e->key, (uintmax_t)e->off, why);
+	return EIO;
+}
+
+/* A cache of whole clusters, bytes of them at most (Q_CACHE_MIN at least). */
+static void
+cache_init(struct mc_cache *c, struct qcow2 *q, struct io_engine *io, unsigned bytes)
+{
+	unsigned max = bytes / q->m.cluster_size;
+
+	mc_init(c, io, max < Q_CACHE_MIN ? Q_CACHE_MIN : max);
+	c->priv = q;
+}
+
+int
+qcow2_table_get(struct qcow2 *q, struct mc_cache *c, uint64_t idx, uint64_t host,
+		struct mc_waiter *w)
+{
+	return mc_get(c, idx, q->f.fd, q->f.io_flags, host, q->m.cluster_size, w);
+}
+
+static void
+l2_put(struct qcow2 *q, struct mc_entry *l2)
+{
+	if (l2)
+		mc_put(&q->l2c, l2);
 }
 
 /* ---- requests and pieces ---- */
@@ -362,15 +255,42 @@ iov_copy(const struct iovec *iov, int iovcnt, uint8_t *buf, int to_buf)
 	}
 }
 
-/* A piece that waited (for a table or a job) starts again, or fails. */
+/* A piece that waited for a job starts again, or fails. */
 static void
-qop_resume(struct mwait *w, int err)
+qop_resume(struct jwait *w, int err)
 {
 	struct qop *v = container_of(w, struct qop, wait);
 	if (err)
 		qop_finish(v, err);
 	else
 		v->resume(v);
+}
+
+static void
+l2_ready(struct mc_waiter *w, struct mc_entry *l2, int err)
+{
+	struct qop *v = container_of(w, struct qop, l2_wait);
+	if (err)
+		qop_finish(v, err);
+	else
+		v->with_l2(v, l2);
+}
+
+/* fn(v, the L2 table of v's span pinned, or NULL if it has none): now, or once it is loaded. */
+static void
+l2_with(struct qop *v, void (*fn)(struct qop *v, struct mc_entry *l2))
+{
+	struct qcow2 *q = v->q;
+	uint64_t l1i = v->off >> q->span_bits;
+
+	if (l1i >= q->m.h.l1_size || !q->m.l1[l1i]) {
+		fn(v, NULL);
+		return;
+	}
+	v->with_l2 = fn;
+	v->l2_wait.ready = l2_ready;
+	if (qcow2_table_get(q, &q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, &v->l2_wait) < 0)
+		qop_finish(v, ENOMEM);
 }
 
 /* ---- reads ---- */
@@ -530,7 +450,7 @@ run_continues(const struct qcow2 *q, uint64_t e, uint64_t c, uint64_t en, uint64
 
 /* The run from pos (inside the span of l2, below end). */
 static void
-run_of(const struct qcow2 *q, const struct centry *l2, uint64_t pos, uint64_t end,
+run_of(const struct qcow2 *q, const struct mc_entry *l2, uint64_t pos, uint64_t end,
        struct run *r)
 {
 	uint64_t cs = q->m.cluster_size, c = cluster_of(q, pos);
@@ -548,23 +468,15 @@ run_of(const struct qcow2 *q, const struct centry *l2, uint64_t pos, uint64_t en
 	r->len = stop - pos;
 }
 
-/* v lies inside one L2 table's span: split it into runs and read each. */
+/* v lies inside the span of l2 (pinned, or NULL): split it into runs and read each. */
 static void
-read_range(struct qop *v)
+read_runs(struct qop *v, struct mc_entry *l2)
 {
 	struct qcow2 *q = v->q;
 	uint64_t pos, end = v->off + v->len;
-	struct centry *l2;
 	struct run r;
-	int whole = 0, rc;
+	int whole = 0;
 
-	v->wait.fn = qop_resume;
-	v->resume = read_range;
-	if ((rc = l2_get(q, v->off, &v->wait, &l2))) {
-		if (rc < 0)
-			qop_finish(v, -rc);
-		return;
-	}
 	for (pos = v->off; pos < end && !whole; pos += r.len) {
 		run_of(q, l2, pos, end, &r);
 		struct qop *p = qop_part(v, pos, r.len, &whole);
@@ -586,9 +498,16 @@ read_range(struct qop *v)
 			break;
 		}
 	}
-	qcow2_cache_put(l2);
+	l2_put(q, l2);
 	if (!whole)
 		qop_finish(v, 0);
+}
+
+/* v lies inside one L2 table's span. */
+static void
+read_range(struct qop *v)
+{
+	l2_with(v, read_runs);
 }
 
 /* ---- jobs ---- */
@@ -629,7 +548,7 @@ job_new(struct qcow2 *q, int kind, uint64_t first, uint64_t count, struct qop *v
 void
 qcow2_job_end(struct qcow2 *q, struct job *j, int err)
 {
-	struct mwait_list waiting;
+	struct jwait_list waiting;
 
 	if (j->kind == JOB_ALLOC)
 		LIST_REMOVE(j, hash);
@@ -643,7 +562,7 @@ qcow2_job_end(struct qcow2 *q, struct job *j, int err)
 	qop_finish(j->v, err);
 	free(j);
 	while (!TAILQ_EMPTY(&waiting)) {
-		struct mwait *w = TAILQ_FIRST(&waiting);
+		struct jwait *w = TAILQ_FIRST(&waiting);
 		TAILQ_REMOVE(&waiting, w, link);
 		w->fn(w, 0);
 	}
@@ -789,22 +708,14 @@ alloc_cluster(struct qop *v)
 	td_image_read_parent_range(q->img, &v->sub, start, cs, &v->miov, 1, cow_backing_read);
 }
 
-/* v lies inside one L2 table's span: write in place, or allocate, cluster by cluster. */
+/* v lies inside the span of l2 (pinned, or NULL): write in place, or allocate, by cluster. */
 static void
-write_range(struct qop *v)
+write_runs(struct qop *v, struct mc_entry *l2)
 {
 	struct qcow2 *q = v->q;
 	uint64_t cs = q->m.cluster_size, pos, stop, end = v->off + v->len;
-	struct centry *l2;
-	int whole = 0, rc;
+	int whole = 0;
 
-	v->wait.fn = qop_resume;
-	v->resume = write_range;
-	if ((rc = l2_get(q, v->off, &v->wait, &l2))) {
-		if (rc < 0)
-			qop_finish(v, -rc);
-		return;
-	}
 	for (pos = v->off; pos < end && !whole; pos = stop) {
 		uint64_t c = cluster_of(q, pos), e = l2_entry(q, l2, c);
 		struct job *j = job_find(q, c);
@@ -834,9 +745,16 @@ write_range(struct qop *v)
 			alloc_cluster(p);
 		}
 	}
-	qcow2_cache_put(l2);
+	l2_put(q, l2);
 	if (!whole)
 		qop_finish(v, 0);
+}
+
+/* v lies inside one L2 table's span (again, after waiting for a job). */
+static void
+write_range(struct qop *v)
+{
+	l2_with(v, write_runs);
 }
 
 /* ---- zeroing whole clusters ---- */
@@ -1006,10 +924,10 @@ status_flags(enum qcow2_ckind k)
 	}
 }
 
-static void status_run(struct qreq *qr);
+static void status_run(struct qreq *qr, struct mc_entry *held);
 
 static void
-status_retry(struct mwait *w, int err)
+status_loaded(struct mc_waiter *w, struct mc_entry *l2, int err)
 {
 	struct qreq *qr = container_of(w, struct qreq, wait);
 	struct td_request *req = qr->req;
@@ -1019,36 +937,52 @@ status_retry(struct mwait *w, int err)
 		req->done(req, err);
 		return;
 	}
-	status_run(qr);
+	status_run(qr, l2);
 }
 
-/* Extents as far as the tables in memory tell; loads one table when none does. */
+/* The L2 table l1i is not in memory: load it, then start again. */
 static void
-status_run(struct qreq *qr)
+status_load(struct qreq *qr, uint64_t l1i)
+{
+	struct qcow2 *q = qr->q;
+	struct td_request *req = qr->req;
+
+	qr->wait.ready = status_loaded;
+	if (qcow2_table_get(q, &q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, &qr->wait) < 0) {
+		td_req_free(req, qr);
+		td_complete_later(q->img, req, ENOMEM);
+	}
+}
+
+/*
+ * Extents as far as the tables in memory tell (held: one pinned for us);
+ * loads one table when none does.
+ */
+static void
+status_run(struct qreq *qr, struct mc_entry *held)
 {
 	struct qcow2 *q = qr->q;
 	struct td_request *req = qr->req;
 	uint64_t pos = req->offset, end = req->offset + req->length;
-	struct centry *l2;
-	int rc;
 
 	req->nr_extents = 0;
 	while (pos < end) {
 		uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, end);
+		uint64_t l1i = pos >> q->span_bits;
+		struct mc_entry *l2 = NULL;
 		if (pos >= q->img->size) {	/* a chain asking past our end */
 			td_extent_add(req, end - pos, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
 			break;
 		}
-		qr->wait.fn = status_retry;
-		if (req->nr_extents && q->m.l1[pos >> q->span_bits] &&
-		    !cache_find(&q->l2c, pos >> q->span_bits))
-			break;	/* what we have so far, rather than wait */
-		if ((rc = l2_get(q, pos, &qr->wait, &l2)) > 0)
-			return;
-		if (rc < 0) {
-			td_req_free(req, qr);
-			td_complete_later(q->img, req, -rc);
-			return;
+		if (q->m.l1[l1i]) {
+			l2 = held && held->key == l1i ? held : mc_find(&q->l2c, l1i);
+			if (!l2 || !l2->ready) {
+				if (req->nr_extents)
+					break;	/* what we have so far, rather than wait */
+				l2_put(q, held);
+				status_load(qr, l1i);
+				return;
+			}
 		}
 		struct run r;
 		int room = 1;
@@ -1056,10 +990,10 @@ status_run(struct qreq *qr)
 			run_of(q, l2, pos, stop, &r);
 			room = td_extent_add(req, r.len, status_flags(r.kind));
 		}
-		qcow2_cache_put(l2);
 		if (!room)
 			break;
 	}
+	l2_put(q, held);
 	td_req_free(req, qr);
 	td_complete_later(q->img, req, 0);
 }
@@ -1095,7 +1029,7 @@ qcow2_submit(struct td_image *img, struct td_request *req)
 	}
 	switch (req->op) {
 	case TD_OP_BLOCK_STATUS:
-		status_run(qr);
+		status_run(qr, NULL);
 		return;
 	case TD_OP_FLUSH:
 		qr->sync_op.opcode = IO_OP_FDATASYNC;
@@ -1145,7 +1079,6 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 {
 	struct qcow2 *q = calloc(1, sizeof(*q));
 	int rc;
-	(void)ctx;
 
 	if (!q)
 		return td_error_set(err, ENOMEM, "out of memory");
@@ -1186,8 +1119,9 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 		q->f.dfd = -1;
 	}
 	q->span_bits = m->cluster_bits + m->l2_bits;
-	cache_init(&q->l2c, q, 1, Q_L2_CACHE);
-	cache_init(&q->rbc, q, 0, Q_RB_CACHE);
+	cache_init(&q->l2c, q, ctx->io, Q_L2_CACHE);
+	q->l2c.on_load = l2_loaded;
+	cache_init(&q->rbc, q, ctx->io, Q_RB_CACHE);
 	for (int i = 0; i < Q_JOB_HASH; i++)
 		LIST_INIT(&q->jobs[i]);
 	TAILQ_INIT(&q->zero_jobs);
@@ -1203,21 +1137,14 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 }
 
 static void
-cache_free_all(struct mcache *c)
-{
-	while (!TAILQ_EMPTY(&c->lru))
-		cache_drop(TAILQ_FIRST(&c->lru));
-}
-
-static void
 qcow2_close(struct td_image *img)
 {
 	struct qcow2 *q = img->priv;
 
 	if (!q->rdonly)
 		qcow2_apply_frees(q);
-	cache_free_all(&q->l2c);
-	cache_free_all(&q->rbc);
+	mc_free(&q->l2c);
+	mc_free(&q->rbc);
 	free(q->frees);
 	qcow2_meta_free(&q->m);
 	td_file_close(&q->f, !q->rdonly);
