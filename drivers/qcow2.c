@@ -118,80 +118,68 @@ l2_put(struct qcow2 *q, struct mc_entry *l2)
 
 /* ---- requests and pieces ---- */
 
-static struct qreq *
-qreq_new(struct qcow2 *q, struct td_request *req)
+static int
+op_writes(enum td_op op)
 {
-	struct qreq *qr = td_req_alloc(req, sizeof(*qr));
-	if (!qr)
-		return NULL;
-	qr->req = req;
-	qr->q = q;
-	qr->pending = 1;
-	return qr;
+	return op == TD_OP_WRITE || op == TD_OP_DISCARD || op == TD_OP_WRITE_ZEROES;
 }
 
 static void
 qreq_synced(struct io_op *op, int res)
 {
 	struct qreq *qr = op->data;
-	struct td_request *req = qr->req;
-	td_req_free(req, qr);
-	req->done(req, res < 0 ? -res : 0);
+	td_pieces_end(qr->ps, res < 0 ? -res : 0);
+}
+
+/* The pieces' last step: a flush, or a FUA write that succeeded, syncs before it completes. */
+static int
+qreq_last(struct td_pieces *ps)
+{
+	struct qreq *qr = ps->priv;
+	struct qcow2 *q = qr->q;
+	const struct td_request *req = ps->req;
+
+	if (ps->err || (req->op != TD_OP_FLUSH && !(op_writes(req->op) && (req->flags & TD_REQ_FUA))))
+		return 0;
+	qr->sync_op.opcode = IO_OP_FDATASYNC;
+	qr->sync_op.flags = q->f.io_flags;
+	qr->sync_op.fd = q->f.fd;
+	qr->sync_op.done = qreq_synced;
+	qr->sync_op.data = qr;
+	io_submit(q->img->io, &qr->sync_op);
+	return 1;
+}
+
+static struct qop *
+qop_new(struct td_pieces *ps, struct qcow2 *q, uint64_t off, uint64_t len)
+{
+	struct qop *v = td_req_alloc(ps->req, sizeof(*v));
+	if (!v)
+		return NULL;
+	v->ps = ps;
+	v->q = q;
+	v->off = off;
+	v->len = len;
+	td_pieces_add(ps);
+	return v;
 }
 
 static void zero_issue(struct qreq *qr);
 
 static void
-qreq_piece_done(struct qreq *qr, int err)
-{
-	if (err && !qr->err)
-		qr->err = err;
-	if (qr->zpos < qr->zend && !qr->err && !qr->issuing && qr->pending <= Q_ZERO_PIECES / 2) {
-		qr->pending--;
-		zero_issue(qr);		/* more of a long zeroing */
-		return;
-	}
-	if (--qr->pending)
-		return;
-	struct td_request *req = qr->req;
-	if (!qr->err && (req->flags & TD_REQ_FUA) && req->op != TD_OP_READ) {
-		qr->sync_op.opcode = IO_OP_FDATASYNC;
-		qr->sync_op.flags = qr->q->f.io_flags;
-		qr->sync_op.fd = qr->q->f.fd;
-		qr->sync_op.done = qreq_synced;
-		qr->sync_op.data = qr;
-		io_submit(qr->q->img->io, &qr->sync_op);
-		return;
-	}
-	int e = qr->err;
-	td_req_free(req, qr);
-	req->done(req, e);
-}
-
-static struct qop *
-qop_new(struct qreq *qr, uint64_t off, uint64_t len)
-{
-	struct qop *v = td_req_alloc(qr->req, sizeof(*v));
-	if (!v)
-		return NULL;
-	v->qr = qr;
-	v->q = qr->q;
-	v->off = off;
-	v->len = len;
-	qr->pending++;
-	return v;
-}
-
-static void
 qop_finish(struct qop *v, int err)
 {
-	struct qreq *qr = v->qr;
+	struct td_pieces *ps = v->ps;
+	struct qreq *qr = ps->priv;
+
 	if (v->iov && v->iov != v->iov_inline)
 		free(v->iov);
 	free(v->buf);
 	free(v->cluster);
-	td_req_free(qr->req, v);
-	qreq_piece_done(qr, err);
+	td_req_free(ps->req, v);
+	if (qr->zpos < qr->zend && !err && !ps->err && ps->pending <= Q_ZERO_PIECES / 2)
+		zero_issue(qr);		/* more of a long zeroing, while this piece holds it */
+	td_pieces_done(ps, err);
 }
 
 /*
@@ -206,8 +194,8 @@ qop_part(struct qop *v, uint64_t off, uint64_t len, int *whole)
 	*whole = off == v->off && len == v->len;
 	if (*whole)
 		return v;
-	if (!(p = qop_new(v->qr, off, len))) {
-		v->qr->err = ENOMEM;
+	if (!(p = qop_new(v->ps, v->q, off, len))) {
+		v->ps->err = ENOMEM;
 		return NULL;
 	}
 	p->zero = v->zero;
@@ -219,7 +207,7 @@ qop_part(struct qop *v, uint64_t off, uint64_t len, int *whole)
 static int
 qop_slice(struct qop *v, uint64_t off, uint64_t len)
 {
-	return td_req_iov(v->qr->req, off, len, v->zero ? q_zeros : NULL, Q_ZERO_BYTES,
+	return td_req_iov(v->ps->req, off, len, v->zero ? q_zeros : NULL, Q_ZERO_BYTES,
 			  v->iov_inline, Q_INLINE_IOV, &v->iov, &v->iovcnt);
 }
 
@@ -829,10 +817,10 @@ zero_mode(const struct qcow2 *q, const struct td_request *req)
 static void
 zero_piece(struct qreq *qr, uint64_t off, uint64_t len, int mode)
 {
-	struct qop *v = qop_new(qr, off, len);
+	struct qop *v = qop_new(qr->ps, qr->q, off, len);
 
 	if (!v) {
-		qr->err = ENOMEM;
+		qr->ps->err = ENOMEM;
 		return;
 	}
 	v->zero = 1;
@@ -849,7 +837,7 @@ zero_span(struct qcow2 *q, struct qreq *qr)
 {
 	uint64_t cs = q->m.cluster_size, size = q->img->size, pos = qr->zpos;
 	uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, qr->zend);
-	int discard = qr->req->op == TD_OP_DISCARD, mode = qr->zmode;
+	int discard = qr->ps->req->op == TD_OP_DISCARD, mode = qr->zmode;
 	/* whole clusters: [a, z); the disk's last cluster is whole at its end */
 	uint64_t a = div_up(pos, cs) * cs;
 	uint64_t z = stop == size ? stop : stop / cs * cs;
@@ -869,27 +857,27 @@ zero_span(struct qcow2 *q, struct qreq *qr)
 
 /*
  * Issues the spans of a discard or write-zeroes, Q_ZERO_PIECES at most in
- * flight (a request may cover a whole disk); qreq_piece_done calls again
- * as they complete. Holds the request while issuing: pieces that complete
- * at once do not end it under us.
+ * flight (a request may cover a whole disk); qop_finish calls again as
+ * they complete. The caller holds the request (submit, or a piece not yet
+ * done): pieces that complete at once do not end it under us.
  */
 static void
 zero_issue(struct qreq *qr)
 {
+	struct td_pieces *ps = qr->ps;
+
 	if (qr->issuing)
 		return;
 	qr->issuing = 1;
-	qr->pending++;
-	while (qr->zpos < qr->zend && qr->pending <= Q_ZERO_PIECES && !qr->err)
+	while (qr->zpos < qr->zend && ps->pending <= Q_ZERO_PIECES && !ps->err)
 		zero_span(qr->q, qr);
 	qr->issuing = 0;
-	qreq_piece_done(qr, 0);
 }
 
 static void
 zero_submit(struct qcow2 *q, struct qreq *qr)
 {
-	struct td_request *req = qr->req;
+	struct td_request *req = qr->ps->req;
 
 	qr->zmode = zero_mode(q, req);
 	if (qr->zmode == -2)
@@ -926,32 +914,27 @@ status_flags(enum qcow2_ckind k)
 
 static void status_run(struct qreq *qr, struct mc_entry *held);
 
+/* The table a status step waited for: start again with it. */
 static void
 status_loaded(struct mc_waiter *w, struct mc_entry *l2, int err)
 {
 	struct qreq *qr = container_of(w, struct qreq, wait);
-	struct td_request *req = qr->req;
 
-	if (err) {
-		td_req_free(req, qr);
-		req->done(req, err);
-		return;
-	}
-	status_run(qr, l2);
+	if (!err)
+		status_run(qr, l2);
+	td_pieces_done(qr->ps, err);
 }
 
-/* The L2 table l1i is not in memory: load it, then start again. */
+/* The L2 table l1i is not in memory: load it (a piece of the request), then start again. */
 static void
 status_load(struct qreq *qr, uint64_t l1i)
 {
 	struct qcow2 *q = qr->q;
-	struct td_request *req = qr->req;
 
+	td_pieces_add(qr->ps);
 	qr->wait.ready = status_loaded;
-	if (qcow2_table_get(q, &q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, &qr->wait) < 0) {
-		td_req_free(req, qr);
-		td_complete_later(q->img, req, ENOMEM);
-	}
+	if (qcow2_table_get(q, &q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, &qr->wait) < 0)
+		td_pieces_done(qr->ps, ENOMEM);
 }
 
 /*
@@ -962,7 +945,7 @@ static void
 status_run(struct qreq *qr, struct mc_entry *held)
 {
 	struct qcow2 *q = qr->q;
-	struct td_request *req = qr->req;
+	struct td_request *req = qr->ps->req;
 	uint64_t pos = req->offset, end = req->offset + req->length;
 
 	req->nr_extents = 0;
@@ -977,11 +960,9 @@ status_run(struct qreq *qr, struct mc_entry *held)
 		if (q->m.l1[l1i]) {
 			l2 = held && held->key == l1i ? held : mc_find(&q->l2c, l1i);
 			if (!l2 || !l2->ready) {
-				if (req->nr_extents)
-					break;	/* what we have so far, rather than wait */
-				l2_put(q, held);
-				status_load(qr, l1i);
-				return;
+				if (!req->nr_extents)
+					status_load(qr, l1i);
+				break;	/* else what we have so far, rather than wait */
 			}
 		}
 		struct run r;
@@ -994,22 +975,37 @@ status_run(struct qreq *qr, struct mc_entry *held)
 			break;
 	}
 	l2_put(q, held);
-	td_req_free(req, qr);
-	td_complete_later(q->img, req, 0);
 }
 
 /* ---- submit ---- */
 
-static int
-op_writes(enum td_op op)
+/* Reads and writes: a piece per L2 table's span. */
+static void
+rw_submit(struct qreq *qr)
 {
-	return op == TD_OP_WRITE || op == TD_OP_DISCARD || op == TD_OP_WRITE_ZEROES;
+	struct qcow2 *q = qr->q;
+	struct td_request *req = qr->ps->req;
+
+	for (uint64_t pos = req->offset, end = req->offset + req->length; pos < end;) {
+		uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, end);
+		struct qop *v = qop_new(qr->ps, q, pos, stop - pos);
+		if (!v) {
+			qr->ps->err = ENOMEM;
+			break;
+		}
+		if (req->op == TD_OP_READ)
+			read_range(v);
+		else
+			write_range(v);
+		pos = stop;
+	}
 }
 
 static void
 qcow2_submit(struct td_image *img, struct td_request *req)
 {
 	struct qcow2 *q = img->priv;
+	struct td_pieces *ps;
 	struct qreq *qr;
 
 	/* vbd_start refuses writes to read-only disks; caps keep flushes away */
@@ -1023,53 +1019,21 @@ qcow2_submit(struct td_image *img, struct td_request *req)
 		td_complete_later(img, req, ENOTSUP);
 		return;
 	}
-	if (!(qr = qreq_new(q, req))) {
+	if (!(ps = td_pieces_new(img, req, sizeof(*qr)))) {
 		td_complete_later(img, req, ENOMEM);
 		return;
 	}
-	switch (req->op) {
-	case TD_OP_BLOCK_STATUS:
+	qr = ps->priv;
+	qr->ps = ps;
+	qr->q = q;
+	ps->last = qreq_last;
+	if (req->op == TD_OP_BLOCK_STATUS)
 		status_run(qr, NULL);
-		return;
-	case TD_OP_FLUSH:
-		qr->sync_op.opcode = IO_OP_FDATASYNC;
-		qr->sync_op.flags = q->f.io_flags;
-		qr->sync_op.fd = q->f.fd;
-		qr->sync_op.done = qreq_synced;
-		qr->sync_op.data = qr;
-		io_submit(img->io, &qr->sync_op);
-		return;
-	case TD_OP_DISCARD:
-	case TD_OP_WRITE_ZEROES:
+	else if (req->op == TD_OP_DISCARD || req->op == TD_OP_WRITE_ZEROES)
 		zero_submit(q, qr);
-		break;
-	default:
-		for (uint64_t pos = req->offset, end = req->offset + req->length; pos < end;) {
-			uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, end);
-			struct qop *v = qop_new(qr, pos, stop - pos);
-			if (!v) {
-				qr->err = ENOMEM;
-				break;
-			}
-			if (req->op == TD_OP_READ)
-				read_range(v);
-			else
-				write_range(v);
-			pos = stop;
-		}
-		break;
-	}
-	/*
-	 * The pieces may all be done already (zeros, holes): the last
-	 * reference completes the request, but never from inside submit.
-	 */
-	if (qr->pending == 1 && !(op_writes(req->op) && (req->flags & TD_REQ_FUA) && !qr->err)) {
-		int err = qr->err;
-		td_req_free(req, qr);
-		td_complete_later(img, req, err);
-		return;
-	}
-	qreq_piece_done(qr, 0);
+	else if (req->op != TD_OP_FLUSH)	/* a flush is its last step alone */
+		rw_submit(qr);
+	td_pieces_issued(ps);
 }
 
 /* ---- open / close ---- */
@@ -1190,7 +1154,7 @@ qcow2_get_parent(struct td_image *img, char **params, struct td_error *err)
 
 const struct td_driver td_driver_qcow2 = {
 	.name = "qcow2",
-	.ctx_size = TD_CTX_SIZE(struct qreq) + TD_CTX_SIZE(struct qop),
+	.ctx_size = TD_PIECES_CTX_SIZE(sizeof(struct qreq)) + TD_CTX_SIZE(struct qop),
 	.open = qcow2_open,
 	.close = qcow2_close,
 	.submit = qcow2_submit,

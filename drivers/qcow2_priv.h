@@ -40,13 +40,11 @@ struct jwait {
 };
 TAILQ_HEAD(jwait_list, jwait);
 
-/* One incoming request. */
+/* A request's own state, beside its pieces (its td_pieces' priv). */
 struct qreq {
-	struct td_request *req;
+	struct td_pieces *ps;
 	struct qcow2 *q;
-	int pending;			/* pieces in flight, +1 while issuing */
-	int err;
-	struct io_op sync_op;		/* FUA */
+	struct io_op sync_op;		/* flush, FUA: the last step */
 	struct mc_waiter wait;		/* block status: an L2 table loading */
 	uint64_t zpos, zend;		/* discard, write-zeroes: what is left to issue */
 	int zmode;			/* how whole clusters are zeroed */
@@ -55,7 +53,7 @@ struct qreq {
 
 /* One piece of a request: a range inside one L2 table's span, or one run. */
 struct qop {
-	struct qreq *qr;
+	struct td_pieces *ps;		/* its request's */
 	struct qcow2 *q;
 	uint64_t off, len;		/* guest bytes */
 	int zero;			/* write zeros, not the request's data */
@@ -77,7 +75,7 @@ struct qop {
 	struct job *job;		/* the allocation it started */
 	void (*next)(struct qop *v, int err);	/* where an I/O completion goes */
 	void (*after)(struct qop *v, int err);	/* where an inflate goes */
-	void (*resume)(struct qop *v);		/* after a wait: start again */
+	void (*resume)(struct qop *v);		/* after a job: start again */
 };
 
 /* What whole-cluster zeroing makes of the entries (by op, version, backing). */

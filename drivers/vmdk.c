@@ -949,7 +949,7 @@ read_piece(struct vop *v)
 static void
 read_start(struct vmdk_priv *p, struct td_request *req)
 {
-	struct td_pieces *ps = td_pieces_new(p->img, req);
+	struct td_pieces *ps = td_pieces_new(p->img, req, 0);
 	uint64_t pos = req->offset, end = req->offset + req->length;
 
 	if (!ps) {
@@ -1112,7 +1112,7 @@ vmdk_submit(struct td_image *img, struct td_request *req)
 
 const struct td_driver td_driver_vmdk = {
 	.name = "vmdk",
-	.ctx_size = TD_CTX_SIZE(struct td_pieces),
+	.ctx_size = TD_PIECES_CTX_SIZE(0),
 	.open = vmdk_open,
 	.close = vmdk_close,
 	.submit = vmdk_submit,
