@@ -26,7 +26,8 @@ mc_init(struct mc_cache *c, struct io_engine *io, unsigned max)
 static void
 entry_free(struct mc_cache *c, struct mc_entry *e)
 {
-	LIST_REMOVE(e, hash);
+	if (!e->gone)
+		LIST_REMOVE(e, hash);
 	TAILQ_REMOVE(&c->lru, e, lru);
 	c->count--;
 	free(e->buf);
@@ -68,12 +69,9 @@ evict(struct mc_cache *c)
 	}
 }
 
-static struct mc_entry *
-entry_new(struct mc_cache *c, uint64_t key, uint64_t off, void *buf)
+static void
+entry_link(struct mc_cache *c, struct mc_entry *e, uint64_t key, uint64_t off, void *buf)
 {
-	struct mc_entry *e = calloc(1, sizeof(*e));
-	if (!e)
-		return NULL;
 	e->key = key;
 	e->off = off;
 	e->buf = buf;
@@ -82,7 +80,6 @@ entry_new(struct mc_cache *c, uint64_t key, uint64_t off, void *buf)
 	LIST_INSERT_HEAD(&c->hash[slot(key)], e, hash);
 	TAILQ_INSERT_HEAD(&c->lru, e, lru);
 	c->count++;
-	return e;
 }
 
 static void
@@ -114,12 +111,13 @@ static struct mc_entry *
 load(struct mc_cache *c, uint64_t key, int fd, unsigned io_flags, uint64_t off, size_t len)
 {
 	void *buf = malloc(len);
-	struct mc_entry *e = buf ? entry_new(c, key, off, buf) : NULL;
+	struct mc_entry *e = buf ? calloc(1, sizeof(*e)) : NULL;
 
 	if (!e) {
 		free(buf);
 		return NULL;
 	}
+	entry_link(c, e, key, off, buf);
 	e->iov.iov_base = buf;
 	e->iov.iov_len = len;
 	e->op.opcode = IO_OP_READV;
@@ -159,29 +157,36 @@ mc_get(struct mc_cache *c, uint64_t key, int fd, unsigned io_flags, uint64_t off
 void
 mc_put(struct mc_cache *c, struct mc_entry *e)
 {
-	e->refs--;
+	if (!--e->refs && e->gone)
+		entry_free(c, e);
 	evict(c);
-}
-
-int
-mc_insert(struct mc_cache *c, uint64_t key, uint64_t off, void *buf)
-{
-	struct mc_entry *old = mc_find(c, key);
-	struct mc_entry *e = entry_new(c, key, off, buf);
-
-	if (!e)
-		return -ENOMEM;
-	e->ready = 1;
-	if (old && idle(old))
-		entry_free(c, old);
-	evict(c);
-	return 0;
 }
 
 void
 mc_drop(struct mc_cache *c, uint64_t key)
 {
 	struct mc_entry *e = mc_find(c, key);
-	if (e && idle(e))
+
+	if (!e)
+		return;
+	if (idle(e)) {
 		entry_free(c, e);
+		return;
+	}
+	LIST_REMOVE(e, hash);	/* its users keep it until they put it */
+	e->gone = 1;
+}
+
+int
+mc_insert(struct mc_cache *c, uint64_t key, uint64_t off, void *buf)
+{
+	struct mc_entry *e = calloc(1, sizeof(*e));
+
+	if (!e)
+		return -ENOMEM;
+	mc_drop(c, key);
+	entry_link(c, e, key, off, buf);
+	e->ready = 1;
+	evict(c);
+	return 0;
 }

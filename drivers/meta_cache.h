@@ -49,6 +49,7 @@ struct mc_entry {
 	uint64_t key;
 	uint64_t off;			/* where the block lives in its file */
 	int ready;			/* 0 while its read is in flight */
+	int gone;			/* forgotten while in use: freed at its last mc_put */
 	unsigned refs;			/* pins; never evicted while > 0 */
 	void *buf;
 	struct mc_cache *c;
@@ -90,12 +91,15 @@ int mc_get(struct mc_cache *c, uint64_t key, int fd, unsigned io_flags, uint64_t
 void mc_put(struct mc_cache *c, struct mc_entry *e);
 /*
  * Adds a block made in memory (it lives at off), loaded and unpinned:
- * buf (malloc'd) is the cache's from now on. An older block of the same
- * key goes, or if pinned or loading stays hidden from mc_find and mc_get
- * until its users let go. 0, or -ENOMEM (buf stays the caller's).
+ * buf (malloc'd) is the cache's from now on. An older block of the key is
+ * forgotten (mc_drop). 0, or -ENOMEM (buf stays the caller's, nothing done).
  */
 int mc_insert(struct mc_cache *c, uint64_t key, uint64_t off, void *buf);
-/* Forgets the block of key, if cached, loaded and unpinned. */
+/*
+ * Forgets the block of key, if cached: mc_find and mc_get no longer see
+ * it. Freed now if unused, else once its users (waiters of a load
+ * included) have put it.
+ */
 void mc_drop(struct mc_cache *c, uint64_t key);
 
 #endif
