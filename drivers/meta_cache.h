@@ -13,8 +13,9 @@
  *
  * Ownership: the cache owns its entries and their buffers (one given to
  * mc_insert too, from then on) until it evicts, drops or frees them; an
- * entry stays valid while pinned. The descriptor blocks are read from
- * stays the driver's (open while the cache is), and so do waiters. The
+ * entry stays valid while pinned, even dropped (it goes at its last
+ * mc_put). The descriptor blocks are read from stays the driver's (open
+ * while the cache is), and so do waiters. The
  * cache keeps no dirty state: a driver that changes a block in memory
  * writes it back itself, at the entry's offset, and keeps it pinned until
  * it has.
@@ -24,7 +25,8 @@
  * is -ENOMEM from the call that needed it, having done nothing.
  *
  * Threading: the loop thread only (load completions arrive there from the
- * I/O engine).
+ * I/O engine), but for mc_init and mc_free, which run where the driver
+ * opens and closes its image (a worker thread, nothing in flight).
  */
 #ifndef TD_META_CACHE_H
 #define TD_META_CACHE_H
