@@ -1038,6 +1038,20 @@ qcow2_submit(struct td_image *img, struct td_request *req)
 
 /* ---- open / close ---- */
 
+/* What the request path keeps of an image just loaded: caches, jobs. */
+static void
+q_state_init(struct qcow2 *q, struct io_engine *io)
+{
+	q->span_bits = q->m.cluster_bits + q->m.l2_bits;
+	cache_init(&q->l2c, q, io, Q_L2_CACHE);
+	q->l2c.on_load = l2_loaded;
+	cache_init(&q->rbc, q, io, Q_RB_CACHE);
+	for (int i = 0; i < Q_JOB_HASH; i++)
+		LIST_INIT(&q->jobs[i]);
+	TAILQ_INIT(&q->zero_jobs);
+	TAILQ_INIT(&q->ready);
+}
+
 static int
 qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *err)
 {
@@ -1082,14 +1096,7 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 		close(q->f.dfd);
 		q->f.dfd = -1;
 	}
-	q->span_bits = m->cluster_bits + m->l2_bits;
-	cache_init(&q->l2c, q, ctx->io, Q_L2_CACHE);
-	q->l2c.on_load = l2_loaded;
-	cache_init(&q->rbc, q, ctx->io, Q_RB_CACHE);
-	for (int i = 0; i < Q_JOB_HASH; i++)
-		LIST_INIT(&q->jobs[i]);
-	TAILQ_INIT(&q->zero_jobs);
-	TAILQ_INIT(&q->ready);
+	q_state_init(q, ctx->io);
 	img->size = m->h.size;
 	img->sector_size = 512;
 	img->min_io = 1;
