@@ -252,21 +252,38 @@ uint64_t td_iov_length(const struct iovec *iov, int iovcnt);
 
 /*
  * A request a driver serves in pieces: it completes with the first error
- * once the last piece is done, never from inside submit.
+ * once the last piece is done, never from inside submit. The driver's own
+ * per-request state can come with it (priv), and a last step of its own
+ * can run before the completion (last).
  */
 struct td_pieces {
 	struct td_request *req;
 	struct td_image *img;
 	int pending;		/* pieces in flight, +1 while submit issues them */
-	int err;
+	int err;		/* the first error */
+	/*
+	 * Optional, the driver's: runs once the last piece is done. Returns 0
+	 * to complete the request now (with ps->err), or 1 having started a
+	 * last step (qcow2: the sync of a FUA write or a flush) whose
+	 * completion ends the request with td_pieces_end.
+	 */
+	int (*last)(struct td_pieces *ps);
+	void *priv;		/* priv_size zeroed bytes of the driver's, or NULL */
 };
-/* In submit: NULL if out of memory. From the request's scratch when there is room. */
-struct td_pieces *td_pieces_new(struct td_image *img, struct td_request *req);
+/*
+ * In submit: NULL if out of memory. From the request's scratch when there
+ * is room for TD_PIECES_CTX_SIZE(priv_size) bytes, priv included.
+ */
+struct td_pieces *td_pieces_new(struct td_image *img, struct td_request *req, size_t priv_size);
+#define TD_PIECES_CTX_SIZE(priv_size) \
+	(TD_CTX_SIZE(struct td_pieces) + (((priv_size) + 15) & ~(size_t)15))
 /* One more piece (before it is issued). */
 static inline void td_pieces_add(struct td_pieces *ps) { ps->pending++; }
 /* A piece is done (err 0 or an errno); the last one completes and frees ps. */
 void td_pieces_done(struct td_pieces *ps, int err);
 /* End of submit: every piece is issued (or failed, ps->err set). */
 void td_pieces_issued(struct td_pieces *ps);
+/* The end of a last step (see last): frees ps, completes the request with err. */
+void td_pieces_end(struct td_pieces *ps, int err);
 
 #endif

@@ -637,15 +637,35 @@ td_chain_scratch_size(const struct td_image *leaf)
 }
 
 struct td_pieces *
-td_pieces_new(struct td_image *img, struct td_request *req)
+td_pieces_new(struct td_image *img, struct td_request *req, size_t priv_size)
 {
-	struct td_pieces *ps = td_req_alloc(req, sizeof(*ps));
+	size_t head = TD_CTX_SIZE(struct td_pieces);
+	struct td_pieces *ps = td_req_alloc(req, head + priv_size);
+
 	if (ps) {
 		ps->req = req;
 		ps->img = img;
 		ps->pending = 1;
+		ps->priv = priv_size ? (char *)ps + head : NULL;
 	}
 	return ps;
+}
+
+/* The last piece is done: the driver's last step, or the completion (later: in submit). */
+static void
+pieces_last(struct td_pieces *ps, int later)
+{
+	struct td_request *req = ps->req;
+	struct td_image *img = ps->img;
+	int err = ps->err;
+
+	if (ps->last && ps->last(ps))
+		return;		/* it ends with td_pieces_end */
+	td_req_free(req, ps);
+	if (later)
+		td_complete_later(img, req, err);
+	else
+		td_request_done(req, err);
 }
 
 void
@@ -653,23 +673,23 @@ td_pieces_done(struct td_pieces *ps, int err)
 {
 	if (err && !ps->err)
 		ps->err = err;
-	if (--ps->pending)
-		return;
-	struct td_request *req = ps->req;
-	err = ps->err;
-	td_req_free(req, ps);
-	td_request_done(req, err);
+	if (--ps->pending == 0)
+		pieces_last(ps, 0);
 }
 
 void
 td_pieces_issued(struct td_pieces *ps)
 {
 	/* every piece may be done already (zeros, cached data): not from inside submit */
-	if (ps->pending == 1) {
-		struct td_request *req = ps->req;
-		td_complete_later(ps->img, req, ps->err);
-		td_req_free(req, ps);
-		return;
-	}
-	td_pieces_done(ps, 0);
+	if (--ps->pending == 0)
+		pieces_last(ps, 1);
+}
+
+void
+td_pieces_end(struct td_pieces *ps, int err)
+{
+	struct td_request *req = ps->req;
+
+	td_req_free(req, ps);
+	td_request_done(req, err);
 }

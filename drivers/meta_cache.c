@@ -1,4 +1,4 @@
-/* The metadata block cache (see meta_cache.h). */
+/* The drivers' metadata cache (see meta_cache.h). */
 #include "meta_cache.h"
 
 #include <errno.h>
@@ -16,6 +16,8 @@ mc_init(struct mc_cache *c, struct io_engine *io, unsigned max)
 	c->io = io;
 	c->max = max;
 	c->count = 0;
+	c->on_load = NULL;
+	c->priv = NULL;
 	for (int i = 0; i < MC_HASH; i++)
 		LIST_INIT(&c->hash[i]);
 	TAILQ_INIT(&c->lru);
@@ -24,7 +26,8 @@ mc_init(struct mc_cache *c, struct io_engine *io, unsigned max)
 static void
 entry_free(struct mc_cache *c, struct mc_entry *e)
 {
-	LIST_REMOVE(e, hash);
+	if (!e->gone)
+		LIST_REMOVE(e, hash);
 	TAILQ_REMOVE(&c->lru, e, lru);
 	c->count--;
 	free(e->buf);
@@ -48,31 +51,35 @@ mc_find(struct mc_cache *c, uint64_t key)
 	return NULL;
 }
 
+/* Unpinned and loaded: an entry the cache may let go of. */
+static int
+idle(const struct mc_entry *e)
+{
+	return !e->refs && e->ready;
+}
+
 static void
 evict(struct mc_cache *c)
 {
 	struct mc_entry *e, *prev;
 	for (e = TAILQ_LAST(&c->lru, mc_lru); e && c->count > c->max; e = prev) {
 		prev = TAILQ_PREV(e, mc_lru, lru);
-		if (!e->refs && e->ready)
+		if (idle(e))
 			entry_free(c, e);
 	}
 }
 
-static struct mc_entry *
-entry_new(struct mc_cache *c, uint64_t key, void *buf)
+static void
+entry_link(struct mc_cache *c, struct mc_entry *e, uint64_t key, uint64_t off, void *buf)
 {
-	struct mc_entry *e = calloc(1, sizeof(*e));
-	if (!e)
-		return NULL;
 	e->key = key;
+	e->off = off;
 	e->buf = buf;
 	e->c = c;
 	TAILQ_INIT(&e->waiters);
 	LIST_INSERT_HEAD(&c->hash[slot(key)], e, hash);
 	TAILQ_INSERT_HEAD(&c->lru, e, lru);
 	c->count++;
-	return e;
 }
 
 static void
@@ -80,22 +87,23 @@ loaded(struct io_op *op, int res)
 {
 	struct mc_entry *e = op->data;
 	struct mc_cache *c = e->c;
+	int err = res < 0 ? -res : 0;
 	TAILQ_HEAD(, mc_waiter) waiters;
 
+	if (!err && c->on_load)
+		err = c->on_load(c, e, e->iov.iov_len);
 	TAILQ_INIT(&waiters);
 	TAILQ_CONCAT(&waiters, &e->waiters, link);
-	if (res < 0) {
+	if (err) {
 		entry_free(c, e);	/* forget it: a later get tries again */
 		e = NULL;
 	} else {
-		if (c->decode)
-			c->decode(e->buf, e->iov.iov_len);
 		e->ready = 1;
 	}
 	while (!TAILQ_EMPTY(&waiters)) {
 		struct mc_waiter *w = TAILQ_FIRST(&waiters);
 		TAILQ_REMOVE(&waiters, w, link);
-		w->ready(w, e, res < 0 ? -res : 0);
+		w->ready(w, e, err);
 	}
 }
 
@@ -103,12 +111,13 @@ static struct mc_entry *
 load(struct mc_cache *c, uint64_t key, int fd, unsigned io_flags, uint64_t off, size_t len)
 {
 	void *buf = malloc(len);
-	struct mc_entry *e = buf ? entry_new(c, key, buf) : NULL;
+	struct mc_entry *e = buf ? calloc(1, sizeof(*e)) : NULL;
 
 	if (!e) {
 		free(buf);
 		return NULL;
 	}
+	entry_link(c, e, key, off, buf);
 	e->iov.iov_base = buf;
 	e->iov.iov_len = len;
 	e->op.opcode = IO_OP_READV;
@@ -148,25 +157,36 @@ mc_get(struct mc_cache *c, uint64_t key, int fd, unsigned io_flags, uint64_t off
 void
 mc_put(struct mc_cache *c, struct mc_entry *e)
 {
-	e->refs--;
+	if (!--e->refs && e->gone)
+		entry_free(c, e);
 	evict(c);
-}
-
-struct mc_entry *
-mc_insert(struct mc_cache *c, uint64_t key, void *buf)
-{
-	struct mc_entry *e = entry_new(c, key, buf);
-	if (e) {
-		e->ready = 1;
-		evict(c);
-	}
-	return e;
 }
 
 void
 mc_drop(struct mc_cache *c, uint64_t key)
 {
 	struct mc_entry *e = mc_find(c, key);
-	if (e && !e->refs && e->ready)
+
+	if (!e)
+		return;
+	if (idle(e)) {
 		entry_free(c, e);
+		return;
+	}
+	LIST_REMOVE(e, hash);	/* its users keep it until they put it */
+	e->gone = 1;
+}
+
+int
+mc_insert(struct mc_cache *c, uint64_t key, uint64_t off, void *buf)
+{
+	struct mc_entry *e = calloc(1, sizeof(*e));
+
+	if (!e)
+		return -ENOMEM;
+	mc_drop(c, key);
+	entry_link(c, e, key, off, buf);
+	e->ready = 1;
+	evict(c);
+	return 0;
 }

@@ -1,9 +1,9 @@
 /*
  * qcow2: qemu's copy-on-write format, versions 2 and 3, on the request path.
  *
- * Guest clusters map through the L1 table (in memory) and L2 tables (a
- * bounded cache, loaded asynchronously); refcount blocks are cached the same
- * way. Reads go to the data cluster, to the backing file, to zeros, or
+ * Guest clusters map through the L1 table (in memory) and L2 tables, which
+ * are loaded asynchronously into a bounded cache (meta_cache.h) and checked
+ * as they are read; refcount blocks are cached the same way. Reads go to the data cluster, to the backing file, to zeros, or
  * through inflate (off the loop) for compressed clusters. Everything after
  * open is asynchronous and never waits on the disk from the loop.
  *
@@ -37,11 +37,11 @@ static void zero_range(struct qop *v);
 
 /* The raw L2 entry of guest cluster c in a table (NULL: no table, unallocated). */
 static uint64_t
-l2_entry(const struct qcow2 *q, const struct centry *l2, uint64_t c)
+l2_entry(const struct qcow2 *q, const struct mc_entry *l2, uint64_t c)
 {
 	if (!l2)
 		return 0;
-	return qcow2_be64(l2->buf + 8 * (c & (q->m.l2_entries - 1)));
+	return qcow2_be64((const uint8_t *)l2->buf + 8 * (c & (q->m.l2_entries - 1)));
 }
 
 struct qcow2_cluster
@@ -75,230 +75,111 @@ qcow2_io_prep_meta(struct qcow2 *q, struct io_op *op, enum io_opcode opc, struct
 	op->iovcnt = 1;
 }
 
-/* ---- the metadata cache ---- */
+/* ---- the metadata caches (meta_cache.h) ---- */
 
-static void
-cache_init(struct mcache *c, struct qcow2 *q, int is_l2, unsigned bytes)
-{
-	c->q = q;
-	c->is_l2 = is_l2;
-	for (int i = 0; i < Q_HASH; i++)
-		LIST_INIT(&c->hash[i]);
-	TAILQ_INIT(&c->lru);
-	c->max = bytes / q->m.cluster_size;
-	if (c->max < Q_CACHE_MIN)
-		c->max = Q_CACHE_MIN;
-}
-
-static struct centry *
-cache_find(struct mcache *c, uint64_t idx)
-{
-	struct centry *e;
-	LIST_FOREACH(e, &c->hash[idx % Q_HASH], hash)
-		if (e->idx == idx)
-			return e;
-	return NULL;
-}
-
-static void
-cache_drop(struct centry *e)
-{
-	LIST_REMOVE(e, hash);
-	TAILQ_REMOVE(&e->c->lru, e, lru);
-	e->c->count--;
-	free(e->buf);
-	free(e);
-}
-
-void
-qcow2_cache_evict(struct mcache *c)
-{
-	struct centry *e, *prev;
-	for (e = TAILQ_LAST(&c->lru, centry_lru); e && c->count > c->max; e = prev) {
-		prev = TAILQ_PREV(e, centry_lru, lru);
-		if (!e->refs && !e->loading)
-			cache_drop(e);
-	}
-}
-
-/* A table made in memory (a new L2 table or refcount block): buf is the cache's now. */
-struct centry *
-qcow2_cache_insert(struct mcache *c, uint64_t idx, uint64_t host, uint8_t *buf)
-{
-	struct centry *e = calloc(1, sizeof(*e));
-	if (!e)
-		return NULL;
-	e->c = c;
-	e->idx = idx;
-	e->host = host;
-	e->buf = buf;
-	TAILQ_INIT(&e->waiters);
-	LIST_INSERT_HEAD(&c->hash[idx % Q_HASH], e, hash);
-	TAILQ_INSERT_HEAD(&c->lru, e, lru);
-	c->count++;
-	return e;
-}
-
-static void
-cache_loaded(struct io_op *op, int res)
-{
-	struct centry *e = op->data;
-	struct qcow2 *q = e->c->q;
-	struct mwait_list waiters;
-	char why[160];
-	int err = res < 0 ? -res : 0;
-
-	if (!err && e->c->is_l2 &&
-	    qcow2_l2_check(&q->m, e->buf, q->next_free, why, sizeof(why)) < 0) {
-		log_limited(&q->rl, LOG_LVL_ERR, "%s: L2 table %ju at %#jx is corrupt: %s",
-			    q->img->params, (uintmax_t)e->idx, (uintmax_t)e->host, why);
-		err = EIO;
-	}
-	TAILQ_INIT(&waiters);
-	TAILQ_CONCAT(&waiters, &e->waiters, link);
-	if (err)
-		cache_drop(e);	/* forget it: a later request tries again */
-	else
-		e->loading = 0;
-	while (!TAILQ_EMPTY(&waiters)) {
-		struct mwait *w = TAILQ_FIRST(&waiters);
-		TAILQ_REMOVE(&waiters, w, link);
-		w->fn(w, err);
-	}
-}
-
-/*
- * The table idx (at host): 0 with *out pinned if it is in memory; 1 if w
- * will be called once it is (then ask again); -ENOMEM.
- */
-int
-qcow2_cache_get(struct mcache *c, uint64_t idx, uint64_t host, struct mwait *w,
-	  struct centry **out)
-{
-	struct qcow2 *q = c->q;
-	struct centry *e = cache_find(c, idx);
-
-	if (e && !e->loading) {
-		TAILQ_REMOVE(&c->lru, e, lru);
-		TAILQ_INSERT_HEAD(&c->lru, e, lru);
-		e->refs++;
-		*out = e;
-		return 0;
-	}
-	if (!e) {
-		uint8_t *buf = qcow2_buf_alloc(q->m.cluster_size);
-		if (!buf || !(e = qcow2_cache_insert(c, idx, host, buf))) {
-			free(buf);
-			return -ENOMEM;
-		}
-		e->loading = 1;
-		qcow2_io_prep_meta(q, &e->op, IO_OP_READV, &e->iov, e->buf, q->m.cluster_size, host);
-		e->op.done = cache_loaded;
-		e->op.data = e;
-		io_submit(q->img->io, &e->op);
-		qcow2_cache_evict(c);
-	}
-	TAILQ_INSERT_TAIL(&e->waiters, w, link);
-	return 1;
-}
-
-void
-qcow2_cache_put(struct centry *e)
-{
-	if (!e)
-		return;
-	e->refs--;
-	qcow2_cache_evict(e->c);
-}
-
-/* The L2 table of guest offset off: see qcow2_cache_get; *out NULL when there is none. */
+/* The L2 cache's on_load: a table is checked as it is read, its entries trusted after. */
 static int
-l2_get(struct qcow2 *q, uint64_t off, struct mwait *w, struct centry **out)
+l2_loaded(struct mc_cache *c, struct mc_entry *e, size_t len)
 {
-	uint64_t l1i = off >> q->span_bits;
+	struct qcow2 *q = c->priv;
+	char why[160];
 
-	*out = NULL;
-	if (l1i >= q->m.h.l1_size || !q->m.l1[l1i])
+	(void)len;
+	if (qcow2_l2_check(&q->m, e->buf, q->next_free, why, sizeof(why)) == 0)
 		return 0;
-	return qcow2_cache_get(&q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, w, out);
+	log_limited(&q->rl, LOG_LVL_ERR, "%s: L2 table %ju at %#jx is corrupt: %s",
+		    q->img->params, (uintmax_t)e->key, (uintmax_t)e->off, why);
+	return EIO;
+}
+
+/* A cache of whole clusters, bytes of them at most (Q_CACHE_MIN at least). */
+static void
+cache_init(struct mc_cache *c, struct qcow2 *q, struct io_engine *io, unsigned bytes)
+{
+	unsigned max = bytes / q->m.cluster_size;
+
+	mc_init(c, io, max < Q_CACHE_MIN ? Q_CACHE_MIN : max);
+	c->priv = q;
+}
+
+int
+qcow2_table_get(struct qcow2 *q, struct mc_cache *c, uint64_t idx, uint64_t host,
+		struct mc_waiter *w)
+{
+	return mc_get(c, idx, q->f.fd, q->f.io_flags, host, q->m.cluster_size, w);
+}
+
+static void
+l2_put(struct qcow2 *q, struct mc_entry *l2)
+{
+	if (l2)
+		mc_put(&q->l2c, l2);
 }
 
 /* ---- requests and pieces ---- */
 
-static struct qreq *
-qreq_new(struct qcow2 *q, struct td_request *req)
+static int
+op_writes(enum td_op op)
 {
-	struct qreq *qr = td_req_alloc(req, sizeof(*qr));
-	if (!qr)
-		return NULL;
-	qr->req = req;
-	qr->q = q;
-	qr->pending = 1;
-	return qr;
+	return op == TD_OP_WRITE || op == TD_OP_DISCARD || op == TD_OP_WRITE_ZEROES;
 }
 
 static void
 qreq_synced(struct io_op *op, int res)
 {
 	struct qreq *qr = op->data;
-	struct td_request *req = qr->req;
-	td_req_free(req, qr);
-	td_request_done(req, res < 0 ? -res : 0);
+	td_pieces_end(qr->ps, res < 0 ? -res : 0);
+}
+
+/* The pieces' last step: a flush, or a FUA write that succeeded, syncs before it completes. */
+static int
+qreq_last(struct td_pieces *ps)
+{
+	struct qreq *qr = ps->priv;
+	struct qcow2 *q = qr->q;
+	const struct td_request *req = ps->req;
+
+	if (ps->err || (req->op != TD_OP_FLUSH && !(op_writes(req->op) && (req->flags & TD_REQ_FUA))))
+		return 0;
+	qr->sync_op.opcode = IO_OP_FDATASYNC;
+	qr->sync_op.flags = q->f.io_flags;
+	qr->sync_op.fd = q->f.fd;
+	qr->sync_op.done = qreq_synced;
+	qr->sync_op.data = qr;
+	io_submit(q->img->io, &qr->sync_op);
+	return 1;
+}
+
+static struct qop *
+qop_new(struct td_pieces *ps, struct qcow2 *q, uint64_t off, uint64_t len)
+{
+	struct qop *v = td_req_alloc(ps->req, sizeof(*v));
+	if (!v)
+		return NULL;
+	v->ps = ps;
+	v->q = q;
+	v->off = off;
+	v->len = len;
+	td_pieces_add(ps);
+	return v;
 }
 
 static void zero_issue(struct qreq *qr);
 
 static void
-qreq_piece_done(struct qreq *qr, int err)
-{
-	if (err && !qr->err)
-		qr->err = err;
-	if (qr->zpos < qr->zend && !qr->err && !qr->issuing && qr->pending <= Q_ZERO_PIECES / 2) {
-		qr->pending--;
-		zero_issue(qr);		/* more of a long zeroing */
-		return;
-	}
-	if (--qr->pending)
-		return;
-	struct td_request *req = qr->req;
-	if (!qr->err && (req->flags & TD_REQ_FUA) && req->op != TD_OP_READ) {
-		qr->sync_op.opcode = IO_OP_FDATASYNC;
-		qr->sync_op.flags = qr->q->f.io_flags;
-		qr->sync_op.fd = qr->q->f.fd;
-		qr->sync_op.done = qreq_synced;
-		qr->sync_op.data = qr;
-		io_submit(qr->q->img->io, &qr->sync_op);
-		return;
-	}
-	int e = qr->err;
-	td_req_free(req, qr);
-	td_request_done(req, e);
-}
-
-static struct qop *
-qop_new(struct qreq *qr, uint64_t off, uint64_t len)
-{
-	struct qop *v = td_req_alloc(qr->req, sizeof(*v));
-	if (!v)
-		return NULL;
-	v->qr = qr;
-	v->q = qr->q;
-	v->off = off;
-	v->len = len;
-	qr->pending++;
-	return v;
-}
-
-static void
 qop_finish(struct qop *v, int err)
 {
-	struct qreq *qr = v->qr;
+	struct td_pieces *ps = v->ps;
+	struct qreq *qr = ps->priv;
+
 	if (v->iov && v->iov != v->iov_inline)
 		free(v->iov);
 	free(v->buf);
 	free(v->cluster);
-	td_req_free(qr->req, v);
-	qreq_piece_done(qr, err);
+	td_req_free(ps->req, v);
+	if (qr->zpos < qr->zend && !err && !ps->err && ps->pending <= Q_ZERO_PIECES / 2)
+		zero_issue(qr);		/* more of a long zeroing, while this piece holds it */
+	td_pieces_done(ps, err);
 }
 
 /*
@@ -313,8 +194,8 @@ qop_part(struct qop *v, uint64_t off, uint64_t len, int *whole)
 	*whole = off == v->off && len == v->len;
 	if (*whole)
 		return v;
-	if (!(p = qop_new(v->qr, off, len))) {
-		v->qr->err = ENOMEM;
+	if (!(p = qop_new(v->ps, v->q, off, len))) {
+		v->ps->err = ENOMEM;
 		return NULL;
 	}
 	p->zero = v->zero;
@@ -326,7 +207,7 @@ qop_part(struct qop *v, uint64_t off, uint64_t len, int *whole)
 static int
 qop_slice(struct qop *v, uint64_t off, uint64_t len)
 {
-	return td_req_iov(v->qr->req, off, len, v->zero ? q_zeros : NULL, Q_ZERO_BYTES,
+	return td_req_iov(v->ps->req, off, len, v->zero ? q_zeros : NULL, Q_ZERO_BYTES,
 			  v->iov_inline, Q_INLINE_IOV, &v->iov, &v->iovcnt);
 }
 
@@ -362,15 +243,42 @@ iov_copy(const struct iovec *iov, int iovcnt, uint8_t *buf, int to_buf)
 	}
 }
 
-/* A piece that waited (for a table or a job) starts again, or fails. */
+/* A piece that waited for a job starts again, or fails. */
 static void
-qop_resume(struct mwait *w, int err)
+qop_resume(struct jwait *w, int err)
 {
 	struct qop *v = container_of(w, struct qop, wait);
 	if (err)
 		qop_finish(v, err);
 	else
 		v->resume(v);
+}
+
+static void
+l2_ready(struct mc_waiter *w, struct mc_entry *l2, int err)
+{
+	struct qop *v = container_of(w, struct qop, l2_wait);
+	if (err)
+		qop_finish(v, err);
+	else
+		v->with_l2(v, l2);
+}
+
+/* fn(v, the L2 table of v's span pinned, or NULL if it has none): now, or once it is loaded. */
+static void
+l2_with(struct qop *v, void (*fn)(struct qop *v, struct mc_entry *l2))
+{
+	struct qcow2 *q = v->q;
+	uint64_t l1i = v->off >> q->span_bits;
+
+	if (l1i >= q->m.h.l1_size || !q->m.l1[l1i]) {
+		fn(v, NULL);
+		return;
+	}
+	v->with_l2 = fn;
+	v->l2_wait.ready = l2_ready;
+	if (qcow2_table_get(q, &q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, &v->l2_wait) < 0)
+		qop_finish(v, ENOMEM);
 }
 
 /* ---- reads ---- */
@@ -530,7 +438,7 @@ run_continues(const struct qcow2 *q, uint64_t e, uint64_t c, uint64_t en, uint64
 
 /* The run from pos (inside the span of l2, below end). */
 static void
-run_of(const struct qcow2 *q, const struct centry *l2, uint64_t pos, uint64_t end,
+run_of(const struct qcow2 *q, const struct mc_entry *l2, uint64_t pos, uint64_t end,
        struct run *r)
 {
 	uint64_t cs = q->m.cluster_size, c = cluster_of(q, pos);
@@ -548,23 +456,15 @@ run_of(const struct qcow2 *q, const struct centry *l2, uint64_t pos, uint64_t en
 	r->len = stop - pos;
 }
 
-/* v lies inside one L2 table's span: split it into runs and read each. */
+/* v lies inside the span of l2 (pinned, or NULL): split it into runs and read each. */
 static void
-read_range(struct qop *v)
+read_runs(struct qop *v, struct mc_entry *l2)
 {
 	struct qcow2 *q = v->q;
 	uint64_t pos, end = v->off + v->len;
-	struct centry *l2;
 	struct run r;
-	int whole = 0, rc;
+	int whole = 0;
 
-	v->wait.fn = qop_resume;
-	v->resume = read_range;
-	if ((rc = l2_get(q, v->off, &v->wait, &l2))) {
-		if (rc < 0)
-			qop_finish(v, -rc);
-		return;
-	}
 	for (pos = v->off; pos < end && !whole; pos += r.len) {
 		run_of(q, l2, pos, end, &r);
 		struct qop *p = qop_part(v, pos, r.len, &whole);
@@ -586,9 +486,16 @@ read_range(struct qop *v)
 			break;
 		}
 	}
-	qcow2_cache_put(l2);
+	l2_put(q, l2);
 	if (!whole)
 		qop_finish(v, 0);
+}
+
+/* v lies inside one L2 table's span. */
+static void
+read_range(struct qop *v)
+{
+	l2_with(v, read_runs);
 }
 
 /* ---- jobs ---- */
@@ -629,7 +536,7 @@ job_new(struct qcow2 *q, int kind, uint64_t first, uint64_t count, struct qop *v
 void
 qcow2_job_end(struct qcow2 *q, struct job *j, int err)
 {
-	struct mwait_list waiting;
+	struct jwait_list waiting;
 
 	if (j->kind == JOB_ALLOC)
 		LIST_REMOVE(j, hash);
@@ -643,7 +550,7 @@ qcow2_job_end(struct qcow2 *q, struct job *j, int err)
 	qop_finish(j->v, err);
 	free(j);
 	while (!TAILQ_EMPTY(&waiting)) {
-		struct mwait *w = TAILQ_FIRST(&waiting);
+		struct jwait *w = TAILQ_FIRST(&waiting);
 		TAILQ_REMOVE(&waiting, w, link);
 		w->fn(w, 0);
 	}
@@ -789,22 +696,14 @@ alloc_cluster(struct qop *v)
 	td_image_read_parent_range(q->img, &v->sub, start, cs, &v->miov, 1, cow_backing_read);
 }
 
-/* v lies inside one L2 table's span: write in place, or allocate, cluster by cluster. */
+/* v lies inside the span of l2 (pinned, or NULL): write in place, or allocate, by cluster. */
 static void
-write_range(struct qop *v)
+write_runs(struct qop *v, struct mc_entry *l2)
 {
 	struct qcow2 *q = v->q;
 	uint64_t cs = q->m.cluster_size, pos, stop, end = v->off + v->len;
-	struct centry *l2;
-	int whole = 0, rc;
+	int whole = 0;
 
-	v->wait.fn = qop_resume;
-	v->resume = write_range;
-	if ((rc = l2_get(q, v->off, &v->wait, &l2))) {
-		if (rc < 0)
-			qop_finish(v, -rc);
-		return;
-	}
 	for (pos = v->off; pos < end && !whole; pos = stop) {
 		uint64_t c = cluster_of(q, pos), e = l2_entry(q, l2, c);
 		struct job *j = job_find(q, c);
@@ -834,9 +733,16 @@ write_range(struct qop *v)
 			alloc_cluster(p);
 		}
 	}
-	qcow2_cache_put(l2);
+	l2_put(q, l2);
 	if (!whole)
 		qop_finish(v, 0);
+}
+
+/* v lies inside one L2 table's span (again, after waiting for a job). */
+static void
+write_range(struct qop *v)
+{
+	l2_with(v, write_runs);
 }
 
 /* ---- zeroing whole clusters ---- */
@@ -911,10 +817,10 @@ zero_mode(const struct qcow2 *q, const struct td_request *req)
 static void
 zero_piece(struct qreq *qr, uint64_t off, uint64_t len, int mode)
 {
-	struct qop *v = qop_new(qr, off, len);
+	struct qop *v = qop_new(qr->ps, qr->q, off, len);
 
 	if (!v) {
-		qr->err = ENOMEM;
+		qr->ps->err = ENOMEM;
 		return;
 	}
 	v->zero = 1;
@@ -931,7 +837,7 @@ zero_span(struct qcow2 *q, struct qreq *qr)
 {
 	uint64_t cs = q->m.cluster_size, size = q->img->size, pos = qr->zpos;
 	uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, qr->zend);
-	int discard = qr->req->op == TD_OP_DISCARD, mode = qr->zmode;
+	int discard = qr->ps->req->op == TD_OP_DISCARD, mode = qr->zmode;
 	/* whole clusters: [a, z); the disk's last cluster is whole at its end */
 	uint64_t a = div_up(pos, cs) * cs;
 	uint64_t z = stop == size ? stop : stop / cs * cs;
@@ -951,27 +857,27 @@ zero_span(struct qcow2 *q, struct qreq *qr)
 
 /*
  * Issues the spans of a discard or write-zeroes, Q_ZERO_PIECES at most in
- * flight (a request may cover a whole disk); qreq_piece_done calls again
- * as they complete. Holds the request while issuing: pieces that complete
- * at once do not end it under us.
+ * flight (a request may cover a whole disk); qop_finish calls again as
+ * they complete. The caller holds the request (submit, or a piece not yet
+ * done): pieces that complete at once do not end it under us.
  */
 static void
 zero_issue(struct qreq *qr)
 {
+	struct td_pieces *ps = qr->ps;
+
 	if (qr->issuing)
 		return;
 	qr->issuing = 1;
-	qr->pending++;
-	while (qr->zpos < qr->zend && qr->pending <= Q_ZERO_PIECES && !qr->err)
+	while (qr->zpos < qr->zend && ps->pending <= Q_ZERO_PIECES && !ps->err)
 		zero_span(qr->q, qr);
 	qr->issuing = 0;
-	qreq_piece_done(qr, 0);
 }
 
 static void
 zero_submit(struct qcow2 *q, struct qreq *qr)
 {
-	struct td_request *req = qr->req;
+	struct td_request *req = qr->ps->req;
 
 	qr->zmode = zero_mode(q, req);
 	if (qr->zmode == -2)
@@ -1006,49 +912,58 @@ status_flags(enum qcow2_ckind k)
 	}
 }
 
-static void status_run(struct qreq *qr);
+static void status_run(struct qreq *qr, struct mc_entry *held);
 
+/* The table a status step waited for: start again with it. */
 static void
-status_retry(struct mwait *w, int err)
+status_loaded(struct mc_waiter *w, struct mc_entry *l2, int err)
 {
 	struct qreq *qr = container_of(w, struct qreq, wait);
-	struct td_request *req = qr->req;
 
-	if (err) {
-		td_req_free(req, qr);
-		td_request_done(req, err);
-		return;
-	}
-	status_run(qr);
+	if (!err)
+		status_run(qr, l2);
+	td_pieces_done(qr->ps, err);
 }
 
-/* Extents as far as the tables in memory tell; loads one table when none does. */
+/* The L2 table l1i is not in memory: load it (a piece of the request), then start again. */
 static void
-status_run(struct qreq *qr)
+status_load(struct qreq *qr, uint64_t l1i)
 {
 	struct qcow2 *q = qr->q;
-	struct td_request *req = qr->req;
+
+	td_pieces_add(qr->ps);
+	qr->wait.ready = status_loaded;
+	if (qcow2_table_get(q, &q->l2c, l1i, q->m.l1[l1i] & QCOW2_OFFSET_MASK, &qr->wait) < 0)
+		td_pieces_done(qr->ps, ENOMEM);
+}
+
+/*
+ * Extents as far as the tables in memory tell (held: one pinned for us);
+ * loads one table when none does.
+ */
+static void
+status_run(struct qreq *qr, struct mc_entry *held)
+{
+	struct qcow2 *q = qr->q;
+	struct td_request *req = qr->ps->req;
 	uint64_t pos = req->offset, end = req->offset + req->length;
-	struct centry *l2;
-	int rc;
 
 	req->nr_extents = 0;
 	while (pos < end) {
 		uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, end);
+		uint64_t l1i = pos >> q->span_bits;
+		struct mc_entry *l2 = NULL;
 		if (pos >= q->img->size) {	/* a chain asking past our end */
 			td_extent_add(req, end - pos, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
 			break;
 		}
-		qr->wait.fn = status_retry;
-		if (req->nr_extents && q->m.l1[pos >> q->span_bits] &&
-		    !cache_find(&q->l2c, pos >> q->span_bits))
-			break;	/* what we have so far, rather than wait */
-		if ((rc = l2_get(q, pos, &qr->wait, &l2)) > 0)
-			return;
-		if (rc < 0) {
-			td_req_free(req, qr);
-			td_complete_later(q->img, req, -rc);
-			return;
+		if (q->m.l1[l1i]) {
+			l2 = held && held->key == l1i ? held : mc_find(&q->l2c, l1i);
+			if (!l2 || !l2->ready) {
+				if (!req->nr_extents)
+					status_load(qr, l1i);
+				break;	/* else what we have so far, rather than wait */
+			}
 		}
 		struct run r;
 		int room = 1;
@@ -1056,26 +971,41 @@ status_run(struct qreq *qr)
 			run_of(q, l2, pos, stop, &r);
 			room = td_extent_add(req, r.len, status_flags(r.kind));
 		}
-		qcow2_cache_put(l2);
 		if (!room)
 			break;
 	}
-	td_req_free(req, qr);
-	td_complete_later(q->img, req, 0);
+	l2_put(q, held);
 }
 
 /* ---- submit ---- */
 
-static int
-op_writes(enum td_op op)
+/* Reads and writes: a piece per L2 table's span. */
+static void
+rw_submit(struct qreq *qr)
 {
-	return op == TD_OP_WRITE || op == TD_OP_DISCARD || op == TD_OP_WRITE_ZEROES;
+	struct qcow2 *q = qr->q;
+	struct td_request *req = qr->ps->req;
+
+	for (uint64_t pos = req->offset, end = req->offset + req->length; pos < end;) {
+		uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, end);
+		struct qop *v = qop_new(qr->ps, q, pos, stop - pos);
+		if (!v) {
+			qr->ps->err = ENOMEM;
+			break;
+		}
+		if (req->op == TD_OP_READ)
+			read_range(v);
+		else
+			write_range(v);
+		pos = stop;
+	}
 }
 
 static void
 qcow2_submit(struct td_image *img, struct td_request *req)
 {
 	struct qcow2 *q = img->priv;
+	struct td_pieces *ps;
 	struct qreq *qr;
 
 	/* vbd_start refuses writes to read-only disks; caps keep flushes away */
@@ -1089,63 +1019,44 @@ qcow2_submit(struct td_image *img, struct td_request *req)
 		td_complete_later(img, req, ENOTSUP);
 		return;
 	}
-	if (!(qr = qreq_new(q, req))) {
+	if (!(ps = td_pieces_new(img, req, sizeof(*qr)))) {
 		td_complete_later(img, req, ENOMEM);
 		return;
 	}
-	switch (req->op) {
-	case TD_OP_BLOCK_STATUS:
-		status_run(qr);
-		return;
-	case TD_OP_FLUSH:
-		qr->sync_op.opcode = IO_OP_FDATASYNC;
-		qr->sync_op.flags = q->f.io_flags;
-		qr->sync_op.fd = q->f.fd;
-		qr->sync_op.done = qreq_synced;
-		qr->sync_op.data = qr;
-		io_submit(img->io, &qr->sync_op);
-		return;
-	case TD_OP_DISCARD:
-	case TD_OP_WRITE_ZEROES:
+	qr = ps->priv;
+	qr->ps = ps;
+	qr->q = q;
+	ps->last = qreq_last;
+	if (req->op == TD_OP_BLOCK_STATUS)
+		status_run(qr, NULL);
+	else if (req->op == TD_OP_DISCARD || req->op == TD_OP_WRITE_ZEROES)
 		zero_submit(q, qr);
-		break;
-	default:
-		for (uint64_t pos = req->offset, end = req->offset + req->length; pos < end;) {
-			uint64_t stop = min_u64(((pos >> q->span_bits) + 1) << q->span_bits, end);
-			struct qop *v = qop_new(qr, pos, stop - pos);
-			if (!v) {
-				qr->err = ENOMEM;
-				break;
-			}
-			if (req->op == TD_OP_READ)
-				read_range(v);
-			else
-				write_range(v);
-			pos = stop;
-		}
-		break;
-	}
-	/*
-	 * The pieces may all be done already (zeros, holes): the last
-	 * reference completes the request, but never from inside submit.
-	 */
-	if (qr->pending == 1 && !(op_writes(req->op) && (req->flags & TD_REQ_FUA) && !qr->err)) {
-		int err = qr->err;
-		td_req_free(req, qr);
-		td_complete_later(img, req, err);
-		return;
-	}
-	qreq_piece_done(qr, 0);
+	else if (req->op != TD_OP_FLUSH)	/* a flush is its last step alone */
+		rw_submit(qr);
+	td_pieces_issued(ps);
 }
 
 /* ---- open / close ---- */
+
+/* What the request path keeps of an image just loaded: caches, jobs. */
+static void
+q_state_init(struct qcow2 *q, struct io_engine *io)
+{
+	q->span_bits = q->m.cluster_bits + q->m.l2_bits;
+	cache_init(&q->l2c, q, io, Q_L2_CACHE);
+	q->l2c.on_load = l2_loaded;
+	cache_init(&q->rbc, q, io, Q_RB_CACHE);
+	for (int i = 0; i < Q_JOB_HASH; i++)
+		LIST_INIT(&q->jobs[i]);
+	TAILQ_INIT(&q->zero_jobs);
+	TAILQ_INIT(&q->ready);
+}
 
 static int
 qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *err)
 {
 	struct qcow2 *q = calloc(1, sizeof(*q));
 	int rc;
-	(void)ctx;
 
 	if (!q)
 		return td_error_set(err, ENOMEM, "out of memory");
@@ -1185,13 +1096,7 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 		close(q->f.dfd);
 		q->f.dfd = -1;
 	}
-	q->span_bits = m->cluster_bits + m->l2_bits;
-	cache_init(&q->l2c, q, 1, Q_L2_CACHE);
-	cache_init(&q->rbc, q, 0, Q_RB_CACHE);
-	for (int i = 0; i < Q_JOB_HASH; i++)
-		LIST_INIT(&q->jobs[i]);
-	TAILQ_INIT(&q->zero_jobs);
-	TAILQ_INIT(&q->ready);
+	q_state_init(q, ctx->io);
 	img->size = m->h.size;
 	img->sector_size = 512;
 	img->min_io = 1;
@@ -1203,21 +1108,14 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 }
 
 static void
-cache_free_all(struct mcache *c)
-{
-	while (!TAILQ_EMPTY(&c->lru))
-		cache_drop(TAILQ_FIRST(&c->lru));
-}
-
-static void
 qcow2_close(struct td_image *img)
 {
 	struct qcow2 *q = img->priv;
 
 	if (!q->rdonly)
 		qcow2_apply_frees(q);
-	cache_free_all(&q->l2c);
-	cache_free_all(&q->rbc);
+	mc_free(&q->l2c);
+	mc_free(&q->rbc);
 	free(q->frees);
 	qcow2_meta_free(&q->m);
 	td_file_close(&q->f, !q->rdonly);
@@ -1263,7 +1161,7 @@ qcow2_get_parent(struct td_image *img, char **params, struct td_error *err)
 
 const struct td_driver td_driver_qcow2 = {
 	.name = "qcow2",
-	.ctx_size = TD_CTX_SIZE(struct qreq) + TD_CTX_SIZE(struct qop),
+	.ctx_size = TD_PIECES_CTX_SIZE(sizeof(struct qreq)) + TD_CTX_SIZE(struct qop),
 	.open = qcow2_open,
 	.close = qcow2_close,
 	.submit = qcow2_submit,

@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "container_of.h"
+
 /* What whole-cluster zeroing makes of an entry. */
 static uint64_t
 zero_entry(int mode, uint64_t old)
@@ -52,7 +54,7 @@ zero_entry(int mode, uint64_t old)
 
 /* A table the batch holds: pinned, with the entries it changed (lo > hi: none). */
 struct pin {
-	struct centry *e;
+	struct mc_entry *e;
 	uint64_t lo, hi;
 };
 
@@ -75,9 +77,11 @@ struct bio {
 	int advisory;			/* a hole punched: errors do not count */
 };
 
+/* A table the batch waits for. */
 struct loadwait {
-	struct mwait w;
+	struct mc_waiter w;
 	struct batch *b;
+	struct mc_cache *c;
 };
 
 struct batch {
@@ -98,6 +102,7 @@ struct batch {
 	uint64_t grow_host;		/* a larger refcount table, or 0 */
 	uint32_t grow_entries;
 	int loads, pending, err;
+	int planning;			/* batch_plan is running: loads may end inside it */
 	void (*phase_done)(struct batch *b);
 };
 
@@ -134,7 +139,7 @@ static struct pin *
 pin_find(struct pin *pins, int n, uint64_t idx)
 {
 	for (int i = 0; i < n; i++)
-		if (pins[i].e->idx == idx)
+		if (pins[i].e->key == idx)
 			return &pins[i];
 	return NULL;
 }
@@ -162,49 +167,80 @@ fresh_add(struct fresh **f, int *n, int *cap, uint64_t idx, uint64_t host)
 
 static void batch_plan_and_go(struct batch *b);
 
+/* The pins of cache c: L2 tables or refcount blocks. */
 static void
-batch_loaded(struct mwait *w, int err)
+pins_of(struct batch *b, struct mc_cache *c, struct pin ***pins, int **n, int **cap)
 {
-	struct loadwait *lw = (struct loadwait *)w;
+	int is_l2 = c == &b->q->l2c;
+
+	*pins = is_l2 ? &b->l2pins : &b->rbpins;
+	*n = is_l2 ? &b->nl2pins : &b->nrbpins;
+	*cap = is_l2 ? &b->cap_l2pins : &b->cap_rbpins;
+}
+
+/* The batch holds e (pinned for it) from now on; a second pin of the same table goes back. */
+static void
+pin_add(struct batch *b, struct mc_cache *c, struct mc_entry *e)
+{
+	struct pin **pins;
+	int *n, *cap;
+
+	pins_of(b, c, &pins, &n, &cap);
+	if (pin_find(*pins, *n, e->key)) {
+		mc_put(c, e);
+		return;
+	}
+	if (grow_array((void **)pins, cap, *n, sizeof(**pins)) < 0) {
+		mc_put(c, e);
+		if (!b->err)
+			b->err = ENOMEM;
+		return;
+	}
+	(*pins)[*n].e = e;
+	(*pins)[*n].lo = UINT64_MAX;
+	(*pins)[*n].hi = 0;
+	(*n)++;
+}
+
+/* A table is there (now, or loaded later) or failed; the last one replans. */
+static void
+batch_loaded(struct mc_waiter *w, struct mc_entry *e, int err)
+{
+	struct loadwait *lw = container_of(w, struct loadwait, w);
 	struct batch *b = lw->b;
+	struct mc_cache *c = lw->c;
 
 	free(lw);
-	if (err && !b->err)
+	if (e)
+		pin_add(b, c, e);
+	else if (!b->err)
 		b->err = err;
-	if (--b->loads == 0)
+	if (--b->loads == 0 && !b->planning)
 		batch_plan_and_go(b);
 }
 
 /* Pins table idx of cache c for the batch, or starts loading it (b->loads). */
 static int
-batch_pin(struct batch *b, struct mcache *c, uint64_t idx, uint64_t host)
+batch_pin(struct batch *b, struct mc_cache *c, uint64_t idx, uint64_t host)
 {
-	int is_l2 = c->is_l2;
-	struct pin **pins = is_l2 ? &b->l2pins : &b->rbpins;
-	int *n = is_l2 ? &b->nl2pins : &b->nrbpins, *cap = is_l2 ? &b->cap_l2pins : &b->cap_rbpins;
+	struct pin **pins;
+	int *n, *cap;
 	struct loadwait *lw;
-	struct centry *e;
-	int rc;
 
+	pins_of(b, c, &pins, &n, &cap);
 	if (pin_find(*pins, *n, idx))
 		return 0;
-	if (grow_array((void **)pins, cap, *n, sizeof(**pins)) < 0 ||
-	    !(lw = calloc(1, sizeof(*lw))))
+	if (!(lw = calloc(1, sizeof(*lw))))
 		return -ENOMEM;
-	lw->w.fn = batch_loaded;
+	lw->w.ready = batch_loaded;
 	lw->b = b;
-	if ((rc = qcow2_cache_get(c, idx, host, &lw->w, &e)) != 0) {
-		if (rc < 0)
-			free(lw);
-		else
-			b->loads++;
-		return rc < 0 ? rc : 0;
+	lw->c = c;
+	b->loads++;
+	if (qcow2_table_get(b->q, c, idx, host, &lw->w) < 0) {
+		b->loads--;
+		free(lw);
+		return -ENOMEM;
 	}
-	free(lw);
-	(*pins)[*n].e = e;
-	(*pins)[*n].lo = UINT64_MAX;
-	(*pins)[*n].hi = 0;
-	(*n)++;
 	return 0;
 }
 
@@ -456,8 +492,8 @@ batch_commit(struct batch *b)
 		if (p->lo > p->hi)
 			continue;
 		qcow2_rc_bytes(p->lo, p->hi, q->m.refcount_bits, &off, &len);
-		batch_io(b, IO_OP_WRITEV, NULL, 0, p->e->buf + off, len, p->e->host + off, NULL,
-			 NULL);
+		batch_io(b, IO_OP_WRITEV, NULL, 0, (uint8_t *)p->e->buf + off, len, p->e->off + off,
+			 NULL, NULL);
 	}
 	batch_step_end(b);
 }
@@ -579,9 +615,8 @@ batch_write_data(struct batch *b)
 
 	/* the new blocks are the cache's from now on */
 	for (int i = 0; i < b->nrbs; i++)
-		if (qcow2_cache_insert(&q->rbc, b->rbs[i].idx, b->rbs[i].host, b->rbs[i].buf))
+		if (mc_insert(&q->rbc, b->rbs[i].idx, b->rbs[i].host, b->rbs[i].buf) == 0)
 			b->rbs[i].buf = NULL;
-	qcow2_cache_evict(&q->rbc);
 	batch_step_begin(b, batch_write_tables);
 	for (size_t i = 0; i < b->npunch; i++)
 		batch_punch(b, b->punch[i]);
@@ -664,8 +699,8 @@ batch_write_tables(struct batch *b)
 	for (int i = 0; i < b->nl2pins; i++) {
 		struct pin *p = &b->l2pins[i];
 		if (p->lo <= p->hi)
-			batch_io(b, IO_OP_WRITEV, NULL, 0, p->e->buf + 8 * p->lo,
-				 (p->hi - p->lo + 1) * 8, p->e->host + 8 * p->lo, NULL, NULL);
+			batch_io(b, IO_OP_WRITEV, NULL, 0, (uint8_t *)p->e->buf + 8 * p->lo,
+				 (p->hi - p->lo + 1) * 8, p->e->off + 8 * p->lo, NULL, NULL);
 	}
 	for (int i = 0; i < b->ntabs; i++)
 		batch_io(b, IO_OP_WRITEV, NULL, 0, b->tabs[i].buf, cs, b->tabs[i].host, NULL, NULL);
@@ -682,12 +717,11 @@ batch_link_tables(struct batch *b)
 	for (int i = 0; i < b->ntabs; i++) {
 		struct fresh *f = &b->tabs[i];
 		q->m.l1[f->idx] = f->host | QCOW2_COPIED;
-		if (qcow2_cache_insert(&q->l2c, f->idx, f->host, f->buf))
+		if (mc_insert(&q->l2c, f->idx, f->host, f->buf) == 0)
 			f->buf = NULL;	/* the cache's now */
 		lo = f->idx < lo ? f->idx : lo;
 		hi = f->idx > hi ? f->idx : hi;
 	}
-	qcow2_cache_evict(&q->l2c);
 	uint8_t *buf = encode_entries(q->m.l1, lo, hi);
 	batch_step_begin(b, batch_finish);
 	if (buf)
@@ -702,9 +736,9 @@ static void
 batch_free(struct batch *b)
 {
 	for (int i = 0; i < b->nl2pins; i++)
-		qcow2_cache_put(b->l2pins[i].e);
+		mc_put(&b->q->l2c, b->l2pins[i].e);
 	for (int i = 0; i < b->nrbpins; i++)
-		qcow2_cache_put(b->rbpins[i].e);
+		mc_put(&b->q->rbc, b->rbpins[i].e);
 	for (int i = 0; i < b->ntabs; i++)
 		free(b->tabs[i].buf);
 	for (int i = 0; i < b->nrbs; i++)
@@ -740,18 +774,30 @@ batch_finish(struct batch *b)
 	qcow2_batch_start(q);
 }
 
+/*
+ * Plans the batch and commits it, or fails it; waits instead while tables
+ * load (batch_loaded calls again once the last is there or failed).
+ */
 static void
 batch_plan_and_go(struct batch *b)
 {
-	int rc = b->err ? -b->err : batch_plan(b);
-	if (rc > 0)
-		return;		/* batch_loaded calls again */
-	if (rc < 0) {
-		b->err = -rc;
-		batch_finish(b);
-		return;
+	int rc = -b->err;
+
+	if (!rc) {
+		b->planning = 1;
+		rc = batch_plan(b);
+		b->planning = 0;
 	}
-	batch_commit(b);
+	if (!rc && b->err)
+		rc = -b->err;	/* a table failed to pin */
+	if (rc < 0)
+		b->err = -rc;
+	if (b->loads)
+		return;		/* the loads still refer to b */
+	if (rc < 0)
+		batch_finish(b);
+	else
+		batch_commit(b);
 }
 
 void

@@ -1,7 +1,7 @@
 /*
- * What the qcow2 driver's files share (qcow2.c: requests, caches, jobs;
- * qcow2_alloc.c: allocation batches): the image's state, the cache of L2
- * tables and refcount blocks, requests, pieces and jobs. Not for other
+ * What the qcow2 driver's files share (qcow2.c: requests, jobs; qcow2_alloc.c:
+ * allocation batches): the image's state (with its caches of L2 tables and
+ * refcount blocks, meta_cache.h), requests, pieces and jobs. Not for other
  * drivers.
  */
 #ifndef TD_QCOW2_PRIV_H
@@ -12,6 +12,7 @@
 #include "driver.h"
 #include "file_io.h"
 #include "log.h"
+#include "meta_cache.h"
 #include "qcow2_format.h"
 
 #ifndef FALLOC_FL_KEEP_SIZE
@@ -20,7 +21,6 @@
 #endif
 
 #define Q_INLINE_IOV	4
-#define Q_HASH		64
 #define Q_JOB_HASH	256
 #define Q_BATCH_MAX	256		/* jobs per allocation batch */
 #define Q_L2_CACHE	(4u << 20)	/* bytes of L2 tables cached per image */
@@ -33,44 +33,19 @@ struct qcow2;
 struct qop;
 struct job;
 
-/* Someone waiting for a cache entry or a job. */
-struct mwait {
-	void (*fn)(struct mwait *w, int err);
-	TAILQ_ENTRY(mwait) link;
+/* Someone waiting for a job (the cache has its own waiters, meta_cache.h). */
+struct jwait {
+	void (*fn)(struct jwait *w, int err);
+	TAILQ_ENTRY(jwait) link;
 };
-TAILQ_HEAD(mwait_list, mwait);
+TAILQ_HEAD(jwait_list, jwait);
 
-/* A cached L2 table or refcount block: one cluster, as on disk. */
-struct centry {
-	struct mcache *c;
-	uint64_t idx;			/* L1 index, or refcount table index */
-	uint64_t host;
-	int loading;
-	unsigned refs;			/* pins; never evicted while > 0 */
-	uint8_t *buf;
-	struct mwait_list waiters;
-	struct io_op op;
-	struct iovec iov;
-	LIST_ENTRY(centry) hash;
-	TAILQ_ENTRY(centry) lru;
-};
-
-struct mcache {
-	struct qcow2 *q;
-	int is_l2;
-	LIST_HEAD(, centry) hash[Q_HASH];
-	TAILQ_HEAD(centry_lru, centry) lru;
-	unsigned count, max;
-};
-
-/* One incoming request. */
+/* A request's own state, beside its pieces (its td_pieces' priv). */
 struct qreq {
-	struct td_request *req;
+	struct td_pieces *ps;
 	struct qcow2 *q;
-	int pending;			/* pieces in flight, +1 while issuing */
-	int err;
-	struct io_op sync_op;		/* FUA */
-	struct mwait wait;		/* block status: an L2 table loading */
+	struct io_op sync_op;		/* flush, FUA: the last step */
+	struct mc_waiter wait;		/* block status: an L2 table loading */
 	uint64_t zpos, zend;		/* discard, write-zeroes: what is left to issue */
 	int zmode;			/* how whole clusters are zeroed */
 	int issuing;			/* zero_issue is running */
@@ -78,13 +53,15 @@ struct qreq {
 
 /* One piece of a request: a range inside one L2 table's span, or one run. */
 struct qop {
-	struct qreq *qr;
+	struct td_pieces *ps;		/* its request's */
 	struct qcow2 *q;
 	uint64_t off, len;		/* guest bytes */
 	int zero;			/* write zeros, not the request's data */
 	int mode;			/* whole-cluster zeroing: enum zmode */
 	uint64_t entry;			/* the L2 entry a run was classified by */
-	struct mwait wait;
+	struct jwait wait;		/* for a job on its clusters */
+	struct mc_waiter l2_wait;	/* for its L2 table */
+	void (*with_l2)(struct qop *v, struct mc_entry *l2);	/* once it has it */
 	struct io_op op;
 	struct td_request sub;		/* a read from the backing file */
 	struct iovec *iov;
@@ -98,7 +75,7 @@ struct qop {
 	struct job *job;		/* the allocation it started */
 	void (*next)(struct qop *v, int err);	/* where an I/O completion goes */
 	void (*after)(struct qop *v, int err);	/* where an inflate goes */
-	void (*resume)(struct qop *v);		/* after a wait: start again */
+	void (*resume)(struct qop *v);		/* after a job: start again */
 };
 
 /* What whole-cluster zeroing makes of the entries (by op, version, backing). */
@@ -119,7 +96,7 @@ struct job {
 	struct iovec *data;		/* ALLOC: what goes into the new cluster */
 	int ndata;
 	int err;
-	struct mwait_list waiting;	/* later writes to these clusters */
+	struct jwait_list waiting;	/* later writes to these clusters */
 	LIST_ENTRY(job) hash;		/* ALLOC, by cluster */
 	TAILQ_ENTRY(job) range;		/* ZERO: all of them */
 	TAILQ_ENTRY(job) queue;		/* waiting for a batch */
@@ -134,7 +111,7 @@ struct qcow2 {
 	unsigned span_bits;		/* log2 of the guest bytes one L2 table maps */
 	uint64_t next_free;		/* bytes: new clusters go here, never below */
 	uint64_t known_end;		/* bytes of the file known to be written */
-	struct mcache l2c, rbc;
+	struct mc_cache l2c, rbc;	/* L2 tables by L1 index, refcount blocks by reftable index */
 	LIST_HEAD(, job) jobs[Q_JOB_HASH];
 	struct job_list zero_jobs;
 	struct job_list ready;		/* waiting for a batch */
@@ -174,11 +151,9 @@ entry_kind(uint64_t e)
 }
 
 /* qcow2.c */
-int qcow2_cache_get(struct mcache *c, uint64_t idx, uint64_t host, struct mwait *w,
-		    struct centry **out);
-void qcow2_cache_put(struct centry *e);
-struct centry *qcow2_cache_insert(struct mcache *c, uint64_t idx, uint64_t host, uint8_t *buf);
-void qcow2_cache_evict(struct mcache *c);
+/* Pins table idx (at host) of c, an L2 or refcount cache, for w: mc_get. */
+int qcow2_table_get(struct qcow2 *q, struct mc_cache *c, uint64_t idx, uint64_t host,
+		    struct mc_waiter *w);
 struct qcow2_cluster qcow2_entry_decode(const struct qcow2 *q, uint64_t e);
 void qcow2_io_prep_meta(struct qcow2 *q, struct io_op *op, enum io_opcode opc,
 			struct iovec *iov, void *buf, size_t len, uint64_t off);

@@ -695,7 +695,7 @@ batch_finish(struct vhd_priv *p, struct batch *b)
 			vhd_batmap_set(m, j->blk, 1);
 			p->batmap_dirty = 1;
 		}
-		if (mc_insert(&p->bm, j->blk, j->map))
+		if (mc_insert(&p->bm, j->blk, j->start, j->map) == 0)
 			j->map = NULL;	/* the cache owns it now */
 		vop_finish(j->first, 0);
 		job_end(j);
@@ -1061,7 +1061,7 @@ status_run(struct vhd_priv *p, struct td_request *req)
 				if (req->nr_extents)
 					break;
 				/* load it, then start again */
-				struct td_pieces *ps = td_pieces_new(p->img, req);
+				struct td_pieces *ps = td_pieces_new(p->img, req, 0);
 				struct vop *v = ps ? vop_new(ps, p, blk, pos, 0) : NULL;
 				if (!v) {
 					if (ps)
@@ -1192,7 +1192,7 @@ vhd_submit(struct td_image *img, struct td_request *req)
 	default:
 		break;
 	}
-	struct td_pieces *ps = td_pieces_new(img, req);
+	struct td_pieces *ps = td_pieces_new(img, req, 0);
 	if (!ps) {
 		td_complete_later(img, req, ENOMEM);
 		return;
@@ -1258,7 +1258,7 @@ vhd_snapshot(const char *parent_path, const char *child_path, char **child_param
 
 const struct td_driver td_driver_vhd = {
 	.name = "vhd",
-	.ctx_size = TD_CTX_SIZE(struct td_pieces) + TD_CTX_SIZE(struct vop),
+	.ctx_size = TD_PIECES_CTX_SIZE(0) + TD_CTX_SIZE(struct vop),
 	.open = vhd_open,
 	.close = vhd_close,
 	.submit = vhd_submit,

@@ -385,11 +385,13 @@ out:
 	return rc;
 }
 
-/* Grain tables are little-endian on disk. */
-static void
-gt_decode(void *buf, size_t len)
+/* The cache's on_load: grain tables are little-endian on disk. */
+static int
+gt_decode(struct mc_cache *c, struct mc_entry *e, size_t len)
 {
-	vmdk_gt_decode(buf, (uint32_t)(len / 4));
+	(void)c;
+	vmdk_gt_decode(e->buf, (uint32_t)(len / 4));
+	return 0;
 }
 
 /* Inflated-grain cache slots: as many grains as VMDK_ZCACHE_BYTES holds. */
@@ -451,7 +453,7 @@ vmdk_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 	p->cid = p->parent_cid = VMDK_NO_PARENT;	/* a sparse file may have no descriptor */
 	p->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
 	mc_init(&p->gt, ctx->io, VMDK_GT_CACHE);
-	p->gt.decode = gt_decode;
+	p->gt.on_load = gt_decode;
 	dir_of(img->path, dir, sizeof(dir));
 	if ((rc = open_file(p, dir, ctx, err)) < 0) {
 		priv_free(p);
@@ -947,7 +949,7 @@ read_piece(struct vop *v)
 static void
 read_start(struct vmdk_priv *p, struct td_request *req)
 {
-	struct td_pieces *ps = td_pieces_new(p->img, req);
+	struct td_pieces *ps = td_pieces_new(p->img, req, 0);
 	uint64_t pos = req->offset, end = req->offset + req->length;
 
 	if (!ps) {
@@ -1110,7 +1112,7 @@ vmdk_submit(struct td_image *img, struct td_request *req)
 
 const struct td_driver td_driver_vmdk = {
 	.name = "vmdk",
-	.ctx_size = TD_CTX_SIZE(struct td_pieces),
+	.ctx_size = TD_PIECES_CTX_SIZE(0),
 	.open = vmdk_open,
 	.close = vmdk_close,
 	.submit = vmdk_submit,
