@@ -1153,6 +1153,32 @@ vhd_flush(struct vhd_priv *p, struct td_request *req)
 	flush_sync(fl);
 }
 
+/* ---- FUA ---- */
+
+/* A FUA write's data and metadata are durable before it completes: one sync after its pieces. */
+static void
+fua_synced(struct io_op *op, int res)
+{
+	td_pieces_end(op->data, res < 0 ? -res : 0);
+}
+
+static int
+fua_last(struct td_pieces *ps)
+{
+	struct vhd_priv *p = ps->img->priv;
+	struct io_op *op = ps->priv;
+
+	if (ps->err)
+		return 0;
+	op->opcode = IO_OP_FDATASYNC;
+	op->flags = p->f.io_flags;
+	op->fd = p->f.fd;
+	op->done = fua_synced;
+	op->data = ps;
+	io_submit(p->img->io, op);
+	return 1;
+}
+
 /* ---- submit ---- */
 
 static void
@@ -1192,11 +1218,14 @@ vhd_submit(struct td_image *img, struct td_request *req)
 	default:
 		break;
 	}
-	struct td_pieces *ps = td_pieces_new(img, req, 0);
+	int fua = (req->flags & TD_REQ_FUA) && req->op != TD_OP_READ;
+	struct td_pieces *ps = td_pieces_new(img, req, fua ? sizeof(struct io_op) : 0);
 	if (!ps) {
 		td_complete_later(img, req, ENOMEM);
 		return;
 	}
+	if (fua)
+		ps->last = fua_last;
 	uint64_t bs = m->header.block_size, pos = req->offset, end = req->offset + req->length;
 	while (pos < end) {
 		uint32_t blk = (uint32_t)(pos / bs);
@@ -1258,7 +1287,7 @@ vhd_snapshot(const char *parent_path, const char *child_path, char **child_param
 
 const struct td_driver td_driver_vhd = {
 	.name = "vhd",
-	.ctx_size = TD_PIECES_CTX_SIZE(0) + TD_CTX_SIZE(struct vop),
+	.ctx_size = TD_PIECES_CTX_SIZE(sizeof(struct io_op)) + TD_CTX_SIZE(struct vop),
 	.open = vhd_open,
 	.close = vhd_close,
 	.submit = vhd_submit,

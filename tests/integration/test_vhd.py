@@ -5,6 +5,8 @@ images refused with a clear error; ext4 on a VHD."""
 
 import json
 import os
+import subprocess
+import time
 
 import nbd
 import pytest
@@ -610,3 +612,37 @@ def test_zeroes_and_discard_on_a_differencing_disk(server, tmp_path):
         blk = v.bat(0) * 512 + 512
         f.seek(blk + MiB // 2)
         assert f.read(4096) == b"P" * 4096
+
+
+def test_fua_write_is_durable_before_it_completes(make_server, tmp_path):
+    """A FUA write (NBD's flag; blkif's barriers and flushes with data) to a
+    dynamic VHD syncs its data and metadata before it is answered: seen as
+    fdatasync calls by the thread engine, under strace."""
+    srv = make_server(engine="threads")
+    img = tmp_path / "fua.vhd"
+    vhdutil("create", "-n", img, "-s", "16")
+    m = srv.open("vhd:" + str(img))["minor"]
+    h = nbd.NBD()
+    h.connect_unix(srv.nbd_path(m))
+    h.pwrite(b"a" * 4096, 0)
+    out = tmp_path / "syncs"
+    st = subprocess.Popen(["strace", "-f", "-e", "trace=fdatasync,fsync", "-o", str(out),
+                           "-p", str(srv.proc.pid)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "attached" in st.stderr.readline()
+        time.sleep(0.5)
+
+        def syncs():
+            time.sleep(0.3)
+            return out.read_text().count("fdatasync(") if out.exists() else 0
+        h.pwrite(b"b" * 4096, 1 << 20)           # allocating, not FUA
+        h.pwrite(b"c" * 4096, 0)
+        plain = syncs()
+        h.pwrite(b"d" * 4096, 2 << 20, nbd.CMD_FLAG_FUA)   # allocating, FUA
+        h.pwrite(b"e" * 4096, 0, nbd.CMD_FLAG_FUA)
+        assert plain == 0 and syncs() >= 2
+    finally:
+        st.terminate()
+        st.wait()
+    h.shutdown()
+    srv.call("close", minor=m)
