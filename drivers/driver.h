@@ -168,6 +168,13 @@ extern const struct td_driver td_driver_qcow2;
  */
 void *td_req_alloc(struct td_request *req, size_t size);
 void td_req_free(struct td_request *req, void *p);
+/*
+ * For a driver that asks another image on req's behalf (a parent, an image
+ * inside its own): gives sub size bytes of req's scratch for the state of
+ * the drivers below, while req has room; else sub has none and those
+ * drivers take theirs from the heap. Nothing to give back.
+ */
+void td_req_lend(struct td_request *req, struct td_request *sub, size_t size);
 /* A struct's room in scratch (td_req_alloc aligns to 16), for ctx_size. */
 #define TD_CTX_SIZE(type) ((sizeof(type) + 15) & ~(size_t)15)
 /* The scratch a request on this chain should carry: the images' ctx_size summed. */

@@ -585,6 +585,20 @@ td_req_free(struct td_request *req, void *p)
 	free(p);
 }
 
+void
+td_req_lend(struct td_request *req, struct td_request *sub, size_t size)
+{
+	size_t at = (req->scratch_used + 15) & ~(size_t)15;
+
+	sub->scratch = NULL;
+	sub->scratch_size = sub->scratch_used = 0;
+	if (!size || !req->scratch || at > req->scratch_size || size > req->scratch_size - at)
+		return;
+	sub->scratch = (char *)req->scratch + at;
+	sub->scratch_size = size;
+	req->scratch_used = at + size;
+}
+
 size_t
 td_chain_scratch_size(const struct td_image *leaf)
 {
