@@ -77,6 +77,7 @@ struct td_request {
 #define TD_OPEN_RDONLY		0x1
 #define TD_OPEN_NODIRECT	0x2	/* never use O_DIRECT */
 #define TD_OPEN_PARENT		0x4	/* opened as a parent: read-only, shared */
+#define TD_OPEN_NOFILE		0x8	/* only drivers that name no file (TD_DRV_NOFILE): fuzzing */
 
 #define TD_CAP_FLUSH		0x1
 #define TD_CAP_DISCARD		0x2

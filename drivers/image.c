@@ -174,6 +174,11 @@ image_open_one(const char *params, unsigned oflags, const struct td_open_ctx *ct
 	rc = td_params_parse(params, &drv, &path, err);
 	if (rc < 0)
 		return rc;
+	if ((oflags & TD_OPEN_NOFILE) && !(drv->flags & TD_DRV_NOFILE)) {
+		rc = td_error_set(err, EACCES, "this server opens no files: only image types "
+				  "that name none (ram)");
+		goto fail;
+	}
 	rc = image_key(drv, path, &key, err);
 	if (rc < 0)
 		goto fail;
@@ -292,7 +297,7 @@ td_chain_open(const char *params, unsigned oflags, const struct td_open_ctx *ctx
 			goto fail;
 		}
 		rc = image_open_one(pparams, TD_OPEN_RDONLY | TD_OPEN_PARENT |
-				    (oflags & TD_OPEN_NODIRECT), ctx, leaf, &parent,
+				    (oflags & (TD_OPEN_NODIRECT | TD_OPEN_NOFILE)), ctx, leaf, &parent,
 				    &shared, err);
 		if (rc < 0) {
 			error_about(err, "parent ", pparams);
