@@ -76,6 +76,7 @@ struct td_request {
 #define TD_OPEN_RDONLY		0x1
 #define TD_OPEN_NODIRECT	0x2	/* never use O_DIRECT */
 #define TD_OPEN_PARENT		0x4	/* opened as a parent: read-only, shared */
+#define TD_OPEN_NOFILE		0x8	/* only drivers that name no file (TD_DRV_NOFILE): fuzzing */
 
 #define TD_CAP_FLUSH		0x1
 #define TD_CAP_DISCARD		0x2
@@ -167,6 +168,13 @@ extern const struct td_driver td_driver_qcow2;
  */
 void *td_req_alloc(struct td_request *req, size_t size);
 void td_req_free(struct td_request *req, void *p);
+/*
+ * For a driver that asks another image on req's behalf (a parent, an image
+ * inside its own): gives sub size bytes of req's scratch for the state of
+ * the drivers below, while req has room; else sub has none and those
+ * drivers take theirs from the heap. Nothing to give back.
+ */
+void td_req_lend(struct td_request *req, struct td_request *sub, size_t size);
 /* A struct's room in scratch (td_req_alloc aligns to 16), for ctx_size. */
 #define TD_CTX_SIZE(type) ((sizeof(type) + 15) & ~(size_t)15)
 /* The scratch a request on this chain should carry: the images' ctx_size summed. */

@@ -212,6 +212,11 @@ image_open_one(const char *params, unsigned oflags, const struct td_open_ctx *ct
 	rc = td_params_parse(params, &drv, &path, err);
 	if (rc < 0)
 		return rc;
+	if ((oflags & TD_OPEN_NOFILE) && !(drv->flags & TD_DRV_NOFILE)) {
+		rc = td_error_set(err, EACCES, "this server opens no files: only image types "
+				  "that name none (ram)");
+		goto fail;
+	}
 	rc = image_key(drv, path, &key, err);
 	if (rc < 0)
 		goto fail;
@@ -330,7 +335,7 @@ td_chain_open(const char *params, unsigned oflags, const struct td_open_ctx *ctx
 			goto fail;
 		}
 		rc = image_open_one(pparams, TD_OPEN_RDONLY | TD_OPEN_PARENT |
-				    (oflags & TD_OPEN_NODIRECT), ctx, leaf, &parent,
+				    (oflags & (TD_OPEN_NODIRECT | TD_OPEN_NOFILE)), ctx, leaf, &parent,
 				    &shared, err);
 		if (rc < 0) {
 			error_about(err, "parent ", pparams);
@@ -625,6 +630,20 @@ td_req_free(struct td_request *req, void *p)
 	    (char *)p < (char *)req->scratch + req->scratch_size)
 		return;
 	free(p);
+}
+
+void
+td_req_lend(struct td_request *req, struct td_request *sub, size_t size)
+{
+	size_t at = (req->scratch_used + 15) & ~(size_t)15;
+
+	sub->scratch = NULL;
+	sub->scratch_size = sub->scratch_used = 0;
+	if (!size || !req->scratch || at > req->scratch_size || size > req->scratch_size - at)
+		return;
+	sub->scratch = (char *)req->scratch + at;
+	sub->scratch_size = size;
+	req->scratch_used = at + size;
 }
 
 size_t

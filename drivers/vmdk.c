@@ -21,7 +21,10 @@
  * the loop thread in the completion of their read, one grain per step
  * (64 KiB with every known writer, VMDK_MAX_GRAIN at most), into a small
  * cache of inflated grains (VMDK_ZCACHE_BYTES) so that small sequential
- * reads inflate each grain once.
+ * reads inflate each grain once. A read is served in pieces (td_pieces: one
+ * per extent and grain table, then one per run of grains) whose state comes
+ * from the request's scratch, as do the sub-requests' to a FLAT extent's raw
+ * image and to the parent (td_req_lend).
  */
 #include "driver.h"
 
@@ -49,6 +52,8 @@
 #define VMDK_ZCACHE_BYTES	(1u << 20)	/* inflated grains kept per image */
 #define VMDK_ZSLOTS_MAX		16
 #define VMDK_INLINE_IOV		4
+/* what a FLAT extent's read lends the raw driver: its ctx_size (272 bytes on x86-64) */
+#define VMDK_FLAT_CTX		320
 
 struct vmdk_extent {
 	enum vmdk_ext_type type;
@@ -84,11 +89,16 @@ struct vmdk_priv {
 	struct log_ratelimit rl;	/* damage found while serving */
 };
 
-/* A piece of a read (inside one extent and one grain table), or a block status step. */
+/*
+ * A piece of a read (inside one extent and one grain table, then one run
+ * of grains), or a block status step waiting for a grain table. Taken from
+ * the request's scratch: a read inside one grain table, the usual kind,
+ * needs its td_pieces and one vop (ctx_size).
+ */
 struct vop {
+	struct td_pieces *ps;		/* a read's; NULL: a block status step */
+	struct td_request *req;
 	struct vmdk_priv *p;
-	struct td_pieces *ps;		/* reads */
-	struct td_request *status;	/* block status waiting for a grain table */
 	struct vmdk_extent *ext;
 	uint64_t off, len;		/* virtual bytes */
 	uint32_t gdi;
@@ -96,9 +106,11 @@ struct vop {
 	struct mc_waiter gt_wait;
 	uint64_t grain;			/* compressed grain being read */
 	uint8_t *zbuf;
+	uint32_t zlen;			/* bytes of zbuf read from the file */
+	struct iovec zvec;		/* zbuf for the engine, which may advance it */
 	struct io_op op;
-	struct td_request sub;		/* from the parent, or a FLAT extent's raw image */
-	struct iovec *iov;
+	struct td_request sub;		/* to the parent, or a FLAT extent's raw image */
+	struct iovec *iov;		/* the request's bytes of this piece (td_req_iov) */
 	int iovcnt;
 	struct iovec iov_inline[VMDK_INLINE_IOV];
 };
@@ -507,7 +519,7 @@ vmdk_validate_parent(struct td_image *img, struct td_image *parent, struct td_er
 	return 0;
 }
 
-/* ---- pieces of a read ---- */
+/* ---- pieces (td_pieces: the request completes once the last one is done) ---- */
 
 /* The extent holding virtual byte pos (extents are adjacent, in order). */
 static struct vmdk_extent *
@@ -538,15 +550,17 @@ piece_end(const struct vmdk_extent *e, uint64_t pos, uint64_t end)
 	return stop < end ? stop : end;
 }
 
+/* A piece of ps, or with ps NULL a block status step of req. */
 static struct vop *
-vop_new(struct vmdk_priv *p, struct td_pieces *ps, struct vmdk_extent *e, uint64_t off,
-	uint64_t len)
+vop_new(struct vmdk_priv *p, struct td_request *req, struct td_pieces *ps,
+	struct vmdk_extent *e, uint64_t off, uint64_t len)
 {
-	struct vop *v = calloc(1, sizeof(*v));
+	struct vop *v = td_req_alloc(req, sizeof(*v));
 	if (!v)
 		return NULL;
-	v->p = p;
 	v->ps = ps;
+	v->req = req;
+	v->p = p;
 	v->ext = e;
 	v->off = off;
 	v->len = len;
@@ -557,86 +571,72 @@ vop_new(struct vmdk_priv *p, struct td_pieces *ps, struct vmdk_extent *e, uint64
 	return v;
 }
 
-/* A piece is over; a block status step that failed fails its request. */
+/*
+ * A piece is over. A block status step ends here only when it failed
+ * before its I/O, maybe inside submit: its request fails on the next turn.
+ */
 static void
-vop_done(struct vop *v, int err)
+vop_finish(struct vop *v, int err)
 {
 	struct td_pieces *ps = v->ps;
-	struct td_request *status = v->status;
+	struct td_request *req = v->req;
+	struct td_image *img = v->p->img;
 
 	if (v->iov != v->iov_inline)
 		free(v->iov);
 	free(v->zbuf);
-	free(v);
+	td_req_free(req, v);
 	if (ps)
 		td_pieces_done(ps, err);
-	else if (status)	/* failed before its I/O, maybe inside submit */
-		td_complete_later(status->img, status, err);
+	else
+		td_complete_later(img, req, err);
 }
 
 /* Points v->iov at the request's bytes of this piece. */
 static int
 vop_slice(struct vop *v)
 {
-	const struct td_request *req = v->ps->req;
-	uint64_t skip = v->off - req->offset;
-
-	v->iov = v->iov_inline;
-	v->iovcnt = td_iov_slice(req->iov, req->iovcnt, skip, v->len, v->iov, VMDK_INLINE_IOV);
-	if (v->iovcnt >= 0)
-		return 0;
-	v->iov = calloc((size_t)req->iovcnt, sizeof(*v->iov));
-	if (!v->iov)
-		return -ENOMEM;
-	v->iovcnt = td_iov_slice(req->iov, req->iovcnt, skip, v->len, v->iov, req->iovcnt);
-	return 0;
+	return td_req_iov(v->req, v->off, v->len, NULL, 0, v->iov_inline, VMDK_INLINE_IOV,
+			  &v->iov, &v->iovcnt);
 }
 
 static void
 vop_sub_done(struct td_request *sub, int err)
 {
-	vop_done(sub->priv, err);
+	vop_finish(sub->priv, err);
 }
 
 static void
 vop_io_done(struct io_op *op, int res)
 {
-	vop_done(op->data, res < 0 ? -res : 0);
-}
-
-static void
-sub_read(struct vop *v, uint64_t offset)
-{
-	v->sub.op = TD_OP_READ;
-	v->sub.offset = offset;
-	v->sub.length = v->len;
-	v->sub.iov = v->iov;
-	v->sub.iovcnt = v->iovcnt;
-	v->sub.done = vop_sub_done;
-	v->sub.priv = v;
+	vop_finish(op->data, res < 0 ? -res : 0);
 }
 
 static void
 read_zero(struct vop *v)
 {
 	if (vop_slice(v) < 0) {
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 		return;
 	}
 	td_iov_zero(v->iov, v->iovcnt);
-	vop_done(v, 0);
+	vop_finish(v, 0);
 }
 
 /* Not allocated here: the parent's bytes, or zeros below the root. */
 static void
 read_parent(struct vop *v)
 {
+	struct td_image *img = v->p->img;
+
 	if (vop_slice(v) < 0) {
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 		return;
 	}
-	sub_read(v, v->off);
-	td_image_read_parent(v->p->img, &v->sub);
+	td_req_lend(v->req, &v->sub, td_chain_scratch_size(img->parent));
+	v->sub.priv = v;
+	td_image_read_parent_range(img, &v->sub, v->off, v->len, v->iov, v->iovcnt,
+				   vop_sub_done);
 }
 
 static void
@@ -645,10 +645,17 @@ read_flat(struct vop *v)
 	struct vmdk_extent *e = v->ext;
 
 	if (vop_slice(v) < 0) {
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 		return;
 	}
-	sub_read(v, e->file_off + (v->off - e->start));
+	td_req_lend(v->req, &v->sub, td_driver_raw.ctx_size);
+	v->sub.op = TD_OP_READ;
+	v->sub.offset = e->file_off + (v->off - e->start);
+	v->sub.length = v->len;
+	v->sub.iov = v->iov;
+	v->sub.iovcnt = v->iovcnt;
+	v->sub.done = vop_sub_done;
+	v->sub.priv = v;
 	td_driver_raw.submit(&e->raw, &v->sub);
 }
 
@@ -657,7 +664,7 @@ static void
 read_data(struct vop *v, uint64_t foff)
 {
 	if (vop_slice(v) < 0) {
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 		return;
 	}
 	v->op.iov = v->iov;
@@ -710,14 +717,14 @@ zgrain_copy(struct vop *v, const struct zslot *z)
 	const uint8_t *src = z->buf + (v->off - v->ext->start) % v->ext->s.grain_bytes;
 
 	if (vop_slice(v) < 0) {
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 		return;
 	}
 	for (int i = 0; i < v->iovcnt; i++) {
 		memcpy(v->iov[i].iov_base, src, v->iov[i].iov_len);
 		src += v->iov[i].iov_len;
 	}
-	vop_done(v, 0);
+	vop_finish(v, 0);
 }
 
 static void
@@ -728,18 +735,18 @@ zgrain_loaded(struct io_op *op, int res)
 	char why[256];
 
 	if (res < 0) {
-		vop_done(v, -res);
+		vop_finish(v, -res);
 		return;
 	}
 	struct zslot *z = zcache_take(p, v->ext, v->grain);
 	if (!z) {
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 		return;
 	}
-	if (vmdk_grain_inflate(&v->ext->s, v->grain, v->zbuf, v->iov_inline[0].iov_len, z->buf,
-			       why, sizeof(why)) < 0) {
+	if (vmdk_grain_inflate(&v->ext->s, v->grain, v->zbuf, v->zlen, z->buf, why,
+			       sizeof(why)) < 0) {
 		z->stamp = 0;
-		vop_done(v, damaged(p, v->ext, why));
+		vop_finish(v, damaged(p, v->ext, why));
 		return;
 	}
 	free(v->zbuf);
@@ -758,16 +765,16 @@ read_zgrain(struct vop *v, uint64_t grain, uint64_t foff)
 		zgrain_copy(v, z);
 		return;
 	}
-	uint32_t len = vmdk_grain_zread_len(&v->ext->s, foff);
+	v->zlen = vmdk_grain_zread_len(&v->ext->s, foff);
 	v->grain = grain;
-	v->zbuf = malloc(len);
+	v->zbuf = malloc(v->zlen);
 	if (!v->zbuf) {
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 		return;
 	}
-	v->iov_inline[0].iov_base = v->zbuf;
-	v->iov_inline[0].iov_len = len;
-	v->op.iov = v->iov_inline;
+	v->zvec.iov_base = v->zbuf;
+	v->zvec.iov_len = v->zlen;
+	v->op.iov = &v->zvec;
 	v->op.iovcnt = 1;
 	v->op.opcode = IO_OP_READV;
 	v->op.flags = v->ext->f.io_flags;
@@ -799,11 +806,11 @@ static void read_runs(struct vop *v);
 static void
 gt_with(struct vop *v)
 {
-	if (v->status) {
-		struct td_request *req = v->status;
+	if (!v->ps) {
+		struct td_request *req = v->req;
 		status_run(v->p, req);	/* first: the table stays while it runs */
 		gt_put(v);
-		free(v);
+		td_req_free(req, v);
 		return;
 	}
 	read_runs(v);
@@ -816,7 +823,7 @@ gt_ready(struct mc_waiter *w, struct mc_entry *g, int err)
 
 	v->gt = g;
 	if (err)
-		vop_done(v, err);
+		vop_finish(v, err);
 	else
 		gt_with(v);
 }
@@ -830,7 +837,7 @@ gt_get(struct vop *v)
 	v->gt_wait.ready = gt_ready;
 	if (mc_get(&v->p->gt, gt_key(e, v->gdi), e->f.fd, e->f.io_flags,
 		   (uint64_t)e->s.gd[v->gdi] * VMDK_SECTOR, e->s.gt_bytes, &v->gt_wait) < 0)
-		vop_done(v, ENOMEM);
+		vop_finish(v, ENOMEM);
 }
 
 /* ---- runs of grains ---- */
@@ -899,7 +906,10 @@ run_start(struct vop *v, const struct run *r)
 	}
 }
 
-/* A piece whose grain table is loaded: one step per run of grains. */
+/*
+ * A piece whose grain table is loaded: one step per run of grains, the
+ * last one taken by the piece itself (its own td_pieces count and scratch).
+ */
 static void
 read_runs(struct vop *v)
 {
@@ -913,7 +923,14 @@ read_runs(struct vop *v)
 			ps->err = damaged(v->p, v->ext, why);
 			break;
 		}
-		struct vop *rv = vop_new(v->p, ps, v->ext, pos, r.len);
+		if (pos + r.len == end) {
+			gt_put(v);
+			v->off = pos;
+			v->len = r.len;
+			run_start(v, &r);
+			return;
+		}
+		struct vop *rv = vop_new(v->p, v->req, ps, v->ext, pos, r.len);
 		if (!rv) {
 			ps->err = ENOMEM;
 			break;
@@ -922,7 +939,7 @@ read_runs(struct vop *v)
 		pos += r.len;
 	}
 	gt_put(v);
-	vop_done(v, 0);
+	vop_finish(v, 0);
 }
 
 static void
@@ -959,7 +976,7 @@ read_start(struct vmdk_priv *p, struct td_request *req)
 	while (pos < end) {
 		struct vmdk_extent *e = extent_at(p, pos);
 		uint64_t stop = piece_end(e, pos, end);
-		struct vop *v = vop_new(p, ps, e, pos, stop - pos);
+		struct vop *v = vop_new(p, req, ps, e, pos, stop - pos);
 		if (!v) {
 			ps->err = ENOMEM;
 			break;
@@ -1009,10 +1026,10 @@ static void
 status_flat_done(struct td_request *sub, int err)
 {
 	struct vop *v = sub->priv;
-	struct td_request *req = v->status;
+	struct td_request *req = v->req;
 
 	req->nr_extents = sub->nr_extents;
-	free(v);
+	td_req_free(req, v);
 	td_request_done(req, err);
 }
 
@@ -1021,12 +1038,12 @@ static void
 status_flat(struct vmdk_priv *p, struct td_request *req, struct vmdk_extent *e, uint64_t pos,
 	    uint64_t stop)
 {
-	struct vop *v = vop_new(p, NULL, e, pos, stop - pos);
+	struct vop *v = vop_new(p, req, NULL, e, pos, stop - pos);
 	if (!v) {
 		td_complete_later(p->img, req, ENOMEM);
 		return;
 	}
-	v->status = req;
+	td_req_lend(req, &v->sub, td_driver_raw.ctx_size);
 	v->sub.op = TD_OP_BLOCK_STATUS;
 	v->sub.offset = e->file_off + (pos - e->start);
 	v->sub.length = stop - pos;
@@ -1041,12 +1058,11 @@ status_flat(struct vmdk_priv *p, struct td_request *req, struct vmdk_extent *e, 
 static void
 status_load(struct vmdk_priv *p, struct td_request *req, struct vmdk_extent *e, uint64_t pos)
 {
-	struct vop *v = vop_new(p, NULL, e, pos, 0);
+	struct vop *v = vop_new(p, req, NULL, e, pos, 0);
 	if (!v) {
 		td_complete_later(p->img, req, ENOMEM);
 		return;
 	}
-	v->status = req;
 	gt_get(v);
 }
 
@@ -1112,7 +1128,8 @@ vmdk_submit(struct td_image *img, struct td_request *req)
 
 const struct td_driver td_driver_vmdk = {
 	.name = "vmdk",
-	.ctx_size = TD_PIECES_CTX_SIZE(0),
+	/* a read inside one grain table or one FLAT extent: nothing from the heap */
+	.ctx_size = TD_PIECES_CTX_SIZE(0) + TD_CTX_SIZE(struct vop) + VMDK_FLAT_CTX,
 	.open = vmdk_open,
 	.close = vmdk_close,
 	.submit = vmdk_submit,

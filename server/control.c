@@ -478,6 +478,17 @@ control_serve(struct control *ctl, struct bufferevent *bev)
 	bufferevent_enable(bev, EV_READ | EV_WRITE);
 }
 
+unsigned
+control_pending(const struct control *ctl)
+{
+	const struct ctl_client *cl;
+	unsigned n = 0;
+
+	LIST_FOREACH(cl, &ctl->clients, link)
+		n += cl->pending;
+	return n;
+}
+
 static void
 control_accept(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa,
 	       int salen, void *arg)

@@ -22,6 +22,8 @@ struct control *control_new(struct server *srv, const char *path, char *err, siz
 void control_free(struct control *ctl);
 /* Serves one client on an existing bufferevent (tests, fuzzing). */
 void control_serve(struct control *ctl, struct bufferevent *bev);
+/* Requests not answered yet, over every client (tests, fuzzing: wait for 0). */
+unsigned control_pending(const struct control *ctl);
 
 /* ---- for command handlers (control_cmds.c) ---- */
 

@@ -1,7 +1,7 @@
 /*
  * The arguments of every control command: name, JSON type, required.
- * The server's handlers and the control fuzzer share these tables; each
- * matches schema/<cmd>.args.json (tests/integration/test_control.py checks).
+ * The command table (control_cmds.c) names them; each matches
+ * schema/<cmd>.args.json (tests/integration/test_control.py checks).
  */
 #include "control.h"
 

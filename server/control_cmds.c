@@ -1,7 +1,8 @@
 /*
  * The control commands: one table entry each (name, arguments, handler);
- * the argument tables, shared with the control fuzzer, are in
- * control_args.c and match schema/<cmd>.args.json (test_control.py checks).
+ * the argument tables are in control_args.c and match
+ * schema/<cmd>.args.json (test_control.py checks). The control fuzzer
+ * drives this very table, on a server that may open only ram disks.
  */
 #include <errno.h>
 #include <stdlib.h>

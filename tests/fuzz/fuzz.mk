@@ -4,10 +4,12 @@
 #
 # The server and driver sources are compiled with the same sanitizers as the
 # harnesses (coverage instrumentation without libFuzzer's main) into one
-# archive; each target pulls from it only the objects it needs.
-# fuzz_control.c brings its own command table (the real handlers touch host
-# files), so the linker never pulls control_cmds.o into it; the other
-# targets get the real one with server_new(). main.c has its own main().
+# archive; each target pulls from it only the objects it needs: every
+# target that builds a server gets the real control command table
+# (control_cmds.c) and the simulated Xen port (port_sim.c) with it.
+# main.c has its own main(). Blocking calls (opens, closes) run on one
+# worker thread (IO_CALL_THREADS=1): they end in the order they were asked,
+# so that an input replays the same way.
 
 FUZZ_CC    ?= clang
 FUZZ_BUILD ?= build/fuzz
@@ -31,7 +33,7 @@ FUZZ_COMMON := -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1 \
                -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iserver -Iserver/xen -Idrivers -Ilib -Itests \
                $(FUZZ_PKG_CFLAGS) $(FUZZ_EXTRA_CFLAGS) -MMD -MP
 # library objects: instrumented for coverage, no main from libFuzzer
-FUZZ_LIB_CFLAGS := -fsanitize=fuzzer-no-link$(FUZZ_SAN_LIST) $(FUZZ_COMMON)
+FUZZ_LIB_CFLAGS := -fsanitize=fuzzer-no-link$(FUZZ_SAN_LIST) $(FUZZ_COMMON) -DIO_CALL_THREADS=1
 FUZZ_CFLAGS     := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_COMMON)
 FUZZ_LDFLAGS    := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_EXTRA_CFLAGS)
 

@@ -1,8 +1,13 @@
 /*
  * libFuzzer target: one blkif ring (server/xen/ring.c) on a guest whose
- * whole memory comes from the input, through an in-process port (grant
- * reference R is page R of that memory; the event channel is an eventfd),
- * against a ram vbd. Minor 0 is ram:1M read-write, minor 1 ram:1M read-only.
+ * whole memory comes from the input, through the simulated hypervisor the
+ * blkif tests run on (server/xen/port_sim.c: the guest's memory is a file,
+ * grant reference R its page R, grant copies and ring maps are the port's
+ * own; event channels are FIFOs), against a ram vbd. Minor 0 is ram:1M
+ * read-write, minor 1 ram:1M read-only. The simulation directory is made on
+ * tmpfs at start and removed at exit; the harness only watches the port's
+ * calls on their way through (what a copy wrote, whether the channel is
+ * bound).
  *
  * Input layout:
  *   byte 0  mode
@@ -26,10 +31,12 @@
  * last two checks hold.)
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -59,120 +66,149 @@ static const unsigned vbd_flags[NR_VBDS] = { 0, VBD_OPEN_READONLY };
 
 static struct server *srv;
 static char state_dir[] = "/tmp/tapdiskd-fuzz-blkif-XXXXXX";
-static uint8_t *guest;		/* GUEST_PAGES pages, page aligned */
+static uint8_t *guest;		/* GUEST_PAGES pages: domain 7's memory file, mapped */
 
-/* ---- the port: the guest's memory is ours ---- */
+/* ---- the port: port_sim.c, watched ---- */
 
-struct fz_evtchn {
-	int fd;
-};
+#define DOMID		7
+#define EVTCHN		3
 
-static unsigned notifies;
+static struct xport *sim;	/* the real simulated port */
+static char sim_dir[64];
+static int kick_fd = -1;	/* the guest's end of the backend's channel FIFO */
+static int notify_fd = -1;	/* the guest's end of ours: drained, not counted */
 static unsigned ring_pages;	/* refs below this are the ring's own pages */
 static int clobbered;		/* a read landed on the ring: its contents are the disk's */
-static int guest_evtchn_fd = -1;	/* the backend's end: a write is a kick */
+static int bound;		/* the ring's event channel, between bind and unbind */
 
 static void *
-fz_map(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
+w_map(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
 {
 	(void)p;
-	(void)domid;
-	/* a ring is mapped from consecutive pages here: the harness grants them so */
-	for (unsigned i = 0; i < n; i++)
-		if (refs[i] != refs[0] + i || refs[i] >= GUEST_PAGES) {
-			errno = EINVAL;
-			return NULL;
-		}
-	return guest + (size_t)refs[0] * XEN_PAGE_SIZE;
+	return sim->ops->map(sim, domid, refs, n);
 }
 
 static void
-fz_unmap(struct xport *p, uint32_t domid, void *addr, unsigned n)
+w_unmap(struct xport *p, uint32_t domid, void *addr, unsigned n)
 {
 	(void)p;
-	(void)domid;
-	(void)addr;
-	(void)n;
+	sim->ops->unmap(sim, domid, addr, n);
 }
 
 static int
-fz_copy(struct xport *p, uint32_t domid, struct xport_copy *segs, unsigned n)
+w_copy(struct xport *p, uint32_t domid, struct xport_copy *segs, unsigned n)
 {
 	(void)p;
-	(void)domid;
-	for (unsigned i = 0; i < n; i++) {
-		struct xport_copy *c = &segs[i];
-		if (c->ref >= GUEST_PAGES || (unsigned)c->offset + c->len > XEN_PAGE_SIZE) {
-			c->status = -1;
-			continue;
-		}
-		uint8_t *g = guest + (size_t)c->ref * XEN_PAGE_SIZE + c->offset;
-		if (c->to_guest && c->ref < ring_pages)
-			clobbered = 1;	/* a guest may grant its ring page as a buffer */
-		if (c->to_guest)
-			memcpy(g, c->buf, c->len);
-		else
-			memcpy(c->buf, g, c->len);
-		c->status = 0;
-	}
-	return 0;
+	int rc = sim->ops->copy(sim, domid, segs, n);
+	/* a guest may grant its ring page as a buffer */
+	for (unsigned i = 0; rc == 0 && i < n; i++)
+		if (segs[i].to_guest && !segs[i].status && segs[i].ref < ring_pages)
+			clobbered = 1;
+	return rc;
 }
 
 static struct xport_evtchn *
-fz_bind(struct xport *p, uint32_t domid, uint32_t port)
+w_bind(struct xport *p, uint32_t domid, uint32_t port)
 {
 	(void)p;
-	(void)domid;
-	(void)port;
-	struct fz_evtchn *e = malloc(sizeof(*e));
-	if (!e)
-		return NULL;
-	e->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (e->fd < 0) {
-		free(e);
-		return NULL;
-	}
-	guest_evtchn_fd = e->fd;
-	return (struct xport_evtchn *)e;
+	struct xport_evtchn *e = sim->ops->bind(sim, domid, port);
+	bound += e != NULL;
+	return e;
 }
 
 static void
-fz_unbind(struct xport_evtchn *xe)
+w_unbind(struct xport_evtchn *e)
 {
-	struct fz_evtchn *e = (struct fz_evtchn *)xe;
-	close(e->fd);
-	if (e->fd == guest_evtchn_fd)
-		guest_evtchn_fd = -1;
-	free(e);
+	bound--;
+	sim->ops->unbind(e);
 }
 
 static int
-fz_fd(struct xport_evtchn *xe)
+w_fd(struct xport_evtchn *e)
 {
-	return ((struct fz_evtchn *)xe)->fd;
+	return sim->ops->fd(e);
 }
 
 static int
-fz_pending(struct xport_evtchn *xe)
+w_pending(struct xport_evtchn *e)
 {
-	uint64_t v;
-	return read(((struct fz_evtchn *)xe)->fd, &v, sizeof(v)) == sizeof(v);
+	return sim->ops->pending(e);
 }
 
 static int
-fz_notify(struct xport_evtchn *xe)
+w_notify(struct xport_evtchn *e)
 {
-	(void)xe;
-	notifies++;
-	return 0;
+	return sim->ops->notify(e);
 }
 
-static const struct xport_ops fz_port_ops = {
-	.name = "fuzz", .map = fz_map, .unmap = fz_unmap, .copy = fz_copy,
-	.bind = fz_bind, .unbind = fz_unbind, .fd = fz_fd, .pending = fz_pending,
-	.notify = fz_notify,
+static const struct xport_ops watch_ops = {
+	.name = "fuzz (simulated)", .map = w_map, .unmap = w_unmap, .copy = w_copy,
+	.bind = w_bind, .unbind = w_unbind, .fd = w_fd, .pending = w_pending,
+	.notify = w_notify,
 };
-static struct xport fz_port = { &fz_port_ops };
+static struct xport watch_port = { &watch_ops };
+
+static void
+sim_path(char *buf, size_t len, const char *name)
+{
+	snprintf(buf, len, "%s/%s", sim_dir, name);
+}
+
+static void
+sim_remove(void)
+{
+	static const char *const names[] = { "dom7.mem", "evt7.3.be", "evt7.3.fe" };
+	char path[128];
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+		sim_path(path, sizeof(path), names[i]);
+		unlink(path);
+	}
+	rmdir(sim_dir);
+}
+
+/* Domain 7 as blkfront_sim makes it: its memory file and event channel 3's FIFOs. */
+static void
+sim_setup(void)
+{
+	char path[128];
+
+	snprintf(sim_dir, sizeof(sim_dir), "/dev/shm/tapdiskd-fuzz-blkif-XXXXXX");
+	if (!mkdtemp(sim_dir)) {
+		snprintf(sim_dir, sizeof(sim_dir), "/tmp/tapdiskd-fuzz-blkif-XXXXXX");
+		if (!mkdtemp(sim_dir))
+			fz_fail("mkdtemp: %s", strerror(errno));
+	}
+	atexit(sim_remove);
+	sim_path(path, sizeof(path), "dom7.mem");
+	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (fd < 0 || ftruncate(fd, (off_t)GUEST_PAGES * XEN_PAGE_SIZE) < 0)
+		fz_fail("%s: %s", path, strerror(errno));
+	guest = mmap(NULL, (size_t)GUEST_PAGES * XEN_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
+		     fd, 0);
+	close(fd);
+	if (guest == MAP_FAILED)
+		fz_fail("mmap: %s", strerror(errno));
+	sim_path(path, sizeof(path), "evt7.3.be");
+	if (mkfifo(path, 0600) < 0 || (kick_fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC)) < 0)
+		fz_fail("%s: %s", path, strerror(errno));
+	sim_path(path, sizeof(path), "evt7.3.fe");
+	if (mkfifo(path, 0600) < 0 ||
+	    (notify_fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)) < 0)
+		fz_fail("%s: %s", path, strerror(errno));
+	char err[256];
+	if (!(sim = xport_sim_open(sim_dir, err, sizeof(err))))
+		fz_fail("xport_sim_open: %s", err);
+}
+
+/* Empties a channel FIFO: nothing from one input reaches the next. */
+static void
+fifo_drain(int fd)
+{
+	char buf[256];
+	while (read(fd, buf, sizeof(buf)) > 0)
+		;
+}
 
 /* ---- the guest's side of the ring, written from blkif.h ---- */
 
@@ -210,9 +246,9 @@ ring_dead(void *arg)
 static void
 kick(void)
 {
-	uint64_t one = 1;
-	if (guest_evtchn_fd < 0 || write(guest_evtchn_fd, &one, sizeof(one)) != sizeof(one))
-		fz_fail("kick: %s", strerror(errno));
+	char one = 1;
+	if (!bound || write(kick_fd, &one, 1) != 1)
+		fz_fail("kick: %s", bound ? strerror(errno) : "no event channel bound");
 	event_base_loop(srv->base, EVLOOP_NONBLOCK);	/* the loop sees the fd */
 }
 
@@ -263,8 +299,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 	(void)argc;
 	(void)argv;
 	srv = fz_server_setup("fuzz_blkif", state_dir, vbd_params, vbd_flags, NR_VBDS);
-	if (posix_memalign((void **)&guest, XEN_PAGE_SIZE, (size_t)GUEST_PAGES * XEN_PAGE_SIZE))
-		fz_fail("out of memory");
+	sim_setup();
 	return 0;
 }
 
@@ -325,7 +360,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	store_idx(RSP_EVENT, 1);	/* the guest wants to hear of responses */
 
-	struct blkif_ring_cfg cfg = { .domid = 7, .nr_pages = pages, .evtchn = 3,
+	fifo_drain(kick_fd);
+	fifo_drain(notify_fd);
+	struct blkif_ring_cfg cfg = { .domid = DOMID, .nr_pages = pages, .evtchn = EVTCHN,
 				      .proto = proto, .index = 0 };
 	for (unsigned i = 0; i < pages; i++)
 		cfg.refs[i] = i;
@@ -333,7 +370,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	ring_died = 0;
 	clobbered = 0;
 	ring_pages = pages;
-	ring = blkif_ring_connect(srv, &fz_port, vbd, &cfg, ring_dead, NULL, err, sizeof(err));
+	ring = blkif_ring_connect(srv, &watch_port, vbd, &cfg, ring_dead, NULL, err, sizeof(err));
 	if (!ring)
 		fz_fail("blkif_ring_connect: %s", err);
 
@@ -383,7 +420,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	for (int m = 0; m < NR_VBDS; m++)
 		if (srv->minors[m]->nr_inflight)
 			fz_fail("minor %d: %u requests still in flight", m, srv->minors[m]->nr_inflight);
-	if (guest_evtchn_fd >= 0)
+	if (bound)
 		fz_fail("the event channel is still bound");
 	free(w);
 	return 0;

@@ -158,17 +158,26 @@ fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
  * Runs the loop until no callback is active. Everything the targets drive
  * (bufferevent pairs with deferred callbacks, io_defer completions of the
  * ram driver, one-shot events) shows up as an active callback, so an idle
- * loop means the server waits for its peer. Timers that are not due (the
- * NBD handshake timeout) are not waited for.
+ * loop means the server waits for its peer, or for work on other threads
+ * (fz_wait_owed waits for that). Timers that are not due (the NBD
+ * handshake timeout) are not waited for.
  */
 static inline int fz_deliver_hangups(void);
+
+/*
+ * Optional, for a target whose server owes work done off the loop (opens
+ * and closes on worker threads, replies that wait for them): blocks in the
+ * loop until one more piece of it is done and returns 1, or returns 0 at
+ * once when nothing is owed. An idle loop then means idle only once it is 0.
+ */
+static int (*fz_wait_owed)(struct event_base *base);
 
 static inline void
 fz_settle(struct event_base *base)
 {
 	for (int i = 0; i < FZ_SETTLE_ROUNDS; i++) {
 		if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0 &&
-		    !fz_deliver_hangups())
+		    !fz_deliver_hangups() && (!fz_wait_owed || !fz_wait_owed(base)))
 			return;
 		event_base_loop(base, EVLOOP_NONBLOCK);
 	}

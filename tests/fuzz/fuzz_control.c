@@ -1,14 +1,19 @@
 /*
  * libFuzzer target: one control-socket client (control.c): line framing,
- * the JSON envelope, argument validation against the command table, the
- * pending-request limit and replies sent now or later.
+ * the JSON envelope, argument validation, the pending-request limit, and
+ * the real command table (control_cmds.c) on the server as server_new()
+ * builds it: vbds really open, pause, unpause, snapshot and close, replying
+ * at once or later, once their work on a worker thread is done.
  *
- * The real command handlers (control_cmds.c) open, create and destroy
- * images on the host, so they are not linked: this file defines ctl_cmds[]
- * with the same names and the same argument tables (control_args.c), and
- * handlers that touch nothing
- * but reply the way the real ones do: at once with a result or an error,
- * or a few loop turns later (as open, close and pause do).
+ * Kept safe and repeatable: the server opens no files (open_flags
+ * TD_OPEN_NOFILE: only ram: images, refused before any path is touched; ram
+ * cannot be snapshotted, so no file is made either), its state directory
+ * (NBD sockets) is a private directory made at start and removed at exit,
+ * and blocking calls run on one worker thread (fuzz.mk), so they end in the
+ * order they were asked. The harness waits for every reply owed (and the
+ * work behind it) whenever it lets the server run, and at the end of each
+ * input destroys every vbd and QoS group the input made, checking that none
+ * lingers (a zombie, a socket in the state directory).
  *
  * Input layout:
  *   byte 0  mode
@@ -21,6 +26,7 @@
  *   byte 1  chunk size - 1
  *   rest    the client's bytes (newline-delimited JSON requests)
  */
+#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>
@@ -36,11 +42,12 @@
 #include <jansson.h>
 
 #include "control.h"
+#include "driver.h"
 #include "fuzz_common.h"
 #include "log.h"
 #include "qos.h"
-#include "qos_limits.h"
 #include "server.h"
+#include "vbd.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -52,254 +59,145 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define M_HUGE_FIRST	0x10
 #define M_HUGE_LAST	0x20
 
+/* Work owed off the loop may take this long before the harness calls it lost. */
+#define OWED_SECS	5
+
 static char *huge;		/* CONTROL_MAX_LINE + 1 bytes of 'x', then '\n' */
 
 static struct server *srv;
 static struct control *ctl;
-static unsigned later_pending;	/* deferred replies not sent yet */
+static char state_dir[] = "/tmp/tapdiskd-fuzz-ctl-XXXXXX";
+static struct event *owed_tick;	/* wakes a wait for owed work now and then */
+static unsigned closes_owed;	/* the harness's own closes at the end of an input */
 
-/* ---- the command table ---- */
-
-/* Replies after `turns` more loop turns, like a handler waiting for I/O. */
-struct later {
-	struct ctl_req *req;
-	int turns;
-	int err;
-	json_t *result;
-	char msg[64];
-};
-
-static void later_cb(evutil_socket_t fd, short what, void *arg);
+/* ---- waiting for work owed off the loop ---- */
 
 static void
-later_schedule(struct later *l)
+owed_tick_cb(evutil_socket_t fd, short what, void *arg)
 {
-	/* no timeout: active at once, yet run from the loop, not from here */
-	if (event_base_once(srv->base, -1, EV_TIMEOUT, later_cb, l, NULL) < 0)
-		fz_fail("event_base_once failed");
-}
-
-static void
-later_cb(evutil_socket_t fd, short what, void *arg)
-{
-	struct later *l = arg;
 	(void)fd;
 	(void)what;
-
-	if (l->turns-- > 0) {
-		later_schedule(l);
-		return;
-	}
-	later_pending--;
-	if (l->err)
-		ctl_reply_error(l->req, l->err, "%s", l->msg);
-	else
-		ctl_reply_ok(l->req, l->result);
-	free(l);
+	(void)arg;
 }
 
-static void
-reply_later(struct ctl_req *req, int turns, int err, const char *msg, json_t *result)
-{
-	struct later *l = calloc(1, sizeof(*l));
-	if (!l)
-		fz_fail("out of memory");
-	l->req = req;
-	l->turns = turns;
-	l->err = err;
-	l->result = result;
-	snprintf(l->msg, sizeof(l->msg), "%s", msg ? msg : "");
-	later_pending++;
-	later_schedule(l);
-}
-
-/* The minor argument as the real handlers read it, and a turn count from it. */
-static json_int_t
-arg_minor(json_t *args, int *present)
-{
-	json_t *m = json_object_get(args, "minor");
-	*present = m != NULL;
-	return json_integer_value(m);
-}
-
+/* fz_wait_owed: replies owed (opens, closes, pauses on the worker) and our closes. */
 static int
-turns_of(json_int_t m)
+wait_owed(struct event_base *base)
 {
-	return (int)((uint64_t)m % 4);
-}
+	static struct timespec since;
+	static const struct timeval tick = { 0, 100 * 1000 };
+	unsigned owed = control_pending(ctl) + closes_owed;
+	struct timespec now;
 
-static void
-cmd_version(struct ctl_req *req, json_t *args)
-{
-	struct server *s = ctl_req_server(req);
-	(void)args;
-	ctl_reply_ok(req, json_pack("{s:s, s:i, s:i, s:s, s:s, s:i, s:i}",
-				    "version", "fuzz", "protocol", CONTROL_PROTOCOL_VERSION,
-				    "pid", (int)s->pid, "io_engine", "none",
-				    "state_dir", s->state_dir, "vbds", 0, "nbd_connections", 0));
-}
-
-static void
-cmd_list(struct ctl_req *req, json_t *args)
-{
-	/* echo the filters: client strings go back out through the encoder */
-	ctl_reply_ok(req, json_pack("{s:[], s:O}", "vbds", "filter", args));
-}
-
-static void
-cmd_stats(struct ctl_req *req, json_t *args)
-{
-	int has;
-	json_int_t m = arg_minor(args, &has);
-
-	if (!has) {
-		ctl_reply_ok(req, json_pack("{s:[]}", "vbds"));
-		return;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	if (!owed) {
+		since.tv_sec = 0;
+		return 0;
 	}
-	if (m < 0 || m >= SERVER_MAX_MINORS)
-		ctl_reply_error(req, EINVAL, "minor %lld is out of range (0..%d)",
-				(long long)m, SERVER_MAX_MINORS - 1);
-	else
-		ctl_reply_error(req, ENOENT, "minor %lld: no vbd", (long long)m);
+	if (!since.tv_sec)
+		since = now;
+	else if (now.tv_sec - since.tv_sec > OWED_SECS)
+		fz_fail("%u replies and %u closes still owed after %d s", control_pending(ctl),
+			closes_owed, OWED_SECS);
+	event_add(owed_tick, &tick);
+	event_base_loop(base, EVLOOP_ONCE);
+	event_del(owed_tick);
+	return 1;
+}
+
+/* ---- the end of an input: nothing it made lives on ---- */
+
+static void
+closed(void *arg, int err, const char *msg)
+{
+	int minor = (int)(intptr_t)arg;
+
+	closes_owed--;
+	if (err)
+		fz_fail("destroying minor %d: %s", minor, msg ? msg : strerror(err));
+}
+
+/* The state directory holds nothing once every vbd is gone (NBD sockets). */
+static void
+check_state_dir_empty(void)
+{
+	DIR *d = opendir(state_dir);
+	struct dirent *de;
+
+	if (!d)
+		fz_fail("%s: %s", state_dir, strerror(errno));
+	while ((de = readdir(d)))
+		if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+			fz_fail("%s left in the state directory with every vbd gone", de->d_name);
+	closedir(d);
 }
 
 static void
-cmd_open(struct ctl_req *req, json_t *args)
+destroy_all(void)
 {
-	const char *params = json_string_value(json_object_get(args, "params"));
-	int has;
-	json_int_t m = arg_minor(args, &has);
-
-	if (has && (m < 0 || m >= SERVER_MAX_MINORS)) {
-		ctl_reply_error(req, EINVAL, "minor %lld is out of range (0..%d)",
-				(long long)m, SERVER_MAX_MINORS - 1);
-		return;
+	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
+		if (!srv->minors[m])
+			continue;
+		closes_owed++;
+		vbd_close(srv->minors[m], 1, 1, closed, (void *)(intptr_t)m);
 	}
-	if (!strchr(params, ':')) {
-		/* the real one quotes the whole parameter string back */
-		ctl_reply_error(req, EINVAL, "'%s' is not TYPE:PATH (e.g. aio:/srv/disk.img)",
-				params);
-		return;
-	}
-	if (strncmp(params, "ram:", 4) != 0) {
-		reply_later(req, turns_of(m), ENOENT, "No such file or directory", NULL);
-		return;
-	}
-	reply_later(req, turns_of(m), 0, NULL,
-		    json_pack("{s:I, s:s, s:I, s:i, s:b, s:s}", "minor", has ? m : 0,
-			      "params", params, "size", (json_int_t)4 << 20,
-			      "sector_size", 512,
-			      "readonly", json_is_true(json_object_get(args, "readonly")),
-			      "nbd", ""));
+	fz_settle(srv->base);
+	for (int m = 0; m < SERVER_MAX_MINORS; m++)
+		if (srv->minors[m])
+			fz_fail("minor %d still in the table after its destroy", m);
+	if (srv->zombies)
+		fz_fail("a force-closed vbd lives on with no I/O in flight");
+	qos_groups_free(srv);
+	check_state_dir_empty();
 }
-
-static void
-cmd_close(struct ctl_req *req, json_t *args)
-{
-	int has;
-	json_int_t m = arg_minor(args, &has);
-
-	if (m < 0 || m >= SERVER_MAX_MINORS)
-		ctl_reply_error(req, EINVAL, "minor %lld is out of range (0..%d)",
-				(long long)m, SERVER_MAX_MINORS - 1);
-	else if (m % 2)
-		ctl_reply_error(req, ENOENT, "minor %lld: no open vbd", (long long)m);
-	else	/* a close that drains I/O first: {} some turns later */
-		reply_later(req, turns_of(m / 2), 0, NULL, NULL);
-}
-
-static void
-cmd_pause(struct ctl_req *req, json_t *args)
-{
-	int has;
-	json_int_t m = arg_minor(args, &has);
-	if (m < 0 || m >= SERVER_MAX_MINORS)
-		ctl_reply_error(req, EINVAL, "minor %lld is out of range", (long long)m);
-	else
-		reply_later(req, turns_of(m), 0, NULL, NULL);
-}
-
-static void
-cmd_unpause(struct ctl_req *req, json_t *args)
-{
-	int has;
-	json_int_t m = arg_minor(args, &has);
-	if (json_object_get(args, "params"))
-		reply_later(req, turns_of(m), 0, NULL, NULL);
-	else
-		reply_later(req, turns_of(m), EINVAL, "vbd is not paused", NULL);
-}
-
-/* qos-set runs the real limits parser; qos-get answers as for a vbd without limits */
-static void
-cmd_qos_set(struct ctl_req *req, json_t *args)
-{
-	char why[256];
-
-	if (qos_vbd_check(json_object_get(args, "limits"), why, sizeof(why)) < 0)
-		ctl_reply_error(req, EINVAL, "qos: %s", why);
-	else
-		ctl_reply_ok(req, NULL);
-}
-
-static void
-cmd_qos_get(struct ctl_req *req, json_t *args)
-{
-	struct qos_config none = { 0 };
-	(void)args;
-	ctl_reply_ok(req, json_pack("{s:o}", "limits", qos_config_json(&none)));
-}
-
-const struct ctl_cmd ctl_cmds[] = {
-	{ "version", ctl_args_none, cmd_version },
-	{ "list", ctl_args_list, cmd_list },
-	{ "stats", ctl_args_stats, cmd_stats },
-	{ "open", ctl_args_open, cmd_open },
-	{ "create", ctl_args_open, cmd_open },
-	{ "close", ctl_args_close, cmd_close },
-	{ "destroy", ctl_args_close, cmd_close },
-	{ "pause", ctl_args_pause, cmd_pause },
-	{ "unpause", ctl_args_unpause, cmd_unpause },
-	{ "snapshot", ctl_args_snapshot, cmd_pause },	/* pause, then a reply later */
-	{ "qos-get", ctl_args_qos_get, cmd_qos_get },
-	{ "qos-set", ctl_args_qos_set, cmd_qos_set },
-	{ NULL, NULL, NULL },
-};
 
 /* ---- setup ---- */
 
 static void
+remove_state_dir(void)
+{
+	rmdir(state_dir);
+}
+
+static void
 setup(void)
 {
-	char dir[] = "/tmp/tapdiskd-fuzz-ctl-XXXXXX";
-	char path[sizeof(dir) + 16];
+	char path[sizeof(state_dir) + 16];
 	char err[256];
 
 	log_init("fuzz_control", 0, LOG_LVL_ERR);
 	signal(SIGPIPE, SIG_IGN);
-
-	/*
-	 * The control socket is made in a private directory and both are
-	 * removed at once: the listener stays open but no one can reach it,
-	 * and nothing is left on the host.
-	 */
-	if (!mkdtemp(dir))
+	unsetenv("NOTIFY_SOCKET");	/* vbds open and close: tell no service manager */
+	/* snapshot makes a file through create_child: no image that may open has one */
+	if (td_driver_ram.create_child || !(td_driver_ram.flags & TD_DRV_NOFILE))
+		fz_fail("ram can snapshot, or names a file: the fuzzer would touch files");
+	if (!mkdtemp(state_dir))
 		fz_fail("mkdtemp: %s", strerror(errno));
-	snprintf(path, sizeof(path), "%s/ctl", dir);
-	struct server_config cfg = { .state_dir = "/nonexistent/fuzz", .io_engine = "threads",
-				     .ctl_path = path };
+	atexit(remove_state_dir);
+	/*
+	 * The control socket is removed at once: the listener stays open but
+	 * no one can reach it; clients come through control_serve().
+	 */
+	snprintf(path, sizeof(path), "%s/ctl", state_dir);
+	struct server_config cfg = { .state_dir = state_dir, .io_engine = "threads",
+				     .ctl_path = path, .open_flags = TD_OPEN_NOFILE };
 	srv = server_new(&cfg, err, sizeof(err));
 	unlink(path);
-	rmdir(dir);
 	if (!srv)
 		fz_fail("server_new: %s", err);
 	ctl = srv->ctl;
+	owed_tick = evtimer_new(srv->base, owed_tick_cb, NULL);
+	if (!owed_tick)
+		fz_fail("out of memory");
+	fz_wait_owed = wait_owed;
 }
 
 int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-	static const char warm[] = "\0\0{\"id\":1,\"cmd\":\"pause\",\"args\":{\"minor\":1}}\n";
+	/* warms up what libevent, jansson, the workers and NBD allocate once */
+	static const char warm[] = "\0\0{\"id\":1,\"cmd\":\"open\",\"args\":{\"minor\":1,"
+				   "\"params\":\"ram:1M\"}}\n{\"id\":2,\"cmd\":\"list\"}\n";
 	(void)argc;
 	(void)argv;
 	setup();
@@ -308,7 +206,6 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 		fz_fail("out of memory");
 	memset(huge, 'x', CONTROL_MAX_LINE + 1);
 	huge[CONTROL_MAX_LINE + 1] = '\n';
-	/* warms up what libevent and jansson allocate once */
 	LLVMFuzzerTestOneInput((const uint8_t *)warm, sizeof(warm) - 1);
 	return 0;
 }
@@ -567,8 +464,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fz_client_hangup(&cl, reset);
 	fz_settle(srv->base);
 	fz_client_release(srv->base, &cl);
-	if (later_pending)
-		fz_fail("%u deferred replies never ran", later_pending);
+	if (control_pending(ctl))
+		fz_fail("%u replies still owed once the loop is idle", control_pending(ctl));
 	if (fz_client_hangup_stuck(&cl))
 		fz_fail("the server stopped reading for good: the client's hang-up never "
 			"reached it");
@@ -576,6 +473,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fz_fail("the server kept its end open after the client hung up, no reply owed");
 	fz_client_close(&cl);
 	fz_settle(srv->base);
+	destroy_all();
 	/*
 	 * A half-close still gets every answer ("answer, then close"); a reset
 	 * or an over-long line ends the conversation: then only the form counts.

@@ -212,7 +212,66 @@ BAD = [
 ALL_LINES = b"".join(line(r) for r in REQS) + b"".join(BAD)
 MANY_PAUSES = b"".join(line({"id": i, "cmd": "pause", "args": {"minor": i}}) for i in range(80))
 
-CONTROL_SEEDS = [
+
+
+def step(obj, width=128):
+    """One request padded to width bytes: in chunks of width (mode 0x01,
+    chunk byte width - 1) each runs once the one before has its reply."""
+    text = json.dumps(obj, separators=(",", ":"))
+    assert len(text) < width
+    return (text + " " * (width - 1 - len(text)) + "\n").encode()
+
+
+def steps(reqs):
+    return b"\x01\x7f" + b"".join(step(dict(r, id=i)) for i, r in enumerate(reqs, 1))
+
+
+LIMITS = {"iops_total": 100, "bps_read": 1 << 20}
+# the real command table on ram disks: each step after the last one's reply
+LIFECYCLES = [
+    steps([{"cmd": "open", "args": {"minor": 0, "params": "ram:4M"}},
+           {"cmd": "pause", "args": {"minor": 0}},
+           {"cmd": "unpause", "args": {"minor": 0}},
+           {"cmd": "pause", "args": {"minor": 0}},
+           {"cmd": "unpause", "args": {"minor": 0, "params": "ram:8M"}},
+           {"cmd": "snapshot", "args": {"minor": 0, "path": "/nonexistent/child.vhd"}},
+           {"cmd": "stats", "args": {"minor": 0, "reset": True}},
+           {"cmd": "close", "args": {"minor": 0}},
+           {"cmd": "list", "args": {"minor": 0}},
+           {"cmd": "open", "args": {"minor": 0, "params": "ram:1M", "readonly": True}},
+           {"cmd": "destroy", "args": {"minor": 0, "force": True}}]),
+    steps([{"cmd": "open", "args": {"minor": 1, "params": "ram:shared:1M", "readonly": True}},
+           {"cmd": "create", "args": {"params": "ram:shared:1M"}},
+           {"cmd": "create", "args": {"params": "ram:shared:2M", "nodirect": True}},
+           {"cmd": "list", "args": {"type": "ram"}},
+           {"cmd": "stats"},
+           {"cmd": "version"},
+           {"cmd": "close", "args": {"minor": 1}},
+           {"cmd": "destroy", "args": {"minor": 1}}]),
+    steps([{"cmd": "qos-set", "args": {"group": "g1", "limits": LIMITS}},
+           {"cmd": "open", "args": {"minor": 2, "params": "ram:1M",
+                                    "qos": {"group": "g1", "weight": 2}}},
+           {"cmd": "qos-get", "args": {"group": "g1"}},
+           {"cmd": "qos-set", "args": {"minor": 2, "limits": {"iops_read": 10}}},
+           {"cmd": "qos-get", "args": {"minor": 2}},
+           {"cmd": "pause", "args": {"minor": 2}},
+           {"cmd": "close", "args": {"minor": 2, "force": True}}]),
+    # all at once: a pause and a close on a vbd still opening, a second pause waiting
+    b"\0\0" + line({"id": 1, "cmd": "open", "args": {"minor": 5, "params": "ram:1M"}})
+    + line({"id": 2, "cmd": "pause", "args": {"minor": 5}})
+    + line({"id": 3, "cmd": "close", "args": {"minor": 5}}),
+    steps([{"cmd": "open", "args": {"minor": 6, "params": "ram:1M"}}])
+    + step({"id": 2, "cmd": "pause", "args": {"minor": 6}})
+    + line({"id": 3, "cmd": "pause", "args": {"minor": 6}})
+    + line({"id": 4, "cmd": "close", "args": {"minor": 6}}),
+    b"\x04\0" + line({"id": 1, "cmd": "open", "args": {"params": "ram:1M"}}),  # hang up, owed
+]
+# more replies owed at once than a client may have pending (64): reading stops, then resumes
+MANY_OPENS = b"".join(line({"id": i, "cmd": "open", "args": {"minor": i, "params": "ram:64K"}})
+                      for i in range(80))
+LIFECYCLES += [b"\0\0" + MANY_OPENS, b"\x04\0" + MANY_OPENS, b"\x02\0" + MANY_OPENS]
+
+CONTROL_SEEDS = LIFECYCLES + [
     b"\0\0" + ALL_LINES,
     b"\0\0" + line(REQS[0]),
     b"\0\0" + MANY_PAUSES,

@@ -154,6 +154,16 @@ static const struct td_driver layer_driver = {
 	.get_parent = layer_get_parent,
 };
 
+/* The same, claiming to name no file (TD_DRV_NOFILE), to reach a parent under TD_OPEN_NOFILE. */
+static const struct td_driver nflayer_driver = {
+	.name = "nflayer",
+	.flags = TD_DRV_NOFILE,
+	.open = layer_open,
+	.close = layer_close,
+	.submit = layer_submit,
+	.get_parent = layer_get_parent,
+};
+
 /* ---- fixture ---- */
 
 static struct event_base *base;
@@ -170,7 +180,7 @@ group_setup(void **state)
 	strcpy(dir, "/tmp/td-unit-chain-XXXXXX");
 	if (!mkdtemp(dir) || !io)
 		return -1;
-	return td_driver_register(&layer_driver);
+	return td_driver_register(&layer_driver) || td_driver_register(&nflayer_driver);
 }
 
 static int
@@ -402,6 +412,27 @@ test_parent_errors_name_both(void **state)
 	assert_non_null(strstr(err.msg, "layer"));
 }
 
+/* TD_OPEN_NOFILE: file-backed types are refused before their path is touched. */
+static void
+test_nofile_opens_no_file(void **state)
+{
+	struct td_image *leaf;
+	struct td_error err;
+	char p[160];
+	(void)state;
+	assert_int_equal(chain_open("aio:/dev/null", TD_OPEN_NOFILE, &leaf, &err), -EACCES);
+	assert_non_null(strstr(err.msg, "opens no files"));
+	assert_int_equal(chain_open("layer:/nonexistent", TD_OPEN_NOFILE | TD_OPEN_RDONLY, &leaf,
+				    &err), -EACCES);
+	/* its parents are opened with NOFILE too */
+	snprintf(p, sizeof(p), "nflayer:%s", spec("nofile", "1 0 1 aio:/dev/null"));
+	assert_int_equal(chain_open(p, TD_OPEN_RDONLY | TD_OPEN_NOFILE, &leaf, &err), -EACCES);
+	assert_non_null(strstr(err.msg, "parent aio:/dev/null"));
+	assert_int_equal(chain_open("ram:1M", TD_OPEN_NOFILE, &leaf, &err), 0);
+	assert_int_equal(leaf->size, 1u << 20);
+	td_chain_close(leaf);
+}
+
 int
 main(void)
 {
@@ -411,6 +442,7 @@ main(void)
 		cmocka_unit_test(test_shared_parent_opened_once),
 		cmocka_unit_test(test_loops_and_depth),
 		cmocka_unit_test(test_parent_errors_name_both),
+		cmocka_unit_test(test_nofile_opens_no_file),
 	};
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
