@@ -182,6 +182,16 @@ job_explain_fd_error(struct vbd_job *job)
 		fdlimit_message(job->err.msg, sizeof(job->err.msg), job->params);
 }
 
+/* An open or reopen succeeded: the vbd takes the job's params and chain. */
+static void
+vbd_take_chain(struct vbd *vbd, struct vbd_job *job)
+{
+	free(vbd->params);
+	vbd->params = job->params;
+	job->params = NULL;
+	vbd_set_chain(vbd, job->leaf);
+}
+
 static void
 vbd_job_done(struct io_call *c, int res)
 {
@@ -202,10 +212,7 @@ vbd_job_done(struct io_call *c, int res)
 			job->done(job->arg, job->err.code, job->err.msg);
 			break;
 		}
-		free(vbd->params);
-		vbd->params = job->params;
-		job->params = NULL;
-		vbd_set_chain(vbd, job->leaf);
+		vbd_take_chain(vbd, job);
 		vbd->state = 0;
 		vbd->opened_at = time(NULL);
 		log_info("minor %d: opened %s (%ju bytes%s)", vbd->minor, vbd->params,
@@ -221,10 +228,7 @@ vbd_job_done(struct io_call *c, int res)
 			job->done(job->arg, job->err.code, job->err.msg);
 			break;
 		}
-		free(vbd->params);
-		vbd->params = job->params;
-		job->params = NULL;
-		vbd_set_chain(vbd, job->leaf);
+		vbd_take_chain(vbd, job);
 		vbd->state &= ~VBD_PAUSED;
 		log_info("minor %d: resumed on %s", vbd->minor, vbd->params);
 		job->done(job->arg, 0, NULL);
