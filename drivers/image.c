@@ -609,18 +609,27 @@ td_iov_length(const struct iovec *iov, int iovcnt)
 
 #define TD_SCRATCH_MAX 4096	/* a deep chain's requests fall back to the heap */
 
-void *
-td_req_alloc(struct td_request *req, size_t size)
+/* size bytes of req's scratch (16-aligned), or NULL when there is no room left. */
+static void *
+scratch_take(struct td_request *req, size_t size)
 {
 	size_t at = (req->scratch_used + 15) & ~(size_t)15;
 
-	if (req->scratch && at <= req->scratch_size && size <= req->scratch_size - at) {
-		void *p = (char *)req->scratch + at;
-		req->scratch_used = at + size;
-		memset(p, 0, size);
-		return p;
-	}
-	return calloc(1, size);
+	if (!req->scratch || at > req->scratch_size || size > req->scratch_size - at)
+		return NULL;
+	req->scratch_used = at + size;
+	return (char *)req->scratch + at;
+}
+
+void *
+td_req_alloc(struct td_request *req, size_t size)
+{
+	void *p = scratch_take(req, size);
+
+	if (!p)
+		return calloc(1, size);
+	memset(p, 0, size);
+	return p;
 }
 
 void
@@ -635,15 +644,9 @@ td_req_free(struct td_request *req, void *p)
 void
 td_req_lend(struct td_request *req, struct td_request *sub, size_t size)
 {
-	size_t at = (req->scratch_used + 15) & ~(size_t)15;
-
-	sub->scratch = NULL;
-	sub->scratch_size = sub->scratch_used = 0;
-	if (!size || !req->scratch || at > req->scratch_size || size > req->scratch_size - at)
-		return;
-	sub->scratch = (char *)req->scratch + at;
-	sub->scratch_size = size;
-	req->scratch_used = at + size;
+	sub->scratch = size ? scratch_take(req, size) : NULL;
+	sub->scratch_size = sub->scratch ? size : 0;
+	sub->scratch_used = 0;
 }
 
 size_t
