@@ -64,48 +64,34 @@ def test_nbd_requests_wait_for_memory_and_then_complete(make_server, tmp_path):
     srv.call("close", minor=m)
 
 
-def blkif_attempt(tmp_path):
-    """One guest against a paused vbd, the server stopped the moment its ring
-    connects and made to fail every allocation before it goes on: whether a
-    request had to wait on the ring, and what the guest saw."""
+def test_blkif_requests_wait_on_the_ring_for_memory(tmp_path):
+    """A guest connects and holds its first request until the server fails
+    every allocation: its ring's requests must wait, then all complete."""
     from xen_harness import Xen, ram, wait_for
     x = Xen(tmp_path, server_env={"LD_PRELOAD": PROBE})
     try:
         m = ram(x)
         be = x.attach(m)
         wait_for(lambda: x.state(be) == 2, what="InitWait")
-        x.srv.call("pause", minor=m)        # queued requests keep their contexts
+        gate = tmp_path / "gate"
         guest = x.sim_bg(be, "--verify", 1, "--order", 2, "--region-mb", 32,
-                         "--patience", 60)
-        pid = x.srv.proc.pid
+                         "--patience", 60, "--gate", gate)
         wait_for(lambda: x.state(be) == 4, what="Connected")
-        os.kill(pid, signal.SIGSTOP)        # the guest fills its ring meanwhile
-        os.kill(pid, signal.SIGUSR1)        # delivered first thing on SIGCONT
-        time.sleep(0.3)
-        os.kill(pid, signal.SIGCONT)
+        fe = "/local/domain/1/device/vbd/51712/state"
+        wait_for(lambda: x.read(fe) == "4", what="the guest Connected")
+        time.sleep(0.2)                     # the server has seen it (a xenstore event)
+        pid = x.srv.proc.pid
+        os.kill(pid, signal.SIGUSR1)        # every allocation fails from now
         try:
-            deadline = time.time() + 3
-            while time.time() < deadline and "requests wait on the ring" not in x.srv.log():
-                time.sleep(0.05)
-            waited = "requests wait on the ring" in x.srv.log()
+            gate.touch()                    # the guest's first requests go now
+            wait_for(lambda: "requests wait on the ring" in x.srv.log(),
+                     what="a request waiting on the ring for memory")
+            time.sleep(0.3)                 # they stay waiting, not failed
         finally:
-            os.kill(pid, signal.SIGUSR1)
-        x.srv.call("unpause", minor=m)
+            os.kill(pid, signal.SIGUSR1)    # memory is back
         out, err = guest.communicate(timeout=120)
         assert guest.returncode == 0, err
-        return waited, json.loads(out.splitlines()[-1])
+        r = json.loads(out.splitlines()[-1])
+        assert r["errors"] == 0 and r["mismatches"] == 0 and r["reads"] > 10, r
     finally:
         x.close()
-
-
-def test_blkif_requests_wait_on_the_ring_for_memory(tmp_path):
-    waits = 0
-    for i in range(5):      # the guest may fill its ring before the server stops
-        (tmp_path / str(i)).mkdir()
-        waited, r = blkif_attempt(tmp_path / str(i))
-        assert r["errors"] == 0 and r["mismatches"] == 0 and r["reads"] > 10, r
-        waits += waited
-        print("attempt", i, "waited" if waited else "filled before the stop")
-        if waits:
-            break
-    assert waits, "no request ever had to wait for memory in 5 attempts"

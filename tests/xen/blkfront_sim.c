@@ -22,6 +22,8 @@
  *            --mem-mb M --region-mb R --discard (the disk reads zeros where
  *            discarded) --dump FILE (after --verify: what the region must hold)
  *            --patience S (seconds without a response before failing; default 2)
+ *            --gate FILE (once Connected, wait for FILE to exist before the
+ *            first request: a test arms something on the backend meanwhile)
  * Prints one JSON line with what happened; exits non-zero on any mismatch.
  */
 #define _GNU_SOURCE
@@ -403,6 +405,8 @@ wait_events(int timeout_ms)
 
 /* ---- connecting ---- */
 
+static const char *gate_path;	/* --gate: no request before this file exists */
+
 static void
 connect_frontend(const char *dir, unsigned domid, const char *proto)
 {
@@ -428,6 +432,11 @@ connect_frontend(const char *dir, unsigned domid, const char *proto)
 	disk_sectors = s ? strtoull(s, NULL, 10) : 0;
 	free(s);
 	xsw(fe, "state", "4");
+	for (int i = 0; gate_path && access(gate_path, F_OK) != 0; i++) {
+		if (i == 6000)
+			fail("gate %s never opened", gate_path);
+		usleep(10000);
+	}
 }
 
 static void
@@ -1097,7 +1106,7 @@ main(int argc, char **argv)
 		{ "rw", 1, 0, 'w' }, { "seconds", 1, 0, 'S' }, { "seed", 1, 0, 'e' },
 		{ "max-sectors", 1, 0, 'X' }, { "probe", 0, 0, 'P' },
 		{ "dump", 1, 0, 'U' }, { "memcpy", 0, 0, 'C' },
-		{ "patience", 1, 0, 'T' },
+		{ "patience", 1, 0, 'T' }, { "gate", 1, 0, 'G' },
 		{ 0, 0, 0, 0 },
 	};
 	const char *dir = NULL, *bpath = NULL, *proto = "x86_64-abi", *mal = NULL, *rw = "randread";
@@ -1134,6 +1143,7 @@ main(int argc, char **argv)
 		case 'U': dump_path = optarg; break;
 		case 'C': copy = 1; break;
 		case 'T': patience = atof(optarg); break;
+		case 'G': gate_path = optarg; break;
 		default: fail("bad option");
 		}
 	}
