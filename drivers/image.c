@@ -164,13 +164,31 @@ image_key(const struct td_driver *drv, const char *path, char **key,
 	return 0;
 }
 
+#define REGISTRY_BUSY ((struct td_image *)-1)
+
+/*
+ * The image at key to share (NULL: open it anew), or REGISTRY_BUSY with err
+ * set. A writer is exclusive across every loop; a read-only image is shared
+ * only by chains on the same I/O engine (one loop's), and is opened once
+ * more for each other loop: an image's state is its loop's alone.
+ */
 static struct td_image *
-registry_find(const char *key)
+registry_find(const char *key, unsigned oflags, struct io_engine *io, struct td_error *err)
 {
-	for (struct td_image *img = registry; img; img = img->reg_next)
-		if (img->key && strcmp(img->key, key) == 0)
-			return img;
-	return NULL;
+	struct td_image *same_loop = NULL;
+
+	for (struct td_image *img = registry; img; img = img->reg_next) {
+		if (!img->key || strcmp(img->key, key) != 0)
+			continue;
+		if (!(oflags & TD_OPEN_RDONLY) || !(img->oflags & TD_OPEN_RDONLY)) {
+			td_error_set(err, EBUSY, "%s is already open%s", img->path,
+				     (img->oflags & TD_OPEN_RDONLY) ? " read-only" : " for writing");
+			return REGISTRY_BUSY;
+		}
+		if (img->io == io)
+			same_loop = img;
+	}
+	return same_loop;
 }
 
 static void
@@ -228,14 +246,12 @@ image_open_one(const char *params, unsigned oflags, const struct td_open_ctx *ct
 				goto fail;
 			}
 		}
-		img = registry_find(key);
+		img = registry_find(key, oflags, ctx->io, err);
+		if (img == REGISTRY_BUSY) {
+			rc = -err->code;
+			goto fail;
+		}
 		if (img) {
-			if (!(oflags & TD_OPEN_RDONLY) || !(img->oflags & TD_OPEN_RDONLY)) {
-				rc = td_error_set(err, EBUSY, "%s is already open%s", path,
-						  (img->oflags & TD_OPEN_RDONLY) ?
-						  " read-only" : " for writing");
-				goto fail;
-			}
 			img->refs++;
 			*out = img;
 			*shared = 1;

@@ -4,6 +4,8 @@
  * Memory is reserved lazily (untouched pages cost nothing) and tracked in
  * 64 KiB chunks so block status can report holes and discard can give
  * memory back. Pause keeps it open: the contents live nowhere else.
+ * A shared store may be used by vbds on several loops at once: its
+ * requests take its lock (a private one is its loop's alone, and takes none).
  */
 #include "driver.h"
 
@@ -23,6 +25,7 @@ struct ram_store {
 	char *mem;
 	uint8_t *alloc;		/* one bit per chunk */
 	unsigned refs;
+	pthread_mutex_t io_lock;	/* named stores: one request at a time */
 	struct ram_store *next;
 };
 
@@ -66,6 +69,7 @@ ram_store_free(struct ram_store *st)
 		munmap(st->mem, st->size);
 	free(st->alloc);
 	free(st->name);
+	pthread_mutex_destroy(&st->io_lock);
 	free(st);
 }
 
@@ -77,6 +81,7 @@ ram_store_new(const char *name, uint64_t size, struct td_error *err)
 		td_error_set(err, ENOMEM, "out of memory");
 		return NULL;
 	}
+	pthread_mutex_init(&st->io_lock, NULL);
 	st->size = size;
 	st->mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -262,6 +267,8 @@ ram_submit(struct td_image *img, struct td_request *req)
 {
 	struct ram_store *st = img->priv;
 
+	if (st->name)
+		pthread_mutex_lock(&st->io_lock);
 	switch (req->op) {
 	case TD_OP_READ:
 		ram_copy(st, req, 0);
@@ -282,6 +289,8 @@ ram_submit(struct td_image *img, struct td_request *req)
 	case TD_OP_CACHE:
 		break;
 	}
+	if (st->name)
+		pthread_mutex_unlock(&st->io_lock);
 	td_complete_later(img, req, 0);
 }
 

@@ -21,6 +21,7 @@
 
 #include "fdlimit.h"
 #include "log.h"
+#include "loop.h"
 #include "server.h"
 #include "unixsock.h"
 
@@ -44,10 +45,19 @@ struct ctl_client {
 	LIST_ENTRY(ctl_client) link;
 };
 
+/*
+ * A request: made on loop 0, where its client lives; its handler may run on
+ * another loop (a vbd's), and its reply comes back to loop 0 through msg.
+ */
 struct ctl_req {
-	struct ctl_client *client;
+	struct mailbox_msg msg;
+	struct ctl_client *client;	/* loop 0's only */
+	struct server *srv;
 	json_t *id;
 	const struct ctl_cmd *cmd;
+	json_t *reply;			/* on its way back to loop 0 */
+	void (*run)(struct ctl_req *req, json_t *args);	/* on its way to another loop */
+	json_t *args;
 };
 
 static void client_process(struct ctl_client *cl);
@@ -66,7 +76,7 @@ static const struct {
 	{ ELOOP, "ELOOP" }, { ENOTSUP, "ENOTSUP" }, { EOVERFLOW, "EOVERFLOW" },
 	{ ESHUTDOWN, "ESHUTDOWN" }, { ETIMEDOUT, "ETIMEDOUT" }, { ENXIO, "ENXIO" },
 	{ EPROTO, "EPROTO" }, { ECANCELED, "ECANCELED" }, { ESRCH, "ESRCH" },
-	{ EMSGSIZE, "EMSGSIZE" }, { EUCLEAN, "EUCLEAN" }, { EMLINK, "EMLINK" },
+	{ EMSGSIZE, "EMSGSIZE" }, { EUCLEAN, "EUCLEAN" }, { EMLINK, "EMLINK" }, { EXDEV, "EXDEV" },
 };
 
 const char *
@@ -122,10 +132,27 @@ client_send(struct ctl_client *cl, json_t *msg)
 
 static json_t *error_msg(json_t *id, int err, const char *msg);
 
+static void req_finish(struct ctl_req *req, json_t *msg);
+
+static void
+req_reply_arrived(struct mailbox_msg *m)
+{
+	struct ctl_req *req = (struct ctl_req *)m;
+	req_finish(req, req->reply);
+}
+
 static void
 req_finish(struct ctl_req *req, json_t *msg)
 {
 	struct ctl_client *cl = req->client;
+
+	if (loop_current() != req->srv->loops[0]) {
+		/* the handler ran on a vbd's loop: the client is loop 0's */
+		req->reply = msg;
+		req->msg.fn = req_reply_arrived;
+		loop_post(req->srv->loops[0], &req->msg);
+		return;
+	}
 
 	/* every request gets its line, even when its answer cannot be encoded */
 	if (!msg)
@@ -154,7 +181,43 @@ req_finish(struct ctl_req *req, json_t *msg)
 struct server *
 ctl_req_server(struct ctl_req *req)
 {
-	return req->client->ctl->srv;
+	return req->srv;
+}
+
+static void
+req_run_arrived(struct mailbox_msg *m)
+{
+	struct ctl_req *req = (struct ctl_req *)m;
+	json_t *args = req->args;
+
+	req->args = NULL;
+	req->run(req, args);
+	json_decref(args);
+}
+
+void
+ctl_req_run_on(struct ctl_req *req, struct loop *l, void (*fn)(struct ctl_req *, json_t *),
+	       json_t *args)
+{
+	if (!l || l == loop_current()) {
+		fn(req, args);
+		return;
+	}
+	req->run = fn;
+	req->args = json_incref(args);
+	req->msg.fn = req_run_arrived;
+	loop_post(l, &req->msg);
+}
+
+/* The loop a command runs on: its vbd's, when it names one that lives elsewhere. */
+static struct loop *
+cmd_loop(struct server *srv, const struct ctl_cmd *cmd, json_t *args)
+{
+	json_t *m = json_object_get(args, "minor");
+
+	if (!(cmd->flags & CTL_ON_VBD_LOOP) || !m)
+		return NULL;
+	return server_vbd_loop(srv, (int)json_integer_value(m));
 }
 
 void
@@ -371,11 +434,12 @@ client_line(struct ctl_client *cl, const char *line, size_t len)
 		goto out;
 	}
 	req->client = cl;
+	req->srv = cl->ctl->srv;
 	req->id = id ? json_incref(id) : json_null();
 	req->cmd = cmd;
 	cl->pending++;
 	log_debug("control: %s", cmd->name);
-	cmd->fn(req, args);
+	ctl_req_run_on(req, cmd_loop(req->srv, cmd, args), cmd->fn, args);
 	json_decref(args);
 out:
 	json_decref(msg);

@@ -1,7 +1,8 @@
 /*
  * The JSON control socket: newline-delimited requests and responses
  * ({"id", "cmd", "args"} -> {"id", "ok", "result"|"error"}), peer
- * credential checks, and dispatch to the command table.
+ * credential checks, and dispatch to the command table. Clients live on
+ * loop 0; a command about a vbd runs on the vbd's loop (loop.h).
  */
 #ifndef TD_CONTROL_H
 #define TD_CONTROL_H
@@ -35,11 +36,19 @@ struct ctl_arg {
 	int required;
 };
 
+/* The command names a vbd (args.minor): it runs on that vbd's loop. */
+#define CTL_ON_VBD_LOOP 0x1
+
 struct ctl_cmd {
 	const char *name;
 	const struct ctl_arg *args;	/* terminated by a NULL name */
-	/* must end with exactly one ctl_reply_ok or ctl_reply_error, now or later */
+	/*
+	 * Must end with exactly one ctl_reply_ok or ctl_reply_error, now or
+	 * later, on any loop (the reply finds its way to the client). Runs on
+	 * loop 0, or with CTL_ON_VBD_LOOP on the named vbd's loop.
+	 */
 	void (*fn)(struct ctl_req *req, json_t *args);
+	unsigned flags;			/* CTL_* */
 };
 
 extern const struct ctl_cmd ctl_cmds[];
@@ -50,6 +59,10 @@ extern const struct ctl_arg ctl_args_none[], ctl_args_list[], ctl_args_stats[],
 	ctl_args_snapshot[], ctl_args_qos_get[], ctl_args_qos_set[];
 
 struct server *ctl_req_server(struct ctl_req *req);
+struct loop;
+/* Runs fn(req, args) on loop l (now, if it is this one or NULL). */
+void ctl_req_run_on(struct ctl_req *req, struct loop *l, void (*fn)(struct ctl_req *, json_t *),
+		    json_t *args);
 /* result: stolen reference (may be NULL for {}). */
 void ctl_reply_ok(struct ctl_req *req, json_t *result);
 /* err: a positive errno; msg: the sentence the user reads. */

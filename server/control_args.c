@@ -27,6 +27,7 @@ const struct ctl_arg ctl_args_open[] = {
 	{ "nodirect", ARG_BOOL, 0 },
 	{ "qos", ARG_OBJECT, 0 },
 	{ "cwd", ARG_STRING, 0 },	/* the client's, for a relative path */
+	{ "loop", ARG_INT, 0 },		/* pinned there; else placed */
 	{ NULL, 0, 0 },
 };
 

@@ -13,6 +13,7 @@
 #include "fdlimit.h"
 #include "io.h"
 #include "log.h"
+#include "loop.h"
 #include "metrics_http.h"
 #include "nbd.h"
 #include "qos.h"
@@ -27,21 +28,32 @@
 
 /* ---- argument helpers ---- */
 
-/* The vbd named by args.minor, or replies an error and returns NULL. */
+/*
+ * The vbd named by args.minor, or replies an error and returns NULL. Runs
+ * on the vbd's loop (CTL_ON_VBD_LOOP), the one place it may be used.
+ */
 static struct vbd *
-arg_vbd(struct ctl_req *req, json_t *args, int want_open)
+arg_vbd(struct ctl_req *req, json_t *args)
 {
 	json_int_t m = json_integer_value(json_object_get(args, "minor"));
-	struct vbd *vbd = server_vbd(ctl_req_server(req), (int)m);
+	struct server *srv = ctl_req_server(req);
+	struct vbd *vbd;
 
 	if (m < 0 || m >= SERVER_MAX_MINORS) {
 		ctl_reply_error(req, EINVAL, "minor %lld is out of range (0..%d)",
 				(long long)m, SERVER_MAX_MINORS - 1);
 		return NULL;
 	}
-	if (!vbd || (want_open && (vbd->state & VBD_CLOSED))) {
+	vbd = server_vbd(srv, (int)m);
+	if (!vbd) {
 		ctl_reply_error(req, ENOENT, "minor %lld: no %svbd", (long long)m,
-				vbd ? "open " : "");
+				server_minor_closed(srv, (int)m) ? "open " : "");
+		return NULL;
+	}
+	if (vbd->loop != loop_current()) {
+		/* closed and opened again on another loop since the dispatch */
+		ctl_reply_error(req, EAGAIN, "minor %lld moved while the command was on its "
+				"way; try again", (long long)m);
 		return NULL;
 	}
 	return vbd;
@@ -76,18 +88,91 @@ cmd_version(struct ctl_req *req, json_t *args)
 {
 	struct server *srv = ctl_req_server(req);
 	(void)args;
-	ctl_reply_ok(req, json_pack("{s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:s*}",
+	ctl_reply_ok(req, json_pack("{s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:i, s:s*}",
 				    "version", TAPDISKD_VERSION,
 				    "protocol", CONTROL_PROTOCOL_VERSION,
 				    "pid", (int)srv->pid,
-				    "io_engine", io_engine_name(srv->io),
+				    "io_engine", io_engine_name(srv->loops[0]->io),
 				    "state_dir", srv->state_dir,
 				    "vbds", (int)server_vbd_count(srv),
-				    "nbd_connections", (int)nbd_connection_count(srv->nbd),
+				    "loops", (int)srv->nr_loops,
+				    "nbd_connections", (int)nbd_connection_count(srv),
 				    "metrics", metrics_http_address(srv->metrics)));
 }
 
 /* ---- list ---- */
+
+struct list_filter {
+	json_int_t minor;	/* -1: any */
+	char *type, *path;
+};
+
+/* The description of a closed minor: no loop, no chain. */
+static json_t *
+closed_info(struct server *srv, int minor)
+{
+	return json_pack("{s:i, s:i, s:i, s:n, s:n, s:n, s:b, s:i, s:i, s:i, s:n}",
+			 "minor", minor, "pid", (int)srv->pid, "state", VBD_CLOSED,
+			 "params", "type", "path", "readonly", 0, "size", 0, "sector_size", 0,
+			 "chain_depth", 0, "nbd");
+}
+
+static int
+list_match(const struct list_filter *f, int minor, json_t *info)
+{
+	const char *t = json_string_value(json_object_get(info, "type"));
+	const char *p = json_string_value(json_object_get(info, "path"));
+
+	return (f->minor < 0 || f->minor == minor) && (!f->type || (t && !strcmp(f->type, t))) &&
+	       (!f->path || (p && !strcmp(f->path, p)));
+}
+
+/* server_gather's doc: on the vbd's loop. */
+static json_t *
+list_doc(struct vbd *vbd, void *arg)
+{
+	json_t *info = vbd_info_json(vbd);
+
+	if (!list_match(arg, vbd->minor, info)) {
+		json_decref(info);
+		return NULL;
+	}
+	return info;
+}
+
+struct list_req {
+	struct ctl_req *req;
+	struct list_filter f;
+};
+
+static void
+list_gathered(json_t *all, void *arg)
+{
+	struct list_req *l = arg;
+	struct server *srv = ctl_req_server(l->req);
+	json_t *vbds = json_array(), *v;
+	size_t i = 0;
+
+	/* the open vbds and the closed minors, in minor order */
+	json_t *open = json_object_get(all, "vbds");
+	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
+		v = json_array_get(open, i);
+		if (v && json_integer_value(json_object_get(v, "minor")) == m) {
+			json_array_append(vbds, v);
+			i++;
+		} else if (server_minor_closed(srv, m)) {
+			json_t *info = closed_info(srv, m);
+			if (list_match(&l->f, m, info))
+				json_array_append(vbds, info);
+			json_decref(info);
+		}
+	}
+	json_decref(all);
+	ctl_reply_ok(l->req, json_pack("{s:o}", "vbds", vbds));
+	free(l->f.type);
+	free(l->f.path);
+	free(l);
+}
 
 static void
 cmd_list(struct ctl_req *req, json_t *args)
@@ -95,55 +180,47 @@ cmd_list(struct ctl_req *req, json_t *args)
 	struct server *srv = ctl_req_server(req);
 	json_t *minor = json_object_get(args, "minor");
 	const char *type = arg_str(args, "type"), *path = arg_str(args, "path");
-	json_t *vbds = json_array();
+	struct list_req *l = calloc(1, sizeof(*l));
 
-	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
-		struct vbd *vbd = srv->minors[m];
-		if (!vbd || (minor && json_integer_value(minor) != m))
-			continue;
-		json_t *info = vbd_info_json(vbd);
-		const char *t = json_string_value(json_object_get(info, "type"));
-		const char *p = json_string_value(json_object_get(info, "path"));
-		if ((type && (!t || strcmp(type, t))) || (path && (!p || strcmp(path, p)))) {
-			json_decref(info);
-			continue;
+	if (!l || (type && !(l->f.type = strdup(type))) || (path && !(l->f.path = strdup(path))) ||
+	    (l->req = req, l->f.minor = minor ? json_integer_value(minor) : -1,
+	     server_gather(srv, list_doc, &l->f, list_gathered, l) < 0)) {
+		if (l) {
+			free(l->f.type);
+			free(l->f.path);
 		}
-		json_array_append_new(vbds, info);
+		free(l);
+		ctl_reply_error(req, ENOMEM, "out of memory");
 	}
-	ctl_reply_ok(req, json_pack("{s:o}", "vbds", vbds));
 }
 
 /* ---- stats ---- */
 
-/* The stats as they are; with reset, the vbd's counters start again from zero. */
-static json_t *
-stats_take(struct vbd *vbd, int reset)
+static void
+stats_gathered(json_t *all, void *arg)
 {
-	json_t *st = vbd_stats_json(vbd);
-
-	if (reset)
-		vbd_stats_reset(vbd);
-	return st;
+	ctl_reply_ok(arg, all);
 }
 
+/* With a minor, on its loop (CTL_ON_VBD_LOOP); without, every vbd on its own. */
 static void
 cmd_stats(struct ctl_req *req, json_t *args)
 {
 	struct server *srv = ctl_req_server(req);
-	int reset = arg_bool(args, "reset");
+	void *reset = arg_bool(args, "reset") ? srv : NULL;
 
 	if (json_object_get(args, "minor")) {
-		struct vbd *vbd = arg_vbd(req, args, 1);
-		if (vbd)
-			ctl_reply_ok(req, stats_take(vbd, reset));
+		struct vbd *vbd = arg_vbd(req, args);
+		if (vbd) {
+			json_t *st = vbd_stats_json(vbd);
+			if (reset)	/* nothing completes in between */
+				vbd_stats_reset(vbd);
+			ctl_reply_ok(req, st);
+		}
 		return;
 	}
-	json_t *all = server_stats_json(srv);
-	if (reset)	/* same loop turn: nothing completes in between */
-		for (int m = 0; m < SERVER_MAX_MINORS; m++)
-			if (srv->minors[m] && srv->minors[m]->params)
-				vbd_stats_reset(srv->minors[m]);
-	ctl_reply_ok(req, all);
+	if (server_gather(srv, server_stats_doc, reset, stats_gathered, req) < 0)
+		ctl_reply_error(req, ENOMEM, "out of memory");
 }
 
 /* ---- open / create ---- */
@@ -159,7 +236,7 @@ open_done(void *arg, int err, const char *msg)
 {
 	struct open_req *o = arg;
 	struct ctl_req *req = o->req;
-	struct vbd *vbd = server_vbd(ctl_req_server(req), o->minor);
+	struct vbd *vbd = server_vbd(ctl_req_server(req), o->minor);	/* on its loop */
 
 	if (!err && o->qos) {
 		char why[256];
@@ -203,6 +280,37 @@ arg_absolute(struct ctl_req *req, json_t *args, const char *key, int is_path)
 	return out;
 }
 
+/*
+ * Where a new vbd goes: the loop asked for, else its QoS group's loop (a
+ * group's members share one), else the least loaded. NULL once replied.
+ */
+static struct loop *
+open_loop(struct ctl_req *req, json_t *args, json_t *qos)
+{
+	struct server *srv = ctl_req_server(req);
+	json_t *jl = json_object_get(args, "loop");
+	const char *group = qos ? json_string_value(json_object_get(qos, "group")) : NULL;
+	struct loop *gl = group && *group ? qos_group_loop(srv, group) : NULL;
+
+	if (jl) {
+		json_int_t i = json_integer_value(jl);
+		struct loop *l = server_loop(srv, i < 0 || i > SERVER_MAX_LOOPS ? -1 : (int)i);
+		if (!l) {
+			ctl_reply_error(req, EINVAL, "loop %lld: this server runs loops 0..%u "
+					"(tapdiskd --loops)", (long long)i, srv->nr_loops - 1);
+			return NULL;
+		}
+		if (gl && gl != l) {
+			ctl_reply_error(req, EXDEV, "qos group %s lives on loop %u, not %u: a "
+					"group's members share one loop", group, gl->index,
+					l->index);
+			return NULL;
+		}
+		return l;
+	}
+	return gl ? gl : server_place(srv);
+}
+
 static void
 cmd_open(struct ctl_req *req, json_t *args)
 {
@@ -240,10 +348,16 @@ cmd_open(struct ctl_req *req, json_t *args)
 		ctl_reply_error(req, ENOMEM, "out of memory");
 		return;
 	}
+	struct loop *loop = open_loop(req, args, qos);
+	if (!loop) {
+		free(params);
+		free(o);
+		return;
+	}
 	o->req = req;
 	o->minor = (int)m;
 	o->qos = json_incref(qos);
-	rc = server_open_vbd(srv, (int)m, params,
+	rc = server_open_vbd(srv, (int)m, loop, params,
 			     (arg_bool(args, "readonly") ? VBD_OPEN_READONLY : 0) |
 			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), open_done, o);
 	if (rc < 0) {
@@ -267,7 +381,7 @@ cmd_open(struct ctl_req *req, json_t *args)
 static void
 cmd_close(struct ctl_req *req, json_t *args)
 {
-	struct vbd *vbd = arg_vbd(req, args, 1);
+	struct vbd *vbd = arg_vbd(req, args);
 	if (vbd)
 		vbd_close(vbd, arg_bool(args, "force"), 0, reply_done, req);
 }
@@ -275,7 +389,15 @@ cmd_close(struct ctl_req *req, json_t *args)
 static void
 cmd_destroy(struct ctl_req *req, json_t *args)
 {
-	struct vbd *vbd = arg_vbd(req, args, 0);
+	struct server *srv = ctl_req_server(req);
+	json_int_t m = json_integer_value(json_object_get(args, "minor"));
+
+	/* a closed minor has no vbd and no loop: it is only let go */
+	if (m >= 0 && m < SERVER_MAX_MINORS && server_release_closed(srv, (int)m) == 0) {
+		ctl_reply_ok(req, NULL);
+		return;
+	}
+	struct vbd *vbd = arg_vbd(req, args);
 	if (vbd)
 		vbd_close(vbd, arg_bool(args, "force"), 1, reply_done, req);
 }
@@ -285,7 +407,7 @@ cmd_destroy(struct ctl_req *req, json_t *args)
 static void
 cmd_pause(struct ctl_req *req, json_t *args)
 {
-	struct vbd *vbd = arg_vbd(req, args, 1);
+	struct vbd *vbd = arg_vbd(req, args);
 	if (vbd)
 		vbd_pause(vbd, reply_done, req);
 }
@@ -293,7 +415,7 @@ cmd_pause(struct ctl_req *req, json_t *args)
 static void
 cmd_unpause(struct ctl_req *req, json_t *args)
 {
-	struct vbd *vbd = arg_vbd(req, args, 1);
+	struct vbd *vbd = arg_vbd(req, args);
 	char *params = NULL;
 
 	if (!vbd || (arg_str(args, "params") && !(params = arg_absolute(req, args, "params", 0))))
@@ -324,7 +446,7 @@ snapshot_done(void *arg, int err, const char *msg)
 static void
 cmd_snapshot(struct ctl_req *req, json_t *args)
 {
-	struct vbd *vbd = arg_vbd(req, args, 1);
+	struct vbd *vbd = arg_vbd(req, args);
 	struct snap_req *sr;
 
 	char *path;
@@ -345,17 +467,33 @@ cmd_snapshot(struct ctl_req *req, json_t *args)
 
 /* ---- qos ---- */
 
-/* Exactly one of minor and group; replies an error otherwise. */
+/*
+ * Exactly one of minor and group; replies an error otherwise. A group's
+ * command runs on the group's loop (a new group's: the least loaded):
+ * 1 when fn was sent there.
+ */
 static int
-qos_target(struct ctl_req *req, json_t *args, struct vbd **vbd, const char **group)
+qos_target(struct ctl_req *req, json_t *args, struct vbd **vbd, const char **group,
+	   void (*fn)(struct ctl_req *, json_t *))
 {
+	struct server *srv = ctl_req_server(req);
+
 	*vbd = NULL;
 	*group = arg_str(args, "group");
 	if (!json_object_get(args, "minor") == !*group) {
 		ctl_reply_error(req, EINVAL, "name either a minor or a group");
 		return -1;
 	}
-	if (!*group && !(*vbd = arg_vbd(req, args, 1)))
+	if (*group) {
+		struct loop *l = qos_group_loop(srv, *group);
+		if (loop_current() == srv->loops[0] && (l ? l : (l = server_place(srv))) !=
+		    loop_current()) {
+			ctl_req_run_on(req, l, fn, args);
+			return 1;
+		}
+		return 0;
+	}
+	if (!(*vbd = arg_vbd(req, args)))
 		return -1;
 	return 0;
 }
@@ -366,7 +504,7 @@ cmd_qos_get(struct ctl_req *req, json_t *args)
 	struct vbd *vbd;
 	const char *group;
 
-	if (qos_target(req, args, &vbd, &group) < 0)
+	if (qos_target(req, args, &vbd, &group, cmd_qos_get))
 		return;
 	if (vbd) {
 		ctl_reply_ok(req, qos_vbd_get(vbd));
@@ -388,7 +526,7 @@ cmd_qos_set(struct ctl_req *req, json_t *args)
 	char why[256];
 	int rc;
 
-	if (qos_target(req, args, &vbd, &group) < 0)
+	if (qos_target(req, args, &vbd, &group, cmd_qos_set))
 		return;
 	if (vbd)
 		rc = qos_vbd_set(vbd, limits, why, sizeof(why));
@@ -411,17 +549,17 @@ cmd_qos_set(struct ctl_req *req, json_t *args)
 }
 
 const struct ctl_cmd ctl_cmds[] = {
-	{ "version", ctl_args_none, cmd_version },
-	{ "list", ctl_args_list, cmd_list },
-	{ "stats", ctl_args_stats, cmd_stats },
-	{ "open", ctl_args_open, cmd_open },
-	{ "create", ctl_args_open, cmd_open },
-	{ "close", ctl_args_close, cmd_close },
-	{ "destroy", ctl_args_close, cmd_destroy },
-	{ "pause", ctl_args_pause, cmd_pause },
-	{ "unpause", ctl_args_unpause, cmd_unpause },
-	{ "snapshot", ctl_args_snapshot, cmd_snapshot },
-	{ "qos-get", ctl_args_qos_get, cmd_qos_get },
-	{ "qos-set", ctl_args_qos_set, cmd_qos_set },
-	{ NULL, NULL, NULL },
+	{ "version", ctl_args_none, cmd_version, 0 },
+	{ "list", ctl_args_list, cmd_list, 0 },
+	{ "stats", ctl_args_stats, cmd_stats, CTL_ON_VBD_LOOP },
+	{ "open", ctl_args_open, cmd_open, 0 },
+	{ "create", ctl_args_open, cmd_open, 0 },
+	{ "close", ctl_args_close, cmd_close, CTL_ON_VBD_LOOP },
+	{ "destroy", ctl_args_close, cmd_destroy, CTL_ON_VBD_LOOP },
+	{ "pause", ctl_args_pause, cmd_pause, CTL_ON_VBD_LOOP },
+	{ "unpause", ctl_args_unpause, cmd_unpause, CTL_ON_VBD_LOOP },
+	{ "snapshot", ctl_args_snapshot, cmd_snapshot, CTL_ON_VBD_LOOP },
+	{ "qos-get", ctl_args_qos_get, cmd_qos_get, CTL_ON_VBD_LOOP },
+	{ "qos-set", ctl_args_qos_set, cmd_qos_set, CTL_ON_VBD_LOOP },
+	{ NULL, NULL, NULL, 0 },
 };

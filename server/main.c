@@ -20,6 +20,7 @@
 #include "fdlimit.h"
 #include "io.h"
 #include "log.h"
+#include "loop.h"
 #include "metrics_http.h"
 #include "nbd.h"
 #include "server.h"
@@ -33,6 +34,7 @@
 struct options {
 	const char *state_dir;
 	const char *io_engine;
+	unsigned loops;			/* 0: one per online CPU, at most SERVER_MAX_LOOPS */
 	const char *nbd_listen;
 	const char *metrics_listen;
 	int metrics_allow_remote;
@@ -53,6 +55,7 @@ usage(FILE *f)
 {
 	fprintf(f,
 		"usage: tapdiskd [--state-dir DIR] [--foreground] [--io-engine uring|threads]\n"
+		"                [--loops N]\n"
 		"                [--nbd-listen unix:PATH|tcp:HOST:PORT] [--log-level LEVEL]\n"
 		"                [--no-direct] [--open TYPE:PATH]... [--no-xen] [--xen-... ]\n"
 		"                [--metrics-listen HOST:PORT [--metrics-allow-remote]]\n"
@@ -62,6 +65,8 @@ usage(FILE *f)
 		"                         (default %s)\n"
 		"  -F, --foreground       stay in the foreground and log to stderr\n"
 		"  -e, --io-engine E      uring (default when the kernel has it) or threads\n"
+		"      --loops N          event loop threads serving vbds, 1 to 16 (default: one\n"
+		"                         per online CPU, at most 16)\n"
 		"  -n, --nbd-listen SPEC  also serve every vbd by export name (its minor)\n"
 		"  -l, --log-level L      error, warning, info (default) or debug\n"
 		"      --no-direct        never open images with O_DIRECT\n"
@@ -112,6 +117,7 @@ parse_options(int argc, char **argv, struct options *o)
 		{ "state-dir", required_argument, NULL, 's' },
 		{ "foreground", no_argument, NULL, 'F' },
 		{ "io-engine", required_argument, NULL, 'e' },
+		{ "loops", required_argument, NULL, 'L' },
 		{ "nbd-listen", required_argument, NULL, 'n' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "no-direct", no_argument, NULL, 'D' },
@@ -147,6 +153,16 @@ parse_options(int argc, char **argv, struct options *o)
 			o->io_engine = optarg;
 			break;
 		case 'n': o->nbd_listen = optarg; break;
+		case 'L': {
+			char *end;
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (!*optarg || *end || v < 1 || v > SERVER_MAX_LOOPS) {
+				fprintf(stderr, "tapdiskd: --loops must be 1 to %d\n", SERVER_MAX_LOOPS);
+				return -1;
+			}
+			o->loops = (unsigned)v;
+			break;
+		}
 		case 'l':
 			if (log_parse_level(optarg, &o->level) < 0) {
 				fprintf(stderr, "tapdiskd: unknown log level '%s'\n", optarg);
@@ -310,13 +326,11 @@ log_fd_limit(void)
 
 /* ---- shutdown ---- */
 
+/* Every vbd closed (its minor let go), no zombie left: loop 0 stops. */
 static void
 maybe_exit(struct server *srv)
 {
-	for (int m = 0; m < SERVER_MAX_MINORS; m++)
-		if (srv->minors[m])
-			return;
-	if (srv->zombies)
+	if (server_vbds_left(srv) || srv->nr_zombies)
 		return;
 	event_base_loopexit(srv->base, NULL);
 }
@@ -325,21 +339,32 @@ static void
 shutdown_vbd_done(void *arg, int err, const char *msg)
 {
 	struct server *srv = arg;
-	if (err)
+	if (err && err != ENOENT)
 		log_warn("shutdown: %s", msg ? msg : strerror(err));
 	maybe_exit(srv);
+}
+
+/* On the vbd's loop: closes it, letting its minor go; force cuts its clients off. */
+static void
+shutdown_op(struct vbd *vbd, void *op_arg, vbd_done_fn done, void *arg)
+{
+	int force = op_arg != NULL;
+
+	if (((vbd->state & VBD_SHUTDOWN_REQUESTED) && !force) || (vbd->state & VBD_OPENING)) {
+		done(arg, 0, NULL);	/* closing already; or closed when its open completes */
+		return;
+	}
+	vbd_close(vbd, force, 1, done, arg);
 }
 
 static void
 shutdown_vbds(struct server *srv, int force)
 {
 	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
-		struct vbd *vbd = srv->minors[m];
-		if (!vbd || ((vbd->state & VBD_SHUTDOWN_REQUESTED) && !force))
-			continue;
-		if (vbd->state & VBD_OPENING)
-			continue;	/* it is closed when its open completes */
-		vbd_close(vbd, force, 1, shutdown_vbd_done, srv);
+		if (server_vbd_loop(srv, m) &&
+		    server_vbd_op(srv, m, shutdown_op, force ? srv : NULL, shutdown_vbd_done,
+				  srv) < 0)
+			log_err("shutdown: out of memory closing minor %d", m);
 	}
 	maybe_exit(srv);
 }
@@ -352,10 +377,17 @@ on_grace_expired(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	log_warn("shutdown: in-flight I/O did not finish in %d s; forcing", SHUTDOWN_GRACE);
 	shutdown_vbds(srv, 1);
-	if (srv->zombies) {
+	if (srv->nr_zombies) {
 		log_warn("shutdown: abandoning I/O the kernel still holds");
 		event_base_loopexit(srv->base, NULL);
 	}
+}
+
+static void
+stop_listening(void *arg)
+{
+	struct loop *l = arg;
+	nbd_stop_listening(l->nbd);
 }
 
 static void
@@ -372,7 +404,12 @@ on_signal(evutil_socket_t sig, short what, void *arg)
 	log_info("%s: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
 	service_notify_stopping();
 	srv->stopping = 1;
-	nbd_stop_listening(srv->nbd);
+	for (unsigned i = 0; i < srv->nr_loops; i++) {
+		if (i == 0)
+			stop_listening(srv->loops[0]);
+		else if (loop_call(srv->loops[i], stop_listening, srv->loops[i]) < 0)
+			log_warn("shutdown: out of memory: loop %u keeps listening", i);
+	}
 	struct timeval tv = { SHUTDOWN_GRACE, 0 };
 	grace_ev = evtimer_new(srv->base, on_grace_expired, srv);
 	if (grace_ev)
@@ -382,22 +419,20 @@ on_signal(evutil_socket_t sig, short what, void *arg)
 
 /* ---- startup opens (--open) ---- */
 
+static char **startup_params;	/* --open's, made absolute; minor i is startup_params[i] */
+
+/* On the vbd's loop. */
 static void
 startup_open_done(void *arg, int err, const char *msg)
 {
-	const char *params = arg;
+	int m = (int)(intptr_t)arg;
 	if (err) {
-		log_err("--open %s: %s", params, msg ? msg : strerror(err));
+		log_err("--open %s: %s", startup_params[m], msg ? msg : strerror(err));
 		return;
 	}
-	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
-		struct vbd *vbd = the_server->minors[m];
-		if (vbd && vbd->params && !strcmp(vbd->params, params)) {
-			char *nbd = nbd_vbd_path(the_server, m);
-			log_info("minor %d: NBD URI nbd+unix:///?socket=%s", m, nbd);
-			free(nbd);
-		}
-	}
+	char *nbd = nbd_vbd_path(the_server, m);
+	log_info("minor %d: NBD URI nbd+unix:///?socket=%s", m, nbd);
+	free(nbd);
 }
 
 /*
@@ -430,8 +465,10 @@ absolute_opens(const char *const *params, int n)
 static int
 startup_opens(struct server *srv, char **opens, int n)
 {
+	startup_params = opens;
 	for (int i = 0; i < n; i++) {
-		int rc = server_open_vbd(srv, i, opens[i], 0, startup_open_done, opens[i]);
+		int rc = server_open_vbd(srv, i, NULL, opens[i], 0, startup_open_done,
+					 (void *)(intptr_t)i);
 		if (rc < 0) {
 			log_err("--open %s: %s", opens[i], strerror(-rc));
 			return -1;
@@ -462,6 +499,14 @@ report_ready(int *ready_fd, char ok)
 	*ready_fd = -1;
 }
 
+/* One loop per online CPU, at most SERVER_MAX_LOOPS. */
+static unsigned
+default_loops(void)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	return n < 1 ? 1 : n > SERVER_MAX_LOOPS ? SERVER_MAX_LOOPS : (unsigned)n;
+}
+
 /* Runs the server until a signal has shut every vbd down. 0, or 1 if it could not start. */
 static int
 serve(const struct options *opts, char *dir, char **opens, int *ready_fd)
@@ -476,6 +521,7 @@ serve(const struct options *opts, char *dir, char **opens, int *ready_fd)
 	struct server_config cfg = {
 		.state_dir = dir,
 		.io_engine = opts->io_engine,
+		.loops = opts->loops ? opts->loops : default_loops(),
 		.open_flags = opts->no_direct ? TD_OPEN_NODIRECT : 0,
 		.pool_cache = POOL_CACHE,
 		.nbd_handshake_secs = opts->handshake_secs,
@@ -499,8 +545,8 @@ serve(const struct options *opts, char *dir, char **opens, int *ready_fd)
 		goto out;
 	xb = xenbus_start(srv, &opts->xen);
 
-	log_info("serving on %s (pid %d, io engine %s)", path, (int)srv->pid,
-		 io_engine_name(srv->io));
+	log_info("serving on %s (pid %d, io engine %s, %u loop%s)", path, (int)srv->pid,
+		 io_engine_name(srv->loops[0]->io), srv->nr_loops, srv->nr_loops > 1 ? "s" : "");
 	log_fd_limit();
 	service_notify_ready(server_vbd_count(srv));
 	report_ready(ready_fd, 0);

@@ -1,6 +1,6 @@
 /*
  * The metrics endpoint: an evhttp server on the loop, read-only, serving
- * GET /stats (server_stats_json(), as `tap-ctl stats` prints it) and GET
+ * GET /stats (every vbd's stats, as `tap-ctl stats` prints them) and GET
  * /metrics (the same document turned into Prometheus text format 0.0.4).
  *
  * It owns the listening socket, every HTTP connection and the renderings,
@@ -47,7 +47,14 @@ struct metrics_conn {
 	struct bufferevent *bev;		/* a reference we hold until adopted */
 	struct evhttp_connection *evcon;	/* NULL until adopted */
 	struct event *deadline;
+	struct evhttp_request *waiting;		/* for the stats being gathered */
+	int waiting_route;
 	TAILQ_ENTRY(metrics_conn) link;
+};
+
+/* A gather in flight: outlives m if the server stops meanwhile. */
+struct metrics_gather {
+	struct metrics_http *m;			/* NULL once m is gone */
 };
 
 struct metrics_http {
@@ -59,6 +66,7 @@ struct metrics_http {
 	struct event *expire;			/* drops them */
 	TAILQ_HEAD(, metrics_conn) conns;
 	unsigned nconns;
+	struct metrics_gather *gathering;	/* the stats are being made, on every loop */
 	char address[NI_MAXHOST + NI_MAXSERV + 4];
 };
 
@@ -576,7 +584,7 @@ render_stats(json_t *stats, struct evbuffer *out)
 struct route {
 	const char *path;
 	const char *content_type;
-	int (*render)(json_t *stats, struct evbuffer *out);	/* server_stats_json()'s */
+	int (*render)(json_t *stats, struct evbuffer *out);	/* {"vbds": [...]} */
 };
 
 static const struct route routes[NROUTES] = {
@@ -613,31 +621,87 @@ on_cache_expired(evutil_socket_t fd, short what, void *arg)
 }
 
 /*
- * A route's document, rendered at most once per METRICS_CACHE_MS: clients
- * asking in a loop cost the loop nothing more, and share one copy.
+ * Each route's document from stats, kept for METRICS_CACHE_MS: clients
+ * asking in a loop cost the loops nothing more, and share one copy.
  */
-static struct evbuffer *
-route_body(struct metrics_http *m, int r)
+static void
+render_all(struct metrics_http *m, json_t *stats)
 {
 	struct timeval tv = { METRICS_CACHE_MS / 1000, METRICS_CACHE_MS % 1000 * 1000 };
-	json_t *stats;
-	struct evbuffer *body;
 
-	if (m->cache[r])
-		return m->cache[r];
-	stats = server_stats_json(m->srv);
-	body = evbuffer_new();
-	if (!stats || !body || routes[r].render(stats, body) < 0) {
-		json_decref(stats);
-		if (body)
-			evbuffer_free(body);
-		return NULL;
+	for (int r = 0; stats && r < NROUTES; r++) {
+		struct evbuffer *body = evbuffer_new();
+		if (!body || routes[r].render(stats, body) < 0) {
+			if (body)
+				evbuffer_free(body);
+			continue;
+		}
+		if (m->cache[r])
+			evbuffer_free(m->cache[r]);
+		m->cache[r] = body;
 	}
-	json_decref(stats);
-	m->cache[r] = body;
 	if (!evtimer_pending(m->expire, NULL))
 		evtimer_add(m->expire, &tv);
-	return body;
+}
+
+static void send_status(struct evhttp_request *req, int code, const char *reason);
+
+static void
+send_body(struct metrics_http *m, struct evhttp_request *req, int r)
+{
+	struct evbuffer *body = m->cache[r];
+
+	if (!body || evbuffer_add_buffer_reference(evhttp_request_get_output_buffer(req), body) < 0) {
+		send_status(req, HTTP_INTERNAL, "Internal Server Error");
+		return;
+	}
+	evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
+			  routes[r].content_type);
+	evhttp_send_reply(req, HTTP_OK, "OK", NULL);
+}
+
+/* Every vbd's stats made on its own loop: the waiting clients get them. */
+static void
+stats_gathered(json_t *stats, void *arg)
+{
+	struct metrics_gather *g = arg;
+	struct metrics_http *m = g->m;
+	struct metrics_conn *c;
+
+	free(g);
+	if (!m) {
+		json_decref(stats);
+		return;
+	}
+	m->gathering = NULL;
+	render_all(m, stats);
+	json_decref(stats);
+	TAILQ_FOREACH(c, &m->conns, link) {
+		struct evhttp_request *req = c->waiting;
+		if (req) {
+			c->waiting = NULL;
+			send_body(m, req, c->waiting_route);
+		}
+	}
+}
+
+/* 0, or -ENOMEM: the stats are on their way (or were). */
+static int
+stats_gather(struct metrics_http *m)
+{
+	struct metrics_gather *g;
+
+	if (m->gathering)
+		return 0;
+	if (!(g = calloc(1, sizeof(*g))))
+		return -ENOMEM;
+	g->m = m;
+	if (server_gather(m->srv, server_stats_doc, NULL, stats_gathered, g) < 0) {
+		free(g);
+		return -ENOMEM;
+	}
+	m->gathering = g;
+	return 0;
 }
 
 /* A status with a one-line body; evhttp_send_error would drop our headers (Allow). */
@@ -663,8 +727,6 @@ on_request(struct evhttp_request *req, void *arg)
 	struct evkeyvalq *headers = evhttp_request_get_output_headers(req);
 	enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
 	int r = route_of(evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req)));
-	struct evbuffer *body;
-
 	if (c)
 		evhttp_request_set_on_complete_cb(req, on_response_sent, c);
 	if (cmd != EVHTTP_REQ_GET && cmd != EVHTTP_REQ_HEAD) {
@@ -676,13 +738,17 @@ on_request(struct evhttp_request *req, void *arg)
 		send_status(req, HTTP_NOTFOUND, "Not Found");
 		return;
 	}
-	body = route_body(m, r);
-	if (!body || evbuffer_add_buffer_reference(evhttp_request_get_output_buffer(req), body) < 0) {
-		send_status(req, HTTP_INTERNAL, "Internal Server Error");
+	if (m->cache[r]) {
+		send_body(m, req, r);
 		return;
 	}
-	evhttp_add_header(headers, "Content-Type", routes[r].content_type);
-	evhttp_send_reply(req, HTTP_OK, "OK", NULL);
+	/* only a connection we watch can wait: its close forgets the request */
+	if (!c || stats_gather(m) < 0) {
+		send_status(req, HTTP_SERVUNAVAIL, "Service Unavailable");
+		return;
+	}
+	c->waiting = req;
+	c->waiting_route = r;
 }
 
 /* ---- lifetime ---- */
@@ -775,6 +841,8 @@ metrics_http_free(struct metrics_http *m)
 	}
 	if (m->adopt)
 		event_free(m->adopt);
+	if (m->gathering)
+		m->gathering->m = NULL;	/* its reply frees it */
 	drop_cache(m);
 	if (m->expire)
 		event_free(m->expire);

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -30,6 +31,7 @@
 #include "fdlimit.h"
 #include "freelist.h"
 #include "log.h"
+#include "loop.h"
 #include "nbd_proto.h"
 #include "rxbuf.h"
 #include "server.h"
@@ -53,6 +55,8 @@
  * 208 KiB splits every large read reply into several wake-ups of both sides.
  */
 #define NBD_UNIX_SNDBUF		(4 << 20)
+/* A connection follows its export to that export's loop at most this often. */
+#define NBD_MAX_HOPS		4
 
 struct nbd_listener {
 	struct nbd_server *ns;
@@ -63,11 +67,12 @@ struct nbd_listener {
 	LIST_ENTRY(nbd_listener) link;
 };
 
+/* One per loop: that loop's listeners and connections. */
 struct nbd_server {
 	struct server *srv;
+	struct loop *loop;
 	LIST_HEAD(, nbd_listener) listeners;
 	LIST_HEAD(, nbd_conn) conns;
-	unsigned nr_conns;
 	uint64_t conn_serial;
 	struct log_ratelimit rl;
 };
@@ -113,6 +118,9 @@ struct nbd_conn {
 	int reading_paused;
 	int in_process;
 	int closing;			/* DISC or vbd shutdown: finish, then close */
+	int listing;			/* NBD_OPT_LIST gathering from every loop */
+	unsigned hops;			/* hand-offs to other loops so far */
+	struct timespec started;	/* accepted: the handshake deadline counts from here */
 	struct event *deadline;		/* handshake: a slow client cannot stretch it */
 	struct freelist reqs;		/* nbd_reqs with their scratch, for reuse */
 	struct event *mem_ev;		/* out of memory: retry (or a completion does) */
@@ -145,10 +153,10 @@ static void conn_mem_resume(struct nbd_conn *c);
 static void
 conn_maybe_free(struct nbd_conn *c)
 {
-	if (c->bev || c->inflight || c->in_process)
+	if (c->bev || c->inflight || c->in_process || c->listing)
 		return;
 	LIST_REMOVE(c, link);
-	c->ns->nr_conns--;
+	c->ns->srv->nr_conns--;
 	freelist_drain(&c->reqs);
 	free(c->meta_export);
 	free(c);
@@ -366,7 +374,7 @@ pool_release(const void *data, size_t len, void *arg)
 static void
 reply_read(struct nbd_conn *c, struct nbd_req *nr)
 {
-	struct bufpool *pool = c->ns->srv->pool;
+	struct bufpool *pool = c->ns->loop->pool;
 	size_t len = nr->vr.td.length;
 
 	if (c->structured) {
@@ -423,7 +431,7 @@ static void
 nbd_req_free(struct nbd_conn *c, struct nbd_req *nr)
 {
 	if (nr->buf)
-		bufpool_put(c->ns->srv->pool, nr->buf, nr->buflen);
+		bufpool_put(c->ns->loop->pool, nr->buf, nr->buflen);
 	free(nr->extents);
 	vbd_request_put(&c->reqs, &nr->vr);
 }
@@ -533,7 +541,7 @@ nbd_req_attach_buf(struct nbd_conn *c, struct nbd_req *nr)
 	size_t len = nr->vr.td.length;
 
 	if (len) {
-		nr->buf = bufpool_get(c->ns->srv->pool, len);
+		nr->buf = bufpool_get(c->ns->loop->pool, len);
 		if (!nr->buf)
 			return -1;
 		nr->buflen = len;
@@ -884,6 +892,9 @@ export_find(struct nbd_conn *c, const char *name)
 		if (n && n <= 4 && !name[n] && (name[0] != '0' || n == 1))
 			vbd = server_vbd(c->ns->srv, atoi(name));
 	}
+	/* another loop's vbd is not ours to look at: conn_step hands c over first */
+	if (vbd && vbd->loop != c->ns->loop)
+		return NULL;
 	/* a paused vbd is still an export: its requests just wait */
 	if (vbd && ((vbd->state & (VBD_CLOSED | VBD_SHUTDOWN_REQUESTED | VBD_DEAD)) ||
 		    !vbd->params))
@@ -998,32 +1009,73 @@ opt_export_name(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 	start_transmission(c, vbd);
 }
 
+/* One NBD_REP_SERVER: the export's name (its minor) and its params as description. */
+static void
+list_reply_one(struct nbd_conn *c, int minor, const char *params)
+{
+	char name[16];
+	int n = snprintf(name, sizeof(name), "%d", minor);
+	size_t dlen = strlen(params);
+	uint8_t *p = malloc(4 + (size_t)n + dlen);
+
+	if (!p)
+		return;
+	put_be32(p, (uint32_t)n);
+	memcpy(p + 4, name, (size_t)n);
+	memcpy(p + 4 + n, params, dlen);
+	opt_reply(c, NBD_REP_SERVER, p, (uint32_t)(4 + (size_t)n + dlen));
+	free(p);
+}
+
+/* server_gather's doc, on each vbd's loop: what LIST says of it. */
+static json_t *
+list_doc(struct vbd *vbd, void *arg)
+{
+	(void)arg;
+	if (!vbd->params || (vbd->state & (VBD_CLOSED | VBD_SHUTDOWN_REQUESTED | VBD_DEAD)))
+		return NULL;
+	return json_pack("{s:i, s:s}", "minor", vbd->minor, "params", vbd->params);
+}
+
+static void
+list_gathered(json_t *all, void *arg)
+{
+	struct nbd_conn *c = arg;
+	json_t *v;
+	size_t i;
+
+	c->listing = 0;
+	if (c->bev) {
+		json_array_foreach(json_object_get(all, "vbds"), i, v)
+			list_reply_one(c, (int)json_integer_value(json_object_get(v, "minor")),
+				       json_string_value(json_object_get(v, "params")));
+		opt_reply(c, NBD_REP_ACK, NULL, 0);
+		conn_read_enable(c, 1);
+		conn_process(c);	/* the options that came after LIST */
+	}
+	json_decref(all);
+	conn_maybe_free(c);
+}
+
 static void
 opt_list(struct nbd_conn *c, uint32_t len)
 {
-	struct server *srv = c->ns->srv;
-
 	if (len) {
 		opt_reply(c, NBD_REP_ERR_INVALID, NULL, 0);
 		return;
 	}
-	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
-		struct vbd *vbd = srv->minors[m];
-		if (!vbd || !vbd->params || (c->default_vbd && vbd != c->default_vbd))
-			continue;
-		char name[16];
-		int n = snprintf(name, sizeof(name), "%d", m);
-		size_t dlen = strlen(vbd->params);
-		uint8_t *p = malloc(4 + (size_t)n + dlen);
-		if (!p)
-			break;
-		put_be32(p, (uint32_t)n);
-		memcpy(p + 4, name, (size_t)n);
-		memcpy(p + 4 + n, vbd->params, dlen);
-		opt_reply(c, NBD_REP_SERVER, p, (uint32_t)(4 + (size_t)n + dlen));
-		free(p);
+	if (c->default_vbd) {	/* ours, on this loop */
+		list_reply_one(c, c->default_vbd->minor, c->default_vbd->params);
+		opt_reply(c, NBD_REP_ACK, NULL, 0);
+		return;
 	}
-	opt_reply(c, NBD_REP_ACK, NULL, 0);
+	/* every loop's vbds, each described on its own loop; c waits meanwhile */
+	if (server_gather(c->ns->srv, list_doc, NULL, list_gathered, c) < 0) {
+		opt_reply(c, NBD_REP_ERR_PLATFORM, NULL, 0);	/* out of memory, for now */
+		return;
+	}
+	c->listing = 1;
+	conn_read_enable(c, 0);
 }
 
 struct meta_walk {
@@ -1169,6 +1221,120 @@ conn_step_transmission(struct nbd_conn *c)
 	}
 }
 
+/* ---- hand-off to the loop of the chosen export ---- */
+
+/*
+ * A connection on the shared listener moves to the loop of the export an
+ * option names, before the option is processed there: the socket (a dup),
+ * the handshake's state, and the bytes read but not processed or queued
+ * but not sent travel in one message.
+ */
+struct nbd_handoff {
+	struct mailbox_msg msg;
+	struct nbd_server *to;
+	int fd;
+	uint32_t cflags, opt, opt_len;
+	int structured, meta_base_alloc;
+	char *meta_export;
+	unsigned hops;
+	struct timespec started;
+	char peer[64];
+	void *in, *out;
+	size_t in_len, out_len;
+};
+
+/* The loop of the export named by the option c is about to process, or NULL. */
+static struct loop *
+option_export_loop(struct nbd_conn *c, const uint8_t *data, uint32_t len)
+{
+	char name[NBD_MAX_STRING + 1];
+	struct nbd_opt_go go;
+	uint32_t nq;
+	const char *n = NULL;
+
+	switch (c->opt) {
+	case NBD_OPT_EXPORT_NAME:
+		if (len > NBD_MAX_STRING || memchr(data, 0, len))
+			return NULL;
+		memcpy(name, data, len);
+		name[len] = '\0';
+		n = name;
+		break;
+	case NBD_OPT_GO:
+	case NBD_OPT_INFO:
+		if (nbd_parse_opt_go(data, len, &go) == 0) {
+			memcpy(name, go.name, sizeof(name));
+			n = name;
+		}
+		break;
+	case NBD_OPT_LIST_META_CONTEXT:
+	case NBD_OPT_SET_META_CONTEXT:
+		if (nbd_parse_opt_meta(data, len, name, NULL, NULL, &nq) == 0)
+			n = name;
+		break;
+	default:
+		break;
+	}
+	size_t digits = n ? strspn(n, "0123456789") : 0;
+	if (!digits || digits > 4 || n[digits] || (n[0] == '0' && digits > 1))
+		return NULL;
+	return server_vbd_loop(c->ns->srv, atoi(n));
+}
+
+static void *
+evbuffer_take_all(struct evbuffer *b, size_t *len)
+{
+	void *p;
+
+	*len = evbuffer_get_length(b);
+	if (!*len)
+		return NULL;
+	if ((p = malloc(*len)))
+		evbuffer_remove(b, p, *len);
+	return p;
+}
+
+static void nbd_adopt(struct mailbox_msg *m);
+
+/* 0: c is gone (its socket travels to l); -1: it stays here. */
+static int
+conn_handoff(struct nbd_conn *c, struct loop *l)
+{
+	struct nbd_handoff *h = calloc(1, sizeof(*h));
+
+	conn_flush(c);	/* the batch behind what the bufferevent holds */
+	if (!h || c->tx_err || (h->fd = dup(bufferevent_getfd(c->bev))) < 0) {
+		free(h);
+		return -1;
+	}
+	h->in = evbuffer_take_all(bufferevent_get_input(c->bev), &h->in_len);
+	h->out = evbuffer_take_all(conn_output(c), &h->out_len);
+	if ((h->in_len && !h->in) || (h->out_len && !h->out)) {
+		/* cannot be undone: the bytes are gone from the buffers */
+		close(h->fd);
+		free(h->in);
+		free(h->out);
+		free(h);
+		conn_protocol_error(c, "out of memory handing the connection over");
+		return 0;
+	}
+	h->to = l->nbd;
+	h->cflags = c->cflags;
+	h->opt = c->opt;
+	h->opt_len = c->opt_len;
+	h->structured = c->structured;
+	h->meta_base_alloc = c->meta_base_alloc;
+	h->meta_export = c->meta_export;
+	c->meta_export = NULL;
+	h->hops = c->hops + 1;
+	h->started = c->started;
+	memcpy(h->peer, c->peer, sizeof(h->peer));
+	conn_cut(c);
+	h->msg.fn = nbd_adopt;
+	loop_post(l, &h->msg);
+	return 0;
+}
+
 /* Advances by one message; returns 1 to go on, 0 to wait for input, -1 if c is gone. */
 static int
 conn_step(struct nbd_conn *c)
@@ -1220,6 +1386,12 @@ conn_step(struct nbd_conn *c)
 		if (avail < c->opt_len)
 			return 0;
 		const uint8_t *data = evbuffer_pullup(in, c->opt_len);
+		if (!c->default_vbd && c->hops < NBD_MAX_HOPS) {
+			struct loop *l = option_export_loop(c, data ? data : (const uint8_t *)"",
+							    c->opt_len);
+			if (l && l != c->ns->loop && conn_handoff(c, l) == 0)
+				return -1;
+		}
 		c->state = CS_OPT_HEADER;
 		conn_option(c, data ? data : (const uint8_t *)"", c->opt_len);
 		if (!c->bev)
@@ -1340,27 +1512,29 @@ conn_finish(struct nbd_conn *c)
 	bufferevent_enable(c->bev, EV_WRITE);
 }
 
-void
-nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
+/* A connection on bev (taken), its handshake due within secs. NULL if it could not be made. */
+static struct nbd_conn *
+conn_new(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd, time_t secs)
 {
 	struct nbd_conn *c = calloc(1, sizeof(*c));
-	uint8_t greet[18];
 
 	if (!c) {
 		bufferevent_free(bev);
-		return;
+		return NULL;
 	}
 	c->ns = ns;
 	c->bev = bev;
 	c->default_vbd = vbd;
 	c->reqs = (struct freelist)FREELIST_INIT(NBD_MAX_INFLIGHT);
-	snprintf(c->peer, sizeof(c->peer), "#%ju", (uintmax_t)++ns->conn_serial);
+	snprintf(c->peer, sizeof(c->peer), "#%u.%ju", ns->loop->index,
+		 (uintmax_t)++ns->conn_serial);
+	clock_gettime(CLOCK_MONOTONIC, &c->started);
 	LIST_INSERT_HEAD(&ns->conns, c, link);
-	ns->nr_conns++;
+	ns->srv->nr_conns++;
 	if (vbd)
 		conn_bind(c, vbd);
 
-	struct timeval tv = { (time_t)ns->srv->nbd_handshake_secs, 0 };
+	struct timeval tv = { secs, 0 };
 	c->deadline = evtimer_new(bufferevent_get_base(bev), conn_handshake_expired, c);
 	if (c->deadline)
 		evtimer_add(c->deadline, &tv);
@@ -1368,18 +1542,84 @@ nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
 	c->mem_ev = evtimer_new(bufferevent_get_base(bev), conn_mem_retry, c);
 	if (!c->flush_ev || !c->mem_ev) {
 		conn_cut(c);
-		return;
+		return NULL;
 	}
 	bufferevent_setcb(bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
 	bufferevent_set_max_single_read(bev, 1 << 20);
 	/* libevent writes 16 KiB per loop turn otherwise */
 	bufferevent_set_max_single_write(bev, NBD_UNIX_SNDBUF);
 	bufferevent_enable(bev, EV_READ | EV_WRITE);
+	return c;
+}
 
+void
+nbd_serve(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd)
+{
+	struct nbd_conn *c = conn_new(ns, bev, vbd, (time_t)ns->srv->nbd_handshake_secs);
+	uint8_t greet[18];
+
+	if (!c)
+		return;
 	put_be64(greet, NBD_MAGIC);
 	put_be64(greet + 8, NBD_IHAVEOPT);
 	put_be16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
 	conn_write(c, greet, sizeof(greet));
+}
+
+static void
+handoff_free(struct nbd_handoff *h)
+{
+	free(h->meta_export);
+	free(h->in);
+	free(h->out);
+	free(h);
+}
+
+/* On the export's loop: the connection goes on where it was cut. */
+static void
+nbd_adopt(struct mailbox_msg *m)
+{
+	struct nbd_handoff *h = (struct nbd_handoff *)m;
+	struct nbd_server *ns = h->to;
+	struct timespec now;
+	struct bufferevent *bev;
+	struct nbd_conn *c;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	time_t left = h->started.tv_sec + (time_t)ns->srv->nbd_handshake_secs - now.tv_sec;
+	if (ns->srv->stopping ||
+	    !(bev = bufferevent_socket_new(ns->loop->base, h->fd, BEV_OPT_CLOSE_ON_FREE))) {
+		close(h->fd);
+		handoff_free(h);
+		return;
+	}
+	if (!(c = conn_new(ns, bev, NULL, left > 0 ? left : 0))) {
+		handoff_free(h);
+		return;
+	}
+	c->cflags = h->cflags;
+	c->opt = h->opt;
+	c->opt_len = h->opt_len;
+	c->structured = h->structured;
+	c->meta_base_alloc = h->meta_base_alloc;
+	c->meta_export = h->meta_export;
+	h->meta_export = NULL;
+	c->hops = h->hops;
+	c->started = h->started;
+	memcpy(c->peer, h->peer, sizeof(c->peer));
+	c->state = CS_OPT_DATA;
+	/* a bufferevent's input is closed to adding at its end (only the socket adds) */
+	struct evbuffer *in = bufferevent_get_input(bev);
+	evbuffer_unfreeze(in, 0);
+	int rc = h->in_len ? evbuffer_add(in, h->in, h->in_len) : 0;
+	evbuffer_freeze(in, 0);
+	if (rc < 0 || (h->out_len && evbuffer_add(conn_output(c), h->out, h->out_len) < 0)) {
+		conn_protocol_error(c, "out of memory taking the connection over");
+		handoff_free(h);
+		return;
+	}
+	handoff_free(h);
+	conn_process(c);
 }
 
 /* ---- listeners ---- */
@@ -1393,7 +1633,7 @@ listener_accept(struct evconnlistener *lev, evutil_socket_t fd,
 	(void)lev;
 	(void)salen;
 
-	if (ns->nr_conns >= NBD_MAX_CONNECTIONS || ns->srv->stopping) {
+	if (ns->srv->nr_conns >= NBD_MAX_CONNECTIONS || ns->srv->stopping) {
 		log_limited(&ns->rl, LOG_LVL_WARN, "nbd: refusing a connection (%s)",
 			    ns->srv->stopping ? "shutting down" : "too many connections");
 		close(fd);
@@ -1404,7 +1644,7 @@ listener_accept(struct evconnlistener *lev, evutil_socket_t fd,
 		/* best effort: the kernel caps it, and the default works too */
 		(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
 	}
-	struct bufferevent *bev = bufferevent_socket_new(ns->srv->base, fd,
+	struct bufferevent *bev = bufferevent_socket_new(ns->loop->base, fd,
 							 BEV_OPT_CLOSE_ON_FREE);
 	if (!bev) {
 		close(fd);
@@ -1487,7 +1727,7 @@ listener_new(struct nbd_server *ns, evutil_socket_t fd, const char *path,
 	struct nbd_listener *l = listener_alloc(ns, path, vbd);
 	if (!l)
 		return NULL;
-	l->lev = evconnlistener_new(ns->srv->base, listener_accept, l,
+	l->lev = evconnlistener_new(ns->loop->base, listener_accept, l,
 				    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
 	if (!l->lev) {
 		free(l->path);
@@ -1560,7 +1800,7 @@ listen_tcp(struct nbd_server *ns, const char *hostport, char *err, size_t errlen
 		snprintf(err, errlen, "out of memory");
 		return -ENOMEM;
 	}
-	l->lev = evconnlistener_new_bind(ns->srv->base, listener_accept, l,
+	l->lev = evconnlistener_new_bind(ns->loop->base, listener_accept, l,
 					 LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC |
 					 LEV_OPT_REUSEABLE, 128, ai->ai_addr,
 					 (int)ai->ai_addrlen);
@@ -1608,14 +1848,15 @@ nbd_vbd_path(const struct server *srv, int minor)
 static int
 nbd_vbd_opened(void *state, struct vbd *vbd, char *err, size_t errlen)
 {
-	return nbd_export_vbd(state, vbd, err, errlen);
+	(void)state;
+	return nbd_export_vbd(vbd->loop->nbd, vbd, err, errlen);
 }
 
 static void
 nbd_vbd_info(void *state, const struct vbd *vbd, json_t *info)
 {
-	struct nbd_server *ns = state;
-	char *path = (vbd->state & VBD_CLOSED) ? NULL : nbd_vbd_path(ns->srv, vbd->minor);
+	(void)state;
+	char *path = (vbd->state & VBD_CLOSED) ? NULL : nbd_vbd_path(vbd->srv, vbd->minor);
 	json_object_set_new(info, "nbd", path ? json_string(path) : json_null());
 	free(path);
 }
@@ -1627,16 +1868,18 @@ static const struct frontend_class nbd_frontend_class = {
 };
 
 struct nbd_server *
-nbd_server_new(struct server *srv)
+nbd_server_new(struct server *srv, struct loop *loop)
 {
 	struct nbd_server *ns = calloc(1, sizeof(*ns));
 	if (!ns)
 		return NULL;
 	ns->srv = srv;
+	ns->loop = loop;
 	LIST_INIT(&ns->listeners);
 	LIST_INIT(&ns->conns);
 	ns->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
-	if (server_frontend_register(srv, &nbd_frontend_class, ns) < 0) {
+	/* one frontend kind for every loop: it finds the vbd's loop's state */
+	if (loop->index == 0 && server_frontend_register(srv, &nbd_frontend_class, NULL) < 0) {
 		free(ns);
 		return NULL;
 	}
@@ -1657,9 +1900,9 @@ nbd_stop_listening(struct nbd_server *ns)
 }
 
 unsigned
-nbd_connection_count(const struct nbd_server *ns)
+nbd_connection_count(struct server *srv)
 {
-	return ns->nr_conns;
+	return srv->nr_conns;
 }
 
 void

@@ -2,6 +2,11 @@
  * The NBD frontend: a UNIX socket per vbd (<state-dir>/nbd<pid>.<minor>,
  * serving the default export) and an optional listener serving every vbd
  * by export name (its minor number).
+ *
+ * Threads: one nbd_server per loop, used only on that loop. A vbd's socket
+ * and connections are on the vbd's loop; the shared listener is on loop 0,
+ * and a connection there moves to the loop of the export an option names
+ * (GO, INFO, EXPORT_NAME, meta contexts) before that option is processed.
  */
 #ifndef TD_NBD_H
 #define TD_NBD_H
@@ -13,7 +18,8 @@ struct vbd;
 struct bufferevent;
 struct nbd_server;
 
-struct nbd_server *nbd_server_new(struct server *srv);
+struct loop;
+struct nbd_server *nbd_server_new(struct server *srv, struct loop *loop);
 void nbd_server_free(struct nbd_server *ns);
 
 /* spec: unix:PATH or tcp:HOST:PORT. */
@@ -22,9 +28,10 @@ int nbd_listen_global(struct nbd_server *ns, const char *spec, char *err, size_t
 int nbd_export_vbd(struct nbd_server *ns, struct vbd *vbd, char *err, size_t errlen);
 /* A vbd's own NBD socket: <state-dir>/nbd<pid>.<minor> (blktap's naming). */
 char *nbd_vbd_path(const struct server *srv, int minor);
-/* Stops accepting new connections everywhere (shutdown). */
+/* Stops accepting new connections on ns's loop (shutdown). */
 void nbd_stop_listening(struct nbd_server *ns);
-unsigned nbd_connection_count(const struct nbd_server *ns);
+/* Connections on every loop. */
+unsigned nbd_connection_count(struct server *srv);
 
 /*
  * Serves one client on an existing bufferevent (the fuzz target's entry).

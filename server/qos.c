@@ -18,6 +18,7 @@
 #include <event2/event.h>
 
 #include "log.h"
+#include "loop.h"
 #include "qos.h"
 #include "qos_limits.h"
 #include "server.h"
@@ -52,6 +53,7 @@ struct qos_vbd {
 struct qos_group {
 	char *name;
 	struct server *srv;
+	struct loop *loop;		/* where it and all its members live */
 	struct qos_config cfg;
 	struct qos_buckets bk;
 	LIST_HEAD(, qos_vbd) members;
@@ -380,8 +382,9 @@ group_name_ok(const char *name)
 			    "0123456789_.-") == n;
 }
 
+/* srv->lock held: the list is every loop's; a group itself is its loop's. */
 static struct qos_group *
-group_find(struct server *srv, const char *name)
+group_find_locked(struct server *srv, const char *name)
 {
 	struct qos_group *g;
 	LIST_FOREACH(g, &srv->qos_groups, link)
@@ -390,17 +393,40 @@ group_find(struct server *srv, const char *name)
 	return NULL;
 }
 
-static struct qos_group *
-group_get(struct server *srv, const char *name)
+struct loop *
+qos_group_loop(struct server *srv, const char *name)
 {
-	struct qos_group *g = group_find(srv, name);
-	if (g)
+	pthread_mutex_lock(&srv->lock);
+	struct qos_group *g = group_find_locked(srv, name);
+	struct loop *l = g ? g->loop : NULL;
+	pthread_mutex_unlock(&srv->lock);
+	return l;
+}
+
+/* The group if it lives on this loop; NULL with *elsewhere set if on another. */
+static struct qos_group *
+group_find(struct server *srv, const char *name, struct loop **elsewhere)
+{
+	pthread_mutex_lock(&srv->lock);
+	struct qos_group *g = group_find_locked(srv, name);
+	pthread_mutex_unlock(&srv->lock);
+	*elsewhere = g && g->loop != loop_current() ? g->loop : NULL;
+	return *elsewhere ? NULL : g;
+}
+
+/* The group on this loop, made if there is none; NULL: out of memory or elsewhere. */
+static struct qos_group *
+group_get(struct server *srv, const char *name, struct loop **elsewhere)
+{
+	struct qos_group *g = group_find(srv, name, elsewhere);
+	if (g || *elsewhere)
 		return g;
 	g = calloc(1, sizeof(*g));
 	if (!g)
 		return NULL;
 	g->name = strdup(name);
-	g->timer = evtimer_new(srv->base, group_timer_fired, g);
+	g->loop = loop_current();
+	g->timer = evtimer_new(g->loop->base, group_timer_fired, g);
 	if (!g->name || !g->timer) {
 		free(g->name);
 		if (g->timer)
@@ -412,14 +438,27 @@ group_get(struct server *srv, const char *name)
 	LIST_INIT(&g->members);
 	TAILQ_INIT(&g->active);
 	qos_buckets_configure(&g->bk, &g->cfg, now_ns());
-	LIST_INSERT_HEAD(&srv->qos_groups, g, link);
+	pthread_mutex_lock(&srv->lock);
+	struct qos_group *raced = group_find_locked(srv, name);
+	if (!raced)
+		LIST_INSERT_HEAD(&srv->qos_groups, g, link);
+	pthread_mutex_unlock(&srv->lock);
+	if (raced) {	/* made on another loop meanwhile */
+		event_free(g->timer);
+		free(g->name);
+		free(g);
+		*elsewhere = raced->loop;
+		return NULL;
+	}
 	return g;
 }
 
 static void
 group_free(struct qos_group *g)
 {
+	pthread_mutex_lock(&g->srv->lock);
 	LIST_REMOVE(g, link);
+	pthread_mutex_unlock(&g->srv->lock);
 	event_free(g->timer);
 	free(g->name);
 	free(g);
@@ -466,7 +505,13 @@ qos_group_set(struct server *srv, const char *name, json_t *obj, char *err, size
 			 QOS_MAX_GROUP_NAME);
 		return -EINVAL;
 	}
-	g = group_find(srv, name);
+	struct loop *elsewhere;
+	g = group_find(srv, name, &elsewhere);
+	if (elsewhere) {
+		snprintf(err, errlen, "qos group %s moved to loop %u meanwhile; try again", name,
+			 elsewhere->index);
+		return -EAGAIN;
+	}
 	memset(&cfg, 0, sizeof(cfg));
 	if (g)
 		cfg = g->cfg;
@@ -475,9 +520,13 @@ qos_group_set(struct server *srv, const char *name, json_t *obj, char *err, size
 		return rc;
 	if (!g && !qos_config_active(&cfg))
 		return 0;	/* nothing to remember */
-	if (!g && !(g = group_get(srv, name))) {
-		snprintf(err, errlen, "out of memory");
-		return -ENOMEM;
+	if (!g && !(g = group_get(srv, name, &elsewhere))) {
+		if (elsewhere)
+			snprintf(err, errlen, "qos group %s was made on loop %u meanwhile; try "
+				 "again", name, elsewhere->index);
+		else
+			snprintf(err, errlen, "out of memory");
+		return elsewhere ? -EAGAIN : -ENOMEM;
 	}
 	g->cfg = cfg;
 	qos_buckets_configure(&g->bk, &g->cfg, now_ns());
@@ -490,7 +539,8 @@ qos_group_set(struct server *srv, const char *name, json_t *obj, char *err, size
 json_t *
 qos_group_get(struct server *srv, const char *name)
 {
-	struct qos_group *g = group_find(srv, name);
+	struct loop *elsewhere;
+	struct qos_group *g = group_find(srv, name, &elsewhere);
 	const struct qos_vbd *q;
 
 	if (!g)
@@ -561,7 +611,7 @@ qos_vbd_new(struct vbd *vbd)
 	struct qos_vbd *q = calloc(1, sizeof(*q));
 	if (!q)
 		return NULL;
-	q->timer = evtimer_new(vbd->srv->base, vbd_timer_fired, q);
+	q->timer = evtimer_new(vbd->loop->base, vbd_timer_fired, q);
 	if (!q->timer) {
 		free(q);
 		return NULL;
@@ -601,12 +651,21 @@ qos_vbd_set(struct vbd *vbd, json_t *obj, char *err, size_t errlen)
 		snprintf(err, errlen, "out of memory");
 		return -ENOMEM;
 	}
-	struct qos_group *g = name && *name ? group_get(vbd->srv, name) : NULL;
+	struct loop *elsewhere = NULL;
+	struct qos_group *g = name && *name ? group_get(vbd->srv, name, &elsewhere) : NULL;
 	if (name && *name && !g) {
 		if (!vbd->qos)
 			qos_vbd_free(q);
-		snprintf(err, errlen, "out of memory");
-		return -ENOMEM;
+		if (!elsewhere) {
+			snprintf(err, errlen, "out of memory");
+			return -ENOMEM;
+		}
+		/* group scheduling runs on one thread: members cannot span loops */
+		snprintf(err, errlen, "qos group %s lives on loop %u and minor %d on loop %u: "
+			 "a group's members share one loop; open the vbd with the group "
+			 "(open --qos) or on loop %u", name, elsewhere->index, vbd->minor,
+			 vbd->loop->index, elsewhere->index);
+		return -EXDEV;
 	}
 	vbd->qos = q;
 	q->cfg = cfg;

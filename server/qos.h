@@ -37,7 +37,15 @@ void qos_vbd_close(struct vbd *vbd);
 void qos_vbd_resume(struct vbd *vbd);
 
 int qos_group_set(struct server *srv, const char *name, json_t *obj, char *err, size_t errlen);
-/* NULL if there is no such group. */
+/*
+ * A group lives on one loop with all its members: qos_vbd_set refuses a
+ * vbd on another loop (-EXDEV, and says so). qos_group_set and
+ * qos_group_get run on the group's loop (qos_group_loop; a new group is
+ * made on the calling loop).
+ */
+struct loop;
+struct loop *qos_group_loop(struct server *srv, const char *name);	/* NULL: none */
+/* NULL if there is no such group (on this loop). */
 json_t *qos_group_get(struct server *srv, const char *name);
 void qos_groups_free(struct server *srv);
 

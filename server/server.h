@@ -1,14 +1,23 @@
-/* The server: one event loop, its I/O engine, the table of vbds by minor;
- * server_new() builds it for tapdiskd and the fuzz targets alike. */
+/*
+ * The server: its loops (loop.h), the table of vbds by minor, the frontend
+ * kinds; server_new() builds it for tapdiskd and the fuzz targets alike.
+ *
+ * Threads: the table (minors, closed, each loop's nr_vbds, nr_open) is
+ * guarded by srv->lock, taken only off the request path (open, close,
+ * lookups by control and the hand-offs). A vbd found in the table may be
+ * used only on its own loop (vbd->loop): that loop alone frees it.
+ */
 #ifndef TD_SERVER_H
 #define TD_SERVER_H
 
 #include <sys/queue.h>
+#include <pthread.h>
 #include <sys/types.h>
 
 #include "vbd.h"
 
 #define SERVER_MAX_MINORS 4096
+#define SERVER_MAX_LOOPS 16
 
 struct event_base;
 struct control;
@@ -23,7 +32,8 @@ struct event;
  * vbd that opens, so that it can serve it (attaching a vbd_frontend), and
  * asked for its keys in a vbd's description. The core names no frontend: a
  * new one is a file that registers one of these (server_frontend_register).
- * blkif needs neither hook: xenstore, not an open, brings its rings.
+ * blkif needs neither hook: xenstore, not an open, brings its rings. Both
+ * hooks run on the vbd's loop.
  */
 struct frontend_class {
 	const char *name;
@@ -39,24 +49,28 @@ struct server_frontend {
 	void *state;
 };
 
+struct loop;
+
 struct server {
-	struct event_base *base;
-	struct io_engine *io;
-	struct bufpool *pool;
+	struct event_base *base;	/* loop 0's: control, metrics, xenstore, signals */
+	struct loop *loops[SERVER_MAX_LOOPS];
+	unsigned nr_loops;
 	char *state_dir;
 	pid_t pid;
 	unsigned open_flags;	/* TD_OPEN_* added to every open (e.g. NODIRECT) */
-	struct vbd **minors;	/* SERVER_MAX_MINORS slots */
-	struct vbd *zombies;	/* force-closed, waiting for their last I/O */
-	struct nbd_server *nbd;
+	pthread_mutex_t lock;	/* the table: minors, closed, nr_open, loops' nr_vbds */
+	struct vbd **minors;	/* SERVER_MAX_MINORS slots: vbds opening, open or closing */
+	unsigned char *closed;	/* SERVER_MAX_MINORS: a minor kept after a close (list shows it) */
+	unsigned nr_open;	/* vbds with a chain (open or paused) */
+	_Atomic unsigned nr_conns;	/* NBD connections on every loop */
+	_Atomic unsigned nr_zombies;	/* force-closed vbds on every loop, I/O still out */
 	struct control *ctl;
 	LIST_HEAD(, qos_group) qos_groups;
 	struct metrics_http *metrics;	/* --metrics-listen, or NULL */
 	unsigned nbd_handshake_secs;	/* accept to transmission, at most */
 	unsigned metrics_timeout_secs;	/* an HTTP client's idle time and request */
-	int stopping;
+	_Atomic int stopping;	/* read on every loop */
 	time_t started;
-	struct event *idle_tick;	/* gives idle buffers back to the system */
 	struct server_frontend frontends[SERVER_MAX_FRONTENDS];
 	unsigned nr_frontends;
 };
@@ -65,8 +79,9 @@ struct server {
 struct server_config {
 	const char *state_dir;		/* absolute and existing: NBD sockets go here */
 	const char *io_engine;		/* "uring", "threads"; NULL: the best the kernel has */
+	unsigned loops;			/* event loops (threads); 0: 1 */
 	unsigned open_flags;		/* TD_OPEN_* added to every open */
-	size_t pool_cache;		/* bytes of idle buffers the pool keeps (16 MiB) */
+	size_t pool_cache;		/* bytes of idle buffers each loop's pool keeps (16 MiB) */
 	unsigned nbd_handshake_secs;	/* 30 */
 	unsigned metrics_timeout_secs;	/* 10 */
 	const char *ctl_path;		/* the control socket; NULL: none */
@@ -76,34 +91,71 @@ struct server_config {
 };
 
 /*
- * Builds a server on a new event loop: its I/O engine, buffer pool, NBD
- * server and the listeners the config names. NULL with err set (one line,
- * naming the part that failed) if any part fails; nothing is left behind.
- * The caller runs srv->base and adds signals, xenstore and vbds.
+ * Builds a server: its loops (each with its I/O engine, buffer pool and
+ * NBD state; every loop but 0 on a thread of its own, started here), and
+ * the listeners the config names. NULL with err set (one line, naming the
+ * part that failed) if any part fails; nothing is left behind. The caller
+ * runs srv->base (loop 0, on its own thread) and adds signals, xenstore
+ * and vbds.
  */
 struct server *server_new(const struct server_config *cfg, char *err, size_t errlen);
 /*
- * Frees what server_new built and every vbd left in the table. The I/O
- * engine stays allocated if zombies still own I/O in the kernel.
+ * Stops the loops' threads, then frees what server_new built and every vbd
+ * left in the table. A loop's I/O engine stays allocated if zombies still
+ * own I/O in the kernel.
  */
 void server_free(struct server *srv);
 
+/*
+ * The vbd at minor, or NULL. Only on the vbd's own loop may the result be
+ * used: elsewhere, use server_vbd_loop and post to it.
+ */
 struct vbd *server_vbd(struct server *srv, int minor);
+/* The loop minor's vbd lives on, or NULL if there is none. */
+struct loop *server_vbd_loop(struct server *srv, int minor);
+/* A minor closed and kept (tapdisk's "allocated" minor): list shows it. */
+int server_minor_closed(struct server *srv, int minor);
+/* Lets a closed minor go (destroy): 0, or -ENOENT if it is not a closed one. */
+int server_release_closed(struct server *srv, int minor);
 int server_free_minor(struct server *srv);	/* lowest free minor, or -1 */
-unsigned server_vbd_count(struct server *srv);
+unsigned server_vbd_count(struct server *srv);	/* open or paused */
+unsigned server_vbds_left(struct server *srv);	/* in the table, whatever their state */
+/* Where a new vbd goes: the loop with the fewest vbds, lowest index on a tie. */
+struct loop *server_place(struct server *srv);
+/* The loop numbered index, or NULL. */
+struct loop *server_loop(struct server *srv, int index);
 /* A vbd opened or closed: the service manager's STATUS follows. */
 void server_vbds_changed(struct server *srv);
-/* Every open vbd's statistics, {"vbds": [...]}: `stats` without a minor, GET /stats. */
-json_t *server_stats_json(struct server *srv);
+/*
+ * Every open vbd's document, made on its own loop (no torn counters): done
+ * gets {"vbds": [...]} in minor order, on the calling loop. doc makes one
+ * vbd's document on the vbd's loop (NULL: leave the vbd out); 0 or -ENOMEM.
+ */
+typedef json_t *(*server_doc_fn)(struct vbd *vbd, void *arg);
+int server_gather(struct server *srv, server_doc_fn doc, void *doc_arg,
+		  void (*done)(json_t *all, void *arg), void *arg);
+/* server_gather's doc for stats; arg: NULL, or non-NULL to reset after. */
+json_t *server_stats_doc(struct vbd *vbd, void *arg);
 /* Adds a frontend kind; -ENOSPC past SERVER_MAX_FRONTENDS. */
 int server_frontend_register(struct server *srv, const struct frontend_class *cls, void *state);
 
 /*
- * Opens a vbd and tells every frontend kind (NBD makes its socket). done gets the
- * vbd's minor through the vbd table once it serves. -EMFILE at once if the
- * open would eat into the descriptors kept for control clients (fdlimit.h).
+ * Opens a vbd on loop (NULL: placed by server_place) and tells every
+ * frontend kind (NBD makes its socket). done runs on the vbd's loop once it
+ * serves (or failed), and may use the vbd there (server_vbd). -EBUSY at once
+ * if the minor is taken, -EMFILE if the open would eat into the descriptors
+ * kept for control clients (fdlimit.h).
  */
-int server_open_vbd(struct server *srv, int minor, const char *params,
+int server_open_vbd(struct server *srv, int minor, struct loop *loop, const char *params,
 		    unsigned flags, vbd_done_fn done, void *arg);
+
+/*
+ * Runs op(vbd, done', arg') on the loop of minor's vbd; done(arg, err, msg)
+ * then runs on the calling loop (ENOENT if the minor has no open vbd by
+ * then). op_arg goes to op. 0 or -ENOMEM.
+ */
+typedef void (*server_vbd_op_fn)(struct vbd *vbd, void *op_arg, vbd_done_fn done, void *arg);
+int server_vbd_op(struct server *srv, int minor, server_vbd_op_fn op, void *op_arg,
+		  vbd_done_fn done, void *arg);
 
 #endif

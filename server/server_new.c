@@ -1,7 +1,6 @@
 /*
  * Builds and takes down the server: the one place that names every part
- * (event loop, buffer pool, I/O engine, NBD frontend, control socket,
- * metrics endpoint).
+ * (loops, NBD frontend, control socket, metrics endpoint).
  */
 #include "server.h"
 
@@ -10,42 +9,25 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
 #include <event2/event.h>
 
-#include "bufpool.h"
 #include "control.h"
-#include "io.h"
+#include "loop.h"
 #include "metrics_http.h"
 #include "nbd.h"
 #include "qos.h"
 
 #define DEFAULT_POOL_CACHE (16u << 20)
-#define IDLE_TRIM_INTERVAL 5	/* seconds between returns of idle buffers */
 
-static void
-on_idle_tick(evutil_socket_t fd, short what, void *arg)
-{
-	struct server *srv = arg;
-	(void)fd;
-	(void)what;
-	if (bufpool_trim_idle(srv->pool)) {
-#ifdef __GLIBC__
-		malloc_trim(0);
-#endif
-	}
-}
-
-/* The listeners: each failure names its part as the command line does. */
+/* The listeners (all on loop 0): each failure names its part as the command line does. */
 static int
 server_listen(struct server *srv, const struct server_config *cfg, char *err, size_t errlen)
 {
 	char why[512];
 
-	if (cfg->nbd_listen && nbd_listen_global(srv->nbd, cfg->nbd_listen, why, sizeof(why)) < 0) {
+	if (cfg->nbd_listen &&
+	    nbd_listen_global(srv->loops[0]->nbd, cfg->nbd_listen, why, sizeof(why)) < 0) {
 		snprintf(err, errlen, "--nbd-listen %s", why);
 		return -1;
 	}
@@ -62,14 +44,52 @@ server_listen(struct server *srv, const struct server_config *cfg, char *err, si
 	return 0;
 }
 
+static int
+server_make_loops(struct server *srv, const struct server_config *cfg, char *err, size_t errlen)
+{
+	unsigned n = cfg->loops ? cfg->loops : 1;
+	size_t cache = cfg->pool_cache ? cfg->pool_cache : DEFAULT_POOL_CACHE;
+
+	if (n > SERVER_MAX_LOOPS) {
+		snprintf(err, errlen, "--loops %u: at most %d", n, SERVER_MAX_LOOPS);
+		return -1;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		srv->loops[i] = loop_new(srv, i, cfg->io_engine, cache, err, errlen);
+		if (!srv->loops[i])
+			return -1;
+		srv->nr_loops = i + 1;
+	}
+	srv->base = srv->loops[0]->base;
+	loop_set_current(srv->loops[0]);
+	return 0;
+}
+
+static int
+server_start_loops(struct server *srv, char *err, size_t errlen)
+{
+	for (unsigned i = 1; i < srv->nr_loops; i++) {
+		int rc = loop_start(srv->loops[i]);
+		if (rc < 0) {
+			snprintf(err, errlen, "loop %u: cannot start its thread: %s", i,
+				 strerror(-rc));
+			return -1;
+		}
+	}
+	return 0;
+}
+
 struct server *
 server_new(const struct server_config *cfg, char *err, size_t errlen)
 {
 	struct server *srv = calloc(1, sizeof(*srv));
-	struct timeval tick = { IDLE_TRIM_INTERVAL, 0 };
 
-	if (!srv || !(srv->state_dir = strdup(cfg->state_dir)))
-		goto nomem;
+	if (!srv || !(srv->state_dir = strdup(cfg->state_dir))) {
+		free(srv);
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	pthread_mutex_init(&srv->lock, NULL);
 	srv->pid = getpid();
 	srv->started = time(NULL);
 	srv->open_flags = cfg->open_flags;
@@ -77,27 +97,33 @@ server_new(const struct server_config *cfg, char *err, size_t errlen)
 	srv->metrics_timeout_secs = cfg->metrics_timeout_secs ? cfg->metrics_timeout_secs : 10;
 	LIST_INIT(&srv->qos_groups);
 	srv->minors = calloc(SERVER_MAX_MINORS, sizeof(*srv->minors));
-	srv->base = event_base_new();
-	srv->pool = bufpool_new(cfg->pool_cache ? cfg->pool_cache : DEFAULT_POOL_CACHE);
-	if (!srv->minors || !srv->base || !srv->pool)
-		goto nomem;
-	srv->idle_tick = event_new(srv->base, -1, EV_PERSIST, on_idle_tick, srv);
-	if (!srv->idle_tick || event_add(srv->idle_tick, &tick) < 0)
-		goto nomem;
-	srv->io = io_engine_new(srv->base, cfg->io_engine, err, errlen);
-	if (!srv->io)
+	srv->closed = calloc(SERVER_MAX_MINORS, 1);
+	if (!srv->minors || !srv->closed) {
+		snprintf(err, errlen, "out of memory");
 		goto fail;
-	srv->nbd = nbd_server_new(srv);
-	if (!srv->nbd)
-		goto nomem;
-	if (server_listen(srv, cfg, err, errlen) < 0)
+	}
+	if (server_make_loops(srv, cfg, err, errlen) < 0 ||
+	    server_listen(srv, cfg, err, errlen) < 0 ||
+	    server_start_loops(srv, err, errlen) < 0)
 		goto fail;
 	return srv;
-nomem:
-	snprintf(err, errlen, "out of memory");
 fail:
 	server_free(srv);
 	return NULL;
+}
+
+static void
+loop_free_vbds(void *arg)
+{
+	struct loop *l = arg;
+	struct server *srv = l->srv;
+
+	for (int m = 0; srv->minors && m < SERVER_MAX_MINORS; m++) {
+		if (srv->minors[m] && srv->minors[m]->loop == l) {
+			free(srv->minors[m]);
+			srv->minors[m] = NULL;
+		}
+	}
 }
 
 void
@@ -107,19 +133,18 @@ server_free(struct server *srv)
 		return;
 	metrics_http_free(srv->metrics);
 	control_free(srv->ctl);
-	nbd_server_free(srv->nbd);
-	if (srv->idle_tick)
-		event_free(srv->idle_tick);
-	if (srv->io && !srv->zombies)
-		io_engine_free(srv->io);
-	for (int m = 0; srv->minors && m < SERVER_MAX_MINORS; m++)
-		free(srv->minors[m]);
+	/* the threads first: nothing runs on a loop while its parts are freed */
+	for (unsigned i = 1; i < srv->nr_loops; i++)
+		loop_stop(srv->loops[i]);
+	for (unsigned i = 0; i < srv->nr_loops; i++) {
+		loop_free_vbds(srv->loops[i]);
+		loop_free(srv->loops[i]);
+	}
+	loop_set_current(NULL);
 	free(srv->minors);
+	free(srv->closed);
 	qos_groups_free(srv);
-	bufpool_free(srv->pool);
-	if (srv->base)
-		event_base_free(srv->base);
+	pthread_mutex_destroy(&srv->lock);
 	free(srv->state_dir);
 	free(srv);
 }
-

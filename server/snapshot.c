@@ -12,6 +12,7 @@
 
 #include "io.h"
 #include "log.h"
+#include "loop.h"
 #include "server.h"
 
 struct snap {
@@ -88,7 +89,7 @@ snap_paused(void *arg, int err, const char *msg)
 	}
 	s->call.fn = snap_create;
 	s->call.done = snap_created;
-	io_call(s->vbd->srv->io, &s->call);
+	io_call(s->vbd->loop->io, &s->call);
 }
 
 void

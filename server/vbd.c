@@ -1,12 +1,15 @@
 /*
- * vbd lifecycle and request path. All of it runs on the loop thread; the
- * only blocking parts (opening and closing the image chain) run as io_calls
- * on worker threads while the vbd is marked busy with that operation.
+ * vbd lifecycle and request path. All of it runs on the vbd's loop thread
+ * (vbd->loop); the only blocking parts (opening and closing the image
+ * chain) run as io_calls on that loop's workers while the vbd is marked
+ * busy with that operation. The table (server.h) is changed under
+ * srv->lock: a vbd goes in at vbd_new and out when it closes.
  */
 #include "vbd.h"
 
 #include <errno.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +17,7 @@
 #include "fdlimit.h"
 #include "freelist.h"
 #include "log.h"
+#include "loop.h"
 #include "qos.h"
 #include "server.h"
 
@@ -31,7 +35,6 @@ struct vbd_job {
 	struct td_error err;
 	vbd_done_fn done;
 	void *arg;
-	int fresh;			/* OPEN: the vbd was created for this open */
 };
 
 static void vbd_check_drained(struct vbd *vbd);
@@ -66,7 +69,7 @@ static int
 vbd_job_run(struct io_call *c)
 {
 	struct vbd_job *job = (struct vbd_job *)c;
-	struct td_open_ctx ctx = { .io = job->vbd->srv->io };
+	struct td_open_ctx ctx = { .io = job->vbd->loop->io };
 
 	if (job->old_leaf)
 		td_chain_close(job->old_leaf);
@@ -82,7 +85,7 @@ vbd_job_start(struct vbd_job *job)
 {
 	job->call.fn = vbd_job_run;
 	job->call.done = vbd_job_done;
-	io_call(job->vbd->srv->io, &job->call);
+	io_call(job->vbd->loop->io, &job->call);
 }
 
 static struct vbd_job *
@@ -172,6 +175,7 @@ vbd_resume_queued(struct vbd *vbd)
 }
 
 static void vbd_free(struct vbd *vbd);
+static void vbd_unlink(struct vbd *vbd, int keep_closed);
 static void vbd_close_finished(struct vbd *vbd);
 
 /* Out of descriptors is the operator's to fix, whichever image hit it: say so. */
@@ -203,17 +207,17 @@ vbd_job_done(struct io_call *c, int res)
 	case JOB_OPEN:
 		if (res < 0) {
 			job_explain_fd_error(job);
-			if (job->fresh) {
-				srv->minors[vbd->minor] = NULL;
-				vbd_free(vbd);
-			} else {
-				vbd->state = VBD_CLOSED;
-			}
+			vbd_unlink(vbd, vbd->was_closed);
+			vbd_free(vbd);
 			job->done(job->arg, job->err.code, job->err.msg);
 			break;
 		}
 		vbd_take_chain(vbd, job);
 		vbd->state = 0;
+		pthread_mutex_lock(&srv->lock);
+		vbd->counted = 1;
+		srv->nr_open++;
+		pthread_mutex_unlock(&srv->lock);
 		vbd->opened_at = time(NULL);
 		log_info("minor %d: opened %s (%ju bytes%s)", vbd->minor, vbd->params,
 			 (uintmax_t)vbd->size, vbd->readonly ? ", read-only" : "");
@@ -253,39 +257,65 @@ vbd_job_done(struct io_call *c, int res)
 /* ---- open ---- */
 
 int
-vbd_open(struct server *srv, int minor, const char *params, unsigned flags,
-	 vbd_done_fn done, void *arg)
+vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 {
-	struct vbd *vbd = srv->minors[minor];
-	int fresh = 0;
+	struct vbd *vbd = calloc(1, sizeof(*vbd));
 
-	if (vbd && !(vbd->state & VBD_CLOSED))
+	if (!vbd)
+		return -ENOMEM;
+	vbd->srv = srv;
+	vbd->loop = loop;
+	vbd->minor = minor;
+	vbd->state = VBD_OPENING;
+	TAILQ_INIT(&vbd->queued);
+	TAILQ_INIT(&vbd->inflight);
+	LIST_INIT(&vbd->frontends);
+	pthread_mutex_lock(&srv->lock);
+	if (srv->minors[minor]) {
+		pthread_mutex_unlock(&srv->lock);
+		free(vbd);
 		return -EBUSY;
-	if (!vbd) {
-		vbd = calloc(1, sizeof(*vbd));
-		if (!vbd)
-			return -ENOMEM;
-		vbd->srv = srv;
-		vbd->minor = minor;
-		TAILQ_INIT(&vbd->queued);
-		TAILQ_INIT(&vbd->inflight);
-		LIST_INIT(&vbd->frontends);
-		fresh = 1;
 	}
+	vbd->was_closed = srv->closed[minor];
+	srv->closed[minor] = 0;
+	srv->minors[minor] = vbd;
+	loop->nr_vbds++;
+	pthread_mutex_unlock(&srv->lock);
+	*out = vbd;
+	return 0;
+}
+
+/* Out of the table; the minor stays a closed one if keep_closed. */
+static void
+vbd_unlink(struct vbd *vbd, int keep_closed)
+{
+	struct server *srv = vbd->srv;
+
+	pthread_mutex_lock(&srv->lock);
+	if (srv->minors[vbd->minor] == vbd) {
+		srv->minors[vbd->minor] = NULL;
+		srv->closed[vbd->minor] = (unsigned char)(keep_closed != 0);
+		vbd->loop->nr_vbds--;
+	}
+	if (vbd->counted)
+		srv->nr_open--;
+	vbd->counted = 0;
+	pthread_mutex_unlock(&srv->lock);
+}
+
+void
+vbd_open(struct vbd *vbd, const char *params, unsigned flags, vbd_done_fn done, void *arg)
+{
 	vbd->readonly = (flags & VBD_OPEN_READONLY) != 0;
 	vbd->nodirect = (flags & VBD_OPEN_NODIRECT) != 0;
 	struct vbd_job *job = vbd_job_new(vbd, JOB_OPEN, params, done, arg);
 	if (!job) {
-		if (fresh)
-			free(vbd);
-		return -ENOMEM;
+		vbd_unlink(vbd, vbd->was_closed);
+		vbd_free(vbd);
+		done(arg, ENOMEM, "out of memory");
+		return;
 	}
-	job->fresh = fresh;
-	memset(&vbd->stats, 0, sizeof(vbd->stats));
-	vbd->state = VBD_OPENING;
-	srv->minors[minor] = vbd;
 	vbd_job_start(job);
-	return 0;
 }
 
 /* ---- pause / unpause ---- */
@@ -380,7 +410,7 @@ vbd_fail_request(struct vbd *vbd, struct vbd_request *vr, int err)
 	vr->err = err;
 	vr->defer.fn = vbd_fail_deferred;
 	vr->defer.arg = vr;
-	io_defer(vbd->srv->io, &vr->defer);
+	io_defer(vbd->loop->io, &vr->defer);
 }
 
 static void
@@ -414,21 +444,17 @@ vbd_close_finished(struct vbd *vbd)
 	vbd->drain_waiters = NULL;
 	log_info("minor %d: closed %s", vbd->minor, vbd->params ? vbd->params : "");
 	if (vbd->state & VBD_DEAD) {	/* a zombie: its minor is already free */
-		for (struct vbd **p = &srv->zombies; *p; p = &(*p)->zombie_next) {
+		for (struct vbd **p = &vbd->loop->zombies; *p; p = &(*p)->zombie_next) {
 			if (*p == vbd) {
 				*p = vbd->zombie_next;
+				srv->nr_zombies--;
 				break;
 			}
 		}
-		vbd_free(vbd);
-	} else if (vbd->release_on_close) {
-		srv->minors[vbd->minor] = NULL;
-		vbd_free(vbd);
 	} else {
-		free(vbd->params);
-		vbd->params = NULL;
-		vbd->state = VBD_CLOSED;
+		vbd_unlink(vbd, !vbd->release_on_close);
 	}
+	vbd_free(vbd);
 	server_vbds_changed(srv);
 	/* last: a waiter may look at the vbd table (shutdown does) */
 	waiters_run(w, 0, NULL);
@@ -441,14 +467,6 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 
 	if (vbd->state & VBD_OPENING) {
 		done(arg, EBUSY, "vbd is busy (opening); try again");
-		return;
-	}
-	if (vbd->state & VBD_CLOSED) {
-		if (release) {
-			srv->minors[vbd->minor] = NULL;
-			vbd_free(vbd);
-		}
-		done(arg, 0, NULL);
 		return;
 	}
 	if ((vbd->state & VBD_PAUSE_REQUESTED) && !(vbd->state & VBD_SHUTDOWN_REQUESTED))
@@ -469,22 +487,11 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 			 vbd->minor, vbd->nr_inflight);
 		vbd->state |= VBD_DEAD;	/* frontends see it: cut, do not drain */
 		vbd_shutdown_frontends(vbd);
-		srv->minors[vbd->minor] = NULL;
-		if (!release) {
-			struct vbd *closed = calloc(1, sizeof(*closed));
-			if (closed) {
-				closed->srv = srv;
-				closed->minor = vbd->minor;
-				closed->state = VBD_CLOSED;
-				TAILQ_INIT(&closed->queued);
-				TAILQ_INIT(&closed->inflight);
-				LIST_INIT(&closed->frontends);
-				srv->minors[vbd->minor] = closed;
-			}
-		}
+		vbd_unlink(vbd, !release);
 		waiters_reply(vbd, 0, NULL);
-		vbd->zombie_next = srv->zombies;
-		srv->zombies = vbd;
+		vbd->zombie_next = vbd->loop->zombies;
+		vbd->loop->zombies = vbd;
+		srv->nr_zombies++;
 		server_vbds_changed(srv);
 		done(arg, 0, NULL);
 		return;
@@ -678,16 +685,13 @@ vbd_frontend_count(const struct vbd *vbd, const char *kind)
 
 /* ---- reporting ---- */
 
-const char *
-vbd_type(const struct vbd *vbd)
+/* "aio", "vhd", ...: params up to ':', into type (n bytes). */
+static const char *
+vbd_type(const struct vbd *vbd, char *type, size_t n)
 {
-	static char type[16];
 	const char *colon = vbd->params ? strchr(vbd->params, ':') : NULL;
-	size_t n = colon ? (size_t)(colon - vbd->params) : 0;
-	if (n >= sizeof(type))
-		n = sizeof(type) - 1;
-	memcpy(type, vbd->params ? vbd->params : "", n);
-	type[n] = '\0';
+	size_t len = colon ? (size_t)(colon - vbd->params) : 0;
+	snprintf(type, n, "%.*s", (int)len, vbd->params ? vbd->params : "");
 	return type;
 }
 
@@ -738,9 +742,9 @@ vbd_stats_json(const struct vbd *vbd)
 			break;
 		}
 	}
-	json_t *out = json_pack("{s:s?, s:i, s:i, s:[I,I], s:o, s:i, s:i, s:o, s:{s:i, s:i}}",
+	json_t *out = json_pack("{s:s?, s:i, s:i, s:i, s:[I,I], s:o, s:i, s:i, s:o, s:{s:i, s:i}}",
 			 "name", vbd->params,
-			 "minor", vbd->minor,
+			 "minor", vbd->minor, "loop", (int)vbd->loop->index,
 			 "state", (int)vbd->state,
 			 "secs", (json_int_t)vbd->stats.secs[0], (json_int_t)vbd->stats.secs[1],
 			 "images", images,
@@ -783,12 +787,13 @@ json_t *
 vbd_info_json(const struct vbd *vbd)
 {
 	const char *colon = vbd->params ? strchr(vbd->params, ':') : NULL;
-	json_t *o = json_pack("{s:i, s:i, s:i, s:s?, s:s?, s:s?, s:b, s:I, s:i, s:i}",
-			      "minor", vbd->minor,
+	char type[16];
+	json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:s?, s:s?, s:s?, s:b, s:I, s:i, s:i}",
+			      "minor", vbd->minor, "loop", (int)vbd->loop->index,
 			      "pid", (int)vbd->srv->pid,
 			      "state", (int)vbd->state,
 			      "params", vbd->params,
-			      "type", vbd->params ? vbd_type(vbd) : NULL,
+			      "type", vbd->params ? vbd_type(vbd, type, sizeof(type)) : NULL,
 			      "path", colon ? colon + 1 : NULL,
 			      "readonly", vbd->readonly,
 			      "size", (json_int_t)(vbd->params ? vbd->size : 0),

@@ -90,9 +90,15 @@ struct vbd_image_mark {
 	struct td_image_stats at;
 };
 
+struct loop;
+
+/* Everything below is the vbd's loop's (loop), but for the fields marked "lock". */
 struct vbd {
 	struct server *srv;
+	struct loop *loop;	/* where it lives; set before it is in the table, never changed */
 	int minor;
+	int counted;		/* in srv->nr_open (lock) */
+	int was_closed;		/* the minor was a closed one: it stays so if the open fails */
 	char *params;		/* NULL when closed */
 	unsigned state;
 	int readonly;
@@ -116,23 +122,30 @@ struct vbd {
 	struct qos_vbd *qos;			/* NULL: no limits, no group */
 	struct vbd_image_mark *marks;	/* one per image of the chain, or NULL */
 	unsigned nr_marks;
-	struct vbd *zombie_next;
+	struct vbd *zombie_next;	/* on loop->zombies */
 };
 
 #define VBD_OPEN_READONLY 0x1
 #define VBD_OPEN_NODIRECT 0x2
 
-/* Async; done(arg, 0, NULL) once the vbd serves requests. EBUSY if the minor is taken. */
-int vbd_open(struct server *srv, int minor, const char *params, unsigned flags,
-	     vbd_done_fn done, void *arg);
+/*
+ * Puts a new vbd (VBD_OPENING) in the table at minor, placed on loop: any
+ * thread. -EBUSY if the minor is taken, -ENOMEM. vbd_open then opens it, on
+ * its loop.
+ */
+int vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out);
+/* Async, on the vbd's loop; done(arg, 0, NULL) once the vbd serves requests.
+ * If the open fails, the vbd is gone from the table when done runs. */
+void vbd_open(struct vbd *vbd, const char *params, unsigned flags, vbd_done_fn done, void *arg);
 void vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg);
 /* params NULL: reopen what was open. */
 void vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg);
 /*
  * Stops the vbd: new requests fail; without force, in-flight ones finish
  * first; with force, frontends are cut off at once and the images close when
- * the I/O already in the kernel comes back. The vbd then stays as a CLOSED
- * minor, or is freed when release is set (destroy).
+ * the I/O already in the kernel comes back. The vbd is then freed and its
+ * minor stays as a closed one (list shows it), or is let go when release is
+ * set (destroy).
  */
 void vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg);
 
@@ -146,7 +159,6 @@ void vbd_frontend_add(struct vbd *vbd, struct vbd_frontend *fe,
 void vbd_frontend_remove(struct vbd_frontend *fe);
 unsigned vbd_frontend_count(const struct vbd *vbd, const char *kind);
 
-const char *vbd_type(const struct vbd *vbd);	/* "aio", "vhd", ...: params up to ':' */
 json_t *vbd_stats_json(const struct vbd *vbd);
 /*
  * Zeroes every cumulative counter vbd_stats_json reports (ops, secs, image

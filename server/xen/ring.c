@@ -19,6 +19,7 @@
 #include "bufpool.h"
 #include "freelist.h"
 #include "log.h"
+#include "loop.h"
 #include "port.h"
 #include "server.h"
 #include "vbd.h"
@@ -26,7 +27,7 @@
 #define RING_INLINE_COPIES BLKIF_MAX_SEGMENTS
 
 struct blkif_ring {
-	struct server *srv;
+	struct loop *loop;		/* the vbd's: everything here runs on it */
 	struct xport *port;
 	struct vbd *vbd;
 	uint32_t domid;
@@ -170,9 +171,9 @@ breq_free(struct blkif_req *b)
 {
 	struct blkif_ring *r = b->ring;
 	if (b->buf)
-		bufpool_put(r->srv->pool, b->buf, b->buflen);
+		bufpool_put(r->loop->pool, b->buf, b->buflen);
 	if (b->segs != b->inline_segs)
-		bufpool_put(r->srv->pool, b->segs, b->nr_segs * sizeof(*b->segs));
+		bufpool_put(r->loop->pool, b->segs, b->nr_segs * sizeof(*b->segs));
 	vbd_request_put(&r->reqs, &b->vr);
 	r->inflight--;
 }
@@ -379,7 +380,7 @@ data_request(struct blkif_ring *r, struct blkif_req *b, int is_write)
 	b->is_write = is_write;
 	b->bytes = bytes;
 	b->buflen = bytes;
-	b->buf = bufpool_get(r->srv->pool, bytes);
+	b->buf = bufpool_get(r->loop->pool, bytes);
 	if (!b->buf) {
 		breq_done(b, BLKIF_RSP_ERROR);
 		return;
@@ -427,7 +428,7 @@ indirect_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 		return;
 	}
 	unsigned pages = (nr + BLKIF_SEGS_PER_INDIRECT_PAGE - 1) / BLKIF_SEGS_PER_INDIRECT_PAGE;
-	struct bufpool *pool = r->srv->pool;
+	struct bufpool *pool = r->loop->pool;
 	size_t desc_len = (size_t)pages * XEN_PAGE_SIZE;
 	uint8_t *desc = bufpool_get(pool, desc_len);
 	struct blkif_req *b = breq_new(r, raw->id, op);
@@ -631,7 +632,7 @@ ring_on_event(evutil_socket_t fd, short what, void *arg)
 }
 
 struct blkif_ring *
-blkif_ring_connect(struct server *srv, struct xport *port, struct vbd *vbd,
+blkif_ring_connect(struct xport *port, struct vbd *vbd,
 		   const struct blkif_ring_cfg *cfg, void (*dead)(void *), void *arg,
 		   char *err, size_t errlen)
 {
@@ -647,7 +648,7 @@ blkif_ring_connect(struct server *srv, struct xport *port, struct vbd *vbd,
 		free(r);
 		return NULL;
 	}
-	r->srv = srv;
+	r->loop = vbd->loop;
 	r->port = port;
 	r->vbd = vbd;
 	r->domid = cfg->domid;
@@ -676,10 +677,11 @@ blkif_ring_connect(struct server *srv, struct xport *port, struct vbd *vbd,
 	/* the frontend initialised the indices; we start after its last answer */
 	r->req_cons = load(r, RSP_PROD);
 	r->rsp_prod_pvt = r->req_cons;
-	r->ev = event_new(srv->base, port->ops->fd(r->evt), EV_READ | EV_PERSIST, ring_on_event, r);
-	r->push_ev = event_new(srv->base, -1, 0, ring_push, r);
-	r->dead_ev = event_new(srv->base, -1, 0, ring_on_dead, r);
-	r->mem_ev = evtimer_new(srv->base, ring_mem_retry, r);
+	struct event_base *base = r->loop->base;
+	r->ev = event_new(base, port->ops->fd(r->evt), EV_READ | EV_PERSIST, ring_on_event, r);
+	r->push_ev = event_new(base, -1, 0, ring_push, r);
+	r->dead_ev = event_new(base, -1, 0, ring_on_dead, r);
+	r->mem_ev = evtimer_new(base, ring_mem_retry, r);
 	if (!r->ev || !r->push_ev || !r->dead_ev || !r->mem_ev || event_add(r->ev, NULL) < 0) {
 		snprintf(err, errlen, "out of memory");
 		port->ops->unbind(r->evt);

@@ -36,10 +36,11 @@ struct blkif_ring_stats {
 };
 
 /*
- * Maps the ring and binds its event channel. dead(arg) is called once if
+ * Maps the ring and binds its event channel, on the vbd's loop, where the
+ * ring then lives (every call here runs there). dead(arg) is called once if
  * the ring disconnects itself (a misbehaving guest).
  */
-struct blkif_ring *blkif_ring_connect(struct server *srv, struct xport *port, struct vbd *vbd,
+struct blkif_ring *blkif_ring_connect(struct xport *port, struct vbd *vbd,
 				      const struct blkif_ring_cfg *cfg,
 				      void (*dead)(void *arg), void *arg,
 				      char *err, size_t errlen);

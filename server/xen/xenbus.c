@@ -22,14 +22,15 @@
 #include <event2/event.h>
 #include <xenstore.h>
 
-#include "container_of.h"
+#include "blkif_link.h"
 #include "log.h"
+#include "loop.h"
 #include "port.h"
 #include "ring.h"
 #include "server.h"
 #include "vbd.h"
 
-#define XB_MAX_QUEUES	4
+#define XB_MAX_QUEUES	BLKIF_LINK_MAX_QUEUES
 #define XB_MAX_TYPES	4
 
 enum xenbus_state {
@@ -37,18 +38,23 @@ enum xenbus_state {
 	XS_CLOSING, XS_CLOSED, XS_RECONFIGURING, XS_RECONFIGURED,
 };
 
+/*
+ * A device, on loop 0. Its rings live on its vbd's loop, in its link
+ * (blkif_link.h): binding, connecting and disconnecting are messages there,
+ * and their outcome comes back as notes.
+ */
 struct xen_dev {
 	struct xenbus *xb;
-	struct vbd_frontend fe;		/* registered with the vbd once bound */
 	char *be_path, *fe_path, *type;
 	uint32_t fe_domid, devid;
 	int state;			/* ours, as written */
-	struct vbd *vbd;
-	struct blkif_ring *rings[XB_MAX_QUEUES];
-	unsigned nr_rings;
-	struct blkif_ring_stats past;	/* rings gone: counters stay monotonic */
+	struct blkif_link *link;	/* NULL: not bound (or binding failed) */
+	uint64_t gen;			/* of the link: notes for an older one are stale */
+	int bound;			/* the link is registered with the vbd */
+	int connecting, connected;
+	struct blkif_vbd_props props;	/* the vbd's, as of the last note */
 	char *unknown_pdp;		/* warned about once */
-	LIST_ENTRY(xen_dev) link;
+	LIST_ENTRY(xen_dev) link_entry;
 };
 
 struct xenbus {
@@ -56,6 +62,7 @@ struct xenbus {
 	struct xs_handle *xs;
 	struct xport *port;
 	uint32_t domid;
+	uint64_t gens;			/* links made so far */
 	char *roots[XB_MAX_TYPES];	/* /local/domain/<me>/backend/<type> */
 	char *types[XB_MAX_TYPES];
 	unsigned nr_types;
@@ -64,6 +71,9 @@ struct xenbus {
 };
 
 static void dev_update(struct xen_dev *d);
+
+/* The one xenbus of this process, for the notes that come back to loop 0. */
+static struct xenbus *active;
 
 /* ---- xenstore helpers ---- */
 
@@ -156,6 +166,8 @@ dev_set_state(struct xen_dev *d, int state)
 	if (d->state == state)
 		return;
 	d->state = state;
+	if (d->link)
+		blkif_link_set_state(d->link, state);
 	if (xwrite_if_present(d->xb, d->be_path, "state", "%d", state) == 1)
 		log_info("blkif %s: state %d", d->be_path, state);
 }
@@ -163,36 +175,11 @@ dev_set_state(struct xen_dev *d, int state)
 /* ---- rings ---- */
 
 static void
-stats_add(struct blkif_ring_stats *sum, const struct blkif_ring_stats *s)
-{
-	sum->reqs_in += s->reqs_in;
-	sum->reqs_out += s->reqs_out;
-	sum->kicks_in += s->kicks_in;
-	sum->kicks_out += s->kicks_out;
-	sum->errors_msg += s->errors_msg;
-	sum->errors_map += s->errors_map;
-	sum->errors_vbd += s->errors_vbd;
-}
-
-static void
 dev_disconnect(struct xen_dev *d)
 {
-	for (unsigned i = 0; i < d->nr_rings; i++) {
-		struct blkif_ring_stats s;
-		blkif_ring_get_stats(d->rings[i], &s);	/* the ring may be freed below */
-		stats_add(&d->past, &s);
-		blkif_ring_disconnect(d->rings[i]);
-	}
-	d->nr_rings = 0;
-}
-
-static void
-dev_ring_dead(void *arg)
-{
-	struct xen_dev *d = arg;
-	/* a guest that breaks its ring loses its device: it must reconnect */
-	dev_disconnect(d);
-	dev_set_state(d, XS_CLOSING);
+	if ((d->connected || d->connecting) && d->link && blkif_link_disconnect(d->link) < 0)
+		log_err("blkif %s: out of memory disconnecting its rings", d->be_path);
+	d->connected = d->connecting = 0;
 }
 
 /* Reads ring-ref[N]/ring-page-order/event-channel under dir. */
@@ -220,17 +207,18 @@ read_ring_cfg(struct xen_dev *d, const char *dir, unsigned order, struct blkif_r
 	return 0;
 }
 
+/* Reads the frontend's rings from xenstore and has the link connect them. */
 static int
 dev_connect(struct xen_dev *d, char *err, size_t errlen)
 {
 	struct xenbus *xb = d->xb;
-	struct blkif_ring_cfg cfg = { .domid = d->fe_domid };
+	struct blkif_ring_cfg cfgs[XB_MAX_QUEUES];
 	unsigned long queues = 1, order = 0;
 	char *proto = xread(xb, "%s/protocol", d->fe_path);
+	int p = blkif_protocol(proto);
 
-	cfg.proto = blkif_protocol(proto);
 	free(proto);
-	if (cfg.proto < 0) {
+	if (p < 0) {
 		snprintf(err, errlen, "unknown protocol");
 		return -1;
 	}
@@ -252,17 +240,31 @@ dev_connect(struct xen_dev *d, char *err, size_t errlen)
 			snprintf(dir, sizeof(dir), "%s", d->fe_path);
 		else
 			snprintf(dir, sizeof(dir), "%s/queue-%u", d->fe_path, q);
-		cfg.index = (int)q;
-		if (read_ring_cfg(d, dir, (unsigned)order, &cfg, err, errlen) < 0)
-			goto fail;
-		d->rings[q] = blkif_ring_connect(xb->srv, xb->port, d->vbd, &cfg, dev_ring_dead, d,
-						 err, errlen);
-		if (!d->rings[q])
-			goto fail;
-		d->nr_rings = q + 1;
+		memset(&cfgs[q], 0, sizeof(cfgs[q]));
+		cfgs[q].domid = d->fe_domid;
+		cfgs[q].proto = p;
+		cfgs[q].index = (int)q;
+		if (read_ring_cfg(d, dir, (unsigned)order, &cfgs[q], err, errlen) < 0)
+			return -1;
 	}
-	struct vbd *vbd = d->vbd;
-	int discard = !vbd->readonly && (vbd->caps & TD_CAP_DISCARD);
+	if (blkif_link_connect(d->link, cfgs, (unsigned)queues) < 0) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	d->connecting = 1;
+	return 0;
+}
+
+/* The rings are up on the vbd's loop: tell the guest what the disk is. */
+static void
+dev_connected(struct xen_dev *d)
+{
+	struct xenbus *xb = d->xb;
+	const struct blkif_vbd_props *v = &d->props;
+	int discard = !v->readonly && (v->caps & TD_CAP_DISCARD);
+
+	d->connecting = 0;
+	d->connected = 1;
 	xwrite(xb, d->be_path, "feature-flush-cache", "1");
 	xwrite(xb, d->be_path, "feature-barrier", "1");
 	xwrite(xb, d->be_path, "feature-discard", "%d", discard);
@@ -271,21 +273,15 @@ dev_connect(struct xen_dev *d, char *err, size_t errlen)
 		xwrite(xb, d->be_path, "discard-alignment", "0");
 		xwrite(xb, d->be_path, "discard-secure", "0");
 	}
-	xwrite(xb, d->be_path, "sectors", "%ju", (uintmax_t)(vbd->size / 512));
-	xwrite(xb, d->be_path, "info", "%d", vbd->readonly ? 4 : 0);	/* VDISK_READONLY */
+	xwrite(xb, d->be_path, "sectors", "%ju", (uintmax_t)(v->size / 512));
+	xwrite(xb, d->be_path, "info", "%d", v->readonly ? 4 : 0);	/* VDISK_READONLY */
 	/* the guest must not send what the chain cannot serve (4k-native disks) */
-	unsigned lbs = vbd->sector_size > vbd->min_io ? vbd->sector_size : vbd->min_io;
+	unsigned lbs = v->sector_size > v->min_io ? v->sector_size : v->min_io;
 	lbs = lbs < 512 ? 512 : lbs;
 	xwrite(xb, d->be_path, "sector-size", "%u", lbs);
 	xwrite(xb, d->be_path, "physical-sector-size", "%u", lbs > 4096 ? lbs : 4096u);
 	dev_set_state(d, XS_CONNECTED);
-	log_info("blkif %s: connected to minor %d (%lu queue%s, %u page%s, protocol %s)",
-		 d->be_path, vbd->minor, queues, queues > 1 ? "s" : "", 1u << order,
-		 order ? "s" : "", cfg.proto == BLKIF_PROTO_X86_32 ? "x86_32" : "x86_64");
-	return 0;
-fail:
-	dev_disconnect(d);
-	return -1;
+	log_info("blkif %s: connected to minor %d", d->be_path, v->minor);
 }
 
 /* ---- binding to a vbd ---- */
@@ -294,79 +290,113 @@ static void
 dev_unbind(struct xen_dev *d)
 {
 	dev_disconnect(d);
-	if (d->vbd) {
-		vbd_frontend_remove(&d->fe);
-		d->vbd = NULL;
+	if (d->link) {
+		blkif_link_free(d->link);
+		d->link = NULL;
 	}
+	d->bound = 0;
 }
 
-static void
-dev_fe_shutdown(struct vbd_frontend *fe)
+/* The vbd behind the socket block-tap wrote: <state-dir>/nbd<pid>.<minor>. */
+static int
+minor_by_socket(struct server *srv, const char *path)
 {
-	struct xen_dev *d = container_of(fe, struct xen_dev, fe);
-	/* the vbd is closing under the guest: tell it the disk is going */
-	dev_unbind(d);
-	if (d->state != XS_CLOSED) {
-		dev_set_state(d, XS_CLOSING);
-		dev_set_state(d, XS_CLOSED);
-	}
+	char prefix[4200];
+	int n = snprintf(prefix, sizeof(prefix), "%s/nbd%d.", srv->state_dir, (int)srv->pid);
+	size_t digits;
+
+	if (n < 0 || (size_t)n >= sizeof(prefix) || strncmp(path, prefix, (size_t)n))
+		return -1;
+	path += n;
+	digits = strspn(path, "0123456789");
+	if (!digits || digits > 4 || path[digits] || (path[0] == '0' && digits > 1))
+		return -1;
+	return atoi(path) < SERVER_MAX_MINORS ? atoi(path) : -1;
 }
 
-static json_t *
-dev_fe_stats(struct vbd_frontend *fe)
-{
-	struct xen_dev *d = container_of(fe, struct xen_dev, fe);
-	struct blkif_ring_stats sum = d->past, s;
-	json_t *rings = json_array();
+static void dev_note(struct blkif_note *n);
 
-	for (unsigned i = 0; i < d->nr_rings; i++) {
-		blkif_ring_get_stats(d->rings[i], &s);
-		stats_add(&sum, &s);
-		json_array_append_new(rings, blkif_ring_stats_json(d->rings[i]));
+/* Starts binding d to the vbd behind pdp; 0 if it is on its way. */
+static int
+dev_bind(struct xen_dev *d, const char *pdp)
+{
+	struct xenbus *xb = d->xb;
+	int minor = minor_by_socket(xb->srv, pdp);
+	struct loop *l = minor < 0 ? NULL : server_vbd_loop(xb->srv, minor);
+
+	if (!l)
+		return -1;
+	d->link = blkif_link_new(xb->srv->loops[0], dev_note, xb->port, d, ++xb->gens,
+				 d->be_path, d->fe_domid, d->devid);
+	if (!d->link)
+		return -1;
+	d->gen = xb->gens;
+	blkif_link_set_state(d->link, d->state);
+	if (blkif_link_bind(d->link, l, minor) < 0) {
+		blkif_link_free(d->link);
+		d->link = NULL;
+		return -1;
 	}
-	/* tapdisk's keys (domid, devid, reqs, kicks, errors), then ours */
-	return json_pack("{s:i, s:i, s:s, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:o}",
-			 "domid", (int)d->fe_domid, "devid", (int)d->devid, "path", d->be_path,
-			 "state", d->state,
-			 "reqs", (json_int_t)sum.reqs_in, (json_int_t)sum.reqs_out,
-			 "kicks", (json_int_t)sum.kicks_in, (json_int_t)sum.kicks_out,
-			 "errors", "msg", (json_int_t)sum.errors_msg, "map", (json_int_t)sum.errors_map,
-			 "vbd", (json_int_t)sum.errors_vbd, "rings", rings);
+	return 0;
 }
 
-static void
-dev_fe_reset_stats(struct vbd_frontend *fe)
+static struct xen_dev *
+dev_of_note(const struct blkif_note *n)
 {
-	struct xen_dev *d = container_of(fe, struct xen_dev, fe);
+	struct xen_dev *d;
 
-	memset(&d->past, 0, sizeof(d->past));
-	for (unsigned i = 0; i < d->nr_rings; i++)
-		blkif_ring_reset_stats(d->rings[i]);
-}
-
-static const struct vbd_frontend_ops dev_fe_ops = {
-	.kind = "blkif",
-	.shutdown = dev_fe_shutdown,
-	.stats = dev_fe_stats,
-	.reset_stats = dev_fe_reset_stats,
-};
-
-static struct vbd *
-vbd_by_socket(struct server *srv, const char *path)
-{
-	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
-		struct vbd *vbd = srv->minors[m];
-		if (!vbd || !vbd->params || (vbd->state & (VBD_CLOSED | VBD_SHUTDOWN_REQUESTED)))
-			continue;
-		/* the socket block-tap wrote is the one in the vbd's description */
-		json_t *info = vbd_info_json(vbd);
-		const char *p = json_string_value(json_object_get(info, "nbd"));
-		int same = p && !strcmp(p, path);
-		json_decref(info);
-		if (same)
-			return vbd;
-	}
+	if (!active)
+		return NULL;
+	LIST_FOREACH(d, &active->devs, link_entry)
+		if (d == n->dev && d->link && d->gen == n->gen)
+			return d;
 	return NULL;
+}
+
+/* What a link said, on loop 0. */
+static void
+dev_note(struct blkif_note *n)
+{
+	struct xen_dev *d = dev_of_note(n);
+
+	if (d) {
+		d->props = n->props;
+		switch (n->kind) {
+		case BLKIF_BOUND:
+			d->bound = 1;
+			log_info("blkif %s: bound to minor %d", d->be_path, n->props.minor);
+			dev_update(d);	/* the frontend may be waiting already */
+			break;
+		case BLKIF_BIND_FAILED:
+			dev_unbind(d);
+			break;
+		case BLKIF_CONNECTED:
+			if (d->connecting)
+				dev_connected(d);
+			break;
+		case BLKIF_CONNECT_FAILED:
+			if (!d->connecting)
+				break;
+			d->connecting = 0;
+			log_warn("blkif %s: cannot connect: %s", d->be_path, n->err);
+			xwrite(d->xb, d->be_path, "error", "%s", n->err);
+			dev_set_state(d, XS_CLOSING);
+			break;
+		case BLKIF_RING_DEAD:
+			d->connected = d->connecting = 0;
+			dev_set_state(d, XS_CLOSING);
+			break;
+		case BLKIF_VBD_GONE:
+			/* the vbd is closing under the guest: tell it the disk is going */
+			dev_unbind(d);
+			if (d->state != XS_CLOSED) {
+				dev_set_state(d, XS_CLOSING);
+				dev_set_state(d, XS_CLOSED);
+			}
+			break;
+		}
+	}
+	blkif_note_free(n);
 }
 
 /* ---- devices ---- */
@@ -375,7 +405,7 @@ static void
 dev_free(struct xen_dev *d)
 {
 	dev_unbind(d);
-	LIST_REMOVE(d, link);
+	LIST_REMOVE(d, link_entry);
 	char token[600];
 	snprintf(token, sizeof(token), "fe:%s", d->be_path);
 	if (d->fe_path) {
@@ -397,13 +427,9 @@ dev_update(struct xen_dev *d)
 	char err[256];
 	unsigned long fe_state;
 
-	if (!d->vbd) {
+	if (!d->link) {
 		char *pdp = xread(xb, "%s/physical-device-path", d->be_path);
-		struct vbd *vbd = pdp ? vbd_by_socket(xb->srv, pdp) : NULL;
-		if (vbd) {
-			d->vbd = vbd;
-			vbd_frontend_add(vbd, &d->fe, &dev_fe_ops);
-			log_info("blkif %s: bound to minor %d", d->be_path, vbd->minor);
+		if (pdp && dev_bind(d, pdp) == 0) {
 			free(d->unknown_pdp);
 			d->unknown_pdp = NULL;
 		} else if (pdp && (!d->unknown_pdp || strcmp(d->unknown_pdp, pdp))) {
@@ -417,7 +443,7 @@ dev_update(struct xen_dev *d)
 	if (xread_uint(xb, &fe_state, "%s/state", d->fe_path) < 0) {
 		/* No frontend yet (wait for it), or it went away under a live
 		 * ring (the guest died: let go of its memory). */
-		if (d->nr_rings || d->state == XS_CONNECTED) {
+		if (d->connected || d->connecting || d->state == XS_CONNECTED) {
 			dev_disconnect(d);
 			dev_set_state(d, XS_CLOSED);
 		}
@@ -426,7 +452,7 @@ dev_update(struct xen_dev *d)
 	switch (fe_state) {
 	case XS_INITIALISED:
 	case XS_CONNECTED:
-		if (d->vbd && !d->nr_rings && d->state == XS_INITWAIT) {
+		if (d->bound && !d->connected && !d->connecting && d->state == XS_INITWAIT) {
 			if (dev_connect(d, err, sizeof(err)) < 0) {
 				log_warn("blkif %s: cannot connect: %s", d->be_path, err);
 				xwrite(xb, d->be_path, "error", "%s", err);
@@ -492,7 +518,7 @@ dev_new(struct xenbus *xb, const char *type, const char *be_path, uint32_t devid
 	d->fe_domid = (uint32_t)fe_domid;
 	d->devid = devid;
 	d->state = -1;
-	LIST_INSERT_HEAD(&xb->devs, d, link);
+	LIST_INSERT_HEAD(&xb->devs, d, link_entry);
 	xwrite(xb, be_path, "max-ring-page-order", "%d", BLKIF_MAX_RING_ORDER);
 	xwrite(xb, be_path, "multi-queue-max-queues", "%d", XB_MAX_QUEUES);
 	xwrite(xb, be_path, "feature-max-indirect-segments", "%d", BLKIF_MAX_INDIRECT_SEGMENTS);
@@ -510,7 +536,7 @@ static struct xen_dev *
 dev_find(struct xenbus *xb, const char *be_path)
 {
 	struct xen_dev *d;
-	LIST_FOREACH(d, &xb->devs, link)
+	LIST_FOREACH(d, &xb->devs, link_entry)
 		if (!strcmp(d->be_path, be_path))
 			return d;
 	return NULL;
@@ -592,6 +618,7 @@ xenbus_start(struct server *srv, const struct xenbus_opts *o)
 		return NULL;
 	xb->srv = srv;
 	xb->domid = o->domid;
+	active = xb;
 	LIST_INIT(&xb->devs);
 	xb->port = o->sim_dir ? xport_sim_open(o->sim_dir, err, sizeof(err))
 			      : xport_xen_open(err, sizeof(err));
@@ -638,6 +665,7 @@ xenbus_stop(struct xenbus *xb)
 {
 	if (!xb)
 		return;
+	active = NULL;	/* notes still on their way are dropped */
 	while (!LIST_EMPTY(&xb->devs)) {
 		struct xen_dev *d = LIST_FIRST(&xb->devs);
 		dev_unbind(d);

@@ -16,6 +16,8 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("TAPDISKD_BIN_DIR", os.path.join(ROOT, "build", "bin"))
 ENGINE = os.environ.get("TAPDISKD_IO_ENGINE", "uring")
+# event loops each server runs (--loops); unset: the server's default (one per CPU)
+LOOPS = os.environ.get("TAPDISKD_LOOPS")
 # Under valgrind or ASan the server is slower: scale timeouts.
 SLOW = float(os.environ.get("TAPDISKD_TIMEOUT_SCALE", "1"))
 
@@ -116,7 +118,8 @@ class Server:
     def start(self, wait=True):
         self.logf = open(self.log_path, "ab")
         cmd = [os.path.join(BIN, "tapdiskd"), "--state-dir", self.state_dir,
-               "--foreground", "--io-engine", self.engine] + self.extra
+               "--foreground", "--io-engine", self.engine] + \
+            (["--loops", LOOPS] if LOOPS and "--loops" not in self.extra else []) + self.extra
         wrap = os.environ.get("TAPDISKD_WRAPPER")
         if wrap:
             cmd = wrap.split() + cmd

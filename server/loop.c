@@ -1,0 +1,180 @@
+/*
+ * Loops: building one (base, engine, pool, mailbox, NBD state), running it
+ * on its own thread, stopping it through its mailbox.
+ */
+#include "loop.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#include <event2/event.h>
+
+#include "bufpool.h"
+#include "io.h"
+#include "log.h"
+#include "nbd.h"
+
+#define IDLE_TRIM_INTERVAL 5	/* seconds between returns of idle buffers */
+
+static _Thread_local struct loop *current;
+
+struct loop *
+loop_current(void)
+{
+	return current;
+}
+
+void
+loop_set_current(struct loop *l)
+{
+	current = l;
+}
+
+static void
+on_idle_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct loop *l = arg;
+	(void)fd;
+	(void)what;
+	if (bufpool_trim_idle(l->pool)) {
+#ifdef __GLIBC__
+		malloc_trim(0);
+#endif
+	}
+}
+
+struct loop *
+loop_new(struct server *srv, unsigned index, const char *io_engine, size_t pool_cache,
+	 char *err, size_t errlen)
+{
+	struct loop *l = calloc(1, sizeof(*l));
+	struct timeval tick = { IDLE_TRIM_INTERVAL, 0 };
+
+	if (!l)
+		goto nomem;
+	l->srv = srv;
+	l->index = index;
+	if (!(l->base = event_base_new()) || !(l->pool = bufpool_new(pool_cache)) ||
+	    !(l->mb = mailbox_new(l->base)))
+		goto nomem;
+	l->idle_tick = event_new(l->base, -1, EV_PERSIST, on_idle_tick, l);
+	if (!l->idle_tick || event_add(l->idle_tick, &tick) < 0)
+		goto nomem;
+	if (!(l->io = io_engine_new(l->base, io_engine, err, errlen)))
+		goto fail;
+	if (!(l->nbd = nbd_server_new(srv, l)))
+		goto nomem;
+	return l;
+nomem:
+	snprintf(err, errlen, "out of memory");
+fail:
+	loop_free(l);
+	return NULL;
+}
+
+static void *
+loop_thread(void *arg)
+{
+	struct loop *l = arg;
+	char name[16];
+
+	snprintf(name, sizeof(name), "tapdiskd-loop%u", l->index);
+	pthread_setname_np(pthread_self(), name);
+	current = l;
+	event_base_loop(l->base, EVLOOP_NO_EXIT_ON_EMPTY);
+	return NULL;
+}
+
+int
+loop_start(struct loop *l)
+{
+	int rc = pthread_create(&l->thread, NULL, loop_thread, l);
+	if (rc)
+		return -rc;
+	l->running = 1;
+	return 0;
+}
+
+static void
+loop_exit(void *arg)
+{
+	struct loop *l = arg;
+	event_base_loopexit(l->base, NULL);
+}
+
+void
+loop_stop(struct loop *l)
+{
+	if (!l || !l->running)
+		return;
+	while (loop_call(l, loop_exit, l) < 0)
+		;	/* out of memory: a message is a few bytes; try again */
+	pthread_join(l->thread, NULL);
+	l->running = 0;
+	/* what was posted after the exit runs here, as if on l: nothing is lost */
+	struct loop *was = current;
+	current = l;
+	while (mailbox_run(l->mb))
+		;
+	current = was;
+}
+
+void
+loop_free(struct loop *l)
+{
+	if (!l)
+		return;
+	loop_stop(l);
+	nbd_server_free(l->nbd);
+	if (l->idle_tick)
+		event_free(l->idle_tick);
+	if (l->io && !l->zombies)
+		io_engine_free(l->io);
+	mailbox_free(l->mb);
+	bufpool_free(l->pool);
+	if (l->base)
+		event_base_free(l->base);
+	free(l);
+}
+
+void
+loop_post(struct loop *l, struct mailbox_msg *m)
+{
+	mailbox_post(l->mb, m);
+}
+
+struct loop_call_msg {
+	struct mailbox_msg m;
+	void (*fn)(void *arg);
+	void *arg;
+};
+
+static void
+loop_call_run(struct mailbox_msg *m)
+{
+	struct loop_call_msg *c = (struct loop_call_msg *)m;
+	void (*fn)(void *) = c->fn;
+	void *arg = c->arg;
+
+	free(c);
+	fn(arg);
+}
+
+int
+loop_call(struct loop *l, void (*fn)(void *arg), void *arg)
+{
+	struct loop_call_msg *c = malloc(sizeof(*c));
+
+	if (!c)
+		return -ENOMEM;
+	c->m.fn = loop_call_run;
+	c->fn = fn;
+	c->arg = arg;
+	loop_post(l, &c->m);
+	return 0;
+}
