@@ -59,13 +59,19 @@ loop_new(struct server *srv, unsigned index, const char *io_engine, size_t pool_
 		goto nomem;
 	l->srv = srv;
 	l->index = index;
+	pthread_mutex_init(&l->start_lock, NULL);
+	pthread_cond_init(&l->start_cond, NULL);
 	if (!(l->base = event_base_new()) || !(l->pool = bufpool_new(pool_cache)) ||
 	    !(l->mb = mailbox_new(l->base)))
 		goto nomem;
 	l->idle_tick = event_new(l->base, -1, EV_PERSIST, on_idle_tick, l);
 	if (!l->idle_tick || event_add(l->idle_tick, &tick) < 0)
 		goto nomem;
-	if (!(l->io = io_engine_new(l->base, io_engine, err, errlen)))
+	l->engine = io_engine;
+	/* loop 0's engine is made here, on the main thread that runs it; the
+	 * others' on their own threads (loop_start): an io_uring takes
+	 * submissions only from the thread that made it */
+	if (index == 0 && !(l->io = io_engine_new(l->base, io_engine, err, errlen)))
 		goto fail;
 	if (!(l->nbd = nbd_server_new(srv, l)))
 		goto nomem;
@@ -86,17 +92,35 @@ loop_thread(void *arg)
 	snprintf(name, sizeof(name), "tapdiskd-loop%u", l->index);
 	pthread_setname_np(pthread_self(), name);
 	current = l;
-	event_base_loop(l->base, EVLOOP_NO_EXIT_ON_EMPTY);
+	l->io = io_engine_new(l->base, l->engine, l->start_err, sizeof(l->start_err));
+	pthread_mutex_lock(&l->start_lock);
+	l->started = 1;
+	pthread_cond_signal(&l->start_cond);
+	pthread_mutex_unlock(&l->start_lock);
+	if (l->io)
+		event_base_loop(l->base, EVLOOP_NO_EXIT_ON_EMPTY);
 	return NULL;
 }
 
 int
-loop_start(struct loop *l)
+loop_start(struct loop *l, char *err, size_t errlen)
 {
 	int rc = pthread_create(&l->thread, NULL, loop_thread, l);
-	if (rc)
+	if (rc) {
+		snprintf(err, errlen, "cannot start its thread: %s", strerror(rc));
 		return -rc;
+	}
 	l->running = 1;
+	pthread_mutex_lock(&l->start_lock);
+	while (!l->started)
+		pthread_cond_wait(&l->start_cond, &l->start_lock);
+	pthread_mutex_unlock(&l->start_lock);
+	if (!l->io) {	/* the thread has ended */
+		pthread_join(l->thread, NULL);
+		l->running = 0;
+		snprintf(err, errlen, "%s", l->start_err);
+		return -EIO;
+	}
 	return 0;
 }
 
@@ -130,6 +154,12 @@ loop_free(struct loop *l)
 	if (!l)
 		return;
 	loop_stop(l);
+	/* what is still posted to it (every loop is stopped by now) runs here */
+	struct loop *was = current;
+	current = l;
+	while (l->mb && mailbox_run(l->mb))
+		;
+	current = was;
 	nbd_server_free(l->nbd);
 	if (l->idle_tick)
 		event_free(l->idle_tick);
@@ -139,6 +169,8 @@ loop_free(struct loop *l)
 	bufpool_free(l->pool);
 	if (l->base)
 		event_base_free(l->base);
+	pthread_mutex_destroy(&l->start_lock);
+	pthread_cond_destroy(&l->start_cond);
 	free(l);
 }
 

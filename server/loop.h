@@ -38,6 +38,12 @@ struct loop {
 	unsigned nr_vbds;		/* placed here (srv->lock) */
 	pthread_t thread;
 	int running;			/* has a thread of its own (not loop 0) */
+	/* starting: the thread makes the engine (an io_uring is its maker's) */
+	const char *engine;
+	pthread_mutex_t start_lock;
+	pthread_cond_t start_cond;
+	int started;
+	char start_err[256];
 };
 
 struct loop *loop_current(void);
@@ -47,8 +53,9 @@ void loop_set_current(struct loop *l);
 /* NULL with err set (one line). */
 struct loop *loop_new(struct server *srv, unsigned index, const char *io_engine,
 		      size_t pool_cache, char *err, size_t errlen);
-/* Starts the loop's own thread (every loop but 0). 0 or -errno. */
-int loop_start(struct loop *l);
+/* Starts the loop's own thread (every loop but 0), which makes its I/O
+ * engine. 0, or -errno with err set. */
+int loop_start(struct loop *l, char *err, size_t errlen);
 /* Stops and joins the loop's thread (if any). */
 void loop_stop(struct loop *l);
 void loop_free(struct loop *l);

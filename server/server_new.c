@@ -69,10 +69,9 @@ static int
 server_start_loops(struct server *srv, char *err, size_t errlen)
 {
 	for (unsigned i = 1; i < srv->nr_loops; i++) {
-		int rc = loop_start(srv->loops[i]);
-		if (rc < 0) {
-			snprintf(err, errlen, "loop %u: cannot start its thread: %s", i,
-				 strerror(-rc));
+		char why[300];
+		if (loop_start(srv->loops[i], why, sizeof(why)) < 0) {
+			snprintf(err, errlen, "loop %u: %s", i, why);
 			return -1;
 		}
 	}
