@@ -6,6 +6,8 @@
  * whose NBD socket its physical-device-path names (the hotplug script
  * writes it), and follows the frontend's state: connect the rings when it
  * is Initialised, close when it closes, start over when it comes back.
+ * feature-persistent is offered to every frontend and used when the
+ * frontend's own feature-persistent says 1 at connect, as blkback does.
  *
  * xenstore calls are synchronous RPCs to the local xenstored, made on the
  * loop thread: control path only, never per request.
@@ -24,6 +26,7 @@
 
 #include "container_of.h"
 #include "log.h"
+#include "pgrant.h"
 #include "port.h"
 #include "ring.h"
 #include "server.h"
@@ -61,6 +64,7 @@ struct xenbus {
 	unsigned nr_types;
 	struct event *ev;
 	LIST_HEAD(, xen_dev) devs;
+	unsigned max_pgrants;		/* per ring; 0: feature-persistent off */
 };
 
 static void dev_update(struct xen_dev *d);
@@ -172,6 +176,7 @@ stats_add(struct blkif_ring_stats *sum, const struct blkif_ring_stats *s)
 	sum->errors_msg += s->errors_msg;
 	sum->errors_map += s->errors_map;
 	sum->errors_vbd += s->errors_vbd;
+	sum->pgrant_evictions += s->pgrant_evictions;
 }
 
 static void
@@ -220,6 +225,14 @@ read_ring_cfg(struct xen_dev *d, const char *dir, unsigned order, struct blkif_r
 	return 0;
 }
 
+/* The frontend's feature-persistent (its directory, not a queue's), read at connect. */
+static int
+fe_wants_persistent(struct xen_dev *d)
+{
+	unsigned long v;
+	return xread_uint(d->xb, &v, "%s/feature-persistent", d->fe_path) == 0 && v == 1;
+}
+
 static int
 dev_connect(struct xen_dev *d, char *err, size_t errlen)
 {
@@ -246,6 +259,7 @@ dev_connect(struct xen_dev *d, char *err, size_t errlen)
 		snprintf(err, errlen, "ring-page-order %lu (at most %d)", order, BLKIF_MAX_RING_ORDER);
 		return -1;
 	}
+	cfg.max_pgrants = fe_wants_persistent(d) ? xb->max_pgrants : 0;
 	for (unsigned q = 0; q < queues; q++) {
 		char dir[512];
 		if (queues == 1)
@@ -279,9 +293,10 @@ dev_connect(struct xen_dev *d, char *err, size_t errlen)
 	xwrite(xb, d->be_path, "sector-size", "%u", lbs);
 	xwrite(xb, d->be_path, "physical-sector-size", "%u", lbs > 4096 ? lbs : 4096u);
 	dev_set_state(d, XS_CONNECTED);
-	log_info("blkif %s: connected to minor %d (%lu queue%s, %u page%s, protocol %s)",
+	log_info("blkif %s: connected to minor %d (%lu queue%s, %u page%s, protocol %s%s)",
 		 d->be_path, vbd->minor, queues, queues > 1 ? "s" : "", 1u << order,
-		 order ? "s" : "", cfg.proto == BLKIF_PROTO_X86_32 ? "x86_32" : "x86_64");
+		 order ? "s" : "", cfg.proto == BLKIF_PROTO_X86_32 ? "x86_32" : "x86_64",
+		 cfg.max_pgrants ? ", persistent grants" : "");
 	return 0;
 fail:
 	dev_disconnect(d);
@@ -318,20 +333,24 @@ dev_fe_stats(struct vbd_frontend *fe)
 	struct xen_dev *d = container_of(fe, struct xen_dev, fe);
 	struct blkif_ring_stats sum = d->past, s;
 	json_t *rings = json_array();
+	uint64_t pgrants = 0;		/* mapped now: only live rings have any */
 
 	for (unsigned i = 0; i < d->nr_rings; i++) {
 		blkif_ring_get_stats(d->rings[i], &s);
 		stats_add(&sum, &s);
+		pgrants += s.pgrants;
 		json_array_append_new(rings, blkif_ring_stats_json(d->rings[i]));
 	}
 	/* tapdisk's keys (domid, devid, reqs, kicks, errors), then ours */
-	return json_pack("{s:i, s:i, s:s, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:o}",
+	return json_pack("{s:i, s:i, s:s, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:o, s:I, s:I}",
 			 "domid", (int)d->fe_domid, "devid", (int)d->devid, "path", d->be_path,
 			 "state", d->state,
 			 "reqs", (json_int_t)sum.reqs_in, (json_int_t)sum.reqs_out,
 			 "kicks", (json_int_t)sum.kicks_in, (json_int_t)sum.kicks_out,
 			 "errors", "msg", (json_int_t)sum.errors_msg, "map", (json_int_t)sum.errors_map,
-			 "vbd", (json_int_t)sum.errors_vbd, "rings", rings);
+			 "vbd", (json_int_t)sum.errors_vbd, "rings", rings,
+			 "persistent_grants", (json_int_t)pgrants,
+			 "persistent_evictions", (json_int_t)sum.pgrant_evictions);
 }
 
 static void
@@ -496,7 +515,7 @@ dev_new(struct xenbus *xb, const char *type, const char *be_path, uint32_t devid
 	xwrite(xb, be_path, "max-ring-page-order", "%d", BLKIF_MAX_RING_ORDER);
 	xwrite(xb, be_path, "multi-queue-max-queues", "%d", XB_MAX_QUEUES);
 	xwrite(xb, be_path, "feature-max-indirect-segments", "%d", BLKIF_MAX_INDIRECT_SEGMENTS);
-	xwrite(xb, be_path, "feature-persistent", "0");
+	xwrite(xb, be_path, "feature-persistent", "%d", xb->max_pgrants ? 1 : 0);
 	dev_set_state(d, XS_INITWAIT);
 	char path[512], token[600];
 	snprintf(path, sizeof(path), "%s/state", fe_path);
@@ -577,6 +596,28 @@ xenbus_on_watch(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
+/*
+ * The bound of persistent grants per ring: Linux blkback's default, or
+ * TAPDISKD_MAX_PERSISTENT_GRANTS (tests lower it to see the bound at work;
+ * 0 stops offering feature-persistent).
+ */
+static unsigned
+max_pgrants_from_env(void)
+{
+	const char *v = getenv("TAPDISKD_MAX_PERSISTENT_GRANTS");
+	char *end;
+	if (!v || !*v)
+		return PGRANT_DEFAULT_MAX;
+	errno = 0;
+	unsigned long n = strtoul(v, &end, 10);
+	if (errno || *end || n > PGRANT_LIMIT) {
+		log_warn("TAPDISKD_MAX_PERSISTENT_GRANTS=%s: not 0..%u; using %u", v, PGRANT_LIMIT,
+			 PGRANT_DEFAULT_MAX);
+		return PGRANT_DEFAULT_MAX;
+	}
+	return (unsigned)n;
+}
+
 struct xenbus *
 xenbus_start(struct server *srv, const struct xenbus_opts *o)
 {
@@ -592,6 +633,7 @@ xenbus_start(struct server *srv, const struct xenbus_opts *o)
 		return NULL;
 	xb->srv = srv;
 	xb->domid = o->domid;
+	xb->max_pgrants = max_pgrants_from_env();
 	LIST_INIT(&xb->devs);
 	xb->port = o->sim_dir ? xport_sim_open(o->sim_dir, err, sizeof(err))
 			      : xport_xen_open(err, sizeof(err));
@@ -625,8 +667,8 @@ xenbus_start(struct server *srv, const struct xenbus_opts *o)
 	xb->ev = event_new(srv->base, xs_fileno(xb->xs), EV_READ | EV_PERSIST, xenbus_on_watch, xb);
 	if (!xb->ev || event_add(xb->ev, NULL) < 0)
 		goto fail;
-	log_info("Xen backend: watching %s (domain %u, %s port)", o->types ? o->types : "vbd3,vbd",
-		 o->domid, xb->port->ops->name);
+	log_info("Xen backend: watching %s (domain %u, %s port, %u persistent grants per ring)",
+		 o->types ? o->types : "vbd3,vbd", o->domid, xb->port->ops->name, xb->max_pgrants);
 	return xb;
 fail:
 	xenbus_stop(xb);
