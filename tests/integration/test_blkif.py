@@ -442,24 +442,26 @@ def test_persistent_grants_are_bounded(tmp_path):
 
 def test_persistent_grants_off_unless_both_agree(tmp_path):
     """Without the frontend's feature-persistent, or with the backend's
-    turned off (a bound of 0), rings grant-copy as before: nothing mapped."""
-    for env, flag, offered in (({}, [], 1), ({"TAPDISKD_MAX_PERSISTENT_GRANTS": "0"},
-                                             ["--persistent"], 0)):
-        d = tmp_path / ("case%d" % offered)
+    turned off (a bound of 0), rings grant-copy as before: nothing mapped.
+    (The third case, both agreeing, is the control.)"""
+    cases = (({}, [], 1, 0), ({"TAPDISKD_MAX_PERSISTENT_GRANTS": "0"}, ["--persistent"], 0, 0),
+             ({}, ["--persistent"], 1, 1))
+    for i, (env, flag, offered, on) in enumerate(cases):
+        d = tmp_path / ("case%d" % i)
         d.mkdir()
         x = Xen(d, server_env=env)
         try:
             m = ram(x)
             be = x.attach(m)
             r = x.sim(be, "--probe", *flag)
-            assert r["feature-persistent"] == offered and r["persistent"] == 0
+            assert r["feature-persistent"] == offered and r["persistent"] == on
             x.xs("write", "/local/domain/1/device/vbd/51712/state", "1")
             wait_for(lambda: x.state(be) == 2, what="InitWait")
             most, all_on, r = _watch_pgrants(x, m, x.sim_bg(be, "--verify", 1, "--indirect",
                                                             *flag))
-            assert r["errors"] == 0 and r["mismatches"] == 0 and r["persistent"] == 0
-            assert most == 0 and not all_on
-            assert "x86_64, persistent grants)" not in x.srv.log()
+            assert r["errors"] == 0 and r["mismatches"] == 0 and r["persistent"] == on
+            assert (most > 0) == bool(on) and all_on == bool(on)
+            assert ("x86_64, persistent grants)" in x.srv.log()) == bool(on)
         finally:
             x.close()
 
