@@ -4,6 +4,15 @@
  * index into one array sized for the bound, allocated when the ring
  * connects, so a lookup or an eviction makes no heap call.
  *
+ * At the bound a miss does not evict blindly: a pure LRU thrashes (every
+ * lookup a map and an unmap) as soon as the guest cycles through more refs
+ * than the bound, which Linux's blkfront does with big indirect requests.
+ * The least recently used page is unmapped only once it has gone unused
+ * for PG_IDLE_FACTOR times the bound in lookups (so a working set that
+ * moved still moves in); until then the missing segment is grant-copied
+ * as without persistent grants (blkback likewise maps past its bound
+ * non-persistently, and purges grants left unused for a minute).
+ *
  * The guest picks the refs: a chain can be as long as the table, which the
  * bound keeps small (1056 by default). Its pages may be anything the guest
  * granted, even its ring or an indirect page also used as data: we only
@@ -19,12 +28,15 @@
 
 #define PG_NONE UINT32_MAX
 #define PG_MAP_FAILED (-1)	/* a segment's status when its grant cannot be mapped */
+#define PG_IDLE_FACTOR 8	/* lookups, in bounds, before a page may be evicted */
+#define PG_SPILL 64		/* grant copies batched per port call */
 
 struct pg_entry {
 	uint8_t *page;
 	uint32_t ref;
 	uint32_t chain;			/* next in the hash bucket */
 	uint32_t newer, older;		/* the LRU list */
+	uint64_t used_at;		/* the table's tick at the last lookup */
 };
 
 struct pgrant_table {
@@ -34,7 +46,8 @@ struct pgrant_table {
 	uint32_t mask;			/* buckets - 1 */
 	uint32_t *buckets;
 	uint32_t newest, oldest;
-	uint64_t evictions;
+	uint64_t evictions, overflow;
+	uint64_t tick;			/* lookups so far */
 	struct pg_entry e[];
 };
 
@@ -159,17 +172,35 @@ compact(struct pgrant_table *t, uint32_t i)
 	lru_push(t, i);		/* a move, not a use: close enough for an LRU */
 }
 
-/* ref's page, mapped now if it was not; NULL if the grant cannot be mapped. */
+/* Full, and every page was used lately: the caller grant-copies instead. */
+static int
+table_busy(const struct pgrant_table *t)
+{
+	return t->used == t->max &&
+	       t->tick - t->e[t->oldest].used_at <= (uint64_t)PG_IDLE_FACTOR * t->max;
+}
+
+/*
+ * ref's page, mapped now if it was not. NULL if the grant cannot be mapped
+ * (*busy 0) or if the table has no room for it now (*busy 1).
+ */
 static uint8_t *
-page_of(struct pgrant_table *t, uint32_t ref)
+page_of(struct pgrant_table *t, uint32_t ref, int *busy)
 {
 	uint32_t i = lookup(t, ref);
+	*busy = 0;
+	t->tick++;
 	if (i != PG_NONE) {
 		if (t->newest != i) {
 			lru_unlink(t, i);
 			lru_push(t, i);
 		}
+		t->e[i].used_at = t->tick;
 		return t->e[i].page;
+	}
+	if (table_busy(t)) {
+		*busy = 1;
+		return NULL;
 	}
 	/* evict first: at the bound, the new map must not be one too many */
 	i = t->used < t->max ? t->used++ : evict_oldest(t);
@@ -180,6 +211,7 @@ page_of(struct pgrant_table *t, uint32_t ref)
 	}
 	t->e[i].page = page;
 	t->e[i].ref = ref;
+	t->e[i].used_at = t->tick;
 	uint32_t b = bucket_of(t, ref);
 	t->e[i].chain = t->buckets[b];
 	t->buckets[b] = i;
@@ -190,12 +222,31 @@ page_of(struct pgrant_table *t, uint32_t ref)
 int
 pgrant_touch(struct pgrant_table *t, uint32_t ref)
 {
-	return page_of(t, ref) ? 0 : -1;
+	int busy;
+	/* no room to map it: the grant copy will say whether it is good */
+	return page_of(t, ref, &busy) || busy ? 0 : -1;
+}
+
+/* Grant-copies the segments the table had no room for; their statuses go back. */
+static void
+spill_flush(struct pgrant_table *t, struct xport_copy *spill, const unsigned *idx, unsigned n,
+	    struct xport_copy *segs)
+{
+	if (!n)
+		return;
+	int rc = t->port->ops->copy(t->port, t->domid, spill, n);
+	for (unsigned k = 0; k < n; k++)
+		segs[idx[k]].status = rc < 0 ? PG_MAP_FAILED : spill[k].status;
+	t->overflow += n;
 }
 
 int
 pgrant_copy(struct pgrant_table *t, struct xport_copy *segs, unsigned n)
 {
+	struct xport_copy spill[PG_SPILL];
+	unsigned idx[PG_SPILL], ns = 0;
+	int busy;
+
 	for (unsigned k = 0; k < n; k++) {
 		struct xport_copy *c = &segs[k];
 		/* the caller checked the span; a page is all a mapping gives */
@@ -203,9 +254,17 @@ pgrant_copy(struct pgrant_table *t, struct xport_copy *segs, unsigned n)
 			c->status = PG_MAP_FAILED;
 			continue;
 		}
-		uint8_t *page = page_of(t, c->ref);
+		uint8_t *page = page_of(t, c->ref, &busy);
 		if (!page) {
 			c->status = PG_MAP_FAILED;
+			if (busy) {
+				spill[ns] = *c;
+				idx[ns++] = k;
+				if (ns == PG_SPILL) {
+					spill_flush(t, spill, idx, ns, segs);
+					ns = 0;
+				}
+			}
 			continue;
 		}
 		if (c->to_guest)
@@ -214,6 +273,7 @@ pgrant_copy(struct pgrant_table *t, struct xport_copy *segs, unsigned n)
 			memcpy(c->buf, page + c->offset, c->len);
 		c->status = 0;
 	}
+	spill_flush(t, spill, idx, ns, segs);
 	return 0;
 }
 
@@ -227,4 +287,10 @@ uint64_t
 pgrant_evictions(const struct pgrant_table *t)
 {
 	return t ? t->evictions : 0;
+}
+
+uint64_t
+pgrant_overflow(const struct pgrant_table *t)
+{
+	return t ? t->overflow : 0;
 }

@@ -53,7 +53,7 @@ struct blkif_ring {
 	struct event *mem_ev;		/* out of memory: retry consuming */
 	int mem_waiting;
 	struct pgrant_table *pg;	/* persistent grants, or NULL: grant copy */
-	uint64_t pg_evict_base;		/* evictions at the last stats reset */
+	uint64_t pg_evict_base, pg_overflow_base;	/* at the last stats reset */
 };
 
 enum breq_kind { BR_DATA, BR_FLUSH, BR_DISCARD };
@@ -768,9 +768,10 @@ blkif_ring_get_stats(const struct blkif_ring *r, struct blkif_ring_stats *st)
 	*st = r->stats;
 	st->pgrants = pgrant_mapped(r->pg);
 	st->pgrant_evictions = pgrant_evictions(r->pg) - r->pg_evict_base;
+	st->pgrant_overflow = pgrant_overflow(r->pg) - r->pg_overflow_base;
 }
 
-/* Persistent grants: negotiated or not, mapped now, evicted since the reset. */
+/* Persistent grants: negotiated or not, mapped now; evicted, overflowed since the reset. */
 static void
 ring_pgrant_json(const struct blkif_ring *r, json_t *j)
 {
@@ -780,6 +781,7 @@ ring_pgrant_json(const struct blkif_ring *r, json_t *j)
 	json_object_set_new(j, "persistent_grants", json_integer((json_int_t)st.pgrants));
 	json_object_set_new(j, "persistent_evictions",
 			    json_integer((json_int_t)st.pgrant_evictions));
+	json_object_set_new(j, "persistent_overflow", json_integer((json_int_t)st.pgrant_overflow));
 }
 
 /* All of them are counters (max_segments: since the reset). */
@@ -788,6 +790,7 @@ blkif_ring_reset_stats(struct blkif_ring *r)
 {
 	memset(&r->stats, 0, sizeof(r->stats));
 	r->pg_evict_base = pgrant_evictions(r->pg);
+	r->pg_overflow_base = pgrant_overflow(r->pg);
 }
 
 json_t *

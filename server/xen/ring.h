@@ -36,6 +36,7 @@ struct blkif_ring_stats {
 	uint64_t max_segments;	/* largest request seen, in segments */
 	uint64_t pgrants;	/* persistent grants mapped now (not a counter) */
 	uint64_t pgrant_evictions;	/* persistent grants unmapped to stay in the bound */
+	uint64_t pgrant_overflow;	/* segments grant-copied: the table was full */
 };
 
 /*

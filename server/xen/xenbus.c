@@ -177,6 +177,7 @@ stats_add(struct blkif_ring_stats *sum, const struct blkif_ring_stats *s)
 	sum->errors_map += s->errors_map;
 	sum->errors_vbd += s->errors_vbd;
 	sum->pgrant_evictions += s->pgrant_evictions;
+	sum->pgrant_overflow += s->pgrant_overflow;
 }
 
 static void
@@ -342,7 +343,7 @@ dev_fe_stats(struct vbd_frontend *fe)
 		json_array_append_new(rings, blkif_ring_stats_json(d->rings[i]));
 	}
 	/* tapdisk's keys (domid, devid, reqs, kicks, errors), then ours */
-	return json_pack("{s:i, s:i, s:s, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:o, s:I, s:I}",
+	return json_pack("{s:i, s:i, s:s, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:o, s:I, s:I, s:I}",
 			 "domid", (int)d->fe_domid, "devid", (int)d->devid, "path", d->be_path,
 			 "state", d->state,
 			 "reqs", (json_int_t)sum.reqs_in, (json_int_t)sum.reqs_out,
@@ -350,7 +351,8 @@ dev_fe_stats(struct vbd_frontend *fe)
 			 "errors", "msg", (json_int_t)sum.errors_msg, "map", (json_int_t)sum.errors_map,
 			 "vbd", (json_int_t)sum.errors_vbd, "rings", rings,
 			 "persistent_grants", (json_int_t)pgrants,
-			 "persistent_evictions", (json_int_t)sum.pgrant_evictions);
+			 "persistent_evictions", (json_int_t)sum.pgrant_evictions,
+			 "persistent_overflow", (json_int_t)sum.pgrant_overflow);
 }
 
 static void
