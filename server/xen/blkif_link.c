@@ -101,6 +101,8 @@ stats_add(struct blkif_ring_stats *sum, const struct blkif_ring_stats *s)
 	sum->errors_msg += s->errors_msg;
 	sum->errors_map += s->errors_map;
 	sum->errors_vbd += s->errors_vbd;
+	sum->pgrant_evictions += s->pgrant_evictions;
+	sum->pgrant_overflow += s->pgrant_overflow;
 }
 
 static void
@@ -151,20 +153,26 @@ link_fe_stats(struct vbd_frontend *fe)
 	struct blkif_link *l = container_of(fe, struct blkif_link, fe);
 	struct blkif_ring_stats sum = l->past, s;
 	json_t *rings = json_array();
+	uint64_t pgrants = 0;		/* mapped now: only live rings have any */
 
 	for (unsigned i = 0; i < l->nr_rings; i++) {
 		blkif_ring_get_stats(l->rings[i], &s);
 		stats_add(&sum, &s);
+		pgrants += s.pgrants;
 		json_array_append_new(rings, blkif_ring_stats_json(l->rings[i]));
 	}
 	/* tapdisk's keys (domid, devid, reqs, kicks, errors), then ours */
-	return json_pack("{s:i, s:i, s:s, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:o}",
+	return json_pack("{s:i, s:i, s:s, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:o, "
+			 "s:I, s:I, s:I}",
 			 "domid", (int)l->domid, "devid", (int)l->devid, "path", l->be_path,
 			 "state", (int)l->state,
 			 "reqs", (json_int_t)sum.reqs_in, (json_int_t)sum.reqs_out,
 			 "kicks", (json_int_t)sum.kicks_in, (json_int_t)sum.kicks_out,
 			 "errors", "msg", (json_int_t)sum.errors_msg, "map", (json_int_t)sum.errors_map,
-			 "vbd", (json_int_t)sum.errors_vbd, "rings", rings);
+			 "vbd", (json_int_t)sum.errors_vbd, "rings", rings,
+			 "persistent_grants", (json_int_t)pgrants,
+			 "persistent_evictions", (json_int_t)sum.pgrant_evictions,
+			 "persistent_overflow", (json_int_t)sum.pgrant_overflow);
 }
 
 static void

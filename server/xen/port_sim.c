@@ -10,6 +10,7 @@
 #include "port.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,8 +33,14 @@ struct sim_domain {
 	unsigned maps;		/* rings mapped: the domain is forgotten at 0 */
 };
 
+/*
+ * Rings on several loops share the domains: a map, an unmap or a remap
+ * takes the table for writing; copies share it (reading), so the loops'
+ * copies still run side by side.
+ */
 struct sim {
 	struct xport port;
+	pthread_rwlock_t lock;
 	char *dir;
 	struct sim_domain doms[SIM_MAX_DOMAINS];
 	unsigned nr;
@@ -101,7 +108,7 @@ sim_domain(struct sim *s, uint32_t domid, uint64_t need)
 }
 
 static void *
-sim_map(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
+sim_map_locked(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
 {
 	struct sim *s = (struct sim *)p;
 	uint32_t top = 0;
@@ -131,15 +138,53 @@ sim_map(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
 	return base;
 }
 
+static void *
+sim_map(struct xport *p, uint32_t domid, const uint32_t *refs, unsigned n)
+{
+	struct sim *s = (struct sim *)p;
+	pthread_rwlock_wrlock(&s->lock);
+	void *r = sim_map_locked(p, domid, refs, n);
+	int e = errno;
+	pthread_rwlock_unlock(&s->lock);
+	errno = e;
+	return r;
+}
+
 static void
 sim_unmap(struct xport *p, uint32_t domid, void *addr, unsigned n)
 {
 	struct sim *s = (struct sim *)p;
 
 	munmap(addr, (size_t)n * XEN_PAGE_SIZE);
+	pthread_rwlock_wrlock(&s->lock);
 	for (unsigned i = 0; i < s->nr; i++)
 		if (s->doms[i].domid == domid && s->doms[i].maps && !--s->doms[i].maps)
 			sim_domain_drop(s, &s->doms[i]);	/* a guest's memory is not ours to keep */
+	pthread_rwlock_unlock(&s->lock);
+}
+
+/* Domain domid with page top, found under the read lock (which is then held). */
+static struct sim_domain *
+sim_domain_shared(struct sim *s, uint32_t domid, uint64_t top)
+{
+	pthread_rwlock_rdlock(&s->lock);
+	for (unsigned i = 0; i < s->nr; i++)
+		if (s->doms[i].domid == domid && top < s->doms[i].pages)
+			return &s->doms[i];
+	pthread_rwlock_unlock(&s->lock);
+	/* not mapped yet, or grown since: (re)map under the write lock, then look again */
+	pthread_rwlock_wrlock(&s->lock);
+	struct sim_domain *d = sim_domain(s, domid, top);
+	pthread_rwlock_unlock(&s->lock);
+	if (!d)
+		return NULL;
+	pthread_rwlock_rdlock(&s->lock);
+	for (unsigned i = 0; i < s->nr; i++)
+		if (s->doms[i].domid == domid)
+			return &s->doms[i];
+	pthread_rwlock_unlock(&s->lock);
+	errno = ENOENT;
+	return NULL;
 }
 
 static int
@@ -149,7 +194,7 @@ sim_copy(struct xport *p, uint32_t domid, struct xport_copy *segs, unsigned n)
 	uint32_t top = 0;
 	for (unsigned i = 0; i < n; i++)
 		top = segs[i].ref > top ? segs[i].ref : top;
-	struct sim_domain *d = sim_domain(s, domid, top);
+	struct sim_domain *d = sim_domain_shared(s, domid, top);
 
 	if (!d)
 		return -errno;
@@ -170,6 +215,7 @@ sim_copy(struct xport *p, uint32_t domid, struct xport_copy *segs, unsigned n)
 			memcpy(c->buf, g, c->len);
 		c->status = 0;
 	}
+	pthread_rwlock_unlock(&s->lock);
 	return 0;
 }
 
@@ -246,6 +292,7 @@ sim_free(struct xport *p)
 		munmap(s->doms[i].mem, s->doms[i].pages * XEN_PAGE_SIZE);
 		close(s->doms[i].fd);
 	}
+	pthread_rwlock_destroy(&s->lock);
 	free(s->dir);
 	free(s);
 }
@@ -272,6 +319,7 @@ xport_sim_open(const char *dir, char *err, size_t errlen)
 		snprintf(err, errlen, "out of memory");
 		return NULL;
 	}
+	pthread_rwlock_init(&s->lock, NULL);
 	s->port.ops = &sim_ops;
 	return &s->port;
 }

@@ -3,8 +3,9 @@
  * guest's req_prod, each copied out of shared memory once and decoded from
  * that copy; a req_prod that runs more than a ring ahead of our responses
  * disconnects the ring. Data moves by grant copy into pooled bounce
- * buffers, one batched copy per request. Responses are pushed, and the
- * guest notified, once per loop turn. A barrier stops consumption until
+ * buffers, one batched copy per request; with persistent grants
+ * (pgrant.c) the same copy is a memcpy from pages kept mapped. Responses
+ * are pushed, and the guest notified, once per loop turn. A barrier stops consumption until
  * everything before it is done, and everything after it waits for it.
  */
 #include "ring.h"
@@ -20,6 +21,7 @@
 #include "freelist.h"
 #include "log.h"
 #include "loop.h"
+#include "pgrant.h"
 #include "port.h"
 #include "server.h"
 #include "vbd.h"
@@ -51,6 +53,8 @@ struct blkif_ring {
 	struct blkif_req *spare;	/* the next request's, had before it is consumed */
 	struct event *mem_ev;		/* out of memory: retry consuming */
 	int mem_waiting;
+	struct pgrant_table *pg;	/* persistent grants, or NULL: grant copy */
+	uint64_t pg_evict_base, pg_overflow_base;	/* at the last stats reset */
 };
 
 enum breq_kind { BR_DATA, BR_FLUSH, BR_DISCARD };
@@ -156,6 +160,7 @@ ring_free(struct blkif_ring *r)
 	if (r->spare)
 		vbd_request_put(&r->reqs, &r->spare->vr);
 	freelist_drain(&r->reqs);
+	pgrant_free(r->pg);	/* NULL unless connecting failed */
 	free(r);
 }
 
@@ -203,6 +208,39 @@ breq_done(struct blkif_req *b, int16_t status)
 
 /* ---- grant copies ---- */
 
+/* Moves segments by grant copy, or by memcpy through persistent grants. */
+static int
+ring_copy(struct blkif_ring *r, struct xport_copy *c, unsigned n)
+{
+	if (r->dead)
+		return -ESHUTDOWN;	/* the guest's pages are no longer ours to touch */
+	if (r->pg)
+		return pgrant_copy(r->pg, c, n);
+	return r->port->ops->copy(r->port, r->domid, c, n);
+}
+
+/*
+ * Persistent grants: a read's pages are mapped before the disk is asked,
+ * so that a grant the guest cannot back costs no I/O (blkback maps at
+ * submit too). They may be evicted again before the read completes; the
+ * copy then maps them once more.
+ */
+static int
+breq_premap(struct blkif_req *b)
+{
+	struct blkif_ring *r = b->ring;
+	for (unsigned i = 0; i < b->nr_segs; i++) {
+		if (pgrant_touch(r->pg, b->segs[i].gref) < 0) {
+			r->stats.errors_map++;
+			log_limited(&r->rl, LOG_LVL_WARN, "blkif d%u ring %d: cannot map grant %u "
+				    "(request %ju)", r->domid, r->index, b->segs[i].gref,
+				    (uintmax_t)b->id);
+			return -1;
+		}
+	}
+	return 0;
+}
+
 /* Copies b's segments between the guest and b->buf; 0, or -1 if any failed. */
 static int
 breq_copy(struct blkif_req *b, int to_guest)
@@ -224,7 +262,7 @@ breq_copy(struct blkif_req *b, int to_guest)
 		c[i].status = 0;
 		off += c[i].len;
 	}
-	if (r->port->ops->copy(r->port, r->domid, c, b->nr_segs) < 0) {
+	if (ring_copy(r, c, b->nr_segs) < 0) {
 		rc = -1;
 	} else {
 		for (unsigned i = 0; i < b->nr_segs; i++)
@@ -233,8 +271,9 @@ breq_copy(struct blkif_req *b, int to_guest)
 	}
 	if (rc) {
 		r->stats.errors_map++;
-		log_limited(&r->rl, LOG_LVL_WARN, "blkif d%u ring %d: grant copy failed "
-			    "(request %ju)", r->domid, r->index, (uintmax_t)b->id);
+		log_limited(&r->rl, LOG_LVL_WARN, "blkif d%u ring %d: %s failed (request %ju)",
+			    r->domid, r->index, r->pg ? "copy through persistent grants" : "grant copy",
+			    (uintmax_t)b->id);
 	}
 	if (c != inline_c)
 		free(c);
@@ -387,7 +426,7 @@ data_request(struct blkif_ring *r, struct blkif_req *b, int is_write)
 	}
 	b->iov.iov_base = b->buf;
 	b->iov.iov_len = bytes;
-	if (is_write && breq_copy(b, 0) < 0) {
+	if (is_write ? breq_copy(b, 0) < 0 : r->pg && breq_premap(b) < 0) {
 		breq_done(b, BLKIF_RSP_ERROR);
 		return;
 	}
@@ -451,7 +490,7 @@ indirect_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 		c[i].to_guest = 0;
 		c[i].status = 0;
 	}
-	int bad = r->port->ops->copy(r->port, r->domid, c, pages) < 0;
+	int bad = ring_copy(r, c, pages) < 0;
 	for (unsigned i = 0; i < pages; i++)
 		bad |= c[i].status != 0;
 	if (bad) {
@@ -661,9 +700,15 @@ blkif_ring_connect(struct xport *port, struct vbd *vbd,
 	r->arg = arg;
 	r->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
 	r->reqs = (struct freelist)FREELIST_INIT(r->size);
+	if (cfg->max_pgrants && !(r->pg = pgrant_new(port, cfg->domid, cfg->max_pgrants))) {
+		snprintf(err, errlen, "persistent grants: %s", strerror(errno));
+		free(r);
+		return NULL;
+	}
 	r->sring = port->ops->map(port, cfg->domid, cfg->refs, cfg->nr_pages);
 	if (!r->sring) {
 		snprintf(err, errlen, "cannot map the ring: %s", strerror(errno));
+		pgrant_free(r->pg);
 		free(r);
 		return NULL;
 	}
@@ -671,6 +716,7 @@ blkif_ring_connect(struct xport *port, struct vbd *vbd,
 	if (!r->evt) {
 		snprintf(err, errlen, "cannot bind event channel %u: %s", cfg->evtchn, strerror(errno));
 		port->ops->unmap(port, r->domid, r->sring, r->nr_pages);
+		pgrant_free(r->pg);
 		free(r);
 		return NULL;
 	}
@@ -704,6 +750,11 @@ blkif_ring_disconnect(struct blkif_ring *r)
 	r->port->ops->unbind(r->evt);
 	r->port->ops->unmap(r->port, r->domid, r->sring, r->nr_pages);
 	r->sring = NULL;
+	/* now, not when the disk gives back the requests in flight: a dead
+	 * ring copies nothing more (ring_copy), and a guest that is gone must
+	 * get its pages back at once */
+	pgrant_free(r->pg);
+	r->pg = NULL;
 	if (r->barrier_req) {
 		struct blkif_req *b = r->barrier_req;
 		r->barrier_req = NULL;
@@ -717,6 +768,22 @@ void
 blkif_ring_get_stats(const struct blkif_ring *r, struct blkif_ring_stats *st)
 {
 	*st = r->stats;
+	st->pgrants = pgrant_mapped(r->pg);
+	st->pgrant_evictions = pgrant_evictions(r->pg) - r->pg_evict_base;
+	st->pgrant_overflow = pgrant_overflow(r->pg) - r->pg_overflow_base;
+}
+
+/* Persistent grants: negotiated or not, mapped now; evicted, overflowed since the reset. */
+static void
+ring_pgrant_json(const struct blkif_ring *r, json_t *j)
+{
+	struct blkif_ring_stats st;
+	blkif_ring_get_stats(r, &st);
+	json_object_set_new(j, "persistent", json_boolean(r->pg != NULL));
+	json_object_set_new(j, "persistent_grants", json_integer((json_int_t)st.pgrants));
+	json_object_set_new(j, "persistent_evictions",
+			    json_integer((json_int_t)st.pgrant_evictions));
+	json_object_set_new(j, "persistent_overflow", json_integer((json_int_t)st.pgrant_overflow));
 }
 
 /* All of them are counters (max_segments: since the reset). */
@@ -724,13 +791,15 @@ void
 blkif_ring_reset_stats(struct blkif_ring *r)
 {
 	memset(&r->stats, 0, sizeof(r->stats));
+	r->pg_evict_base = pgrant_evictions(r->pg);
+	r->pg_overflow_base = pgrant_overflow(r->pg);
 }
 
 json_t *
 blkif_ring_stats_json(const struct blkif_ring *r)
 {
 	const struct blkif_ring_stats *s = &r->stats;
-	return json_pack("{s:i, s:i, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:I, s:I, s:I, s:I, s:I}",
+	json_t *j = json_pack("{s:i, s:i, s:i, s:[I,I], s:[I,I], s:{s:I, s:I, s:I}, s:I, s:I, s:I, s:I, s:I}",
 			 "queue", r->index, "pages", (int)r->nr_pages, "entries", (int)r->size,
 			 "reqs", (json_int_t)s->reqs_in, (json_int_t)s->reqs_out,
 			 "kicks", (json_int_t)s->kicks_in, (json_int_t)s->kicks_out,
@@ -739,4 +808,7 @@ blkif_ring_stats_json(const struct blkif_ring *r)
 			 "indirect", (json_int_t)s->indirect, "barriers", (json_int_t)s->barriers,
 			 "flushes", (json_int_t)s->flushes, "discards", (json_int_t)s->discards,
 			 "max_segments", (json_int_t)s->max_segments);
+	if (j)
+		ring_pgrant_json(r, j);
+	return j;
 }

@@ -24,6 +24,7 @@ struct blkif_ring_cfg {
 	uint32_t evtchn;
 	int proto;
 	int index;		/* queue number */
+	unsigned max_pgrants;	/* persistent grants negotiated: their bound; 0: grant copy */
 };
 
 struct blkif_ring_stats {
@@ -33,6 +34,9 @@ struct blkif_ring_stats {
 	uint64_t errors_vbd;	/* I/O errors from the vbd */
 	uint64_t indirect, barriers, flushes, discards;
 	uint64_t max_segments;	/* largest request seen, in segments */
+	uint64_t pgrants;	/* persistent grants mapped now (not a counter) */
+	uint64_t pgrant_evictions;	/* persistent grants unmapped to stay in the bound */
+	uint64_t pgrant_overflow;	/* segments grant-copied: the table was full */
 };
 
 /*

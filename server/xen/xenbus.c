@@ -6,6 +6,8 @@
  * whose NBD socket its physical-device-path names (the hotplug script
  * writes it), and follows the frontend's state: connect the rings when it
  * is Initialised, close when it closes, start over when it comes back.
+ * feature-persistent is offered to every frontend and used when the
+ * frontend's own feature-persistent says 1 at connect, as blkback does.
  *
  * xenstore calls are synchronous RPCs to the local xenstored, made on the
  * loop thread: control path only, never per request.
@@ -25,6 +27,7 @@
 #include "blkif_link.h"
 #include "log.h"
 #include "loop.h"
+#include "pgrant.h"
 #include "port.h"
 #include "ring.h"
 #include "server.h"
@@ -52,6 +55,7 @@ struct xen_dev {
 	uint64_t gen;			/* of the link: notes for an older one are stale */
 	int bound;			/* the link is registered with the vbd */
 	int connecting, connected;
+	int persistent;			/* the rings keep guest pages mapped */
 	struct blkif_vbd_props props;	/* the vbd's, as of the last note */
 	char *unknown_pdp;		/* warned about once */
 	LIST_ENTRY(xen_dev) link_entry;
@@ -68,6 +72,7 @@ struct xenbus {
 	unsigned nr_types;
 	struct event *ev;
 	LIST_HEAD(, xen_dev) devs;
+	unsigned max_pgrants;		/* per ring; 0: feature-persistent off */
 };
 
 static void dev_update(struct xen_dev *d);
@@ -207,6 +212,14 @@ read_ring_cfg(struct xen_dev *d, const char *dir, unsigned order, struct blkif_r
 	return 0;
 }
 
+/* The frontend's feature-persistent (its directory, not a queue's), read at connect. */
+static int
+fe_wants_persistent(struct xen_dev *d)
+{
+	unsigned long v;
+	return xread_uint(d->xb, &v, "%s/feature-persistent", d->fe_path) == 0 && v == 1;
+}
+
 /* Reads the frontend's rings from xenstore and has the link connect them. */
 static int
 dev_connect(struct xen_dev *d, char *err, size_t errlen)
@@ -234,6 +247,7 @@ dev_connect(struct xen_dev *d, char *err, size_t errlen)
 		snprintf(err, errlen, "ring-page-order %lu (at most %d)", order, BLKIF_MAX_RING_ORDER);
 		return -1;
 	}
+	int persistent = fe_wants_persistent(d);
 	for (unsigned q = 0; q < queues; q++) {
 		char dir[512];
 		if (queues == 1)
@@ -241,12 +255,14 @@ dev_connect(struct xen_dev *d, char *err, size_t errlen)
 		else
 			snprintf(dir, sizeof(dir), "%s/queue-%u", d->fe_path, q);
 		memset(&cfgs[q], 0, sizeof(cfgs[q]));
+		cfgs[q].max_pgrants = persistent ? xb->max_pgrants : 0;
 		cfgs[q].domid = d->fe_domid;
 		cfgs[q].proto = p;
 		cfgs[q].index = (int)q;
 		if (read_ring_cfg(d, dir, (unsigned)order, &cfgs[q], err, errlen) < 0)
 			return -1;
 	}
+	d->persistent = cfgs[0].max_pgrants != 0;
 	if (blkif_link_connect(d->link, cfgs, (unsigned)queues) < 0) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
@@ -281,7 +297,8 @@ dev_connected(struct xen_dev *d)
 	xwrite(xb, d->be_path, "sector-size", "%u", lbs);
 	xwrite(xb, d->be_path, "physical-sector-size", "%u", lbs > 4096 ? lbs : 4096u);
 	dev_set_state(d, XS_CONNECTED);
-	log_info("blkif %s: connected to minor %d", d->be_path, v->minor);
+	log_info("blkif %s: connected to minor %d%s", d->be_path, v->minor,
+		 d->persistent ? " (persistent grants)" : "");
 }
 
 /* ---- binding to a vbd ---- */
@@ -522,7 +539,7 @@ dev_new(struct xenbus *xb, const char *type, const char *be_path, uint32_t devid
 	xwrite(xb, be_path, "max-ring-page-order", "%d", BLKIF_MAX_RING_ORDER);
 	xwrite(xb, be_path, "multi-queue-max-queues", "%d", XB_MAX_QUEUES);
 	xwrite(xb, be_path, "feature-max-indirect-segments", "%d", BLKIF_MAX_INDIRECT_SEGMENTS);
-	xwrite(xb, be_path, "feature-persistent", "0");
+	xwrite(xb, be_path, "feature-persistent", "%d", xb->max_pgrants ? 1 : 0);
 	dev_set_state(d, XS_INITWAIT);
 	char path[512], token[600];
 	snprintf(path, sizeof(path), "%s/state", fe_path);
@@ -603,6 +620,28 @@ xenbus_on_watch(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
+/*
+ * The bound of persistent grants per ring: Linux blkback's default, or
+ * TAPDISKD_MAX_PERSISTENT_GRANTS (tests lower it to see the bound at work;
+ * 0 stops offering feature-persistent).
+ */
+static unsigned
+max_pgrants_from_env(void)
+{
+	const char *v = getenv("TAPDISKD_MAX_PERSISTENT_GRANTS");
+	char *end;
+	if (!v || !*v)
+		return PGRANT_DEFAULT_MAX;
+	errno = 0;
+	unsigned long n = strtoul(v, &end, 10);
+	if (errno || *end || n > PGRANT_LIMIT) {
+		log_warn("TAPDISKD_MAX_PERSISTENT_GRANTS=%s: not 0..%u; using %u", v, PGRANT_LIMIT,
+			 PGRANT_DEFAULT_MAX);
+		return PGRANT_DEFAULT_MAX;
+	}
+	return (unsigned)n;
+}
+
 struct xenbus *
 xenbus_start(struct server *srv, const struct xenbus_opts *o)
 {
@@ -619,6 +658,7 @@ xenbus_start(struct server *srv, const struct xenbus_opts *o)
 	xb->srv = srv;
 	xb->domid = o->domid;
 	active = xb;
+	xb->max_pgrants = max_pgrants_from_env();
 	LIST_INIT(&xb->devs);
 	xb->port = o->sim_dir ? xport_sim_open(o->sim_dir, err, sizeof(err))
 			      : xport_xen_open(err, sizeof(err));
@@ -652,8 +692,8 @@ xenbus_start(struct server *srv, const struct xenbus_opts *o)
 	xb->ev = event_new(srv->base, xs_fileno(xb->xs), EV_READ | EV_PERSIST, xenbus_on_watch, xb);
 	if (!xb->ev || event_add(xb->ev, NULL) < 0)
 		goto fail;
-	log_info("Xen backend: watching %s (domain %u, %s port)", o->types ? o->types : "vbd3,vbd",
-		 o->domid, xb->port->ops->name);
+	log_info("Xen backend: watching %s (domain %u, %s port, %u persistent grants per ring)",
+		 o->types ? o->types : "vbd3,vbd", o->domid, xb->port->ops->name, xb->max_pgrants);
 	return xb;
 fail:
 	xenbus_stop(xb);

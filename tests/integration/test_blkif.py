@@ -367,3 +367,171 @@ def test_no_xen_says_so(make_server, tmp_path):
     wait_for(lambda: "Xen backend disabled" in s.log(), what="the log line")
     s2 = make_server("off", extra=["--no-xen"])
     wait_for(lambda: "Xen backend disabled (--no-xen)" in s2.log(), what="the log line")
+
+
+# ---- persistent grants (feature-persistent) ----
+
+PGRANT_DEFAULT_MAX = 1056       # server/xen/pgrant.h, Linux blkback's default
+
+
+def _watch_pgrants(xen, m, guest):
+    """Samples the rings' mapped persistent grants until the guest exits;
+    returns (the largest count one ring had, whether every ring said
+    persistent, the guest's result)."""
+    most, all_on, seen = 0, True, False
+    while guest.poll() is None:
+        x = xen.srv.stats(m).get("xenbus")
+        if x and x["rings"]:
+            seen = True
+            all_on &= all(r["persistent"] for r in x["rings"])
+            most = max([most] + [r["persistent_grants"] for r in x["rings"]])
+            assert x["persistent_grants"] == sum(r["persistent_grants"] for r in x["rings"])
+        time.sleep(0.05)
+    out, err = guest.communicate()
+    assert guest.returncode == 0, err + xen.srv.log()[-3000:]
+    assert seen, "never saw the rings connected"
+    return most, all_on, json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.parametrize("proto,order,queues,indirect", [
+    ("x86_64", 0, 1, False),
+    ("x86_64", 0, 1, True),
+    ("x86_32", 1, 2, True),
+    ("x86_64", 2, 4, True),
+])
+def test_persistent_grants_every_byte(xen, proto, order, queues, indirect):
+    """Negotiated, used on every ring (data and indirect pages), bounded,
+    every byte right, and all unmapped once the guest disconnects."""
+    m = ram(xen)
+    be = xen.attach(m)
+    args = ["--verify", 2, "--persistent", "--discard", "--proto", proto, "--order", order,
+            "--queues", queues]
+    if indirect:
+        args += ["--indirect"]
+    most, all_on, r = _watch_pgrants(xen, m, xen.sim_bg(be, *args))
+    assert r["errors"] == 0 and r["mismatches"] == 0 and r["reads"] > 100
+    assert r["persistent"] == 1 and (r["indirect"] > 0) == indirect
+    assert all_on and 0 < most <= min(PGRANT_DEFAULT_MAX, r["grants"])
+    assert "persistent grants" in xen.srv.log()
+    wait_for(lambda: xen.state(be) == 6, what="Closed")
+    x = xen.srv.stats(m)["xenbus"]
+    assert x["rings"] == [] and x["persistent_grants"] == 0
+    if r["grants"] <= PGRANT_DEFAULT_MAX:       # the guest's pool fits the bound
+        assert x["persistent_evictions"] == 0 and x["persistent_overflow"] == 0
+    assert xen.guest_maps() == 0
+
+
+def test_persistent_grants_are_bounded(tmp_path):
+    """A lowered bound: the table never holds more, pages long unused are
+    unmapped, the rest grant-copied, and every byte still comes back right."""
+    x = Xen(tmp_path, server_env={"TAPDISKD_MAX_PERSISTENT_GRANTS": "24"})
+    try:
+        assert "24 persistent grants per ring" in x.srv.log()
+        m = ram(x)
+        be = x.attach(m)
+        most, all_on, r = _watch_pgrants(x, m, x.sim_bg(be, "--verify", 2, "--persistent",
+                                                        "--indirect", "--queues", 2))
+        assert r["errors"] == 0 and r["mismatches"] == 0 and r["persistent"] == 1
+        assert r["grants"] > 24 and all_on and 0 < most <= 24
+        st = x.srv.stats(m)["xenbus"]
+        assert st["persistent_evictions"] > 0 and st["persistent_overflow"] > 0
+        assert st["persistent_grants"] == 0
+        assert x.guest_maps() == 0
+    finally:
+        x.close()
+
+
+def test_persistent_grants_off_unless_both_agree(tmp_path):
+    """Without the frontend's feature-persistent, or with the backend's
+    turned off (a bound of 0), rings grant-copy as before: nothing mapped.
+    (The third case, both agreeing, is the control.)"""
+    cases = (({}, [], 1, 0), ({"TAPDISKD_MAX_PERSISTENT_GRANTS": "0"}, ["--persistent"], 0, 0),
+             ({}, ["--persistent"], 1, 1))
+    for i, (env, flag, offered, on) in enumerate(cases):
+        d = tmp_path / ("case%d" % i)
+        d.mkdir()
+        x = Xen(d, server_env=env)
+        try:
+            m = ram(x)
+            be = x.attach(m)
+            r = x.sim(be, "--probe", *flag)
+            assert r["feature-persistent"] == offered and r["persistent"] == on
+            x.xs("write", "/local/domain/1/device/vbd/51712/state", "1")
+            wait_for(lambda: x.state(be) == 2, what="InitWait")
+            most, all_on, r = _watch_pgrants(x, m, x.sim_bg(be, "--verify", 1, "--indirect",
+                                                            *flag))
+            assert r["errors"] == 0 and r["mismatches"] == 0 and r["persistent"] == on
+            assert (most > 0) == bool(on) and all_on == bool(on)
+            assert ("x86_64, persistent grants)" in x.srv.log()) == bool(on)
+        finally:
+            x.close()
+
+
+def test_persistent_grants_hostile_guest(xen):
+    """Each hostile request under persistent grants: refused (or served)
+    alone, the ring lives; a guest cycling through more refs than the bound
+    gets every byte back and the table stays bounded."""
+    m = ram(xen)
+    be = xen.attach(m)
+    bad = []
+    for case in MALICIOUS + ["persistent-flood"]:
+        r = xen.sim(be, "--malicious", case, "--persistent", "--indirect", "--discard", raw=True)
+        if r.returncode != 0 or '"persistent": 1' not in r.stdout:
+            bad.append((case, r.stdout, r.stderr))
+        assert xen.srv.proc.poll() is None, xen.srv.log()
+        xen.xs("write", "/local/domain/1/device/vbd/51712/state", "1")
+        wait_for(lambda: xen.state(be) == 2, what="InitWait after reboot")
+    assert not bad, bad
+    x = xen.srv.stats(m)["xenbus"]
+    # bad-gref, bad-gref-read, indirect-bad-page: failed maps, counted
+    assert x["errors"]["map"] >= 3
+    # the flood's 5120 fresh refs: 1056 mapped, the rest grant-copied (the
+    # mapped ones are too recent to evict)
+    assert x["persistent_overflow"] >= 5120 - PGRANT_DEFAULT_MAX
+    assert x["persistent_grants"] == 0 and xen.guest_maps() == 0
+    assert "cannot map grant" in xen.srv.log()
+
+
+@pytest.mark.engine
+def test_persistent_grants_unmapped_when_the_guest_vanishes_mid_io(xen, stuck_disk):
+    """The guest dies with requests stuck in the disk: its pages are
+    unmapped at once, and the late completions touch none of them."""
+    m = xen.srv.open("aio:" + stuck_disk.path)["minor"]
+    be = xen.attach(m)
+    stuck_disk.freeze()
+    r = xen.sim(be, "--hold", 0.3, "--qd", 32, "--persistent")
+    assert r["submitted"] == 32 and r["persistent"] == 1
+    wait_for(lambda: sum(xen.pgrants(m)) > 0, what="persistent grants mapped")
+    assert xen.guest_maps() > 0
+    assert xen.srv.stats(m)["reqs_outstanding"] > 0
+    xen.detach()
+    wait_for(lambda: "backend directory removed" in xen.srv.log(), what="the device to go")
+    assert xen.srv.stats(m)["reqs_outstanding"] > 0     # still stuck in the disk
+    assert xen.guest_maps() == 0                        # yet nothing of the guest is mapped
+    stuck_disk.thaw()
+    wait_for(lambda: xen.srv.stats(m)["reqs_outstanding"] == 0, what="the disk to drain")
+    run("nbdinfo", "--size", xen.srv.uri(m))
+
+
+def test_persistent_grants_unmapped_on_vanish_and_close(xen):
+    """Guests vanishing with requests in flight (2 queues), then a close
+    under a connected guest: every mapping goes each time."""
+    m = ram(xen)
+    for i in range(3):
+        be = xen.attach(m, domid=20 + i)
+        r = xen.sim(be, "--hold", 0.1, "--qd", 32, "--queues", 2, "--persistent",
+                    domid=20 + i)
+        assert r["persistent"] == 1
+        assert sum(xen.pgrants(m)) > 0 and xen.guest_maps(20 + i) > 0
+        xen.detach(domid=20 + i)
+        wait_for(lambda: "xenbus" not in xen.srv.stats(m), what="the frontend to go")
+        assert xen.guest_maps(20 + i) == 0
+    be = xen.attach(m)
+    p = xen.sim_bg(be, "--verify", 30, "--persistent", "--indirect")
+    wait_for(lambda: sum(xen.pgrants(m)) > 0, what="persistent grants mapped")
+    xen.srv.tapctl("close", "-m", m)
+    wait_for(lambda: xen.state(be) == 6, what="the backend to close")
+    assert xen.guest_maps() == 0
+    p.communicate(timeout=60 * SLOW)
+    assert p.returncode != 0          # the guest saw its disk go
+    assert xen.srv.proc.poll() is None

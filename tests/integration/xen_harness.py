@@ -20,7 +20,8 @@ BLOCK_TAP = os.path.join(ROOT, "contrib", "xl-hotplug", "block-tap")
 MiB = 1 << 20
 
 MALICIOUS = ["zero-segments", "twelve-segments", "first-after-last", "last-past-page",
-             "past-end", "huge-sector", "bad-gref", "unknown-op", "indirect-zero",
+             "past-end", "huge-sector", "bad-gref", "bad-gref-read", "alias-refs",
+             "unknown-op", "indirect-zero",
              "indirect-too-many", "indirect-bad-op", "indirect-bad-page",
              "discard-secure", "discard-past-end"]
 
@@ -97,6 +98,20 @@ class Xen:
         """What the toolstack does once the guest is gone."""
         self.xs("rm", "/local/domain/%d/device/vbd/%d" % (domid, devid))
         self.xs("rm", "/local/domain/0/backend/%s/%d/%d" % (kind, domid, devid))
+
+    def guest_maps(self, domid=1):
+        """tapdiskd's mappings of domain domid's memory file, seen by the
+        kernel (/proc/PID/maps), not by tapdiskd's own counters: the
+        simulated port keeps the file mapped while any ring or persistent
+        grant of the domain is mapped."""
+        name = "/dom%d.mem" % domid
+        with open("/proc/%d/maps" % self.srv.proc.pid) as f:
+            return sum(1 for ln in f if name in ln)
+
+    def pgrants(self, minor):
+        """Persistent grants mapped now, per live ring (a list), from the stats."""
+        x = self.srv.stats(minor).get("xenbus")
+        return [r["persistent_grants"] for r in x["rings"]] if x else []
 
     def state(self, be):
         v = self.read(be + "/state")

@@ -19,6 +19,9 @@
  *           --hold SECONDS        connect, keep QD requests in flight, vanish
  *           --probe               print what the backend advertises, one read, one write
  *   options: --queues Q --order O --proto x86_32|x86_64 --indirect
+ *            --persistent (offer feature-persistent; if the backend offers it
+ *            too, data and indirect pages come from a pool of grants kept
+ *            and reused across requests, as Linux's blkfront does)
  *            --mem-mb M --region-mb R --discard (the disk reads zeros where
  *            discarded) --dump FILE (after --verify: what the region must hold)
  *            --patience S (seconds without a response before failing; default 2)
@@ -126,6 +129,40 @@ static void
 gnt_put(uint32_t ref)
 {
 	gnt.free[gnt.nfree++] = ref;
+}
+
+/*
+ * Persistent grants: the refs of data and indirect pages come from a pool
+ * that only grows (when every ref in it is in use) and is never given back
+ * to the hypervisor, so the backend sees the same refs again and again.
+ * Without them, refs come from and go back to the hypervisor's free list.
+ */
+static int persistent;		/* negotiated */
+static struct {
+	uint32_t *free;
+	uint32_t nfree, total;
+} pool;
+
+static uint32_t
+data_ref_get(void)
+{
+	if (!persistent)
+		return gnt_get();
+	if (pool.nfree)
+		return pool.free[--pool.nfree];
+	if (!pool.free && !(pool.free = malloc(gnt.pages * sizeof(*pool.free))))
+		fail("out of memory");
+	pool.total++;
+	return gnt_get();
+}
+
+static void
+data_ref_put(uint32_t ref)
+{
+	if (persistent)
+		pool.free[pool.nfree++] = ref;
+	else
+		gnt_put(ref);
 }
 
 static uint8_t *
@@ -327,7 +364,7 @@ enc_indirect(uint8_t *e, int op, unsigned nsegs, uint64_t id, uint64_t sector, s
 	put_le64(e + (proto64 ? 8 : 4), id);
 	put_le64(e + (proto64 ? 16 : 12), sector);
 	for (unsigned i = 0; i < pages; i++) {
-		uint32_t ref = gnt_get();
+		uint32_t ref = data_ref_get();
 		p->refs[MAX_SEGS + i] = ref;
 		put_le32(e + (proto64 ? 28 : 24) + 4 * i, ref);
 		uint8_t *d = page(ref);
@@ -406,6 +443,7 @@ wait_events(int timeout_ms)
 /* ---- connecting ---- */
 
 static const char *gate_path;	/* --gate: no request before this file exists */
+static int want_persistent;	/* --persistent */
 
 static void
 connect_frontend(const char *dir, unsigned domid, const char *proto)
@@ -418,6 +456,8 @@ connect_frontend(const char *dir, unsigned domid, const char *proto)
 	if ((long)order > max_order || (long)nq > max_q)
 		fail("backend offers order %ld, %ld queues", max_order, max_q);
 	max_indirect = (unsigned)(max_indirect ? (ind < (long)max_indirect ? ind : (long)max_indirect) : 0);
+	if (want_persistent)
+		xsw(fe, "feature-persistent", "1");	/* blkfront's node, read at connect */
 	if (order)
 		xsw(fe, "ring-page-order", "%u", order);
 	if (nq > 1)
@@ -431,6 +471,8 @@ connect_frontend(const char *dir, unsigned domid, const char *proto)
 	char *s = xsr(be, "sectors");
 	disk_sectors = s ? strtoull(s, NULL, 10) : 0;
 	free(s);
+	/* as blkfront: on only if the backend offers it too, known once Connected */
+	persistent = want_persistent && xsr_int(be, "feature-persistent", 0) == 1;
 	xsw(fe, "state", "4");
 	for (int i = 0; gate_path && access(gate_path, F_OK) != 0; i++) {
 		if (i == 6000)
@@ -471,9 +513,9 @@ give_slot(struct queue *qq, uint64_t id)
 {
 	struct pending *p = &qq->pend[id];
 	for (int i = 0; i < p->nsegs; i++)
-		gnt_put(p->refs[i]);
+		data_ref_put(p->refs[i]);
 	for (int i = 0; i < p->indirect_pages; i++)
-		gnt_put(p->refs[MAX_SEGS + i]);
+		data_ref_put(p->refs[MAX_SEGS + i]);
 	p->used = 0;
 	qq->free_ids[qq->nfree_ids++] = (uint32_t)id;
 	qq->inflight--;
@@ -490,7 +532,7 @@ layout(struct pending *p, uint64_t sectors, int random_layout)
 		unsigned n = sectors < room ? (unsigned)sectors : room;
 		if (random_layout && n > 1)
 			n = 1 + (unsigned)(rnd() % n);
-		p->refs[p->nsegs] = gnt_get();
+		p->refs[p->nsegs] = data_ref_get();
 		p->first[p->nsegs] = (uint8_t)first;
 		p->last[p->nsegs] = (uint8_t)(first + n - 1);
 		p->nsegs++;
@@ -647,9 +689,11 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 				     inflight);
 	}
 	printf("{\"reads\": %ju, \"writes\": %ju, \"discards\": %ju, \"flushes\": %ju, "
-	       "\"indirect\": %ju, \"errors\": %ju, \"mismatches\": %ju, \"max_inflight\": %u}\n",
+	       "\"indirect\": %ju, \"errors\": %ju, \"mismatches\": %ju, \"max_inflight\": %u, "
+	       "\"persistent\": %d, \"grants\": %u}\n",
 	       (uintmax_t)reads, (uintmax_t)writes, (uintmax_t)discards, (uintmax_t)flushes,
-	       (uintmax_t)indirect, (uintmax_t)errors, (uintmax_t)mismatches, max_inflight);
+	       (uintmax_t)indirect, (uintmax_t)errors, (uintmax_t)mismatches, max_inflight,
+	       persistent, pool.total);
 	if (dump_path) {
 		/* what the disk must now hold, for the tests to check with other tools */
 		FILE *f = fopen(dump_path, "wb");
@@ -783,8 +827,9 @@ run_bench(double secs, unsigned bs, unsigned qd, int write, int seq)
 	}
 	double t = (double)(now_ns() - t0) / 1e9;
 	printf("{\"requests\": %ju, \"seconds\": %.3f, \"iops\": %.0f, \"gbps\": %.3f, "
-	       "\"errors\": %ju}\n",
-	       (uintmax_t)done, t, (double)done / t, (double)bytes / t / 1e9, (uintmax_t)errors);
+	       "\"errors\": %ju, \"persistent\": %d, \"grants\": %u}\n",
+	       (uintmax_t)done, t, (double)done / t, (double)bytes / t / 1e9, (uintmax_t)errors,
+	       persistent, pool.total);
 	return errors != 0;
 }
 
@@ -891,12 +936,42 @@ static void
 f_bad_gref(uint8_t *e, uint64_t id, struct pending *p)
 {
 	layout(p, 8, 0);
-	gnt_put(p->refs[0]);
+	data_ref_put(p->refs[0]);
 	p->refs[0] = gnt.pages + 1000;	/* never granted */
 	p->nsegs = 0;
 	struct pending tmp = *p;
 	tmp.nsegs = 1;
 	enc_rw(e, OP_WRITE, 1, id, 0, &tmp);
+}
+/* A read whose second page was never granted: under persistent grants it cannot be mapped. */
+static void
+f_bad_gref_read(uint8_t *e, uint64_t id, struct pending *p)
+{
+	layout(p, 16, 0);
+	data_ref_put(p->refs[1]);
+	p->refs[1] = gnt.pages + 3;
+	enc_rw(e, OP_READ, 2, id, 0, p);
+	p->nsegs = 1;		/* only the first is ours to give back */
+}
+/*
+ * One page named many ways in one request: every data segment is the same
+ * ref, which is also the request's indirect descriptor page (read into
+ * after it was parsed). Legal, if silly: the backend must serve it.
+ */
+static void
+f_alias_refs(uint8_t *e, uint64_t id, struct pending *p)
+{
+	uint32_t ref = data_ref_get();
+	p->nsegs = 16;
+	for (int i = 0; i < p->nsegs; i++) {
+		p->refs[i] = ref;
+		p->first[i] = (uint8_t)(i % 8);
+		p->last[i] = (uint8_t)(i % 8);
+	}
+	enc_indirect(e, OP_READ, 16, id, 0, p);
+	uint32_t desc = p->refs[MAX_SEGS];
+	put_le32(page(desc) + 8 * 3, desc);	/* segment 3: the descriptor page itself */
+	p->nsegs = 1;		/* ref once; the descriptor page is given back with the request */
 }
 static void f_unknown_op(uint8_t *e, uint64_t id, struct pending *p) { enc_rw(e, 42, 0, id, 0, p); }
 static void
@@ -947,6 +1022,8 @@ static const struct {
 	{ "past-end", f_past_end, -1 },
 	{ "huge-sector", f_huge_sector, -1 },
 	{ "bad-gref", f_bad_gref, -1 },
+	{ "bad-gref-read", f_bad_gref_read, -1 },
+	{ "alias-refs", f_alias_refs, 0 },
 	{ "unknown-op", f_unknown_op, -2 },
 	{ "indirect-zero", f_indirect_zero, -1 },
 	{ "indirect-too-many", f_indirect_too_many, -1 },
@@ -955,6 +1032,78 @@ static const struct {
 	{ "discard-secure", f_discard_secure, -2 },
 	{ "discard-past-end", f_discard_past_end, -1 },
 };
+
+#define FLOOD_REQS 320		/* of 8 pages: 2560 refs each way, past blkback's 1056 */
+
+static struct {
+	uint32_t refs[FLOOD_REQS][8];
+} flood[2];			/* the writes' pages, the reads' */
+
+/* Issues FLOOD_REQS requests of 8 whole pages on queue 0, at most a ring at a time. */
+static unsigned
+flood_batch(uint32_t (*refs)[8], int op)
+{
+	struct queue *qq = &q[0];
+	struct response rs[64];
+	unsigned failed = 0, sent = 0, got = 0;
+	while (got < FLOOD_REQS) {
+		while (sent < FLOOD_REQS && qq->inflight < qq->size) {
+			uint64_t id;
+			struct pending *p = take_slot(qq, &id);
+			p->op = op;
+			p->nsegs = 8;
+			for (unsigned i = 0; i < 8; i++) {
+				p->refs[i] = refs[sent][i];
+				p->last[i] = 7;
+			}
+			enc_rw(req_slot(qq), op, 8, id, (uint64_t)sent * 64, p);
+			p->nsegs = 0;	/* its refs are never given back: never reused */
+			qq->req_prod_pvt++;
+			sent++;
+		}
+		kick(qq);
+		unsigned k = take_responses(qq, rs, 64);
+		for (unsigned i = 0; i < k; i++) {
+			failed += rs[i].status != 0;
+			give_slot(qq, rs[i].id);
+		}
+		got += k;
+		if (!k && !wait_events(3000))
+			fail("flood: no response");
+	}
+	return failed;
+}
+
+/*
+ * More distinct refs than any bound: every request's pages are fresh grants,
+ * none ever reused. The backend must keep its table bounded, and every byte
+ * must still come back right.
+ */
+static int
+run_flood(void)
+{
+	unsigned failed = 0, mismatches = 0;
+
+	if ((uint64_t)FLOOD_REQS * 64 > disk_sectors)
+		fail("flood: the disk is too small");
+	for (unsigned pass = 0; pass < 2; pass++) {
+		for (unsigned r = 0; r < FLOOD_REQS; r++) {
+			for (unsigned i = 0; i < 8; i++) {
+				uint32_t ref = flood[pass].refs[r][i] = gnt_get();
+				memset(page(ref), pass ? 0 : (int)((r * 8 + i) % 251 + 1), PAGE);
+			}
+		}
+		failed += flood_batch(flood[pass].refs, pass ? OP_READ : OP_WRITE);
+	}
+	for (unsigned r = 0; r < FLOOD_REQS; r++)
+		for (unsigned i = 0; i < 8; i++)
+			mismatches += memcmp(page(flood[0].refs[r][i]), page(flood[1].refs[r][i]),
+					     PAGE) != 0;
+	printf("{\"case\": \"persistent-flood\", \"refs\": %u, \"failed\": %u, "
+	       "\"mismatches\": %u, \"persistent\": %d}\n", 2 * FLOOD_REQS * 8, failed, mismatches,
+	       persistent);
+	return failed || mismatches;
+}
 
 static int
 run_malicious(const char *name)
@@ -973,6 +1122,8 @@ run_malicious(const char *name)
 		printf("{\"case\": \"%s\", \"backend_state\": %ld}\n", name, s);
 		return s != 5 && s != 6;
 	}
+	if (!strcmp(name, "persistent-flood"))
+		return run_flood();
 	if (!strcmp(name, "garbage")) {
 		/* every entry random bytes: each must get some answer, none may hang */
 		struct queue *qq = &q[0];
@@ -1023,8 +1174,8 @@ run_malicious(const char *name)
 			else
 				wait_events(100);
 		}
-		printf("{\"case\": \"%s\", \"status\": %d, \"expected\": %d, \"after\": %d}\n", name,
-		       st, cases[i].expect, good);
+		printf("{\"case\": \"%s\", \"status\": %d, \"expected\": %d, \"after\": %d, "
+		       "\"persistent\": %d}\n", name, st, cases[i].expect, good, persistent);
 		return st != cases[i].expect || good != 1;
 	}
 	fail("unknown case %s", name);
@@ -1061,13 +1212,14 @@ run_probe(void)
 		"sectors", "info", "sector-size", "physical-sector-size", "feature-flush-cache",
 		"feature-barrier", "feature-discard", "discard-granularity",
 		"feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues",
+		"feature-persistent",
 	};
 	printf("{");
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
 		printf("\"%s\": %ld, ", keys[i], xsr_int(be, keys[i], -1));
 	int r = one_io(OP_READ);
 	int w = one_io(OP_WRITE);
-	printf("\"read\": %d, \"write\": %d}\n", r, w);
+	printf("\"read\": %d, \"write\": %d, \"persistent\": %d}\n", r, w, persistent);
 	return 0;
 }
 
@@ -1089,7 +1241,8 @@ run_hold(double secs, unsigned qd)
 	}
 	kick(qq);
 	usleep((useconds_t)(secs * 1e6));
-	printf("{\"submitted\": %u}\n", n);
+	printf("{\"submitted\": %u, \"persistent\": %d, \"grants\": %u}\n", n, persistent,
+	       pool.total);
 	return 0;	/* exit without answering anything: the guest is gone */
 }
 
@@ -1106,7 +1259,7 @@ main(int argc, char **argv)
 		{ "rw", 1, 0, 'w' }, { "seconds", 1, 0, 'S' }, { "seed", 1, 0, 'e' },
 		{ "max-sectors", 1, 0, 'X' }, { "probe", 0, 0, 'P' },
 		{ "dump", 1, 0, 'U' }, { "memcpy", 0, 0, 'C' },
-		{ "patience", 1, 0, 'T' }, { "gate", 1, 0, 'G' },
+		{ "patience", 1, 0, 'T' }, { "gate", 1, 0, 'G' }, { "persistent", 0, 0, 'K' },
 		{ 0, 0, 0, 0 },
 	};
 	const char *dir = NULL, *bpath = NULL, *proto = "x86_64-abi", *mal = NULL, *rw = "randread";
@@ -1144,6 +1297,7 @@ main(int argc, char **argv)
 		case 'C': copy = 1; break;
 		case 'T': patience = atof(optarg); break;
 		case 'G': gate_path = optarg; break;
+		case 'K': want_persistent = 1; break;
 		default: fail("bad option");
 		}
 	}
