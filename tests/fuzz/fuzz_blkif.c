@@ -370,7 +370,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	ring_died = 0;
 	clobbered = 0;
 	ring_pages = pages;
-	ring = blkif_ring_connect(srv, &watch_port, vbd, &cfg, ring_dead, NULL, err, sizeof(err));
+	ring = blkif_ring_connect(&watch_port, vbd, &cfg, ring_dead, NULL, err, sizeof(err));
 	if (!ring)
 		fz_fail("blkif_ring_connect: %s", err);
 

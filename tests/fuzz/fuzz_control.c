@@ -145,7 +145,7 @@ destroy_all(void)
 	for (int m = 0; m < SERVER_MAX_MINORS; m++)
 		if (srv->minors[m])
 			fz_fail("minor %d still in the table after its destroy", m);
-	if (srv->zombies)
+	if (srv->nr_zombies)
 		fz_fail("a force-closed vbd lives on with no I/O in flight");
 	qos_groups_free(srv);
 	check_state_dir_empty();

@@ -969,7 +969,7 @@ wipe_disk(void)
 static void
 check_idle(void)
 {
-	unsigned n = nbd_connection_count(srv->nbd);
+	unsigned n = nbd_connection_count(srv);
 	if (n)
 		fz_fail("%u NBD connection(s) still alive after the client hung up", n);
 	for (int m = 0; m < NR_VBDS; m++) {
@@ -986,7 +986,7 @@ check_idle(void)
 			fz_fail("minor %d: %u NBD frontend(s) still attached", m,
 				vbd_frontend_count(vbd, "nbd"));
 	}
-	if (srv->zombies)
+	if (srv->nr_zombies)
 		fz_fail("a zombie vbd appeared");
 }
 
@@ -1029,12 +1029,12 @@ close_and_reopen(int minor, int force)
 	if (c.w.err)
 		fz_fail("closing minor %d: %s", minor, c.w.msg);
 	/* a force-closed vbd with I/O out lives on as a zombie until it is back */
-	while (srv->zombies)
+	while (srv->nr_zombies)
 		event_base_loop(srv->base, EVLOOP_ONCE);
 	fz_settle(srv->base);
-	if (!srv->minors[minor] || !(srv->minors[minor]->state & VBD_CLOSED))
+	if (!server_minor_closed(srv, minor))
 		fz_fail("minor %d: not closed after close", minor);
-	int rc = vbd_open(srv, minor, vbd_params[minor], vbd_flags[minor], fz_wait_done, &w);
+	int rc = fz_vbd_open(srv, minor, vbd_params[minor], vbd_flags[minor], &w);
 	if (rc < 0)
 		fz_fail("reopening minor %d: %s", minor, strerror(-rc));
 	wait_for(&w.done);
@@ -1069,14 +1069,14 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fz_client_open(srv->base, &cl, (mode & M_HOLD) != 0, &sbev);
 	oracle_start(mode, events, minor, data, size);
 	cl.observe = oracle_feed;
-	nbd_serve(srv->nbd, sbev, exp);
+	nbd_serve(srv->loops[0]->nbd, sbev, exp);
 	fz_settle(srv->base);
 
 	int second = (events & E_SECOND) != 0;
 	if (second) {
 		/* queued now, served while the first client's input arrives */
 		fz_client_open(srv->base, &cl2, 0, &sbev);
-		nbd_serve(srv->nbd, sbev, exp);
+		nbd_serve(srv->loops[0]->nbd, sbev, exp);
 		build_reader(&reader, exp ? "" : (minor ? "1" : "0"), srv->minors[minor]->size);
 		bufferevent_write(cl2.bev, reader.p, reader.len);
 		free(reader.p);
@@ -1132,6 +1132,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	oracle_end();
 	check_idle();
 	wipe_disk();
-	bufpool_trim(srv->pool);
+	bufpool_trim(srv->loops[0]->pool);
 	return 0;
 }

@@ -16,6 +16,7 @@
 
 #include "fuzz_common.h"
 #include "log.h"
+#include "loop.h"
 #include "server.h"
 #include "vbd.h"
 
@@ -31,6 +32,21 @@ fz_wait_done(void *arg, int err, const char *msg)
 	w->done = 1;
 	w->err = err;
 	snprintf(w->msg, sizeof(w->msg), "%s", msg ? msg : "");
+}
+
+/*
+ * Opens minor on loop 0 (the harness's one loop) through vbd_new/vbd_open,
+ * not server_open_vbd: no socket in the state directory. w is told.
+ */
+static int
+fz_vbd_open(struct server *s, int minor, const char *params, unsigned flags, struct fz_wait *w)
+{
+	struct vbd *vbd;
+	int rc = vbd_new(s, minor, s->loops[0], &vbd);
+	if (rc < 0)
+		return rc;
+	vbd_open(vbd, params, flags, fz_wait_done, w);
+	return 0;
 }
 
 /*
@@ -58,10 +74,9 @@ fz_server_setup(const char *name, char *state_dir, const char *const params[],
 	if (!srv)
 		fz_fail("server_new: %s", err);
 
-	/* vbd_open, not server_open_vbd: no socket in the state directory */
 	for (int m = 0; m < n; m++) {
 		struct fz_wait w = { 0 };
-		int rc = vbd_open(srv, m, params[m], flags[m], fz_wait_done, &w);
+		int rc = fz_vbd_open(srv, m, params[m], flags[m], &w);
 		if (rc < 0)
 			fz_fail("vbd_open %s: %s", params[m], strerror(-rc));
 		while (!w.done)
