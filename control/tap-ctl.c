@@ -178,16 +178,24 @@ parse_qos_list(json_t *obj, const char *list)
 static int
 cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 {
-	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [--qos K=V,...] [-p PID]"
-				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [--qos K=V,...] [-p PID]";
+	static const struct option longopts[] = {
+		{ "loop", required_argument, NULL, 'L' },
+		{ "qos", required_argument, NULL, 'q' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [--qos K=V,...] "
+				     "[--loop L] [-p PID]"
+				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [--qos K=V,...] [--loop L] "
+				     "[-p PID]";
 	const char *params = NULL;
-	long minor = -1;
+	long minor = -1, loop = -1;
 	int ro = 0, nodirect = 0, c;
 	json_t *qos = NULL;
 
-	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:h", NULL)) != -1) {
+	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:L:h", longopts)) != -1) {
 		switch (c) {
 		case 'a': params = optarg; break;
+		case 'L': loop = parse_int(optarg, "--loop L"); break;
 		case 'q':
 			if (!qos)
 				qos = json_object();
@@ -210,6 +218,8 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		json_object_set_new(args, "minor", json_integer(minor));
 	if (nodirect)
 		json_object_set_new(args, "nodirect", json_true());
+	if (loop >= 0)
+		json_object_set_new(args, "loop", json_integer(loop));
 	if (qos)
 		json_object_set_new(args, "qos", qos);
 	json_t *r = cli_call(cli, create ? "create" : "open", args);

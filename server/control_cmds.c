@@ -469,8 +469,8 @@ cmd_snapshot(struct ctl_req *req, json_t *args)
 
 /*
  * Exactly one of minor and group; replies an error otherwise. A group's
- * command runs on the group's loop (a new group's: the least loaded):
- * 1 when fn was sent there.
+ * command runs on the group's loop (a group made here, before it has any
+ * member, lives on loop 0): 1 when fn was sent there.
  */
 static int
 qos_target(struct ctl_req *req, json_t *args, struct vbd **vbd, const char **group,
@@ -486,8 +486,7 @@ qos_target(struct ctl_req *req, json_t *args, struct vbd **vbd, const char **gro
 	}
 	if (*group) {
 		struct loop *l = qos_group_loop(srv, *group);
-		if (loop_current() == srv->loops[0] && (l ? l : (l = server_place(srv))) !=
-		    loop_current()) {
+		if (loop_current() == srv->loops[0] && l && l != loop_current()) {
 			ctl_req_run_on(req, l, fn, args);
 			return 1;
 		}

@@ -56,6 +56,8 @@ struct xen_dev {
 	int bound;			/* the link is registered with the vbd */
 	int connecting, connected;
 	int persistent;			/* the rings keep guest pages mapped */
+	unsigned queues, order;		/* of the rings connecting or connected */
+	int proto;
 	struct blkif_vbd_props props;	/* the vbd's, as of the last note */
 	char *unknown_pdp;		/* warned about once */
 	LIST_ENTRY(xen_dev) link_entry;
@@ -263,6 +265,9 @@ dev_connect(struct xen_dev *d, char *err, size_t errlen)
 			return -1;
 	}
 	d->persistent = cfgs[0].max_pgrants != 0;
+	d->queues = (unsigned)queues;
+	d->order = (unsigned)order;
+	d->proto = p;
 	if (blkif_link_connect(d->link, cfgs, (unsigned)queues) < 0) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
@@ -297,8 +302,10 @@ dev_connected(struct xen_dev *d)
 	xwrite(xb, d->be_path, "sector-size", "%u", lbs);
 	xwrite(xb, d->be_path, "physical-sector-size", "%u", lbs > 4096 ? lbs : 4096u);
 	dev_set_state(d, XS_CONNECTED);
-	log_info("blkif %s: connected to minor %d%s", d->be_path, v->minor,
-		 d->persistent ? " (persistent grants)" : "");
+	log_info("blkif %s: connected to minor %d (%u queue%s, %u page%s, protocol %s%s)",
+		 d->be_path, v->minor, d->queues, d->queues > 1 ? "s" : "", 1u << d->order,
+		 d->order ? "s" : "", d->proto == BLKIF_PROTO_X86_32 ? "x86_32" : "x86_64",
+		 d->persistent ? ", persistent grants" : "");
 }
 
 /* ---- binding to a vbd ---- */

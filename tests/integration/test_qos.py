@@ -119,7 +119,8 @@ def test_changes_pause_and_group_moves_never_fail_a_request(server, tmp_path):
     vbd moves between groups, is paused with requests waiting, and ends
     unlimited: no request fails, every byte reads back."""
     img = full_image(tmp_path / "a.img", 16 * MiB)
-    m = server.open("aio:" + img, qos={"iops_total": 800})["minor"]
+    # a group made by qos-set lives on loop 0, and its members with it
+    m = server.open("aio:" + img, qos={"iops_total": 800}, loop=0)["minor"]
     server.call("qos-set", group="g", limits={"iops_total": 600})
     steps = [
         lambda: qos(server, m, iops_total=300, bps_total=4 * MiB),
@@ -209,7 +210,7 @@ def rates(tmp_path_factory):
                 params = "vhd:" + path
             else:
                 params = "aio:" + full_image(tmp / (vbd + ".img"))
-            minors[vbd] = srv.open(params)["minor"]
+            minors[vbd] = srv.open(params, loop=0)["minor"]    # the group's loop
         srv.call("qos-set", group="tenants", limits={"iops_total": 1000})
         for vbd, limits, _ in JOBS.values():
             srv.call("qos-set", minor=minors[vbd], limits=limits)

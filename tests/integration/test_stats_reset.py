@@ -211,7 +211,7 @@ def test_shared_parent_reset_is_per_vbd(server, tmp_path):
     for k in range(2):
         kid = str(tmp_path / ("kid%d.vhd" % k))
         run(vhdutil, "snapshot", "-n", kid, "-p", base)
-        kids.append(server.open("vhd:" + kid)["minor"])
+        kids.append(server.open("vhd:" + kid, loop=0)["minor"])   # shared on one loop
     for m in kids:
         qemu_io(server.uri(m), "read 0 64k", "read 1M 64k")   # unallocated: the parent
     a, b = (server.stats(m)["images"][1]["hits"][0] for m in kids)

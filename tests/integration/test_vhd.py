@@ -224,6 +224,57 @@ def test_three_deep_chain_reads_the_right_layer(server, tmp_path):
     assert export_bytes(server, r["minor"], str(tmp_path / "all.raw")) == bytes(expect)
 
 
+def base_fds(server, path):
+    pid = server.proc.pid
+    return sum(1 for fd in os.listdir("/proc/%d/fd" % pid)
+               if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == path)
+
+
+def test_shared_parent_is_opened_once_per_loop_and_a_writer_is_exclusive_across_loops(
+        make_server, tmp_path):
+    """Children on different loops: each loop opens the read-only parent
+    once (its state is its loop's); every child reads it; no loop may open
+    it for writing while any child uses it."""
+    srv = make_server(extra=["--loops", "3"])
+    base = str(tmp_path / "gold.vhd")
+    vhdutil("create", "-n", base, "-s", "8")
+    r = srv.open("vhd:" + base)
+    h = connect(srv, r["minor"])
+    h.pwrite(b"G" * (8 * MiB), 0)
+    h.flush()
+    h.shutdown()
+    srv.call("destroy", minor=r["minor"])
+    kids = []
+    for k, loop in enumerate([0, 0, 1, 2]):
+        kid = str(tmp_path / ("kid%d.vhd" % k))
+        vhdutil("snapshot", "-n", kid, "-p", base)
+        kids.append(srv.open("vhd:" + kid, loop=loop)["minor"])
+    loops = [v["loop"] for v in srv.call("list")["result"]["vbds"]]
+    assert loops == [0, 0, 1, 2]
+    assert 3 <= base_fds(srv, base) <= 6     # once per loop (buffered + direct each)
+    for i, m in enumerate(kids):
+        h = connect(srv, m)
+        h.pwrite(bytes([0x30 + i]) * MiB, MiB)
+        assert h.pread(4096, 0) == b"G" * 4096
+        h.shutdown()
+    for loop in range(3):
+        with pytest.raises(ControlError) as e:
+            srv.call("open", params="vhd:" + base, loop=loop)
+        assert e.value.code == "EBUSY"
+    for i, m in enumerate(kids):
+        h = connect(srv, m)
+        assert h.pread(MiB, MiB) == bytes([0x30 + i]) * MiB
+        h.shutdown()
+        srv.call("destroy", minor=m)
+    assert base_fds(srv, base) == 0
+    # and a writer on one loop keeps every other loop out
+    w = srv.open("vhd:" + base, loop=2)["minor"]
+    with pytest.raises(ControlError) as e:
+        srv.call("open", params="vhd:" + str(tmp_path / "kid0.vhd"), loop=0)
+    assert e.value.code == "EBUSY"
+    srv.call("destroy", minor=w)
+
+
 def test_shared_parent_opened_once_children_isolated(server, tmp_path):
     base = str(tmp_path / "gold.vhd")
     vhdutil("create", "-n", base, "-s", "8")
@@ -238,10 +289,8 @@ def test_shared_parent_opened_once_children_isolated(server, tmp_path):
     for k in range(2):
         kid = str(tmp_path / ("kid%d.vhd" % k))
         vhdutil("snapshot", "-n", kid, "-p", base)
-        kids.append(server.open("vhd:" + kid)["minor"])
-    fds = [os.readlink("/proc/%d/fd/%s" % (server.proc.pid, fd))
-           for fd in os.listdir("/proc/%d/fd" % server.proc.pid)]
-    assert sum(1 for f in fds if f == base) <= 2      # one buffered + one direct, once
+        kids.append(server.open("vhd:" + kid, loop=0)["minor"])   # a parent is shared per loop
+    assert base_fds(server, base) <= 2      # one buffered + one direct, once
     hs = [connect(server, m) for m in kids]
     for i, h in enumerate(hs):
         h.pwrite(bytes([0x30 + i]) * MiB, MiB)

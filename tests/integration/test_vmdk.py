@@ -71,7 +71,8 @@ def qemu_map(img):
 
 
 def open_ro(server, img):
-    return server.open("vmdk:" + img, readonly=True)
+    # one loop: a parent is shared by the chains of one loop (opened once per loop)
+    return server.open("vmdk:" + img, readonly=True, loop=0)
 
 
 def assert_reads_like_qemu(server, img, tmp_path, size=None):
