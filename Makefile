@@ -34,6 +34,12 @@ ifeq ($(SAN),1)
 CFLAGS  := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 LDFLAGS += -fsanitize=address,undefined
 endif
+# ThreadSanitizer (make check's tsan pass: BUILD=build/tsan SAN=thread): clang's
+ifeq ($(SAN),thread)
+CC      := clang
+CFLAGS  := -O1 -g -fsanitize=thread -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=thread
+endif
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -DTAPDISKD_VERSION='"$(VERSION)"' $(WARN) $(CFLAGS) \
               $(PKG_CFLAGS) -MMD -MP
 LIBS    := $(PKG_LIBS) -luuid -lpthread -lm -lz

@@ -203,8 +203,12 @@ ctl_req_run_on(struct ctl_req *req, struct loop *l, void (*fn)(struct ctl_req *,
 		fn(req, args);
 		return;
 	}
+	/* a copy of its own: jansson's reference counts are no thread's to share */
+	if (!(req->args = json_deep_copy(args))) {
+		ctl_reply_error(req, ENOMEM, "out of memory");
+		return;
+	}
 	req->run = fn;
-	req->args = json_incref(args);
 	req->msg.fn = req_run_arrived;
 	loop_post(l, &req->msg);
 }
@@ -435,7 +439,14 @@ client_line(struct ctl_client *cl, const char *line, size_t len)
 	}
 	req->client = cl;
 	req->srv = cl->ctl->srv;
-	req->id = id ? json_incref(id) : json_null();
+	/* the request's own copy: its reply may be made on another loop */
+	req->id = id ? json_deep_copy(id) : json_null();
+	if (!req->id) {
+		free(req);
+		client_error(cl, id, ENOMEM, "out of memory");
+		json_decref(args);
+		goto out;
+	}
 	req->cmd = cmd;
 	cl->pending++;
 	log_debug("control: %s", cmd->name);
