@@ -101,9 +101,10 @@ class Control:
 class Server:
     """A running tapdiskd on its own state dir."""
 
-    def __init__(self, state_dir, engine=ENGINE, extra=(), env=None, prefix=()):
+    def __init__(self, state_dir, engine=ENGINE, extra=(), env=None, prefix=(), loops=LOOPS):
         self.state_dir = str(state_dir)
         self.engine = engine
+        self.loops = loops           # None: the server's default
         self.extra = list(extra)
         self.env = env
         self.prefix = list(prefix)   # e.g. prlimit: exec's the server, same pid
@@ -119,7 +120,8 @@ class Server:
         self.logf = open(self.log_path, "ab")
         cmd = [os.path.join(BIN, "tapdiskd"), "--state-dir", self.state_dir,
                "--foreground", "--io-engine", self.engine] + \
-            (["--loops", LOOPS] if LOOPS and "--loops" not in self.extra else []) + self.extra
+            (["--loops", self.loops] if self.loops and "--loops" not in self.extra else []) + \
+            self.extra
         wrap = os.environ.get("TAPDISKD_WRAPPER")
         if wrap:
             cmd = wrap.split() + cmd
@@ -205,6 +207,7 @@ class Server:
     def assert_clean_log(self):
         log = self.log()
         for bad in ("AddressSanitizer", "runtime error:", "LeakSanitizer", "ERROR SUMMARY: [1-9]",
+                    "WARNING: ThreadSanitizer",
                     "Segmentation fault"):
             assert bad not in log, "sanitizer/valgrind report in server log:\n" + log
 
