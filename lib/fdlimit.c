@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -11,6 +12,8 @@
 #include <unistd.h>
 
 static int spare_fd = -1;
+/* every loop's listeners may shed at once: one spare, taken by one at a time */
+static pthread_mutex_t spare_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void
 spare_take(void)
@@ -100,8 +103,13 @@ fdlimit_shed(int listen_fd, int err, const char *farewell)
 {
 	int fd;
 
-	if ((err != EMFILE && err != ENFILE) || spare_fd < 0)
+	if (err != EMFILE && err != ENFILE)
 		return -err;
+	pthread_mutex_lock(&spare_lock);
+	if (spare_fd < 0) {
+		pthread_mutex_unlock(&spare_lock);
+		return -err;
+	}
 	close(spare_fd);
 	spare_fd = -1;
 	fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
@@ -113,5 +121,6 @@ fdlimit_shed(int listen_fd, int err, const char *farewell)
 		close(fd);
 	}
 	spare_take();
+	pthread_mutex_unlock(&spare_lock);
 	return 0;
 }
