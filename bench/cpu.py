@@ -16,13 +16,14 @@ by the requests completed (a separate run, so that the tracing does not
 weigh on the CPU figures).
 """
 
-import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
+
+from allocs import fio_4k
 
 WORKLOADS = [("4k randread QD32", "randread"), ("4k randwrite QD32", "randwrite")]
 SYSCALL_EVENTS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_epoll_ctl",
@@ -38,15 +39,8 @@ def cpu_seconds(pid):
 
 
 def fio_requests(sock, rw, runtime):
-    """One fio run; (requests completed, IOPS)."""
-    out = subprocess.run(["fio", "--output-format=json", "--name=cpu", "--ioengine=nbd",
-                          "--uri=nbd+unix:///?socket=" + sock, "--time_based",
-                          "--runtime=%d" % runtime, "--size=1G", "--rw=" + rw, "--bs=4k",
-                          "--iodepth=32", "--randrepeat=0"],
-                         capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    ios = job["read"]["total_ios"] + job["write"]["total_ios"]
-    return ios, job["read"]["iops"] + job["write"]["iops"]
+    """One fio run on the 1 GiB image; (requests completed, IOPS)."""
+    return fio_4k(sock, rw, runtime, "1G")
 
 
 def measure_cpu(srv, rw, runtime):
