@@ -32,14 +32,20 @@ def allocations(pid, count_file):
     raise RuntimeError("the allocation probe did not answer")
 
 
-def fio_ios(sock, rw, runtime):
+def fio_4k(sock, rw, runtime, size="64M"):
+    """One fio run (nbd engine, 4 KiB, QD32); (requests completed, IOPS)."""
     out = subprocess.run(["fio", "--output-format=json", "--name=allocs", "--ioengine=nbd",
                           "--uri=nbd+unix:///?socket=" + sock, "--time_based",
-                          "--runtime=%d" % runtime, "--size=64M", "--rw=" + rw, "--bs=4k",
+                          "--runtime=%d" % runtime, "--size=" + size, "--rw=" + rw, "--bs=4k",
                           "--iodepth=32", "--randrepeat=0"],
                          capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
-    return job["read"]["total_ios"] + job["write"]["total_ios"]
+    return (job["read"]["total_ios"] + job["write"]["total_ios"],
+            job["read"]["iops"] + job["write"]["iops"])
+
+
+def fio_ios(sock, rw, runtime):
+    return fio_4k(sock, rw, runtime)[0]
 
 
 def alloc_bench(tmp, images, tapdiskd, runtime):

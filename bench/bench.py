@@ -5,7 +5,8 @@ plugin, one after the other in one run; VHD and qcow2 images against
 qemu-storage-daemon's vpc and qcow2 drivers (`--only vhd|qcow2` runs one of
 those); then tapdiskd's memory: idle RSS
 and RSS with 100 open vbds; then the blkif ring benchmark (bench/ring.py;
-`--only ring` runs just that). Prints a markdown report (ratios tapdiskd/peer)
+`--only ring` runs just that); QoS, allocations and server CPU and system
+calls per request (bench/cpu.py, `--only cpu`). Prints a markdown report (ratios tapdiskd/peer)
 and writes it to bench/out/latest.md. Numbers are only comparable within
 one run on one machine."""
 
@@ -24,6 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from allocs import alloc_bench  # noqa: E402
+from cpu import cpu_bench  # noqa: E402
 from qos import qos_bench  # noqa: E402
 from ring import ring_bench  # noqa: E402
 
@@ -68,13 +70,13 @@ def rss_kb(pid):
 class Tapdiskd:
     name = "tapdiskd"
 
-    def __init__(self, tmp, image, engine, fmt="aio", env=None):
+    def __init__(self, tmp, image, engine, fmt="aio", env=None, bin_dir=BIN):
         self.state = os.path.join(tmp, "td")
-        self.proc = subprocess.Popen([os.path.join(BIN, "tapdiskd"), "--state-dir", self.state,
+        self.proc = subprocess.Popen([os.path.join(bin_dir, "tapdiskd"), "--state-dir", self.state,
                                       "--foreground", "--io-engine", engine, "--log-level", "warning"],
                                      env=env)
         wait_socket(os.path.join(self.state, "ctl.sock"), self.proc)
-        r = subprocess.run([os.path.join(BIN, "tap-ctl"), "-S", self.state, "create", "-a",
+        r = subprocess.run([os.path.join(bin_dir, "tap-ctl"), "-S", self.state, "create", "-a",
                             fmt + ":" + image], capture_output=True, text=True, check=True)
         self.sock = r.stdout.strip()
 
@@ -300,18 +302,45 @@ def allocs_part(tmp, a):
                        a.runtime)
 
 
+def fill_image(tmp):
+    """The 1 GiB raw image every raw row serves, full of data."""
+    image = os.path.join(tmp, "bench.img")
+    subprocess.run(["fio", "--name=fill", "--filename=" + image, "--size=1G", "--rw=write",
+                    "--bs=1M", "--ioengine=psync", "--output=/dev/null"], check=True)
+    return image
+
+
+def cpu_part(tmp, a, image=None):
+    """Server CPU and system calls per 4k request, tapdiskd against its peers
+    (and against the tapdiskd of --cpu-base, for an A/B of two builds)."""
+    if image is None:
+        image = fill_image(tmp)
+    servers = [("tapdiskd", lambda: Tapdiskd(tmp, image, a.engine))]
+    if a.cpu_base:
+        servers.append(("tapdiskd-base", lambda: Tapdiskd(tmp, image, a.engine,
+                                                          bin_dir=a.cpu_base)))
+    servers += [("nbdkit-file", lambda: Nbdkit(tmp, image)),
+                ("qemu-storage-daemon", lambda: QemuStorageDaemon(tmp, image))]
+    return cpu_bench(tmp, image, servers, a.runtime, a.cpu_rounds)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", type=int, default=int(os.environ.get("BENCH_RUNTIME", "8")))
     ap.add_argument("--engine", default="uring")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
-    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs"],
+    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs", "cpu"],
                     default="all")
+    ap.add_argument("--cpu-rounds", type=int, default=int(os.environ.get("BENCH_CPU_ROUNDS", "3")),
+                    help="alternating rounds of the CPU-per-request part; the median counts")
+    ap.add_argument("--cpu-base", metavar="BIN_DIR",
+                    help="also run the tapdiskd (and tap-ctl) of BIN_DIR in the CPU part")
     a = ap.parse_args()
     single = {"ring": lambda tmp: ring_bench(tmp, a.runtime, a.rounds),
               "qos": lambda tmp: qos_part(tmp, a),
-              "allocs": lambda tmp: allocs_part(tmp, a)}
+              "allocs": lambda tmp: allocs_part(tmp, a),
+              "cpu": lambda tmp: cpu_part(tmp, a)}
     for fmt in FORMATS:
         single[fmt] = lambda tmp, fmt=fmt: format_table(
             fmt, format_bench(tmp, a.engine, a.runtime, a.rounds, fmt))
@@ -325,10 +354,8 @@ def main():
         return
 
     tmp = tempfile.mkdtemp(prefix="tdbench-", dir="/dev/shm")
-    image = os.path.join(tmp, "bench.img")
     try:
-        subprocess.run(["fio", "--name=fill", "--filename=" + image, "--size=1G", "--rw=write",
-                        "--bs=1M", "--ioengine=psync", "--output=/dev/null"], check=True)
+        image = fill_image(tmp)
         results = {}
         servers = [("tapdiskd", lambda: Tapdiskd(tmp, image, a.engine)),
                    ("qemu-storage-daemon", lambda: QemuStorageDaemon(tmp, image)),
@@ -353,6 +380,7 @@ def main():
         ring = ring_bench(tmp, a.runtime, a.rounds)
         qos = qos_part(tmp, a, image)
         allocs = allocs_part(tmp, a)
+        cpu = cpu_part(tmp, a, image)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -385,6 +413,8 @@ def main():
     lines.append(qos)
     lines.append("")
     lines.append(allocs)
+    lines.append("")
+    lines.append(cpu)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:
