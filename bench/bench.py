@@ -28,6 +28,7 @@ from allocs import alloc_bench  # noqa: E402
 from cpu import cpu_bench  # noqa: E402
 from qos import qos_bench  # noqa: E402
 from ring import ring_bench  # noqa: E402
+from loops import loops_bench  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "build", "bin")
@@ -330,7 +331,7 @@ def main():
     ap.add_argument("--engine", default="uring")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
-    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs", "cpu"],
+    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs", "cpu", "loops"],
                     default="all")
     ap.add_argument("--cpu-rounds", type=int, default=int(os.environ.get("BENCH_CPU_ROUNDS", "3")),
                     help="alternating rounds of the CPU-per-request part; the median counts")
@@ -340,7 +341,8 @@ def main():
     single = {"ring": lambda tmp: ring_bench(tmp, a.runtime, a.rounds),
               "qos": lambda tmp: qos_part(tmp, a),
               "allocs": lambda tmp: allocs_part(tmp, a),
-              "cpu": lambda tmp: cpu_part(tmp, a)}
+              "cpu": lambda tmp: cpu_part(tmp, a),
+              "loops": lambda tmp: loops_bench(tmp, a.runtime, a.cpu_rounds)}
     for fmt in FORMATS:
         single[fmt] = lambda tmp, fmt=fmt: format_table(
             fmt, format_bench(tmp, a.engine, a.runtime, a.rounds, fmt))
@@ -381,6 +383,7 @@ def main():
         qos = qos_part(tmp, a, image)
         allocs = allocs_part(tmp, a)
         cpu = cpu_part(tmp, a, image)
+        loops = loops_bench(tmp, a.runtime, a.cpu_rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -415,6 +418,8 @@ def main():
     lines.append(allocs)
     lines.append("")
     lines.append(cpu)
+    lines.append("")
+    lines.append(loops)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:
