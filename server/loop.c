@@ -140,10 +140,16 @@ loop_stop(struct loop *l)
 		;	/* out of memory: a message is a few bytes; try again */
 	pthread_join(l->thread, NULL);
 	l->running = 0;
-	/* what was posted after the exit runs here, as if on l: nothing is lost */
+	loop_drain(l);	/* what was posted after the exit: nothing is lost */
+}
+
+void
+loop_drain(struct loop *l)
+{
 	struct loop *was = current;
+
 	current = l;
-	while (mailbox_run(l->mb))
+	while (l->mb && mailbox_run(l->mb))
 		;
 	current = was;
 }
@@ -154,12 +160,7 @@ loop_free(struct loop *l)
 	if (!l)
 		return;
 	loop_stop(l);
-	/* what is still posted to it (every loop is stopped by now) runs here */
-	struct loop *was = current;
-	current = l;
-	while (l->mb && mailbox_run(l->mb))
-		;
-	current = was;
+	loop_drain(l);	/* what is still posted to it (every loop is stopped by now) */
 	nbd_server_free(l->nbd);
 	if (l->idle_tick)
 		event_free(l->idle_tick);

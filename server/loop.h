@@ -58,6 +58,8 @@ struct loop *loop_new(struct server *srv, unsigned index, const char *io_engine,
 int loop_start(struct loop *l, char *err, size_t errlen);
 /* Stops and joins the loop's thread (if any). */
 void loop_stop(struct loop *l);
+/* Runs what is queued in l's mailbox, on the calling thread, as l (stopped loops). */
+void loop_drain(struct loop *l);
 void loop_free(struct loop *l);
 
 void loop_post(struct loop *l, struct mailbox_msg *m);

@@ -130,11 +130,17 @@ server_free(struct server *srv)
 {
 	if (!srv)
 		return;
-	metrics_http_free(srv->metrics);
-	control_free(srv->ctl);
-	/* the threads first: nothing runs on a loop while its parts are freed */
+	/*
+	 * The threads first: nothing runs on a loop while its parts are freed.
+	 * What they still owed loop 0 (a reply, a gather) runs next, while the
+	 * control clients and the metrics endpoint it is for are still here.
+	 */
 	for (unsigned i = 1; i < srv->nr_loops; i++)
 		loop_stop(srv->loops[i]);
+	if (srv->nr_loops)
+		loop_drain(srv->loops[0]);
+	metrics_http_free(srv->metrics);
+	control_free(srv->ctl);
 	for (unsigned i = 0; i < srv->nr_loops; i++) {
 		loop_free_vbds(srv->loops[i]);
 		loop_free(srv->loops[i]);
