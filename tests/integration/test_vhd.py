@@ -224,6 +224,19 @@ def test_three_deep_chain_reads_the_right_layer(server, tmp_path):
     assert export_bytes(server, r["minor"], str(tmp_path / "all.raw")) == bytes(expect)
 
 
+def gold_parent(srv, tmp_path):
+    """An 8 MiB VHD full of "G", written through the server and closed."""
+    base = str(tmp_path / "gold.vhd")
+    vhdutil("create", "-n", base, "-s", "8")
+    r = srv.open("vhd:" + base)
+    h = connect(srv, r["minor"])
+    h.pwrite(b"G" * (8 * MiB), 0)
+    h.flush()
+    h.shutdown()
+    srv.call("destroy", minor=r["minor"])
+    return base
+
+
 def base_fds(server, path):
     pid = server.proc.pid
     return sum(1 for fd in os.listdir("/proc/%d/fd" % pid)
@@ -236,14 +249,7 @@ def test_shared_parent_is_opened_once_per_loop_and_a_writer_is_exclusive_across_
     once (its state is its loop's); every child reads it; no loop may open
     it for writing while any child uses it."""
     srv = make_server(extra=["--loops", "3"])
-    base = str(tmp_path / "gold.vhd")
-    vhdutil("create", "-n", base, "-s", "8")
-    r = srv.open("vhd:" + base)
-    h = connect(srv, r["minor"])
-    h.pwrite(b"G" * (8 * MiB), 0)
-    h.flush()
-    h.shutdown()
-    srv.call("destroy", minor=r["minor"])
+    base = gold_parent(srv, tmp_path)
     kids = []
     for k, loop in enumerate([0, 0, 1, 2]):
         kid = str(tmp_path / ("kid%d.vhd" % k))
@@ -276,14 +282,7 @@ def test_shared_parent_is_opened_once_per_loop_and_a_writer_is_exclusive_across_
 
 
 def test_shared_parent_opened_once_children_isolated(server, tmp_path):
-    base = str(tmp_path / "gold.vhd")
-    vhdutil("create", "-n", base, "-s", "8")
-    r = server.open("vhd:" + base)
-    h = connect(server, r["minor"])
-    h.pwrite(b"G" * (8 * MiB), 0)
-    h.flush()
-    h.shutdown()
-    server.call("destroy", minor=r["minor"])
+    base = gold_parent(server, tmp_path)
     before = open(base, "rb").read()
     kids = []
     for k in range(2):
