@@ -465,9 +465,15 @@ dev_update(struct xen_dev *d)
 		free(pdp);
 	}
 	if (xread_uint(xb, &fe_state, "%s/state", d->fe_path) < 0) {
-		/* No frontend yet (wait for it), or it went away under a live
-		 * ring (the guest died: let go of its memory). */
-		if (d->connected || d->connecting || d->state == XS_CONNECTED) {
+		/*
+		 * No frontend yet (wait for it), or it went away under a live
+		 * ring (the guest died: let go of its memory), or while it was
+		 * closing: a guest powering off leaves its frontend in Closing
+		 * (Linux's xenbus shutdown) and the toolstack, once the domain
+		 * is gone, waits for our Closed before it runs the hotplug remove.
+		 */
+		if (d->connected || d->connecting || d->state == XS_CONNECTED ||
+		    d->state == XS_CLOSING) {
 			dev_disconnect(d);
 			dev_set_state(d, XS_CLOSED);
 		}

@@ -535,3 +535,18 @@ def test_persistent_grants_unmapped_on_vanish_and_close(xen):
     p.communicate(timeout=60 * SLOW)
     assert p.returncode != 0          # the guest saw its disk go
     assert xen.srv.proc.poll() is None
+
+
+def test_frontend_left_closing_then_gone_ends_closed(xen):
+    """A guest powering off leaves its frontend in Closing (Linux's xenbus
+    shutdown path); once the toolstack removes the dead domain's frontend, the
+    backend must reach Closed: libxl waits for that before it runs the
+    hotplug script's remove, and the vbd would outlive the guest otherwise."""
+    m = ram(xen)
+    be = xen.attach(m)
+    wait_for(lambda: xen.state(be) == 2, what="InitWait")
+    fe = "/local/domain/1/device/vbd/51712"
+    xen.xs("write", fe + "/state", 5)
+    wait_for(lambda: xen.state(be) == 5, what="Closing, answering the frontend's")
+    xen.xs("rm", fe)
+    wait_for(lambda: xen.state(be) == 6, what="Closed once the frontend is gone")
