@@ -365,11 +365,17 @@ gather_part_run(struct mailbox_msg *m)
 	struct gather_part *p = (struct gather_part *)m;
 	struct gather *g = p->g;
 
+	/* this loop's vbds, found in one pass under the lock; only this loop frees them */
+	static _Thread_local struct vbd *mine[SERVER_MAX_MINORS];
+	pthread_mutex_lock(&g->srv->lock);
 	for (int i = 0; i < SERVER_MAX_MINORS; i++) {
-		struct vbd *vbd = server_vbd(g->srv, i);
-		if (vbd && vbd->loop == p->loop)
-			p->docs[i] = g->doc(vbd, g->doc_arg);
+		struct vbd *vbd = g->srv->minors[i];
+		mine[i] = vbd && vbd->loop == p->loop ? vbd : NULL;
 	}
+	pthread_mutex_unlock(&g->srv->lock);
+	for (int i = 0; i < SERVER_MAX_MINORS; i++)
+		if (mine[i])
+			p->docs[i] = g->doc(mine[i], g->doc_arg);
 	p->msg.fn = gather_part_back;
 	loop_post(g->home, &p->msg);
 }
