@@ -4,7 +4,8 @@ processes (one per image, as a host running a process per disk would).
 
 NBD: one fio process, four jobs (nbd engine, 4 KiB QD32 each, one per vbd's
 UNIX socket), aggregate IOPS. blkif: four simulated guests at once
-(tests/blkfront_sim --bench, 4 KiB QD32 reads on ram disks), aggregate
+(tests/blkfront_sim --bench, 4 KiB QD32 reads on ram disks, each filled
+first so that reads copy data), aggregate
 requests/s. Each configuration runs once per round, in an order that
 rotates from round to round; the table gives the medians, and the ratios
 within one round (the only figures this shared machine makes meaningful).
@@ -17,12 +18,15 @@ import subprocess
 import sys
 import time
 
+from fill import fill_vbd
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.environ.get("TAPDISKD_BIN_DIR", os.path.join(ROOT, "build", "bin"))
 SIM = os.path.join(ROOT, "build", "tests", "blkfront_sim")
 XENSTORED = os.path.join(ROOT, "tests", "xen", "xenstored.py")
 VBDS = 4
+RING_REGION_MB = 256
 WORKLOADS = [("4k randwrite QD32 x4", "randwrite"), ("4k randread QD32 x4", "randread")]
 
 
@@ -125,8 +129,10 @@ def ring_round(tmp, loops, runtime):
     assert xsd.stdout.readline().strip() == "ready"
     srv = None
     try:
-        srv = TapdiskdLoops(d, loops, ["ram:1G"] * VBDS, env=env,
+        srv = TapdiskdLoops(d, loops, ["ram:%dM" % RING_REGION_MB] * VBDS, env=env,
                             xen_sim=os.path.join(d, "sim"))
+        for sock in srv.socks:
+            fill_vbd(sock, "%dM" % RING_REGION_MB)     # reads copy data, not holes
         guests = []
         for i, sock in enumerate(srv.socks):
             dom = 2 + i
@@ -137,7 +143,7 @@ def ring_round(tmp, loops, runtime):
             guests.append(subprocess.Popen(
                 [SIM, "--dir", os.path.join(d, "sim"), "--domid", str(dom), "--backend", be,
                  "--bench", "--bs", "4096", "--qd", "32", "--rw", "randread", "--order", "2",
-                 "--seconds", str(runtime), "--region-mb", "1024", "--mem-mb", "256"],
+                 "--seconds", str(runtime), "--region-mb", str(RING_REGION_MB), "--mem-mb", "256"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         total = 0.0
         for g in guests:

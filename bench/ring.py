@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from fill import fill_vbd
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "build", "bin")
 SIM = os.path.join(ROOT, "build", "tests", "blkfront_sim")
@@ -42,6 +44,8 @@ RING_WORKLOADS = [
     ("1M write QD8, indirect, persistent", 1 << 20, 8, "write", 0, True, True),
 ]
 DISKS = [("ram", "ram:1G"), ("raw /dev/shm", None)]
+REGION_MB = 1024
+REGION = "%dM" % REGION_MB
 
 
 def pinned(cpu):
@@ -86,7 +90,7 @@ class RingBench:
                 be + "/frontend-id", d)
         args = pinned(1) + [SIM, "--dir", os.path.join(self.tmp, "sim"), "--domid", d,
                             "--backend", be, "--bench", "--bs", bs, "--qd", qd, "--rw", rw,
-                            "--order", order, "--seconds", secs, "--region-mb", 1024,
+                            "--order", order, "--seconds", secs, "--region-mb", REGION_MB,
                             "--mem-mb", 256]
         if indirect:
             args.append("--indirect")
@@ -129,6 +133,8 @@ def ring_bench(tmp, runtime, rounds):
         socks = {}
         for name, params in DISKS:
             socks[name] = b.tapctl("create", "-a", params or "aio:" + image)
+            if params:
+                fill_vbd(socks[name], REGION)   # reads copy data, not holes
         for wname, bs, qd, rw, order, indirect, persistent in RING_WORKLOADS:
             for dname, _ in DISKS:
                 best = None

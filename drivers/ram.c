@@ -246,20 +246,43 @@ ram_block_status(struct ram_store *st, struct td_request *req)
 	}
 }
 
+/*
+ * Reads of chunks never written give zeros without touching the store: a
+ * read fault on untouched anonymous memory may allocate a page (it does on
+ * some kernels), so reading a thin ram disk must not fill the host's memory.
+ */
 static void
-ram_copy(struct ram_store *st, struct td_request *req, int to_mem)
+ram_read(const struct ram_store *st, struct td_request *req)
 {
 	uint64_t off = req->offset;
 
 	for (int i = 0; i < req->iovcnt; i++) {
-		if (to_mem)
-			memcpy(st->mem + off, req->iov[i].iov_base, req->iov[i].iov_len);
-		else
-			memcpy(req->iov[i].iov_base, st->mem + off, req->iov[i].iov_len);
+		uint8_t *dst = req->iov[i].iov_base;
+		size_t left = req->iov[i].iov_len;
+		while (left) {
+			uint64_t in_chunk = RAM_CHUNK - (off & (RAM_CHUNK - 1));
+			size_t n = left < in_chunk ? left : (size_t)in_chunk;
+			if (chunk_is_alloc(st, off >> RAM_CHUNK_SHIFT))
+				memcpy(dst, st->mem + off, n);
+			else
+				memset(dst, 0, n);
+			dst += n;
+			off += n;
+			left -= n;
+		}
+	}
+}
+
+static void
+ram_write(struct ram_store *st, struct td_request *req)
+{
+	uint64_t off = req->offset;
+
+	for (int i = 0; i < req->iovcnt; i++) {
+		memcpy(st->mem + off, req->iov[i].iov_base, req->iov[i].iov_len);
 		off += req->iov[i].iov_len;
 	}
-	if (to_mem && req->length)
-		ram_mark(st, req->offset, req->length);
+	ram_mark(st, req->offset, req->length);
 }
 
 static void
@@ -271,10 +294,10 @@ ram_submit(struct td_image *img, struct td_request *req)
 		pthread_mutex_lock(&st->io_lock);
 	switch (req->op) {
 	case TD_OP_READ:
-		ram_copy(st, req, 0);
+		ram_read(st, req);
 		break;
 	case TD_OP_WRITE:
-		ram_copy(st, req, 1);
+		ram_write(st, req);
 		break;
 	case TD_OP_DISCARD:
 		ram_zero(st, req->offset, req->length, 0);
