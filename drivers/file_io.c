@@ -11,6 +11,7 @@
 #include <linux/magic.h>
 #include <sys/ioctl.h>
 #include <sys/vfs.h>
+
 #endif
 
 /*
@@ -116,7 +117,7 @@ td_file_close(struct td_file *f, int sync)
 	if (f->fd < 0)
 		return;
 	if (sync)
-		fdatasync(f->fd);
+		fc_fdatasync(f->fd);
 	if (f->dfd >= 0)
 		close(f->dfd);
 	close(f->fd);
@@ -151,35 +152,13 @@ td_file_prep(const struct td_file *f, struct io_op *op, enum io_opcode opcode,
 int
 td_pread_full(void *fdp, void *buf, size_t len, uint64_t off)
 {
-	int fd = *(int *)fdp;
-	size_t done = 0;
-	while (done < len) {
-		ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -EIO;
-		done += (size_t)n;
-	}
-	return 0;
+	return fc_pread_full(*(int *)fdp, buf, len, off);
 }
 
 int
 td_pwrite_full(void *fdp, const void *buf, size_t len, uint64_t off)
 {
-	int fd = *(int *)fdp;
-	size_t done = 0;
-	while (done < len) {
-		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		done += (size_t)n;
-	}
-	return 0;
+	return fc_pwrite_full(*(int *)fdp, buf, len, off);
 }
 
 int
@@ -192,8 +171,8 @@ td_file_create(const char *path, int (*fill)(int fd, void *arg, struct td_error 
 	if (fd < 0)
 		return td_error_set(err, errno, "%s", strerror(errno));
 	rc = fill(fd, arg, err);
-	if (rc == 0 && fsync(fd) < 0)
-		rc = td_error_set(err, errno, "%s", strerror(errno));
+	if (rc == 0 && (rc = fc_fsync(fd)) < 0)
+		rc = td_error_set(err, -rc, "%s", strerror(-rc));
 	close(fd);
 	if (rc < 0)
 		unlink(path);	/* nothing left behind */

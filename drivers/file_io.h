@@ -10,6 +10,7 @@
 #include <sys/uio.h>
 
 #include "driver.h"
+#include "file_calls.h"
 
 struct td_file {
 	int fd;			/* buffered: metadata, unaligned I/O, sync */

@@ -863,8 +863,8 @@ qcow2_apply_frees(struct qcow2 *q)
 				continue;
 			qcow2_rc_set(block, k, m->refcount_bits, v - 1);
 			if (v == 1)
-				fallocate(q->f.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
-					  (off_t)(q->frees[i] << m->cluster_bits), (off_t)m->cluster_size);
+				fc_fallocate(q->f.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+					     q->frees[i] << m->cluster_bits, m->cluster_size);
 		}
 		if (ok && td_pwrite_full(&q->f.fd, block, m->cluster_size, host) < 0)
 			break;	/* leaked clusters: qemu-img check -r leaks reclaims them */

@@ -69,8 +69,8 @@ qcow2_file_repair(int fd, struct qcow2_meta *m, struct td_error *err)
 	free(counts);
 	if (rc < 0)
 		return rc;
-	if (fdatasync(fd) < 0)
-		return td_error_set(err, errno, "%s", strerror(errno));
+	if ((rc = fc_fdatasync(fd)) < 0)
+		return td_error_set(err, -rc, "%s", strerror(-rc));
 	/* bytes 48..79: the refcount table, the snapshots (unchanged), the features */
 	qcow2_put64(hdr, table);
 	qcow2_put32(hdr + 8, clusters);
@@ -79,8 +79,8 @@ qcow2_file_repair(int fd, struct qcow2_meta *m, struct td_error *err)
 	qcow2_put64(hdr + 24, m->h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY);
 	if ((rc = td_pwrite_full(&fd, hdr, sizeof(hdr), 48)) < 0)
 		return td_error_set(err, -rc, "cannot write the header: %s", strerror(-rc));
-	if (fdatasync(fd) < 0)
-		return td_error_set(err, errno, "%s", strerror(errno));
+	if ((rc = fc_fdatasync(fd)) < 0)
+		return td_error_set(err, -rc, "%s", strerror(-rc));
 	return reload(fd, m, err);
 }
 
@@ -92,8 +92,8 @@ qcow2_file_clear_autoclear(int fd, struct qcow2_meta *m, struct td_error *err)
 
 	if (rc < 0)
 		return td_error_set(err, -rc, "cannot write the header: %s", strerror(-rc));
-	if (fdatasync(fd) < 0)
-		return td_error_set(err, errno, "%s", strerror(errno));
+	if ((rc = fc_fdatasync(fd)) < 0)
+		return td_error_set(err, -rc, "%s", strerror(-rc));
 	m->h.autoclear_features = 0;
 	return 0;
 }

@@ -228,8 +228,8 @@ vhd_close(struct td_image *img)
 		size_t len;
 		uint8_t *buf = batmap_image(p, &len);
 		if (buf) {
-			ssize_t w = pwrite(p->f.fd, buf, len, (off_t)p->m.batmap_hdr_offset);
-			(void)w;	/* only an optimisation is lost if this fails */
+			/* only an optimisation is lost if this fails */
+			(void)fc_pwrite_full(p->f.fd, buf, len, p->m.batmap_hdr_offset);
 			free(buf);
 		}
 	}

@@ -103,8 +103,9 @@ create_fill(int fd, void *arg, struct td_error *err)
 		 : td_error_set(err, ENOMEM, "out of memory");
 	c->child_path = saved;
 	free(abs);
-	if (rc == 0 && c->type == VHD_TYPE_FIXED && ftruncate(fd, (off_t)(c->size + VHD_FOOTER_SIZE)) < 0)
-		rc = td_error_set(err, errno, "%s", strerror(errno));
+	if (rc == 0 && c->type == VHD_TYPE_FIXED &&
+	    (rc = fc_ftruncate(fd, c->size + VHD_FOOTER_SIZE)) < 0)
+		rc = td_error_set(err, -rc, "%s", strerror(-rc));
 	return rc;
 }
 

@@ -15,6 +15,7 @@
 #include <event2/event.h>
 
 #include "container_of.h"
+#include "io_observe.h"
 
 #ifndef IO_CALL_THREADS		/* the fuzz build takes 1: blocking calls end in order */
 #define IO_CALL_THREADS 2
@@ -93,9 +94,43 @@ io_op_run_sync(struct io_op *op)
 	return -EINVAL;
 }
 
+static uint64_t
+io_op_bytes(const struct io_op *op)
+{
+	uint64_t n = 0;
+	if (op->opcode != IO_OP_READV && op->opcode != IO_OP_WRITEV)
+		return 0;
+	for (int i = 0; i < op->iovcnt; i++)
+		n += op->iov[i].iov_len;
+	return n;
+}
+
+/* The observers' view of an op; 0 for ops they do not see (fadvise). */
+static int
+io_op_event(const struct io_op *op, struct io_obs_event *ev)
+{
+	static const enum io_obs_kind kinds[] = {
+		[IO_OP_READV] = IO_OBS_READ, [IO_OP_WRITEV] = IO_OBS_WRITE,
+		[IO_OP_FDATASYNC] = IO_OBS_FDATASYNC, [IO_OP_FALLOCATE] = IO_OBS_FALLOCATE,
+	};
+	if (op->opcode == IO_OP_FADVISE)
+		return 0;
+	*ev = (struct io_obs_event){ .kind = kinds[op->opcode], .fd = op->fd, .mode = op->mode,
+				     .offset = op->offset, .length = op->length,
+				     .iov = op->iov, .iovcnt = op->iovcnt, .id = op->obs_id };
+	if (op->opcode == IO_OP_READV || op->opcode == IO_OP_WRITEV)
+		ev->length = io_op_bytes(op);
+	return 1;
+}
+
 void
 io_op_complete(struct io_engine *e, struct io_op *op, int res)
 {
+	struct io_obs_event ev;
+	if (op->obs_id && io_op_event(op, &ev)) {
+		ev.iov = NULL;		/* advanced by short transfers: no longer the data */
+		io_obs_end(&ev, res);
+	}
 	e->stats.completed++;
 	e->stats.inflight--;
 	op->done(op, res);
@@ -108,15 +143,18 @@ io_memory_done(struct io_defer *d)
 	io_op_complete(op->engine, op, op->res);
 }
 
-static uint64_t
-io_op_bytes(const struct io_op *op)
+/* Asks the observers about op; 0 to go on, or -errno to fail it instead. */
+static int
+io_op_observe(struct io_op *op)
 {
-	uint64_t n = 0;
-	if (op->opcode != IO_OP_READV && op->opcode != IO_OP_WRITEV)
+	struct io_obs_event ev;
+	op->obs_id = 0;
+	if (!io_op_event(op, &ev))
 		return 0;
-	for (int i = 0; i < op->iovcnt; i++)
-		n += op->iov[i].iov_len;
-	return n;
+	int rc = io_obs_begin(&ev);
+	if (rc == 0)
+		op->obs_id = ev.id;	/* their end comes at completion */
+	return rc;
 }
 
 void
@@ -126,6 +164,16 @@ io_submit(struct io_engine *e, struct io_op *op)
 	op->xfer = 0;
 	e->stats.submitted++;
 	e->stats.inflight++;
+	if (io_observed) {
+		int rc = io_op_observe(op);
+		if (rc < 0) {
+			op->res = rc;
+			op->defer.fn = io_memory_done;	/* never inside io_submit */
+			op->defer.arg = op;
+			io_defer(e, &op->defer);
+			return;
+		}
+	}
 	if (op->flags & IO_F_MEMORY) {
 		if (io_op_bytes(op) < IO_MEMORY_INLINE_MAX) {
 			/* a small copy: doing it here beats a hand-off to another thread */

@@ -60,6 +60,7 @@ struct io_op {
 	int res;
 	struct workq_item wq;
 	struct io_op *next;
+	uint64_t obs_id;	/* io_observe.h: 0 when not observed */
 };
 
 /* A blocking function to run off the loop (open, close, lseek scans). */

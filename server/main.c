@@ -19,6 +19,7 @@
 
 #include "fdlimit.h"
 #include "io.h"
+#include "io_record.h"
 #include "log.h"
 #include "loop.h"
 #include "metrics_http.h"
@@ -41,6 +42,7 @@ struct options {
 	unsigned handshake_secs, metrics_timeout_secs;
 	int foreground;
 	int no_direct;
+	const char *record_io;		/* --record-io FILE: testing only */
 	enum log_level level;
 	const char **opens;
 	int nr_opens;
@@ -80,6 +82,8 @@ usage(FILE *f)
 		"      --metrics-allow-remote  let --metrics-listen take any address\n"
 		"      --nbd-handshake-timeout S  cut NBD clients still negotiating after S s (30)\n"
 		"      --metrics-timeout S  cut HTTP clients idle, or on one request, for S s (10)\n"
+		"      --record-io FILE   log every write and sync made to image files into FILE,\n"
+		"                         for the power-loss replay tests (slow; testing only)\n"
 		"  -h, --help             this text\n"
 		"  -V, --version          print the version\n"
 		"\nSee tapdiskd(8).\n",
@@ -130,6 +134,7 @@ parse_options(int argc, char **argv, struct options *o)
 		{ "metrics-allow-remote", no_argument, NULL, 'A' },
 		{ "nbd-handshake-timeout", required_argument, NULL, 'H' },
 		{ "metrics-timeout", required_argument, NULL, 'W' },
+		{ "record-io", required_argument, NULL, 'R' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -176,6 +181,7 @@ parse_options(int argc, char **argv, struct options *o)
 		case 'Y': o->xen.sim_dir = optarg; break;
 		case 'M': o->metrics_listen = optarg; break;
 		case 'A': o->metrics_allow_remote = 1; break;
+		case 'R': o->record_io = optarg; break;
 		case 'H':
 		case 'W':
 			if (parse_seconds(optarg, c == 'H' ? &o->handshake_secs
@@ -596,6 +602,11 @@ main(int argc, char **argv)
 	}
 	log_init("tapdiskd", !opts.foreground, opts.level);
 	lock_write_pid(lock_fd);
+	if (opts.record_io && (rc = io_record_start(opts.record_io)) < 0) {
+		log_err("--record-io %s: %s", opts.record_io, strerror(-rc));
+		rc = 1;
+		goto out;
+	}
 	raise_fd_limit();
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGHUP, SIG_IGN);
@@ -608,6 +619,7 @@ out:
 	free(opens);
 	free(opts.opens);
 	free(dir);
+	io_record_stop();
 	if (lock_fd >= 0)
 		close(lock_fd);
 	fdlimit_fini();

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "io.h"
+#include "io_record.h"
 #include "fdlimit.h"
 #include "freelist.h"
 #include "log.h"
@@ -558,6 +559,12 @@ vbd_td_done(struct td_request *td, int err)
 		log_debug("minor %d: %s request at %ju failed: %s", vbd->minor,
 			  td->op == TD_OP_READ ? "read" : "write", (uintmax_t)td->offset,
 			  strerror(err));
+	/* the power-loss replay's view of what a client was promised */
+	if (!err && td->op == TD_OP_FLUSH)
+		io_record_mark("flush %d", vbd->minor);
+	else if (!err && td->op == TD_OP_WRITE && (td->flags & TD_REQ_FUA))
+		io_record_mark("fua %d %ju %ju", vbd->minor, (uintmax_t)td->offset,
+			       (uintmax_t)td->length);
 	vr->complete(vr, err);
 	if (!vbd->nr_inflight)
 		vbd_check_drained(vbd);
