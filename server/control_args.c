@@ -69,3 +69,14 @@ const struct ctl_arg ctl_args_qos_set[] = {
 	{ "limits", ARG_OBJECT, 1 },
 	{ NULL, 0, 0 },
 };
+
+/* no nth: only the status; disarm: nothing armed any more */
+const struct ctl_arg ctl_args_fault_inject[] = {
+	{ "nth", ARG_INT, 0 },
+	{ "count", ARG_INT, 0 },
+	{ "error", ARG_STRING, 0 },
+	{ "kinds", ARG_STRING, 0 },
+	{ "path", ARG_STRING, 0 },
+	{ "disarm", ARG_BOOL, 0 },
+	{ NULL, 0, 0 },
+};
