@@ -104,6 +104,12 @@ struct batch {
 	int loads, pending, err;
 	int planning;			/* batch_plan is running: loads may end inside it */
 	void (*phase_done)(struct batch *b);
+	/*
+	 * The step under way changed tables in memory before writing them: if
+	 * it fails, this puts memory back as the file is, so that no later
+	 * write trusts what never reached it.
+	 */
+	void (*undo)(struct batch *b);
 };
 
 static int
@@ -355,10 +361,49 @@ batch_step_end(struct batch *b)
 {
 	if (--b->pending)
 		return;
-	if (b->err)
+	if (b->err) {
 		batch_finish(b);
-	else
-		b->phase_done(b);
+		return;
+	}
+	b->undo = NULL;		/* the file holds what memory says */
+	b->phase_done(b);
+}
+
+/* The changed tables of pins go; the next user reads them from the file. */
+static void
+drop_changed(struct mc_cache *c, const struct pin *pins, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (pins[i].lo <= pins[i].hi)
+			mc_drop(c, pins[i].e->key);
+}
+
+static void
+undo_refcounts(struct batch *b)
+{
+	drop_changed(&b->q->rbc, b->rbpins, b->nrbpins);
+}
+
+static void
+undo_reftable(struct batch *b)
+{
+	for (int i = 0; i < b->nrbs; i++)
+		b->q->m.reftable[b->rbs[i].idx] = 0;
+}
+
+static void
+undo_l2(struct batch *b)
+{
+	drop_changed(&b->q->l2c, b->l2pins, b->nl2pins);
+}
+
+static void
+undo_l1(struct batch *b)
+{
+	for (int i = 0; i < b->ntabs; i++) {
+		b->q->m.l1[b->tabs[i].idx] = 0;		/* fresh tables replace no entry */
+		mc_drop(&b->q->l2c, b->tabs[i].idx);
+	}
 }
 
 static void
@@ -483,6 +528,7 @@ batch_commit(struct batch *b)
 		rc_change(b, c, 1);
 	for (size_t i = 0; i < b->nfrees; i++)
 		rc_change(b, b->frees[i], -1);
+	b->undo = undo_refcounts;
 	batch_step_begin(b, batch_link_blocks);
 	for (int i = 0; i < b->nrbs; i++)
 		batch_io(b, IO_OP_WRITEV, NULL, 0, b->rbs[i].buf, cs, b->rbs[i].host, NULL, NULL);
@@ -595,6 +641,7 @@ batch_link_blocks(struct batch *b)
 		lo = b->rbs[i].idx < lo ? b->rbs[i].idx : lo;
 		hi = b->rbs[i].idx > hi ? b->rbs[i].idx : hi;
 	}
+	b->undo = undo_reftable;
 	uint8_t *buf = encode_entries(m->reftable, lo, hi);
 	batch_step_begin(b, batch_write_data);
 	if (buf)
@@ -695,6 +742,7 @@ batch_write_tables(struct batch *b)
 			continue;	/* failed, or a deallocation where nothing is */
 		job_apply(b, j, f ? f->buf : p->e->buf, p);
 	}
+	b->undo = undo_l2;
 	batch_step_begin(b, b->ntabs ? batch_link_tables : batch_finish);
 	for (int i = 0; i < b->nl2pins; i++) {
 		struct pin *p = &b->l2pins[i];
@@ -722,6 +770,7 @@ batch_link_tables(struct batch *b)
 		lo = f->idx < lo ? f->idx : lo;
 		hi = f->idx > hi ? f->idx : hi;
 	}
+	b->undo = undo_l1;
 	uint8_t *buf = encode_entries(q->m.l1, lo, hi);
 	batch_step_begin(b, batch_finish);
 	if (buf)
@@ -765,6 +814,8 @@ batch_finish(struct batch *b)
 	else
 		log_limited(&q->rl, LOG_LVL_ERR, "%s: allocation failed: %s", q->img->params,
 			    strerror(b->err));
+	if (b->err && b->undo)
+		b->undo(b);
 	for (int i = 0; i < b->nr; i++) {
 		struct job *j = b->jobs[i];
 		qcow2_job_end(q, j, j->err ? j->err : b->err);

@@ -1126,7 +1126,9 @@ static void
 flush_batmap_written(struct io_op *op, int res)
 {
 	struct flush *fl = op->data;
-	(void)res;	/* a batmap that did not make it costs speed, not data */
+	/* a batmap that did not make it costs speed, not data: the next flush tries again */
+	if (res < 0)
+		fl->p->batmap_dirty = 1;
 	flush_sync(fl);
 }
 
