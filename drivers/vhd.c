@@ -180,6 +180,8 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 		return 0;
 	}
 	mc_init(&p->bm, ctx->io, VHD_BM_CACHE);
+	/* a batmap found stale is rewritten (zeroed: true) at the next flush or close */
+	p->batmap_dirty = !p->rdonly && p->m.batmap_stale;
 	LIST_INIT(&p->jobs);
 	TAILQ_INIT(&p->alloc_queue);
 	p->next_free = p->m.footer_offset;
@@ -187,6 +189,22 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 	if (!p->rdonly)
 		img->caps |= TD_CAP_FLUSH | TD_CAP_DISCARD | TD_CAP_WRITE_ZEROES;
 	return 0;
+}
+
+/* The batmap header sector for the map in buf + VHD_SECTOR, into buf. */
+static void
+batmap_header(struct vhd_priv *p, uint8_t *buf)
+{
+	struct vhd_meta *m = &p->m;
+	size_t map = (size_t)m->batmap_hdr.size * VHD_SECTOR;
+	uint64_t sum_len = align_up(m->footer.curr_size >> 24, VHD_SECTOR);
+	if (sum_len < VHD_SECTOR)
+		sum_len = VHD_SECTOR;
+	if (sum_len > map)
+		sum_len = map;
+	m->batmap_hdr.version = VHD_BATMAP_VERSION;
+	m->batmap_hdr.checksum = vhd_batmap_checksum(buf + VHD_SECTOR, (size_t)sum_len);
+	vhd_batmap_hdr_encode(&m->batmap_hdr, buf);
 }
 
 /* The batmap, header first, as one buffer (they are adjacent when we made them). */
@@ -198,17 +216,29 @@ batmap_image(struct vhd_priv *p, size_t *len)
 	uint8_t *buf = malloc(VHD_SECTOR + map);
 	if (!buf)
 		return NULL;
-	uint64_t sum_len = align_up(m->footer.curr_size >> 24, VHD_SECTOR);
-	if (sum_len < VHD_SECTOR)
-		sum_len = VHD_SECTOR;
-	if (sum_len > map)
-		sum_len = map;
-	m->batmap_hdr.version = VHD_BATMAP_VERSION;
-	m->batmap_hdr.checksum = vhd_batmap_checksum(m->batmap, (size_t)sum_len);
-	vhd_batmap_hdr_encode(&m->batmap_hdr, buf);
 	memcpy(buf + VHD_SECTOR, m->batmap, map);
+	batmap_header(p, buf);
 	*len = VHD_SECTOR + map;
 	return buf;
+}
+
+/*
+ * A batmap write failed part way. Each of its sectors is now old or new,
+ * and either is true (a bit only ever says a block is full; load ignores
+ * one on a free block), so the header is made to agree with what is there:
+ * a checksum mismatch would fail vhd-util check.
+ */
+static void
+batmap_mend(struct vhd_priv *p)
+{
+	size_t map = (size_t)p->m.batmap_hdr.size * VHD_SECTOR;
+	uint8_t *buf = malloc(VHD_SECTOR + map);
+
+	if (buf && fc_pread_full(p->f.fd, buf + VHD_SECTOR, map, p->m.batmap_hdr.offset) == 0) {
+		batmap_header(p, buf);
+		(void)fc_pwrite_full(p->f.fd, buf, VHD_SECTOR, p->m.batmap_hdr_offset);
+	}
+	free(buf);
 }
 
 static int
@@ -227,11 +257,10 @@ vhd_close(struct td_image *img)
 	} else if (p->batmap_dirty && p->m.has_batmap && batmap_contiguous(&p->m)) {
 		size_t len;
 		uint8_t *buf = batmap_image(p, &len);
-		if (buf) {
-			/* only an optimisation is lost if this fails */
-			(void)fc_pwrite_full(p->f.fd, buf, len, p->m.batmap_hdr_offset);
-			free(buf);
-		}
+		/* only an optimisation is lost if this fails, once the header agrees */
+		if (buf && fc_pwrite_full(p->f.fd, buf, len, p->m.batmap_hdr_offset) < 0)
+			batmap_mend(p);
+		free(buf);
 	}
 	mc_free(&p->bm);
 	vhd_meta_free(&p->m);
