@@ -309,6 +309,14 @@ def workload(h, model, batches):
     return [batch(h, model, ops) for ops in batches]
 
 
+def only_dependents_failed(results, what):
+    """One fault fails requests of the batch it hit, never later ones: the
+    driver is not left broken."""
+    hit = [i for i, b in enumerate(results) if any(b)]
+    assert not hit or not any(any(b) for b in results[hit[0] + 1:]), \
+        "%s: requests after the failed one failed too: %s" % (what, results)
+
+
 class Rig:
     """One server with fault injection, a bystander vbd, and a fresh
     directory (and image) per round."""
@@ -381,9 +389,10 @@ def step_writes(rig, fmt, d, params, k, error, kinds):
             "%s: the fault reached no request" % what
     else:
         assert not failed, "%s: no fault, yet %s" % (what, results)
+    only_dependents_failed(results, what)
     # the vbd still serves: what it acknowledged reads back, it takes a write
     model.verify(h, what)
-    batch(h, model, [("w", 30 * MiB, 65536)])
+    assert batch(h, model, [("w", 30 * MiB, 65536), ("f",)]) == [None, None], what
     h.shutdown()
     srv.call("destroy", minor=m)
     rig.reopen_and_verify(fmt, params, model, what)
@@ -476,6 +485,7 @@ def step_flush(rig, fmt, d, params, k, error, kinds):
             "%s: the fault reached no request" % what
     else:
         assert not failed, "%s: no fault, yet %s" % (what, results)
+    only_dependents_failed(results, what)
     assert batch(h, model, [("f",)]) == [None], what
     model.verify(h, what)
     h.shutdown()
