@@ -183,18 +183,19 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		{ "qos", required_argument, NULL, 'q' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [--qos K=V,...] "
-				     "[--loop L] [-p PID]"
-				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [--qos K=V,...] [--loop L] "
-				     "[-p PID]";
+	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [-t SECS] "
+				     "[--qos K=V,...] [--loop L] [-p PID]"
+				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [-t SECS] [--qos K=V,...] "
+				     "[--loop L] [-p PID]";
 	const char *params = NULL;
-	long minor = -1, loop = -1;
+	long minor = -1, loop = -1, timeout = -1;
 	int ro = 0, nodirect = 0, c;
 	json_t *qos = NULL;
 
-	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:L:h", longopts)) != -1) {
+	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:L:t:h", longopts)) != -1) {
 		switch (c) {
 		case 'a': params = optarg; break;
+		case 't': timeout = parse_int(optarg, "-t SECS"); break;
 		case 'L': loop = parse_int(optarg, "--loop L"); break;
 		case 'q':
 			if (!qos)
@@ -220,6 +221,8 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		json_object_set_new(args, "nodirect", json_true());
 	if (loop >= 0)
 		json_object_set_new(args, "loop", json_integer(loop));
+	if (timeout >= 0)
+		json_object_set_new(args, "timeout", json_integer(timeout));
 	if (qos)
 		json_object_set_new(args, "qos", qos);
 	json_t *r = cli_call(cli, create ? "create" : "open", args);

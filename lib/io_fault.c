@@ -157,6 +157,15 @@ io_fault_arm(const struct io_fault_spec *spec)
 }
 
 void
+io_fault_disarm(void)
+{
+	pthread_mutex_lock(&fault_lock);
+	st.armed = 0;
+	__atomic_store_n(&fault_armed, 0, __ATOMIC_RELEASE);
+	pthread_mutex_unlock(&fault_lock);
+}
+
+void
 io_fault_get_status(struct io_fault_status *out)
 {
 	pthread_mutex_lock(&fault_lock);

@@ -49,8 +49,10 @@ struct io_fault_status {
 
 /* Installs the observer, disarmed. Start-up only; 0, or -errno. */
 int io_fault_enable(void);
-/* Arms spec (replacing what was armed); nth 0 disarms. -EINVAL if not enabled. */
+/* Arms spec (replacing what was armed). -EINVAL if not enabled. */
 int io_fault_arm(const struct io_fault_spec *spec);
+/* Nothing more is injected; the status still tells what was armed and done. */
+void io_fault_disarm(void);
 void io_fault_get_status(struct io_fault_status *st);
 
 /* "read" ... "truncate" for one IO_FAULT_* bit. */

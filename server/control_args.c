@@ -28,6 +28,7 @@ const struct ctl_arg ctl_args_open[] = {
 	{ "qos", ARG_OBJECT, 0 },
 	{ "cwd", ARG_STRING, 0 },	/* the client's, for a relative path */
 	{ "loop", ARG_INT, 0 },		/* pinned there; else placed */
+	{ "timeout", ARG_INT, 0 },	/* seconds a request may take */
 	{ NULL, 0, 0 },
 };
 

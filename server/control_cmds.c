@@ -334,6 +334,13 @@ cmd_open(struct ctl_req *req, json_t *args)
 					SERVER_MAX_MINORS);
 		return;
 	}
+	json_t *jt = json_object_get(args, "timeout");
+	json_int_t timeout = jt ? json_integer_value(jt) : 0;
+	if (jt && (timeout < 1 || timeout > VBD_MAX_TIMEOUT)) {
+		ctl_reply_error(req, EINVAL, "timeout %lld: 1 to %d seconds", (long long)timeout,
+				VBD_MAX_TIMEOUT);
+		return;
+	}
 	json_t *qos = json_object_get(args, "qos");
 	char why[256];
 	if (qos && qos_vbd_check(qos, why, sizeof(why)) < 0) {
@@ -360,7 +367,8 @@ cmd_open(struct ctl_req *req, json_t *args)
 	o->qos = json_incref(qos);
 	rc = server_open_vbd(srv, (int)m, loop, params,
 			     (arg_bool(args, "readonly") ? VBD_OPEN_READONLY : 0) |
-			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), open_done, o);
+			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), (unsigned)timeout,
+			     open_done, o);
 	if (rc < 0) {
 		json_decref(o->qos);
 		free(o);
@@ -562,7 +570,8 @@ static const char *
 fault_error_name(const struct io_fault_spec *sp)
 {
 	for (size_t i = 0; i < sizeof(fault_errors) / sizeof(fault_errors[0]); i++)
-		if (sp->short_write ? !fault_errors[i].err : fault_errors[i].err == sp->err)
+		if (sp->short_write ? !fault_errors[i].err
+				    : fault_errors[i].err && fault_errors[i].err == sp->err)
 			return fault_errors[i].name;
 	return "EIO";
 }
@@ -638,7 +647,10 @@ cmd_fault_inject(struct ctl_req *req, json_t *args)
 	if (json_object_get(args, "nth") && fault_spec(req, args, &sp) < 0)
 		return;
 	if (json_object_get(args, "nth") || arg_bool(args, "disarm")) {
-		io_fault_arm(&sp);
+		if (json_object_get(args, "nth"))
+			io_fault_arm(&sp);
+		else
+			io_fault_disarm();
 		io_fault_get_status(&st);
 	}
 	json_t *r = json_pack("{s:b, s:I, s:i, s:s, s:o, s:s, s:I, s:I, s:I}",
