@@ -53,14 +53,20 @@ struct vop;
 
 TAILQ_HEAD(vop_list, vop);
 
-/* Work on one block that others must wait for: allocation, deallocation. */
+/*
+ * Work on one block that others must wait for: allocation, deallocation,
+ * and setting bits in its bitmap (MARK: until the file has them, no other
+ * write may trust them and skip its own bitmap write).
+ */
 struct bjob {
 	uint32_t blk;
-	enum { JOB_ALLOC, JOB_DEALLOC } kind;
-	struct vop *first;		/* ALLOC: the write that started it */
+	enum { JOB_ALLOC, JOB_DEALLOC, JOB_MARK } kind;
+	struct vop *first;		/* ALLOC, MARK: the write that started it */
 	struct vop_list waiting;	/* later writes to the block */
 	uint64_t start;			/* ALLOC: where the block goes (bitmap) */
-	uint8_t *map;			/* ALLOC: its new bitmap */
+	uint8_t *map;			/* ALLOC: its new bitmap; MARK: the bytes it changed, before */
+	size_t mark_off, mark_len;	/* MARK: where those bytes are in the bitmap */
+	int made_full;			/* MARK: it set the block's batmap bit */
 	int err;
 	LIST_ENTRY(bjob) link;		/* all jobs of the image */
 	TAILQ_ENTRY(bjob) queue;	/* ALLOC: waiting for a batch */
@@ -509,10 +515,25 @@ read_piece(struct vop *v)
 
 /* ---- writes to allocated blocks ---- */
 
+static struct bjob *job_find(struct vhd_priv *p, uint32_t blk);
+static void job_end(struct bjob *j);
+
+/* v's bitmap write is over: the block's MARK job ends, its waiters go on. */
 static void
 bitmap_written(struct vop *v, int err)
 {
+	struct vhd_priv *p = v->p;
+	struct bjob *j = job_find(p, v->blk);
+
+	assert(j && j->kind == JOB_MARK && j->first == v);
+	if (err) {
+		/* the file has not the bits: memory must not either, or a later write trusts them */
+		memcpy((uint8_t *)v->bm->buf + j->mark_off, j->map, j->mark_len);
+		if (j->made_full)
+			vhd_batmap_set(&p->m, v->blk, 0);
+	}
 	bm_put(v);
+	job_end(j);
 	vop_finish(v, err);
 }
 
@@ -523,9 +544,21 @@ write_mark(struct vop *v, int err)
 	struct vhd_priv *p = v->p;
 	struct vhd_meta *m = &p->m;
 
-	if (err || vhd_batmap_test(m, v->blk)) {
+	if (err) {
 		bm_put(v);
 		vop_finish(v, err);
+		return;
+	}
+	struct bjob *other = job_find(p, v->blk);
+	if (other) {
+		/* bits of the block on their way to the file (or it is going): after that, again */
+		bm_put(v);
+		TAILQ_INSERT_TAIL(&other->waiting, v, link);
+		return;
+	}
+	if (vhd_batmap_test(m, v->blk)) {	/* full, and no job: the file says so */
+		bm_put(v);
+		vop_finish(v, 0);
 		return;
 	}
 	uint64_t base = (uint64_t)v->blk * m->header.block_size;
@@ -533,28 +566,44 @@ write_mark(struct vop *v, int err)
 	uint32_t end = s + (uint32_t)(v->len / VHD_SECTOR);
 	uint8_t *map = v->bm->buf;
 	int changed = 0;
-	for (uint32_t i = s; i < end; i++) {
-		if (!vhd_bitmap_test(map, i)) {
-			vhd_bitmap_set(map, i);
-			changed = 1;
-		}
-	}
-	if (!changed) {
+	for (uint32_t i = s; i < end && !changed; i++)
+		changed = !vhd_bitmap_test(map, i);
+	if (!changed) {		/* no job in flight: the file has them */
 		bm_put(v);
 		vop_finish(v, 0);
 		return;
 	}
-	if (m->has_batmap) {
+	/* the sectors of the bitmap holding the change; the buffer only gains bits */
+	uint32_t first = (s / 8) / VHD_SECTOR, last = ((end - 1) / 8) / VHD_SECTOR;
+	struct bjob *j = calloc(1, sizeof(*j));
+	if (j)
+		j->map = malloc((size_t)(last - first + 1) * VHD_SECTOR);
+	if (!j || !j->map) {
+		free(j);
+		bm_put(v);
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	j->blk = v->blk;
+	j->kind = JOB_MARK;
+	j->first = v;
+	TAILQ_INIT(&j->waiting);
+	j->mark_off = (size_t)first * VHD_SECTOR;
+	j->mark_len = (size_t)(last - first + 1) * VHD_SECTOR;
+	memcpy(j->map, map + j->mark_off, j->mark_len);
+	LIST_INSERT_HEAD(&p->jobs, j, link);
+	for (uint32_t i = s; i < end; i++)
+		vhd_bitmap_set(map, i);
+	if (m->has_batmap && !vhd_batmap_test(m, v->blk)) {
 		uint32_t full = 1;
 		for (uint32_t i = 0; i < m->spb / 8 && full; i++)
 			full = map[i] == 0xff;
 		if (full) {
 			vhd_batmap_set(m, v->blk, 1);
 			p->batmap_dirty = 1;
+			j->made_full = 1;
 		}
 	}
-	/* the sectors of the bitmap holding the change; the buffer only gains bits */
-	uint32_t first = (s / 8) / VHD_SECTOR, last = ((end - 1) / 8) / VHD_SECTOR;
 	v->iov_inline[0].iov_base = map + (size_t)first * VHD_SECTOR;
 	v->iov_inline[0].iov_len = (size_t)(last - first + 1) * VHD_SECTOR;
 	v->op.iov = v->iov_inline;

@@ -567,3 +567,68 @@ def test_fault_at_every_io_of_a_step(make_server, tmp_path, golds, fmt, step, er
     # every step makes I/O to fail but a raw file's open (no metadata); not
     # every close writes (raw, qcow2 without frees)
     assert n > 1 or kinds or (fmt, step) == ("raw", "open"), n
+
+
+# ---- transient errors ----
+
+def step_transient(rig, fmt, d, params, k, error, kinds):
+    """The kth I/O and the two after it fail with a transient error: the
+    requests are sent again and succeed, the client sees nothing."""
+    srv = rig.srv
+    m = srv.open(params, timeout=30)["minor"]
+    h = connect(srv, m)
+    model = Model(fmt.initial)
+    arm(srv, k, rig.tag(d), error, kinds, count=3)
+    results = workload(h, model, fmt.workload)
+    st = fault_status(srv)
+    srv.call("fault-inject", disarm=True)
+    what = "%s k=%d %s x3 (fault on %s)" % (fmt.name, k, error, st.get("last"))
+    assert not any(r for b in results for r in b), "%s: %s" % (what, results)
+    vst = srv.stats(m)
+    assert vst["timeouts"] == 0, what
+    if st["injected"] and not optional_write(params, st.get("last")):
+        assert vst["retries"] >= 1, what
+    model.verify(h, what)
+    h.shutdown()
+    srv.call("destroy", minor=m)
+    rig.reopen_and_verify(fmt, params, model, what)
+    return st["injected"] == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("error", ["EAGAIN", "EBUSY"])
+def test_transient_fault_at_every_io_is_retried(make_server, tmp_path, golds, fmt, error):
+    rig = Rig(make_server, tmp_path)
+    assert run_rounds(rig, formats(golds)[fmt], step_transient, error, None) > 3
+
+
+# ---- a failed write, then the same place written again ----
+
+REWRITE = [("w", 4096, 8192), ("w", 2 * MiB + 65536, 4096), ("w", 40 * MiB, 65536)]
+
+
+def step_rewrite(rig, fmt, d, params, k, error, kinds):
+    """A write fails somewhere in its metadata; the same sectors written
+    again (no fault) must land: nothing the failed one left in memory may
+    let the second skip what makes it reachable (a VHD bitmap's bits, a
+    qcow2 L2 entry)."""
+    d, params, model = prepared(rig, fmt)
+    srv = rig.srv
+    m = srv.open(params)["minor"]
+    h = connect(srv, m)
+    arm(srv, k, rig.tag(d), error, kinds)
+    results = batch(h, model, REWRITE)
+    st = fault_status(srv)
+    srv.call("fault-inject", disarm=True)
+    what = "%s rewrite k=%d %s (fault on %s)" % (fmt.name, k, error, st.get("last"))
+    assert batch(h, model, REWRITE) == [None] * len(REWRITE), what
+    h.shutdown()
+    srv.call("destroy", minor=m)
+    assert rig.reopen_and_verify(fmt, params, model, what), "%s: refused after" % what
+    return st["injected"] == 0 and not any(results)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_failed_write_then_the_same_place_again(make_server, tmp_path, golds, fmt):
+    rig = Rig(make_server, tmp_path)
+    run_rounds(rig, formats(golds)[fmt], step_rewrite, "EIO", "write")
