@@ -373,16 +373,20 @@ def run_rounds(rig, fmt, step, error, kinds=None, limit=400):
     raise AssertionError("still injecting after %d rounds" % limit)
 
 
-def step_writes(rig, fmt, d, params, k, error, kinds):
-    srv = rig.srv
-    m = srv.open(params)["minor"]
-    h = connect(srv, m)
-    model = Model(fmt.initial)
-    arm(srv, k, rig.tag(d), error, kinds)
-    results = workload(h, model, fmt.workload)
-    st = fault_status(srv)
-    srv.call("fault-inject", disarm=True)
-    what = "%s k=%d %s (fault on %s)" % (fmt.name, k, error, st.get("last"))
+def faulted(rig, fmt, d, h, model, batches, step, k, error, kinds, count=1):
+    """Runs batches with fault k armed: (the fault's status, each request's
+    result, a sentence naming the round)."""
+    arm(rig.srv, k, rig.tag(d), error, kinds, count)
+    results = workload(h, model, batches)
+    st = fault_status(rig.srv)
+    rig.srv.call("fault-inject", disarm=True)
+    what = "%s %s k=%d %s (fault on %s)" % (fmt.name, step, k, error, st.get("last"))
+    return st, results, what
+
+
+def check_failed(params, st, results, what):
+    """A fault fails some request (unless no request needs what it hit),
+    only those of its batch; no fault, no failure."""
     failed = [r for b in results for r in b if r]
     if st["injected"]:
         assert failed or optional_write(params, st.get("last")), \
@@ -390,6 +394,15 @@ def step_writes(rig, fmt, d, params, k, error, kinds):
     else:
         assert not failed, "%s: no fault, yet %s" % (what, results)
     only_dependents_failed(results, what)
+
+
+def step_writes(rig, fmt, d, params, k, error, kinds):
+    srv = rig.srv
+    m = srv.open(params)["minor"]
+    h = connect(srv, m)
+    model = Model(fmt.initial)
+    st, results, what = faulted(rig, fmt, d, h, model, fmt.workload, "writes", k, error, kinds)
+    check_failed(params, st, results, what)
     # the vbd still serves: what it acknowledged reads back, it takes a write
     model.verify(h, what)
     assert batch(h, model, [("w", 30 * MiB, 65536), ("f",)]) == [None, None], what
@@ -474,18 +487,8 @@ def step_flush(rig, fmt, d, params, k, error, kinds):
     d, params, model = prepared(rig, fmt)
     m = srv.open(params)["minor"]
     h = connect(srv, m)
-    arm(srv, k, rig.tag(d), error, kinds)
-    results = workload(h, model, SYNCS)
-    st = fault_status(srv)
-    srv.call("fault-inject", disarm=True)
-    what = "%s flush k=%d %s (fault on %s)" % (fmt.name, k, error, st.get("last"))
-    failed = [r for b in results for r in b if r]
-    if st["injected"]:
-        assert failed or optional_write(params, st.get("last")), \
-            "%s: the fault reached no request" % what
-    else:
-        assert not failed, "%s: no fault, yet %s" % (what, results)
-    only_dependents_failed(results, what)
+    st, results, what = faulted(rig, fmt, d, h, model, SYNCS, "flush", k, error, kinds)
+    check_failed(params, st, results, what)
     assert batch(h, model, [("f",)]) == [None], what
     model.verify(h, what)
     h.shutdown()
@@ -578,11 +581,8 @@ def step_transient(rig, fmt, d, params, k, error, kinds):
     m = srv.open(params, timeout=30)["minor"]
     h = connect(srv, m)
     model = Model(fmt.initial)
-    arm(srv, k, rig.tag(d), error, kinds, count=3)
-    results = workload(h, model, fmt.workload)
-    st = fault_status(srv)
-    srv.call("fault-inject", disarm=True)
-    what = "%s k=%d %s x3 (fault on %s)" % (fmt.name, k, error, st.get("last"))
+    st, results, what = faulted(rig, fmt, d, h, model, fmt.workload, "transient x3", k, error,
+                                kinds, count=3)
     assert not any(r for b in results for r in b), "%s: %s" % (what, results)
     vst = srv.stats(m)
     assert vst["timeouts"] == 0, what
@@ -616,16 +616,12 @@ def step_rewrite(rig, fmt, d, params, k, error, kinds):
     srv = rig.srv
     m = srv.open(params)["minor"]
     h = connect(srv, m)
-    arm(srv, k, rig.tag(d), error, kinds)
-    results = batch(h, model, REWRITE)
-    st = fault_status(srv)
-    srv.call("fault-inject", disarm=True)
-    what = "%s rewrite k=%d %s (fault on %s)" % (fmt.name, k, error, st.get("last"))
+    st, results, what = faulted(rig, fmt, d, h, model, [REWRITE], "rewrite", k, error, kinds)
     assert batch(h, model, REWRITE) == [None] * len(REWRITE), what
     h.shutdown()
     srv.call("destroy", minor=m)
     assert rig.reopen_and_verify(fmt, params, model, what), "%s: refused after" % what
-    return st["injected"] == 0 and not any(results)
+    return st["injected"] == 0 and not any(results[0])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -7,15 +7,13 @@ vbds go on. Storage that hangs or crawls: nbdkit's pause and delay
 filters behind nbdfuse."""
 
 import os
-import signal
-import subprocess
 import threading
 import time
 
 import nbd
 import pytest
 
-from conftest import SLOW, make_image, run, wait_for
+from conftest import SLOW, StuckDisk, make_image, wait_for
 from xen_harness import xen  # noqa: F401 (xen: fixture)
 
 MiB = 1 << 20
@@ -179,48 +177,11 @@ def test_hung_storage_fails_requests_at_the_timeout_and_close_f_still_works(
     assert srv.stop() == 0
 
 
-class SlowDisk:
-    """A file whose reads take `delay` seconds: nbdkit's memory plugin
-    behind its delay filter (and error filter), mounted by nbdfuse."""
-
-    def __init__(self, base, delay):
-        self.base = str(base)
-        os.makedirs(os.path.join(self.base, "mnt"), exist_ok=True)
-        self.path = os.path.join(self.base, "mnt", "disk")
-        self.inject = os.path.join(self.base, "inject")
-        sock = os.path.join(self.base, "nbd.sock")
-        self.pidfile = os.path.join(self.base, "nbdkit.pid")
-        run("nbdkit", "-U", sock, "-P", self.pidfile, "--filter=delay", "--filter=error",
-            "memory", "64M", "delay-read=%g" % delay, "error=EIO", "error-rate=100%",
-            "error-file=" + self.inject)
-        self.fuse = subprocess.Popen(["nbdfuse", self.path, "--unix", sock])
-        deadline = time.time() + 10
-        while not os.path.exists(self.path):
-            assert time.time() < deadline, "nbdfuse did not mount"
-            time.sleep(0.02)
-
-    def fail(self, on=True):
-        if on:
-            open(self.inject, "w").close()
-        elif os.path.exists(self.inject):
-            os.unlink(self.inject)
-
-    def close(self):
-        subprocess.run(["fusermount3", "-u", "-z", os.path.join(self.base, "mnt")])
-        try:
-            self.fuse.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.fuse.kill()
-            self.fuse.wait()
-        with open(self.pidfile) as f:
-            os.kill(int(f.read()), signal.SIGTERM)
-
-
 @pytest.fixture
 def slow_disk(tmp_path):
     if not os.path.exists("/dev/fuse"):
         pytest.skip("needs /dev/fuse for nbdfuse")
-    d = SlowDisk(tmp_path / "slow", delay=4)
+    d = StuckDisk(tmp_path / "slow", delay=4)
     yield d
     d.close()
 
