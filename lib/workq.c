@@ -69,6 +69,13 @@ workq_thread(void *arg)
 		if (!q->head)
 			q->tail = &q->head;
 		q->queued--;
+		/*
+		 * More is queued and this item may never come back (a hung
+		 * device): one more worker looks at the rest, or a vbd on good
+		 * storage would wait behind a stuck one's items.
+		 */
+		if (q->head && q->idle)
+			pthread_cond_signal(&q->cond);
 		pthread_mutex_unlock(&q->lock);
 
 		it->run(it);
@@ -153,7 +160,8 @@ fail:
 /*
  * Wakes idle workers in proportion to the backlog: every wake-up is a
  * context switch, and a worker that finds more work keeps going without
- * one. Busy workers do not count: they may be stuck on a hung device.
+ * one. Busy workers do not count: they may be stuck on a hung device; so a
+ * worker taking an item with more behind it wakes one more (workq_thread).
  */
 #define WORKQ_ITEMS_PER_WAKE 4
 

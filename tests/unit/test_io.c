@@ -357,6 +357,39 @@ test_workq_hung_worker(void **state)
 	event_base_free(base);
 }
 
+/* A batch all of whose items hang (a dead disk's ops of one loop turn): work
+ * queued after it still finds a worker. */
+static void
+test_workq_hung_batch(void **state)
+{
+	pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+	volatile int release = 0;
+	struct event_base *base = event_base_new();
+	struct workq *q = workq_new(base, 4);
+	struct stuck_item hung[3];
+	(void)state;
+	for (int i = 0; i < 3; i++) {
+		hung[i] = (struct stuck_item){ .it = { stuck_run, stuck_done, NULL }, &lock, &cond,
+					       &release, 0 };
+		if (i)
+			hung[i - 1].it.next = &hung[i].it;
+	}
+	workq_push_batch(q, &hung[0].it, &hung[2].it.next, 3);
+	usleep(20000);
+	struct stuck_item quick = { .it = { stuck_run, stuck_done, NULL } };
+	workq_push(q, &quick.it);
+	assert_true(loop_until(base, &quick.done));
+	pthread_mutex_lock(&lock);
+	release = 1;
+	pthread_cond_broadcast(&cond);
+	pthread_mutex_unlock(&lock);
+	for (int i = 0; i < 3; i++)
+		assert_true(loop_until(base, &hung[i].done));
+	workq_free(q);
+	event_base_free(base);
+}
+
 #define ENGINE_TESTS(setupfn) \
 	cmocka_unit_test_setup_teardown(test_memory_ops, setupfn, teardown), \
 	cmocka_unit_test_setup_teardown(test_rw_sync_punch, setupfn, teardown), \
@@ -373,6 +406,7 @@ main(void)
 		ENGINE_TESTS(setup_threads),
 		cmocka_unit_test(test_iov_advance),
 		cmocka_unit_test(test_workq_hung_worker),
+		cmocka_unit_test(test_workq_hung_batch),
 		cmocka_unit_test(test_unknown_engine),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
