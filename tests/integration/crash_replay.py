@@ -164,52 +164,61 @@ def states(durable, maybe, budget, rng):
     return out
 
 
-class Files:
-    """The image files on disk, rewritten only where a state differs."""
+def touched(c, torn=None):
+    """The byte range of a file c may have changed."""
+    if c.kind == K_WRITE:
+        return c.offset, c.offset + (len(c.data) if torn is None else torn)
+    if c.kind == K_TRUNCATE:
+        return c.length, None           # from there to whichever end is longer
+    return c.offset, c.offset + c.length
 
-    CHUNK = 64 << 10
+
+class Files:
+    """The image files on disk. Between two states only the ranges either
+    one changed (against the files as recorded at the start) are rewritten."""
 
     def __init__(self, base):
         self.base = {p: bytes(b) for p, b in base.items()}
-        self.ondisk = {}
+        self.ranges = {}        # path: ranges the state on disk changed; absent: unknown
+        self.stamp = {}
 
     def build(self, state):
+        """({path: bytearray}, {path: [(start, end or None)]}) of a state."""
         files = {p: bytearray(b) for p, b in self.base.items()}
+        ranges = {}
         for c, torn in state:
             apply_change(files, c, torn)
-        return files
+            ranges.setdefault(c.path, []).append(touched(c, torn))
+        return files, ranges
 
-    def write(self, files):
+    def write(self, built):
+        files, ranges = built
         for p, want in files.items():
-            have = self.ondisk.get(p)
-            if have is None or not os.path.exists(p):
+            mine = ranges.get(p, [])
+            if p not in self.ranges or not os.path.exists(p):
                 with open(p, "wb") as f:
                     f.write(want)
             else:
                 with open(p, "r+b") as f:
-                    if len(have) != len(want):
-                        f.truncate(len(want))
-                    mw, mh = memoryview(want), memoryview(have)
-                    for off in range(0, len(want), self.CHUNK):
-                        a = mw[off:off + self.CHUNK]
-                        if a != mh[off:off + self.CHUNK]:
-                            f.seek(off)
-                            f.write(a)
-            self.ondisk[p] = bytes(want)
+                    f.truncate(len(want))
+                    for a, b in self.ranges[p] + mine:
+                        b = len(want) if b is None else min(b, len(want))
+                        if a < b:
+                            f.seek(a)
+                            f.write(want[a:b])
+            self.ranges[p] = mine
             st = os.stat(p)
-            self.ondisk_stat = getattr(self, "ondisk_stat", {})
-            self.ondisk_stat[p] = (st.st_size, st.st_mtime_ns)
+            self.stamp[p] = (st.st_size, st.st_mtime_ns)
 
     def forget_changed(self):
-        """After a check that may have written (a repair at open): reread those."""
-        for p, st in list(getattr(self, "ondisk_stat", {}).items()):
+        """After a check that may have written (a repair at open): rewrite those whole."""
+        for p, st in list(self.stamp.items()):
             try:
                 now = os.stat(p)
             except FileNotFoundError:
-                self.ondisk.pop(p, None)
-                continue
-            if (now.st_size, now.st_mtime_ns) != st:
-                self.ondisk.pop(p, None)
+                now = None
+            if now is None or (now.st_size, now.st_mtime_ns) != st:
+                self.ranges.pop(p, None)
 
 
 # ---- the client's side: what each sector may hold ----
@@ -280,18 +289,36 @@ class Model:
                     acc[s] = cur | {v}
         return acc
 
-    def check(self, data, acc):
-        """Problems (at most 5 lines) with data, the whole disk as read."""
+    def render(self, acc):
+        """The disk as it reads if every sector holds the newest value it may hold."""
+        out = bytearray(self.size)
+        for s, want in enumerate(acc):
+            v = max(want) if want is not None else self.base
+            if v:
+                out[s * SECTOR:(s + 1) * SECTOR] = sector_bytes(v, s)
+        return bytes(out)
+
+    def check(self, data, acc, rendered=None):
+        """Problems (at most 5 lines) with data, the whole disk as read. Chunks
+        equal to rendered (render(acc)) are right as a whole; the others are
+        looked at sector by sector."""
         bad = []
-        zero_or_base = {self.base}
-        for s in range(self.size // SECTOR):
-            want = acc[s] if acc[s] is not None else zero_or_base
-            got = decode(data[s * SECTOR:(s + 1) * SECTOR], s)
-            if got not in want:
-                bad.append("sector %d: holds %s, may hold %s" % (
-                    s, "garbage" if got is None else "write %d" % got, sorted(want)))
-                if len(bad) >= 5:
-                    break
+        big, chunk = 1 << 20, 4096
+        suspects = []
+        for b0 in range(0, self.size, big):
+            if rendered is not None and data[b0:b0 + big] == rendered[b0:b0 + big]:
+                continue
+            suspects += [c0 for c0 in range(b0, min(b0 + big, self.size), chunk)
+                         if rendered is None or data[c0:c0 + chunk] != rendered[c0:c0 + chunk]]
+        for c0 in suspects:
+            for s in range(c0 // SECTOR, (c0 + chunk) // SECTOR):
+                want = acc[s] if acc[s] is not None else {self.base}
+                got = decode(data[s * SECTOR:(s + 1) * SECTOR], s)
+                if got not in want:
+                    bad.append("sector %d: holds %s, may hold %s" % (
+                        s, "garbage" if got is None else "write %d" % got, sorted(want)))
+                    if len(bad) >= 5:
+                        return bad
         return bad
 
 
