@@ -1,7 +1,11 @@
 /*
  * qcow2 allocation batches: where new clusters go and the order in which
- * they are written, so that a crash of the process leaves at worst leaked
- * clusters (qemu's documented order: refcounts before L2 before L1).
+ * they are written, so that a crash of the process or a power loss leaves
+ * at worst leaked clusters (qemu's documented order: refcounts before L2
+ * before L1). A step whose writes point at an earlier step's must not
+ * reach the disk first, and without a sync in between a power loss may
+ * keep the later write and lose the earlier: the steps marked "sync"
+ * below wait for one (shared with other waiters, sync_gate.h).
  *
  * Jobs ready (their data completed to whole clusters) are allocated in
  * batches, one batch at a time, always past the end of the file: freed
@@ -9,16 +13,19 @@
  * share one. A batch plans where everything goes (loading the L2 tables and
  * refcount blocks it needs first), then writes, each step after the last
  * has completed:
+ *   0. with decrements to make: sync (the unlinking L2 writes of earlier
+ *      batches are durable before their clusters' refcounts drop);
  *   1. the refcount blocks counting the new clusters (new blocks whole,
  *      existing ones the changed bytes), with the decrements of clusters
  *      earlier batches unlinked;
- *   2. the refcount table entries of new blocks, or a larger table and then
- *      the header pointing at it (the old table is freed by a later batch);
+ *   2. with new refcount blocks: sync; the refcount table entries of new
+ *      blocks, or a larger table, sync, and then the header pointing at it
+ *      (the old table is freed by a later batch);
  *   3. the data of every new cluster (and holes punched where refcounts
- *      reached zero);
+ *      reached zero); sync;
  *   4. the L2 entries that make the data reachable (in place), and new L2
  *      tables whole;
- *   5. for new L2 tables, the L1 entries pointing at them;
+ *   5. for new L2 tables: sync; the L1 entries pointing at them;
  * and only then are the jobs' writes acknowledged. Clusters a batch unlinks
  * (discard, zeroing, overwritten compressed data) lose their references in
  * step 4 and their refcounts in step 1 of a later batch, or at close.
@@ -104,6 +111,8 @@ struct batch {
 	int loads, pending, err;
 	int planning;			/* batch_plan is running: loads may end inside it */
 	void (*phase_done)(struct batch *b);
+	struct sync_waiter sw;
+	void (*after_sync)(struct batch *b);
 };
 
 static int
@@ -362,6 +371,27 @@ batch_step_end(struct batch *b)
 }
 
 static void
+batch_synced(struct sync_waiter *w, int err)
+{
+	struct batch *b = container_of(w, struct batch, sw);
+	if (err && !b->err)
+		b->err = err;
+	if (b->err)
+		batch_finish(b);
+	else
+		b->after_sync(b);
+}
+
+/* Runs next once everything the batch wrote so far is durable. */
+static void
+batch_sync_then(struct batch *b, void (*next)(struct batch *))
+{
+	b->after_sync = next;
+	b->sw.fn = batch_synced;
+	sync_gate_wait(&b->q->gate, &b->sw);
+}
+
+static void
 bio_done(struct io_op *op, int res)
 {
 	struct bio *io = op->data;
@@ -462,10 +492,28 @@ rc_change(struct batch *b, uint64_t c, int delta)
 }
 
 static void batch_link_blocks(struct batch *b);
+static void batch_refcounts(struct batch *b);
+
+/* New refcount blocks are durable before the table points at them. */
+static void
+batch_link_blocks_synced(struct batch *b)
+{
+	batch_sync_then(b, batch_link_blocks);
+}
+
+/* Step 0: decrements wait until the L2 writes that unlinked their clusters are durable. */
+static void
+batch_commit(struct batch *b)
+{
+	if (b->nfrees)
+		batch_sync_then(b, batch_refcounts);
+	else
+		batch_refcounts(b);
+}
 
 /* Step 1: the refcounts of new clusters (and the decrements of unlinked ones). */
 static void
-batch_commit(struct batch *b)
+batch_refcounts(struct batch *b)
 {
 	struct qcow2 *q = b->q;
 	uint64_t cs = q->m.cluster_size;
@@ -483,7 +531,7 @@ batch_commit(struct batch *b)
 		rc_change(b, c, 1);
 	for (size_t i = 0; i < b->nfrees; i++)
 		rc_change(b, b->frees[i], -1);
-	batch_step_begin(b, batch_link_blocks);
+	batch_step_begin(b, b->nrbs ? batch_link_blocks_synced : batch_link_blocks);
 	for (int i = 0; i < b->nrbs; i++)
 		batch_io(b, IO_OP_WRITEV, NULL, 0, b->rbs[i].buf, cs, b->rbs[i].host, NULL, NULL);
 	for (int i = 0; i < b->nrbpins; i++) {
@@ -559,6 +607,13 @@ batch_grow_written(struct batch *b)
 	batch_step_end(b);
 }
 
+/* The new table is durable before the header points at it. */
+static void
+batch_grow_table_written(struct batch *b)
+{
+	batch_sync_then(b, batch_grow_written);
+}
+
 /* Step 2: the refcount table points at new blocks (a new table, then the header). */
 static void
 batch_link_blocks(struct batch *b)
@@ -580,7 +635,7 @@ batch_link_blocks(struct batch *b)
 			qcow2_put64(t + 8 * i, m->reftable[i]);
 		for (int i = 0; i < b->nrbs; i++)
 			qcow2_put64(t + 8 * b->rbs[i].idx, b->rbs[i].host);
-		batch_step_begin(b, batch_grow_written);
+		batch_step_begin(b, batch_grow_table_written);
 		batch_io(b, IO_OP_WRITEV, NULL, 0, t, len, b->grow_host, NULL, t);
 		batch_step_end(b);
 		return;
@@ -607,6 +662,13 @@ batch_link_blocks(struct batch *b)
 
 static void batch_write_tables(struct batch *b);
 
+/* Data and refcounts are durable before any table points at them. */
+static void
+batch_data_written(struct batch *b)
+{
+	batch_sync_then(b, batch_write_tables);
+}
+
 /* Step 3: the data of every new cluster; holes where refcounts reached zero. */
 static void
 batch_write_data(struct batch *b)
@@ -617,7 +679,7 @@ batch_write_data(struct batch *b)
 	for (int i = 0; i < b->nrbs; i++)
 		if (mc_insert(&q->rbc, b->rbs[i].idx, b->rbs[i].host, b->rbs[i].buf) == 0)
 			b->rbs[i].buf = NULL;
-	batch_step_begin(b, batch_write_tables);
+	batch_step_begin(b, batch_data_written);
 	for (size_t i = 0; i < b->npunch; i++)
 		batch_punch(b, b->punch[i]);
 	for (int i = 0; i < b->nr; i++) {
@@ -669,6 +731,13 @@ job_apply(struct batch *b, struct job *j, uint8_t *table, struct pin *p)
 
 static void batch_link_tables(struct batch *b);
 
+/* New L2 tables are durable before L1 points at them. */
+static void
+batch_tables_written(struct batch *b)
+{
+	batch_sync_then(b, batch_link_tables);
+}
+
 /* Step 4: the L2 entries (in place, and new tables whole). */
 static void
 batch_write_tables(struct batch *b)
@@ -695,7 +764,7 @@ batch_write_tables(struct batch *b)
 			continue;	/* failed, or a deallocation where nothing is */
 		job_apply(b, j, f ? f->buf : p->e->buf, p);
 	}
-	batch_step_begin(b, b->ntabs ? batch_link_tables : batch_finish);
+	batch_step_begin(b, b->ntabs ? batch_tables_written : batch_finish);
 	for (int i = 0; i < b->nl2pins; i++) {
 		struct pin *p = &b->l2pins[i];
 		if (p->lo <= p->hi)
