@@ -78,7 +78,7 @@ LIBTD       := $(LIBTD_SRV) $(LIBTD_DRV) $(LIBTD_LIB)
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 SIM  := $(BUILD)/tests/blkfront_sim $(BUILD)/tests/alloc_probe.so
 
-.PHONY: all sim deps check check-xen check-unit check-integration check-asan check-fuzz \
+.PHONY: all sim deps check check-xen check-unit check-integration check-crash check-asan check-fuzz \
         check-valgrind check-fresh run bench clean fuzz install uninstall deb bins
 all: $(BINS) $(SIM)
 bins: $(BINS)
@@ -141,6 +141,11 @@ check-fresh:
 # Linux guests on a real Xen 4.17 under QEMU, disks served by tapdiskd (tests/xen/lab)
 check-xen:
 	@tests/xen/lab/check-xen
+
+# The power-loss replay with 10,000 crash states per format (tests/crash/RESULTS.md)
+check-crash: $(BINS)
+	@scripts/install-deps check
+	@tests/crash/run
 
 check-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done

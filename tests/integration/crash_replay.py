@@ -135,7 +135,7 @@ def tear_points(c):
     return [b - c.offset for b in range(first, c.offset + c.length, SECTOR)]
 
 
-def states(durable, maybe, budget, rng):
+def states(durable, maybe, budget, rng, every_subset=False):
     """Up to budget states: lists of (change, bytes torn at or None), in submission order."""
     out, seen = [], set()
 
@@ -155,6 +155,9 @@ def states(durable, maybe, budget, rng):
             cut = rng.choice(tear_points(w))
             add([(w, cut)])
             add([(x, cut if x is w else None) for x in maybe])
+    if every_subset and len(maybe) <= 8:
+        for bits in range(1 << len(maybe)):
+            add([(c, None) for k, c in enumerate(maybe) if bits >> k & 1])
     tries = 0
     while len(out) < budget and len(maybe) > 1 and tries < 4 * budget:
         tries += 1     # small sets run out of new subsets: stop then
