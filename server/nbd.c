@@ -1050,11 +1050,14 @@ list_gathered(json_t *all, void *arg)
 			list_reply_one(c, (int)json_integer_value(json_object_get(v, "minor")),
 				       json_string_value(json_object_get(v, "params")));
 		opt_reply(c, NBD_REP_ACK, NULL, 0);
-		conn_read_enable(c, 1);
-		conn_process(c);	/* the options that came after LIST */
 	}
 	json_decref(all);
-	conn_maybe_free(c);
+	if (!c->bev) {
+		conn_maybe_free(c);
+		return;
+	}
+	conn_read_enable(c, 1);
+	conn_process(c);	/* the options that came after LIST; may free c */
 }
 
 static void
@@ -1421,8 +1424,8 @@ conn_process(struct nbd_conn *c)
 	if (c->in_process || !c->bev)
 		return;
 	c->in_process = 1;
-	while (c->bev && !c->closing &&
-	       conn_step(c) > 0)
+	/* a LIST gathering from the loops answers first: the options after it wait */
+	while (c->bev && !c->closing && !c->listing && conn_step(c) > 0)
 		;
 	c->in_process = 0;
 	conn_maybe_free(c);

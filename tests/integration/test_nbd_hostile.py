@@ -1675,6 +1675,32 @@ def test_global_listener_hostile(gbed):
     b.check()
 
 
+def test_global_listener_options_pipelined_after_list(gbed):
+    """LIST on the global socket gathers from every loop while the options
+    sent behind it wait: their replies come after LIST's, in order; and a
+    connection cut while a LIST gathers (a bad option magic behind it) goes
+    cleanly (the fuzzer found a use-after-free there)."""
+    b = gbed
+    want = ["0", "1", "2", "3"]
+    c = b.raw(None).start()
+    c.send(build_option(OPT_LIST) + build_option(OPT_LIST) +
+           build_option(OPT_STRUCTURED_REPLY) + build_option(OPT_LIST))
+    for opt in (OPT_LIST, OPT_LIST, OPT_STRUCTURED_REPLY, OPT_LIST):
+        r = c.option_replies(opt)
+        assert r[-1].type == REP_ACK
+        if opt == OPT_LIST:
+            assert sorted(x.data[4:5].decode() for x in r[:-1]) == want
+    c.structured = True
+    c.opt_go("1")
+    still_works(c, 1)
+    for i in range(20):
+        g = b.raw(None).start()
+        g.try_send((build_option(OPT_LIST) * (i % 3 + 1)) +
+                   build_option(OPT_LIST, magic=0x1234))
+        assert g.closed(T(5))
+    b.check()
+
+
 def test_unread_large_reads_are_bounded_by_bytes(bed):
     """Large reads count by bytes, not just by number: 40 x 32 MiB reads
     never read would hold 1.25 GiB; the server takes in only what fits its
