@@ -26,6 +26,7 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "backlog.h"
 #include "bufpool.h"
 #include "container_of.h"
 #include "fdlimit.h"
@@ -1730,8 +1731,9 @@ listener_new(struct nbd_server *ns, evutil_socket_t fd, const char *path,
 	struct nbd_listener *l = listener_alloc(ns, path, vbd);
 	if (!l)
 		return NULL;
+	/* backlog 0: fd already listens (with the system's backlog); -1 meant listen(128) again */
 	l->lev = evconnlistener_new(ns->loop->base, listener_accept, l,
-				    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+				    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, fd);
 	if (!l->lev) {
 		free(l->path);
 		free(l);
@@ -1805,7 +1807,7 @@ listen_tcp(struct nbd_server *ns, const char *hostport, char *err, size_t errlen
 	}
 	l->lev = evconnlistener_new_bind(ns->loop->base, listener_accept, l,
 					 LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC |
-					 LEV_OPT_REUSEABLE, 128, ai->ai_addr,
+					 LEV_OPT_REUSEABLE, listen_backlog(), ai->ai_addr,
 					 (int)ai->ai_addrlen);
 	freeaddrinfo(ai);
 	if (!l->lev) {
