@@ -85,6 +85,14 @@ tail_release(const void *data, size_t len, void *arg)
 	free(t);
 }
 
+int
+txb_evbuffer_add(struct evbuffer *out, const void *data, size_t len)
+{
+	if (evbuffer_expand(out, len) < 0 || evbuffer_add(out, data, len) < 0)
+		return -ENOMEM;
+	return 0;
+}
+
 /* Moves piece i, its first skip bytes sent, to out. */
 static int
 piece_spill(struct txbatch *b, unsigned i, size_t skip, struct evbuffer *out)
@@ -94,7 +102,7 @@ piece_spill(struct txbatch *b, unsigned i, size_t skip, struct evbuffer *out)
 	struct txb_ref *r = &b->ref[i];
 
 	if (!r->release)
-		return evbuffer_add(out, p, len) < 0 ? -ENOMEM : 0;
+		return txb_evbuffer_add(out, p, len);
 	if (!skip)
 		return evbuffer_add_reference(out, p, len, r->release, r->arg) < 0 ? -ENOMEM : 0;
 	struct tail_ref *t = malloc(sizeof(*t));

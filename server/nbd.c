@@ -299,7 +299,7 @@ conn_send(struct nbd_conn *c, const void *data, size_t len, txb_release_fn *rele
 		}
 	}
 	int r = release ? evbuffer_add_reference(out, data, len, release, arg)
-			: evbuffer_add(out, data, len);
+			: txb_evbuffer_add(out, data, len);
 	if (r < 0) {
 		if (release)
 			release(data, len, arg);
