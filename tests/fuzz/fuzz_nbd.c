@@ -232,6 +232,12 @@ build_prefix(struct buf *b, uint8_t mode, uint8_t events, const char *name)
 
 #define ORACLE_MAX_PAYLOAD 9000		/* largest reply payload kept whole */
 
+struct whash {
+	uint64_t h, w;		/* the hash; the partial word's bytes */
+	unsigned n;		/* bytes in w */
+};
+#define WHASH_INIT 0xcbf29ce484222325ULL
+
 struct oreq {
 	uint64_t cookie, offset;
 	uint32_t length;
@@ -239,7 +245,8 @@ struct oreq {
 	const uint8_t *payload;		/* WRITE: in the input */
 	int answered;
 	uint32_t err;
-	uint64_t hash, got;		/* READ: data received */
+	struct whash hash;		/* READ: data received */
+	uint64_t got;
 	int data_bad;			/* READ: not one sequential chunk */
 	uint32_t *ext;			/* BLOCK_STATUS: length, flags pairs */
 	uint32_t next;
@@ -291,14 +298,44 @@ oracle_fail(const char *fmt, ...)
 	fz_fail("NBD reply stream: %s", msg);
 }
 
-FZ_NO_COVERAGE static uint64_t
-fnv(uint64_t h, const uint8_t *p, size_t n)
+/*
+ * An FNV-style hash of a byte stream, 8 bytes a step (reads bring megabytes),
+ * fed in pieces cut anywhere: a partial word waits for the next piece.
+ */
+#define WHASH_PRIME 0x100000001b3ULL
+
+FZ_NO_COVERAGE static void
+whash_add(struct whash *s, const uint8_t *p, size_t n)
 {
-	for (size_t i = 0; i < n; i++)
-		h = (h ^ p[i]) * 0x100000001b3ULL;
-	return h;
+	for (; n && s->n; n--, p++) {
+		s->w |= (uint64_t)*p << (8 * s->n);
+		if (++s->n == 8) {
+			s->h = (s->h ^ s->w) * WHASH_PRIME;
+			s->w = s->n = 0;
+		}
+	}
+	for (; n >= 8; n -= 8, p += 8) {
+		uint64_t w;
+		memcpy(&w, p, 8);	/* little-endian: the bytes' order as above */
+		s->h = (s->h ^ w) * WHASH_PRIME;
+	}
+	for (; n; n--, p++)
+		s->w |= (uint64_t)*p << (8 * s->n++);
 }
-#define FNV_INIT 0xcbf29ce484222325ULL
+
+static uint64_t
+whash_end(const struct whash *s)
+{
+	return (((s->h ^ s->w) * WHASH_PRIME) ^ s->n) * WHASH_PRIME;
+}
+
+static uint64_t
+whash_of(const uint8_t *p, size_t n)
+{
+	struct whash s = { WHASH_INIT, 0, 0 };
+	whash_add(&s, p, n);
+	return whash_end(&s);
+}
 
 static int
 cmp_u64(const void *a, const void *b)
@@ -344,7 +381,7 @@ oracle_parse_requests(const uint8_t *p, size_t len)
 		q->length = r.length;
 		q->type = r.type;
 		q->flags = r.flags;
-		q->hash = FNV_INIT;
+		q->hash = (struct whash){ WHASH_INIT, 0, 0 };
 		if (r.type == NBD_CMD_WRITE) {
 			q->payload = p + pos;
 			pos += r.length;
@@ -786,7 +823,7 @@ oracle_feed(const uint8_t *p, size_t n, void *arg)
 			size_t k = n < orc.data_left ? n : (size_t)orc.data_left;
 			struct oreq *q = orc.unique ? orc.cur_req : NULL;
 			if (q) {
-				q->hash = fnv(q->hash, p, k);
+				whash_add(&q->hash, p, k);
 				q->got += k;
 			}
 			p += k;
@@ -894,7 +931,7 @@ oracle_finish(void)
 		case NBD_CMD_READ:
 			if (q->data_bad)
 				break;
-			if (fnv(FNV_INIT, shadow + q->offset, q->length) != q->hash)
+			if (whash_of(shadow + q->offset, q->length) != whash_end(&q->hash))
 				oracle_fail("read %ju+%u (cookie %#jx) returned other data than "
 					    "the requests before it stored", (uintmax_t)q->offset,
 					    q->length, (uintmax_t)q->cookie);
