@@ -88,9 +88,16 @@ tail_release(const void *data, size_t len, void *arg)
 int
 txb_evbuffer_add(struct evbuffer *out, const void *data, size_t len)
 {
-	if (evbuffer_expand(out, len) < 0 || evbuffer_add(out, data, len) < 0)
+	struct evbuffer_iovec v;
+
+	if (!len)
+		return 0;
+	/* reserve sizes a new chain to len (evbuffer_expand would not help: add ignores it) */
+	if (evbuffer_reserve_space(out, (ev_ssize_t)len, &v, 1) < 1)
 		return -ENOMEM;
-	return 0;
+	memcpy(v.iov_base, data, len);
+	v.iov_len = len;
+	return evbuffer_commit_space(out, &v, 1) < 0 ? -ENOMEM : 0;
 }
 
 /* Moves piece i, its first skip bytes sent, to out. */
