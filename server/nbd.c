@@ -1185,14 +1185,17 @@ conn_step_transmission(struct nbd_conn *c)
 		conn_rx_start(c);
 	switch (c->state) {
 	case CS_REQ_DISCARD: {
-		if ((r = in_have(c, 1)) <= 0)
-			return r;
-		size_t n = in_length(c);
-		n = n < c->discard_left ? n : c->discard_left;
-		in_take(c, NULL, n);
-		c->discard_left -= n;
-		if (c->discard_left)
-			return 0;
+		/* a refused WRITE of length 0 has nothing to swallow: answer now, not on the next byte */
+		if (c->discard_left) {
+			if ((r = in_have(c, 1)) <= 0)
+				return r;
+			size_t n = in_length(c);
+			n = n < c->discard_left ? n : c->discard_left;
+			in_take(c, NULL, n);
+			c->discard_left -= n;
+			if (c->discard_left)
+				return 0;
+		}
 		reply_error(c, c->cur.cookie, c->cur.type, c->discard_err);
 		c->state = CS_REQ_HEADER;
 		return 1;

@@ -946,7 +946,10 @@ def test_structured_error_forms(bed):
 ZERO_LENGTH_CASES = [(CMD_READ, 0), (CMD_READ, CMD_FLAG_DF), (CMD_WRITE, 0),
                      (CMD_WRITE, CMD_FLAG_FUA), (CMD_TRIM, 0), (CMD_TRIM, CMD_FLAG_FUA),
                      (CMD_CACHE, 0), (CMD_WRITE_ZEROES, 0), (CMD_WRITE_ZEROES, CMD_FLAG_FUA),
-                     (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE), (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO)]
+                     (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE), (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO),
+                     # refused, with no payload to swallow: the answer must not wait for
+                     # a next byte (fuzz_nbd found it waiting for ever)
+                     (CMD_WRITE, CMD_FLAG_NO_HOLE), (CMD_WRITE, 0x100)]
 
 
 @pytest.mark.parametrize("minor", [0, 1])
