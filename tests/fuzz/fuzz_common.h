@@ -165,10 +165,11 @@ fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
 /*
  * Runs the loop until no callback is active. Everything the targets drive
  * (bufferevent pairs with deferred callbacks, io_defer completions of the
- * ram driver, one-shot events) shows up as an active callback, so an idle
- * loop means the server waits for its peer, or for work on other threads
- * (fz_wait_owed waits for that). Timers that are not due (the NBD
- * handshake timeout) are not waited for.
+ * ram driver, blocking calls run on the loop, one-shot events) shows up as
+ * an active callback, so an idle loop means the server waits for its peer,
+ * or for a message through a mailbox's eventfd (fz_wait_owed waits for
+ * that). Timers that are not due (the NBD handshake timeout) are not
+ * waited for.
  */
 static inline int fz_deliver_hangups(void);
 

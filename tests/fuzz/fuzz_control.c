@@ -9,11 +9,13 @@
  * TD_OPEN_NOFILE: only ram: images, refused before any path is touched; ram
  * cannot be snapshotted, so no file is made either), its state directory
  * (NBD sockets) is a private directory made at start and removed at exit,
- * and blocking calls run on one worker thread (fuzz.mk), so they end in the
- * order they were asked. The harness waits for every reply owed (and the
- * work behind it) whenever it lets the server run, and at the end of each
- * input destroys every vbd and QoS group the input made, checking that none
- * lingers (a zombie, a socket in the state directory).
+ * and blocking calls run on the loop a turn after they were asked (no
+ * worker threads: fuzz.mk), so they end in the order they were asked. The
+ * harness waits for every reply owed (and the work behind it) whenever it
+ * lets the server run, and at the end of each input destroys every vbd and
+ * QoS group the input made and releases the minors it left closed,
+ * checking that the table is empty and nothing lingers (a zombie, an NBD
+ * connection, a socket in the state directory).
  *
  * Input layout:
  *   byte 0  mode

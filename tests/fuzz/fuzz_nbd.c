@@ -1061,7 +1061,7 @@ check_idle(void)
 		fz_fail("a zombie vbd appeared");
 }
 
-/* Runs the loop, blocking, until *flag is set (a worker thread may be involved). */
+/* Runs the loop, blocking, until *flag is set (a gather's message may be involved). */
 static void
 wait_for(const int *flag)
 {
