@@ -79,7 +79,7 @@ BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 SIM  := $(BUILD)/tests/blkfront_sim $(BUILD)/tests/alloc_probe.so
 
 .PHONY: all sim deps check check-xen check-unit check-integration check-crash check-asan check-fuzz \
-        check-valgrind check-fresh run bench clean fuzz install uninstall deb bins
+        check-valgrind check-fresh run bench clean fuzz fuzz-long install uninstall deb bins
 all: $(BINS) $(SIM)
 bins: $(BINS)
 
@@ -159,6 +159,12 @@ fuzz:
 
 check-fuzz: fuzz
 	@tests/fuzz/run-all $(FUZZ_SECONDS)
+
+# every fuzz target for FUZZ_LONG_EXECS executions (10 million: hours of one
+# core), then tests/fuzz/RESULTS.md; FUZZ_LONG_EXECS=200000 is a smoke run
+FUZZ_LONG_EXECS ?= 10000000
+fuzz-long: fuzz
+	@FUZZ_LONG_EXECS=$(FUZZ_LONG_EXECS) tests/fuzz/fuzz-long
 
 run:
 	@scripts/install-deps build

@@ -280,6 +280,7 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 	vbd->was_closed = srv->closed[minor];
 	srv->closed[minor] = 0;
 	srv->minors[minor] = vbd;
+	server_minor_used_locked(srv, minor);
 	loop->nr_vbds++;
 	pthread_mutex_unlock(&srv->lock);
 	*out = vbd;
@@ -296,6 +297,7 @@ vbd_unlink(struct vbd *vbd, int keep_closed)
 	if (srv->minors[vbd->minor] == vbd) {
 		srv->minors[vbd->minor] = NULL;
 		srv->closed[vbd->minor] = (unsigned char)(keep_closed != 0);
+		server_minor_freed_locked(srv);
 		vbd->loop->nr_vbds--;
 	}
 	if (vbd->counted)
