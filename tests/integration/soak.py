@@ -858,6 +858,27 @@ def summary(r):
     return "\n".join(out)
 
 
+def markdown(r):
+    """tests/soak/RESULTS.md."""
+    fails = r.get("failures") or []
+    out = ["# Soak: the last `make soak`", "",
+           "%s, %s. SOAK_MINUTES=%s: %d s of load, then the final checks. Verdict: %s." % (
+               r["date"], r["machine"], r["minutes"], r["seconds"],
+               "passed" if not fails else "FAILED (%d failures, below)" % len(fails)),
+           "",
+           "What runs (tests/integration/soak.py): every NBD client's read is checked as it",
+           "comes back and, at the end, every byte of every vbd; a write that was never",
+           "acknowledged (its connection cut by a force-close, its process killed) leaves its",
+           "blocks in doubt, either value accepted, until a read settles them. An error is",
+           "explained only if the driver force-closed that vbd after the connection was made.",
+           "RSS and descriptors: baseline before the first open, end after every vbd is",
+           "destroyed and the loops' buffer pools have been idle for %d s (trimmed)." %
+           IDLE_TRIM_WAIT, "", summary(r), ""]
+    if fails:
+        out += ["## Failures", ""] + ["- " + f for f in fails] + [""]
+    return "\n".join(out)
+
+
 def soak(tmp, minutes, seed=1, loops=2, log=print):
     """Runs it; returns (report, failures)."""
     s = Soak(tmp, minutes, seed, loops, log)
