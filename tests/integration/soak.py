@@ -447,10 +447,12 @@ class Soak:
         if not v:
             return
         # first the count the client reads to explain the errors it will see
+        # (odd: closed or closing)
         v.model.w[H_FCLOSE] += 1
         try:
             self.call("close", minor=v.minor, force=True)
         except ControlError as e:
+            v.model.w[H_FCLOSE] += 1
             self.record("force_close", v.minor, "", str(e))
             return
         v.state = "closed"
@@ -471,6 +473,7 @@ class Soak:
             self.record("reopen", v.minor, v.params, str(e))
             return
         v.state = "up"
+        v.model.w[H_FCLOSE] += 1       # even again: open
         self.record("reopen", v.minor, "%s (%d EBUSY retries)" % (v.params, tries))
 
     def act_kill_client(self):

@@ -12,7 +12,8 @@ whose write was never acknowledged (the connection died, the process was
 killed) is "in doubt": either tag is right, and the next read of it settles
 which. Errors are counted per vbd, with the reason: an error on a
 connection opened before the driver force-closed the vbd (the model's
-fclose count moved) is explained; any other is not.
+fclose count moved, or was odd: a force-close under way) is explained; any
+other is not, and neither is a refused connection while the vbd is open.
 
 usage: soak_client.py SPEC.json  (see soak.py: NbdClients.start)
 """
@@ -108,7 +109,9 @@ class Vbd:
         h = nbd.NBD()
         try:
             h.connect_unix(self.sock)
-        except nbd.Error:
+        except nbd.Error as e:
+            # refused only while the vbd is force-closed
+            self.error("connect", 0, 0, str(e))
             self.retry_at = time.time() + 0.1
             return
         assert h.get_size() == self.nblocks * BLOCK, "minor %d: size changed" % self.minor
@@ -127,7 +130,9 @@ class Vbd:
         self.retry_at = time.time() + 0.05
 
     def error(self, kind, start, n, why):
-        explained = self.model.w[H_FCLOSE] != self.fclose_seen
+        # the driver adds 1 to H_FCLOSE before a force-close and 1 after the
+        # reopen: odd while the vbd is closed or closing
+        explained = self.model.w[H_FCLOSE] != self.fclose_seen or self.fclose_seen % 2 == 1
         self.model.add(H_ERR_EXPLAINED if explained else H_ERR_UNEXPLAINED)
         self.cl.log({"minor": self.minor, "op": kind, "block": start, "blocks": n,
                      "error": why, "explained": explained,
