@@ -822,25 +822,33 @@ batch_free(struct batch *b)
 	free(b);
 }
 
-/* Acknowledge: every job ends; the next batch starts. */
+/*
+ * Acknowledge: every job ends; the next batch starts. Everything else
+ * first: the last job to end may complete the last request of a vbd being
+ * paused or closed, whose chain close starts on a worker at once and frees
+ * q, its caches (the tables this batch pinned) and all. The next batch
+ * holds only jobs of requests still in flight, so starting it first is
+ * safe, and after the last qcow2_job_end nothing here touches q.
+ */
 static void
 batch_finish(struct batch *b)
 {
 	struct qcow2 *q = b->q;
+	struct job *jobs[Q_BATCH_MAX];
+	int nr = b->nr, err = b->err;
 
-	if (!b->err)
+	if (!err)
 		for (size_t i = 0; i < b->nunlinked; i++)
 			push_cluster(&q->frees, &q->nfrees, &q->cap_frees, b->unlinked[i]);
 	else
 		log_limited(&q->rl, LOG_LVL_ERR, "%s: allocation failed: %s", q->img->params,
-			    strerror(b->err));
-	for (int i = 0; i < b->nr; i++) {
-		struct job *j = b->jobs[i];
-		qcow2_job_end(q, j, j->err ? j->err : b->err);
-	}
+			    strerror(err));
+	memcpy(jobs, b->jobs, sizeof(jobs[0]) * (size_t)nr);
 	batch_free(b);
 	q->batch = NULL;
 	qcow2_batch_start(q);
+	for (int i = 0; i < nr; i++)
+		qcow2_job_end(q, jobs[i], jobs[i]->err ? jobs[i]->err : err);
 }
 
 /*
@@ -877,9 +885,12 @@ qcow2_batch_start(struct qcow2 *q)
 	if (q->batch || TAILQ_EMPTY(&q->ready))
 		return;
 	if (!(b = calloc(1, sizeof(*b)))) {
-		while (!TAILQ_EMPTY(&q->ready)) {
-			struct job *j = TAILQ_FIRST(&q->ready);
-			TAILQ_REMOVE(&q->ready, j, queue);
+		/* off q first: the last job's end may let a close free q */
+		struct job_list failed = TAILQ_HEAD_INITIALIZER(failed);
+		TAILQ_CONCAT(&failed, &q->ready, queue);
+		while (!TAILQ_EMPTY(&failed)) {
+			struct job *j = TAILQ_FIRST(&failed);
+			TAILQ_REMOVE(&failed, j, queue);
 			qcow2_job_end(q, j, ENOMEM);
 		}
 		return;

@@ -530,7 +530,14 @@ vbd_check_drained(struct vbd *vbd)
 		log_err("minor %d: out of memory closing images", vbd->minor);
 		return;
 	}
+	/*
+	 * The worker closes and frees the chain: the vbd lets go of it now, as
+	 * unpause does. Until the job is done the loop may still be asked for
+	 * the vbd's stats or description (the gathers: stats, list, metrics),
+	 * which walk vbd->leaf.
+	 */
 	job->old_leaf = vbd->leaf;
+	vbd->leaf = NULL;
 	vbd->state |= VBD_OPENING;	/* busy until the chain is closed */
 	vbd_job_start(job);
 }
