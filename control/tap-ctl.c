@@ -183,18 +183,19 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		{ "qos", required_argument, NULL, 'q' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [--qos K=V,...] "
-				     "[--loop L] [-p PID]"
-				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [--qos K=V,...] [--loop L] "
-				     "[-p PID]";
+	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [-t SECS] "
+				     "[--qos K=V,...] [--loop L] [-p PID]"
+				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [-t SECS] [--qos K=V,...] "
+				     "[--loop L] [-p PID]";
 	const char *params = NULL;
-	long minor = -1, loop = -1;
+	long minor = -1, loop = -1, timeout = -1;
 	int ro = 0, nodirect = 0, c;
 	json_t *qos = NULL;
 
-	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:L:h", longopts)) != -1) {
+	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:L:t:h", longopts)) != -1) {
 		switch (c) {
 		case 'a': params = optarg; break;
+		case 't': timeout = parse_int(optarg, "-t SECS"); break;
 		case 'L': loop = parse_int(optarg, "--loop L"); break;
 		case 'q':
 			if (!qos)
@@ -220,6 +221,8 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		json_object_set_new(args, "nodirect", json_true());
 	if (loop >= 0)
 		json_object_set_new(args, "loop", json_integer(loop));
+	if (timeout >= 0)
+		json_object_set_new(args, "timeout", json_integer(timeout));
 	if (qos)
 		json_object_set_new(args, "qos", qos);
 	json_t *r = cli_call(cli, create ? "create" : "open", args);
@@ -520,6 +523,59 @@ cmd_qos(struct cli *cli, int argc, char **argv)
 	return 0;
 }
 
+/* fault-inject [-k NTH ...] | -d: arms, disarms or (neither) shows; testing only */
+static int
+cmd_fault_inject(struct cli *cli, int argc, char **argv)
+{
+	const char *usage = "fault-inject [-k NTH [-c COUNT] [-e ERROR] [-t KINDS] "
+			    "[-P PATHPART] | -d] [-p PID]";
+	json_t *args = json_object();
+	int c, disarm = 0;
+
+	while ((c = next_opt(cli, argc, argv, "k:c:e:t:P:dp:h", NULL)) != -1) {
+		switch (c) {
+		case 'k': json_object_set_new(args, "nth", json_integer(parse_int(optarg, "-k NTH")));
+			  break;
+		case 'c': json_object_set_new(args, "count",
+					      json_integer(parse_int(optarg, "-c COUNT")));
+			  break;
+		case 'e': json_object_set_new(args, "error", json_string(optarg)); break;
+		case 't': json_object_set_new(args, "kinds", json_string(optarg)); break;
+		case 'P': json_object_set_new(args, "path", json_string(optarg)); break;
+		case 'd': disarm = 1; break;
+		default: usage_die(usage);
+		}
+	}
+	if (optind != argc || (disarm && json_object_size(args)) ||
+	    (!json_object_get(args, "nth") && json_object_size(args)))
+		usage_die(usage);
+	if (disarm)
+		json_object_set_new(args, "disarm", json_true());
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *r = cli_call(cli, "fault-inject", args);
+	if (!cli->json) {
+		json_t *last = json_object_get(r, "last");
+		printf("armed=%d nth=%lld count=%lld error=%s seen=%lld injected=%lld total=%lld",
+		       json_is_true(json_object_get(r, "armed")),
+		       (long long)json_integer_value(json_object_get(r, "nth")),
+		       (long long)json_integer_value(json_object_get(r, "count")),
+		       json_string_value(json_object_get(r, "error")),
+		       (long long)json_integer_value(json_object_get(r, "seen")),
+		       (long long)json_integer_value(json_object_get(r, "injected")),
+		       (long long)json_integer_value(json_object_get(r, "total")));
+		if (last)
+			printf(" last=%s:%s@%lld+%lld",
+			       json_string_value(json_object_get(last, "kind")),
+			       json_string_value(json_object_get(last, "path")),
+			       (long long)json_integer_value(json_object_get(last, "offset")),
+			       (long long)json_integer_value(json_object_get(last, "length")));
+		printf("\n");
+	}
+	json_decref(r);
+	return 0;
+}
+
 static int
 cmd_version(struct cli *cli, int argc, char **argv)
 {
@@ -556,6 +612,7 @@ static const struct {
 	{ "top", cmd_top, "live per-vbd IOPS, MB/s, p99 latency, queue depth (-d, -n, -m)" },
 	{ "qos", cmd_qos, "show or change a vbd's or a group's I/O limits" },
 	{ "version", cmd_version, "print the server's version" },
+	{ "fault-inject", cmd_fault_inject, "fail chosen I/O (tapdiskd --fault-injection; testing only)" },
 };
 
 static void
@@ -563,7 +620,7 @@ usage(FILE *f)
 {
 	fprintf(f, "usage: tap-ctl [-S STATE_DIR] [--json] COMMAND [OPTIONS]\n\ncommands:\n");
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].help);
+		fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
 	fprintf(f, "\nThe state dir is -S, else $TAPDISKD_STATE_DIR, else %s.\n"
 		"`tap-ctl COMMAND -h` shows a command's options.\n", CTL_DEFAULT_STATE_DIR);
 }

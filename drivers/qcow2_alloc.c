@@ -113,6 +113,12 @@ struct batch {
 	void (*phase_done)(struct batch *b);
 	struct sync_waiter sw;
 	void (*after_sync)(struct batch *b);
+	/*
+	 * The step under way changed tables in memory before writing them: if
+	 * it fails, this puts memory back as the file is, so that no later
+	 * write trusts what never reached it.
+	 */
+	void (*undo)(struct batch *b);
 };
 
 static int
@@ -364,10 +370,49 @@ batch_step_end(struct batch *b)
 {
 	if (--b->pending)
 		return;
-	if (b->err)
+	if (b->err) {
 		batch_finish(b);
-	else
-		b->phase_done(b);
+		return;
+	}
+	b->undo = NULL;		/* the file holds what memory says */
+	b->phase_done(b);
+}
+
+/* The changed tables of pins go; the next user reads them from the file. */
+static void
+drop_changed(struct mc_cache *c, const struct pin *pins, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (pins[i].lo <= pins[i].hi)
+			mc_drop(c, pins[i].e->key);
+}
+
+static void
+undo_refcounts(struct batch *b)
+{
+	drop_changed(&b->q->rbc, b->rbpins, b->nrbpins);
+}
+
+static void
+undo_reftable(struct batch *b)
+{
+	for (int i = 0; i < b->nrbs; i++)
+		b->q->m.reftable[b->rbs[i].idx] = 0;
+}
+
+static void
+undo_l2(struct batch *b)
+{
+	drop_changed(&b->q->l2c, b->l2pins, b->nl2pins);
+}
+
+static void
+undo_l1(struct batch *b)
+{
+	for (int i = 0; i < b->ntabs; i++) {
+		b->q->m.l1[b->tabs[i].idx] = 0;		/* fresh tables replace no entry */
+		mc_drop(&b->q->l2c, b->tabs[i].idx);
+	}
 }
 
 static void
@@ -531,6 +576,7 @@ batch_refcounts(struct batch *b)
 		rc_change(b, c, 1);
 	for (size_t i = 0; i < b->nfrees; i++)
 		rc_change(b, b->frees[i], -1);
+	b->undo = undo_refcounts;
 	batch_step_begin(b, b->nrbs ? batch_link_blocks_synced : batch_link_blocks);
 	for (int i = 0; i < b->nrbs; i++)
 		batch_io(b, IO_OP_WRITEV, NULL, 0, b->rbs[i].buf, cs, b->rbs[i].host, NULL, NULL);
@@ -650,6 +696,7 @@ batch_link_blocks(struct batch *b)
 		lo = b->rbs[i].idx < lo ? b->rbs[i].idx : lo;
 		hi = b->rbs[i].idx > hi ? b->rbs[i].idx : hi;
 	}
+	b->undo = undo_reftable;
 	uint8_t *buf = encode_entries(m->reftable, lo, hi);
 	batch_step_begin(b, batch_write_data);
 	if (buf)
@@ -764,6 +811,7 @@ batch_write_tables(struct batch *b)
 			continue;	/* failed, or a deallocation where nothing is */
 		job_apply(b, j, f ? f->buf : p->e->buf, p);
 	}
+	b->undo = undo_l2;
 	batch_step_begin(b, b->ntabs ? batch_tables_written : batch_finish);
 	for (int i = 0; i < b->nl2pins; i++) {
 		struct pin *p = &b->l2pins[i];
@@ -791,6 +839,7 @@ batch_link_tables(struct batch *b)
 		lo = f->idx < lo ? f->idx : lo;
 		hi = f->idx > hi ? f->idx : hi;
 	}
+	b->undo = undo_l1;
 	uint8_t *buf = encode_entries(q->m.l1, lo, hi);
 	batch_step_begin(b, batch_finish);
 	if (buf)
@@ -843,6 +892,8 @@ batch_finish(struct batch *b)
 	else
 		log_limited(&q->rl, LOG_LVL_ERR, "%s: allocation failed: %s", q->img->params,
 			    strerror(err));
+	if (err && b->undo)
+		b->undo(b);
 	memcpy(jobs, b->jobs, sizeof(jobs[0]) * (size_t)nr);
 	batch_free(b);
 	q->batch = NULL;

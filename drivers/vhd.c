@@ -60,14 +60,20 @@ struct vop;
 
 TAILQ_HEAD(vop_list, vop);
 
-/* Work on one block that others must wait for: allocation, deallocation. */
+/*
+ * Work on one block that others must wait for: allocation, deallocation,
+ * and setting bits in its bitmap (MARK: until the file has them, no other
+ * write may trust them and skip its own bitmap write).
+ */
 struct bjob {
 	uint32_t blk;
-	enum { JOB_ALLOC, JOB_DEALLOC } kind;
-	struct vop *first;		/* ALLOC: the write that started it */
+	enum { JOB_ALLOC, JOB_DEALLOC, JOB_MARK } kind;
+	struct vop *first;		/* ALLOC, MARK: the write that started it */
 	struct vop_list waiting;	/* later writes to the block */
 	uint64_t start;			/* ALLOC: where the block goes (bitmap) */
-	uint8_t *map;			/* ALLOC: its new bitmap */
+	uint8_t *map;			/* ALLOC: its new bitmap; MARK: the bytes it changed, before */
+	size_t mark_off, mark_len;	/* MARK: where those bytes are in the bitmap */
+	int made_full;			/* MARK: it set the block's batmap bit */
 	int err;
 	LIST_ENTRY(bjob) link;		/* all jobs of the image */
 	TAILQ_ENTRY(bjob) queue;	/* ALLOC: waiting for a batch */
@@ -191,6 +197,8 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 	}
 	mc_init(&p->bm, ctx->io, VHD_BM_CACHE);
 	sync_gate_init(&p->gate, &p->f, ctx->io);
+	/* a batmap found stale is rewritten (zeroed: true) at the next flush or close */
+	p->batmap_dirty = !p->rdonly && p->m.batmap_stale;
 	LIST_INIT(&p->jobs);
 	TAILQ_INIT(&p->alloc_queue);
 	p->next_free = p->m.footer_offset;
@@ -198,6 +206,22 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 	if (!p->rdonly)
 		img->caps |= TD_CAP_FLUSH | TD_CAP_DISCARD | TD_CAP_WRITE_ZEROES;
 	return 0;
+}
+
+/* The batmap header sector for the map in buf + VHD_SECTOR, into buf. */
+static void
+batmap_header(struct vhd_priv *p, uint8_t *buf)
+{
+	struct vhd_meta *m = &p->m;
+	size_t map = (size_t)m->batmap_hdr.size * VHD_SECTOR;
+	uint64_t sum_len = align_up(m->footer.curr_size >> 24, VHD_SECTOR);
+	if (sum_len < VHD_SECTOR)
+		sum_len = VHD_SECTOR;
+	if (sum_len > map)
+		sum_len = map;
+	m->batmap_hdr.version = VHD_BATMAP_VERSION;
+	m->batmap_hdr.checksum = vhd_batmap_checksum(buf + VHD_SECTOR, (size_t)sum_len);
+	vhd_batmap_hdr_encode(&m->batmap_hdr, buf);
 }
 
 /* The batmap, header first, as one buffer (they are adjacent when we made them). */
@@ -209,17 +233,29 @@ batmap_image(struct vhd_priv *p, size_t *len)
 	uint8_t *buf = malloc(VHD_SECTOR + map);
 	if (!buf)
 		return NULL;
-	uint64_t sum_len = align_up(m->footer.curr_size >> 24, VHD_SECTOR);
-	if (sum_len < VHD_SECTOR)
-		sum_len = VHD_SECTOR;
-	if (sum_len > map)
-		sum_len = map;
-	m->batmap_hdr.version = VHD_BATMAP_VERSION;
-	m->batmap_hdr.checksum = vhd_batmap_checksum(m->batmap, (size_t)sum_len);
-	vhd_batmap_hdr_encode(&m->batmap_hdr, buf);
 	memcpy(buf + VHD_SECTOR, m->batmap, map);
+	batmap_header(p, buf);
 	*len = VHD_SECTOR + map;
 	return buf;
+}
+
+/*
+ * A batmap write failed part way. Each of its sectors is now old or new,
+ * and either is true (a bit only ever says a block is full; load ignores
+ * one on a free block), so the header is made to agree with what is there:
+ * a checksum mismatch would fail vhd-util check.
+ */
+static void
+batmap_mend(struct vhd_priv *p)
+{
+	size_t map = (size_t)p->m.batmap_hdr.size * VHD_SECTOR;
+	uint8_t *buf = malloc(VHD_SECTOR + map);
+
+	if (buf && fc_pread_full(p->f.fd, buf + VHD_SECTOR, map, p->m.batmap_hdr.offset) == 0) {
+		batmap_header(p, buf);
+		(void)fc_pwrite_full(p->f.fd, buf, VHD_SECTOR, p->m.batmap_hdr_offset);
+	}
+	free(buf);
 }
 
 static int
@@ -238,12 +274,14 @@ vhd_close(struct td_image *img)
 	} else if (p->batmap_dirty && p->m.has_batmap && batmap_contiguous(&p->m)) {
 		size_t len;
 		uint8_t *buf = batmap_image(p, &len);
-		/* the batmap vouches for bitmaps: they are durable first */
-		if (buf && fc_fdatasync(p->f.fd) == 0) {
-			/* only an optimisation is lost if this fails */
-			(void)fc_pwrite_full(p->f.fd, buf, len, p->m.batmap_hdr_offset);
-			free(buf);
-		}
+		/*
+		 * The batmap vouches for bitmaps: they are durable first. Only an
+		 * optimisation is lost if its write fails, once the header agrees.
+		 */
+		if (buf && fc_fdatasync(p->f.fd) == 0 &&
+		    fc_pwrite_full(p->f.fd, buf, len, p->m.batmap_hdr_offset) < 0)
+			batmap_mend(p);
+		free(buf);
 	}
 	mc_free(&p->bm);
 	vhd_meta_free(&p->m);
@@ -492,10 +530,25 @@ read_piece(struct vop *v)
 
 /* ---- writes to allocated blocks ---- */
 
+static struct bjob *job_find(struct vhd_priv *p, uint32_t blk);
+static void job_end(struct bjob *j);
+
+/* v's bitmap write is over: the block's MARK job ends, its waiters go on. */
 static void
 bitmap_written(struct vop *v, int err)
 {
+	struct vhd_priv *p = v->p;
+	struct bjob *j = job_find(p, v->blk);
+
+	assert(j && j->kind == JOB_MARK && j->first == v);
+	if (err) {
+		/* the file has not the bits: memory must not either, or a later write trusts them */
+		memcpy((uint8_t *)v->bm->buf + j->mark_off, j->map, j->mark_len);
+		if (j->made_full)
+			vhd_batmap_set(&p->m, v->blk, 0);
+	}
 	bm_put(v);
+	job_end(j);
 	vop_finish(v, err);
 }
 
@@ -514,24 +567,38 @@ static void write_mark_synced(struct sync_waiter *w, int err);
 static void
 write_mark(struct vop *v, int err)
 {
+	struct vhd_priv *p = v->p;
+	struct vhd_meta *m = &p->m;
 	uint32_t s, end, i;
 
-	if (err || vhd_batmap_test(&v->p->m, v->blk)) {
+	if (err) {
 		bm_put(v);
 		vop_finish(v, err);
+		return;
+	}
+	struct bjob *other = job_find(p, v->blk);
+	if (other) {
+		/* bits of the block on their way to the file (or it is going): after that, again */
+		bm_put(v);
+		TAILQ_INSERT_TAIL(&other->waiting, v, link);
+		return;
+	}
+	if (vhd_batmap_test(m, v->blk)) {	/* full, and no job: the file says so */
+		bm_put(v);
+		vop_finish(v, 0);
 		return;
 	}
 	vop_sectors(v, &s, &end);
 	for (i = s; i < end && vhd_bitmap_test(v->bm->buf, i); i++)
 		;
-	if (i == end) {		/* an overwrite: nothing to expose */
+	if (i == end) {		/* no job in flight: the file has them */
 		bm_put(v);
 		vop_finish(v, 0);
 		return;
 	}
 	/* bits set before the data is durable could reach the disk first */
 	v->sw.fn = write_mark_synced;
-	sync_gate_wait(&v->p->gate, &v->sw);
+	sync_gate_wait(&p->gate, &v->sw);
 }
 
 static void
@@ -548,20 +615,42 @@ write_mark_synced(struct sync_waiter *w, int err)
 		vop_finish(v, err);
 		return;
 	}
+	if (job_find(p, v->blk)) {	/* another mark started meanwhile: look again after it */
+		write_mark(v, 0);
+		return;
+	}
 	vop_sectors(v, &s, &end);
+	/* the sectors of the bitmap holding the change; the buffer only gains bits */
+	uint32_t first = (s / 8) / VHD_SECTOR, last = ((end - 1) / 8) / VHD_SECTOR;
+	struct bjob *j = calloc(1, sizeof(*j));
+	if (j)
+		j->map = malloc((size_t)(last - first + 1) * VHD_SECTOR);
+	if (!j || !j->map) {
+		free(j);
+		bm_put(v);
+		vop_finish(v, ENOMEM);
+		return;
+	}
+	j->blk = v->blk;
+	j->kind = JOB_MARK;
+	j->first = v;
+	TAILQ_INIT(&j->waiting);
+	j->mark_off = (size_t)first * VHD_SECTOR;
+	j->mark_len = (size_t)(last - first + 1) * VHD_SECTOR;
+	memcpy(j->map, map + j->mark_off, j->mark_len);
+	LIST_INSERT_HEAD(&p->jobs, j, link);
 	for (uint32_t i = s; i < end; i++)
 		vhd_bitmap_set(map, i);
-	if (m->has_batmap) {
+	if (m->has_batmap && !vhd_batmap_test(m, v->blk)) {
 		uint32_t full = 1;
 		for (uint32_t i = 0; i < m->spb / 8 && full; i++)
 			full = map[i] == 0xff;
 		if (full) {
 			vhd_batmap_set(m, v->blk, 1);
 			p->batmap_dirty = 1;
+			j->made_full = 1;
 		}
 	}
-	/* the sectors of the bitmap holding the change; the buffer only gains bits */
-	uint32_t first = (s / 8) / VHD_SECTOR, last = ((end - 1) / 8) / VHD_SECTOR;
 	v->iov_inline[0].iov_base = map + (size_t)first * VHD_SECTOR;
 	v->iov_inline[0].iov_len = (size_t)(last - first + 1) * VHD_SECTOR;
 	v->op.iov = v->iov_inline;
@@ -1217,7 +1306,9 @@ static void
 flush_batmap_written(struct io_op *op, int res)
 {
 	struct flush *fl = op->data;
-	(void)res;	/* a batmap that did not make it costs speed, not data */
+	/* a batmap that did not make it costs speed, not data: the next flush tries again */
+	if (res < 0)
+		fl->p->batmap_dirty = 1;
 	flush_sync(fl);
 }
 

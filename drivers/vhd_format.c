@@ -459,6 +459,7 @@ load_batmap(struct vhd_meta *m, vhd_read_fn rd, void *ctx)
 	if (~sum != b->checksum) {
 		/* a stale batmap is only an optimisation lost: rebuilt on the next write */
 		memset(m->batmap, 0, (size_t)b->size * VHD_SECTOR);
+		m->batmap_stale = 1;
 		snprintf(m->warning, sizeof(m->warning), "batmap checksum mismatch (ignored)");
 	}
 	/* a "full" bit on an unallocated block would skip a bitmap that is not there */

@@ -101,6 +101,7 @@ struct vhd_meta {
 	uint32_t bitmap_bytes;		/* sector-padded bitmap */
 	uint64_t meta_end;		/* first byte after all metadata */
 	int has_batmap;
+	int batmap_stale;		/* its checksum did not match: zeroed here, rewrite it */
 	struct vhd_batmap_hdr batmap_hdr;
 	uint64_t batmap_hdr_offset;
 	uint8_t *batmap;		/* batmap_hdr.size sectors, or NULL */

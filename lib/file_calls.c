@@ -74,7 +74,16 @@ observed_call(struct io_obs_event *ev, const void *wbuf, void *rbuf)
 	int rc = io_obs_begin(ev);
 	if (rc < 0)
 		return rc;
-	rc = run_call(ev, wbuf, rbuf);
+	if (rc > 0) {
+		/* a short write (io_observe.h): its first rc bytes land, then ENOSPC */
+		struct io_obs_event part = *ev;
+		part.length = (uint64_t)rc;
+		rc = run_call(&part, wbuf, rbuf);
+		if (rc == 0)
+			rc = -ENOSPC;
+	} else {
+		rc = run_call(ev, wbuf, rbuf);
+	}
 	io_obs_end(ev, rc);
 	return rc;
 }

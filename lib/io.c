@@ -130,6 +130,8 @@ void
 io_op_complete(struct io_engine *e, struct io_op *op, int res)
 {
 	struct io_obs_event ev;
+	if (op->obs_short && res >= 0)
+		res = -ENOSPC;	/* an observer's short write: its first part landed */
 	if (op->obs_id && io_op_event(op, &ev)) {
 		ev.iov = NULL;		/* advanced by short transfers: no longer the data */
 		io_obs_end(&ev, res);
@@ -146,18 +148,36 @@ io_memory_done(struct io_defer *d)
 	io_op_complete(op->engine, op, op->res);
 }
 
+/* Cuts an iovec array down to its first n bytes (n less than its total). */
+static void
+io_iov_truncate(struct iovec *iov, int *iovcnt, uint64_t n)
+{
+	int i = 0;
+	while (i < *iovcnt && n > iov[i].iov_len)
+		n -= iov[i++].iov_len;
+	iov[i].iov_len = (size_t)n;
+	*iovcnt = i + 1;
+}
+
 /* Asks the observers about op; 0 to go on, or -errno to fail it instead. */
 static int
 io_op_observe(struct io_op *op)
 {
 	struct io_obs_event ev;
 	op->obs_id = 0;
+	op->obs_short = 0;
 	if (!io_op_event(op, &ev))
 		return 0;
 	int rc = io_obs_begin(&ev);
-	if (rc == 0)
-		op->obs_id = ev.id;	/* their end comes at completion */
-	return rc;
+	if (rc < 0)
+		return rc;
+	op->obs_id = ev.id;	/* their end comes at completion */
+	if (rc > 0) {
+		/* the iov is ours to change (io.h): the engine writes the first rc bytes */
+		io_iov_truncate(op->iov, &op->iovcnt, (uint64_t)rc);
+		op->obs_short = 1;
+	}
+	return 0;
 }
 
 void
@@ -165,6 +185,7 @@ io_submit(struct io_engine *e, struct io_op *op)
 {
 	op->engine = e;
 	op->xfer = 0;
+	op->obs_short = 0;
 	e->stats.submitted++;
 	e->stats.inflight++;
 	if (io_observed) {

@@ -61,6 +61,7 @@ struct io_op {
 	struct workq_item wq;
 	struct io_op *next;
 	uint64_t obs_id;	/* io_observe.h: 0 when not observed */
+	int obs_short;		/* an observer made it a short write: ends with -ENOSPC */
 };
 
 /* A blocking function to run off the loop (open, close, lseek scans). */

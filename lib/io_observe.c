@@ -21,6 +21,8 @@ io_observer_add(struct io_observer *o)
 int
 io_obs_begin(struct io_obs_event *ev)
 {
+	int short_len = 0;
+
 	ev->id = __atomic_add_fetch(&next_id, 1, __ATOMIC_RELAXED);
 	for (int i = 0; i < nr_observers; i++) {
 		int rc = observers[i]->begin ? observers[i]->begin(observers[i], ev) : 0;
@@ -31,8 +33,12 @@ io_obs_begin(struct io_obs_event *ev)
 					observers[j]->end(observers[j], ev, rc);
 			return rc;
 		}
+		/* a short write only means something for a write it shortens */
+		if (rc > 0 && ev->kind == IO_OBS_WRITE && (uint64_t)rc < ev->length &&
+		    (!short_len || rc < short_len))
+			short_len = rc;
 	}
-	return 0;
+	return short_len;
 }
 
 void

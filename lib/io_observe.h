@@ -37,7 +37,14 @@ struct io_obs_event {
 };
 
 struct io_observer {
-	/* Before the call. 0: let it run; -errno: fail it with that instead. */
+	/*
+	 * Before the call. 0: let it run; -errno: fail it with that instead.
+	 * A WRITE may also be made short (a disk filling up under it): n > 0,
+	 * less than its length, writes only its first n bytes and then fails
+	 * the call with -ENOSPC. Every observer's end then sees -ENOSPC, so a
+	 * failed write is one whose data may have landed in part, as on a
+	 * real disk.
+	 */
 	int (*begin)(struct io_observer *o, const struct io_obs_event *ev);
 	/* After it: res is what the caller sees (bytes or 0, or -errno). */
 	void (*end)(struct io_observer *o, const struct io_obs_event *ev, int res);
@@ -50,7 +57,11 @@ int io_observer_add(struct io_observer *o);
 
 extern int io_observed;		/* any observer installed */
 
-/* Gives ev its id and asks every observer: 0, or the first -errno. */
+/*
+ * Gives ev its id and asks every observer: 0; or the first -errno (the
+ * call must not run); or, for a WRITE, n > 0: the smallest short length
+ * asked (write n bytes, then end the call with -ENOSPC).
+ */
 int io_obs_begin(struct io_obs_event *ev);
 void io_obs_end(const struct io_obs_event *ev, int res);
 

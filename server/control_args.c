@@ -28,6 +28,7 @@ const struct ctl_arg ctl_args_open[] = {
 	{ "qos", ARG_OBJECT, 0 },
 	{ "cwd", ARG_STRING, 0 },	/* the client's, for a relative path */
 	{ "loop", ARG_INT, 0 },		/* pinned there; else placed */
+	{ "timeout", ARG_INT, 0 },	/* seconds a request may take */
 	{ NULL, 0, 0 },
 };
 
@@ -67,5 +68,16 @@ const struct ctl_arg ctl_args_qos_set[] = {
 	{ "minor", ARG_INT, 0 },
 	{ "group", ARG_STRING, 0 },
 	{ "limits", ARG_OBJECT, 1 },
+	{ NULL, 0, 0 },
+};
+
+/* no nth: only the status; disarm: nothing armed any more */
+const struct ctl_arg ctl_args_fault_inject[] = {
+	{ "nth", ARG_INT, 0 },
+	{ "count", ARG_INT, 0 },
+	{ "error", ARG_STRING, 0 },
+	{ "kinds", ARG_STRING, 0 },
+	{ "path", ARG_STRING, 0 },
+	{ "disarm", ARG_BOOL, 0 },
 	{ NULL, 0, 0 },
 };

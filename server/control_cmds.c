@@ -12,6 +12,7 @@
 #include "control.h"
 #include "fdlimit.h"
 #include "io.h"
+#include "io_fault.h"
 #include "log.h"
 #include "loop.h"
 #include "metrics_http.h"
@@ -337,6 +338,13 @@ cmd_open(struct ctl_req *req, json_t *args)
 					SERVER_MAX_MINORS);
 		return;
 	}
+	json_t *jt = json_object_get(args, "timeout");
+	json_int_t timeout = jt ? json_integer_value(jt) : 0;
+	if (jt && (timeout < 1 || timeout > VBD_MAX_TIMEOUT)) {
+		ctl_reply_error(req, EINVAL, "timeout %lld: 1 to %d seconds", (long long)timeout,
+				VBD_MAX_TIMEOUT);
+		return;
+	}
 	json_t *qos = json_object_get(args, "qos");
 	char why[256];
 	if (qos && qos_vbd_check(qos, why, sizeof(why)) < 0) {
@@ -363,7 +371,8 @@ cmd_open(struct ctl_req *req, json_t *args)
 	o->qos = json_incref(qos);
 	rc = server_open_vbd(srv, (int)m, loop, params,
 			     (arg_bool(args, "readonly") ? VBD_OPEN_READONLY : 0) |
-			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), open_done, o);
+			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), (unsigned)timeout,
+			     open_done, o);
 	if (rc < 0) {
 		json_decref(o->qos);
 		free(o);
@@ -551,6 +560,116 @@ cmd_qos_set(struct ctl_req *req, json_t *args)
 					    "throttled", 0));
 }
 
+/* ---- fault-inject (tapdiskd --fault-injection: testing only) ---- */
+
+static const struct {
+	const char *name;
+	int err;	/* 0: a short write */
+} fault_errors[] = {
+	{ "EIO", EIO }, { "ENOSPC", ENOSPC }, { "short-write", 0 },
+	{ "EAGAIN", EAGAIN }, { "EBUSY", EBUSY }, { "EINTR", EINTR },
+};
+
+static const char *
+fault_error_name(const struct io_fault_spec *sp)
+{
+	for (size_t i = 0; i < sizeof(fault_errors) / sizeof(fault_errors[0]); i++)
+		if (sp->short_write ? !fault_errors[i].err
+				    : fault_errors[i].err && fault_errors[i].err == sp->err)
+			return fault_errors[i].name;
+	return "EIO";
+}
+
+static json_t *
+fault_kinds_json(unsigned kinds)
+{
+	json_t *a = json_array();
+	for (unsigned k = 1; k <= IO_FAULT_TRUNCATE; k <<= 1)
+		if (kinds & k)
+			json_array_append_new(a, json_string(io_fault_kind_name(k)));
+	return a;
+}
+
+/* The spec the args describe, or -1 with the error replied. */
+static int
+fault_spec(struct ctl_req *req, json_t *args, struct io_fault_spec *sp)
+{
+	json_int_t nth = json_integer_value(json_object_get(args, "nth"));
+	json_t *jc = json_object_get(args, "count");
+	json_int_t count = jc ? json_integer_value(jc) : 1;
+	const char *error = arg_str(args, "error"), *kinds = arg_str(args, "kinds");
+	const char *path = arg_str(args, "path");
+	size_t i = 0;
+
+	memset(sp, 0, sizeof(*sp));
+	if (nth < 1 || count < 1 || count > 1000000) {
+		ctl_reply_error(req, EINVAL, nth < 1 ? "nth counts from 1 (the next I/O)"
+					      : "count must be 1 to 1000000");
+		return -1;
+	}
+	while (error && i < sizeof(fault_errors) / sizeof(fault_errors[0]) &&
+	       strcmp(error, fault_errors[i].name))
+		i++;
+	if (i == sizeof(fault_errors) / sizeof(fault_errors[0])) {
+		ctl_reply_error(req, EINVAL, "error %s: not one of EIO, ENOSPC, short-write, "
+				"EAGAIN, EBUSY, EINTR", error);
+		return -1;
+	}
+	if (kinds && io_fault_parse_kinds(kinds, &sp->kinds) < 0) {
+		ctl_reply_error(req, EINVAL, "kinds %s: a comma-separated list of read, write, "
+				"sync, fallocate, truncate", kinds);
+		return -1;
+	}
+	if (path && strlen(path) >= sizeof(sp->path)) {
+		ctl_reply_error(req, EINVAL, "path: at most %zu bytes", sizeof(sp->path) - 1);
+		return -1;
+	}
+	snprintf(sp->path, sizeof(sp->path), "%s", path ? path : "");
+	sp->nth = (uint64_t)nth;
+	sp->count = (unsigned)count;
+	sp->err = error ? fault_errors[i].err : EIO;
+	sp->short_write = error && !fault_errors[i].err;
+	return 0;
+}
+
+static void
+cmd_fault_inject(struct ctl_req *req, json_t *args)
+{
+	struct io_fault_status st;
+	struct io_fault_spec sp = { 0 };
+
+	io_fault_get_status(&st);
+	if (!st.enabled) {
+		ctl_reply_error(req, ENOTSUP, "fault injection is off: start tapdiskd with "
+				"--fault-injection (testing only)");
+		return;
+	}
+	if (json_object_get(args, "nth") && arg_bool(args, "disarm")) {
+		ctl_reply_error(req, EINVAL, "either arm (nth) or disarm, not both");
+		return;
+	}
+	if (json_object_get(args, "nth") && fault_spec(req, args, &sp) < 0)
+		return;
+	if (json_object_get(args, "nth") || arg_bool(args, "disarm")) {
+		if (json_object_get(args, "nth"))
+			io_fault_arm(&sp);
+		else
+			io_fault_disarm();
+		io_fault_get_status(&st);
+	}
+	json_t *r = json_pack("{s:b, s:I, s:i, s:s, s:o, s:s, s:I, s:I, s:I}",
+			      "armed", st.armed, "nth", (json_int_t)st.spec.nth,
+			      "count", (int)st.spec.count, "error", fault_error_name(&st.spec),
+			      "kinds", fault_kinds_json(st.spec.kinds), "path", st.spec.path,
+			      "seen", (json_int_t)st.seen, "injected", (json_int_t)st.injected,
+			      "total", (json_int_t)st.total);
+	if (st.total)
+		json_object_set_new(r, "last", json_pack("{s:s, s:s, s:I, s:I}",
+			"kind", io_fault_kind_name(st.last_kind), "path", st.last_path,
+			"offset", (json_int_t)st.last_offset, "length", (json_int_t)st.last_length));
+	ctl_reply_ok(req, r);
+}
+
 const struct ctl_cmd ctl_cmds[] = {
 	{ "version", ctl_args_none, cmd_version, 0 },
 	{ "list", ctl_args_list, cmd_list, 0 },
@@ -564,5 +683,6 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "snapshot", ctl_args_snapshot, cmd_snapshot, CTL_ON_VBD_LOOP },
 	{ "qos-get", ctl_args_qos_get, cmd_qos_get, CTL_ON_VBD_LOOP },
 	{ "qos-set", ctl_args_qos_set, cmd_qos_set, CTL_ON_VBD_LOOP },
+	{ "fault-inject", ctl_args_fault_inject, cmd_fault_inject, 0 },
 	{ NULL, NULL, NULL, 0 },
 };

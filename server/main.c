@@ -19,6 +19,7 @@
 
 #include "fdlimit.h"
 #include "io.h"
+#include "io_fault.h"
 #include "io_record.h"
 #include "log.h"
 #include "loop.h"
@@ -43,6 +44,7 @@ struct options {
 	int foreground;
 	int no_direct;
 	const char *record_io;		/* --record-io FILE: testing only */
+	int fault_injection;		/* --fault-injection: testing only */
 	enum log_level level;
 	const char **opens;
 	int nr_opens;
@@ -84,6 +86,8 @@ usage(FILE *f)
 		"      --metrics-timeout S  cut HTTP clients idle, or on one request, for S s (10)\n"
 		"      --record-io FILE   log every write and sync made to image files into FILE,\n"
 		"                         for the power-loss replay tests (slow; testing only)\n"
+		"      --fault-injection  let the control command fault-inject fail chosen I/O\n"
+		"                         to image files (testing only)\n"
 		"  -h, --help             this text\n"
 		"  -V, --version          print the version\n"
 		"\nSee tapdiskd(8).\n",
@@ -135,6 +139,7 @@ parse_options(int argc, char **argv, struct options *o)
 		{ "nbd-handshake-timeout", required_argument, NULL, 'H' },
 		{ "metrics-timeout", required_argument, NULL, 'W' },
 		{ "record-io", required_argument, NULL, 'R' },
+		{ "fault-injection", no_argument, NULL, 'J' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -182,6 +187,7 @@ parse_options(int argc, char **argv, struct options *o)
 		case 'M': o->metrics_listen = optarg; break;
 		case 'A': o->metrics_allow_remote = 1; break;
 		case 'R': o->record_io = optarg; break;
+		case 'J': o->fault_injection = 1; break;
 		case 'H':
 		case 'W':
 			if (parse_seconds(optarg, c == 'H' ? &o->handshake_secs
@@ -473,7 +479,7 @@ startup_opens(struct server *srv, char **opens, int n)
 {
 	startup_params = opens;
 	for (int i = 0; i < n; i++) {
-		int rc = server_open_vbd(srv, i, NULL, opens[i], 0, startup_open_done,
+		int rc = server_open_vbd(srv, i, NULL, opens[i], 0, 0, startup_open_done,
 					 (void *)(intptr_t)i);
 		if (rc < 0) {
 			log_err("--open %s: %s", opens[i], strerror(-rc));
@@ -606,6 +612,14 @@ main(int argc, char **argv)
 		log_err("--record-io %s: %s", opts.record_io, strerror(-rc));
 		rc = 1;
 		goto out;
+	}
+	if (opts.fault_injection) {
+		if ((rc = io_fault_enable()) < 0) {
+			log_err("--fault-injection: %s", strerror(-rc));
+			rc = 1;
+			goto out;
+		}
+		log_warn("fault injection is on: a control client can fail any I/O (testing only)");
 	}
 	raise_fd_limit();
 	signal(SIGPIPE, SIG_IGN);

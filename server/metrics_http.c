@@ -337,6 +337,10 @@ static const struct family vbd_families[] = {
 	  "reqs_outstanding" },
 	{ "tapdiskd_reqs_queued", "gauge", "Requests waiting for the vbd to unpause.",
 	  "reqs_queued" },
+	{ "tapdiskd_retries_total", "counter",
+	  "Requests sent again after a transient error (EAGAIN, EBUSY, EINTR).", "retries" },
+	{ "tapdiskd_timeouts_total", "counter",
+	  "Requests failed with EIO for outlasting the vbd's timeout.", "timeouts" },
 };
 
 /* A label value as the format wants it: backslash, quote and newline escaped. */

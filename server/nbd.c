@@ -115,6 +115,7 @@ struct nbd_conn {
 	int tx_err;			/* sending failed: cut at the next flush */
 	struct nbd_request cur;
 	unsigned inflight;
+	unsigned answered;		/* of those, answered already (timed out): the I/O is out */
 	size_t inflight_bytes;		/* data buffers held by requests in flight */
 	int reading_paused;
 	int in_process;
@@ -135,6 +136,7 @@ struct nbd_req {
 	struct nbd_conn *conn;
 	uint64_t cookie;
 	uint16_t type, flags;
+	int answered;		/* timed out: the client has its error, the I/O is still out */
 	void *buf;
 	size_t buflen;
 	struct iovec iov;
@@ -479,7 +481,9 @@ nbd_req_complete(struct vbd_request *vr, int err)
 
 	c->inflight--;
 	c->inflight_bytes -= nr->buflen;
-	if (c->bev) {
+	if (nr->answered)
+		c->answered--;
+	if (c->bev && !nr->answered) {
 		if (err)
 			reply_error(c, nr->cookie, nr->type, err);
 		else if (nr->type == NBD_CMD_READ)
@@ -495,6 +499,18 @@ nbd_req_complete(struct vbd_request *vr, int err)
 		return;
 	}
 	conn_maybe_resume(c);
+}
+
+/* The vbd's timeout: the client hears now; buffer and slot stay till the I/O is back. */
+static void
+nbd_req_timed_out(struct vbd_request *vr, int err)
+{
+	struct nbd_req *nr = (struct nbd_req *)vr;
+
+	nr->answered = 1;
+	nr->conn->answered++;
+	if (nr->conn->bev)
+		reply_error(nr->conn, nr->cookie, nr->type, err);
 }
 
 static enum td_op
@@ -531,6 +547,7 @@ nbd_req_new(struct nbd_conn *c)
 	if (c->cur.flags & NBD_CMD_FLAG_FAST_ZERO)
 		nr->vr.td.flags |= TD_REQ_FAST_ZERO;
 	nr->vr.complete = nbd_req_complete;
+	nr->vr.timed_out = nbd_req_timed_out;
 	nr->vr.flow = c;
 	return nr;
 }
@@ -1504,7 +1521,8 @@ conn_finish(struct nbd_conn *c)
 		return;
 	}
 	conn_read_enable(c, 0);
-	if (c->inflight)
+	/* the client waits for no answered request: the socket can go before their I/O */
+	if (c->inflight > c->answered)
 		return;
 	conn_flush(c);
 	if (c->tx_err) {

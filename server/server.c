@@ -170,6 +170,7 @@ struct open_ctx {
 	int minor;
 	char *params;
 	unsigned flags;
+	unsigned timeout;	/* seconds, or 0: the default */
 	int code;		/* why a frontend could not serve it */
 	vbd_done_fn done;
 	void *arg;
@@ -230,13 +231,16 @@ static void
 open_on_loop(struct mailbox_msg *m)
 {
 	struct open_ctx *oc = (struct open_ctx *)m;
+	struct vbd *vbd = server_vbd(oc->srv, oc->minor);
 
-	vbd_open(server_vbd(oc->srv, oc->minor), oc->params, oc->flags, open_done, oc);
+	if (oc->timeout)
+		vbd_set_timeout(vbd, oc->timeout);
+	vbd_open(vbd, oc->params, oc->flags, open_done, oc);
 }
 
 int
 server_open_vbd(struct server *srv, int minor, struct loop *loop, const char *params,
-		unsigned flags, vbd_done_fn done, void *arg)
+		unsigned flags, unsigned timeout, vbd_done_fn done, void *arg)
 {
 	struct open_ctx *oc;
 	struct vbd *vbd;
@@ -258,6 +262,7 @@ server_open_vbd(struct server *srv, int minor, struct loop *loop, const char *pa
 	oc->srv = srv;
 	oc->minor = minor;
 	oc->flags = flags;
+	oc->timeout = timeout;
 	oc->done = done;
 	oc->arg = arg;
 	oc->msg.fn = open_on_loop;

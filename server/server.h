@@ -146,14 +146,15 @@ json_t *server_stats_doc(struct vbd *vbd, void *arg);
 int server_frontend_register(struct server *srv, const struct frontend_class *cls, void *state);
 
 /*
- * Opens a vbd on loop (NULL: placed by server_place) and tells every
+ * Opens a vbd on loop (NULL: placed by server_place), its requests timing
+ * out after timeout seconds (0: VBD_DEFAULT_TIMEOUT), and tells every
  * frontend kind (NBD makes its socket). done runs on the vbd's loop once it
  * serves (or failed), and may use the vbd there (server_vbd). -EBUSY at once
  * if the minor is taken, -EMFILE if the open would eat into the descriptors
  * kept for control clients (fdlimit.h).
  */
 int server_open_vbd(struct server *srv, int minor, struct loop *loop, const char *params,
-		    unsigned flags, vbd_done_fn done, void *arg);
+		    unsigned flags, unsigned timeout, vbd_done_fn done, void *arg);
 
 /*
  * Runs op(vbd, done', arg') on the loop of minor's vbd; done(arg, err, msg)

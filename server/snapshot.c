@@ -1,14 +1,15 @@
 /*
  * Live snapshot of a vbd: pause (I/O waits, clients stay), create a new leaf
  * on top of the current one (the driver's create_child, on a worker
- * thread), and unpause onto it. If the new leaf cannot be made, the vbd
- * resumes on the old one.
+ * thread), and unpause onto it. If the new leaf cannot be made, or made
+ * but not opened (it is removed again), the vbd resumes on the old one.
  */
 #include "snapshot.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "io.h"
 #include "io_record.h"
@@ -46,14 +47,35 @@ snap_resumed_after_failure(void *arg, int err, const char *msg)
 	snap_free(s);
 }
 
+/* Worker: a new leaf nothing will use goes, so the snapshot can be tried again. */
+static int
+snap_remove_child(struct io_call *c)
+{
+	struct snap *s = (struct snap *)c;
+	if (unlink(s->new_path) < 0)
+		log_warn("minor %d: snapshot: cannot remove %s: %s", s->vbd->minor, s->new_path,
+			 strerror(errno));
+	return 0;
+}
+
+static void
+snap_child_removed(struct io_call *c, int res)
+{
+	struct snap *s = (struct snap *)c;
+	(void)res;
+	vbd_unpause(s->vbd, NULL, snap_resumed_after_failure, s);
+}
+
 static void
 snap_resumed(void *arg, int err, const char *msg)
 {
 	struct snap *s = arg;
 	if (err) {
-		/* the child exists but would not open: back onto the old leaf */
+		/* the child exists but would not open: remove it, back onto the old leaf */
 		td_error_set(&s->err, err, "%s", msg ? msg : strerror(err));
-		vbd_unpause(s->vbd, NULL, snap_resumed_after_failure, s);
+		s->call.fn = snap_remove_child;
+		s->call.done = snap_child_removed;
+		io_call(s->vbd->loop->io, &s->call);
 		return;
 	}
 	log_info("minor %d: snapshot: new leaf %s", s->vbd->minor, s->new_params);

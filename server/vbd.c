@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <event2/event.h>
+
 #include "io.h"
 #include "io_record.h"
 #include "fdlimit.h"
@@ -268,8 +270,10 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 	vbd->loop = loop;
 	vbd->minor = minor;
 	vbd->state = VBD_OPENING;
+	vbd->timeout = VBD_DEFAULT_TIMEOUT;
 	TAILQ_INIT(&vbd->queued);
 	TAILQ_INIT(&vbd->inflight);
+	TAILQ_INIT(&vbd->retry);
 	LIST_INIT(&vbd->frontends);
 	pthread_mutex_lock(&srv->lock);
 	if (srv->minors[minor]) {
@@ -285,6 +289,12 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 	pthread_mutex_unlock(&srv->lock);
 	*out = vbd;
 	return 0;
+}
+
+void
+vbd_set_timeout(struct vbd *vbd, unsigned secs)
+{
+	vbd->timeout = secs;
 }
 
 /* Out of the table; the minor stays a closed one if keep_closed. */
@@ -377,6 +387,10 @@ vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg)
 static void
 vbd_free(struct vbd *vbd)
 {
+	if (vbd->retry_ev)
+		event_free(vbd->retry_ev);
+	if (vbd->watchdog)
+		event_free(vbd->watchdog);
 	qos_vbd_close(vbd);
 	free(vbd->marks);
 	free(vbd->params);
@@ -414,6 +428,20 @@ vbd_fail_request(struct vbd *vbd, struct vbd_request *vr, int err)
 	vr->defer.fn = vbd_fail_deferred;
 	vr->defer.arg = vr;
 	io_defer(vbd->loop->io, &vr->defer);
+}
+
+static void vbd_td_done(struct td_request *td, int err);
+
+/* Requests waiting to be sent again: none of their I/O is out, they end now. */
+static void
+vbd_fail_retrying(struct vbd *vbd, int err)
+{
+	while (!TAILQ_EMPTY(&vbd->retry)) {
+		struct vbd_request *vr = TAILQ_FIRST(&vbd->retry);
+		TAILQ_REMOVE(&vbd->retry, vr, retry_link);
+		vr->retry_at_ns = 0;
+		vbd_td_done(&vr->td, err);
+	}
 }
 
 static void
@@ -480,6 +508,8 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 		vbd->release_on_close = 1;
 	qos_vbd_close(vbd);
 	vbd_fail_queued(vbd);
+	if (force)
+		vbd_fail_retrying(vbd, ESHUTDOWN);
 
 	if (force && vbd->nr_inflight) {
 		/*
@@ -550,12 +580,158 @@ op_writes(enum td_op op)
 	return op == TD_OP_WRITE || op == TD_OP_DISCARD || op == TD_OP_WRITE_ZEROES;
 }
 
+/* ---- retries and timeouts ---- */
+
+#define RETRY_FIRST_NS	1000000ULL	/* 1 ms, doubling */
+#define RETRY_MAX_NS	1000000000ULL	/* 1 s */
+#define NS		1000000000ULL
+
+static int
+transient(int err)
+{
+	return err == EAGAIN || err == EBUSY || err == EINTR;
+}
+
+static void
+arm_in(struct event *ev, uint64_t ns)
+{
+	struct timeval tv = { (time_t)(ns / NS), (suseconds_t)(ns % NS / 1000) };
+	evtimer_add(ev, &tv);
+}
+
+/* The due ones of vbd->retry go down the chain again, as new. */
+static void
+vbd_retry_due(evutil_socket_t fd, short what, void *arg)
+{
+	struct vbd *vbd = arg;
+	uint64_t now = now_ns();
+	struct vbd_request *vr;
+	(void)fd;
+	(void)what;
+
+	while ((vr = TAILQ_FIRST(&vbd->retry)) && vr->retry_at_ns <= now) {
+		TAILQ_REMOVE(&vbd->retry, vr, retry_link);
+		vr->retry_at_ns = 0;
+		vr->td.scratch_used = 0;	/* the drivers' state of the last try is gone */
+		vbd->retries++;
+		td_image_submit(vbd->leaf, &vr->td);
+	}
+	if (vr)
+		arm_in(vbd->retry_ev, vr->retry_at_ns - now);
+}
+
+/*
+ * vr failed with a transient error: 0 if it waits to be sent again (in
+ * vbd->retry, still in flight), -1 if its time is up. The last try is at
+ * the timeout.
+ */
+static int
+vbd_retry_later(struct vbd *vbd, struct vbd_request *vr, int err, uint64_t now)
+{
+	uint64_t wait = vr->retries < 10 ? RETRY_FIRST_NS << vr->retries : RETRY_MAX_NS;
+	uint64_t deadline = vr->start_ns + (uint64_t)vbd->timeout * NS;
+	struct vbd_request *at;
+
+	if (now >= deadline)
+		return -1;
+	if (wait > RETRY_MAX_NS)
+		wait = RETRY_MAX_NS;
+	if (wait > deadline - now)
+		wait = deadline - now;
+	if (!vbd->retry_ev &&
+	    !(vbd->retry_ev = evtimer_new(vbd->loop->base, vbd_retry_due, vbd)))
+		return -1;
+	vr->retries++;
+	vr->retry_at_ns = now + wait;
+	/* by due time; the newest usually go last */
+	for (at = TAILQ_LAST(&vbd->retry, vbd_request_list); at && at->retry_at_ns > vr->retry_at_ns;
+	     at = TAILQ_PREV(at, vbd_request_list, retry_link))
+		;
+	if (at)
+		TAILQ_INSERT_AFTER(&vbd->retry, at, vr, retry_link);
+	else
+		TAILQ_INSERT_HEAD(&vbd->retry, vr, retry_link);
+	if (TAILQ_FIRST(&vbd->retry) == vr)
+		arm_in(vbd->retry_ev, wait);
+	log_debug("minor %d: request at %ju failed (%s): sent again in %ju ms", vbd->minor,
+		  (uintmax_t)vr->td.offset, strerror(err), (uintmax_t)(wait / 1000000));
+	return 0;
+}
+
+/*
+ * The oldest requests against the timeout: one waiting to be sent again
+ * ends with EIO; one whose I/O is out is answered EIO (its frontend's
+ * timed_out) and ends when the I/O comes back, its buffers kept till then.
+ */
+static void
+vbd_watchdog_run(evutil_socket_t fd, short what, void *arg)
+{
+	struct vbd *vbd = arg;
+	uint64_t now = now_ns(), limit = (uint64_t)vbd->timeout * NS;
+	unsigned n = 0;
+	(void)fd;
+	(void)what;
+
+	vbd->watchdog_armed = 0;
+	for (;;) {
+		struct vbd_request *vr;
+		TAILQ_FOREACH(vr, &vbd->inflight, link)
+			if (!vr->late)
+				break;
+		if (!vr)
+			break;
+		if (now - vr->start_ns < limit) {
+			vbd->watchdog_armed = 1;
+			arm_in(vbd->watchdog, vr->start_ns + limit - now);
+			break;
+		}
+		vbd->timeouts++;
+		n++;
+		if (vr->retry_at_ns) {
+			TAILQ_REMOVE(&vbd->retry, vr, retry_link);
+			vr->retry_at_ns = 0;
+			vbd_td_done(&vr->td, EIO);	/* out of inflight */
+			continue;
+		}
+		vr->late = 1;
+		if (vr->timed_out)
+			vr->timed_out(vr, EIO);
+	}
+	if (n)
+		log_warn("minor %d: %u request%s not done in %u s: failed (EIO)", vbd->minor, n,
+			 n == 1 ? "" : "s", vbd->timeout);
+}
+
+static void
+vbd_watchdog_arm(struct vbd *vbd)
+{
+	if (vbd->watchdog_armed)
+		return;
+	if (!vbd->watchdog &&
+	    !(vbd->watchdog = evtimer_new(vbd->loop->base, vbd_watchdog_run, vbd)))
+		return;		/* out of memory: requests wait as long as they take */
+	vbd->watchdog_armed = 1;
+	arm_in(vbd->watchdog, (uint64_t)vbd->timeout * NS);
+}
+
 static void
 vbd_td_done(struct td_request *td, int err)
 {
 	struct vbd_request *vr = (struct vbd_request *)td;
 	struct vbd *vbd = vr->vbd;
-	uint64_t us = (now_ns() - vr->start_ns) / 1000;
+	uint64_t now = now_ns();
+
+	if (transient(err) && !vr->late && !(vbd->state & VBD_DEAD)) {
+		if (vbd_retry_later(vbd, vr, err, now) == 0)
+			return;
+		vbd->timeouts++;
+		log_warn("minor %d: request at %ju still failing (%s) after %u s: failed (EIO)",
+			 vbd->minor, (uintmax_t)td->offset, strerror(err), vbd->timeout);
+		err = EIO;
+	}
+	if (vr->late)
+		err = EIO;	/* what its client was told */
+	uint64_t us = (now - vr->start_ns) / 1000;
 
 	TAILQ_REMOVE(&vbd->inflight, vr, link);
 	vbd->nr_inflight--;
@@ -644,9 +820,12 @@ vbd_start(struct vbd *vbd, struct vbd_request *vr)
 		break;
 	}
 	vr->start_ns = now_ns();
+	vr->retries = 0;
+	vr->late = 0;
 	op_stats_start(&vbd->stats.op[td->op]);
 	TAILQ_INSERT_TAIL(&vbd->inflight, vr, link);
 	vbd->nr_inflight++;
+	vbd_watchdog_arm(vbd);
 	td->done = vbd_td_done;
 	td_image_submit(vbd->leaf, td);
 }
@@ -771,6 +950,9 @@ vbd_stats_json(const struct vbd *vbd)
 			 "nbd", (int)vbd_frontend_count(vbd, "nbd"),
 			 "blkif", (int)vbd_frontend_count(vbd, "blkif"));
 	json_object_set_new(out, "qos", qos_vbd_stats_json(vbd));
+	json_object_set_new(out, "timeout", json_integer(vbd->timeout));
+	json_object_set_new(out, "retries", json_integer((json_int_t)vbd->retries));
+	json_object_set_new(out, "timeouts", json_integer((json_int_t)vbd->timeouts));
 	if (xenbus)
 		json_object_set_new(out, "xenbus", xenbus);
 	return out;
@@ -788,6 +970,7 @@ vbd_stats_reset(struct vbd *vbd)
 	for (int op = 0; op < TD_OP_COUNT; op++)
 		op_stats_reset(&vbd->stats.op[op]);
 	vbd->stats.secs[0] = vbd->stats.secs[1] = 0;
+	vbd->retries = vbd->timeouts = 0;
 	qos_vbd_stats_reset(vbd);
 	for (const struct td_image *img = vbd->leaf; img; img = img->parent) {
 		struct vbd_image_mark *m = vbd_mark_find(vbd, img);

@@ -17,6 +17,7 @@
 struct server;
 struct vbd;
 struct qos_vbd;
+struct event;
 
 /* State bits, tapdisk's values (tap-ctl list prints them). */
 #define VBD_DEAD		0x0001	/* force-closed, draining its last I/O */
@@ -26,15 +27,35 @@ struct qos_vbd;
 #define VBD_SHUTDOWN_REQUESTED	0x0040
 #define VBD_OPENING		0x1000	/* ours: chain being opened */
 
+/*
+ * A request that fails with EAGAIN, EBUSY or EINTR is sent down the chain
+ * again after 1 ms, 2 ms, ... at most 1 s apart; one that has not completed
+ * within the vbd's timeout (tap-ctl open -t, retries included) is failed
+ * with EIO, even with its I/O still in the kernel (the storage hangs).
+ */
+#define VBD_DEFAULT_TIMEOUT	120	/* seconds: tapdisk's */
+#define VBD_MAX_TIMEOUT		86400
+
 struct vbd_request {
 	struct td_request td;
 	struct vbd *vbd;
 	/* the frontend's: called once, on the loop, when the request ends */
 	void (*complete)(struct vbd_request *vr, int err);
+	/*
+	 * Optional, the frontend's: the request timed out with its I/O still
+	 * out. Answer the client err now, but keep vr and the buffers its iov
+	 * points at: complete still comes, once the I/O is back, and must not
+	 * answer again. Without it the client waits for that.
+	 */
+	void (*timed_out)(struct vbd_request *vr, int err);
 	const void *flow;	/* its QoS fair-queueing key: the NBD connection or blkif ring */
-	uint64_t start_ns;
+	uint64_t start_ns;	/* first sent down the chain: latency and timeout count from here */
+	uint64_t retry_at_ns;	/* waiting to be sent again (vbd->retry), or 0 */
+	unsigned retries;	/* sent again so far; each waits twice as long */
+	int late;		/* timed out: its client has EIO, its I/O is still out */
 	int err;
 	TAILQ_ENTRY(vbd_request) link;
+	TAILQ_ENTRY(vbd_request) retry_link;
 	struct io_defer defer;
 	size_t alloc_size;	/* the frontend's struct and the scratch after it */
 };
@@ -110,10 +131,16 @@ struct vbd {
 	size_t scratch_size;	/* drivers' per-request state a frontend reserves (td_chain_scratch_size) */
 	unsigned caps;
 	time_t opened_at;
+	unsigned timeout;	/* seconds a request may take, retries included */
 
 	TAILQ_HEAD(, vbd_request) queued;	/* waiting for unpause */
-	TAILQ_HEAD(, vbd_request) inflight;
+	TAILQ_HEAD(, vbd_request) inflight;	/* in the order they started */
 	unsigned nr_inflight;
+	TAILQ_HEAD(vbd_request_list, vbd_request) retry;	/* in flight, to be sent again, by due time */
+	struct event *retry_ev;		/* the first of retry is due; made when first needed */
+	struct event *watchdog;		/* the oldest request's timeout; made when first needed */
+	int watchdog_armed;
+	uint64_t retries, timeouts;	/* stats: requests sent again, requests timed out */
 	LIST_HEAD(, vbd_frontend) frontends;
 	struct vbd_waiter *drain_waiters;	/* pause/close in progress */
 	int release_on_close;			/* destroy: free the minor too */
@@ -134,6 +161,8 @@ struct vbd {
  * its loop.
  */
 int vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out);
+/* Seconds a request may take (1..VBD_MAX_TIMEOUT); before vbd_open, on the vbd's loop. */
+void vbd_set_timeout(struct vbd *vbd, unsigned secs);
 /* Async, on the vbd's loop; done(arg, 0, NULL) once the vbd serves requests.
  * If the open fails, the vbd is gone from the table when done runs. */
 void vbd_open(struct vbd *vbd, const char *params, unsigned flags, vbd_done_fn done, void *arg);

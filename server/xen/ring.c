@@ -66,6 +66,7 @@ struct blkif_req {
 	uint8_t op;			/* echoed in the response */
 	int is_write;
 	int flush_then_write;		/* barrier/flush with data: flush, then write FUA */
+	int answered;			/* timed out: the guest has its error, the I/O is still out */
 	unsigned nr_segs;
 	struct blkif_seg *segs;		/* inline_segs, or an indirect request's from the pool */
 	struct blkif_seg inline_segs[BLKIF_MAX_SEGMENTS];
@@ -189,7 +190,8 @@ breq_done(struct blkif_req *b, int16_t status)
 {
 	struct blkif_ring *r = b->ring;
 
-	respond(r, b->id, b->op, status);
+	if (!b->answered)
+		respond(r, b->id, b->op, status);
 	if (b->op == BLKIF_OP_WRITE_BARRIER)
 		r->barrier = 0;	/* whatever its outcome, later requests may go */
 	breq_free(b);
@@ -289,7 +291,7 @@ breq_complete(struct vbd_request *vr, int err)
 	struct blkif_ring *r = b->ring;
 
 	if (err || r->dead) {
-		if (err)
+		if (err && !b->answered)
 			r->stats.errors_vbd++;
 		breq_done(b, BLKIF_RSP_ERROR);
 		return;
@@ -318,6 +320,20 @@ breq_complete(struct vbd_request *vr, int err)
 	breq_done(b, BLKIF_RSP_OKAY);
 }
 
+/*
+ * The vbd's timeout: the guest hears now (it may reuse the id); b and its
+ * buffer stay until the I/O is back, and breq_done then says nothing more.
+ */
+static void
+breq_timed_out(struct vbd_request *vr, int err)
+{
+	struct blkif_req *b = (struct blkif_req *)vr;
+	(void)err;
+	b->answered = 1;
+	b->ring->stats.errors_vbd++;
+	respond(b->ring, b->id, b->op, BLKIF_RSP_ERROR);
+}
+
 static void
 breq_submit(struct blkif_req *b)
 {
@@ -328,6 +344,7 @@ breq_submit(struct blkif_req *b)
 		return;
 	}
 	b->vr.complete = breq_complete;
+	b->vr.timed_out = breq_timed_out;
 	b->vr.flow = r;
 	vbd_submit(r->vbd, &b->vr);
 }

@@ -259,18 +259,22 @@ def run(*cmd, check=True, timeout=120, **kw):
 
 class StuckDisk:
     """A file whose I/O can be frozen or made to fail on demand: nbdkit's
-    memory plugin behind its pause and error filters, mounted by nbdfuse."""
+    memory plugin behind its pause and error filters, mounted by nbdfuse.
+    delay (seconds) puts the delay filter in front instead of pause: every
+    read takes that long."""
 
-    def __init__(self, base, size="64M"):
+    def __init__(self, base, size="64M", delay=None):
         self.base = str(base)
         os.makedirs(os.path.join(self.base, "mnt"), exist_ok=True)
         self.path = os.path.join(self.base, "mnt", "disk")
-        self.ctl = os.path.join(self.base, "pause.sock")
+        self.ctl = None if delay else os.path.join(self.base, "pause.sock")
         self.inject = os.path.join(self.base, "inject")
         sock = os.path.join(self.base, "nbd.sock")
+        first = ["--filter=delay"] if delay else ["--filter=pause"]
+        arg = "delay-read=%g" % delay if delay else "pause-control=" + self.ctl
         run("nbdkit", "-U", sock, "-P", os.path.join(self.base, "nbdkit.pid"),
-            "--filter=pause", "--filter=error", "memory", size,
-            "pause-control=" + self.ctl, "error-rate=100%", "error-file=" + self.inject)
+            *first, "--filter=error", "memory", size, arg, "error=EIO", "error-rate=100%",
+            "error-file=" + self.inject)
         self.fuse = subprocess.Popen(["nbdfuse", os.path.join(self.base, "mnt", "disk"),
                                       "--unix", sock])
         deadline = time.time() + 10
@@ -300,7 +304,8 @@ class StuckDisk:
 
     def close(self):
         try:
-            self.thaw()
+            if self.ctl:
+                self.thaw()
         except OSError:
             pass
         # lazy: a server that still holds the file must not hang the teardown

@@ -149,6 +149,7 @@ def test_metrics_families_and_series(msrv):
         "tapdiskd_errors": "counter", "tapdiskd_inflight": "gauge",
         "tapdiskd_latency_seconds": "histogram",
         "tapdiskd_reqs_outstanding": "gauge", "tapdiskd_reqs_queued": "gauge",
+        "tapdiskd_retries": "counter", "tapdiskd_timeouts": "counter",
         "tapdiskd_qos_throttled": "counter", "tapdiskd_qos_queued_us": "counter",
         "tapdiskd_qos_queued_us_max": "gauge", "tapdiskd_qos_queue_depth": "gauge",
     }
@@ -158,7 +159,8 @@ def test_metrics_families_and_series(msrv):
         got = series(fams, name)
         assert set(got) == {(str(m), op) for m in minors for op in OPS}, name
         assert all(v == 0 for v in got.values()), name
-    for name in ("tapdiskd_reqs_outstanding", "tapdiskd_reqs_queued"):
+    for name in ("tapdiskd_reqs_outstanding", "tapdiskd_reqs_queued",
+                 "tapdiskd_retries_total", "tapdiskd_timeouts_total"):
         assert series(fams, name) == {(str(m), None): 0 for m in minors}
     for s in fams["tapdiskd_requests"].samples:
         assert set(s.labels) == {"minor", "params", "op"}
