@@ -592,11 +592,13 @@ class Soak:
     def sample(self, ctl, note=""):
         st = ctl.call("stats")["result"]["vbds"]
         reqs = sum(o["reqs"] for x in st for o in x["ops"].values())
+        rd = sum(x["ops"]["read"]["bytes"] for x in st)
+        wr = sum(x["ops"]["write"]["bytes"] for x in st)
         tot = self.client_totals()
         row = {"t": round(self.elapsed()), "rss": rss_bytes(self.pid), "fds": fd_count(self.pid),
                "vbds": len(st), "nbd_conns": sum(x["frontends"].get("nbd", 0) for x in st),
                "rings": sum(x["frontends"].get("blkif", 0) for x in st),
-               "server_reqs": reqs, "client_ops": tot["reads"] + tot["writes"] + tot["zeroes"]
+               "server_reqs": reqs, "server_read": rd, "server_written": wr, "client_ops": tot["reads"] + tot["writes"] + tot["zeroes"]
                + tot["flushes"], "note": note}
         with self.lock:
             self.samples.append(row)
@@ -708,6 +710,7 @@ class Soak:
              "guest_vbds": len(self.guests), "actions": dict(sorted(self.counts.items())),
              "client_kills": self.client_kills}
         r["nbd"] = self.client_totals()
+        r["verified_bytes"] = sum(v.size for v in self.vbds)
         per_client = {}
         unexplained, explained, mismatches, unverified = [], 0, 0, []
         for v in self.vbds:
@@ -787,6 +790,7 @@ class Soak:
                 {k: v for k, v in b.items() if e.get(k) != v},
                 {k: v for k, v in e.items() if b.get(k) != v}))
         r["samples"] = self.samples
+        r["driver_log"] = self.actions
         r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         r["machine"] = "%s, %s, %d CPUs" % (platform.node() or "?", platform.platform(),
                                             os.cpu_count())
@@ -798,6 +802,10 @@ class Soak:
             self.xen.close()
         except AssertionError as e:
             self.failures.append(str(e)[:4000])
+        finally:
+            if self.xen.xsd.poll() is None:     # close stops at a failed check
+                self.xen.xsd.terminate()
+                self.xen.xsd.wait()
 
     def cleanup(self):
         for p in self.procs.values():
@@ -812,25 +820,34 @@ class Soak:
 
 def curve(samples):
     lines = ["| t (s) | RSS (MiB) | fds | vbds | NBD conns | rings | server reqs | "
-             "client ops | |", "|---|---|---|---|---|---|---|---|---|"]
+             "server read (MiB) | server written (MiB) | NBD client ops | |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in samples:
-        lines.append("| %d | %.1f | %d | %d | %d | %d | %d | %d | %s |" % (
+        lines.append("| %d | %.1f | %d | %d | %d | %d | %d | %.0f | %.0f | %d | %s |" % (
             s["t"], s["rss"] / MiB, s["fds"], s["vbds"], s["nbd_conns"], s["rings"],
-            s["server_reqs"], s["client_ops"], s["note"]))
+            s["server_reqs"], s.get("server_read", 0) / MiB, s.get("server_written", 0) / MiB,
+            s["client_ops"], s["note"]))
     return "\n".join(lines)
 
 
 def summary(r):
     """The report as text (the test prints it; tests/soak/run writes it)."""
     n = r["nbd"]
+    stopped = next((x for x in r["samples"] if x["note"] == "driver stopped"), {})
     out = ["%d vbds (%s) on --loops %d, %d s of load (SOAK_MINUTES=%s), seed %d" % (
         r["vbds"], ", ".join("%s %d" % kv for kv in r["kinds"].items()), r["loops"],
         r["seconds"], r["minutes"], r["seed"]),
         "",
         "NBD clients (%d vbds, %d processes): %d reads (%.1f MiB), %d writes (%.1f MiB), "
-        "%d write-zeroes, %d flushes" % (r["nbd_vbds"], len(r["nbd_clients"]), n["reads"],
-                                        n["bytes_read"] / MiB, n["writes"],
-                                        n["bytes_written"] / MiB, n["zeroes"], n["flushes"]),
+        "%d write-zeroes, %d flushes; then the final pass read and checked every byte of "
+        "every vbd (%.0f MiB, the guests' vbds included)" % (
+            r["nbd_vbds"], len(r["nbd_clients"]), n["reads"], n["bytes_read"] / MiB, n["writes"],
+            n["bytes_written"] / MiB, n["zeroes"], n["flushes"],
+            r.get("verified_bytes", 0) / MiB),
+        "", "Server side, all vbds (their stats when the load stopped; a force-closed vbd's "
+        "counters start again at its reopen): %d requests, %.1f MiB read, %.1f MiB written" % (
+            stopped.get("server_reqs", 0), stopped.get("server_read", 0) / MiB,
+            stopped.get("server_written", 0) / MiB),
         "", "| client | errors explained | unexplained | mismatches | connections | "
         "in-doubt blocks settled |", "|---|---|---|---|---|---|"]
     for c, x in sorted(r["nbd_clients"].items()):
@@ -883,6 +900,13 @@ def markdown(r):
            IDLE_TRIM_WAIT, "", summary(r), ""]
     if fails:
         out += ["## Failures", ""] + ["- " + f for f in fails] + [""]
+    log = r.get("driver_log") or []
+    out += ["## The driver's log", "",
+            "Every action, in order (seconds since the clients started; minor; what; outcome).",
+            "", "<details><summary>%d lines</summary>" % len(log), "", "```"]
+    out += ["%8.2f %-15s %5s %s %s" % (t, a, "-" if m is None else m, d, o)
+            for t, a, m, d, o in log]
+    out += ["```", "", "</details>", ""]
     return "\n".join(out)
 
 
