@@ -78,8 +78,8 @@ LIBTD       := $(LIBTD_SRV) $(LIBTD_DRV) $(LIBTD_LIB)
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
 SIM  := $(BUILD)/tests/blkfront_sim $(BUILD)/tests/alloc_probe.so
 
-.PHONY: all sim deps check check-xen check-unit check-integration check-asan check-fuzz \
-        check-valgrind check-fresh run bench clean fuzz install uninstall deb bins
+.PHONY: all sim deps check check-xen check-unit check-integration check-crash check-asan check-fuzz \
+        check-valgrind check-fresh soak run bench clean fuzz fuzz-long install uninstall deb bins
 all: $(BINS) $(SIM)
 bins: $(BINS)
 
@@ -142,6 +142,18 @@ check-fresh:
 check-xen:
 	@tests/xen/lab/check-xen
 
+# The power-loss replay with 10,000 crash states per format (tests/crash/RESULTS.md)
+check-crash: $(BINS)
+	@scripts/install-deps check
+	@tests/crash/run
+
+# The soak: 100 vbds under verified I/O, pauses, snapshots, QoS changes,
+# force-closes and killed clients for SOAK_MINUTES (default 60; make check
+# runs 2), then every byte and the server's RSS and fds (tests/soak/RESULTS.md)
+soak: $(BINS) $(BUILD)/tests/blkfront_sim
+	@scripts/install-deps check
+	@TAPDISKD_BIN_DIR=$(abspath $(BUILD)/bin) tests/soak/run
+
 check-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
@@ -154,6 +166,12 @@ fuzz:
 
 check-fuzz: fuzz
 	@tests/fuzz/run-all $(FUZZ_SECONDS)
+
+# every fuzz target for FUZZ_LONG_EXECS executions (10 million: hours of one
+# core), then tests/fuzz/RESULTS.md; FUZZ_LONG_EXECS=200000 is a smoke run
+FUZZ_LONG_EXECS ?= 10000000
+fuzz-long: fuzz
+	@FUZZ_LONG_EXECS=$(FUZZ_LONG_EXECS) tests/fuzz/fuzz-long
 
 run:
 	@scripts/install-deps build

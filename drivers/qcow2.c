@@ -1063,6 +1063,7 @@ qcow2_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error 
 	q->img = img;
 	q->rdonly = (img->oflags & TD_OPEN_RDONLY) != 0;
 	q->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
+	sync_gate_init(&q->gate, &q->f, ctx->io);
 	rc = td_file_open(&q->f, img->path, q->rdonly, (img->oflags & TD_OPEN_NODIRECT) != 0, err);
 	if (rc < 0) {
 		free(q);

@@ -1,7 +1,11 @@
 /*
  * qcow2 allocation batches: where new clusters go and the order in which
- * they are written, so that a crash of the process leaves at worst leaked
- * clusters (qemu's documented order: refcounts before L2 before L1).
+ * they are written, so that a crash of the process or a power loss leaves
+ * at worst leaked clusters (qemu's documented order: refcounts before L2
+ * before L1). A step whose writes point at an earlier step's must not
+ * reach the disk first, and without a sync in between a power loss may
+ * keep the later write and lose the earlier: the steps marked "sync"
+ * below wait for one (shared with other waiters, sync_gate.h).
  *
  * Jobs ready (their data completed to whole clusters) are allocated in
  * batches, one batch at a time, always past the end of the file: freed
@@ -9,16 +13,19 @@
  * share one. A batch plans where everything goes (loading the L2 tables and
  * refcount blocks it needs first), then writes, each step after the last
  * has completed:
+ *   0. with decrements to make: sync (the unlinking L2 writes of earlier
+ *      batches are durable before their clusters' refcounts drop);
  *   1. the refcount blocks counting the new clusters (new blocks whole,
  *      existing ones the changed bytes), with the decrements of clusters
  *      earlier batches unlinked;
- *   2. the refcount table entries of new blocks, or a larger table and then
- *      the header pointing at it (the old table is freed by a later batch);
+ *   2. with new refcount blocks: sync; the refcount table entries of new
+ *      blocks, or a larger table, sync, and then the header pointing at it
+ *      (the old table is freed by a later batch);
  *   3. the data of every new cluster (and holes punched where refcounts
- *      reached zero);
+ *      reached zero); sync;
  *   4. the L2 entries that make the data reachable (in place), and new L2
  *      tables whole;
- *   5. for new L2 tables, the L1 entries pointing at them;
+ *   5. for new L2 tables: sync; the L1 entries pointing at them;
  * and only then are the jobs' writes acknowledged. Clusters a batch unlinks
  * (discard, zeroing, overwritten compressed data) lose their references in
  * step 4 and their refcounts in step 1 of a later batch, or at close.
@@ -104,6 +111,8 @@ struct batch {
 	int loads, pending, err;
 	int planning;			/* batch_plan is running: loads may end inside it */
 	void (*phase_done)(struct batch *b);
+	struct sync_waiter sw;
+	void (*after_sync)(struct batch *b);
 	/*
 	 * The step under way changed tables in memory before writing them: if
 	 * it fails, this puts memory back as the file is, so that no later
@@ -407,6 +416,27 @@ undo_l1(struct batch *b)
 }
 
 static void
+batch_synced(struct sync_waiter *w, int err)
+{
+	struct batch *b = container_of(w, struct batch, sw);
+	if (err && !b->err)
+		b->err = err;
+	if (b->err)
+		batch_finish(b);
+	else
+		b->after_sync(b);
+}
+
+/* Runs next once everything the batch wrote so far is durable. */
+static void
+batch_sync_then(struct batch *b, void (*next)(struct batch *))
+{
+	b->after_sync = next;
+	b->sw.fn = batch_synced;
+	sync_gate_wait(&b->q->gate, &b->sw);
+}
+
+static void
 bio_done(struct io_op *op, int res)
 {
 	struct bio *io = op->data;
@@ -507,10 +537,28 @@ rc_change(struct batch *b, uint64_t c, int delta)
 }
 
 static void batch_link_blocks(struct batch *b);
+static void batch_refcounts(struct batch *b);
+
+/* New refcount blocks are durable before the table points at them. */
+static void
+batch_link_blocks_synced(struct batch *b)
+{
+	batch_sync_then(b, batch_link_blocks);
+}
+
+/* Step 0: decrements wait until the L2 writes that unlinked their clusters are durable. */
+static void
+batch_commit(struct batch *b)
+{
+	if (b->nfrees)
+		batch_sync_then(b, batch_refcounts);
+	else
+		batch_refcounts(b);
+}
 
 /* Step 1: the refcounts of new clusters (and the decrements of unlinked ones). */
 static void
-batch_commit(struct batch *b)
+batch_refcounts(struct batch *b)
 {
 	struct qcow2 *q = b->q;
 	uint64_t cs = q->m.cluster_size;
@@ -529,7 +577,7 @@ batch_commit(struct batch *b)
 	for (size_t i = 0; i < b->nfrees; i++)
 		rc_change(b, b->frees[i], -1);
 	b->undo = undo_refcounts;
-	batch_step_begin(b, batch_link_blocks);
+	batch_step_begin(b, b->nrbs ? batch_link_blocks_synced : batch_link_blocks);
 	for (int i = 0; i < b->nrbs; i++)
 		batch_io(b, IO_OP_WRITEV, NULL, 0, b->rbs[i].buf, cs, b->rbs[i].host, NULL, NULL);
 	for (int i = 0; i < b->nrbpins; i++) {
@@ -605,6 +653,13 @@ batch_grow_written(struct batch *b)
 	batch_step_end(b);
 }
 
+/* The new table is durable before the header points at it. */
+static void
+batch_grow_table_written(struct batch *b)
+{
+	batch_sync_then(b, batch_grow_written);
+}
+
 /* Step 2: the refcount table points at new blocks (a new table, then the header). */
 static void
 batch_link_blocks(struct batch *b)
@@ -626,7 +681,7 @@ batch_link_blocks(struct batch *b)
 			qcow2_put64(t + 8 * i, m->reftable[i]);
 		for (int i = 0; i < b->nrbs; i++)
 			qcow2_put64(t + 8 * b->rbs[i].idx, b->rbs[i].host);
-		batch_step_begin(b, batch_grow_written);
+		batch_step_begin(b, batch_grow_table_written);
 		batch_io(b, IO_OP_WRITEV, NULL, 0, t, len, b->grow_host, NULL, t);
 		batch_step_end(b);
 		return;
@@ -654,6 +709,13 @@ batch_link_blocks(struct batch *b)
 
 static void batch_write_tables(struct batch *b);
 
+/* Data and refcounts are durable before any table points at them. */
+static void
+batch_data_written(struct batch *b)
+{
+	batch_sync_then(b, batch_write_tables);
+}
+
 /* Step 3: the data of every new cluster; holes where refcounts reached zero. */
 static void
 batch_write_data(struct batch *b)
@@ -664,7 +726,7 @@ batch_write_data(struct batch *b)
 	for (int i = 0; i < b->nrbs; i++)
 		if (mc_insert(&q->rbc, b->rbs[i].idx, b->rbs[i].host, b->rbs[i].buf) == 0)
 			b->rbs[i].buf = NULL;
-	batch_step_begin(b, batch_write_tables);
+	batch_step_begin(b, batch_data_written);
 	for (size_t i = 0; i < b->npunch; i++)
 		batch_punch(b, b->punch[i]);
 	for (int i = 0; i < b->nr; i++) {
@@ -716,6 +778,13 @@ job_apply(struct batch *b, struct job *j, uint8_t *table, struct pin *p)
 
 static void batch_link_tables(struct batch *b);
 
+/* New L2 tables are durable before L1 points at them. */
+static void
+batch_tables_written(struct batch *b)
+{
+	batch_sync_then(b, batch_link_tables);
+}
+
 /* Step 4: the L2 entries (in place, and new tables whole). */
 static void
 batch_write_tables(struct batch *b)
@@ -743,7 +812,7 @@ batch_write_tables(struct batch *b)
 		job_apply(b, j, f ? f->buf : p->e->buf, p);
 	}
 	b->undo = undo_l2;
-	batch_step_begin(b, b->ntabs ? batch_link_tables : batch_finish);
+	batch_step_begin(b, b->ntabs ? batch_tables_written : batch_finish);
 	for (int i = 0; i < b->nl2pins; i++) {
 		struct pin *p = &b->l2pins[i];
 		if (p->lo <= p->hi)
@@ -802,27 +871,35 @@ batch_free(struct batch *b)
 	free(b);
 }
 
-/* Acknowledge: every job ends; the next batch starts. */
+/*
+ * Acknowledge: every job ends; the next batch starts. Everything else
+ * first: the last job to end may complete the last request of a vbd being
+ * paused or closed, whose chain close starts on a worker at once and frees
+ * q, its caches (the tables this batch pinned) and all. The next batch
+ * holds only jobs of requests still in flight, so starting it first is
+ * safe, and after the last qcow2_job_end nothing here touches q.
+ */
 static void
 batch_finish(struct batch *b)
 {
 	struct qcow2 *q = b->q;
+	struct job *jobs[Q_BATCH_MAX];
+	int nr = b->nr, err = b->err;
 
-	if (!b->err)
+	if (!err)
 		for (size_t i = 0; i < b->nunlinked; i++)
 			push_cluster(&q->frees, &q->nfrees, &q->cap_frees, b->unlinked[i]);
 	else
 		log_limited(&q->rl, LOG_LVL_ERR, "%s: allocation failed: %s", q->img->params,
-			    strerror(b->err));
-	if (b->err && b->undo)
+			    strerror(err));
+	if (err && b->undo)
 		b->undo(b);
-	for (int i = 0; i < b->nr; i++) {
-		struct job *j = b->jobs[i];
-		qcow2_job_end(q, j, j->err ? j->err : b->err);
-	}
+	memcpy(jobs, b->jobs, sizeof(jobs[0]) * (size_t)nr);
 	batch_free(b);
 	q->batch = NULL;
 	qcow2_batch_start(q);
+	for (int i = 0; i < nr; i++)
+		qcow2_job_end(q, jobs[i], jobs[i]->err ? jobs[i]->err : err);
 }
 
 /*
@@ -859,9 +936,12 @@ qcow2_batch_start(struct qcow2 *q)
 	if (q->batch || TAILQ_EMPTY(&q->ready))
 		return;
 	if (!(b = calloc(1, sizeof(*b)))) {
-		while (!TAILQ_EMPTY(&q->ready)) {
-			struct job *j = TAILQ_FIRST(&q->ready);
-			TAILQ_REMOVE(&q->ready, j, queue);
+		/* off q first: the last job's end may let a close free q */
+		struct job_list failed = TAILQ_HEAD_INITIALIZER(failed);
+		TAILQ_CONCAT(&failed, &q->ready, queue);
+		while (!TAILQ_EMPTY(&failed)) {
+			struct job *j = TAILQ_FIRST(&failed);
+			TAILQ_REMOVE(&failed, j, queue);
 			qcow2_job_end(q, j, ENOMEM);
 		}
 		return;

@@ -11,6 +11,7 @@
 
 #include "driver.h"
 #include "file_io.h"
+#include "sync_gate.h"
 #include "log.h"
 #include "meta_cache.h"
 #include "qcow2_format.h"
@@ -119,6 +120,7 @@ struct qcow2 {
 	uint64_t *frees;		/* host clusters to decrement */
 	size_t nfrees, cap_frees;
 	struct log_ratelimit rl;
+	struct sync_gate gate;		/* orders a batch's steps (qcow2_alloc.c) */
 };
 
 static inline uint64_t

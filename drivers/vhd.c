@@ -8,13 +8,19 @@
  * whose bitmap is full, so their bitmaps need not be read.
  *
  * Everything after open is asynchronous. New blocks are allocated in
- * batches, in an order that leaves a consistent file at every instant
- * (for a crash of the process: completed writes are in the file):
+ * batches, in an order that leaves a consistent file at every instant, a
+ * power loss included (a sync between steps: without one the disk may keep
+ * a later write and lose an earlier one):
  *   1. the footer moves to the new end of the file (the old one stays,
- *      dead, in the gap before the first new block);
- *   2. bitmap and data of every new block;
- *   3. the BAT sectors that make them reachable;
- * and only then are the writes acknowledged. Block data is 4 KiB-aligned
+ *      dead, in the gap before the first new block); sync;
+ *   2. bitmap and data of every new block; sync;
+ *   3. the BAT sectors that make them reachable (for deallocations: sync,
+ *      then the hole punched);
+ * and only then are the writes acknowledged. In an allocated block, a
+ * write's data is synced before the bitmap bits that expose it are set and
+ * written; a flush syncs before it writes the batmap (which vouches for
+ * bitmaps). The syncs are shared (sync_gate.h): concurrent writers wait
+ * for one. Block data is 4 KiB-aligned
  * (the bitmap sits in the sector before it), so O_DIRECT can take it.
  * Writes to a block being allocated wait for it; other blocks go on.
  */
@@ -33,6 +39,7 @@
 #include "container_of.h"
 #include "file_io.h"
 #include "meta_cache.h"
+#include "sync_gate.h"
 #include "vhd_file.h"
 #include "vhd_format.h"
 
@@ -91,6 +98,7 @@ struct vop {
 	int iovcnt;
 	struct iovec iov_inline[VHD_INLINE_IOV];
 	void (*next)(struct vop *v, int err);	/* where an I/O completion goes */
+	struct sync_waiter sw;		/* its data synced before its bitmap bits */
 	TAILQ_ENTRY(vop) link;
 };
 
@@ -107,6 +115,7 @@ struct batch {
 	int nr_secs;
 	struct io_op *ops;		/* bitmap, data and BAT writes */
 	struct iovec *iovs;
+	struct sync_waiter sw;		/* the sync between steps */
 	struct vhd_priv *p;
 };
 
@@ -122,6 +131,7 @@ struct vhd_priv {
 	TAILQ_HEAD(, bjob) alloc_queue;
 	struct batch *batch;
 	int batmap_dirty;
+	struct sync_gate gate;		/* orders dependent writes (dynamic disks) */
 };
 
 static void vop_start_write(struct vop *v);
@@ -186,6 +196,7 @@ vhd_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 		return 0;
 	}
 	mc_init(&p->bm, ctx->io, VHD_BM_CACHE);
+	sync_gate_init(&p->gate, &p->f, ctx->io);
 	/* a batmap found stale is rewritten (zeroed: true) at the next flush or close */
 	p->batmap_dirty = !p->rdonly && p->m.batmap_stale;
 	LIST_INIT(&p->jobs);
@@ -263,8 +274,12 @@ vhd_close(struct td_image *img)
 	} else if (p->batmap_dirty && p->m.has_batmap && batmap_contiguous(&p->m)) {
 		size_t len;
 		uint8_t *buf = batmap_image(p, &len);
-		/* only an optimisation is lost if this fails, once the header agrees */
-		if (buf && fc_pwrite_full(p->f.fd, buf, len, p->m.batmap_hdr_offset) < 0)
+		/*
+		 * The batmap vouches for bitmaps: they are durable first. Only an
+		 * optimisation is lost if its write fails, once the header agrees.
+		 */
+		if (buf && fc_fdatasync(p->f.fd) == 0 &&
+		    fc_pwrite_full(p->f.fd, buf, len, p->m.batmap_hdr_offset) < 0)
 			batmap_mend(p);
 		free(buf);
 	}
@@ -537,12 +552,24 @@ bitmap_written(struct vop *v, int err)
 	vop_finish(v, err);
 }
 
-/* Data is in place: make its sectors this image's (the bitmap says so). */
+/* The sectors of v's block it covers: [*s, *end). */
+static void
+vop_sectors(const struct vop *v, uint32_t *s, uint32_t *end)
+{
+	uint64_t base = (uint64_t)v->blk * v->p->m.header.block_size;
+	*s = (uint32_t)((v->off - base) / VHD_SECTOR);
+	*end = *s + (uint32_t)(v->len / VHD_SECTOR);
+}
+
+static void write_mark_synced(struct sync_waiter *w, int err);
+
+/* Data is in place: once it is durable, make its sectors this image's. */
 static void
 write_mark(struct vop *v, int err)
 {
 	struct vhd_priv *p = v->p;
 	struct vhd_meta *m = &p->m;
+	uint32_t s, end, i;
 
 	if (err) {
 		bm_put(v);
@@ -561,18 +588,38 @@ write_mark(struct vop *v, int err)
 		vop_finish(v, 0);
 		return;
 	}
-	uint64_t base = (uint64_t)v->blk * m->header.block_size;
-	uint32_t s = (uint32_t)((v->off - base) / VHD_SECTOR);
-	uint32_t end = s + (uint32_t)(v->len / VHD_SECTOR);
-	uint8_t *map = v->bm->buf;
-	int changed = 0;
-	for (uint32_t i = s; i < end && !changed; i++)
-		changed = !vhd_bitmap_test(map, i);
-	if (!changed) {		/* no job in flight: the file has them */
+	vop_sectors(v, &s, &end);
+	for (i = s; i < end && vhd_bitmap_test(v->bm->buf, i); i++)
+		;
+	if (i == end) {		/* no job in flight: the file has them */
 		bm_put(v);
 		vop_finish(v, 0);
 		return;
 	}
+	/* bits set before the data is durable could reach the disk first */
+	v->sw.fn = write_mark_synced;
+	sync_gate_wait(&p->gate, &v->sw);
+}
+
+static void
+write_mark_synced(struct sync_waiter *w, int err)
+{
+	struct vop *v = container_of(w, struct vop, sw);
+	struct vhd_priv *p = v->p;
+	struct vhd_meta *m = &p->m;
+	uint8_t *map = v->bm->buf;
+	uint32_t s, end;
+
+	if (err) {
+		bm_put(v);
+		vop_finish(v, err);
+		return;
+	}
+	if (job_find(p, v->blk)) {	/* another mark started meanwhile: look again after it */
+		write_mark(v, 0);
+		return;
+	}
+	vop_sectors(v, &s, &end);
 	/* the sectors of the bitmap holding the change; the buffer only gains bits */
 	uint32_t first = (s / 8) / VHD_SECTOR, last = ((end - 1) / 8) / VHD_SECTOR;
 	struct bjob *j = calloc(1, sizeof(*j));
@@ -786,13 +833,31 @@ batch_finish(struct vhd_priv *p, struct batch *b)
 }
 
 static void
+batch_bat_synced(struct sync_waiter *w, int err)
+{
+	struct batch *b = container_of(w, struct batch, sw);
+	if (err && !b->err)
+		b->err = err;
+	batch_finish(b->p, b);
+}
+
+static void
 batch_bat_done(struct io_op *op, int res)
 {
 	struct batch *b = op->data;
 	if (res < 0 && !b->err)
 		b->err = -res;
-	if (--b->pending == 0)
-		batch_finish(b->p, b);
+	if (--b->pending)
+		return;
+	for (int i = 0; i < b->nr && !b->err; i++) {
+		if (b->jobs[i]->kind == JOB_DEALLOC && !b->jobs[i]->err) {
+			/* a hole punched before the BAT forgets the block would show */
+			b->sw.fn = batch_bat_synced;
+			sync_gate_wait(&b->p->gate, &b->sw);
+			return;
+		}
+	}
+	batch_finish(b->p, b);
 }
 
 static uint32_t
@@ -857,6 +922,23 @@ batch_write_bat(struct vhd_priv *p, struct batch *b)
 }
 
 static void
+batch_blocks_synced(struct sync_waiter *w, int err)
+{
+	struct batch *b = container_of(w, struct batch, sw);
+	if (err && !b->err)
+		b->err = err;
+	batch_write_bat(b->p, b);
+}
+
+/* Step 2 -> 3: the blocks are durable before the BAT points at them. */
+static void
+batch_blocks_written(struct batch *b)
+{
+	b->sw.fn = batch_blocks_synced;
+	sync_gate_wait(&b->p->gate, &b->sw);
+}
+
+static void
 batch_block_done(struct io_op *op, int res)
 {
 	struct batch *b = op->data;
@@ -864,7 +946,7 @@ batch_block_done(struct io_op *op, int res)
 	if (res < 0 && !b->jobs[idx]->err)
 		b->jobs[idx]->err = -res;
 	if (--b->pending == 0)
-		batch_write_bat(b->p, b);
+		batch_blocks_written(b);
 }
 
 /* Step 2: bitmap and data of every new block. */
@@ -897,22 +979,35 @@ batch_write_blocks(struct vhd_priv *p, struct batch *b)
 		io_submit(p->img->io, dop);
 	}
 	if (--b->pending == 0)
-		batch_write_bat(p, b);
+		batch_blocks_written(b);
 }
 
 static void
-batch_footer_done(struct io_op *op, int res)
+batch_footer_synced(struct sync_waiter *w, int err)
 {
-	struct batch *b = op->data;
+	struct batch *b = container_of(w, struct batch, sw);
 	struct vhd_priv *p = b->p;
 
-	if (res < 0) {
-		b->err = -res;
-		p->next_free = b->old_next;	/* nothing was written beyond it */
+	if (err) {
+		b->err = err;
+		p->next_free = b->old_next;	/* no block was written beyond it */
 		batch_finish(p, b);
 		return;
 	}
 	batch_write_blocks(p, b);
+}
+
+/* Step 1 -> 2: the new footer is durable before blocks cover the old one. */
+static void
+batch_footer_done(struct io_op *op, int res)
+{
+	struct batch *b = op->data;
+	b->sw.fn = batch_footer_synced;
+	if (res < 0) {
+		batch_footer_synced(&b->sw, -res);
+		return;
+	}
+	sync_gate_wait(&b->p->gate, &b->sw);
 }
 
 /* Step 1: room for the new blocks, and the footer moved after them. */
@@ -1177,16 +1272,23 @@ struct flush {
 	struct io_op op;
 	struct iovec iov;
 	uint8_t *buf;
+	size_t len;
+	struct sync_waiter sw;
 };
+
+static void
+flush_synced_err(struct flush *fl, int err)
+{
+	struct td_request *req = fl->req;
+	free(fl->buf);
+	free(fl);
+	td_request_done(req, err);
+}
 
 static void
 flush_synced(struct io_op *op, int res)
 {
-	struct flush *fl = op->data;
-	struct td_request *req = fl->req;
-	free(fl->buf);
-	free(fl);
-	td_request_done(req, res < 0 ? -res : 0);
+	flush_synced_err(op->data, res < 0 ? -res : 0);
 }
 
 static void
@@ -1211,6 +1313,22 @@ flush_batmap_written(struct io_op *op, int res)
 }
 
 static void
+flush_bitmaps_synced(struct sync_waiter *w, int err)
+{
+	struct flush *fl = container_of(w, struct flush, sw);
+	struct vhd_priv *p = fl->p;
+	if (err) {
+		p->batmap_dirty = 1;
+		free(fl->buf);
+		fl->buf = NULL;
+		flush_synced_err(fl, err);
+		return;
+	}
+	meta_io(p, &fl->op, IO_OP_WRITEV, &fl->iov, fl->buf, fl->len, p->m.batmap_hdr_offset,
+		flush_batmap_written, fl);
+}
+
+static void
 vhd_flush(struct vhd_priv *p, struct td_request *req)
 {
 	struct flush *fl = calloc(1, sizeof(*fl));
@@ -1221,12 +1339,12 @@ vhd_flush(struct vhd_priv *p, struct td_request *req)
 	fl->p = p;
 	fl->req = req;
 	if (p->batmap_dirty && p->m.has_batmap && batmap_contiguous(&p->m)) {
-		size_t len;
-		fl->buf = batmap_image(p, &len);
+		fl->buf = batmap_image(p, &fl->len);
 		if (fl->buf) {
+			/* the batmap vouches for bitmaps: they are durable first */
 			p->batmap_dirty = 0;
-			meta_io(p, &fl->op, IO_OP_WRITEV, &fl->iov, fl->buf, len,
-				p->m.batmap_hdr_offset, flush_batmap_written, fl);
+			fl->sw.fn = flush_bitmaps_synced;
+			sync_gate_wait(&p->gate, &fl->sw);
 			return;
 		}
 	}

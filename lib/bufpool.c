@@ -1,7 +1,27 @@
-/* Size-class free lists of aligned buffers, bounded by a byte budget. */
+/*
+ * Size-class free lists of aligned buffers, bounded by a byte budget. Under
+ * AddressSanitizer a cached buffer is poisoned (but for the list link in
+ * its first bytes): a use after bufpool_put is reported as if it were freed.
+ */
 #include "bufpool.h"
 
 #include <stdlib.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define BUFPOOL_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define BUFPOOL_ASAN 1
+#endif
+#endif
+#ifdef BUFPOOL_ASAN
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 #define NCLASSES (BUFPOOL_MAX_SHIFT - BUFPOOL_MIN_SHIFT + 1)
 
@@ -46,6 +66,7 @@ bufpool_get(struct bufpool *p, size_t size)
 	if (b) {
 		p->free[c] = b->next;
 		p->cached -= (size_t)1 << (BUFPOOL_MIN_SHIFT + c);
+		UNPOISON(b, (size_t)1 << (BUFPOOL_MIN_SHIFT + c));
 		return b;
 	}
 	void *buf;
@@ -71,6 +92,7 @@ bufpool_put(struct bufpool *p, void *buf, size_t size)
 	b->next = p->free[c];
 	p->free[c] = b;
 	p->cached += bytes;
+	POISON((char *)b + sizeof(*b), bytes - sizeof(*b));
 }
 
 void
@@ -80,6 +102,7 @@ bufpool_trim(struct bufpool *p)
 		while (p->free[c]) {
 			struct freebuf *b = p->free[c];
 			p->free[c] = b->next;
+			UNPOISON(b, (size_t)1 << (BUFPOOL_MIN_SHIFT + c));
 			free(b);
 		}
 	}

@@ -17,10 +17,13 @@
 #include "container_of.h"
 #include "io_observe.h"
 
-#ifndef IO_CALL_THREADS		/* the fuzz build takes 1: blocking calls end in order */
+/* the fuzz build takes 0 for both: no threads, everything on the loop, in order */
+#ifndef IO_CALL_THREADS
 #define IO_CALL_THREADS 2
 #endif
+#ifndef IO_POOL_THREADS
 #define IO_POOL_THREADS 8
+#endif
 /* tmpfs ops this big are copies worth another CPU; smaller ones run inline */
 #define IO_MEMORY_INLINE_MAX (64u << 10)
 

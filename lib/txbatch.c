@@ -85,6 +85,21 @@ tail_release(const void *data, size_t len, void *arg)
 	free(t);
 }
 
+int
+txb_evbuffer_add(struct evbuffer *out, const void *data, size_t len)
+{
+	struct evbuffer_iovec v;
+
+	if (!len)
+		return 0;
+	/* reserve sizes a new chain to len (evbuffer_expand would not help: add ignores it) */
+	if (evbuffer_reserve_space(out, (ev_ssize_t)len, &v, 1) < 1)
+		return -ENOMEM;
+	memcpy(v.iov_base, data, len);
+	v.iov_len = len;
+	return evbuffer_commit_space(out, &v, 1) < 0 ? -ENOMEM : 0;
+}
+
 /* Moves piece i, its first skip bytes sent, to out. */
 static int
 piece_spill(struct txbatch *b, unsigned i, size_t skip, struct evbuffer *out)
@@ -94,7 +109,7 @@ piece_spill(struct txbatch *b, unsigned i, size_t skip, struct evbuffer *out)
 	struct txb_ref *r = &b->ref[i];
 
 	if (!r->release)
-		return evbuffer_add(out, p, len) < 0 ? -ENOMEM : 0;
+		return txb_evbuffer_add(out, p, len);
 	if (!skip)
 		return evbuffer_add_reference(out, p, len, r->release, r->arg) < 0 ? -ENOMEM : 0;
 	struct tail_ref *t = malloc(sizeof(*t));

@@ -55,5 +55,12 @@ static inline size_t txb_length(const struct txbatch *b) { return b->length; }
 int txb_flush(struct txbatch *b, int fd, struct evbuffer *out);
 /* Releases every referenced buffer unsent (the socket is gone). */
 void txb_drop(struct txbatch *b);
+/*
+ * evbuffer_add for the slow path's copied bytes. After a referenced buffer
+ * (a read's data), evbuffer_add makes its new chain as large as that
+ * buffer: up to 32 MiB for one reply header. This makes it len's size.
+ * 0 or -ENOMEM.
+ */
+int txb_evbuffer_add(struct evbuffer *out, const void *data, size_t len);
 
 #endif

@@ -10,6 +10,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "backlog.h"
+
 int
 unixsock_listen(const char *path, mode_t mode, char *err, size_t errlen)
 {
@@ -30,7 +32,7 @@ unixsock_listen(const char *path, mode_t mode, char *err, size_t errlen)
 	mode_t old = umask((mode_t)~mode & 0777);
 	rc = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
 	umask(old);
-	if (rc < 0 || listen(fd, 128) < 0)
+	if (rc < 0 || listen(fd, listen_backlog()) < 0)
 		goto fail;
 	return fd;
 fail:

@@ -2,6 +2,8 @@
  * Worker threads for blocking calls. Submission is a mutex-protected FIFO;
  * completions go to a second list and a pipe wakes the loop only when that
  * list goes from empty to non-empty (one byte per batch, not per item).
+ * With no threads (the fuzz build), items run on the loop itself, a turn
+ * after they were pushed.
  */
 #include "workq.h"
 
@@ -105,6 +107,29 @@ workq_on_wake(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
+/* No threads: the items pushed so far run, then complete, in push order. */
+static void
+workq_run_inline(evutil_socket_t fd, short what, void *arg)
+{
+	struct workq *q = arg;
+	(void)fd;
+	(void)what;
+
+	pthread_mutex_lock(&q->lock);
+	struct workq_item *it = q->head;
+	q->head = NULL;
+	q->tail = &q->head;
+	q->queued = 0;
+	pthread_mutex_unlock(&q->lock);
+	/* what a done callback pushes runs on a later turn, as with threads */
+	while (it) {
+		struct workq_item *next = it->next;
+		it->run(it);
+		it->done(it);
+		it = next;
+	}
+}
+
 static int
 set_nonblock_cloexec(int fd)
 {
@@ -127,6 +152,12 @@ workq_new(struct event_base *base, unsigned nthreads)
 	q->pipe_rd = q->pipe_wr = -1;
 	pthread_mutex_init(&q->lock, NULL);
 	pthread_cond_init(&q->cond, NULL);
+	if (!nthreads) {
+		q->ev = event_new(base, -1, 0, workq_run_inline, q);
+		if (!q->ev)
+			goto fail;
+		return q;
+	}
 	if (pipe(fds) < 0)
 		goto fail;
 	q->pipe_rd = fds[0];
@@ -185,11 +216,14 @@ workq_push_batch(struct workq *q, struct workq_item *head, struct workq_item **t
 {
 	*tail = NULL;
 	pthread_mutex_lock(&q->lock);
+	int first = !q->head;
 	*q->tail = head;
 	q->tail = tail;
 	q->queued += n;
 	workq_wake(q);
 	pthread_mutex_unlock(&q->lock);
+	if (!q->nthreads && first)
+		event_active(q->ev, EV_TIMEOUT, 0);
 }
 
 void
@@ -203,6 +237,12 @@ workq_free(struct workq *q)
 	pthread_mutex_unlock(&q->lock);
 	for (unsigned i = 0; i < q->nthreads; i++)
 		pthread_join(q->threads[i], NULL);
+	/* no threads: what is queued still runs, as a worker would run it */
+	for (struct workq_item *it = q->nthreads ? NULL : q->head; it; ) {
+		struct workq_item *next = it->next;
+		it->run(it);
+		it = next;
+	}
 	free(q->threads);
 	if (q->ev)
 		event_free(q->ev);

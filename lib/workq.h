@@ -15,6 +15,10 @@ struct workq_item {
 
 struct workq;
 
+/*
+ * nthreads 0: no threads; each item runs and completes on the loop, on a
+ * turn after its push, in push order (deterministic: the fuzz build).
+ */
 struct workq *workq_new(struct event_base *base, unsigned nthreads);
 void workq_push(struct workq *q, struct workq_item *it);
 /* Queues a linked list of n items (tail: the last item's next field). */

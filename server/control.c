@@ -630,8 +630,9 @@ control_new(struct server *srv, const char *path, char *err, size_t errlen)
 	fd = unixsock_listen(path, 0600, err, errlen);
 	if (fd < 0)
 		goto fail;
+	/* backlog 0: fd already listens (with the system's backlog); -1 meant listen(128) again */
 	ctl->lev = evconnlistener_new(srv->base, control_accept, ctl,
-				      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+				      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, fd);
 	if (!ctl->lev) {
 		close(fd);
 		unlink(path);

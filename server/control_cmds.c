@@ -156,7 +156,11 @@ list_gathered(json_t *all, void *arg)
 
 	/* the open vbds and the closed minors, in minor order */
 	json_t *open = json_object_get(all, "vbds");
-	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
+	int end = (int)srv->minor_end;
+	v = json_array_get(open, json_array_size(open) - 1);
+	if (v && json_integer_value(json_object_get(v, "minor")) >= end)	/* gone since */
+		end = (int)json_integer_value(json_object_get(v, "minor")) + 1;
+	for (int m = 0; m < end; m++) {
 		v = json_array_get(open, i);
 		if (v && json_integer_value(json_object_get(v, "minor")) == m) {
 			json_array_append(vbds, v);

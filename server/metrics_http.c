@@ -30,6 +30,7 @@
 #include <event2/listener.h>
 #include <event2/util.h>
 
+#include "backlog.h"
 #include "fdlimit.h"
 #include "log.h"
 #include "server.h"
@@ -37,7 +38,6 @@
 
 #define METRICS_MAX_HEADERS 8192
 #define METRICS_MAX_CONNS 32
-#define METRICS_BACKLOG 128
 #define METRICS_CACHE_MS 1000	/* a rendering serves every client for this long */
 
 enum route_id { ROUTE_STATS, ROUTE_METRICS, NROUTES };
@@ -151,7 +151,7 @@ listen_on(const struct sockaddr_storage *ss, int len)
 		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
 	if (evutil_make_listen_socket_reuseable(fd) < 0 ||
 	    bind(fd, (const struct sockaddr *)ss, (socklen_t)len) < 0 ||
-	    listen(fd, METRICS_BACKLOG) < 0) {
+	    listen(fd, listen_backlog()) < 0) {
 		err = errno;
 		close(fd);
 		return -err;

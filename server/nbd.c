@@ -26,6 +26,7 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "backlog.h"
 #include "bufpool.h"
 #include "container_of.h"
 #include "fdlimit.h"
@@ -300,7 +301,7 @@ conn_send(struct nbd_conn *c, const void *data, size_t len, txb_release_fn *rele
 		}
 	}
 	int r = release ? evbuffer_add_reference(out, data, len, release, arg)
-			: evbuffer_add(out, data, len);
+			: txb_evbuffer_add(out, data, len);
 	if (r < 0) {
 		if (release)
 			release(data, len, arg);
@@ -1067,11 +1068,14 @@ list_gathered(json_t *all, void *arg)
 			list_reply_one(c, (int)json_integer_value(json_object_get(v, "minor")),
 				       json_string_value(json_object_get(v, "params")));
 		opt_reply(c, NBD_REP_ACK, NULL, 0);
-		conn_read_enable(c, 1);
-		conn_process(c);	/* the options that came after LIST */
 	}
 	json_decref(all);
-	conn_maybe_free(c);
+	if (!c->bev) {
+		conn_maybe_free(c);
+		return;
+	}
+	conn_read_enable(c, 1);
+	conn_process(c);	/* the options that came after LIST; may free c */
 }
 
 static void
@@ -1198,14 +1202,17 @@ conn_step_transmission(struct nbd_conn *c)
 		conn_rx_start(c);
 	switch (c->state) {
 	case CS_REQ_DISCARD: {
-		if ((r = in_have(c, 1)) <= 0)
-			return r;
-		size_t n = in_length(c);
-		n = n < c->discard_left ? n : c->discard_left;
-		in_take(c, NULL, n);
-		c->discard_left -= n;
-		if (c->discard_left)
-			return 0;
+		/* a refused WRITE of length 0 has nothing to swallow: answer now, not on the next byte */
+		if (c->discard_left) {
+			if ((r = in_have(c, 1)) <= 0)
+				return r;
+			size_t n = in_length(c);
+			n = n < c->discard_left ? n : c->discard_left;
+			in_take(c, NULL, n);
+			c->discard_left -= n;
+			if (c->discard_left)
+				return 0;
+		}
 		reply_error(c, c->cur.cookie, c->cur.type, c->discard_err);
 		c->state = CS_REQ_HEADER;
 		return 1;
@@ -1438,8 +1445,8 @@ conn_process(struct nbd_conn *c)
 	if (c->in_process || !c->bev)
 		return;
 	c->in_process = 1;
-	while (c->bev && !c->closing &&
-	       conn_step(c) > 0)
+	/* a LIST gathering from the loops answers first: the options after it wait */
+	while (c->bev && !c->closing && !c->listing && conn_step(c) > 0)
 		;
 	c->in_process = 0;
 	conn_maybe_free(c);
@@ -1745,8 +1752,9 @@ listener_new(struct nbd_server *ns, evutil_socket_t fd, const char *path,
 	struct nbd_listener *l = listener_alloc(ns, path, vbd);
 	if (!l)
 		return NULL;
+	/* backlog 0: fd already listens (with the system's backlog); -1 meant listen(128) again */
 	l->lev = evconnlistener_new(ns->loop->base, listener_accept, l,
-				    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+				    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, fd);
 	if (!l->lev) {
 		free(l->path);
 		free(l);
@@ -1820,7 +1828,7 @@ listen_tcp(struct nbd_server *ns, const char *hostport, char *err, size_t errlen
 	}
 	l->lev = evconnlistener_new_bind(ns->loop->base, listener_accept, l,
 					 LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC |
-					 LEV_OPT_REUSEABLE, 128, ai->ai_addr,
+					 LEV_OPT_REUSEABLE, listen_backlog(), ai->ai_addr,
 					 (int)ai->ai_addrlen);
 	freeaddrinfo(ai);
 	if (!l->lev) {

@@ -60,13 +60,39 @@ int
 server_free_minor(struct server *srv)
 {
 	int found = -1;
+	unsigned end;
 
 	pthread_mutex_lock(&srv->lock);
-	for (int m = 0; m < SERVER_MAX_MINORS && found < 0; m++)
+	end = srv->minor_end;
+	for (unsigned m = 0; m < end && found < 0; m++)
 		if (!srv->minors[m] && !srv->closed[m])
-			found = m;
+			found = (int)m;
+	if (found < 0 && end < SERVER_MAX_MINORS)
+		found = (int)end;
 	pthread_mutex_unlock(&srv->lock);
 	return found;
+}
+
+/*
+ * minor_end bounds every scan of the table (gathers, list, the lowest free
+ * minor): 4096 slots scanned per list or stats cost more than the command
+ * itself, and the fuzzers ran them by the million.
+ */
+void
+server_minor_used_locked(struct server *srv, int minor)
+{
+	if ((unsigned)minor >= srv->minor_end)
+		srv->minor_end = (unsigned)minor + 1;
+}
+
+void
+server_minor_freed_locked(struct server *srv)
+{
+	unsigned end = srv->minor_end;
+
+	while (end && !srv->minors[end - 1] && !srv->closed[end - 1])
+		end--;
+	srv->minor_end = end;
 }
 
 unsigned
@@ -331,6 +357,7 @@ struct gather {
 	void (*done)(json_t *all, void *arg);
 	void *arg;
 	json_t **docs;		/* by minor */
+	unsigned nr;		/* minors looked at: those below minor_end at the start */
 	unsigned pending;	/* loops not back yet (home's thread only) */
 };
 
@@ -347,7 +374,7 @@ gather_part_back(struct mailbox_msg *m)
 	struct gather_part *p = (struct gather_part *)m;
 	struct gather *g = p->g;
 
-	for (int i = 0; i < SERVER_MAX_MINORS; i++)
+	for (unsigned i = 0; i < g->nr; i++)
 		if (p->docs[i])
 			g->docs[i] = p->docs[i];
 	free(p->docs);
@@ -355,7 +382,7 @@ gather_part_back(struct mailbox_msg *m)
 	if (--g->pending)
 		return;
 	json_t *vbds = json_array();
-	for (int i = 0; i < SERVER_MAX_MINORS; i++)
+	for (unsigned i = 0; i < g->nr; i++)
 		if (g->docs[i])
 			json_array_append_new(vbds, g->docs[i]);
 	free(g->docs);
@@ -373,12 +400,12 @@ gather_part_run(struct mailbox_msg *m)
 	/* this loop's vbds, found in one pass under the lock; only this loop frees them */
 	static _Thread_local struct vbd *mine[SERVER_MAX_MINORS];
 	pthread_mutex_lock(&g->srv->lock);
-	for (int i = 0; i < SERVER_MAX_MINORS; i++) {
+	for (unsigned i = 0; i < g->nr; i++) {
 		struct vbd *vbd = g->srv->minors[i];
 		mine[i] = vbd && vbd->loop == p->loop ? vbd : NULL;
 	}
 	pthread_mutex_unlock(&g->srv->lock);
-	for (int i = 0; i < SERVER_MAX_MINORS; i++)
+	for (unsigned i = 0; i < g->nr; i++)
 		if (mine[i])
 			p->docs[i] = g->doc(mine[i], g->doc_arg);
 	p->msg.fn = gather_part_back;
@@ -391,13 +418,15 @@ server_gather(struct server *srv, server_doc_fn doc, void *doc_arg,
 {
 	struct gather *g = calloc(1, sizeof(*g));
 	struct gather_part *parts[SERVER_MAX_LOOPS] = { 0 };
-	unsigned i;
+	/* a vbd opened past it from now on is not there yet for this gather */
+	unsigned i, nr = srv->minor_end ? srv->minor_end : 1;
 
-	if (!g || !(g->docs = calloc(SERVER_MAX_MINORS, sizeof(*g->docs))))
+	if (!g || !(g->docs = calloc(nr, sizeof(*g->docs))))
 		goto nomem;
+	g->nr = nr;
 	for (i = 0; i < srv->nr_loops; i++) {
 		if (!(parts[i] = calloc(1, sizeof(*parts[i]))) ||
-		    !(parts[i]->docs = calloc(SERVER_MAX_MINORS, sizeof(json_t *))))
+		    !(parts[i]->docs = calloc(nr, sizeof(json_t *))))
 			goto nomem;
 	}
 	g->srv = srv;
@@ -447,6 +476,7 @@ server_release_closed(struct server *srv, int minor)
 	pthread_mutex_lock(&srv->lock);
 	if (!srv->minors[minor] && srv->closed[minor]) {
 		srv->closed[minor] = 0;
+		server_minor_freed_locked(srv);
 		rc = 0;
 	}
 	pthread_mutex_unlock(&srv->lock);

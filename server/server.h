@@ -61,6 +61,8 @@ struct server {
 	pthread_mutex_t lock;	/* the table: minors, closed, nr_open, loops' nr_vbds */
 	struct vbd **minors;	/* SERVER_MAX_MINORS slots: vbds opening, open or closing */
 	unsigned char *closed;	/* SERVER_MAX_MINORS: a minor kept after a close (list shows it) */
+	/* minors from here on are in neither table: scans stop here (set under lock) */
+	_Atomic unsigned minor_end;
 	unsigned nr_open;	/* vbds with a chain (open or paused) */
 	_Atomic unsigned nr_conns;	/* NBD connections on every loop */
 	_Atomic unsigned nr_zombies;	/* force-closed vbds on every loop, I/O still out */
@@ -118,6 +120,10 @@ int server_minor_closed(struct server *srv, int minor);
 /* Lets a closed minor go (destroy): 0, or -ENOENT if it is not a closed one. */
 int server_release_closed(struct server *srv, int minor);
 int server_free_minor(struct server *srv);	/* lowest free minor, or -1 */
+/* srv->lock held: minor is now in a table (a vbd, or closed and kept). */
+void server_minor_used_locked(struct server *srv, int minor);
+/* srv->lock held: a minor left both tables; minor_end comes down past free ones. */
+void server_minor_freed_locked(struct server *srv);
 unsigned server_vbd_count(struct server *srv);	/* open or paused */
 unsigned server_vbds_left(struct server *srv);	/* in the table, whatever their state */
 /* Where a new vbd goes: the loop with the fewest vbds, lowest index on a tie. */

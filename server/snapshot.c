@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "io.h"
+#include "io_record.h"
 #include "log.h"
 #include "loop.h"
 #include "server.h"
@@ -78,6 +79,7 @@ snap_resumed(void *arg, int err, const char *msg)
 		return;
 	}
 	log_info("minor %d: snapshot: new leaf %s", s->vbd->minor, s->new_params);
+	io_record_mark("snapshot %d %s", s->vbd->minor, s->new_params);
 	s->done(s->arg, 0, NULL);
 	snap_free(s);
 }

@@ -38,6 +38,7 @@ struct vbd_job {
 	struct td_error err;
 	vbd_done_fn done;
 	void *arg;
+	struct io_defer start;		/* CLOSE: started on the next loop turn */
 };
 
 static void vbd_check_drained(struct vbd *vbd);
@@ -89,6 +90,12 @@ vbd_job_start(struct vbd_job *job)
 	job->call.fn = vbd_job_run;
 	job->call.done = vbd_job_done;
 	io_call(job->vbd->loop->io, &job->call);
+}
+
+static void
+vbd_job_start_deferred(struct io_defer *d)
+{
+	vbd_job_start(d->arg);
 }
 
 static struct vbd_job *
@@ -284,6 +291,7 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 	vbd->was_closed = srv->closed[minor];
 	srv->closed[minor] = 0;
 	srv->minors[minor] = vbd;
+	server_minor_used_locked(srv, minor);
 	loop->nr_vbds++;
 	pthread_mutex_unlock(&srv->lock);
 	*out = vbd;
@@ -306,6 +314,7 @@ vbd_unlink(struct vbd *vbd, int keep_closed)
 	if (srv->minors[vbd->minor] == vbd) {
 		srv->minors[vbd->minor] = NULL;
 		srv->closed[vbd->minor] = (unsigned char)(keep_closed != 0);
+		server_minor_freed_locked(srv);
 		vbd->loop->nr_vbds--;
 	}
 	if (vbd->counted)
@@ -558,9 +567,25 @@ vbd_check_drained(struct vbd *vbd)
 		log_err("minor %d: out of memory closing images", vbd->minor);
 		return;
 	}
+	/*
+	 * The worker closes and frees the chain: the vbd lets go of it now, as
+	 * unpause does. Until the job is done the loop may still be asked for
+	 * the vbd's stats or description (the gathers: stats, list, metrics),
+	 * which walk vbd->leaf.
+	 *
+	 * And the worker starts on the next loop turn, not now: the last
+	 * request usually drains the vbd from inside its driver's completion,
+	 * and a driver may still touch its image after it ends a request, until
+	 * it returns to the loop (a batch that acknowledges its jobs, then takes
+	 * them off its lists). Nothing can close or free the vbd meanwhile: it
+	 * is VBD_OPENING.
+	 */
 	job->old_leaf = vbd->leaf;
+	vbd->leaf = NULL;
 	vbd->state |= VBD_OPENING;	/* busy until the chain is closed */
-	vbd_job_start(job);
+	job->start.fn = vbd_job_start_deferred;
+	job->start.arg = job;
+	io_defer(vbd->loop->io, &job->start);
 }
 
 /* ---- requests ---- */

@@ -35,6 +35,7 @@
 
 #define XB_MAX_QUEUES	BLKIF_LINK_MAX_QUEUES
 #define XB_MAX_TYPES	4
+#define RELEASE_TOKEN	"release"
 
 enum xenbus_state {
 	XS_UNKNOWN, XS_INITIALISING, XS_INITWAIT, XS_INITIALISED, XS_CONNECTED,
@@ -610,6 +611,27 @@ backend_event(struct xenbus *xb, unsigned t, const char *path)
 		dev_update(d);
 }
 
+/*
+ * A domain was released (@releaseDomain: it died). Its toolstack normally
+ * removes its backend directories; if the toolstack crashed, nothing will,
+ * and rings left mapped would pin the dead domain's memory: let go of the
+ * rings of every device whose frontend's domain no longer exists.
+ */
+static void
+domains_released(struct xenbus *xb)
+{
+	struct xen_dev *d;
+	LIST_FOREACH(d, &xb->devs, link_entry) {
+		if (d->state == XS_CLOSED || d->fe_domid == xb->domid ||
+		    xs_is_domain_introduced(xb->xs, d->fe_domid))
+			continue;
+		log_info("blkif %s: domain %u is gone; its rings are freed", d->be_path,
+			 d->fe_domid);
+		dev_disconnect(d);
+		dev_set_state(d, XS_CLOSED);
+	}
+}
+
 static void
 xenbus_on_watch(evutil_socket_t fd, short what, void *arg)
 {
@@ -624,6 +646,8 @@ xenbus_on_watch(evutil_socket_t fd, short what, void *arg)
 			struct xen_dev *d = dev_find(xb, token + 3);
 			if (d)
 				dev_update(d);
+		} else if (!strcmp(token, RELEASE_TOKEN)) {
+			domains_released(xb);
 		} else if (!strncmp(token, "be:", 3)) {
 			unsigned t = (unsigned)atoi(token + 3);
 			if (t < xb->nr_types)
@@ -702,6 +726,9 @@ xenbus_start(struct server *srv, const struct xenbus_opts *o)
 		}
 		xb->nr_types++;
 	}
+	if (!xs_watch(xb->xs, "@releaseDomain", RELEASE_TOKEN))
+		log_warn("xenstore: cannot watch @releaseDomain (rings of guests that die "
+			 "without their toolstack stay mapped): %s", strerror(errno));
 	xb->ev = event_new(srv->base, xs_fileno(xb->xs), EV_READ | EV_PERSIST, xenbus_on_watch, xb);
 	if (!xb->ev || event_add(xb->ev, NULL) < 0)
 		goto fail;
@@ -735,8 +762,10 @@ xenbus_stop(struct xenbus *xb)
 		free(xb->roots[i]);
 		free(xb->types[i]);
 	}
-	if (xb->xs)
+	if (xb->xs) {
+		xs_unwatch(xb->xs, "@releaseDomain", RELEASE_TOKEN);
 		xs_close(xb->xs);
+	}
 	if (xb->port)
 		xb->port->ops->free(xb->port);
 	free(xb);

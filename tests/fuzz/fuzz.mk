@@ -7,9 +7,10 @@
 # archive; each target pulls from it only the objects it needs: every
 # target that builds a server gets the real control command table
 # (control_cmds.c) and the simulated Xen port (port_sim.c) with it.
-# main.c has its own main(). Blocking calls (opens, closes) run on one
-# worker thread (IO_CALL_THREADS=1): they end in the order they were asked,
-# so that an input replays the same way.
+# main.c has its own main(). No worker threads (IO_CALL_THREADS=0,
+# IO_POOL_THREADS=0): blocking calls (opens, closes) run on the loop, a turn
+# after they were asked, in order, so that an input replays the same way and
+# costs no thread switch (lib/workq.c).
 
 FUZZ_CC    ?= clang
 FUZZ_BUILD ?= build/fuzz
@@ -33,7 +34,7 @@ FUZZ_COMMON := -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1 \
                -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iserver -Iserver/xen -Idrivers -Ilib -Itests \
                $(FUZZ_PKG_CFLAGS) $(FUZZ_EXTRA_CFLAGS) -MMD -MP
 # library objects: instrumented for coverage, no main from libFuzzer
-FUZZ_LIB_CFLAGS := -fsanitize=fuzzer-no-link$(FUZZ_SAN_LIST) $(FUZZ_COMMON) -DIO_CALL_THREADS=1
+FUZZ_LIB_CFLAGS := -fsanitize=fuzzer-no-link$(FUZZ_SAN_LIST) $(FUZZ_COMMON) -DIO_CALL_THREADS=0 -DIO_POOL_THREADS=0
 FUZZ_CFLAGS     := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_COMMON)
 FUZZ_LDFLAGS    := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_EXTRA_CFLAGS)
 

@@ -9,11 +9,13 @@
  * TD_OPEN_NOFILE: only ram: images, refused before any path is touched; ram
  * cannot be snapshotted, so no file is made either), its state directory
  * (NBD sockets) is a private directory made at start and removed at exit,
- * and blocking calls run on one worker thread (fuzz.mk), so they end in the
- * order they were asked. The harness waits for every reply owed (and the
- * work behind it) whenever it lets the server run, and at the end of each
- * input destroys every vbd and QoS group the input made, checking that none
- * lingers (a zombie, a socket in the state directory).
+ * and blocking calls run on the loop a turn after they were asked (no
+ * worker threads: fuzz.mk), so they end in the order they were asked. The
+ * harness waits for every reply owed (and the work behind it) whenever it
+ * lets the server run, and at the end of each input destroys every vbd and
+ * QoS group the input made and releases the minors it left closed,
+ * checking that the table is empty and nothing lingers (a zombie, an NBD
+ * connection, a socket in the state directory).
  *
  * Input layout:
  *   byte 0  mode
@@ -33,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,7 +69,8 @@ static char *huge;		/* CONTROL_MAX_LINE + 1 bytes of 'x', then '\n' */
 
 static struct server *srv;
 static struct control *ctl;
-static char state_dir[] = "/tmp/tapdiskd-fuzz-ctl-XXXXXX";
+/* on tmpfs: on ext4, making and removing a socket's inode cost more than an open */
+static char state_dir[] = "/dev/shm/tapdiskd-fuzz-ctl-XXXXXX";
 static struct event *owed_tick;	/* wakes a wait for owed work now and then */
 static unsigned closes_owed;	/* the harness's own closes at the end of an input */
 
@@ -117,10 +121,19 @@ closed(void *arg, int err, const char *msg)
 		fz_fail("destroying minor %d: %s", minor, msg ? msg : strerror(err));
 }
 
-/* The state directory holds nothing once every vbd is gone (NBD sockets). */
+/*
+ * The state directory holds nothing once every vbd is gone (NBD sockets).
+ * rmdir says so in one call; only when it fails is the directory read.
+ */
 static void
 check_state_dir_empty(void)
 {
+	if (rmdir(state_dir) == 0) {
+		if (mkdir(state_dir, 0700) < 0)
+			fz_fail("mkdir %s: %s", state_dir, strerror(errno));
+		return;
+	}
+	int err = errno;
 	DIR *d = opendir(state_dir);
 	struct dirent *de;
 
@@ -129,24 +142,36 @@ check_state_dir_empty(void)
 	while ((de = readdir(d)))
 		if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
 			fz_fail("%s left in the state directory with every vbd gone", de->d_name);
-	closedir(d);
+	fz_fail("rmdir %s: %s", state_dir, strerror(err));
 }
 
+/*
+ * Back to the server as setup() left it, so that nothing an input made
+ * shapes the next one: every vbd destroyed, every minor it left closed
+ * released, every QoS group gone; then the table must be empty.
+ */
 static void
 destroy_all(void)
 {
-	for (int m = 0; m < SERVER_MAX_MINORS; m++) {
+	for (unsigned m = 0; m < srv->minor_end; m++) {
 		if (!srv->minors[m])
 			continue;
 		closes_owed++;
 		vbd_close(srv->minors[m], 1, 1, closed, (void *)(intptr_t)m);
 	}
 	fz_settle(srv->base);
-	for (int m = 0; m < SERVER_MAX_MINORS; m++)
+	for (unsigned m = 0; m < srv->minor_end; m++)
 		if (srv->minors[m])
-			fz_fail("minor %d still in the table after its destroy", m);
+			fz_fail("minor %u still in the table after its destroy", m);
+	for (unsigned m = srv->minor_end; m-- > 0; )
+		server_release_closed(srv, (int)m);
+	if (srv->minor_end || srv->nr_open || server_vbds_left(srv))
+		fz_fail("the table is not empty with every minor destroyed and released "
+			"(minor_end %u, %u open)", srv->minor_end, srv->nr_open);
 	if (srv->nr_zombies)
 		fz_fail("a force-closed vbd lives on with no I/O in flight");
+	if (srv->nr_conns)
+		fz_fail("%u NBD connection(s) outlive their vbds", srv->nr_conns);
 	qos_groups_free(srv);
 	check_state_dir_empty();
 }

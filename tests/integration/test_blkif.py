@@ -550,3 +550,32 @@ def test_frontend_left_closing_then_gone_ends_closed(xen):
     wait_for(lambda: xen.state(be) == 5, what="Closing, answering the frontend's")
     xen.xs("rm", fe)
     wait_for(lambda: xen.state(be) == 6, what="Closed once the frontend is gone")
+
+
+def test_guest_dead_without_its_toolstack_gets_its_rings_freed(xen):
+    """A guest dies and its toolstack has crashed: nobody removes the
+    frontend or backend directories (the frontend still says Connected).
+    When xenstore releases the domain (@releaseDomain), its rings and
+    persistent grants are unmapped and the backend goes Closed; a live
+    guest of another domain is untouched, and the late cleanup still works."""
+    m, m2 = ram(xen), ram(xen)
+    other = xen.attach(m2, domid=31, devid=51728)
+    live = xen.sim_bg(other, "--verify", 20, "--persistent", domid=31, devid=51728)
+    wait_for(lambda: xen.guest_maps(31) > 0, what="the live guest's rings")
+    be = xen.attach(m, domid=30)
+    r = xen.sim(be, "--hold", 0.1, "--qd", 32, "--persistent", domid=30)
+    assert r["submitted"] == 32 and r["persistent"] == 1
+    assert xen.guest_maps(30) > 0            # nothing removed its directories: still mapped
+    assert xen.state(be) == 4
+    xen.release_domain(30)
+    wait_for(lambda: "domain 30 is gone; its rings are freed" in xen.srv.log(),
+             what="the release to be seen")
+    wait_for(lambda: xen.guest_maps(30) == 0, what="the dead guest's memory unmapped")
+    assert xen.state(be) == 6
+    assert xen.guest_maps(31) > 0 and xen.state(other) == 4
+    out, err = live.communicate(timeout=120 * SLOW)
+    assert live.returncode == 0, out + err
+    xen.detach(domid=30)                      # the toolstack, back, cleans up late
+    wait_for(lambda: "%s: backend directory removed" % be in xen.srv.log(),
+             what="the device to go")
+    run("nbdinfo", "--size", xen.srv.uri(m))

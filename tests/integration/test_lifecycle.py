@@ -146,6 +146,52 @@ def test_close_waits_for_inflight_io(stuck_disk, server):
         assert f.read(4096) == b"y" * 4096
 
 
+@pytest.mark.parametrize("how", ["pause", "close"])
+def test_stats_and_list_while_the_chain_closes(stuck_disk, make_server, tmp_path, how):
+    """Found by the soak (ASan: heap-use-after-free in image_stats_since_reset,
+    a stats gather on the loop while a worker freed the chain): a drained
+    pause or close hands the chain to a worker to close and free, and the
+    vbd must let go of it then, not when the worker is done. Here the
+    loop's two workers are held by two opens reading a frozen device, so
+    the close waits in their queue: meanwhile stats and list must show no
+    images (they used to walk the chain the worker was about to free)."""
+    server = make_server(loops="1")
+    img = make_image(tmp_path / "d.img", 16 << 20)
+    m = server.open("aio:" + img)["minor"]
+    h = connect(server, m)
+    h.pwrite(b"x" * 4096, 0)
+    stuck_disk.freeze()
+    opens = [bg(lambda: server.tapctl("create", "-R", "-a", "vhd:" + stuck_disk.path,
+                                      check=False)) for _ in range(2)]
+
+    def listed():
+        return {v["minor"]: v for v in server.call("list")["result"]["vbds"]}
+    wait_for(lambda: len(listed()) == 3, what="two opens stuck on the frozen device")
+    time.sleep(0.3)     # both workers in their reads
+    p = bg(server.tapctl, how, "-m", m)
+    # stats -m refuses a vbd that is opening or closing its chain; the
+    # gathers (stats of every vbd, list, /metrics) do not
+    try:
+        wait_for(lambda: listed()[m]["state"] & 0x1000, what="the chain's close to be queued")
+        st = [v for v in server.call("stats")["result"]["vbds"] if v["minor"] == m][0]
+        assert st["images"] == [], "stats walks a chain handed to a worker: %s" % st["images"]
+        assert listed()[m]["chain_depth"] == 0
+        server.call("stats", reset=True)
+        assert "result" not in p, "%s returned before the chain was closed" % how
+    finally:
+        stuck_disk.thaw()
+    for o in opens:
+        o["thread"].join(30)
+        assert o["result"].returncode != 0      # zeros: not a VHD
+    p["thread"].join(30)
+    assert p["result"].returncode == 0, p["result"].stderr
+    if how == "pause":
+        server.tapctl("unpause", "-m", m)
+        assert h.pread(4096, 0) == b"x" * 4096
+        assert len(server.stats(m)["images"]) == 1
+    h.shutdown()
+
+
 def test_force_close_cuts_clients_and_frees_minor(stuck_disk, server, tmp_path):
     server.open("aio:" + stuck_disk.path)
     base_fds = None

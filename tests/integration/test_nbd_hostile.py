@@ -946,7 +946,10 @@ def test_structured_error_forms(bed):
 ZERO_LENGTH_CASES = [(CMD_READ, 0), (CMD_READ, CMD_FLAG_DF), (CMD_WRITE, 0),
                      (CMD_WRITE, CMD_FLAG_FUA), (CMD_TRIM, 0), (CMD_TRIM, CMD_FLAG_FUA),
                      (CMD_CACHE, 0), (CMD_WRITE_ZEROES, 0), (CMD_WRITE_ZEROES, CMD_FLAG_FUA),
-                     (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE), (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO)]
+                     (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE), (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO),
+                     # refused, with no payload to swallow: the answer must not wait for
+                     # a next byte (fuzz_nbd found it waiting for ever)
+                     (CMD_WRITE, CMD_FLAG_NO_HOLE), (CMD_WRITE, 0x100)]
 
 
 @pytest.mark.parametrize("minor", [0, 1])
@@ -1671,6 +1674,32 @@ def test_global_listener_hostile(gbed):
         g = b.raw(None)
         g.read_greeting()
         g.try_send(b"\x00\x00\x00\x03" + random.Random(i).randbytes(500))
+        assert g.closed(T(5))
+    b.check()
+
+
+def test_global_listener_options_pipelined_after_list(gbed):
+    """LIST on the global socket gathers from every loop while the options
+    sent behind it wait: their replies come after LIST's, in order; and a
+    connection cut while a LIST gathers (a bad option magic behind it) goes
+    cleanly (the fuzzer found a use-after-free there)."""
+    b = gbed
+    want = ["0", "1", "2", "3"]
+    c = b.raw(None).start()
+    c.send(build_option(OPT_LIST) + build_option(OPT_LIST) +
+           build_option(OPT_STRUCTURED_REPLY) + build_option(OPT_LIST))
+    for opt in (OPT_LIST, OPT_LIST, OPT_STRUCTURED_REPLY, OPT_LIST):
+        r = c.option_replies(opt)
+        assert r[-1].type == REP_ACK
+        if opt == OPT_LIST:
+            assert sorted(x.data[4:5].decode() for x in r[:-1]) == want
+    c.structured = True
+    c.opt_go("1")
+    still_works(c, 1)
+    for i in range(20):
+        g = b.raw(None).start()
+        g.try_send((build_option(OPT_LIST) * (i % 3 + 1)) +
+                   build_option(OPT_LIST, magic=0x1234))
         assert g.closed(T(5))
     b.check()
 

@@ -193,6 +193,48 @@ def test_discard_and_zeroes_on_a_dynamic_disk(server, tmp_path):
     assert out[2 * MiB:4 * MiB] == bytes(2 * MiB)
 
 
+def test_pause_as_allocations_and_deallocations_end(server, tmp_path):
+    """The vhd side of what the soak found with qcow2 (test_qcow2's
+    test_pause_as_allocating_writes_end): a batch acknowledges a write or a
+    trim and then takes its job off the driver's lists; the acknowledgement
+    may drain a vbd being paused, and the chain's close used to start on a
+    worker at once. vhd's close writes before it frees, so this never
+    failed here; it guards the order (the close starts on the next loop
+    turn). Rounds of block allocations and deallocations, each cut short by
+    a pause at a different moment: the data and the image."""
+    import random
+    img = str(tmp_path / "p.vhd")
+    vhdutil("create", "-n", img, "-s", "64")
+    m = server.open("vhd:" + img)["minor"]
+    h = connect(server, m)
+    rng = random.Random(7)
+    content = {}
+    for r in range(40):
+        blocks = rng.sample(range(32), 12)
+        bufs = []
+        for b in blocks:
+            if content.get(b) and r % 2:
+                h.aio_trim(2 * MiB, b * 2 * MiB)        # a whole block: deallocated
+                content[b] = None
+            else:
+                bufs.append(nbd.Buffer.from_bytearray(bytearray([r + 1, b]) * 2048))
+                h.aio_pwrite(bufs[-1], b * 2 * MiB + 4096 * (r % 8))
+                content[b] = (4096 * (r % 8), bytes([r + 1, b]) * 2048)
+        time.sleep(rng.random() * 0.004)
+        server.call("pause", minor=m)       # waits for them to drain
+        server.call("unpause", minor=m)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+    for b, c in content.items():
+        if c:
+            assert h.pread(4096, b * 2 * MiB + c[0]) == c[1]
+        else:
+            assert h.pread(2 * MiB, b * 2 * MiB) == bytes(2 * MiB)
+    h.shutdown()
+    server.call("destroy", minor=m)
+    assert vhdutil("check", "-n", img).returncode == 0
+
+
 # ---- chains ----
 
 def make_chain(tmp_path, depth=3, size_mb=16):

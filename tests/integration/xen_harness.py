@@ -7,6 +7,8 @@ blkfront_sim (tests/xen/blkfront_sim.c) as the guest.
 
 import json
 import os
+import socket
+import struct
 import subprocess
 
 import pytest
@@ -98,6 +100,17 @@ class Xen:
         """What the toolstack does once the guest is gone."""
         self.xs("rm", "/local/domain/%d/device/vbd/%d" % (domid, devid))
         self.xs("rm", "/local/domain/0/backend/%s/%d/%d" % (kind, domid, devid))
+
+    def release_domain(self, domid):
+        """What xenstored does when a domain dies: XS_RELEASE (no
+        xenstore-utils tool sends it), so @releaseDomain fires and the domain
+        is no longer introduced."""
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(self.sock)
+            body = b"%d\0" % domid
+            c.sendall(struct.pack("<IIII", 9, 1, 0, len(body)) + body)     # XS_RELEASE
+            hdr = c.recv(16)
+            assert len(hdr) == 16 and struct.unpack("<IIII", hdr)[0] == 9, hdr
 
     def guest_maps(self, domid=1):
         """tapdiskd's mappings of domain domid's memory file, seen by the

@@ -390,6 +390,62 @@ test_workq_hung_batch(void **state)
 	event_base_free(base);
 }
 
+/* No threads: items run and complete on the loop, a turn after the push, in order. */
+struct inline_item {
+	struct workq_item it;
+	struct workq *q;
+	int *log, *n;		/* the order things happened in */
+	int id, ran, done;
+	struct inline_item *then;	/* pushed from done */
+};
+
+static void
+inline_run(struct workq_item *it)
+{
+	struct inline_item *x = (struct inline_item *)it;
+	x->ran = 1;
+	x->log[(*x->n)++] = x->id;
+}
+
+static void
+inline_done(struct workq_item *it)
+{
+	struct inline_item *x = (struct inline_item *)it;
+	assert_true(x->ran);
+	x->done = 1;
+	x->log[(*x->n)++] = -x->id;
+	if (x->then)
+		workq_push(x->q, &x->then->it);
+}
+
+static void
+test_workq_no_threads(void **state)
+{
+	struct event_base *base = event_base_new();
+	struct workq *q = workq_new(base, 0);
+	int log[16], n = 0;
+	struct inline_item c = { { inline_run, inline_done, NULL }, q, log, &n, 3, 0, 0, NULL };
+	struct inline_item a = { { inline_run, inline_done, NULL }, q, log, &n, 1, 0, 0, &c };
+	struct inline_item b = { { inline_run, inline_done, NULL }, q, log, &n, 2, 0, 0, NULL };
+	struct inline_item left = { { inline_run, inline_done, NULL }, q, log, &n, 4, 0, 0, NULL };
+	(void)state;
+	assert_non_null(q);
+	workq_push(q, &a.it);
+	workq_push(q, &b.it);
+	assert_int_equal(n, 0);		/* nothing inside the push */
+	assert_true(loop_until(base, &c.done));
+	/* a and b in order; c, pushed by a's done, after them (a later turn) */
+	static const int want[] = { 1, -1, 2, -2, 3, -3 };
+	assert_int_equal(n, 6);
+	assert_memory_equal(log, want, sizeof(want));
+	/* what is still queued at free runs, as a worker would run it, unanswered */
+	workq_push(q, &left.it);
+	workq_free(q);
+	assert_true(left.ran);
+	assert_false(left.done);
+	event_base_free(base);
+}
+
 #define ENGINE_TESTS(setupfn) \
 	cmocka_unit_test_setup_teardown(test_memory_ops, setupfn, teardown), \
 	cmocka_unit_test_setup_teardown(test_rw_sync_punch, setupfn, teardown), \
@@ -407,6 +463,7 @@ main(void)
 		cmocka_unit_test(test_iov_advance),
 		cmocka_unit_test(test_workq_hung_worker),
 		cmocka_unit_test(test_workq_hung_batch),
+		cmocka_unit_test(test_workq_no_threads),
 		cmocka_unit_test(test_unknown_engine),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -7,6 +7,9 @@
 #include <string.h>
 
 #include <cmocka.h>
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include "bufpool.h"
 #include "stats.h"
@@ -103,8 +106,17 @@ test_bufpool(void **state)
 	memset(a, 1, 4096);	/* the class is 4 KiB */
 	bufpool_put(p, a, 1000);
 	assert_int_equal(bufpool_cached_bytes(p), 4096);
+#ifdef __SANITIZE_ADDRESS__
+	/* cached: poisoned but for its list link, as if freed */
+	assert_true(__asan_address_is_poisoned((char *)a + 64));
+	assert_true(__asan_address_is_poisoned((char *)a + 4095));
+#endif
 	void *b = bufpool_get(p, 4096);
 	assert_ptr_equal(a, b);	/* recycled */
+#ifdef __SANITIZE_ADDRESS__
+	assert_false(__asan_address_is_poisoned((char *)b + 64));
+	assert_false(__asan_address_is_poisoned((char *)b + 4095));
+#endif
 	bufpool_put(p, b, 4096);
 	void *big = bufpool_get(p, 1 << 20);
 	bufpool_put(p, big, 1 << 20);	/* over the cache budget: freed */

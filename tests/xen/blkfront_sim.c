@@ -27,6 +27,13 @@
  *            --patience S (seconds without a response before failing; default 2)
  *            --gate FILE (once Connected, wait for FILE to exist before the
  *            first request: a test arms something on the backend meanwhile)
+ *            --state FILE (--verify: the model lives in FILE, mapped shared, so
+ *            that it outlives this process: what the region holds (acknowledged
+ *            writes), the data of writes in flight, and which sectors have one.
+ *            A new FILE is zeros (the region starts zeroed); an existing one is
+ *            the region's content, and the sectors whose write was in flight
+ *            when the last guest died are read first and must hold either the
+ *            old or the new data: the soak test's guests, killed at random)
  * Prints one JSON line with what happened; exits non-zero on any mismatch.
  */
 #define _GNU_SOURCE
@@ -570,11 +577,21 @@ submit(struct queue *qq, int op, uint64_t id, struct pending *p)
 
 /* ---- verify ---- */
 
+/*
+ * The model: shadow is what the region holds (acknowledged writes only),
+ * pending the data of each write or discard in flight, busy what is in
+ * flight per sector (B_READ, or B_WRITE: the sector holds shadow or
+ * pending, either is right). With --state all three are one shared mapping
+ * of a file, so a guest killed mid-run leaves its model behind.
+ */
+enum { B_FREE, B_READ, B_WRITE };
 static uint8_t *shadow;		/* what the disk's region must hold */
+static uint8_t *pending_data;	/* writes in flight: their data */
 static uint8_t *busy;		/* sectors with a request in flight */
 static uint64_t region;		/* sectors */
 
 static const char *dump_path;
+static const char *state_path;
 static double patience = 2;	/* seconds without any response before giving up */
 static unsigned max_inflight;
 
@@ -587,17 +604,109 @@ range_free(uint64_t s, uint64_t n)
 	return 1;
 }
 
+static void
+model_init(void)
+{
+	size_t bytes = (size_t)region * 512;
+	if (!state_path) {
+		shadow = calloc(region, 512);
+		pending_data = calloc(region, 512);
+		busy = calloc(region, 1);
+		if (!shadow || !pending_data || !busy)
+			fail("out of memory");
+		return;
+	}
+	size_t want = 2 * bytes + region;
+	int fd = open(state_path, O_RDWR | O_CREAT, 0600);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) < 0)
+		fail("%s: %s", state_path, strerror(errno));
+	if (st.st_size == 0 && ftruncate(fd, (off_t)want) < 0)
+		fail("%s: %s", state_path, strerror(errno));
+	else if (st.st_size != 0 && (size_t)st.st_size != want)
+		fail("%s: %ju bytes, not the %zu of a %ju-sector region", state_path,
+		     (uintmax_t)st.st_size, want, (uintmax_t)region);
+	uint8_t *m = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (m == MAP_FAILED)
+		fail("mmap %s: %s", state_path, strerror(errno));
+	close(fd);
+	shadow = m;
+	pending_data = m + bytes;
+	busy = m + 2 * bytes;
+}
+
+/* One read of up to 8 sectors on queue 0, waited for; returns its status. */
+static int
+read_sync(uint64_t s, unsigned n, uint8_t *out)
+{
+	struct queue *qq = &q[0];
+	struct response rs[1];
+	uint64_t id;
+	struct pending *p = take_slot(qq, &id);
+	p->sector = s;
+	p->sectors = n;
+	layout(p, n, 0);
+	submit(qq, OP_READ, id, p);
+	kick(qq);
+	while (!take_responses(qq, rs, 1))
+		if (!wait_events((int)(patience * 1000)))
+			fail("no response for %.0f s to a read at sector %ju", patience, (uintmax_t)s);
+	if (rs[0].id != id)
+		fail("response for unknown id %ju", (uintmax_t)rs[0].id);
+	if (!rs[0].status)
+		seg_copy(p, out, 0);
+	give_slot(qq, id);
+	return rs[0].status;
+}
+
+/*
+ * A model left by a guest that died: sectors whose write was in flight hold
+ * the old or the new data (per sector: a request is not atomic); read them,
+ * keep what is there if it is either, count a mismatch if it is neither.
+ */
+static uint64_t
+model_resolve(uint64_t *resolved)
+{
+	uint64_t mismatches = 0;
+	uint8_t buf[8 * 512];
+	for (uint64_t s = 0; s < region; s++) {
+		if (busy[s] == B_READ)
+			busy[s] = B_FREE;
+		if (busy[s] != B_WRITE)
+			continue;
+		unsigned n = 1;
+		while (n < 8 && s + n < region && busy[s + n] == B_WRITE)
+			n++;
+		if (read_sync(s, n, buf))
+			fail("read of in-doubt sectors %ju+%u failed", (uintmax_t)s, n);
+		for (unsigned i = 0; i < n; i++) {
+			uint8_t *got = buf + i * 512;
+			if (!memcmp(got, pending_data + (s + i) * 512, 512))
+				memcpy(shadow + (s + i) * 512, got, 512);
+			else if (memcmp(got, shadow + (s + i) * 512, 512)) {
+				if (mismatches++ < 8)
+					fprintf(stderr, "blkfront_sim: in-doubt sector %ju holds neither "
+						"its old nor its new data\n", (uintmax_t)(s + i));
+			}
+			busy[s + i] = B_FREE;
+			(*resolved)++;
+		}
+		s += n - 1;
+	}
+	return mismatches;
+}
+
 static int
 run_verify(double secs, int use_discard, unsigned max_sectors)
 {
 	uint64_t reads = 0, writes = 0, discards = 0, flushes = 0, errors = 0, mismatches = 0, indirect = 0;
-	uint64_t end = now_ns() + (uint64_t)(secs * 1e9);
+	uint64_t resolved = 0;
 	uint8_t *flat = malloc((size_t)MAX_SEGS * 8 * 512);
 	struct response rs[512];
 
-	shadow = calloc(region, 512);
-	busy = calloc(region, 1);
-	/* the region starts zeroed, as the disks the tests use do */
+	model_init();
+	mismatches = model_resolve(&resolved);
+	uint64_t end = now_ns() + (uint64_t)(secs * 1e9);
 	for (;;) {
 		int submitted = 0;
 		for (unsigned qi = 0; qi < nq && now_ns() < end; qi++) {
@@ -618,7 +727,11 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 				if (kind == 9 && rnd() % 4 == 0) {
 					p->nsegs = 0;
 					submit(qq, OP_FLUSH, id, p);
+					continue;	/* touches no sector */
 				} else if (use_discard && kind == 0) {
+					/* ram, raw and dynamic VHDs read zeros where discarded */
+					memset(pending_data + s * 512, 0, n * 512);
+					memset(busy + s, B_WRITE, n);
 					enc_discard(req_slot(qq), id, s, n, 0);
 					qq->req_prod_pvt++;
 					p->op = OP_DISCARD;
@@ -632,14 +745,17 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 						for (uint64_t i = 0; i < n * 512; i++)
 							flat[i] = (uint8_t)rnd();
 						seg_copy(p, flat, 1);
-						memcpy(shadow + s * 512, flat, n * 512);	/* promised */
+						/* the data first, then the mark that it is in flight */
+						memcpy(pending_data + s * 512, flat, n * 512);
+						__atomic_thread_fence(__ATOMIC_SEQ_CST);
+						memset(busy + s, B_WRITE, n);
 						submit(qq, OP_WRITE, id, p);
 					} else {
+						memset(busy + s, B_READ, n);
 						submit(qq, OP_READ, id, p);
 					}
 					indirect += p->nsegs > 11;
 				}
-				memset(busy + s, 1, n);
 				submitted++;
 			}
 			kick(qq);
@@ -656,12 +772,18 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 				/* blkback answers an indirect request with its inner op */
 				if (rs[k].op != p->op)
 					fail("response to a request of op %d names op %d", p->op, rs[k].op);
+				int wrote = p->op == OP_WRITE || p->op == OP_DISCARD;
 				if (rs[k].status != 0) {
 					errors++;
 				} else if (p->op == OP_READ) {
 					seg_copy(p, flat, 0);
-					if (memcmp(flat, shadow + p->sector * 512, p->sectors * 512))
+					if (memcmp(flat, shadow + p->sector * 512, p->sectors * 512)) {
+						if (mismatches < 8)
+							fprintf(stderr, "blkfront_sim: read of sectors %ju+%ju "
+								"does not match\n", (uintmax_t)p->sector,
+								(uintmax_t)p->sectors);
 						mismatches++;
+					}
 					reads++;
 				} else if (p->op == OP_DISCARD) {
 					discards++;
@@ -670,10 +792,14 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 				} else {
 					writes++;
 				}
-				if (p->op == OP_DISCARD && rs[k].status == 0)
-					/* ram, raw and dynamic VHDs read zeros where discarded */
-					memset(shadow + p->sector * 512, 0, p->sectors * 512);
-				memset(busy + p->sector, 0, p->sectors);
+				if (wrote && rs[k].status == 0) {
+					memcpy(shadow + p->sector * 512, pending_data + p->sector * 512,
+					       p->sectors * 512);
+					__atomic_thread_fence(__ATOMIC_SEQ_CST);
+				}
+				/* a failed write leaves its sectors in doubt (B_WRITE) for good */
+				if (p->op != OP_FLUSH && (!wrote || rs[k].status == 0))
+					memset(busy + p->sector, B_FREE, p->sectors);
 				give_slot(qq, rs[k].id);
 			}
 		}
@@ -690,10 +816,10 @@ run_verify(double secs, int use_discard, unsigned max_sectors)
 	}
 	printf("{\"reads\": %ju, \"writes\": %ju, \"discards\": %ju, \"flushes\": %ju, "
 	       "\"indirect\": %ju, \"errors\": %ju, \"mismatches\": %ju, \"max_inflight\": %u, "
-	       "\"persistent\": %d, \"grants\": %u}\n",
+	       "\"persistent\": %d, \"grants\": %u, \"resolved\": %ju}\n",
 	       (uintmax_t)reads, (uintmax_t)writes, (uintmax_t)discards, (uintmax_t)flushes,
 	       (uintmax_t)indirect, (uintmax_t)errors, (uintmax_t)mismatches, max_inflight,
-	       persistent, pool.total);
+	       persistent, pool.total, (uintmax_t)resolved);
 	if (dump_path) {
 		/* what the disk must now hold, for the tests to check with other tools */
 		FILE *f = fopen(dump_path, "wb");
@@ -1260,6 +1386,7 @@ main(int argc, char **argv)
 		{ "max-sectors", 1, 0, 'X' }, { "probe", 0, 0, 'P' },
 		{ "dump", 1, 0, 'U' }, { "memcpy", 0, 0, 'C' },
 		{ "patience", 1, 0, 'T' }, { "gate", 1, 0, 'G' }, { "persistent", 0, 0, 'K' },
+		{ "state", 1, 0, 'Y' },
 		{ 0, 0, 0, 0 },
 	};
 	const char *dir = NULL, *bpath = NULL, *proto = "x86_64-abi", *mal = NULL, *rw = "randread";
@@ -1298,6 +1425,7 @@ main(int argc, char **argv)
 		case 'T': patience = atof(optarg); break;
 		case 'G': gate_path = optarg; break;
 		case 'K': want_persistent = 1; break;
+		case 'Y': state_path = optarg; break;
 		default: fail("bad option");
 		}
 	}

@@ -7,7 +7,9 @@ A transaction buffers its writes and removals and applies them at its end,
 or fails with EAGAIN if anyone changed the store meanwhile (coarser than
 xenstored, same contract). Permissions are accepted and not enforced;
 watches fire as xenstored's do: once when set, then for every change at or
-below the watched path.
+below the watched path. Every domain counts as introduced until an
+XS_RELEASE names it (what xenstored does when a domain dies), which fires
+the @releaseDomain watches; XS_INTRODUCE brings it back.
 
 usage: xenstored.py SOCKET        (prints "ready" when it listens)
 """
@@ -32,6 +34,7 @@ class Store:
         self.nodes = {"/": b""}
         self.watches = []          # (conn, path, token)
         self.gen = 0               # bumped by every change
+        self.released = set()      # domids: XS_IS_DOMAIN_INTRODUCED says F
 
     @staticmethod
     def norm(path):
@@ -216,8 +219,18 @@ class Conn:
                 return self.error(req_id, tx_id, "ENOENT")
             return self.reply(mtype, req_id, tx_id, b"n0\0")
         if mtype == XS_IS_DOMAIN_INTRODUCED:
-            return self.reply(mtype, req_id, tx_id, b"T\0")
-        if mtype in (XS_SET_PERMS, XS_INTRODUCE, XS_RELEASE, XS_RESUME,
+            gone = int(args[0]) in s.released
+            return self.reply(mtype, req_id, tx_id, b"F\0" if gone else b"T\0")
+        if mtype in (XS_RELEASE, XS_INTRODUCE):
+            domid = int(args[0])
+            if mtype == XS_RELEASE:
+                s.released.add(domid)
+            else:
+                s.released.discard(domid)
+            self.reply(mtype, req_id, tx_id, ok)
+            s.fire("@releaseDomain" if mtype == XS_RELEASE else "@introduceDomain")
+            return
+        if mtype in (XS_SET_PERMS, XS_RESUME,
                      XS_SET_TARGET, XS_RESET_WATCHES, XS_CONTROL):
             return self.reply(mtype, req_id, tx_id, ok)
         return self.error(req_id, tx_id, "EINVAL")
