@@ -711,6 +711,7 @@ class Soak:
              "client_kills": self.client_kills}
         r["nbd"] = self.client_totals()
         r["verified_bytes"] = sum(v.size for v in self.vbds)
+        r["ram_bytes"] = sum(v.size for v in self.vbds if v.kind == "ram")
         per_client = {}
         unexplained, explained, mismatches, unverified = [], 0, 0, []
         for v in self.vbds:
@@ -878,6 +879,9 @@ def summary(r):
                 r["peak"]["fds"], IDLE_TRIM_WAIT, r["end"]["rss"] / MiB, r["end"]["fds"],
                 r["rss_tolerance"] / MiB,
                 "" if r.get("rss_checked", True) else " (not checked: ASan)"),
+            "(RSS during the run holds the ram: disks' data as it is written, up to %.0f MiB, "
+            "and the images' metadata caches and the connections' buffers)" % (
+                r.get("ram_bytes", 0) / MiB),
             "", curve(r["samples"])]
     return "\n".join(out)
 
