@@ -707,7 +707,9 @@ def test_zeroes_and_discard_on_a_differencing_disk(server, tmp_path):
 def test_fua_write_is_durable_before_it_completes(make_server, tmp_path):
     """A FUA write (NBD's flag; blkif's barriers and flushes with data) to a
     dynamic VHD syncs its data and metadata before it is answered: seen as
-    fdatasync calls by the thread engine, under strace."""
+    fdatasync calls by the thread engine, under strace. An overwrite without
+    FUA syncs nothing; an allocation syncs between its steps (the power-loss
+    order, docs/CRASH-REPLAY.md)."""
     srv = make_server(engine="threads")
     img = tmp_path / "fua.vhd"
     vhdutil("create", "-n", img, "-s", "16")
@@ -725,12 +727,14 @@ def test_fua_write_is_durable_before_it_completes(make_server, tmp_path):
         def syncs():
             time.sleep(0.3)
             return out.read_text().count("fdatasync(") if out.exists() else 0
-        h.pwrite(b"b" * 4096, 1 << 20)           # allocating, not FUA
-        h.pwrite(b"c" * 4096, 0)
-        plain = syncs()
-        h.pwrite(b"d" * 4096, 2 << 20, nbd.CMD_FLAG_FUA)   # allocating, FUA
-        h.pwrite(b"e" * 4096, 0, nbd.CMD_FLAG_FUA)
-        assert plain == 0 and syncs() >= 2
+        h.pwrite(b"c" * 4096, 0)                 # an overwrite: no sync
+        assert syncs() == 0
+        h.pwrite(b"b" * 4096, 1 << 20)           # new sectors of block 0: data | bitmap
+        assert syncs() == 1
+        h.pwrite(b"e" * 4096, 0, nbd.CMD_FLAG_FUA)          # an overwrite, FUA
+        assert syncs() >= 2
+        h.pwrite(b"d" * 4096, 2 << 20, nbd.CMD_FLAG_FUA)    # block 1: footer | blocks | BAT, FUA
+        assert syncs() >= 5
     finally:
         st.terminate()
         st.wait()
