@@ -82,6 +82,26 @@ def rss_bytes(pid):
     raise RuntimeError("no VmRSS")
 
 
+def rss_parts(pid):
+    """RSS by kind of mapping: the heap (brk), anonymous maps (thread
+    arenas, large buffers, stacks), and files (the binary and libraries:
+    their pages count once touched)."""
+    parts = {"heap": 0, "anon": 0, "files": 0}
+    kind = None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            head = line.split()
+            if not head:
+                continue
+            if "-" in head[0] and not head[0].endswith(":"):
+                name = head[5] if len(head) > 5 else ""
+                kind = "heap" if name == "[heap]" else "files" if name.startswith("/") \
+                    else "anon"
+            elif head[0] == "Rss:":
+                parts[kind] += int(head[1]) * 1024
+    return parts
+
+
 def fd_targets(pid):
     """What each descriptor of pid is (its /proc/PID/fd link), by number."""
     d = "/proc/%d/fd" % pid
@@ -248,6 +268,7 @@ class Soak:
         time.sleep(1)
         self.baseline = (rss_bytes(self.pid), fd_count(self.pid))
         self.baseline_fds = fd_targets(self.pid)
+        self.baseline_parts = rss_parts(self.pid)
         self.say("soak: server pid %d, baseline RSS %.1f MiB, %d fds" % (
             self.pid, self.baseline[0] / MiB, self.baseline[1]))
         ctl = self.ctl
@@ -664,6 +685,7 @@ class Soak:
         time.sleep(IDLE_TRIM_WAIT)
         self.end = (rss_bytes(self.pid), fd_count(self.pid))
         self.end_fds = fd_targets(self.pid)
+        self.end_parts = rss_parts(self.pid)
         self.sample(ctl, "idle, pools trimmed")
         self.collect()
 
@@ -772,8 +794,9 @@ class Soak:
         r["fclosed_vbds"] = sorted(v.minor for v in self.vbds if v.fclosed)
         r["nbd_errors_explained"] = explained
         r["snapshots"] = sum(v.snapshots for v in self.vbds)
-        r["baseline"] = {"rss": self.baseline[0], "fds": self.baseline[1]}
-        r["end"] = {"rss": self.end[0], "fds": self.end[1]}
+        r["baseline"] = {"rss": self.baseline[0], "fds": self.baseline[1],
+                         "parts": self.baseline_parts}
+        r["end"] = {"rss": self.end[0], "fds": self.end[1], "parts": self.end_parts}
         r["peak"] = {"rss": max(s["rss"] for s in self.samples),
                      "fds": max(s["fds"] for s in self.samples)}
         slack = max(RSS_SLACK_FRACTION * self.baseline[0], RSS_SLACK_BYTES)
@@ -880,8 +903,13 @@ def summary(r):
                 r["rss_tolerance"] / MiB,
                 "" if r.get("rss_checked", True) else " (not checked: ASan)"),
             "(RSS during the run holds the ram: disks' data as it is written, up to %.0f MiB, "
-            "and the images' metadata caches and the connections' buffers)" % (
+            "and the images' metadata caches and the connections' buffers; descriptors grow "
+            "with each snapshot's new image, opened buffered and O_DIRECT)" % (
                 r.get("ram_bytes", 0) / MiB),
+            "RSS by mapping, baseline -> end: %s" % ", ".join(
+                "%s %.1f -> %.1f MiB" % (k, r["baseline"].get("parts", {}).get(k, 0) / MiB,
+                                         r["end"].get("parts", {}).get(k, 0) / MiB)
+                for k in ("heap", "anon", "files")),
             "", curve(r["samples"])]
     return "\n".join(out)
 
