@@ -48,7 +48,8 @@ put_record(unsigned type, const struct io_obs_event *ev, long long res, const ch
 	put_le32(h + 40, ev ? (uint32_t)ev->mode : 0);
 	put_le32(h + 44, (uint32_t)name_len);
 	fwrite(h, 1, sizeof(h), rec_out);
-	fwrite(name, 1, name_len, rec_out);
+	if (name_len)
+		fwrite(name, 1, name_len, rec_out);
 	if (type == REC_SUBMIT && ev->kind == IO_OBS_WRITE)
 		for (int i = 0; i < ev->iovcnt; i++)
 			fwrite(ev->iov[i].iov_base, 1, ev->iov[i].iov_len, rec_out);
