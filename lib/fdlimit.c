@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static int spare_fd = -1;
@@ -61,20 +62,30 @@ fdlimit_soft(void)
 	return (unsigned long)rl.rlim_cur;
 }
 
-/* Exact, and cheap enough for an open: a few microseconds per thousand fds. */
+/*
+ * Exact, and cheap enough for every open: the directory read straight into
+ * a stack buffer (opendir would allocate 32 KiB per call); a few
+ * microseconds per thousand fds.
+ */
 unsigned
 fdlimit_in_use(void)
 {
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *de;
+	char buf[4096] __attribute__((aligned(8)));
+	int fd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	unsigned n = 0;
+	long got;
 
-	if (!d)	/* no descriptor left even for this: all are in use */
+	if (fd < 0)	/* no descriptor left even for this: all are in use */
 		return errno == EMFILE ? (unsigned)fdlimit_soft() : 0;
-	while ((de = readdir(d)))
-		if (de->d_name[0] != '.')
-			n++;
-	closedir(d);
+	while ((got = syscall(SYS_getdents64, fd, buf, sizeof(buf))) > 0) {
+		for (long off = 0; off < got; ) {
+			struct dirent64 *de = (struct dirent64 *)(buf + off);
+			if (de->d_name[0] != '.')
+				n++;
+			off += de->d_reclen;
+		}
+	}
+	close(fd);
 	return n ? n - 1 : 0;	/* the directory's own descriptor */
 }
 
