@@ -1,0 +1,154 @@
+/* A CBT log file as a whole: see cbt_file.h. */
+#include "cbt_file.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "file_calls.h"
+
+static int
+fail(char *err, size_t errlen, int rc, const char *fmt, const char *path, const char *why)
+{
+	if (err)
+		snprintf(err, errlen, fmt, path, why);
+	return rc;
+}
+
+int
+cbt_file_create(const char *path, uint64_t size, char *err, size_t errlen)
+{
+	struct cbt_header h = { .size = size };
+	uint8_t hdr[CBT_HEADER_SIZE];
+	int fd, rc;
+
+	if (!size || size > CBT_MAX_DISK)
+		return fail(err, errlen, -EINVAL, "%s: %s", path,
+			    size ? "disk size too large for a CBT log" : "disk size must not be 0");
+	fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return fail(err, errlen, -errno, "%s: %s", path, strerror(errno));
+	cbt_header_encode(&h, hdr);
+	rc = fc_pwrite_full(fd, hdr, sizeof(hdr), 0);
+	/* the bitmap's bytes: zeros, as a sparse tail */
+	if (!rc)
+		rc = fc_ftruncate(fd, CBT_HEADER_SIZE + cbt_bitmap_bytes(size));
+	if (!rc)
+		rc = fc_fsync(fd);
+	close(fd);
+	if (rc)
+		return fail(err, errlen, rc, "%s: %s", path, strerror(-rc));
+	return 0;
+}
+
+int
+cbt_file_open(const char *path, int rdonly, struct cbt_file *f, char *err, size_t errlen)
+{
+	uint8_t hdr[CBT_HEADER_SIZE];
+	const char *why = NULL;
+	struct stat st;
+	int rc;
+
+	memset(f, 0, sizeof(*f));
+	f->rdonly = rdonly;
+	f->fd = open(path, (rdonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (f->fd < 0)
+		return fail(err, errlen, -errno, "CBT log %s: %s", path, strerror(errno));
+	if (fstat(f->fd, &st) < 0) {
+		rc = -errno;
+		goto out;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		cbt_file_close(f);
+		return fail(err, errlen, -EINVAL, "CBT log %s: %s", path, "not a regular file");
+	}
+	if ((uint64_t)st.st_size < CBT_HEADER_SIZE) {
+		cbt_file_close(f);
+		return fail(err, errlen, -EINVAL, "CBT log %s: %s", path,
+			    "shorter than its 48-byte header (not a CBT log, or truncated)");
+	}
+	if ((rc = fc_pread_full(f->fd, hdr, sizeof(hdr), 0)))
+		goto out;
+	if (cbt_header_decode(hdr, (uint64_t)st.st_size, &f->h, &why) < 0) {
+		cbt_file_close(f);
+		return fail(err, errlen, -EINVAL, "CBT log %s: %s", path, why);
+	}
+	uint64_t n = cbt_bitmap_bytes(f->h.size);
+	if (!(f->bitmap = calloc(1, n))) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	if ((rc = fc_pread_full(f->fd, f->bitmap, n, CBT_HEADER_SIZE)))
+		goto out;
+	return 0;
+out:
+	cbt_file_close(f);
+	return fail(err, errlen, rc, "CBT log %s: %s", path, strerror(-rc));
+}
+
+int
+cbt_file_write_header(struct cbt_file *f)
+{
+	uint8_t hdr[CBT_HEADER_SIZE];
+
+	cbt_header_encode(&f->h, hdr);
+	return fc_pwrite_full(f->fd, hdr, sizeof(hdr), 0);
+}
+
+int
+cbt_file_write_bitmap(struct cbt_file *f, uint64_t off, uint64_t len)
+{
+	return fc_pwrite_full(f->fd, f->bitmap + off, len, CBT_HEADER_SIZE + off);
+}
+
+int
+cbt_file_sync(struct cbt_file *f)
+{
+	return fc_fdatasync(f->fd);
+}
+
+int
+cbt_file_grow(struct cbt_file *f, uint64_t size, char *err, size_t errlen)
+{
+	uint64_t old = cbt_bitmap_bytes(f->h.size), n = cbt_bitmap_bytes(size);
+	uint8_t *bm;
+	int rc;
+
+	if (size < f->h.size)
+		return fail(err, errlen, -EINVAL, "%s%s", "",
+			    "a CBT log cannot shrink (size smaller than the log's)");
+	if (size > CBT_MAX_DISK)
+		return fail(err, errlen, -EINVAL, "%s%s", "", "disk size too large for a CBT log");
+	if (!(bm = realloc(f->bitmap, n ? n : 1)))
+		return -ENOMEM;
+	f->bitmap = bm;
+	memset(bm + old, 0, n - old);
+	/*
+	 * The last old byte may hold bits past the old end (a tool's slack):
+	 * blocks that now exist must not inherit them.
+	 */
+	uint64_t old_blocks = cbt_blocks(f->h.size);
+	if (old && old_blocks % 8)
+		bm[old - 1] &= (uint8_t)((1u << (old_blocks % 8)) - 1);
+	if ((rc = cbt_file_write_bitmap(f, old ? old - 1 : 0, n - (old ? old - 1 : 0))) ||
+	    (rc = cbt_file_sync(f)))
+		return fail(err, errlen, rc, "%s%s", "", strerror(-rc));
+	f->h.size = size;
+	if ((rc = cbt_file_write_header(f)) || (rc = cbt_file_sync(f)))
+		return fail(err, errlen, rc, "%s%s", "", strerror(-rc));
+	return 0;
+}
+
+void
+cbt_file_close(struct cbt_file *f)
+{
+	if (f->fd >= 0)
+		close(f->fd);
+	f->fd = -1;
+	free(f->bitmap);
+	f->bitmap = NULL;
+}
