@@ -184,17 +184,18 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *usage = create ? "create -a TYPE:PATH [-R] [-D] [-m MINOR] [-t SECS] "
-				     "[--qos K=V,...] [--loop L] [-p PID]"
-				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [-t SECS] [--qos K=V,...] "
-				     "[--loop L] [-p PID]";
-	const char *params = NULL;
+				     "[-C CBT_LOG] [--qos K=V,...] [--loop L] [-p PID]"
+				   : "open -m MINOR -a TYPE:PATH [-R] [-D] [-t SECS] [-C CBT_LOG] "
+				     "[--qos K=V,...] [--loop L] [-p PID]";
+	const char *params = NULL, *cbt_log = NULL;
 	long minor = -1, loop = -1, timeout = -1;
 	int ro = 0, nodirect = 0, c;
 	json_t *qos = NULL;
 
-	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:L:t:h", longopts)) != -1) {
+	while ((c = next_opt(cli, argc, argv, "a:Rm:p:Dd:q:L:t:C:h", longopts)) != -1) {
 		switch (c) {
 		case 'a': params = optarg; break;
+		case 'C': cbt_log = optarg; break;
 		case 't': timeout = parse_int(optarg, "-t SECS"); break;
 		case 'L': loop = parse_int(optarg, "--loop L"); break;
 		case 'q':
@@ -223,6 +224,8 @@ cmd_open_like(struct cli *cli, int argc, char **argv, int create)
 		json_object_set_new(args, "loop", json_integer(loop));
 	if (timeout >= 0)
 		json_object_set_new(args, "timeout", json_integer(timeout));
+	if (cbt_log)
+		json_object_set_new(args, "cbt_log", json_string(cbt_log));
 	if (qos)
 		json_object_set_new(args, "qos", qos);
 	json_t *r = cli_call(cli, create ? "create" : "open", args);
@@ -294,15 +297,16 @@ cmd_pause(struct cli *cli, int argc, char **argv)
 static int
 cmd_unpause(struct cli *cli, int argc, char **argv)
 {
-	const char *usage = "unpause -m MINOR [-a TYPE:PATH] [-p PID]";
-	const char *params = NULL;
+	const char *usage = "unpause -m MINOR [-a TYPE:PATH] [-c CBT_LOG] [-p PID]";
+	const char *params = NULL, *cbt_log = NULL;
 	long minor = -1;
 	int c;
 
-	while ((c = next_opt(cli, argc, argv, "m:p:a:h", NULL)) != -1) {
+	while ((c = next_opt(cli, argc, argv, "m:p:a:c:h", NULL)) != -1) {
 		switch (c) {
 		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
 		case 'a': params = optarg; break;
+		case 'c': cbt_log = optarg; break;
 		default: usage_die(usage);
 		}
 	}
@@ -311,10 +315,12 @@ cmd_unpause(struct cli *cli, int argc, char **argv)
 	cli_connect(cli);
 	check_pid(cli);
 	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
-	if (params) {
+	if (params)
 		json_object_set_new(args, "params", json_string(params));
+	if (cbt_log)
+		json_object_set_new(args, "cbt_log", json_string(cbt_log));
+	if (params || cbt_log)
 		add_cwd(args);
-	}
 	json_decref(cli_call(cli, "unpause", args));
 	return 0;
 }
@@ -322,15 +328,16 @@ cmd_unpause(struct cli *cli, int argc, char **argv)
 static int
 cmd_snapshot(struct cli *cli, int argc, char **argv)
 {
-	const char *usage = "snapshot -m MINOR -n NEWLEAF [-p PID]";
-	const char *leaf = NULL;
+	const char *usage = "snapshot -m MINOR -n NEWLEAF [-C CBT_LOG] [-p PID]";
+	const char *leaf = NULL, *cbt_log = NULL;
 	long minor = -1;
 	int c;
 
-	while ((c = next_opt(cli, argc, argv, "m:n:p:h", NULL)) != -1) {
+	while ((c = next_opt(cli, argc, argv, "m:n:p:C:h", NULL)) != -1) {
 		switch (c) {
 		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
 		case 'n': leaf = optarg; break;
+		case 'C': cbt_log = optarg; break;
 		default: usage_die(usage);
 		}
 	}
@@ -339,6 +346,8 @@ cmd_snapshot(struct cli *cli, int argc, char **argv)
 	cli_connect(cli);
 	check_pid(cli);
 	json_t *args = json_pack("{s:I, s:s}", "minor", (json_int_t)minor, "path", leaf);
+	if (cbt_log)
+		json_object_set_new(args, "cbt_log", json_string(cbt_log));
 	add_cwd(args);
 	json_t *r = cli_call(cli, "snapshot", args);
 	if (!cli->json)

@@ -29,6 +29,7 @@ const struct ctl_arg ctl_args_open[] = {
 	{ "cwd", ARG_STRING, 0 },	/* the client's, for a relative path */
 	{ "loop", ARG_INT, 0 },		/* pinned there; else placed */
 	{ "timeout", ARG_INT, 0 },	/* seconds a request may take */
+	{ "cbt_log", ARG_STRING, 0 },	/* track changed blocks there */
 	{ NULL, 0, 0 },
 };
 
@@ -46,6 +47,7 @@ const struct ctl_arg ctl_args_pause[] = {
 const struct ctl_arg ctl_args_unpause[] = {
 	{ "minor", ARG_INT, 1 },
 	{ "params", ARG_STRING, 0 },
+	{ "cbt_log", ARG_STRING, 0 },
 	{ "cwd", ARG_STRING, 0 },
 	{ NULL, 0, 0 },
 };
@@ -53,6 +55,7 @@ const struct ctl_arg ctl_args_unpause[] = {
 const struct ctl_arg ctl_args_snapshot[] = {
 	{ "minor", ARG_INT, 1 },
 	{ "path", ARG_STRING, 1 },
+	{ "cbt_log", ARG_STRING, 0 },
 	{ "cwd", ARG_STRING, 0 },
 	{ NULL, 0, 0 },
 };

@@ -354,25 +354,36 @@ cmd_open(struct ctl_req *req, json_t *args)
 	char *params = arg_absolute(req, args, "params", 0);
 	if (!params)
 		return;
+	char *cbt_log = NULL;
+	if (arg_str(args, "cbt_log") && !(cbt_log = arg_absolute(req, args, "cbt_log", 1))) {
+		free(params);
+		return;
+	}
 	o = calloc(1, sizeof(*o));
 	if (!o) {
 		free(params);
+		free(cbt_log);
 		ctl_reply_error(req, ENOMEM, "out of memory");
 		return;
 	}
 	struct loop *loop = open_loop(req, args, qos);
 	if (!loop) {
 		free(params);
+		free(cbt_log);
 		free(o);
 		return;
 	}
 	o->req = req;
 	o->minor = (int)m;
 	o->qos = json_incref(qos);
-	rc = server_open_vbd(srv, (int)m, loop, params,
-			     (arg_bool(args, "readonly") ? VBD_OPEN_READONLY : 0) |
-			     (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0), (unsigned)timeout,
-			     open_done, o);
+	struct vbd_open_opts opts = {
+		.flags = (arg_bool(args, "readonly") ? VBD_OPEN_READONLY : 0) |
+			 (arg_bool(args, "nodirect") ? VBD_OPEN_NODIRECT : 0),
+		.timeout = (unsigned)timeout,
+		.cbt_log = cbt_log,
+	};
+	rc = server_open_vbd(srv, (int)m, loop, params, &opts, open_done, o);
+	free(cbt_log);
 	if (rc < 0) {
 		json_decref(o->qos);
 		free(o);
@@ -429,12 +440,17 @@ static void
 cmd_unpause(struct ctl_req *req, json_t *args)
 {
 	struct vbd *vbd = arg_vbd(req, args);
-	char *params = NULL;
+	char *params = NULL, *cbt_log = NULL;
 
 	if (!vbd || (arg_str(args, "params") && !(params = arg_absolute(req, args, "params", 0))))
 		return;
-	vbd_unpause(vbd, params, reply_done, req);
+	if (arg_str(args, "cbt_log") && !(cbt_log = arg_absolute(req, args, "cbt_log", 1))) {
+		free(params);
+		return;
+	}
+	vbd_unpause(vbd, params, cbt_log, reply_done, req);
 	free(params);
+	free(cbt_log);
 }
 
 /* ---- snapshot ---- */
@@ -461,21 +477,26 @@ cmd_snapshot(struct ctl_req *req, json_t *args)
 {
 	struct vbd *vbd = arg_vbd(req, args);
 	struct snap_req *sr;
-
-	char *path;
+	char *path, *cbt_log = NULL;
 
 	if (!vbd || !(path = arg_absolute(req, args, "path", 1)))
 		return;
+	if (arg_str(args, "cbt_log") && !(cbt_log = arg_absolute(req, args, "cbt_log", 1))) {
+		free(path);
+		return;
+	}
 	sr = calloc(1, sizeof(*sr));
 	if (!sr) {
 		free(path);
+		free(cbt_log);
 		ctl_reply_error(req, ENOMEM, "out of memory");
 		return;
 	}
 	sr->req = req;
 	sr->minor = vbd->minor;
-	vbd_snapshot(vbd, path, snapshot_done, sr);
+	vbd_snapshot(vbd, path, cbt_log, snapshot_done, sr);
 	free(path);
+	free(cbt_log);
 }
 
 /* ---- qos ---- */

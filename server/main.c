@@ -479,7 +479,7 @@ startup_opens(struct server *srv, char **opens, int n)
 {
 	startup_params = opens;
 	for (int i = 0; i < n; i++) {
-		int rc = server_open_vbd(srv, i, NULL, opens[i], 0, 0, startup_open_done,
+		int rc = server_open_vbd(srv, i, NULL, opens[i], NULL, startup_open_done,
 					 (void *)(intptr_t)i);
 		if (rc < 0) {
 			log_err("--open %s: %s", opens[i], strerror(-rc));

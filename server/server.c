@@ -171,6 +171,7 @@ struct open_ctx {
 	char *params;
 	unsigned flags;
 	unsigned timeout;	/* seconds, or 0: the default */
+	char *cbt_log;
 	int code;		/* why a frontend could not serve it */
 	vbd_done_fn done;
 	void *arg;
@@ -181,6 +182,7 @@ static void
 open_ctx_free(struct open_ctx *oc)
 {
 	free(oc->params);
+	free(oc->cbt_log);
 	free(oc);
 }
 
@@ -235,19 +237,29 @@ open_on_loop(struct mailbox_msg *m)
 
 	if (oc->timeout)
 		vbd_set_timeout(vbd, oc->timeout);
+	if (oc->cbt_log && vbd_set_cbt_log(vbd, oc->cbt_log) < 0) {
+		vbd_open(vbd, "", 0, open_done, oc);	/* fails, and takes the vbd out */
+		return;
+	}
 	vbd_open(vbd, oc->params, oc->flags, open_done, oc);
 }
 
 int
 server_open_vbd(struct server *srv, int minor, struct loop *loop, const char *params,
-		unsigned flags, unsigned timeout, vbd_done_fn done, void *arg)
+		const struct vbd_open_opts *opts, vbd_done_fn done, void *arg)
 {
+	static const struct vbd_open_opts defaults;
 	struct open_ctx *oc;
 	struct vbd *vbd;
 
 	if (fdlimit_check_open() < 0)
 		return -EMFILE;
-	if (!(oc = calloc(1, sizeof(*oc))) || !(oc->params = strdup(params))) {
+	if (!opts)
+		opts = &defaults;
+	if (!(oc = calloc(1, sizeof(*oc))) || !(oc->params = strdup(params)) ||
+	    (opts->cbt_log && !(oc->cbt_log = strdup(opts->cbt_log)))) {
+		if (oc)
+			free(oc->params);
 		free(oc);
 		return -ENOMEM;
 	}
@@ -261,8 +273,8 @@ server_open_vbd(struct server *srv, int minor, struct loop *loop, const char *pa
 	}
 	oc->srv = srv;
 	oc->minor = minor;
-	oc->flags = flags;
-	oc->timeout = timeout;
+	oc->flags = opts->flags;
+	oc->timeout = opts->timeout;
 	oc->done = done;
 	oc->arg = arg;
 	oc->msg.fn = open_on_loop;

@@ -145,16 +145,23 @@ json_t *server_stats_doc(struct vbd *vbd, void *arg);
 /* Adds a frontend kind; -ENOSPC past SERVER_MAX_FRONTENDS. */
 int server_frontend_register(struct server *srv, const struct frontend_class *cls, void *state);
 
+/* How server_open_vbd opens a vbd, beyond its params. */
+struct vbd_open_opts {
+	unsigned flags;		/* VBD_OPEN_* */
+	unsigned timeout;	/* seconds a request may take, or 0: VBD_DEFAULT_TIMEOUT */
+	const char *cbt_log;	/* track changed blocks in this CBT log, or NULL */
+};
+
 /*
- * Opens a vbd on loop (NULL: placed by server_place), its requests timing
- * out after timeout seconds (0: VBD_DEFAULT_TIMEOUT), and tells every
+ * Opens a vbd on loop (NULL: placed by server_place), as opts says (NULL:
+ * the defaults), and tells every
  * frontend kind (NBD makes its socket). done runs on the vbd's loop once it
  * serves (or failed), and may use the vbd there (server_vbd). -EBUSY at once
  * if the minor is taken, -EMFILE if the open would eat into the descriptors
  * kept for control clients (fdlimit.h).
  */
 int server_open_vbd(struct server *srv, int minor, struct loop *loop, const char *params,
-		    unsigned flags, unsigned timeout, vbd_done_fn done, void *arg);
+		    const struct vbd_open_opts *opts, vbd_done_fn done, void *arg);
 
 /*
  * Runs op(vbd, done', arg') on the loop of minor's vbd; done(arg, err, msg)

@@ -22,6 +22,7 @@ struct snap {
 	struct vbd *vbd;
 	const struct td_driver *drv;
 	char *leaf_path, *new_path, *new_params;
+	char *cbt_log;		/* tracking moves to this log with the new leaf, or NULL */
 	struct td_error err;
 	vbd_done_fn done;
 	void *arg;
@@ -33,6 +34,7 @@ snap_free(struct snap *s)
 	free(s->leaf_path);
 	free(s->new_path);
 	free(s->new_params);
+	free(s->cbt_log);
 	free(s);
 }
 
@@ -63,7 +65,7 @@ snap_child_removed(struct io_call *c, int res)
 {
 	struct snap *s = (struct snap *)c;
 	(void)res;
-	vbd_unpause(s->vbd, NULL, snap_resumed_after_failure, s);
+	vbd_unpause(s->vbd, NULL, NULL, snap_resumed_after_failure, s);
 }
 
 static void
@@ -96,10 +98,10 @@ snap_created(struct io_call *c, int res)
 {
 	struct snap *s = (struct snap *)c;
 	if (res < 0) {
-		vbd_unpause(s->vbd, NULL, snap_resumed_after_failure, s);
+		vbd_unpause(s->vbd, NULL, NULL, snap_resumed_after_failure, s);
 		return;
 	}
-	vbd_unpause(s->vbd, s->new_params, snap_resumed, s);
+	vbd_unpause(s->vbd, s->new_params, s->cbt_log, snap_resumed, s);
 }
 
 static void
@@ -117,7 +119,8 @@ snap_paused(void *arg, int err, const char *msg)
 }
 
 void
-vbd_snapshot(struct vbd *vbd, const char *new_path, vbd_done_fn done, void *arg)
+vbd_snapshot(struct vbd *vbd, const char *new_path, const char *cbt_log, vbd_done_fn done,
+	     void *arg)
 {
 	const struct td_driver *drv;
 	char *path = NULL;
@@ -144,7 +147,10 @@ vbd_snapshot(struct vbd *vbd, const char *new_path, vbd_done_fn done, void *arg)
 		return;
 	}
 	s = calloc(1, sizeof(*s));
-	if (!s || !(s->new_path = strdup(new_path))) {
+	if (!s || !(s->new_path = strdup(new_path)) ||
+	    (cbt_log && !(s->cbt_log = strdup(cbt_log)))) {
+		if (s)
+			free(s->new_path);
 		free(s);
 		free(path);
 		done(arg, ENOMEM, "out of memory");

@@ -15,6 +15,7 @@
 
 #include <event2/event.h>
 
+#include "cbt.h"
 #include "io.h"
 #include "io_record.h"
 #include "fdlimit.h"
@@ -35,6 +36,10 @@ struct vbd_job {
 	unsigned oflags;
 	struct td_image *old_leaf;	/* REOPEN, CLOSE: closed first */
 	struct td_image *leaf;		/* result */
+	char *cbt_path;			/* OPEN, REOPEN: a log to open, or NULL */
+	int cbt_rdonly;
+	struct cbt *cbt;		/* the vbd's log: REOPEN kept (grown), OPEN opened */
+	struct cbt *old_cbt;		/* REOPEN onto a new log, CLOSE: closed */
 	struct td_error err;
 	vbd_done_fn done;
 	void *arg;
@@ -75,11 +80,42 @@ vbd_job_run(struct io_call *c)
 	struct vbd_job *job = (struct vbd_job *)c;
 	struct td_open_ctx ctx = { .io = job->vbd->loop->io };
 
+	int rc;
+
 	if (job->old_leaf)
 		td_chain_close(job->old_leaf);
-	if (job->kind == JOB_CLOSE)
+	if (job->kind == JOB_CLOSE) {
+		cbt_close(job->old_cbt);
+		job->old_cbt = NULL;
 		return 0;
-	return td_chain_open(job->params, job->oflags, &ctx, &job->leaf, &job->err);
+	}
+	if ((rc = td_chain_open(job->params, job->oflags, &ctx, &job->leaf, &job->err)) < 0)
+		return rc;
+	if (!job->cbt_path && !job->cbt)
+		return 0;
+	if (job->cbt_path && (job->oflags & TD_OPEN_NOFILE)) {
+		rc = -EACCES;	/* the fuzzers' servers touch no file */
+		snprintf(job->err.msg, sizeof(job->err.msg), "CBT logs are not allowed here");
+	} else if (job->cbt_path) {
+		struct cbt *log;
+		rc = cbt_open(job->cbt_path, job->leaf->size, job->cbt_rdonly, &log,
+			      job->err.msg, sizeof(job->err.msg));
+		if (rc == 0) {
+			job->old_cbt = job->cbt;	/* rotated: closed consistent once done */
+			job->cbt = log;
+		}
+	} else {
+		rc = cbt_resize(job->cbt, job->leaf->size, job->err.msg, sizeof(job->err.msg));
+	}
+	if (rc < 0) {
+		job->err.code = -rc;
+		td_chain_close(job->leaf);
+		job->leaf = NULL;
+		return rc;
+	}
+	cbt_close(job->old_cbt);
+	job->old_cbt = NULL;
+	return 0;
 }
 
 static void vbd_job_done(struct io_call *c, int res);
@@ -105,10 +141,13 @@ vbd_job_new(struct vbd *vbd, enum vbd_job_kind kind, const char *params,
 	struct vbd_job *job = calloc(1, sizeof(*job));
 	if (!job)
 		return NULL;
-	if (params && !(job->params = strdup(params))) {
+	if ((params && !(job->params = strdup(params))) ||
+	    (vbd->cbt_path && kind != JOB_CLOSE && !(job->cbt_path = strdup(vbd->cbt_path)))) {
+		free(job->params);
 		free(job);
 		return NULL;
 	}
+	job->cbt_rdonly = vbd->readonly;
 	job->kind = kind;
 	job->vbd = vbd;
 	job->done = done;
@@ -196,6 +235,22 @@ job_explain_fd_error(struct vbd_job *job)
 		fdlimit_message(job->err.msg, sizeof(job->err.msg), job->params);
 }
 
+static void vbd_cbt_resume(struct vbd_request *vr, int err);
+
+/* The job's log (opened, rotated, kept or grown) is the vbd's again. */
+static void
+vbd_take_cbt(struct vbd *vbd, struct vbd_job *job)
+{
+	vbd->cbt = job->cbt;
+	job->cbt = NULL;
+	if (vbd->cbt)
+		cbt_attach(vbd->cbt, vbd->loop->io, vbd_cbt_resume);
+	if (job->cbt_path) {	/* taken: the next reopen keeps it */
+		free(vbd->cbt_path);
+		vbd->cbt_path = NULL;
+	}
+}
+
 /* An open or reopen succeeded: the vbd takes the job's params and chain. */
 static void
 vbd_take_chain(struct vbd *vbd, struct vbd_job *job)
@@ -204,6 +259,7 @@ vbd_take_chain(struct vbd *vbd, struct vbd_job *job)
 	vbd->params = job->params;
 	job->params = NULL;
 	vbd_set_chain(vbd, job->leaf);
+	vbd_take_cbt(vbd, job);
 }
 
 static void
@@ -238,6 +294,10 @@ vbd_job_done(struct io_call *c, int res)
 		vbd->state &= ~VBD_OPENING;
 		if (res < 0) {
 			vbd->leaf = NULL;	/* the old chain was closed first */
+			vbd->cbt = job->cbt;	/* the old log stays, unchanged */
+			job->cbt = NULL;
+			free(vbd->cbt_path);	/* and no switch is pending */
+			vbd->cbt_path = NULL;
 			job_explain_fd_error(job);
 			job->done(job->arg, job->err.code, job->err.msg);
 			break;
@@ -261,6 +321,7 @@ vbd_job_done(struct io_call *c, int res)
 		break;
 	}
 	free(job->params);
+	free(job->cbt_path);
 	free(job);
 }
 
@@ -323,6 +384,17 @@ vbd_unlink(struct vbd *vbd, int keep_closed)
 	pthread_mutex_unlock(&srv->lock);
 }
 
+int
+vbd_set_cbt_log(struct vbd *vbd, const char *path)
+{
+	char *p = strdup(path);
+	if (!p)
+		return -ENOMEM;
+	free(vbd->cbt_path);
+	vbd->cbt_path = p;
+	return 0;
+}
+
 void
 vbd_open(struct vbd *vbd, const char *params, unsigned flags, vbd_done_fn done, void *arg)
 {
@@ -363,14 +435,19 @@ vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg)
 }
 
 void
-vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg)
+vbd_unpause(struct vbd *vbd, const char *params, const char *cbt_log, vbd_done_fn done,
+	    void *arg)
 {
 	if (!(vbd->state & VBD_PAUSED) || (vbd->state & VBD_OPENING)) {
 		done(arg, EINVAL, (vbd->state & VBD_OPENING) ? "vbd is busy (reopening)"
 			       : "vbd is not paused");
 		return;
 	}
-	if (!params && vbd->leaf) {	/* nothing was closed */
+	if (cbt_log && vbd_set_cbt_log(vbd, cbt_log) < 0) {
+		done(arg, ENOMEM, "out of memory");
+		return;
+	}
+	if (!params && !cbt_log && vbd->leaf) {	/* nothing was closed */
 		vbd->state &= ~VBD_PAUSED;
 		log_info("minor %d: resumed", vbd->minor);
 		done(arg, 0, NULL);
@@ -385,6 +462,8 @@ vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg)
 	}
 	job->old_leaf = vbd->leaf;
 	vbd->leaf = NULL;
+	job->cbt = vbd->cbt;	/* the job's until it is done */
+	vbd->cbt = NULL;
 	vbd->state |= VBD_OPENING;
 	vbd_job_start(job);
 }
@@ -401,6 +480,7 @@ vbd_free(struct vbd *vbd)
 	qos_vbd_close(vbd);
 	free(vbd->marks);
 	free(vbd->params);
+	free(vbd->cbt_path);
 	free(vbd);
 }
 
@@ -548,7 +628,7 @@ vbd_check_drained(struct vbd *vbd)
 	if (vbd->state & VBD_SHUTDOWN_REQUESTED) {
 		if (!(vbd->state & VBD_DEAD))
 			vbd_shutdown_frontends(vbd);
-		if (!vbd->leaf) {
+		if (!vbd->leaf && !vbd->cbt) {
 			vbd_close_finished(vbd);
 			return;
 		}
@@ -582,6 +662,10 @@ vbd_check_drained(struct vbd *vbd)
 	 */
 	job->old_leaf = vbd->leaf;
 	vbd->leaf = NULL;
+	if (vbd->state & VBD_SHUTDOWN_REQUESTED) {	/* a pause keeps tracking */
+		job->old_cbt = vbd->cbt;
+		vbd->cbt = NULL;
+	}
 	vbd->state |= VBD_OPENING;	/* busy until the chain is closed */
 	job->start.fn = vbd_job_start_deferred;
 	job->start.arg = job;
@@ -843,7 +927,25 @@ vbd_start(struct vbd *vbd, struct vbd_request *vr)
 	vbd->nr_inflight++;
 	vbd_watchdog_arm(vbd);
 	td->done = vbd_td_done;
+	if (vbd->cbt && op_writes(td->op) &&
+	    cbt_before_write(vbd->cbt, vr, td->offset, td->length))
+		return;	/* vbd_cbt_resume sends it on */
 	td_image_submit(vbd->leaf, td);
+}
+
+/* The bits of vr's blocks are durable in the CBT log (or could not be made so). */
+static void
+vbd_cbt_resume(struct vbd_request *vr, int err)
+{
+	struct vbd *vbd = vr->vbd;
+
+	if (!err && (vbd->state & VBD_DEAD))
+		err = ESHUTDOWN;	/* force-closed meanwhile */
+	if (err) {
+		vbd_td_done(&vr->td, err);
+		return;
+	}
+	td_image_submit(vbd->leaf, &vr->td);
 }
 
 void
@@ -969,6 +1071,8 @@ vbd_stats_json(const struct vbd *vbd)
 	json_object_set_new(out, "timeout", json_integer(vbd->timeout));
 	json_object_set_new(out, "retries", json_integer((json_int_t)vbd->retries));
 	json_object_set_new(out, "timeouts", json_integer((json_int_t)vbd->timeouts));
+	if (vbd->cbt)
+		json_object_set_new(out, "cbt", cbt_stats_json(vbd->cbt));
 	if (xenbus)
 		json_object_set_new(out, "xenbus", xenbus);
 	return out;
@@ -1014,6 +1118,8 @@ vbd_info_json(const struct vbd *vbd)
 			      "size", (json_int_t)(vbd->params ? vbd->size : 0),
 			      "sector_size", (int)(vbd->params ? vbd->sector_size : 0),
 			      "chain_depth", (int)td_chain_depth(vbd->leaf));
+	if (o && vbd->cbt)
+		json_object_set_new(o, "cbt_log", json_string(vbd->cbt->path));
 
 	for (unsigned i = 0; o && i < vbd->srv->nr_frontends; i++) {
 		const struct server_frontend *f = &vbd->srv->frontends[i];

@@ -56,6 +56,8 @@ struct vbd_request {
 	int err;
 	TAILQ_ENTRY(vbd_request) link;
 	TAILQ_ENTRY(vbd_request) retry_link;
+	TAILQ_ENTRY(vbd_request) cbt_link;	/* waiting for its bits in the CBT log */
+	uint64_t cbt_need;	/* the log write (cbt.h) that makes them durable */
 	struct io_defer defer;
 	size_t alloc_size;	/* the frontend's struct and the scratch after it */
 };
@@ -132,6 +134,8 @@ struct vbd {
 	unsigned caps;
 	time_t opened_at;
 	unsigned timeout;	/* seconds a request may take, retries included */
+	struct cbt *cbt;	/* changed-block tracking, or NULL (cbt.h) */
+	char *cbt_path;		/* the log the next open or reopen takes, or NULL */
 
 	TAILQ_HEAD(, vbd_request) queued;	/* waiting for unpause */
 	TAILQ_HEAD(, vbd_request) inflight;	/* in the order they started */
@@ -163,12 +167,22 @@ struct vbd {
 int vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out);
 /* Seconds a request may take (1..VBD_MAX_TIMEOUT); before vbd_open, on the vbd's loop. */
 void vbd_set_timeout(struct vbd *vbd, unsigned secs);
+/*
+ * Track changed blocks in the CBT log at path from the open (before
+ * vbd_open; the log must exist and match the disk's size). -ENOMEM.
+ */
+int vbd_set_cbt_log(struct vbd *vbd, const char *path);
 /* Async, on the vbd's loop; done(arg, 0, NULL) once the vbd serves requests.
  * If the open fails, the vbd is gone from the table when done runs. */
 void vbd_open(struct vbd *vbd, const char *params, unsigned flags, vbd_done_fn done, void *arg);
 void vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg);
-/* params NULL: reopen what was open. */
-void vbd_unpause(struct vbd *vbd, const char *params, vbd_done_fn done, void *arg);
+/*
+ * params NULL: reopen what was open. cbt_log: track changes in this log
+ * from now on (the old log, if any, is closed consistent: a toolstack's
+ * rotation at snapshot); NULL keeps the log there is, grown if the disk did.
+ */
+void vbd_unpause(struct vbd *vbd, const char *params, const char *cbt_log, vbd_done_fn done,
+		 void *arg);
 /*
  * Stops the vbd: new requests fail; without force, in-flight ones finish
  * first; with force, frontends are cut off at once and the images close when
