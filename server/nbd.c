@@ -28,6 +28,7 @@
 
 #include "backlog.h"
 #include "bufpool.h"
+#include "cbt.h"
 #include "container_of.h"
 #include "fdlimit.h"
 #include "freelist.h"
@@ -46,6 +47,9 @@
 #define NBD_MAX_OUTPUT		(32u << 20)	/* data buffers per connection: unsent
 						   replies plus requests in flight */
 #define NBD_MAX_EXTENTS		1024
+/* the contexts a connection chose (NBD_OPT_SET_META_CONTEXT) */
+#define META_BASE	0x1	/* base:allocation */
+#define META_DIRTY	0x2	/* qemu:dirty-bitmap:cbt */
 #define NBD_MAX_HS_OUTPUT	(1u << 20)	/* unread option replies */
 #define NBD_MAX_CONNECTIONS	4096
 #define NBD_DISCARD_LIMIT	(16u << 20)	/* larger option payloads: disconnect */
@@ -99,7 +103,7 @@ struct nbd_conn {
 	enum conn_state state;
 	uint32_t cflags;
 	int structured;
-	int meta_base_alloc;		/* base:allocation selected */
+	unsigned meta;			/* contexts selected: META_* */
 	char *meta_export;		/* export the contexts were set for */
 	uint32_t opt, opt_len;
 	uint64_t discard_left;
@@ -401,30 +405,74 @@ reply_read(struct nbd_conn *c, struct nbd_req *nr)
 	}
 }
 
+/*
+ * The dirty bitmap's extents over the request, at most max, in p (after its
+ * context id): runs of 64 KiB blocks, clipped to the range asked. No log
+ * (a reopen holds it this instant): all dirty, a backup copies more, never less.
+ */
+static uint32_t
+dirty_extents(const struct vbd *vbd, const struct td_request *td, uint32_t max, uint8_t *p)
+{
+	uint64_t at = td->offset, end = td->offset + td->length;
+	uint32_t n = 0;
+
+	while (at < end && n < max) {
+		uint64_t len = end - at;
+		int dirty = 1;
+		if (vbd->cbt) {
+			uint64_t block = at / CBT_BLOCK_SIZE;
+			uint64_t limit = (end - 1) / CBT_BLOCK_SIZE - block + 1;
+			uint64_t run = cbt_run_length(vbd->cbt->want, block, limit);
+			dirty = cbt_block_dirty(vbd->cbt, block);
+			uint64_t run_end = (block + run) * CBT_BLOCK_SIZE;
+			if (run_end < end)
+				len = run_end - at;
+		}
+		if (len > UINT32_MAX - (CBT_BLOCK_SIZE - 1))	/* lengths are 32-bit on the wire */
+			len = (UINT32_MAX / CBT_BLOCK_SIZE) * CBT_BLOCK_SIZE - at % CBT_BLOCK_SIZE;
+		put_be32(p + 8 * n, (uint32_t)len);
+		put_be32(p + 8 * n + 4, dirty ? NBD_STATE_DIRTY : 0);
+		n++;
+		at += len;
+	}
+	return n;
+}
+
+/* One chunk per context the client chose, the last one done. */
 static void
 reply_block_status(struct nbd_conn *c, struct nbd_req *nr)
 {
 	const struct td_request *td = &nr->vr.td;
-	uint32_t n = td->nr_extents;
-	uint8_t *p = malloc(4 + 8 * (size_t)n);
+	uint32_t n = td->nr_extents, max = (nr->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_MAX_EXTENTS;
+	size_t room = 4 + 8 * (size_t)(n > max ? n : max);
+	uint8_t *p = malloc(room);
 
 	if (!p) {
 		reply_error(c, nr->cookie, nr->type, ENOMEM);
 		return;
 	}
-	put_be32(p, NBD_META_ID_BASE_ALLOCATION);
-	for (uint32_t i = 0; i < n; i++) {
-		uint32_t fl = 0;
-		if (td->extents[i].flags & TD_EXTENT_HOLE)
-			fl |= NBD_STATE_HOLE;
-		if (td->extents[i].flags & TD_EXTENT_ZERO)
-			fl |= NBD_STATE_ZERO;
-		put_be32(p + 4 + 8 * i, (uint32_t)td->extents[i].length);
-		put_be32(p + 8 + 8 * i, fl);
+	if (c->meta & META_BASE) {
+		put_be32(p, NBD_META_ID_BASE_ALLOCATION);
+		for (uint32_t i = 0; i < n; i++) {
+			uint32_t fl = 0;
+			if (td->extents[i].flags & TD_EXTENT_HOLE)
+				fl |= NBD_STATE_HOLE;
+			if (td->extents[i].flags & TD_EXTENT_ZERO)
+				fl |= NBD_STATE_ZERO;
+			put_be32(p + 4 + 8 * i, (uint32_t)td->extents[i].length);
+			put_be32(p + 8 + 8 * i, fl);
+		}
+		chunk_header(c, nr->cookie, (c->meta & META_DIRTY) ? 0 : NBD_REPLY_FLAG_DONE,
+			     NBD_REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
+		conn_write(c, p, 4 + 8 * n);
 	}
-	chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
-		     4 + 8 * n);
-	conn_write(c, p, 4 + 8 * n);
+	if (c->meta & META_DIRTY) {
+		put_be32(p, NBD_META_ID_DIRTY_CBT);
+		n = dirty_extents(nr->vr.vbd, td, max, p + 4);
+		chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
+			     4 + 8 * n);
+		conn_write(c, p, 4 + 8 * n);
+	}
 	free(p);
 }
 
@@ -604,7 +652,7 @@ request_check(struct nbd_conn *c, const struct nbd_request *r)
 			return EINVAL;
 		return 0;
 	case NBD_CMD_BLOCK_STATUS:
-		if (!c->structured || !c->meta_base_alloc || !r->length)
+		if (!c->structured || !c->meta || !r->length)
 			return EINVAL;
 		break;
 	case NBD_CMD_TRIM:
@@ -960,7 +1008,10 @@ start_transmission(struct nbd_conn *c, struct vbd *vbd)
 	c->state = CS_REQ_HEADER;
 	/* contexts chosen for another export do not carry over */
 	if (c->meta_export && export_find(c, c->meta_export) != vbd)
-		c->meta_base_alloc = 0;
+		c->meta = 0;
+	/* a vbd that tracks no changes has no dirty bitmap to report */
+	if (!vbd->cbt)
+		c->meta &= ~META_DIRTY;
 	if (c->deadline) {
 		event_free(c->deadline);
 		c->deadline = NULL;
@@ -1102,30 +1153,46 @@ opt_list(struct nbd_conn *c, uint32_t len)
 struct meta_walk {
 	struct nbd_conn *c;
 	int list;
-	int matched;
+	unsigned offered;	/* META_*: what the export has */
+	unsigned matched;
 };
 
+static void
+meta_reply(struct meta_walk *w, unsigned bit, uint32_t id, const char *name)
+{
+	uint8_t p[4 + NBD_MAX_STRING];
+	size_t len = strlen(name);
+
+	if (!(w->offered & bit) || (w->matched & bit))
+		return;
+	w->matched |= bit;
+	put_be32(p, id);
+	memcpy(p + 4, name, len);
+	opt_reply(w->c, NBD_REP_META_CONTEXT, p, (uint32_t)(4 + len));
+}
+
+/*
+ * SET names a context exactly; LIST may also name a namespace ("base:",
+ * "qemu:") or, in qemu's, a family ("qemu:dirty-bitmap:") for all it holds.
+ */
 static void
 meta_query(const char *q, uint32_t qlen, void *arg)
 {
 	struct meta_walk *w = arg;
-	int match = strcmp(q, NBD_META_BASE_ALLOCATION) == 0 ||
-		    (w->list && strcmp(q, "base:") == 0);
 	(void)qlen;
-	if (!match || w->matched)
-		return;
-	w->matched = 1;
-	uint8_t p[4 + sizeof(NBD_META_BASE_ALLOCATION) - 1];
-	put_be32(p, NBD_META_ID_BASE_ALLOCATION);
-	memcpy(p + 4, NBD_META_BASE_ALLOCATION, sizeof(NBD_META_BASE_ALLOCATION) - 1);
-	opt_reply(w->c, NBD_REP_META_CONTEXT, p, sizeof(p));
+	if (strcmp(q, NBD_META_BASE_ALLOCATION) == 0 || (w->list && strcmp(q, "base:") == 0))
+		meta_reply(w, META_BASE, NBD_META_ID_BASE_ALLOCATION, NBD_META_BASE_ALLOCATION);
+	if (strcmp(q, NBD_META_DIRTY_CBT) == 0 ||
+	    (w->list && (strcmp(q, "qemu:") == 0 || strcmp(q, "qemu:dirty-bitmap:") == 0)))
+		meta_reply(w, META_DIRTY, NBD_META_ID_DIRTY_CBT, NBD_META_DIRTY_CBT);
 }
 
 static void
 opt_meta(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 {
 	char name[NBD_MAX_STRING + 1];
-	struct meta_walk w = { c, c->opt == NBD_OPT_LIST_META_CONTEXT, 0 };
+	struct meta_walk w = { c, c->opt == NBD_OPT_LIST_META_CONTEXT, META_BASE, 0 };
+	struct vbd *vbd;
 	uint32_t nq = 0, rc;
 
 	if (!w.list && !c->structured) {
@@ -1134,18 +1201,21 @@ opt_meta(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 	}
 	/* parse fully first: a bad query must not leave half the replies sent */
 	rc = nbd_parse_opt_meta(data, len, name, NULL, NULL, &nq);
-	if (rc == 0 && !export_find(c, name))
+	if (rc == 0 && !(vbd = export_find(c, name)))
 		rc = NBD_REP_ERR_UNKNOWN;
 	if (rc) {
 		opt_reply(c, rc, NULL, 0);
 		return;
 	}
-	if (w.list && nq == 0)
+	if (vbd->cbt)
+		w.offered |= META_DIRTY;
+	if (w.list && nq == 0) {
 		meta_query(NBD_META_BASE_ALLOCATION, 0, &w);
-	else
+		meta_query(NBD_META_DIRTY_CBT, 0, &w);
+	} else
 		nbd_parse_opt_meta(data, len, name, meta_query, &w, &nq);
 	if (!w.list) {
-		c->meta_base_alloc = w.matched;
+		c->meta = w.matched;
 		free(c->meta_export);
 		c->meta_export = strdup(name);
 	}
@@ -1258,7 +1328,8 @@ struct nbd_handoff {
 	struct nbd_server *to;
 	int fd;
 	uint32_t cflags, opt, opt_len;
-	int structured, meta_base_alloc;
+	int structured;
+	unsigned meta;
 	char *meta_export;
 	unsigned hops;
 	struct timespec started;
@@ -1347,7 +1418,7 @@ conn_handoff(struct nbd_conn *c, struct loop *l)
 	h->opt = c->opt;
 	h->opt_len = c->opt_len;
 	h->structured = c->structured;
-	h->meta_base_alloc = c->meta_base_alloc;
+	h->meta = c->meta;
 	h->meta_export = c->meta_export;
 	c->meta_export = NULL;
 	h->hops = c->hops + 1;
@@ -1626,7 +1697,7 @@ nbd_adopt(struct mailbox_msg *m)
 	c->opt = h->opt;
 	c->opt_len = h->opt_len;
 	c->structured = h->structured;
-	c->meta_base_alloc = h->meta_base_alloc;
+	c->meta = h->meta;
 	c->meta_export = h->meta_export;
 	h->meta_export = NULL;
 	c->hops = h->hops;

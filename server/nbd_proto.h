@@ -118,6 +118,10 @@
 
 #define NBD_META_BASE_ALLOCATION "base:allocation"
 #define NBD_META_ID_BASE_ALLOCATION 1
+/* a vbd's CBT log as qemu names a dirty bitmap; its one flag */
+#define NBD_META_DIRTY_CBT "qemu:dirty-bitmap:cbt"
+#define NBD_META_ID_DIRTY_CBT 2
+#define NBD_STATE_DIRTY		(1u << 0)
 
 struct nbd_request {
 	uint16_t flags, type;
