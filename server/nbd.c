@@ -140,6 +140,8 @@ struct nbd_req {
 	struct nbd_conn *conn;
 	uint64_t cookie;
 	uint16_t type, flags;
+	uint64_t offset;	/* as the client asked: drivers may move td's along */
+	uint32_t length;
 	int answered;		/* timed out: the client has its error, the I/O is still out */
 	void *buf;
 	size_t buflen;
@@ -406,14 +408,14 @@ reply_read(struct nbd_conn *c, struct nbd_req *nr)
 }
 
 /*
- * The dirty bitmap's extents over the request, at most max, in p (after its
+ * The dirty bitmap's extents over the range asked, at most max, in p (after its
  * context id): runs of 64 KiB blocks, clipped to the range asked. No log
  * (a reopen holds it this instant): all dirty, a backup copies more, never less.
  */
 static uint32_t
-dirty_extents(const struct vbd *vbd, const struct td_request *td, uint32_t max, uint8_t *p)
+dirty_extents(const struct vbd *vbd, const struct nbd_req *nr, uint32_t max, uint8_t *p)
 {
-	uint64_t at = td->offset, end = td->offset + td->length;
+	uint64_t at = nr->offset, end = nr->offset + nr->length;
 	uint32_t n = 0;
 
 	while (at < end && n < max) {
@@ -468,7 +470,7 @@ reply_block_status(struct nbd_conn *c, struct nbd_req *nr)
 	}
 	if (c->meta & META_DIRTY) {
 		put_be32(p, NBD_META_ID_DIRTY_CBT);
-		n = dirty_extents(nr->vr.vbd, td, max, p + 4);
+		n = dirty_extents(nr->vr.vbd, nr, max, p + 4);
 		chunk_header(c, nr->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
 			     4 + 8 * n);
 		conn_write(c, p, 4 + 8 * n);
@@ -585,6 +587,8 @@ nbd_req_new(struct nbd_conn *c)
 	nr->cookie = c->cur.cookie;
 	nr->type = c->cur.type;
 	nr->flags = c->cur.flags;
+	nr->offset = c->cur.offset;
+	nr->length = c->cur.length;
 	nr->vr.td.op = cmd_to_op(c->cur.type);
 	nr->vr.td.offset = c->cur.offset;
 	nr->vr.td.length = c->cur.length;

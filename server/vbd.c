@@ -237,6 +237,14 @@ job_explain_fd_error(struct vbd_job *job)
 
 static void vbd_cbt_resume(struct vbd_request *vr, int err);
 
+/* The power-loss replay's view: a tracked write leaves for the chain now. */
+static void
+vbd_cbt_mark(const struct vbd *vbd, const struct td_request *td)
+{
+	io_record_mark("cbt-write %d %ju %ju", vbd->minor, (uintmax_t)td->offset,
+		       (uintmax_t)td->length);
+}
+
 /* The job's log (opened, rotated, kept or grown) is the vbd's again. */
 static void
 vbd_take_cbt(struct vbd *vbd, struct vbd_job *job)
@@ -927,9 +935,11 @@ vbd_start(struct vbd *vbd, struct vbd_request *vr)
 	vbd->nr_inflight++;
 	vbd_watchdog_arm(vbd);
 	td->done = vbd_td_done;
-	if (vbd->cbt && op_writes(td->op) &&
-	    cbt_before_write(vbd->cbt, vr, td->offset, td->length))
-		return;	/* vbd_cbt_resume sends it on */
+	if (vbd->cbt && op_writes(td->op)) {
+		if (cbt_before_write(vbd->cbt, vr, td->offset, td->length))
+			return;	/* vbd_cbt_resume sends it on */
+		vbd_cbt_mark(vbd, td);
+	}
 	td_image_submit(vbd->leaf, td);
 }
 
@@ -945,6 +955,7 @@ vbd_cbt_resume(struct vbd_request *vr, int err)
 		vbd_td_done(&vr->td, err);
 		return;
 	}
+	vbd_cbt_mark(vbd, &vr->td);
 	td_image_submit(vbd->leaf, &vr->td);
 }
 
