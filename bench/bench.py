@@ -29,6 +29,7 @@ from cpu import cpu_bench  # noqa: E402
 from qos import qos_bench  # noqa: E402
 from ring import ring_bench  # noqa: E402
 from loops import loops_bench  # noqa: E402
+from cbt import cbt_bench, cbt_table  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "build", "bin")
@@ -71,14 +72,15 @@ def rss_kb(pid):
 class Tapdiskd:
     name = "tapdiskd"
 
-    def __init__(self, tmp, image, engine, fmt="aio", env=None, bin_dir=BIN):
+    def __init__(self, tmp, image, engine, fmt="aio", env=None, bin_dir=BIN, cbt_log=None):
         self.state = os.path.join(tmp, "td")
         self.proc = subprocess.Popen([os.path.join(bin_dir, "tapdiskd"), "--state-dir", self.state,
                                       "--foreground", "--io-engine", engine, "--log-level", "warning"],
                                      env=env)
         wait_socket(os.path.join(self.state, "ctl.sock"), self.proc)
         r = subprocess.run([os.path.join(bin_dir, "tap-ctl"), "-S", self.state, "create", "-a",
-                            fmt + ":" + image], capture_output=True, text=True, check=True)
+                            fmt + ":" + image] + (["-C", cbt_log] if cbt_log else []),
+                           capture_output=True, text=True, check=True)
         self.sock = r.stdout.strip()
 
     def ctl(self, cmd, **args):
@@ -311,6 +313,15 @@ def fill_image(tmp):
     return image
 
 
+def cbt_part(tmp, a):
+    """Changed-block tracking's cost on an allocated VHD (bench/cbt.py)."""
+    images = format_images(tmp, a.engine, "vhd")
+    rows = cbt_bench(Tapdiskd, run_fio, tmp, images["full"], a.engine, a.runtime, a.cpu_rounds)
+    for f in images.values():
+        os.unlink(f)
+    return cbt_table(rows, a.runtime, a.cpu_rounds)
+
+
 def cpu_part(tmp, a, image=None):
     """Server CPU and system calls per 4k request, tapdiskd against its peers
     (and against the tapdiskd of --cpu-base, for an A/B of two builds)."""
@@ -331,7 +342,8 @@ def main():
     ap.add_argument("--engine", default="uring")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
-    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs", "cpu", "loops"],
+    ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs", "cpu", "loops",
+                                       "cbt"],
                     default="all")
     ap.add_argument("--cpu-rounds", type=int, default=int(os.environ.get("BENCH_CPU_ROUNDS", "3")),
                     help="alternating rounds of the CPU-per-request part; the median counts")
@@ -342,7 +354,8 @@ def main():
               "qos": lambda tmp: qos_part(tmp, a),
               "allocs": lambda tmp: allocs_part(tmp, a),
               "cpu": lambda tmp: cpu_part(tmp, a),
-              "loops": lambda tmp: loops_bench(tmp, a.runtime, a.cpu_rounds)}
+              "loops": lambda tmp: loops_bench(tmp, a.runtime, a.cpu_rounds),
+              "cbt": lambda tmp: cbt_part(tmp, a)}
     for fmt in FORMATS:
         single[fmt] = lambda tmp, fmt=fmt: format_table(
             fmt, format_bench(tmp, a.engine, a.runtime, a.rounds, fmt))
@@ -384,6 +397,7 @@ def main():
         allocs = allocs_part(tmp, a)
         cpu = cpu_part(tmp, a, image)
         loops = loops_bench(tmp, a.runtime, a.cpu_rounds)
+        cbt = cbt_part(tmp, a)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -420,6 +434,8 @@ def main():
     lines.append(cpu)
     lines.append("")
     lines.append(loops)
+    lines.append("")
+    lines.append(cbt)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:
