@@ -36,6 +36,7 @@ struct vbd_job {
 	unsigned oflags;
 	struct td_image *old_leaf;	/* REOPEN, CLOSE: closed first */
 	struct td_image *leaf;		/* result */
+	struct td_image *kept_leaf;	/* REOPEN of the log alone: the chain stays open */
 	char *cbt_path;			/* OPEN, REOPEN: a log to open, or NULL */
 	int cbt_rdonly;
 	struct cbt *cbt;		/* the vbd's log: REOPEN kept (grown), OPEN opened */
@@ -89,7 +90,9 @@ vbd_job_run(struct io_call *c)
 		job->old_cbt = NULL;
 		return 0;
 	}
-	if ((rc = td_chain_open(job->params, job->oflags, &ctx, &job->leaf, &job->err)) < 0)
+	if (job->kept_leaf)
+		job->leaf = job->kept_leaf;
+	else if ((rc = td_chain_open(job->params, job->oflags, &ctx, &job->leaf, &job->err)) < 0)
 		return rc;
 	if (!job->cbt_path && !job->cbt)
 		return 0;
@@ -109,7 +112,8 @@ vbd_job_run(struct io_call *c)
 	}
 	if (rc < 0) {
 		job->err.code = -rc;
-		td_chain_close(job->leaf);
+		if (!job->kept_leaf)
+			td_chain_close(job->leaf);
 		job->leaf = NULL;
 		return rc;
 	}
@@ -301,7 +305,7 @@ vbd_job_done(struct io_call *c, int res)
 	case JOB_REOPEN:
 		vbd->state &= ~VBD_OPENING;
 		if (res < 0) {
-			vbd->leaf = NULL;	/* the old chain was closed first */
+			vbd->leaf = job->kept_leaf;	/* else the old chain was closed first */
 			vbd->cbt = job->cbt;	/* the old log stays, unchanged */
 			job->cbt = NULL;
 			free(vbd->cbt_path);	/* and no switch is pending */
@@ -468,7 +472,10 @@ vbd_unpause(struct vbd *vbd, const char *params, const char *cbt_log, vbd_done_f
 		done(arg, ENOMEM, "out of memory");
 		return;
 	}
-	job->old_leaf = vbd->leaf;
+	if (!params && vbd->leaf)
+		job->kept_leaf = vbd->leaf;	/* only the log changes: a ram disk keeps its data */
+	else
+		job->old_leaf = vbd->leaf;
 	vbd->leaf = NULL;
 	job->cbt = vbd->cbt;	/* the job's until it is done */
 	vbd->cbt = NULL;

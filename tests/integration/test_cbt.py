@@ -454,3 +454,25 @@ def test_a_failing_log_fails_only_the_writes_that_need_it(make_server, tmp_path)
     assert st["log_errors"] >= 1 and st["dirty_blocks"] == 2
     srv.call("close", minor=m)
     assert read_log(log)["blocks"] == {0, 16}
+
+
+def test_switching_logs_keeps_a_ram_disk_and_its_data(server, tmp_path):
+    size = 16 << 20
+    a, b = make_log(tmp_path / "a.log", size), make_log(tmp_path / "b.log", size)
+    m = server.open("ram:16M", cbt_log=a)["minor"]
+    run("qemu-io", "-f", "raw", "-c", "write -P 9 0 128k", server.uri(m))
+    server.tapctl("pause", "-m", m)
+    server.tapctl("unpause", "-m", m, "-c", b)
+    # the chain stayed open (a ram disk would have lost its data): only the log changed
+    run("qemu-io", "-f", "raw", "-c", "read -P 9 0 128k", "-c", "write -P 1 1M 4k",
+        server.uri(m))
+    assert read_log(a)["blocks"] == {0, 1} and read_log(a)["consistent"] == 1
+    assert dirty_blocks_nbd(server.uri(m)) == {16}
+    # a log that does not fit leaves it paused on the old one, data intact
+    server.tapctl("pause", "-m", m)
+    r = server.tapctl("unpause", "-m", m, "-c", make_log(tmp_path / "w.log", size * 2),
+                      check=False)
+    assert r.returncode != 0 and "is for a disk of" in r.stderr
+    server.tapctl("unpause", "-m", m)
+    run("qemu-io", "-f", "raw", "-c", "read -P 9 0 128k", server.uri(m))
+    assert server.stats(m)["cbt"]["log"] == b
