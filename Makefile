@@ -9,7 +9,7 @@
 # fresh machine is before the -dev packages are there.
 
 CC      ?= cc
-PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd
+PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd libnbd
 PYTHON  := /usr/bin/python3
 BUILD   ?= build
 SAN     ?=
@@ -44,7 +44,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -DTAPDISKD_VERSION='"$(VERSION)"' $(WARN) $
               $(PKG_CFLAGS) -MMD -MP
 LIBS    := $(PKG_LIBS) -luuid -lpthread -lm -lz
 # the offline tools link only what their layers use
-VHDUTIL_LIBS := $(shell pkg-config --libs libevent liburing 2>/dev/null) -luuid -lpthread -lm -lz
+VHDUTIL_LIBS := $(shell pkg-config --libs libevent liburing libnbd 2>/dev/null) -luuid -lpthread -lm -lz
 TAPCTL_LIBS  := $(shell pkg-config --libs jansson 2>/dev/null) -lm
 
 # Layers, each with its own include path, so that an include the wrong way

@@ -125,6 +125,7 @@ struct td_open_ctx {
 
 #define TD_DRV_NOFILE		0x1	/* path names no file (ram) */
 #define TD_DRV_KEEP_ON_PAUSE	0x2	/* pause must not close it: contents live in it */
+#define TD_DRV_URI		0x4	/* path is a URI, kept as given (nbd): no file, but not NOFILE */
 
 struct td_driver {
 	const char *name;
@@ -159,6 +160,7 @@ extern const struct td_driver td_driver_ram;
 extern const struct td_driver td_driver_vhd;
 extern const struct td_driver td_driver_vmdk;
 extern const struct td_driver td_driver_qcow2;
+extern const struct td_driver td_driver_nbd;
 
 /*
  * Per-request state for a driver: size zeroed bytes from the request's

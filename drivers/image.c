@@ -22,6 +22,7 @@ static const struct td_driver *const drivers[] = {
 	&td_driver_vhd,
 	&td_driver_vmdk,
 	&td_driver_qcow2,
+	&td_driver_nbd,
 };
 
 #define TD_MAX_EXTRA_DRIVERS 8
@@ -127,7 +128,7 @@ td_params_absolute(const char *params, const char *dir, char **out, struct td_er
 
 	if (rc < 0)
 		return rc;
-	if (drv->flags & TD_DRV_NOFILE) {
+	if (drv->flags & (TD_DRV_NOFILE | TD_DRV_URI)) {
 		free(path);
 		*out = strdup(params);
 		return *out ? 0 : td_error_set(err, ENOMEM, "out of memory");
@@ -151,8 +152,8 @@ image_key(const struct td_driver *drv, const char *path, char **key,
 	struct stat st;
 
 	*key = NULL;
-	if (drv->flags & TD_DRV_NOFILE)
-		return 0;
+	if (drv->flags & (TD_DRV_NOFILE | TD_DRV_URI))
+		return 0;	/* nothing to share: each chain has its own */
 	if (stat(path, &st) < 0)
 		return td_error_set(err, errno, "%s", strerror(errno));
 	if (S_ISDIR(st.st_mode))

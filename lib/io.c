@@ -319,6 +319,12 @@ io_engine_free(struct io_engine *e)
 	free(e);
 }
 
+struct event_base *
+io_engine_base(const struct io_engine *e)
+{
+	return e->base;
+}
+
 const char *
 io_engine_name(const struct io_engine *e)
 {

@@ -83,6 +83,12 @@ struct io_engine *io_engine_new(struct event_base *base, const char *name,
 				 char *err, size_t errlen);
 void io_engine_free(struct io_engine *e);
 const char *io_engine_name(const struct io_engine *e);
+/*
+ * The loop the engine completes on: for a driver that watches a descriptor
+ * of its own (a network connection). Its events are the loop thread's:
+ * made, changed and freed there only.
+ */
+struct event_base *io_engine_base(const struct io_engine *e);
 void io_engine_get_stats(const struct io_engine *e, struct io_engine_stats *st);
 
 void io_submit(struct io_engine *e, struct io_op *op);

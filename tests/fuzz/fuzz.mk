@@ -25,7 +25,7 @@ FUZZ_SAN          ?= address,undefined
 FUZZ_EXTRA_CFLAGS ?=
 comma := ,
 FUZZ_SAN_LIST := $(if $(strip $(FUZZ_SAN)),$(comma)$(strip $(FUZZ_SAN)))
-FUZZ_PKGS  := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd
+FUZZ_PKGS  := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd libnbd
 
 FUZZ_PKG_CFLAGS := $(shell pkg-config --cflags $(FUZZ_PKGS))
 FUZZ_LIBS       := $(shell pkg-config --libs $(FUZZ_PKGS)) -luuid -lpthread -lm -lz
