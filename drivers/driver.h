@@ -101,6 +101,11 @@ struct td_image {
 	struct td_image *parent;
 	struct io_engine *io;
 	void *priv;		/* the driver's */
+	/*
+	 * Optional, the driver's, on the loop: a word on a remote image's
+	 * health for stats ("connected", "connection lost"); NULL for files.
+	 */
+	const char *status;
 	struct td_image_stats stats;
 	/* never reused, unlike the address: names the image in a vbd's stats marks */
 	uint64_t serial;

@@ -30,6 +30,7 @@
 #define NBDC_MAX_RANGE		(1u << 30)	/* trim, zero, cache, block status per command */
 
 struct nbdc {
+	struct td_image *img;
 	struct nbd_handle *h;
 	char *uri;
 	struct event_base *base;
@@ -70,6 +71,7 @@ nbdc_lost(struct nbdc *p)
 		log_err("nbd: %s: connection lost: %s", p->uri,
 			nbd_get_error() ? nbd_get_error() : "closed");
 	p->dead = 1;
+	p->img->status = "connection lost (unpause -a to reconnect)";
 }
 
 static void
@@ -98,6 +100,7 @@ nbdc_rearm(struct nbdc *p)
 		if (!p->rd || !p->wr) {	/* nothing can be watched: this connection is done */
 			log_err("nbd: %s: out of memory", p->uri);
 			p->dead = 1;
+			p->img->status = "out of memory";
 			return;
 		}
 	}
@@ -183,6 +186,8 @@ nbdc_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 		    (nbd_can_meta_context(p->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1 ?
 		     TD_CAP_BLOCK_STATUS : 0);
 	img->priv = p;
+	p->img = img;
+	img->status = "connected";
 	log_info("nbd: %s: connected, %" PRId64 " bytes%s", p->uri, size,
 		 nbd_is_read_only(p->h) == 1 ? ", read-only" : "");
 	return 0;

@@ -1053,12 +1053,15 @@ vbd_stats_json(const struct vbd *vbd)
 
 	for (const struct td_image *img = vbd->leaf; img; img = img->parent) {
 		struct td_image_stats st = image_stats_since_reset(vbd, img);
-		json_array_append_new(images, json_pack(
+		json_t *o = json_pack(
 			"{s:s, s:s, s:I, s:[I,I], s:[I,I]}",
 			"name", img->params, "driver", img->drv->name,
 			"size", (json_int_t)img->size,
 			"hits", (json_int_t)st.hits[0], (json_int_t)st.hits[1],
-			"fail", (json_int_t)st.fail[0], (json_int_t)st.fail[1]));
+			"fail", (json_int_t)st.fail[0], (json_int_t)st.fail[1]);
+		if (o && img->status)
+			json_object_set_new(o, "status", json_string(img->status));
+		json_array_append_new(images, o);
 	}
 	for (int op = 0; op < TD_OP_COUNT; op++)
 		json_object_set_new(ops, op_names[op], op_stats_json(&vbd->stats.op[op]));

@@ -132,11 +132,13 @@ def test_a_server_that_dies_fails_requests_and_unpause_reconnects(server, kits, 
     k = kits("memory", "32M", name="first")
     m = server.open("nbd:" + k.uri)["minor"]
     run("qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", server.uri(m))
+    assert server.stats(m)["images"][0]["status"] == "connected"
     k.stop(signal.SIGKILL)
     r = run("qemu-io", "-f", "raw", "-c", "read 0 4k", "-c", "write 0 4k", server.uri(m),
             check=False, timeout=60)
     assert "Input/output error" in r.stdout + r.stderr
     assert "connection lost" in server.log()
+    assert "connection lost" in server.stats(m)["images"][0]["status"]
     # the server lives: another vbd works, and this one moves to a new server
     other = make_image(tmp_path / "o.img", 16 << 20)
     o = server.open("aio:" + other)["minor"]
@@ -200,3 +202,116 @@ def test_bad_params_are_one_line_each(server, kits, tmp_path):
     run("qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", server.uri(m))
     server.call("destroy", minor=m)
     assert server.call("list")["result"]["vbds"] == []
+
+
+class HostileServer:
+    """A minimal NBD server (fixed newstyle, simple replies only) that turns
+    hostile at its first read: a short reply then a hang-up, more data than
+    asked, a cookie never sent, or a header cut in half."""
+
+    def __init__(self, path, mode, size=16 << 20):
+        import threading
+        self.path, self.mode, self.size = path, mode, size
+        self.ls = socket.socket(socket.AF_UNIX)
+        self.ls.bind(path)
+        self.ls.listen(4)
+        self.t = threading.Thread(target=self.serve, daemon=True)
+        self.t.start()
+
+    def serve(self):
+        import struct
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            try:
+                self.one(c, struct)
+            except (OSError, ValueError):
+                pass
+            finally:
+                c.close()
+
+    @staticmethod
+    def recvn(c, n):
+        buf = b""
+        while len(buf) < n:
+            d = c.recv(n - len(buf))
+            if not d:
+                raise ValueError("eof")
+            buf += d
+        return buf
+
+    def one(self, c, struct):
+        c.sendall(b"NBDMAGIC" + struct.pack(">QH", 0x49484156454F5054, 3))
+        self.recvn(c, 4)
+        size = (1 << 64) - 512 if self.mode == "absurd-size" else self.size
+        while True:
+            _, opt, ln = struct.unpack(">QII", self.recvn(c, 16))
+            self.recvn(c, ln)
+            rep = lambda t, data=b"": c.sendall(
+                struct.pack(">QIII", 0x3e889045565a9, opt, t, len(data)) + data)
+            if opt == 7:	# GO: the export's size and flags, then ack
+                rep(3, struct.pack(">HQH", 0, size, 1 | 4 | 8))	# HAS_FLAGS, SEND_FLUSH, SEND_FUA
+                rep(1)
+                break
+            rep((1 << 31) + 1)	# anything else: unsupported
+        data = bytearray(self.size if self.size < (1 << 30) else 0)
+        while True:
+            magic, flags, typ, cookie, off, ln = struct.unpack(">IHHQQI", self.recvn(c, 28))
+            if typ == 1:	# write
+                data[off:off + ln] = self.recvn(c, ln)
+                c.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie))
+            elif typ == 0:	# read: the hostile part
+                head = struct.pack(">IIQ", 0x67446698, 0, cookie)
+                if self.mode == "short-read":
+                    c.sendall(head + bytes(data[off:off + ln // 2]))
+                    return
+                if self.mode == "oversized":
+                    c.sendall(head + bytes(data[off:off + ln]) + b"\xee" * 4096)
+                elif self.mode == "wrong-cookie":
+                    c.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie ^ 0x5a5a) +
+                              bytes(data[off:off + ln]))
+                elif self.mode == "cut-header":
+                    c.sendall(head[:6])
+                    return
+                else:
+                    c.sendall(head + bytes(data[off:off + ln]))
+            elif typ == 2:	# disconnect
+                return
+            else:
+                c.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie))
+
+    def close(self):
+        self.ls.close()
+
+
+@pytest.mark.parametrize("mode", ["short-read", "oversized", "wrong-cookie", "cut-header"])
+def test_a_hostile_server_fails_requests_never_the_server(server, tmp_path, mode):
+    hs = HostileServer(str(tmp_path / "h.sock"), mode)
+    try:
+        m = server.open("nbd:nbd+unix:///?socket=" + hs.path)["minor"]
+        assert server.stats(m)["images"][0]["status"] == "connected"
+        run("qemu-io", "-f", "raw", "-c", "write -P 4 0 64k", server.uri(m))
+        r = run("qemu-io", "-f", "raw", "-c", "read 0 64k", "-c", "read 0 4k", server.uri(m),
+                check=False, timeout=60)
+        assert "Input/output error" in r.stdout + r.stderr, (mode, r.stdout)
+        assert "connection lost" in server.stats(m)["images"][0]["status"]
+        # the server lives, another vbd serves, and this one closes
+        other = server.open("ram:4M")["minor"]
+        run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", "-c", "read -P 1 0 4k",
+            server.uri(other))
+        server.call("destroy", minor=m, force=True)
+        server.call("destroy", minor=other)
+    finally:
+        hs.close()
+
+
+def test_a_server_claiming_an_absurd_size_is_refused(server, tmp_path):
+    hs = HostileServer(str(tmp_path / "h.sock"), "absurd-size")
+    try:
+        r = server.call("open", check=False, params="nbd:nbd+unix:///?socket=" + hs.path)
+        assert not r["ok"], r
+        assert "\n" not in r["error"]["message"]
+    finally:
+        hs.close()
