@@ -51,7 +51,7 @@ quit(int status, const char *fmt, ...)
 static void __attribute__((noreturn))
 usage_error(const char *what)
 {
-	quit(EXIT_USAGE, "%s (usage: cbt-util %s %s)", what, cmd->name, cmd->synopsis);
+	quit(EXIT_USAGE, "%s; usage: cbt-util %s %s", what, cmd->name, cmd->synopsis);
 }
 
 /*
@@ -73,10 +73,10 @@ next_opt(int argc, char **argv, const char *optstring)
 		usage_error(what);
 	}
 	if (c == '?') {
-		if (optopt)
+		if (optopt > ' ' && optopt != '-' && optopt < 0x7f)
 			snprintf(what, sizeof(what), "unknown option -%c", optopt);
 		else
-			snprintf(what, sizeof(what), "unknown option %.40s", argv[optind - 1]);
+			snprintf(what, sizeof(what), "unknown option (they are single letters)");
 		usage_error(what);
 	}
 	if (c == -1 && optind != argc) {

@@ -287,6 +287,7 @@ def test_create_refuses_bad_sizes(tmp_path, size):
     ["get", "-n", "x.log", "-p", "-c"],              # two fields
     ["set", "-n", "x.log"],                          # nothing to set
     ["get", "-n", "x.log", "-p", "-x"],              # unknown option
+    ["get", "-n", "x.log", "-p", "--parent"],        # no long options
     ["get", "-n"],                                   # option without its argument
     ["get", "-n", "x.log", "-p", "extra"],           # a stray argument
 ])
