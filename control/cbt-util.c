@@ -29,19 +29,21 @@ struct command {
 
 static const struct command *cmd;
 
+/* The one line of an error: a newline in a path or an argument shows as '?'. */
 static void __attribute__((format(printf, 2, 3), noreturn))
 quit(int status, const char *fmt, ...)
 {
+	char line[1024];
 	va_list ap;
 
 	fflush(stdout);
-	fputs("cbt-util: ", stderr);
-	if (cmd)
-		fprintf(stderr, "%s: ", cmd->name);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
+	for (char *p = line; *p; p++)
+		if ((unsigned char)*p < ' ' || *p == 0x7f)
+			*p = '?';
+	fprintf(stderr, "cbt-util: %s%s%s\n", cmd ? cmd->name : "", cmd ? ": " : "", line);
 	exit(status);
 }
 

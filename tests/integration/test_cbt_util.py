@@ -225,6 +225,12 @@ DAMAGED = ["truncated", "header-only", "short-header", "empty", "directory", "fi
            "size-0", "size-absurd", "flag-7", "flag-minus-1"]
 
 
+def test_a_newline_in_a_path_keeps_the_error_on_one_line(tmp_path):
+    path = str(tmp_path / "two\nlines.log")
+    err, _ = refused("get", "-n", path, "-p")
+    assert "two?lines.log" in err and "No such file" in err
+
+
 @pytest.mark.parametrize("damage", DAMAGED)
 def test_damaged_logs_are_refused_by_every_command(tmp_path, damage):
     path, words = damaged_logs(tmp_path)[damage]
@@ -248,6 +254,7 @@ def test_damaged_logs_are_refused_by_every_command(tmp_path, damage):
     (["set", "-c", P_UUID[:-1]], "is not a UUID"),
     (["set", "-c", P_UUID + "0"], "is not a UUID"),
     (["set", "-p", P_UUID.replace("-", "")], "is not a UUID"),
+    (["set", "-p", P_UUID[:18] + "\n" + P_UUID[19:]], "is not a UUID"),    # still one line
     (["set", "-f", "2"], "is not 0 or 1"),
     (["set", "-f", "01"], "is not 0 or 1"),
     (["set", "-f", ""], "is not 0 or 1"),
