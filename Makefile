@@ -1,4 +1,4 @@
-# tapdiskd: `make` builds build/bin/{tapdiskd,tap-ctl,vhd-util}; `make check`
+# tapdiskd: `make` builds build/bin/{tapdiskd,tap-ctl,vhd-util,cbt-util}; `make check`
 # runs every test; `make run` starts a demo server; `make bench` compares with
 # peers; `make install` / `make deb` install it; `make check-fresh` proves the
 # README's commands and the package on a Debian root with nothing installed.
@@ -46,11 +46,12 @@ LIBS    := $(PKG_LIBS) -luuid -lpthread -lm -lz
 # the offline tools link only what their layers use
 VHDUTIL_LIBS := $(shell pkg-config --libs libevent liburing libnbd 2>/dev/null) -luuid -lpthread -lm -lz
 TAPCTL_LIBS  := $(shell pkg-config --libs jansson 2>/dev/null) -lm
+CBTUTIL_LIBS := -luuid -lpthread
 
 # Layers, each with its own include path, so that an include the wrong way
 # (drivers/ reaching into server/, lib/ into anything) does not compile:
 #   control -> (the socket) -> server (server/, server/xen/) -> drivers -> lib
-# vhd-util works on files: control/ sees drivers/ and lib/, never server/.
+# vhd-util and cbt-util work on files: control/ sees drivers/ and lib/, never server/.
 INC_lib     := -Ilib
 INC_drivers := -Idrivers $(INC_lib)
 INC_server  := -Iserver -Iserver/xen $(INC_drivers)
@@ -75,7 +76,7 @@ LIBTD_SRV   := $(BUILD)/lib/libtd-server.a
 # in link order: each archive needs only those after it
 LIBTD       := $(LIBTD_SRV) $(LIBTD_DRV) $(LIBTD_LIB)
 
-BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util
+BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util $(BUILD)/bin/cbt-util
 SIM  := $(BUILD)/tests/blkfront_sim $(BUILD)/tests/alloc_probe.so
 
 .PHONY: all sim deps check check-xen check-unit check-integration check-crash check-asan check-fuzz \
@@ -109,6 +110,10 @@ $(BUILD)/bin/tap-ctl: $(BUILD)/obj/control/tap-ctl.o $(BUILD)/obj/control/top.o 
 $(BUILD)/bin/vhd-util: $(BUILD)/obj/control/vhd-util.o $(LIBTD_DRV) $(LIBTD_LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(VHDUTIL_LIBS)
+
+$(BUILD)/bin/cbt-util: $(BUILD)/obj/control/cbt-util.o $(LIBTD_DRV) $(LIBTD_LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CBTUTIL_LIBS)
 
 # the blkif frontend simulator (tests and make bench): libxenstore only
 $(BUILD)/tests/blkfront_sim: tests/xen/blkfront_sim.c
@@ -196,7 +201,7 @@ DEFAULTDIR ?= /etc/default
 UNITDIR    ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,$(PREFIX)/lib/systemd/system)
 MANPAGES   := $(wildcard docs/man/*.8)
 SCHEMAS    := $(wildcard schema/*.json)
-INSTALLED  := $(addprefix $(SBINDIR)/,tapdiskd tap-ctl vhd-util) $(XENSCRIPTS)/block-tap \
+INSTALLED  := $(addprefix $(SBINDIR)/,tapdiskd tap-ctl vhd-util cbt-util) $(XENSCRIPTS)/block-tap \
               $(UNITDIR)/tapdiskd.service $(DEFAULTDIR)/tapdiskd \
               $(addprefix $(MANDIR)/man8/,$(notdir $(MANPAGES))) \
               $(addprefix $(DATADIR)/tapdiskd/schema/,$(notdir $(SCHEMAS)))

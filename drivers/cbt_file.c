@@ -19,19 +19,50 @@ fail(char *err, size_t errlen, int rc, const char *fmt, const char *path, const 
 	return rc;
 }
 
+/*
+ * Opens path as a regular file only (-EINVAL for anything else), without
+ * waiting on it (a FIFO's open would block for a writer) or making it the
+ * controlling terminal. O_NONBLOCK is cleared again once the file is known
+ * to be regular: io_uring would fail a request on it with EAGAIN rather
+ * than wait.
+ */
+static int
+open_file(const char *path, int flags, const char **why)
+{
+	struct stat st;
+	int fd = open(path, flags | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0644), fl, rc = 0;
+
+	if (fd < 0) {
+		*why = strerror(errno);
+		return -errno;
+	}
+	if (fstat(fd, &st) < 0)
+		rc = -errno;
+	else if (!S_ISREG(st.st_mode))
+		rc = -EINVAL;
+	else if ((fl = fcntl(fd, F_GETFL)) < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
+		rc = -errno;
+	if (rc) {
+		*why = rc == -EINVAL ? "not a regular file" : strerror(-rc);
+		close(fd);
+		return rc;
+	}
+	return fd;
+}
+
 int
 cbt_file_create(const char *path, uint64_t size, char *err, size_t errlen)
 {
 	struct cbt_header h = { .size = size };
 	uint8_t hdr[CBT_HEADER_SIZE];
+	const char *why = NULL;
 	int fd, rc;
 
 	if (!size || size > CBT_MAX_DISK)
 		return fail(err, errlen, -EINVAL, "%s: %s", path,
 			    size ? "disk size too large for a CBT log" : "disk size must not be 0");
-	fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		return fail(err, errlen, -errno, "%s: %s", path, strerror(errno));
+	if ((fd = open_file(path, O_RDWR | O_CREAT | O_TRUNC, &why)) < 0)
+		return fail(err, errlen, fd, "%s: %s", path, why);
 	cbt_header_encode(&h, hdr);
 	rc = fc_pwrite_full(fd, hdr, sizeof(hdr), 0);
 	/* the bitmap's bytes: zeros, as a sparse tail */
@@ -55,16 +86,11 @@ cbt_file_open(const char *path, int rdonly, struct cbt_file *f, char *err, size_
 
 	memset(f, 0, sizeof(*f));
 	f->rdonly = rdonly;
-	f->fd = open(path, (rdonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-	if (f->fd < 0)
-		return fail(err, errlen, -errno, "CBT log %s: %s", path, strerror(errno));
+	if ((f->fd = open_file(path, rdonly ? O_RDONLY : O_RDWR, &why)) < 0)
+		return fail(err, errlen, f->fd, "CBT log %s: %s", path, why);
 	if (fstat(f->fd, &st) < 0) {
 		rc = -errno;
 		goto out;
-	}
-	if (!S_ISREG(st.st_mode)) {
-		cbt_file_close(f);
-		return fail(err, errlen, -EINVAL, "CBT log %s: %s", path, "not a regular file");
 	}
 	if ((uint64_t)st.st_size < CBT_HEADER_SIZE) {
 		cbt_file_close(f);

@@ -15,7 +15,7 @@
 
 #define CBT_BLOCK_SIZE	(64u * 1024)
 #define CBT_HEADER_SIZE	48u
-/* A disk larger than this is refused: its bitmap alone would be 1 GiB. */
+/* A disk larger than this (4 PiB) is refused; the bitmap of one this large is 8 GiB. */
 #define CBT_MAX_DISK	(1ull << 52)
 
 struct cbt_header {

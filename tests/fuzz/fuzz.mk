@@ -44,7 +44,8 @@ FUZZ_LIB_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) \
 FUZZ_LIB_OBJS := $(FUZZ_LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZ_LIB      := $(FUZZ_BUILD)/libtd-fuzz.a
 
-FUZZ_TARGETS := fuzz_nbd fuzz_nbd_proto fuzz_control fuzz_vhd_meta fuzz_qcow2_meta fuzz_blkif fuzz_vmdk_meta
+FUZZ_TARGETS := fuzz_nbd fuzz_nbd_proto fuzz_control fuzz_vhd_meta fuzz_qcow2_meta fuzz_blkif fuzz_vmdk_meta \
+                fuzz_cbt_log
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
 .PHONY: all clean

@@ -979,7 +979,7 @@ set_paused(int paused)
 		if (paused)
 			vbd_pause(srv->minors[m], fz_wait_done, &w);
 		else if (srv->minors[m]->state & VBD_PAUSED)
-			vbd_unpause(srv->minors[m], NULL, fz_wait_done, &w);
+			vbd_unpause(srv->minors[m], NULL, NULL, fz_wait_done, &w);
 		else
 			continue;	/* closed and reopened meanwhile */
 		fz_settle(srv->base);

@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("TAPDISKD_BIN_DIR", os.path.join(ROOT, "build", "bin"))
 MAN = os.path.join(ROOT, "docs", "man")
-PAGES = ["tapdiskd.8", "tap-ctl.8", "vhd-util.8", "block-tap.8"]
+PAGES = ["tapdiskd.8", "tap-ctl.8", "vhd-util.8", "cbt-util.8", "block-tap.8"]
 
 
 def run(*cmd, check=True, **kw):
@@ -116,6 +116,10 @@ def test_vhd_util_page_has_every_command_and_its_flags():
     _check_command_pages("vhd-util", "vhd-util.8", ["create", "snapshot", "check", "coalesce"])
 
 
+def test_cbt_util_page_has_every_command_and_its_flags():
+    _check_command_pages("cbt-util", "cbt-util.8", ["create", "get", "set", "coalesce"])
+
+
 def test_block_tap_page_has_its_commands_and_environment():
     script = os.path.join(ROOT, "contrib", "xl-hotplug", "block-tap")
     usage = usage_of(script, "bogus")
@@ -137,7 +141,8 @@ def _files_under(d):
                   for dp, _, fs in os.walk(d) for f in fs)
 
 
-EXPECTED = (["usr/local/sbin/" + b for b in ("tap-ctl", "tapdiskd", "vhd-util")] +
+BINARIES = ("tapdiskd", "tap-ctl", "vhd-util", "cbt-util")
+EXPECTED = (["usr/local/sbin/" + b for b in BINARIES] +
             ["etc/xen/scripts/block-tap", "etc/default/tapdiskd",
              "usr/local/lib/systemd/system/tapdiskd.service"] +
             ["usr/local/share/man/man8/" + p for p in PAGES] +
@@ -151,7 +156,7 @@ def test_make_install_and_uninstall_are_exact(tmp_path):
     assert _files_under(dest) == sorted(EXPECTED)
     unit = (dest / "usr/local/lib/systemd/system/tapdiskd.service").read_text()
     assert "ExecStart=/usr/local/sbin/tapdiskd --foreground" in unit
-    for b in ("tapdiskd", "tap-ctl", "vhd-util"):
+    for b in BINARIES:
         assert os.access(dest / "usr/local/sbin" / b, os.X_OK)
     assert os.access(dest / "etc/xen/scripts/block-tap", os.X_OK)
     run("make", "-s", "-C", ROOT, "uninstall", "DESTDIR=%s" % dest)
@@ -201,9 +206,10 @@ def test_deb_contents_dependencies_and_conffiles(deb):
                 "libxenevtchn1", "libsystemd0", "libuuid1", "zlib1g"):
         assert lib in depends, (lib, depends)
     files = run("dpkg-deb", "-c", deb).stdout
-    for path in ("./usr/sbin/tapdiskd", "./usr/sbin/tap-ctl", "./usr/sbin/vhd-util",
-                 "./etc/xen/scripts/block-tap", "./lib/systemd/system/tapdiskd.service",
-                 "./usr/share/man/man8/tapdiskd.8.gz", "./usr/share/tapdiskd/schema/vbd.json"):
+    for path in (["./usr/sbin/" + b for b in BINARIES] +
+                 ["./usr/share/man/man8/" + p + ".gz" for p in PAGES] +
+                 ["./etc/xen/scripts/block-tap", "./lib/systemd/system/tapdiskd.service",
+                  "./usr/share/tapdiskd/schema/vbd.json"]):
         assert path in files, path
     ctl = tmp_control(deb)
     conffiles = open(os.path.join(ctl, "conffiles")).read().split()
