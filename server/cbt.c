@@ -10,6 +10,17 @@
 #include "log.h"
 #include "vbd.h"
 
+static void
+cbt_free(struct cbt *c)
+{
+	cbt_file_close(&c->f);
+	free(c->want);
+	free(c->shadow);
+	free(c->op);
+	free(c->path);
+	free(c);
+}
+
 int
 cbt_open(const char *path, uint64_t size, int rdonly, struct cbt **out, char *err,
 	 size_t errlen)
@@ -55,12 +66,7 @@ cbt_open(const char *path, uint64_t size, int rdonly, struct cbt **out, char *er
 	*out = c;
 	return 0;
 fail:
-	cbt_file_close(&c->f);
-	free(c->want);
-	free(c->shadow);
-	free(c->op);
-	free(c->path);
-	free(c);
+	cbt_free(c);
 	return rc;
 }
 
@@ -110,12 +116,7 @@ cbt_close(struct cbt *c)
 		if ((rc = cbt_file_write_header(&c->f)) || (rc = cbt_file_sync(&c->f)))
 			log_err("CBT log %s: marking it consistent: %s", c->path, strerror(-rc));
 	}
-	cbt_file_close(&c->f);
-	free(c->want);
-	free(c->shadow);
-	free(c->op);
-	free(c->path);
-	free(c);
+	cbt_free(c);
 	return rc;
 }
 
