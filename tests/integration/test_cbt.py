@@ -273,6 +273,7 @@ def test_kill9_under_load_then_reopen_the_log_still_marks_every_change(make_serv
     run("cmp", before, img)
 
 
+@pytest.mark.replay	# slow, and the engine's part is the same in each pass: the first only
 @pytest.mark.parametrize("fmt", ["raw", "vhd", "qcow2"])
 def test_bits_are_durable_before_the_data_write_leaves(tmp_path, fmt):
     """The write-ahead rule in a --record-io recording: at the moment each

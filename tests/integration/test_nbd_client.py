@@ -13,6 +13,9 @@ import pytest
 
 from conftest import make_image, run, wait_for
 
+# libnbd does the driver's I/O, not the engine: the second engine's pass skips it
+pytestmark = pytest.mark.engine_independent
+
 
 class Nbdkit:
     """nbdkit on a UNIX socket in dir, its filters and plugin args as given."""
