@@ -122,6 +122,18 @@ def test_every_kind_of_write_marks_its_blocks_and_nbd_shows_them(server, tmp_pat
                                           "rb").read()
 
 
+def test_concurrent_first_writes_share_log_writes(server, tmp_path):
+    size = 64 << 20
+    img = make_image(tmp_path / "d.img", size)
+    log = make_log(tmp_path / "d.log", size)
+    m = server.open("aio:" + img, cbt_log=log)["minor"]
+    _fio_write(server.uri(m), size, 7, extra=["--iodepth=32", "--number_ios=2000"])
+    st = server.stats(m)["cbt"]
+    # at QD32 many first writes wait together: far fewer log writes than blocks marked
+    assert st["dirty_blocks"] > 500 and st["log_writes"] < st["dirty_blocks"] * 0.7, st
+    server.call("close", minor=m)
+
+
 def test_a_log_that_does_not_fit_is_refused_in_one_line(server, tmp_path):
     size = 16 << 20
     img = make_image(tmp_path / "d.img", size)
@@ -426,6 +438,13 @@ def test_blkif_guest_writes_are_marked(tmp_path):
         blocks = dirty_blocks_nbd(xen.srv.uri(m))
         assert written and written <= blocks and marked == len(blocks)
         assert max(blocks) < (16 << 20) // BLOCK
+        # the incremental onto the full backup (the fresh disk: zeros) is the disk
+        backup = str(tmp_path / "backup.raw")
+        make_image(backup, size)
+        assert _copy_dirty(xen.srv.uri(m), backup, size) == len(blocks) * BLOCK
+        live = str(tmp_path / "live.raw")
+        run("nbdcopy", xen.srv.uri(m), live)
+        run("cmp", backup, live)
     finally:
         xen.close()
 
