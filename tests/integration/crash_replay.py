@@ -14,7 +14,8 @@ they were submitted.
 Crash points are just before and just after each sync completes (and the
 log's end). For each,
 states: none of the maybe-changes, all of them, each alone, each write torn
-(alone, and on top of all the others), and seeded random subsets.
+(alone, and on top of all the others), and seeded random subsets, in which
+a write is also torn at a random sector boundary one time in four.
 """
 import os
 import random
@@ -161,7 +162,14 @@ def states(durable, maybe, budget, rng, every_subset=False):
     tries = 0
     while len(out) < budget and len(maybe) > 1 and tries < 4 * budget:
         tries += 1     # small sets run out of new subsets: stop then
-        add([(c, None) for c in maybe if rng.random() < 0.5])
+        chosen = []
+        for c in maybe:
+            if rng.random() < 0.5:
+                continue
+            # a write in the subset may also be torn: a power loss mid-write
+            cuts = tear_points(c) if c.kind == K_WRITE else []
+            chosen.append((c, rng.choice(cuts) if cuts and rng.random() < 0.25 else None))
+        add(chosen)
     for s in out:
         s.sort(key=lambda ct: ct[0].sub)
     return out

@@ -255,7 +255,7 @@ def check_states(tmp, name, budget=None, exhaustive=False):
     budget = budget or budget_of(name)
     log, base, params, model, minor = record(tmp, name)
     points = log.crash_points()
-    per_point = budget if exhaustive else max(8, 2 * budget // len(points))
+    per_point = budget if exhaustive else max(8, 4 * budget // len(points))
     rng = seeded(SEED)
     plan = []
     for p in points:
