@@ -45,8 +45,9 @@ cbt_open(const char *path, uint64_t size, int rdonly, struct cbt **out, char *er
 	}
 	if (!rdonly) {
 		if (!c->f.h.consistent)
-			log_info("CBT log %s was not closed cleanly: its bits were written ahead "
-				 "of their data, so it still marks every changed block", path);
+			log_info("CBT log %s is new or was not closed cleanly: either way its bits "
+				 "were written ahead of their data, so it marks every changed block",
+				 path);
 		c->f.h.consistent = 0;
 		if ((rc = cbt_file_write_header(&c->f)) || (rc = cbt_file_sync(&c->f))) {
 			snprintf(err, errlen, "CBT log %s: %s", path, strerror(-rc));
