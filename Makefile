@@ -173,7 +173,9 @@ check-fuzz: fuzz
 	@tests/fuzz/run-all $(FUZZ_SECONDS)
 
 # every fuzz target for FUZZ_LONG_EXECS executions (10 million: hours of one
-# core), then tests/fuzz/RESULTS.md; FUZZ_LONG_EXECS=200000 is a smoke run
+# core) on a coverage-only build (build/fuzz-fast), then the corpora once
+# under ASan+UBSan (build/fuzz), then tests/fuzz/RESULTS.md;
+# FUZZ_LONG_EXECS=200000 is a smoke run
 FUZZ_LONG_EXECS ?= 10000000
 fuzz-long: fuzz
 	@FUZZ_LONG_EXECS=$(FUZZ_LONG_EXECS) tests/fuzz/fuzz-long
