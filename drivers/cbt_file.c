@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,11 +12,16 @@
 
 #include "file_calls.h"
 
-static int
-fail(char *err, size_t errlen, int rc, const char *fmt, const char *path, const char *why)
+static int __attribute__((format(printf, 4, 5)))
+fail(char *err, size_t errlen, int rc, const char *fmt, ...)
 {
-	if (err)
-		snprintf(err, errlen, fmt, path, why);
+	va_list ap;
+
+	if (err) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
 	return rc;
 }
 
@@ -145,10 +151,10 @@ cbt_file_grow(struct cbt_file *f, uint64_t size, char *err, size_t errlen)
 	int rc;
 
 	if (size < f->h.size)
-		return fail(err, errlen, -EINVAL, "%s%s", "",
+		return fail(err, errlen, -EINVAL, "%s",
 			    "a CBT log cannot shrink (size smaller than the log's)");
 	if (size > CBT_MAX_DISK)
-		return fail(err, errlen, -EINVAL, "%s%s", "", "disk size too large for a CBT log");
+		return fail(err, errlen, -EINVAL, "%s", "disk size too large for a CBT log");
 	if (!(bm = realloc(f->bitmap, n ? n : 1)))
 		return -ENOMEM;
 	f->bitmap = bm;
@@ -162,10 +168,10 @@ cbt_file_grow(struct cbt_file *f, uint64_t size, char *err, size_t errlen)
 		bm[old - 1] &= (uint8_t)((1u << (old_blocks % 8)) - 1);
 	if ((rc = cbt_file_write_bitmap(f, old ? old - 1 : 0, n - (old ? old - 1 : 0))) ||
 	    (rc = cbt_file_sync(f)))
-		return fail(err, errlen, rc, "%s%s", "", strerror(-rc));
+		return fail(err, errlen, rc, "%s", strerror(-rc));
 	f->h.size = size;
 	if ((rc = cbt_file_write_header(f)) || (rc = cbt_file_sync(f)))
-		return fail(err, errlen, rc, "%s%s", "", strerror(-rc));
+		return fail(err, errlen, rc, "%s", strerror(-rc));
 	return 0;
 }
 
