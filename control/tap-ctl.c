@@ -356,6 +356,77 @@ cmd_snapshot(struct cli *cli, int argc, char **argv)
 	return 0;
 }
 
+/* mirror -m M -d DEST [--sync full|top] [--speed BYTES/s] | -m M --pivot | -m M --cancel */
+static int
+cmd_mirror(struct cli *cli, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "sync", required_argument, NULL, 's' },
+		{ "speed", required_argument, NULL, 'S' },
+		{ "pivot", no_argument, NULL, 'P' },
+		{ "cancel", no_argument, NULL, 'X' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *usage = "mirror -m MINOR -d TYPE:PATH [--sync full|top] [--speed BYTES_PER_S] "
+			    "[-p PID]\n       tap-ctl mirror -m MINOR --pivot | --cancel [-p PID]";
+	const char *dest = NULL, *sync = NULL, *cmd = "mirror";
+	long minor = -1, speed = -1;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:d:p:h", longopts)) != -1) {
+		switch (c) {
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		case 'd': dest = optarg; break;
+		case 's': sync = optarg; break;
+		case 'S': speed = parse_int(optarg, "--speed BYTES_PER_S"); break;
+		case 'P': cmd = "job-pivot"; break;
+		case 'X': cmd = "job-cancel"; break;
+		default: usage_die(usage);
+		}
+	}
+	if (minor < 0 || optind != argc || (!strcmp(cmd, "mirror") != !!dest) ||
+	    (strcmp(cmd, "mirror") && (sync || speed >= 0)))
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
+	if (dest) {
+		json_object_set_new(args, "dest", json_string(dest));
+		add_cwd(args);
+	}
+	if (sync)
+		json_object_set_new(args, "sync", json_string(sync));
+	if (speed >= 0)
+		json_object_set_new(args, "speed", json_integer(speed));
+	json_decref(cli_call(cli, cmd, args));
+	return 0;
+}
+
+static int
+cmd_job_cancel(struct cli *cli, int argc, char **argv)
+{
+	return cmd_minor_only(cli, argc, argv, "job-cancel", 0);
+}
+
+static void
+job_print(json_t *j)
+{
+	json_t *err = json_object_get(j, "error"), *dest = json_object_get(j, "dest");
+
+	printf("minor=%lld type=%s state=%s done=%lld total=%lld rate=%.0f",
+	       (long long)json_integer_value(json_object_get(j, "minor")),
+	       json_string_value(json_object_get(j, "type")),
+	       json_string_value(json_object_get(j, "state")),
+	       (long long)json_integer_value(json_object_get(j, "bytes_done")),
+	       (long long)json_integer_value(json_object_get(j, "bytes_total")),
+	       json_number_value(json_object_get(j, "rate")));
+	if (dest)
+		printf(" dest=%s", json_string_value(dest));
+	if (err)
+		printf(" error=\"%s\"", json_string_value(err));
+	putchar('\n');
+}
+
 /* -m MINOR into a request's arguments */
 static void
 arg_minor(json_t *args, const char *value)
@@ -416,6 +487,32 @@ cmd_list(struct cli *cli, int argc, char **argv)
 		json_array_foreach(json_object_get(r, "vbds"), i, v)
 			list_print(v, tty);
 	}
+	json_decref(r);
+	return 0;
+}
+
+static int
+cmd_jobs(struct cli *cli, int argc, char **argv)
+{
+	const char *usage = "jobs [-m MINOR] [-p PID]";
+	json_t *args = json_object(), *j;
+	size_t i;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:p:h", NULL)) != -1) {
+		switch (c) {
+		case 'm': arg_minor(args, optarg); break;
+		default: usage_die(usage);
+		}
+	}
+	if (optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *r = cli_call(cli, "job-list", args);
+	if (!cli->json)
+		json_array_foreach(json_object_get(r, "jobs"), i, j)
+			job_print(j);
 	json_decref(r);
 	return 0;
 }
@@ -622,6 +719,9 @@ static const struct {
 	{ "qos", cmd_qos, "show or change a vbd's or a group's I/O limits" },
 	{ "version", cmd_version, "print the server's version" },
 	{ "fault-inject", cmd_fault_inject, "fail chosen I/O (tapdiskd --fault-injection; testing only)" },
+	{ "mirror", cmd_mirror, "copy a running vbd to another image, then --pivot onto it or --cancel" },
+	{ "jobs", cmd_jobs, "block jobs (mirror): state, progress, rate" },
+	{ "job-cancel", cmd_job_cancel, "cancel a vbd's block job" },
 };
 
 static void

@@ -30,10 +30,16 @@ enum td_op {
 #define TD_REQ_FUA		0x1	/* write: durable before it completes */
 #define TD_REQ_NO_HOLE		0x2	/* write-zeroes: keep the range allocated */
 #define TD_REQ_FAST_ZERO	0x4	/* write-zeroes: ENOTSUP rather than a slow write */
+/*
+ * block status: this image alone. Extents not allocated in it keep
+ * TD_EXTENT_PARENT instead of being asked of the parents (a mirror of the
+ * leaf only).
+ */
+#define TD_REQ_ONE_IMAGE	0x8
 
 #define TD_EXTENT_HOLE		0x1	/* allocated nowhere in the chain */
 #define TD_EXTENT_ZERO		0x2	/* reads as zeros */
-#define TD_EXTENT_PARENT	0x4	/* driver -> chain only: not allocated in this image */
+#define TD_EXTENT_PARENT	0x4	/* driver -> chain (and TD_REQ_ONE_IMAGE): not allocated here */
 
 struct td_extent {
 	uint64_t length;

@@ -452,7 +452,8 @@ td_request_done(struct td_request *req, int err)
 {
 	struct td_image *img = req->img;
 
-	if (!err && req->op == TD_OP_BLOCK_STATUS && resolve_block_status(img, req))
+	if (!err && req->op == TD_OP_BLOCK_STATUS && !(req->flags & TD_REQ_ONE_IMAGE) &&
+	    resolve_block_status(img, req))
 		return;
 	if (err)
 		img->stats.fail[op_is_write(req->op)]++;

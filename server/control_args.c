@@ -84,3 +84,23 @@ const struct ctl_arg ctl_args_fault_inject[] = {
 	{ "disarm", ARG_BOOL, 0 },
 	{ NULL, 0, 0 },
 };
+
+const struct ctl_arg ctl_args_mirror[] = {
+	{ "minor", ARG_INT, 1 },
+	{ "dest", ARG_STRING, 1 },	/* params of an existing image of the disk's size */
+	{ "sync", ARG_STRING, 0 },	/* full (default) or top */
+	{ "speed", ARG_INT, 0 },	/* bytes/s; 0 or absent: no limit */
+	{ "cwd", ARG_STRING, 0 },
+	{ NULL, 0, 0 },
+};
+
+/* job-pivot, job-cancel */
+const struct ctl_arg ctl_args_minor[] = {
+	{ "minor", ARG_INT, 1 },
+	{ NULL, 0, 0 },
+};
+
+const struct ctl_arg ctl_args_job_list[] = {
+	{ "minor", ARG_INT, 0 },
+	{ NULL, 0, 0 },
+};

@@ -13,9 +13,11 @@
 #include "fdlimit.h"
 #include "io.h"
 #include "io_fault.h"
+#include "blockjob.h"
 #include "log.h"
 #include "loop.h"
 #include "metrics_http.h"
+#include "mirror.h"
 #include "nbd.h"
 #include "qos.h"
 #include "qos_limits.h"
@@ -499,6 +501,87 @@ cmd_snapshot(struct ctl_req *req, json_t *args)
 	free(cbt_log);
 }
 
+/* ---- block jobs ---- */
+
+static void
+cmd_mirror(struct ctl_req *req, json_t *args)
+{
+	struct vbd *vbd = arg_vbd(req, args);
+	const char *sync = arg_str(args, "sync");
+	json_int_t speed = json_integer_value(json_object_get(args, "speed"));
+	char *dest;
+
+	if (!vbd)
+		return;
+	if (sync && strcmp(sync, "full") && strcmp(sync, "top")) {
+		ctl_reply_error(req, EINVAL, "sync is full or top, not '%s'", sync);
+		return;
+	}
+	if (speed < 0) {
+		ctl_reply_error(req, EINVAL, "speed is bytes per second, 0 or more");
+		return;
+	}
+	if (!(dest = arg_absolute(req, args, "dest", 0)))
+		return;
+	mirror_start(vbd, dest, sync && !strcmp(sync, "top"), (uint64_t)speed, reply_done, req);
+	free(dest);
+}
+
+static void
+cmd_job_pivot(struct ctl_req *req, json_t *args)
+{
+	struct vbd *vbd = arg_vbd(req, args);
+	if (vbd)
+		mirror_pivot(vbd->job, reply_done, req);
+}
+
+static void
+cmd_job_cancel(struct ctl_req *req, json_t *args)
+{
+	struct vbd *vbd = arg_vbd(req, args);
+	if (vbd)
+		blockjob_cancel(vbd->job, reply_done, req);
+}
+
+/* server_gather's doc: the vbd's job, running or the last one; on its loop. */
+static json_t *
+job_doc(struct vbd *vbd, void *arg)
+{
+	json_int_t minor = *(json_int_t *)arg;
+	if (!vbd->job || (minor >= 0 && vbd->minor != minor))
+		return NULL;
+	return blockjob_json(vbd->job);
+}
+
+struct job_list_req {
+	struct ctl_req *req;
+	json_int_t minor;
+};
+
+static void
+job_list_gathered(json_t *all, void *arg)
+{
+	struct job_list_req *l = arg;
+
+	ctl_reply_ok(l->req, json_pack("{s:O}", "jobs", json_object_get(all, "vbds")));
+	json_decref(all);
+	free(l);
+}
+
+static void
+cmd_job_list(struct ctl_req *req, json_t *args)
+{
+	struct job_list_req *l = calloc(1, sizeof(*l));
+	json_t *minor = json_object_get(args, "minor");
+
+	if (!l || (l->req = req, l->minor = minor ? json_integer_value(minor) : -1,
+		   server_gather(ctl_req_server(req), job_doc, &l->minor, job_list_gathered,
+				 l) < 0)) {
+		free(l);
+		ctl_reply_error(req, ENOMEM, "out of memory");
+	}
+}
+
 /* ---- qos ---- */
 
 /*
@@ -705,5 +788,9 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "qos-get", ctl_args_qos_get, cmd_qos_get, CTL_ON_VBD_LOOP },
 	{ "qos-set", ctl_args_qos_set, cmd_qos_set, CTL_ON_VBD_LOOP },
 	{ "fault-inject", ctl_args_fault_inject, cmd_fault_inject, 0 },
+	{ "mirror", ctl_args_mirror, cmd_mirror, CTL_ON_VBD_LOOP },
+	{ "job-pivot", ctl_args_minor, cmd_job_pivot, CTL_ON_VBD_LOOP },
+	{ "job-cancel", ctl_args_minor, cmd_job_cancel, CTL_ON_VBD_LOOP },
+	{ "job-list", ctl_args_job_list, cmd_job_list, 0 },
 	{ NULL, NULL, NULL, 0 },
 };

@@ -15,6 +15,7 @@
 
 #include <event2/event.h>
 
+#include "blockjob.h"
 #include "cbt.h"
 #include "io.h"
 #include "io_record.h"
@@ -25,7 +26,7 @@
 #include "qos.h"
 #include "server.h"
 
-enum vbd_job_kind { JOB_OPEN, JOB_REOPEN, JOB_CLOSE };
+enum vbd_job_kind { JOB_OPEN, JOB_REOPEN, JOB_CLOSE, JOB_DROP };
 
 /* A chain open or close, run on a worker thread. */
 struct vbd_job {
@@ -34,7 +35,7 @@ struct vbd_job {
 	struct vbd *vbd;
 	char *params;			/* OPEN, REOPEN */
 	unsigned oflags;
-	struct td_image *old_leaf;	/* REOPEN, CLOSE: closed first */
+	struct td_image *old_leaf;	/* REOPEN, CLOSE, DROP: closed first */
 	struct td_image *leaf;		/* result */
 	struct td_image *kept_leaf;	/* REOPEN of the log alone: the chain stays open */
 	char *cbt_path;			/* OPEN, REOPEN: a log to open, or NULL */
@@ -85,6 +86,8 @@ vbd_job_run(struct io_call *c)
 
 	if (job->old_leaf)
 		td_chain_close(job->old_leaf);
+	if (job->kind == JOB_DROP)
+		return 0;
 	if (job->kind == JOB_CLOSE) {
 		cbt_close(job->old_cbt);
 		job->old_cbt = NULL;
@@ -219,7 +222,7 @@ static void
 vbd_resume_queued(struct vbd *vbd)
 {
 	while (!TAILQ_EMPTY(&vbd->queued) &&
-	       !(vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED))) {
+	       !(vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED | VBD_QUIESCED))) {
 		struct vbd_request *vr = TAILQ_FIRST(&vbd->queued);
 		TAILQ_REMOVE(&vbd->queued, vr, link);
 		vbd_admit(vbd, vr);
@@ -319,6 +322,10 @@ vbd_job_done(struct io_call *c, int res)
 		log_info("minor %d: resumed on %s", vbd->minor, vbd->params);
 		job->done(job->arg, 0, NULL);
 		vbd_resume_queued(vbd);
+		break;
+	case JOB_DROP:
+		vbd->drops--;
+		vbd_check_drained(vbd);	/* a close may wait for it */
 		break;
 	case JOB_CLOSE:
 		vbd->state &= ~VBD_OPENING;
@@ -440,6 +447,15 @@ vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg)
 			       : "vbd is busy (opening or closing)");
 		return;
 	}
+	if (vbd->job_starting || blockjob_busy(vbd->job)) {
+		char msg[160];
+		snprintf(msg, sizeof(msg), "minor %d has a %s job %s: cancel it (tap-ctl "
+			 "job-cancel) or let it finish first", vbd->minor,
+			 vbd->job ? vbd->job->ops->type : "block",
+			 vbd->job_starting ? "starting" : blockjob_state_name(vbd->job->state));
+		done(arg, EBUSY, msg);
+		return;
+	}
 	vbd->state |= VBD_PAUSE_REQUESTED;
 	qos_vbd_requeue(vbd);	/* throttled requests wait for the unpause too */
 	waiters_add(vbd, done, arg);
@@ -493,6 +509,7 @@ vbd_free(struct vbd *vbd)
 	if (vbd->watchdog)
 		event_free(vbd->watchdog);
 	qos_vbd_close(vbd);
+	blockjob_free(vbd->job);
 	free(vbd->marks);
 	free(vbd->params);
 	free(vbd->cbt_path);
@@ -608,6 +625,8 @@ vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg)
 	vbd->state &= ~(VBD_PAUSE_REQUESTED);
 	if (release)
 		vbd->release_on_close = 1;
+	if (blockjob_active(vbd->job))	/* its destination is dropped; the close waits */
+		vbd->job->ops->cancel(vbd->job);
 	qos_vbd_close(vbd);
 	vbd_fail_queued(vbd);
 	if (force)
@@ -640,7 +659,16 @@ vbd_check_drained(struct vbd *vbd)
 {
 	if (vbd->nr_inflight || (vbd->state & VBD_OPENING))
 		return;
+	if (vbd->quiesce_fn && !(vbd->state & VBD_SHUTDOWN_REQUESTED)) {
+		void (*fn)(void *) = vbd->quiesce_fn;
+		vbd->quiesce_fn = NULL;
+		fn(vbd->quiesce_arg);
+		return;
+	}
 	if (vbd->state & VBD_SHUTDOWN_REQUESTED) {
+		/* a block job's destination and a pivot's old chain close first */
+		if (vbd->job_starting || blockjob_busy(vbd->job) || vbd->drops)
+			return;
 		if (!(vbd->state & VBD_DEAD))
 			vbd_shutdown_frontends(vbd);
 		if (!vbd->leaf && !vbd->cbt) {
@@ -844,6 +872,18 @@ vbd_td_done(struct td_request *td, int err)
 			 vbd->minor, (uintmax_t)td->offset, strerror(err), vbd->timeout);
 		err = EIO;
 	}
+	if (vr->job_write && vbd->job->ops->guest_write_done(vbd->job, vr, err))
+		return;	/* the job ends it: vbd_request_end */
+	vbd_request_end(vr, err);
+}
+
+void
+vbd_request_end(struct vbd_request *vr, int err)
+{
+	struct vbd *vbd = vr->vbd;
+	struct td_request *td = &vr->td;
+	uint64_t now = now_ns();
+
 	if (vr->late)
 		err = EIO;	/* what its client was told */
 	uint64_t us = (now - vr->start_ns) / 1000;
@@ -942,11 +982,28 @@ vbd_start(struct vbd *vbd, struct vbd_request *vr)
 	vbd->nr_inflight++;
 	vbd_watchdog_arm(vbd);
 	td->done = vbd_td_done;
-	if (vbd->cbt && op_writes(td->op)) {
-		if (cbt_before_write(vbd->cbt, vr, td->offset, td->length))
-			return;	/* vbd_cbt_resume sends it on */
-		vbd_cbt_mark(vbd, td);
+	vr->job_write = NULL;
+	if (vbd->cbt && op_writes(td->op) &&
+	    cbt_before_write(vbd->cbt, vr, td->offset, td->length))
+		return;	/* vbd_cbt_resume sends it on */
+	vbd_request_send(vbd, vr);
+}
+
+/* Started, its changes durable in the CBT log: to the block job, then the chain. */
+void
+vbd_request_send(struct vbd *vbd, struct vbd_request *vr)
+{
+	struct td_request *td = &vr->td;
+
+	if (!op_writes(td->op)) {
+		td_image_submit(vbd->leaf, td);
+		return;
 	}
+	if (blockjob_active(vbd->job) && vbd->job->ops->guest_write &&
+	    vbd->job->ops->guest_write(vbd->job, vr))
+		return;	/* the job sends it on */
+	if (vbd->cbt)
+		vbd_cbt_mark(vbd, td);
 	td_image_submit(vbd->leaf, td);
 }
 
@@ -962,8 +1019,7 @@ vbd_cbt_resume(struct vbd_request *vr, int err)
 		vbd_td_done(&vr->td, err);
 		return;
 	}
-	vbd_cbt_mark(vbd, &vr->td);
-	td_image_submit(vbd->leaf, &vr->td);
+	vbd_request_send(vbd, vr);
 }
 
 void
@@ -975,12 +1031,56 @@ vbd_submit(struct vbd *vbd, struct vbd_request *vr)
 		vbd_fail_request(vbd, vr, ESHUTDOWN);
 		return;
 	}
-	if ((vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED | VBD_OPENING)) ||
+	if ((vbd->state & (VBD_PAUSE_REQUESTED | VBD_PAUSED | VBD_OPENING | VBD_QUIESCED)) ||
 	    !TAILQ_EMPTY(&vbd->queued)) {
 		TAILQ_INSERT_TAIL(&vbd->queued, vr, link);
 		return;
 	}
 	vbd_admit(vbd, vr);
+}
+
+/* ---- block jobs ---- */
+
+void
+vbd_quiesce(struct vbd *vbd, void (*fn)(void *arg), void *arg)
+{
+	vbd->state |= VBD_QUIESCED;
+	vbd->quiesce_fn = fn;
+	vbd->quiesce_arg = arg;
+	qos_vbd_requeue(vbd);	/* throttled requests wait too */
+	vbd_check_drained(vbd);
+}
+
+void
+vbd_resume(struct vbd *vbd)
+{
+	vbd->state &= ~VBD_QUIESCED;
+	vbd->quiesce_fn = NULL;
+	vbd_resume_queued(vbd);
+}
+
+void
+vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params)
+{
+	struct vbd_job *job = vbd_job_new(vbd, JOB_DROP, NULL, NULL, NULL);
+
+	if (job) {
+		job->old_leaf = vbd->leaf;
+		vbd->drops++;
+		vbd_job_start(job);
+	} else {	/* left open: a leak, not a crash */
+		log_err("minor %d: out of memory closing %s", vbd->minor, vbd->params);
+	}
+	free(vbd->params);
+	vbd->params = params;
+	vbd_set_chain(vbd, leaf);
+	server_vbds_changed(vbd->srv);
+}
+
+void
+vbd_job_stopped(struct vbd *vbd)
+{
+	vbd_check_drained(vbd);
 }
 
 /* ---- frontends ---- */
@@ -1094,6 +1194,8 @@ vbd_stats_json(const struct vbd *vbd)
 	json_object_set_new(out, "timeouts", json_integer((json_int_t)vbd->timeouts));
 	if (vbd->cbt)
 		json_object_set_new(out, "cbt", cbt_stats_json(vbd->cbt));
+	if (vbd->job)
+		json_object_set_new(out, "job", blockjob_json(vbd->job));
 	if (xenbus)
 		json_object_set_new(out, "xenbus", xenbus);
 	return out;

@@ -18,6 +18,7 @@ struct server;
 struct vbd;
 struct qos_vbd;
 struct event;
+struct blockjob;
 
 /* State bits, tapdisk's values (tap-ctl list prints them). */
 #define VBD_DEAD		0x0001	/* force-closed, draining its last I/O */
@@ -26,6 +27,7 @@ struct event;
 #define VBD_PAUSED		0x0020
 #define VBD_SHUTDOWN_REQUESTED	0x0040
 #define VBD_OPENING		0x1000	/* ours: chain being opened */
+#define VBD_QUIESCED		0x4000	/* ours: new requests wait (a block job's pivot) */
 
 /*
  * A request that fails with EAGAIN, EBUSY or EINTR is sent down the chain
@@ -58,6 +60,8 @@ struct vbd_request {
 	TAILQ_ENTRY(vbd_request) retry_link;
 	TAILQ_ENTRY(vbd_request) cbt_link;	/* waiting for its bits in the CBT log */
 	uint64_t cbt_need;	/* the log write (cbt.h) that makes them durable */
+	void *job_write;	/* the block job's record of this guest write, or NULL */
+	TAILQ_ENTRY(vbd_request) job_link;	/* waiting for the block job */
 	struct io_defer defer;
 	size_t alloc_size;	/* the frontend's struct and the scratch after it */
 };
@@ -136,6 +140,11 @@ struct vbd {
 	unsigned timeout;	/* seconds a request may take, retries included */
 	struct cbt *cbt;	/* changed-block tracking, or NULL (cbt.h) */
 	char *cbt_path;		/* the log the next open or reopen takes, or NULL */
+	struct blockjob *job;	/* running, or the last one's summary, or NULL (blockjob.h) */
+	int job_starting;	/* a job's destination is opening */
+	unsigned drops;		/* chains let go of (a pivot's old one) still closing */
+	void (*quiesce_fn)(void *arg);	/* VBD_QUIESCED: called once drained */
+	void *quiesce_arg;
 
 	TAILQ_HEAD(, vbd_request) queued;	/* waiting for unpause */
 	TAILQ_HEAD(, vbd_request) inflight;	/* in the order they started */
@@ -193,6 +202,26 @@ void vbd_unpause(struct vbd *vbd, const char *params, const char *cbt_log, vbd_d
 void vbd_close(struct vbd *vbd, int force, int release, vbd_done_fn done, void *arg);
 
 void vbd_submit(struct vbd *vbd, struct vbd_request *vr);
+/*
+ * For block jobs (blockjob.h), on the vbd's loop. vbd_request_send: sends
+ * a started request (one the job held) down the chain. vbd_request_end:
+ * ends a request whose chain I/O is back with err (one the job made wait).
+ */
+void vbd_request_send(struct vbd *vbd, struct vbd_request *vr);
+void vbd_request_end(struct vbd_request *vr, int err);
+/*
+ * New requests wait and fn(arg) runs once none is in flight; vbd_resume
+ * lets them go. Unlike a pause, the chain stays open and nothing is told.
+ */
+void vbd_quiesce(struct vbd *vbd, void (*fn)(void *arg), void *arg);
+void vbd_resume(struct vbd *vbd);
+/*
+ * The vbd serves leaf (an open chain, params its "type:path"; both taken)
+ * from now on; the old chain closes on a worker. Quiesced, nothing in flight.
+ */
+void vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params);
+/* The block job stopped (or failed to start): a close may go on. */
+void vbd_job_stopped(struct vbd *vbd);
 /* QoS's: sends an admitted request down the chain; ends one that cannot go. */
 void vbd_start(struct vbd *vbd, struct vbd_request *vr);
 void vbd_fail_request(struct vbd *vbd, struct vbd_request *vr, int err);

@@ -1,0 +1,879 @@
+/*
+ * The mirror block job (mirror.h has the design): the bitmap of blocks to
+ * copy, the copies, the guest writes sent to both sides, pivot and cancel.
+ */
+#include "mirror.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+
+#include "blockjob.h"
+#include "io.h"
+#include "log.h"
+#include "loop.h"
+#include "server.h"
+#include "vbd.h"
+
+#define MIRROR_BLOCK	(64 * 1024)	/* the bitmap's granularity */
+#define MIRROR_CHUNK	(1024 * 1024)	/* at most one copy's range */
+#define MIRROR_COPIES	4		/* copies at once */
+#define MIRROR_EXTENTS	16		/* block status extents per copy */
+
+struct mirror;
+
+/* One range being copied: block status, then piece by piece. */
+struct mirror_copy {
+	struct mirror *m;
+	int busy;
+	uint64_t off, len;	/* the range it owns: no guest write overlaps it */
+	uint64_t pos;		/* the next byte to handle */
+	unsigned ext, next_ext;	/* source extents: how many, the one at pos */
+	uint64_t ext_left;	/* bytes of that extent from pos */
+	uint64_t piece;		/* the current step's length */
+	struct td_request req;
+	struct td_extent extents[MIRROR_EXTENTS];
+	struct iovec iov;
+	void *buf;		/* MIRROR_CHUNK bytes */
+	void *scratch;
+	size_t scratch_size;
+};
+
+/* A guest write sent to both sides, or one whose blocks are copied again after. */
+struct mirror_write {
+	struct mirror *m;
+	struct vbd_request *vr;
+	uint64_t off, len;
+	int dest_out;		/* its destination part is in flight */
+	int src_done, src_err;
+	int mark_dirty;		/* copy its blocks again once the source has it */
+	struct td_request td;
+	TAILQ_ENTRY(mirror_write) link;
+};
+
+struct mirror {
+	struct blockjob job;
+	struct td_image *dest;
+	char *dest_params;
+	int top;
+	size_t dest_scratch;
+
+	uint64_t *dirty;	/* one bit per MIRROR_BLOCK still to copy */
+	uint64_t nblocks, ndirty, scan;
+
+	struct mirror_copy copies[MIRROR_COPIES];
+	unsigned ncopies;
+	TAILQ_HEAD(, mirror_write) writes;		/* guest writes in flight */
+	TAILQ_HEAD(, vbd_request) parked;		/* guest writes waiting for a copy */
+
+	struct io_defer kick;
+	int kick_pending;
+	struct event *timer;	/* the speed limit's wait */
+	int timer_armed;
+
+	/* pivot: the vbd quiesced, then the last copies, a flush, the swap */
+	int pivoting, drained, flushing;
+	vbd_done_fn pivot_fn;
+	void *pivot_arg;
+	struct td_request flush;
+	int closing;		/* the destination is being closed: stopped soon */
+};
+
+static void mirror_pump(struct mirror *m);
+static void copy_step(struct mirror_copy *c);
+
+static struct mirror *
+job_mirror(struct blockjob *job)
+{
+	return (struct mirror *)job;
+}
+
+static struct loop *
+mirror_loop(const struct mirror *m)
+{
+	return m->job.vbd->loop;
+}
+
+/* ---- the bitmap ---- */
+
+static int
+dirty_test(const struct mirror *m, uint64_t b)
+{
+	return (m->dirty[b / 64] >> (b % 64)) & 1;
+}
+
+static void
+dirty_set(struct mirror *m, uint64_t off, uint64_t len)
+{
+	uint64_t first = off / MIRROR_BLOCK, last = (off + len - 1) / MIRROR_BLOCK;
+
+	for (uint64_t b = first; b <= last && len; b++) {
+		if (!dirty_test(m, b)) {
+			m->dirty[b / 64] |= 1ULL << (b % 64);
+			m->ndirty++;
+			m->job.bytes_total += MIRROR_BLOCK;
+		}
+	}
+}
+
+static void
+dirty_clear(struct mirror *m, uint64_t b)
+{
+	m->dirty[b / 64] &= ~(1ULL << (b % 64));
+	m->ndirty--;
+}
+
+/* Does [off, off+len) meet a copy in flight (other than skip) or a guest write? */
+static int
+range_busy(const struct mirror *m, uint64_t off, uint64_t len, int writes)
+{
+	for (unsigned i = 0; i < MIRROR_COPIES; i++) {
+		const struct mirror_copy *c = &m->copies[i];
+		if (c->busy && off < c->off + c->len && c->off < off + len)
+			return 1;
+	}
+	if (writes) {
+		const struct mirror_write *w;
+		TAILQ_FOREACH(w, &m->writes, link)
+			if (off < w->off + w->len && w->off < off + len)
+				return 1;
+	}
+	return 0;
+}
+
+/* The next dirty block no copy or guest write is on, from the scan cursor; -1 if none. */
+static int64_t
+dirty_next(struct mirror *m)
+{
+	uint64_t nwords = (m->nblocks + 63) / 64;
+
+	for (uint64_t n = 0; n <= nwords; n++) {
+		uint64_t w = (m->scan / 64 + n) % nwords, bits = m->dirty[w];
+		if (n == 0)
+			bits &= ~0ULL << (m->scan % 64);	/* from the cursor on */
+		while (bits) {
+			uint64_t b = w * 64 + (uint64_t)__builtin_ctzll(bits);
+			bits &= bits - 1;
+			if (!range_busy(m, b * MIRROR_BLOCK, MIRROR_BLOCK, 1))
+				return (int64_t)b;
+		}
+	}
+	return -1;
+}
+
+/* ---- copies ---- */
+
+static uint64_t
+disk_size(const struct mirror *m)
+{
+	return m->job.vbd->size;
+}
+
+static void
+copy_submit(struct mirror_copy *c, struct td_image *img, enum td_op op, unsigned flags,
+	    uint64_t off, uint64_t len, void (*done)(struct td_request *, int))
+{
+	struct td_request *r = &c->req;
+
+	memset(r, 0, sizeof(*r));
+	r->op = op;
+	r->flags = flags;
+	r->offset = off;
+	r->length = len;
+	r->done = done;
+	r->priv = c;
+	r->scratch = c->scratch;
+	r->scratch_size = c->scratch_size;
+	if (op == TD_OP_READ || op == TD_OP_WRITE) {
+		c->iov.iov_base = c->buf;
+		c->iov.iov_len = len;
+		r->iov = &c->iov;
+		r->iovcnt = 1;
+	} else if (op == TD_OP_BLOCK_STATUS) {
+		r->extents = c->extents;
+		r->max_extents = MIRROR_EXTENTS;
+	}
+	td_image_submit(img, r);
+}
+
+static void
+copy_finished(struct mirror_copy *c)
+{
+	struct mirror *m = c->m;
+	struct vbd_request *vr, *next;
+
+	c->busy = 0;
+	m->ncopies--;
+	/* guest writes that waited for this range go on (unless another copy holds them) */
+	for (vr = TAILQ_FIRST(&m->parked); vr; vr = next) {
+		next = TAILQ_NEXT(vr, job_link);
+		if (range_busy(m, vr->td.offset, vr->td.length, 0))
+			continue;
+		TAILQ_REMOVE(&m->parked, vr, job_link);
+		vbd_request_send(m->job.vbd, vr);
+	}
+	mirror_pump(m);
+}
+
+static void
+copy_failed(struct mirror_copy *c, const char *what, int err)
+{
+	blockjob_fail(&c->m->job, "%s at %ju failed: %s", what, (uintmax_t)c->pos,
+		      strerror(err));
+	copy_finished(c);
+}
+
+static void
+copy_advance(struct mirror_copy *c, uint64_t n)
+{
+	c->pos += n;
+	c->ext_left -= n;
+	if (!c->ext_left && c->next_ext + 1 < c->ext) {
+		c->next_ext++;
+		c->ext_left = c->extents[c->next_ext].length;
+	}
+	blockjob_progress(&c->m->job, n);
+	copy_step(c);
+}
+
+static void
+copy_written(struct td_request *r, int err)
+{
+	struct mirror_copy *c = r->priv;
+	if (err)
+		copy_failed(c, "writing the destination", err);
+	else
+		copy_advance(c, c->piece);
+}
+
+static void
+copy_read(struct td_request *r, int err)
+{
+	struct mirror_copy *c = r->priv;
+	if (err) {
+		copy_failed(c, "reading the disk", err);
+		return;
+	}
+	copy_submit(c, c->m->dest, TD_OP_WRITE, 0, c->pos, c->piece, copy_written);
+}
+
+static const char zeros[MIRROR_CHUNK];
+
+/* Zeros onto the destination: write-zeroes where it can, else a buffer of them. */
+static void
+copy_write_zeros(struct mirror_copy *c, uint64_t len)
+{
+	struct mirror *m = c->m;
+
+	c->piece = len;
+	if (m->dest->caps & TD_CAP_WRITE_ZEROES) {
+		copy_submit(c, m->dest, TD_OP_WRITE_ZEROES, 0, c->pos, len, copy_written);
+		return;
+	}
+	memcpy(c->buf, zeros, len);
+	copy_submit(c, m->dest, TD_OP_WRITE, 0, c->pos, len, copy_written);
+}
+
+/* What the destination already reads as zeros needs no writing. */
+static void
+copy_dest_status(struct td_request *r, int err)
+{
+	struct mirror_copy *c = r->priv;
+
+	if (!err && r->nr_extents && (r->extents[0].flags & TD_EXTENT_ZERO)) {
+		uint64_t n = r->extents[0].length < c->piece ? r->extents[0].length : c->piece;
+		copy_advance(c, n);
+		return;
+	}
+	copy_write_zeros(c, (!err && r->nr_extents && r->extents[0].length < c->piece)
+			? r->extents[0].length : c->piece);
+}
+
+/* The next piece of the range: skip, zeros, or data. */
+static void
+copy_step(struct mirror_copy *c)
+{
+	struct mirror *m = c->m;
+	uint64_t end = c->off + c->len;
+
+	if (c->pos >= end || m->job.stopping) {
+		copy_finished(c);
+		return;
+	}
+	uint32_t flags = c->extents[c->next_ext].flags;
+	uint64_t n = c->ext_left < end - c->pos ? c->ext_left : end - c->pos;
+
+	c->piece = n;
+	if (flags & TD_EXTENT_PARENT) {		/* top: the destination's parents have it */
+		copy_advance(c, n);
+	} else if (flags & TD_EXTENT_ZERO) {
+		if (m->dest->caps & TD_CAP_BLOCK_STATUS)
+			copy_submit(c, m->dest, TD_OP_BLOCK_STATUS, 0, c->pos, n, copy_dest_status);
+		else
+			copy_write_zeros(c, n);
+	} else {
+		copy_submit(c, m->job.vbd->leaf, TD_OP_READ, 0, c->pos, n, copy_read);
+	}
+}
+
+static void
+copy_status(struct td_request *r, int err)
+{
+	struct mirror_copy *c = r->priv;
+
+	if (err) {
+		copy_failed(c, "block status of the disk", err);
+		return;
+	}
+	c->ext = r->nr_extents;
+	c->next_ext = 0;
+	c->ext_left = c->extents[0].length;
+	copy_step(c);
+}
+
+static void
+copy_start(struct mirror *m, struct mirror_copy *c, uint64_t off, uint64_t len)
+{
+	c->busy = 1;
+	m->ncopies++;
+	c->off = c->pos = off;
+	c->len = len;
+	if (m->job.vbd->caps & TD_CAP_BLOCK_STATUS) {
+		copy_submit(c, m->job.vbd->leaf, TD_OP_BLOCK_STATUS,
+			    m->top ? TD_REQ_ONE_IMAGE : 0, off, len, copy_status);
+		return;
+	}
+	c->ext = 1;	/* all data, then */
+	c->next_ext = 0;
+	c->extents[0].length = c->ext_left = len;
+	c->extents[0].flags = 0;
+	copy_step(c);
+}
+
+static void
+timer_fired(evutil_socket_t fd, short what, void *arg)
+{
+	struct mirror *m = arg;
+	(void)fd;
+	(void)what;
+	m->timer_armed = 0;
+	mirror_pump(m);
+}
+
+/* Starts the copies there is room and a range for. 1 if the speed limit holds them. */
+static int
+copies_start(struct mirror *m)
+{
+	while (m->ncopies < MIRROR_COPIES && m->ndirty && !m->job.stopping && !m->flushing) {
+		int64_t b = dirty_next(m);
+		if (b < 0)
+			return 0;
+		uint64_t first = (uint64_t)b, n = 0;
+		/* a run of dirty blocks no guest write is on, at most a chunk */
+		while (first + n < m->nblocks && n < MIRROR_CHUNK / MIRROR_BLOCK &&
+		       dirty_test(m, first + n) &&
+		       !range_busy(m, (first + n) * MIRROR_BLOCK, MIRROR_BLOCK, 1))
+			n++;
+		uint64_t off = first * MIRROR_BLOCK, len = n * MIRROR_BLOCK;
+		if (off + len > disk_size(m))
+			len = disk_size(m) - off;
+		uint64_t wait = m->drained ? 0 : blockjob_throttle(&m->job, len);
+		if (wait) {
+			struct timeval tv = { (time_t)(wait / 1000000000),
+					      (suseconds_t)(wait % 1000000000 / 1000) };
+			evtimer_add(m->timer, &tv);
+			m->timer_armed = 1;
+			return 1;
+		}
+		for (uint64_t i = 0; i < n; i++)
+			dirty_clear(m, first + i);
+		m->scan = first + n < m->nblocks ? first + n : 0;
+		for (unsigned i = 0; i < MIRROR_COPIES; i++) {
+			if (!m->copies[i].busy) {
+				copy_start(m, &m->copies[i], off, len);
+				break;
+			}
+		}
+	}
+	return 0;
+}
+
+/* ---- stopping ---- */
+
+struct dest_close {
+	struct io_call call;
+	struct td_image *leaf;
+	struct mirror *m;	/* NULL: nobody waits */
+};
+
+static int
+dest_close_run(struct io_call *c)
+{
+	td_chain_close(((struct dest_close *)c)->leaf);
+	return 0;
+}
+
+static void
+dest_closed(struct io_call *c, int res)
+{
+	struct mirror *m = ((struct dest_close *)c)->m;
+	(void)res;
+	free(c);
+	if (!m)
+		return;
+	m->closing = 0;
+	m->job.state = m->job.error[0] ? BJ_FAILED : BJ_CANCELLED;
+	blockjob_stopped(&m->job);
+}
+
+/* Closes leaf on a worker; m (if any) is told when it is done. */
+static void
+dest_close(struct io_engine *io, struct td_image *leaf, struct mirror *m)
+{
+	struct dest_close *dc = calloc(1, sizeof(*dc));
+
+	if (!dc) {	/* the chain stays open: a leak, not a crash */
+		log_err("out of memory closing %s", leaf->params);
+		if (m)
+			dest_closed(NULL, 0);
+		return;
+	}
+	dc->leaf = leaf;
+	dc->m = m;
+	dc->call.fn = dest_close_run;
+	dc->call.done = dest_closed;
+	io_call(io, &dc->call);
+}
+
+static void pivot_end(struct mirror *m, int err, const char *msg);
+
+/* Stopping: once no copy or guest write is out, close the destination. */
+static void
+stop_check(struct mirror *m)
+{
+	if (!m->job.stopping || m->ncopies || !TAILQ_EMPTY(&m->writes) || m->closing ||
+	    m->flushing || !m->dest)
+		return;
+	if (m->timer_armed) {
+		evtimer_del(m->timer);
+		m->timer_armed = 0;
+	}
+	if (m->pivoting)
+		pivot_end(m, ECANCELED, m->job.error[0] ? m->job.error : "the mirror was cancelled");
+	m->closing = 1;
+	struct td_image *dest = m->dest;
+	m->dest = NULL;
+	dest_close(mirror_loop(m)->io, dest, m);
+}
+
+static void
+mirror_cancel(struct blockjob *job)
+{
+	struct mirror *m = job_mirror(job);
+	struct vbd_request *vr;
+
+	job->stopping = 1;
+	/* guest writes that waited for a copy go on, to the disk alone */
+	while ((vr = TAILQ_FIRST(&m->parked))) {
+		TAILQ_REMOVE(&m->parked, vr, job_link);
+		vbd_request_send(job->vbd, vr);
+	}
+	mirror_pump(m);
+}
+
+/* ---- pivot ---- */
+
+static void
+pivot_end(struct mirror *m, int err, const char *msg)
+{
+	vbd_done_fn fn = m->pivot_fn;
+
+	m->pivoting = m->drained = 0;
+	m->pivot_fn = NULL;
+	vbd_resume(m->job.vbd);
+	if (fn)
+		fn(m->pivot_arg, err, msg);
+}
+
+static void
+pivot_flushed(struct td_request *r, int err)
+{
+	struct mirror *m = r->priv;
+	struct vbd *vbd = m->job.vbd;
+
+	m->flushing = 0;
+	if (err) {
+		blockjob_fail(&m->job, "flushing the destination failed: %s", strerror(err));
+		mirror_pump(m);
+		return;
+	}
+	char *params = strdup(m->dest_params);	/* the vbd's; the job keeps its copy */
+	struct td_image *dest = m->dest;
+
+	if (!params) {
+		blockjob_fail(&m->job, "out of memory");
+		mirror_pump(m);
+		return;
+	}
+	m->dest = NULL;
+	log_info("minor %d: mirror: switched to %s", vbd->minor, params);
+	vbd_swap_chain(vbd, dest, params);
+	m->job.state = BJ_DONE;
+	pivot_end(m, 0, NULL);
+	blockjob_stopped(&m->job);
+}
+
+/* Quiesced: copy what is left, flush the destination, swap. */
+static void
+pivot_check(struct mirror *m)
+{
+	if (!m->pivoting || !m->drained || m->ncopies || m->ndirty || m->flushing ||
+	    m->job.stopping)
+		return;
+	m->flushing = 1;
+	memset(&m->flush, 0, sizeof(m->flush));
+	m->flush.priv = m;
+	if (!(m->dest->caps & TD_CAP_FLUSH)) {
+		pivot_flushed(&m->flush, 0);
+		return;
+	}
+	m->flush.op = TD_OP_FLUSH;
+	m->flush.done = pivot_flushed;
+	m->flush.scratch = m->copies[0].scratch;	/* the copies are idle */
+	m->flush.scratch_size = m->copies[0].scratch_size;
+	td_image_submit(m->dest, &m->flush);
+}
+
+static void
+pivot_drained(void *arg)
+{
+	struct mirror *m = arg;
+	m->drained = 1;
+	mirror_pump(m);
+}
+
+void
+mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg)
+{
+	struct mirror *m;
+
+	if (!job || job->ops->guest_write == NULL || !blockjob_busy(job)) {
+		done(arg, EINVAL, job && blockjob_busy(job) ? "the job is not a mirror"
+			     : "no mirror is running");
+		return;
+	}
+	m = job_mirror(job);
+	if (job->stopping || m->pivoting) {
+		done(arg, EBUSY, job->stopping ? "the mirror is being cancelled"
+			     : "the mirror is already switching");
+		return;
+	}
+	if (job->state != BJ_READY) {
+		char msg[160];
+		snprintf(msg, sizeof(msg), "the mirror is not ready yet: %ju of %ju bytes copied",
+			 (uintmax_t)job->bytes_done, (uintmax_t)job->bytes_total);
+		done(arg, EAGAIN, msg);
+		return;
+	}
+	m->pivoting = 1;
+	m->pivot_fn = done;
+	m->pivot_arg = arg;
+	vbd_quiesce(job->vbd, pivot_drained, m);
+}
+
+/* ---- the pump: run on the loop's next turn, never from inside a completion ---- */
+
+static void
+pump_now(struct mirror *m)
+{
+	if (copies_start(m) == 0 && !m->ncopies && !m->ndirty && m->job.state == BJ_RUNNING &&
+	    !m->job.stopping && TAILQ_EMPTY(&m->parked)) {
+		m->job.state = BJ_READY;
+		log_info("minor %d: mirror to %s ready", m->job.vbd->minor, m->dest_params);
+	}
+	pivot_check(m);
+	stop_check(m);
+}
+
+static void
+pump_deferred(struct io_defer *d)
+{
+	struct mirror *m = d->arg;
+	m->kick_pending = 0;
+	pump_now(m);
+}
+
+static void
+mirror_pump(struct mirror *m)
+{
+	if (m->kick_pending)
+		return;
+	m->kick_pending = 1;
+	m->kick.fn = pump_deferred;
+	m->kick.arg = m;
+	io_defer(mirror_loop(m)->io, &m->kick);
+}
+
+/* ---- guest writes ---- */
+
+static void mirror_write_end(struct mirror_write *w);
+
+static void
+write_dest_done(struct td_request *td, int err)
+{
+	struct mirror_write *w = td->priv;
+
+	w->dest_out = 0;
+	if (err)
+		blockjob_fail(&w->m->job, "writing the destination at %ju failed: %s",
+			      (uintmax_t)td->offset, strerror(err));
+	if (w->src_done) {
+		struct vbd_request *vr = w->vr;
+		int src_err = w->src_err;
+		mirror_write_end(w);
+		vbd_request_end(vr, src_err);
+	}
+}
+
+static int
+mirror_guest_write(struct blockjob *job, struct vbd_request *vr)
+{
+	struct mirror *m = job_mirror(job);
+	struct td_request *td = &vr->td;
+	struct mirror_write *w;
+
+	if (range_busy(m, td->offset, td->length, 0)) {
+		TAILQ_INSERT_TAIL(&m->parked, vr, job_link);
+		return 1;
+	}
+	w = calloc(1, sizeof(*w) + m->dest_scratch);
+	if (!w) {
+		blockjob_fail(job, "out of memory");
+		return 0;
+	}
+	w->m = m;
+	w->vr = vr;
+	w->off = td->offset;
+	w->len = td->length;
+	vr->job_write = w;
+	TAILQ_INSERT_TAIL(&m->writes, w, link);
+	if (td->op == TD_OP_DISCARD ||
+	    (td->op == TD_OP_WRITE_ZEROES && !(m->dest->caps & TD_CAP_WRITE_ZEROES))) {
+		w->mark_dirty = 1;	/* copied again once the disk has it */
+		return 0;
+	}
+	w->td.op = td->op;
+	w->td.flags = td->flags & TD_REQ_NO_HOLE;
+	w->td.offset = td->offset;
+	w->td.length = td->length;
+	w->td.iov = td->iov;
+	w->td.iovcnt = td->iovcnt;
+	w->td.done = write_dest_done;
+	w->td.priv = w;
+	w->td.scratch = w + 1;
+	w->td.scratch_size = m->dest_scratch;
+	w->dest_out = 1;
+	td_image_submit(m->dest, &w->td);
+	return 0;
+}
+
+static void
+mirror_write_end(struct mirror_write *w)
+{
+	struct mirror *m = w->m;
+
+	TAILQ_REMOVE(&m->writes, w, link);
+	w->vr->job_write = NULL;
+	if (w->mark_dirty && !w->src_err && !m->job.stopping)
+		dirty_set(m, w->off, w->len);
+	free(w);
+	mirror_pump(m);	/* a copy may have waited for this range */
+}
+
+static int
+mirror_guest_write_done(struct blockjob *job, struct vbd_request *vr, int err)
+{
+	struct mirror_write *w = vr->job_write;
+	(void)job;
+
+	w->src_done = 1;
+	w->src_err = err;
+	if (w->dest_out)
+		return 1;
+	mirror_write_end(w);
+	return 0;
+}
+
+/* ---- the job ---- */
+
+static void
+mirror_describe(const struct blockjob *job, json_t *doc)
+{
+	const struct mirror *m = (const struct mirror *)job;
+
+	json_object_set_new(doc, "sync", json_string(m->top ? "top" : "full"));
+	if (m->dest_params)
+		json_object_set_new(doc, "dest", json_string(m->dest_params));
+	json_object_set_new(doc, "dirty_bytes",
+			    json_integer((json_int_t)(m->ndirty * MIRROR_BLOCK)));
+}
+
+static void
+mirror_free(struct blockjob *job)
+{
+	struct mirror *m = job_mirror(job);
+
+	for (unsigned i = 0; i < MIRROR_COPIES; i++) {
+		free(m->copies[i].buf);
+		free(m->copies[i].scratch);
+	}
+	if (m->timer)
+		event_free(m->timer);
+	free(m->dirty);
+	free(m->dest_params);
+	free(m);
+}
+
+static const struct blockjob_ops mirror_ops = {
+	.type = "mirror",
+	.cancel = mirror_cancel,
+	.guest_write = mirror_guest_write,
+	.guest_write_done = mirror_guest_write_done,
+	.describe = mirror_describe,
+	.free = mirror_free,
+};
+
+/* ---- start: the destination opens on a worker ---- */
+
+struct mirror_open {
+	struct io_call call;
+	struct vbd *vbd;
+	char *params;
+	unsigned oflags;
+	int top;
+	uint64_t speed;
+	struct td_image *leaf;
+	struct td_error err;
+	vbd_done_fn done;
+	void *arg;
+};
+
+static int
+mirror_open_run(struct io_call *c)
+{
+	struct mirror_open *mo = (struct mirror_open *)c;
+	struct td_open_ctx ctx = { .io = mo->vbd->loop->io };
+	return td_chain_open(mo->params, mo->oflags, &ctx, &mo->leaf, &mo->err);
+}
+
+static struct mirror *
+mirror_new(struct vbd *vbd, struct mirror_open *mo)
+{
+	struct mirror *m = calloc(1, sizeof(*m));
+	size_t src = td_chain_scratch_size(vbd->leaf), dst = td_chain_scratch_size(mo->leaf);
+
+	if (!m)
+		return NULL;
+	blockjob_init(&m->job, &mirror_ops, vbd, mo->speed);
+	TAILQ_INIT(&m->writes);
+	TAILQ_INIT(&m->parked);
+	m->top = mo->top;
+	m->dest_scratch = dst;
+	m->nblocks = (vbd->size + MIRROR_BLOCK - 1) / MIRROR_BLOCK;
+	m->dirty = calloc((m->nblocks + 63) / 64 + 1, sizeof(uint64_t));
+	m->timer = evtimer_new(vbd->loop->base, timer_fired, m);
+	int ok = m->dirty && m->timer;
+	for (unsigned i = 0; ok && i < MIRROR_COPIES; i++) {
+		struct mirror_copy *c = &m->copies[i];
+		c->m = m;
+		c->scratch_size = src > dst ? src : dst;
+		c->scratch = c->scratch_size ? calloc(1, c->scratch_size) : NULL;
+		ok = posix_memalign(&c->buf, 4096, MIRROR_CHUNK) == 0 &&
+		     (c->scratch || !c->scratch_size);
+	}
+	if (!ok) {
+		mirror_free(&m->job);
+		return NULL;
+	}
+	if (vbd->size)
+		dirty_set(m, 0, vbd->size);
+	m->job.bytes_total = vbd->size;
+	return m;
+}
+
+static void
+mirror_opened(struct io_call *c, int res)
+{
+	struct mirror_open *mo = (struct mirror_open *)c;
+	struct vbd *vbd = mo->vbd;	/* kept: a close waits for job_starting */
+	struct mirror *m = NULL;
+	char msg[sizeof(mo->err.msg) + 64] = "";
+
+	vbd->job_starting = 0;
+	if (res < 0)
+		snprintf(msg, sizeof(msg), "%s", mo->err.msg);
+	else if (vbd->state || !vbd->leaf)
+		snprintf(msg, sizeof(msg), "the vbd was paused or closed while %s opened",
+			 mo->params);
+	else if (mo->leaf->size != vbd->size)
+		snprintf(msg, sizeof(msg), "%s is %ju bytes and the disk %ju: the destination "
+			 "must have the disk's size", mo->params, (uintmax_t)mo->leaf->size,
+			 (uintmax_t)vbd->size);
+	else if (vbd->min_io % mo->leaf->min_io || MIRROR_BLOCK % mo->leaf->min_io)
+		snprintf(msg, sizeof(msg), "%s needs %u-byte aligned I/O, the disk's clients "
+			 "send %u", mo->params, mo->leaf->min_io, vbd->min_io);
+	else if (!(m = mirror_new(vbd, mo)))
+		snprintf(msg, sizeof(msg), "out of memory");
+	if (msg[0]) {
+		if (mo->leaf)
+			dest_close(vbd->loop->io, mo->leaf, NULL);
+		mo->done(mo->arg, res < 0 ? mo->err.code : EINVAL, msg);
+		vbd_job_stopped(vbd);	/* a close may wait for this */
+	} else {
+		m->dest = mo->leaf;
+		m->dest_params = mo->params;
+		mo->params = NULL;
+		blockjob_free(vbd->job);	/* the last one's summary */
+		vbd->job = &m->job;
+		log_info("minor %d: mirror to %s started (%s%s)", vbd->minor, m->dest_params,
+			 m->top ? "top" : "full", m->job.speed ? ", speed limited" : "");
+		mo->done(mo->arg, 0, NULL);
+		mirror_pump(m);
+	}
+	free(mo->params);
+	free(mo);
+}
+
+void
+mirror_start(struct vbd *vbd, const char *dest, int top, uint64_t speed, vbd_done_fn done,
+	     void *arg)
+{
+	struct mirror_open *mo;
+
+	if (vbd->job_starting || blockjob_busy(vbd->job)) {
+		done(arg, EBUSY, "the vbd already has a block job: cancel it first");
+		return;
+	}
+	if (vbd->state || !vbd->leaf) {
+		done(arg, EBUSY, "the vbd must be open and running (not paused)");
+		return;
+	}
+	mo = calloc(1, sizeof(*mo));
+	if (!mo || !(mo->params = strdup(dest))) {
+		free(mo);
+		done(arg, ENOMEM, "out of memory");
+		return;
+	}
+	mo->vbd = vbd;
+	mo->top = top;
+	mo->speed = speed;
+	mo->done = done;
+	mo->arg = arg;
+	mo->oflags = (vbd->nodirect ? TD_OPEN_NODIRECT : 0) | vbd->srv->open_flags;
+	mo->call.fn = mirror_open_run;
+	mo->call.done = mirror_opened;
+	vbd->job_starting = 1;
+	io_call(vbd->loop->io, &mo->call);
+}

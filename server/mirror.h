@@ -1,0 +1,42 @@
+/*
+ * The mirror block job: copies what a vbd's chain holds to a destination
+ * image (any params tapdiskd opens, nbd: included) while the guest runs,
+ * then switches the vbd onto it (pivot) or drops it (cancel).
+ *
+ * Design: guest writes go to both sides from the start and are
+ * acknowledged when both are done (a failing destination fails the job,
+ * never the guest's write: the guest gets the source's result). The copy
+ * walks a bitmap of 64 KiB blocks still to copy (all of them at the start;
+ * a guest discard, or write-zeroes the destination cannot do, marks its
+ * blocks again), at most MIRROR_COPIES ranges of at most 1 MiB at a time.
+ * A guest write never overlaps a range being copied: it waits for that
+ * copy, and a copy never starts over a guest write in flight, so what a
+ * copy reads is what the destination must hold. Once the bitmap is empty
+ * the job is ready and stays so: a pivot then only drains the requests in
+ * flight, flushes the destination and swaps the chain.
+ *
+ * Threading: the vbd's loop; opening and closing the destination run on
+ * the loop's workers.
+ */
+#ifndef TD_MIRROR_H
+#define TD_MIRROR_H
+
+#include <stdint.h>
+
+#include "vbd.h"
+
+struct blockjob;
+
+/*
+ * Starts mirroring vbd to dest (params; created beforehand with the disk's
+ * size). top: copy only what the leaf holds (dest already has the parents).
+ * speed: bytes/s, 0 for no limit. done(arg, 0, NULL) once the destination
+ * is open and the job runs, or an error with its sentence.
+ */
+void mirror_start(struct vbd *vbd, const char *dest, int top, uint64_t speed,
+		  vbd_done_fn done, void *arg);
+/* Switches the vbd onto the destination: the job must be ready. */
+void mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg);
+
+
+#endif
