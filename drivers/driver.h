@@ -302,6 +302,12 @@ struct td_pieces *td_pieces_new(struct td_image *img, struct td_request *req, si
 static inline void td_pieces_add(struct td_pieces *ps) { ps->pending++; }
 /* A piece is done (err 0 or an errno); the last one completes and frees ps. */
 void td_pieces_done(struct td_pieces *ps, int err);
+/*
+ * The same, for a piece that ends inside a library's callback holding the
+ * library's lock (libnbd): the request completes on the loop's next turn,
+ * so that whoever it wakes may submit again without deadlocking.
+ */
+void td_pieces_done_later(struct td_pieces *ps, int err);
 /* End of submit: every piece is issued (or failed, ps->err set). */
 void td_pieces_issued(struct td_pieces *ps);
 /* The end of a last step (see last): frees ps, completes the request with err. */

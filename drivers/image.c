@@ -718,6 +718,15 @@ td_pieces_done(struct td_pieces *ps, int err)
 }
 
 void
+td_pieces_done_later(struct td_pieces *ps, int err)
+{
+	if (err && !ps->err)
+		ps->err = err;
+	if (--ps->pending == 0)
+		pieces_last(ps, 1);
+}
+
+void
 td_pieces_issued(struct td_pieces *ps)
 {
 	/* every piece may be done already (zeros, cached data): not from inside submit */

@@ -218,10 +218,11 @@ nbdc_close(struct td_image *img)
 
 /* ---- requests ---- */
 
+/* libnbd's completion callback, under the handle's lock: a new submit must wait. */
 static int
 piece_done(void *arg, int *error)
 {
-	td_pieces_done(arg, *error);
+	td_pieces_done_later(arg, *error);
 	return 1;
 }
 

@@ -34,7 +34,8 @@ struct mirror_copy {
 	uint64_t ext_left;	/* bytes of that extent from pos */
 	uint64_t piece;		/* the current step's length */
 	struct td_request req;
-	struct td_extent extents[MIRROR_EXTENTS];
+	struct td_extent extents[MIRROR_EXTENTS];	/* the source's, walked piece by piece */
+	struct td_extent dest_extent;			/* the destination's, at pos */
 	struct iovec iov;
 	void *buf;		/* MIRROR_CHUNK bytes */
 	void *scratch;
@@ -83,6 +84,7 @@ struct mirror {
 
 static void mirror_pump(struct mirror *m);
 static void copy_step(struct mirror_copy *c);
+static void copy_status_query(struct mirror_copy *c);
 
 static struct mirror *
 job_mirror(struct blockjob *job)
@@ -191,6 +193,9 @@ copy_submit(struct mirror_copy *c, struct td_image *img, enum td_op op, unsigned
 		c->iov.iov_len = len;
 		r->iov = &c->iov;
 		r->iovcnt = 1;
+	} else if (op == TD_OP_BLOCK_STATUS && img == c->m->dest) {
+		r->extents = &c->dest_extent;
+		r->max_extents = 1;
 	} else if (op == TD_OP_BLOCK_STATUS) {
 		r->extents = c->extents;
 		r->max_extents = MIRROR_EXTENTS;
@@ -302,6 +307,10 @@ copy_step(struct mirror_copy *c)
 		copy_finished(c);
 		return;
 	}
+	if (!c->ext_left) {	/* the extents ended short of the range: ask again */
+		copy_status_query(c);
+		return;
+	}
 	uint32_t flags = c->extents[c->next_ext].flags;
 	uint64_t n = c->ext_left < end - c->pos ? c->ext_left : end - c->pos;
 
@@ -327,9 +336,32 @@ copy_status(struct td_request *r, int err)
 		copy_failed(c, "block status of the disk", err);
 		return;
 	}
+	if (!r->nr_extents || !c->extents[0].length) {
+		copy_failed(c, "block status of the disk", EIO);	/* a driver's bug: no loop */
+		return;
+	}
 	c->ext = r->nr_extents;
 	c->next_ext = 0;
 	c->ext_left = c->extents[0].length;
+	copy_step(c);
+}
+
+/* What the source holds from pos to the range's end. */
+static void
+copy_status_query(struct mirror_copy *c)
+{
+	struct mirror *m = c->m;
+	uint64_t len = c->off + c->len - c->pos;
+
+	if (m->job.vbd->caps & TD_CAP_BLOCK_STATUS) {
+		copy_submit(c, m->job.vbd->leaf, TD_OP_BLOCK_STATUS,
+			    m->top ? TD_REQ_ONE_IMAGE : 0, c->pos, len, copy_status);
+		return;
+	}
+	c->ext = 1;	/* all data, then */
+	c->next_ext = 0;
+	c->extents[0].length = c->ext_left = len;
+	c->extents[0].flags = 0;
 	copy_step(c);
 }
 
@@ -340,16 +372,8 @@ copy_start(struct mirror *m, struct mirror_copy *c, uint64_t off, uint64_t len)
 	m->ncopies++;
 	c->off = c->pos = off;
 	c->len = len;
-	if (m->job.vbd->caps & TD_CAP_BLOCK_STATUS) {
-		copy_submit(c, m->job.vbd->leaf, TD_OP_BLOCK_STATUS,
-			    m->top ? TD_REQ_ONE_IMAGE : 0, off, len, copy_status);
-		return;
-	}
-	c->ext = 1;	/* all data, then */
-	c->next_ext = 0;
-	c->extents[0].length = c->ext_left = len;
-	c->extents[0].flags = 0;
-	copy_step(c);
+	c->ext_left = 0;
+	copy_status_query(c);
 }
 
 static void
@@ -644,6 +668,12 @@ mirror_guest_write(struct blockjob *job, struct vbd_request *vr)
 	struct td_request *td = &vr->td;
 	struct mirror_write *w;
 
+	if (vr->job_write) {	/* started before the job and only now sent: mirrored instead */
+		w = vr->job_write;
+		TAILQ_REMOVE(&m->writes, w, link);
+		vr->job_write = NULL;
+		free(w);
+	}
 	if (range_busy(m, td->offset, td->length, 0)) {
 		TAILQ_INSERT_TAIL(&m->parked, vr, job_link);
 		return 1;
@@ -690,6 +720,34 @@ mirror_write_end(struct mirror_write *w)
 		dirty_set(m, w->off, w->len);
 	free(w);
 	mirror_pump(m);	/* a copy may have waited for this range */
+}
+
+/*
+ * Writes already in flight when the job starts went to the disk alone: no
+ * copy may read their blocks until they are back, and then they are copied
+ * again.
+ */
+static int
+mirror_adopt_inflight(struct mirror *m)
+{
+	struct vbd_request *vr;
+
+	TAILQ_FOREACH(vr, &m->job.vbd->inflight, link) {
+		enum td_op op = vr->td.op;
+		if (op != TD_OP_WRITE && op != TD_OP_WRITE_ZEROES && op != TD_OP_DISCARD)
+			continue;
+		struct mirror_write *w = calloc(1, sizeof(*w));
+		if (!w)
+			return -ENOMEM;
+		w->m = m;
+		w->vr = vr;
+		w->off = vr->td.offset;
+		w->len = vr->td.length;
+		w->mark_dirty = 1;
+		vr->job_write = w;
+		TAILQ_INSERT_TAIL(&m->writes, w, link);
+	}
+	return 0;
 }
 
 static int
@@ -832,6 +890,8 @@ mirror_opened(struct io_call *c, int res)
 		mo->done(mo->arg, res < 0 ? mo->err.code : EINVAL, msg);
 		vbd_job_stopped(vbd);	/* a close may wait for this */
 	} else {
+		if (mirror_adopt_inflight(m) < 0)
+			blockjob_fail(&m->job, "out of memory");
 		m->dest = mo->leaf;
 		m->dest_params = mo->params;
 		mo->params = NULL;
