@@ -2,6 +2,7 @@
 control socket (validating every response against schema/), and runs
 tap-ctl. The suite runs once per I/O engine (TAPDISKD_IO_ENGINE)."""
 
+import contextlib
 import glob
 import json
 import os
@@ -339,3 +340,60 @@ def wait_for(pred, timeout=10, what="condition"):
             return
         time.sleep(0.02)
     raise AssertionError("timed out waiting for " + what)
+
+
+class Nbdkit:
+    """nbdkit on a UNIX socket in dir, its filters and plugin args as given."""
+
+    def __init__(self, d, *args, name="k"):
+        self.sock = os.path.join(str(d), name + ".sock")
+        self.pidfile = os.path.join(str(d), name + ".pid")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        run("nbdkit", "-U", self.sock, "-P", self.pidfile, *args)
+        self.uri = "nbd+unix:///?socket=" + self.sock
+
+    @property
+    def pid(self):
+        with open(self.pidfile) as f:
+            return int(f.read())
+
+    def stop(self, sig=signal.SIGTERM):
+        pid = self.pid
+        for s in (sig, signal.SIGKILL):	# TERM waits for its clients to go
+            try:
+                os.kill(pid, s)
+            except ProcessLookupError:
+                return
+            deadline = time.time() + 5
+            while os.path.exists("/proc/%d" % pid) and time.time() < deadline:
+                time.sleep(0.02)
+
+
+@pytest.fixture
+def kits(tmp_path):
+    made = []
+
+    def make(*args, name="k"):
+        k = Nbdkit(tmp_path, *args, name=name)
+        made.append(k)
+        return k
+    yield make
+    for k in made:
+        k.stop()
+
+
+@contextlib.contextmanager
+def qsd_export(img, sock):
+    """qemu-storage-daemon serving the raw file img, writable, on the UNIX socket sock."""
+    qsd = subprocess.Popen(["qemu-storage-daemon",
+                            "--blockdev", "driver=file,node-name=f,filename=" + img,
+                            "--nbd-server", "addr.type=unix,addr.path=" + sock,
+                            "--export", "type=nbd,id=e,node-name=f,name=,writable=on"],
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(sock), what="qemu-storage-daemon")
+        yield "nbd+unix:///?socket=" + sock
+    finally:
+        qsd.terminate()
+        qsd.wait(30)

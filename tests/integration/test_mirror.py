@@ -8,13 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import nbd
 import pytest
 
-from conftest import BIN, SLOW, ControlError, make_image, run, wait_for
+from conftest import (BIN, SLOW, ControlError, make_image, qsd_export, run,
+                      wait_for)
 
 MiB = 1 << 20
 VHD_UTIL = os.path.join(BIN, "vhd-util")
@@ -142,42 +142,22 @@ def test_sync_top_copies_only_the_leaf_onto_a_new_leaf_of_the_same_parent(server
     assert os.path.getsize(dest) < 6 * MiB, os.path.getsize(dest)
 
 
-class Nbdkit:
-    def __init__(self, d, *args):
-        self.sock = os.path.join(str(d), "k.sock")
-        self.pidfile = os.path.join(str(d), "k.pid")
-        run("nbdkit", "-U", self.sock, "-P", self.pidfile, *args)
-        self.uri = "nbd+unix:///?socket=" + self.sock
-
-    def kill(self, sig=signal.SIGKILL):
-        with open(self.pidfile) as f:
-            pid = int(f.read())
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        wait_for(lambda: not os.path.exists("/proc/%d" % pid), what="nbdkit gone")
-
-
-def test_mirror_onto_nbdkit_memory(server, tmp_path):
+def test_mirror_onto_nbdkit_memory(server, kits, tmp_path):
     size = 32 * MiB
     src = make_image(tmp_path / "src.img", size)
     m = server.open("aio:" + src)["minor"]
     fill(server.uri(m), size, 9)
-    kit = Nbdkit(tmp_path, "memory", "size=%d" % size)
-    try:
-        fio = fio_load(server.uri(m), size, ios=15000)
-        server.tapctl("mirror", "-m", m, "-d", "nbd:" + kit.uri)
-        wait_job(server, m, "ready")
-        server.tapctl("mirror", "-m", m, "--pivot")
-        fio_ok(fio)
-        assert server.call("list", minor=m)["result"]["vbds"][0]["type"] == "nbd"
-        want = snapshot_of(server, m, str(tmp_path / "want.raw"))
-        server.call("destroy", minor=m)
-        # what nbdkit holds, read by qemu-img, is the disk
-        run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", kit.uri, want)
-    finally:
-        kit.kill(signal.SIGTERM)
+    kit = kits("memory", "size=%d" % size)
+    fio = fio_load(server.uri(m), size, ios=15000)
+    server.tapctl("mirror", "-m", m, "-d", "nbd:" + kit.uri)
+    wait_job(server, m, "ready")
+    server.tapctl("mirror", "-m", m, "--pivot")
+    fio_ok(fio)
+    assert server.call("list", minor=m)["result"]["vbds"][0]["type"] == "nbd"
+    want = snapshot_of(server, m, str(tmp_path / "want.raw"))
+    server.call("destroy", minor=m)
+    # what nbdkit holds, read by qemu-img, is the disk
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", kit.uri, want)
 
 
 def test_mirror_onto_qemu_storage_daemon(server, tmp_path):
@@ -187,23 +167,14 @@ def test_mirror_onto_qemu_storage_daemon(server, tmp_path):
     m = server.open("qcow2:" + src)["minor"]
     fill(server.uri(m), size, 11)
     img, sock = make_image(tmp_path / "q.img", size), str(tmp_path / "qsd.sock")
-    qsd = subprocess.Popen(["qemu-storage-daemon",
-                            "--blockdev", "driver=file,node-name=f,filename=" + img,
-                            "--nbd-server", "addr.type=unix,addr.path=" + sock,
-                            "--export", "type=nbd,id=e,node-name=f,name=,writable=on"],
-                           stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: os.path.exists(sock), what="qemu-storage-daemon")
+    with qsd_export(img, sock) as uri:
         fio = fio_load(server.uri(m), size, ios=15000)
-        server.tapctl("mirror", "-m", m, "-d", "nbd:nbd+unix:///?socket=" + sock)
+        server.tapctl("mirror", "-m", m, "-d", "nbd:" + uri)
         wait_job(server, m, "ready")
         server.tapctl("mirror", "-m", m, "--pivot")
         fio_ok(fio)
         want = snapshot_of(server, m, str(tmp_path / "want.raw"))
         server.call("destroy", minor=m)
-    finally:
-        qsd.terminate()
-        qsd.wait(30)
     run("cmp", img, want)
 
 
@@ -296,17 +267,17 @@ def test_cancel_while_running_and_when_ready_leaves_the_vbd_as_it_was(server, tm
     assert r.returncode != 0 and "already ended" in r.stderr
 
 
-def test_a_dying_destination_fails_the_job_never_the_guest(server, tmp_path):
+def test_a_dying_destination_fails_the_job_never_the_guest(server, kits, tmp_path):
     size = 32 * MiB
     src = make_image(tmp_path / "s.img", size)
     m = server.open("aio:" + src, timeout=5)["minor"]
     fill(server.uri(m), size, 4)
-    kit = Nbdkit(tmp_path, "memory", "size=%d" % size)
+    kit = kits("memory", "size=%d" % size)
     fio = fio_load(server.uri(m), size, ios=15000)
     server.tapctl("mirror", "-m", m, "-d", "nbd:" + kit.uri, "--speed", 4 * MiB)
     wait_job(server, m, "running")
     time.sleep(0.5)
-    kit.kill()
+    kit.stop(signal.SIGKILL)
     j = wait_job(server, m, "failed")
     assert "destination" in j["error"], j
     fio_ok(fio)                               # no write failed, every block reads back

@@ -6,56 +6,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 
-from conftest import make_image, run, wait_for
+from conftest import make_image, qsd_export, run
 
 # libnbd does the driver's I/O, not the engine: the second engine's pass skips it
 pytestmark = pytest.mark.engine_independent
-
-
-class Nbdkit:
-    """nbdkit on a UNIX socket in dir, its filters and plugin args as given."""
-
-    def __init__(self, d, *args, name="k"):
-        self.sock = os.path.join(str(d), name + ".sock")
-        self.pidfile = os.path.join(str(d), name + ".pid")
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        run("nbdkit", "-U", self.sock, "-P", self.pidfile, *args)
-        self.uri = "nbd+unix:///?socket=" + self.sock
-
-    @property
-    def pid(self):
-        with open(self.pidfile) as f:
-            return int(f.read())
-
-    def stop(self, sig=signal.SIGTERM):
-        pid = self.pid
-        for s in (sig, signal.SIGKILL):	# TERM waits for its clients to go
-            try:
-                os.kill(pid, s)
-            except ProcessLookupError:
-                return
-            deadline = time.time() + 5
-            while os.path.exists("/proc/%d" % pid) and time.time() < deadline:
-                time.sleep(0.02)
-
-
-@pytest.fixture
-def kits(tmp_path):
-    made = []
-
-    def make(*args, name="k"):
-        k = Nbdkit(tmp_path, *args, name=name)
-        made.append(k)
-        return k
-    yield make
-    for k in made:
-        k.stop()
 
 
 def fio_verify(uri, size, n=4000, extra=()):
@@ -90,19 +48,10 @@ def test_a_remote_disk_verifies_and_matches_the_server(server, kits, tmp_path):
 def test_against_qemu_storage_daemon_and_tapdiskd_itself(server, tmp_path):
     img = make_image(tmp_path / "q.img", 32 << 20)
     sock = str(tmp_path / "qsd.sock")
-    qsd = subprocess.Popen(["qemu-storage-daemon",
-                            "--blockdev", "driver=file,node-name=f,filename=" + img,
-                            "--nbd-server", "addr.type=unix,addr.path=" + sock,
-                            "--export", "type=nbd,id=e,node-name=f,name=,writable=on"],
-                           stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: os.path.exists(sock), what="qemu-storage-daemon")
+    with qsd_export(img, sock):
         m = server.open("nbd:nbd+unix:///?socket=" + sock)["minor"]
         fio_verify(server.uri(m), 32 << 20, n=2000)
         server.call("close", minor=m)
-    finally:
-        qsd.terminate()
-        qsd.wait(30)
     # a vbd of this very server, reached through another vbd
     raw = make_image(tmp_path / "r.img", 32 << 20)
     a = server.open("aio:" + raw)["minor"]
