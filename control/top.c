@@ -28,8 +28,8 @@
 #define LE_INF UINT64_MAX	/* the "+Inf" bucket */
 
 /* the columns before PARAMS, which takes the rest of the line */
-#define ROW_FMT "%5s %8s %8s %8s %8s %7s %5s %7s  "
-#define ROW_WIDTH 65
+#define ROW_FMT "%5s %8s %8s %8s %8s %7s %5s %7s %-16s  "
+#define ROW_WIDTH 82
 
 struct top {
 	struct cli *cli;
@@ -55,6 +55,7 @@ struct row {
 	double throttled;	/* qos.throttled per second */
 	double p99_us;		/* INFINITY: the last bucket */
 	long long depth;
+	char job[24];		/* "mirror:42%", "mirror:ready", or "-" */
 };
 
 /* A histogram being summed: buckets by upper bound (us). */
@@ -388,6 +389,23 @@ interval_p99(json_t *cur, json_t *prev)
 
 /* ---- rows ---- */
 
+/* A running job's progress, else its state; "-" without one. */
+static void
+job_cell(struct row *r, json_t *job)
+{
+	const char *type = json_string_value(json_object_get(job, "type"));
+	const char *state = json_string_value(json_object_get(job, "state"));
+	json_int_t done = json_integer_value(json_object_get(job, "bytes_done"));
+	json_int_t total = json_integer_value(json_object_get(job, "bytes_total"));
+
+	if (!type || !state)
+		snprintf(r->job, sizeof(r->job), "-");
+	else if (!strcmp(state, "running") && total > 0)
+		snprintf(r->job, sizeof(r->job), "%.6s:%d%%", type, (int)(done * 100 / total));
+	else
+		snprintf(r->job, sizeof(r->job), "%.6s:%.9s", type, state);
+}
+
 static void
 row_compute(struct row *r, json_t *cur, json_t *prev, double dt)
 {
@@ -400,6 +418,7 @@ row_compute(struct row *r, json_t *cur, json_t *prev, double dt)
 	r->depth = (long long)(jcount(cur, "reqs_outstanding") + jcount(cur, "reqs_queued") +
 			       jcount(cur, "qos.queue_depth"));
 	r->throttled = r->p99_us = -1;
+	job_cell(r, json_object_get(cur, "job"));
 	for (int rw = 0; rw < 2; rw++)
 		r->iops[rw] = r->mbps[rw] = -1;
 	if (!prev || dt <= 0)
@@ -468,7 +487,7 @@ row_print(const struct row *r, int params_width, const char *eol)
 	       cell_rate(cell[2], sizeof(cell[2]), r->mbps[0], 2),
 	       cell_rate(cell[3], sizeof(cell[3]), r->mbps[1], 2),
 	       cell_p99(cell[4], sizeof(cell[4]), r->p99_us), depth,
-	       cell_rate(cell[5], sizeof(cell[5]), r->throttled, 1));
+	       cell_rate(cell[5], sizeof(cell[5]), r->throttled, 1), r->job);
 	print_params(r->params ? r->params : "-", params_width);
 	fputs(eol, stdout);
 }
@@ -477,7 +496,7 @@ static void
 header_print(const char *eol)
 {
 	printf(ROW_FMT "PARAMS%s", "MINOR", "R_IOPS", "W_IOPS", "R_MB/s", "W_MB/s", "P99_US",
-	       "QD", "THROT/s", eol);
+	       "QD", "THROT/s", "JOB", eol);
 }
 
 /* ---- reports ---- */

@@ -240,6 +240,9 @@ def test_speed_limit_and_rate(server, tmp_path):
     assert 0 < j["rate"] <= 18 * MiB, j
     out = server.tapctl("jobs", "-m", m).stdout
     assert out.startswith("minor=%d type=mirror state=running" % m) and "rate=" in out
+    top = server.tapctl("top", "-n", 1).stdout.splitlines()
+    assert top[0].split()[8] == "JOB" and top[1].split()[8].startswith("mirror:"), top
+    assert top[1].split()[8].endswith("%"), top
     wait_job(server, m, "ready")
     # 32 MiB at 12 MiB/s (a 0.1 s burst): not before 2.4 s
     assert time.monotonic() - t0 >= 2.4

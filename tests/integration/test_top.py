@@ -16,7 +16,8 @@ from conftest import BIN, SLOW, wait_for
 # the second engine's pass skips these (see pytest.ini)
 pytestmark = pytest.mark.engine_independent
 
-COLUMNS = ["MINOR", "R_IOPS", "W_IOPS", "R_MB/s", "W_MB/s", "P99_US", "QD", "THROT/s", "PARAMS"]
+COLUMNS = ["MINOR", "R_IOPS", "W_IOPS", "R_MB/s", "W_MB/s", "P99_US", "QD", "THROT/s", "JOB",
+           "PARAMS"]
 
 
 def top_cmd(server, *args):
