@@ -30,6 +30,7 @@ from qos import qos_bench  # noqa: E402
 from ring import ring_bench  # noqa: E402
 from loops import loops_bench  # noqa: E402
 from cbt import cbt_bench, cbt_table  # noqa: E402
+from mirror import mirror_bench, mirror_table  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "build", "bin")
@@ -72,11 +73,12 @@ def rss_kb(pid):
 class Tapdiskd:
     name = "tapdiskd"
 
-    def __init__(self, tmp, image, engine, fmt="aio", env=None, bin_dir=BIN, cbt_log=None):
+    def __init__(self, tmp, image, engine, fmt="aio", env=None, bin_dir=BIN, cbt_log=None,
+                 extra=()):
         self.state = os.path.join(tmp, "td")
         self.proc = subprocess.Popen([os.path.join(bin_dir, "tapdiskd"), "--state-dir", self.state,
-                                      "--foreground", "--io-engine", engine, "--log-level", "warning"],
-                                     env=env)
+                                      "--foreground", "--io-engine", engine, "--log-level", "warning"] +
+                                     list(extra), env=env)
         wait_socket(os.path.join(self.state, "ctl.sock"), self.proc)
         r = subprocess.run([os.path.join(bin_dir, "tap-ctl"), "-S", self.state, "create", "-a",
                             fmt + ":" + image] + (["-C", cbt_log] if cbt_log else []),
@@ -322,6 +324,14 @@ def cbt_part(tmp, a):
     return cbt_table(rows, a.runtime, a.cpu_rounds)
 
 
+def mirror_part(tmp, a, image=None):
+    """The mirror's copy rate against qsd's blockdev-mirror, and the guest during a job."""
+    if image is None:
+        image = fill_image(tmp)
+    res = mirror_bench(Tapdiskd, run_fio, tmp, a.engine, image, a.runtime, a.cpu_rounds)
+    return mirror_table(res, a.runtime, a.cpu_rounds)
+
+
 def cpu_part(tmp, a, image=None):
     """Server CPU and system calls per 4k request, tapdiskd against its peers
     (and against the tapdiskd of --cpu-base, for an A/B of two builds)."""
@@ -343,7 +353,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
     ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs", "cpu", "loops",
-                                       "cbt"],
+                                       "cbt", "mirror"],
                     default="all")
     ap.add_argument("--cpu-rounds", type=int, default=int(os.environ.get("BENCH_CPU_ROUNDS", "3")),
                     help="alternating rounds of the CPU-per-request part; the median counts")
@@ -355,7 +365,8 @@ def main():
               "allocs": lambda tmp: allocs_part(tmp, a),
               "cpu": lambda tmp: cpu_part(tmp, a),
               "loops": lambda tmp: loops_bench(tmp, a.runtime, a.cpu_rounds),
-              "cbt": lambda tmp: cbt_part(tmp, a)}
+              "cbt": lambda tmp: cbt_part(tmp, a),
+              "mirror": lambda tmp: mirror_part(tmp, a)}
     for fmt in FORMATS:
         single[fmt] = lambda tmp, fmt=fmt: format_table(
             fmt, format_bench(tmp, a.engine, a.runtime, a.rounds, fmt))
@@ -398,6 +409,7 @@ def main():
         cpu = cpu_part(tmp, a, image)
         loops = loops_bench(tmp, a.runtime, a.cpu_rounds)
         cbt = cbt_part(tmp, a)
+        mirror = mirror_part(tmp, a, image)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -436,6 +448,8 @@ def main():
     lines.append(loops)
     lines.append("")
     lines.append(cbt)
+    lines.append("")
+    lines.append(mirror)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:

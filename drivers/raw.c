@@ -12,6 +12,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,16 @@ static char raw_zeros[RAW_ZERO_CHUNK] __attribute__((aligned(4096)));
 
 struct raw_priv {
 	struct td_file f;
+	/*
+	 * The last data region SEEK_DATA/SEEK_HOLE found, [data_start,
+	 * data_end): on tmpfs a SEEK_HOLE walks every page up to the hole, so
+	 * a fully written 1 GiB file costs milliseconds per call; block status
+	 * inside the region then needs no call (qemu's file driver keeps the
+	 * same). Writes only add data; a discard or write-zeroes empties it
+	 * (gen: a scan that raced one does not store what it saw).
+	 */
+	pthread_mutex_t lock;
+	uint64_t data_start, data_end, gen;
 };
 
 /* Steps of a write-zeroes, tried in order until one is supported. */
@@ -69,9 +80,11 @@ raw_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *e
 
 	if (!p)
 		return td_error_set(err, ENOMEM, "out of memory");
+	pthread_mutex_init(&p->lock, NULL);
 	rc = td_file_open(&p->f, img->path, (img->oflags & TD_OPEN_RDONLY) != 0,
 			  (img->oflags & TD_OPEN_NODIRECT) != 0, err);
 	if (rc < 0) {
+		pthread_mutex_destroy(&p->lock);
 		free(p);
 		return rc;
 	}
@@ -90,6 +103,7 @@ raw_close(struct td_image *img)
 {
 	struct raw_priv *p = img->priv;
 	td_file_close(&p->f, !(img->oflags & TD_OPEN_RDONLY));
+	pthread_mutex_destroy(&p->lock);
 	free(p);
 }
 
@@ -257,16 +271,58 @@ struct raw_scan {
 	struct raw_priv *p;
 };
 
+/* Loop thread: a discard or write-zeroes may make holes in the cached region. */
+static void
+raw_data_forget(struct raw_priv *p)
+{
+	pthread_mutex_lock(&p->lock);
+	p->data_start = p->data_end = 0;
+	p->gen++;
+	pthread_mutex_unlock(&p->lock);
+}
+
+/* Worker thread: the cached data region's end if pos is in it, else 0. */
+static uint64_t
+raw_data_cached(struct raw_priv *p, uint64_t pos, uint64_t *gen)
+{
+	uint64_t stop = 0;
+
+	pthread_mutex_lock(&p->lock);
+	if (pos >= p->data_start && pos < p->data_end)
+		stop = p->data_end;
+	*gen = p->gen;
+	pthread_mutex_unlock(&p->lock);
+	return stop;
+}
+
+static void
+raw_data_remember(struct raw_priv *p, uint64_t start, uint64_t end, uint64_t gen)
+{
+	pthread_mutex_lock(&p->lock);
+	if (p->gen == gen) {
+		p->data_start = start;
+		p->data_end = end;
+	}
+	pthread_mutex_unlock(&p->lock);
+}
+
 /* Worker thread: walks SEEK_DATA/SEEK_HOLE over the range. */
 static int
 raw_scan_run(struct io_call *c)
 {
 	struct raw_scan *s = (struct raw_scan *)c;
 	struct td_request *req = s->req;
-	uint64_t pos = req->offset, end = req->offset + req->length;
+	uint64_t pos = req->offset, end = req->offset + req->length, gen;
 
 	req->nr_extents = 0;
 	while (pos < end && req->nr_extents < req->max_extents) {
+		uint64_t cached = raw_data_cached(s->p, pos, &gen);
+		if (cached) {
+			uint64_t stop = cached < end ? cached : end;
+			td_extent_add(req, stop - pos, 0);
+			pos = stop;
+			continue;
+		}
 		off_t data = lseek(s->p->f.fd, (off_t)pos, SEEK_DATA);
 		if (data < 0 && errno == ENXIO) {
 			td_extent_add(req, end - pos, TD_EXTENT_HOLE | TD_EXTENT_ZERO);
@@ -283,6 +339,8 @@ raw_scan_run(struct io_call *c)
 			continue;
 		}
 		off_t hole = lseek(s->p->f.fd, (off_t)pos, SEEK_HOLE);
+		if (hole > (off_t)pos)
+			raw_data_remember(s->p, pos, (uint64_t)hole, gen);
 		uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
 		if (stop <= pos)
 			stop = end;
@@ -352,10 +410,12 @@ raw_submit(struct td_image *img, struct td_request *req)
 		raw_issue(rr, IO_OP_FDATASYNC, 0, 0, 0);
 		return;
 	case TD_OP_DISCARD:
+		raw_data_forget(p);
 		raw_issue(rr, IO_OP_FALLOCATE, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, req->offset,
 			  req->length);
 		return;
 	case TD_OP_WRITE_ZEROES:
+		raw_data_forget(p);
 		rr->step = (req->flags & TD_REQ_NO_HOLE) ? ZSTEP_ZERO_RANGE : ZSTEP_PUNCH;
 		raw_zero_step(rr);
 		return;
