@@ -402,6 +402,36 @@ cmd_mirror(struct cli *cli, int argc, char **argv)
 	return 0;
 }
 
+/* stream -m M [--speed BYTES/s] */
+static int
+cmd_stream(struct cli *cli, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "speed", required_argument, NULL, 'S' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *usage = "stream -m MINOR [--speed BYTES_PER_S] [-p PID]";
+	long minor = -1, speed = -1;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:p:h", longopts)) != -1) {
+		switch (c) {
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		case 'S': speed = parse_int(optarg, "--speed BYTES_PER_S"); break;
+		default: usage_die(usage);
+		}
+	}
+	if (minor < 0 || optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
+	if (speed >= 0)
+		json_object_set_new(args, "speed", json_integer(speed));
+	json_decref(cli_call(cli, "stream", args));
+	return 0;
+}
+
 static int
 cmd_job_cancel(struct cli *cli, int argc, char **argv)
 {
@@ -720,7 +750,8 @@ static const struct {
 	{ "version", cmd_version, "print the server's version" },
 	{ "fault-inject", cmd_fault_inject, "fail chosen I/O (tapdiskd --fault-injection; testing only)" },
 	{ "mirror", cmd_mirror, "copy a running vbd to another image, then --pivot onto it or --cancel" },
-	{ "jobs", cmd_jobs, "block jobs (mirror): state, progress, rate" },
+	{ "stream", cmd_stream, "copy the parents' data into the leaf, then drop the parents" },
+	{ "jobs", cmd_jobs, "block jobs (mirror, stream): state, progress, rate" },
 	{ "job-cancel", cmd_job_cancel, "cancel a vbd's block job" },
 };
 

@@ -159,6 +159,15 @@ struct td_driver {
 	int (*validate_parent)(struct td_image *img, struct td_image *parent,
 			       struct td_error *err);
 	/*
+	 * Optional, blocking, on a worker under the chain lock, with no
+	 * request in flight on the image: rewrites the image's metadata so it
+	 * has no parent any more (a stream copied up what it needed), durably,
+	 * and forgets the parent's name. The chain drops the parents after
+	 * (td_chain_detach). 0 or -errno with err set; on failure the image is
+	 * as it was (it may say either, after a crash: both read the same).
+	 */
+	int (*detach_parent)(struct td_image *img, struct td_error *err);
+	/*
 	 * Optional, blocking, on a closed image: creates child_path as a new
 	 * leaf on top of parent_path; *child_params is its "type:path".
 	 */
@@ -217,6 +226,12 @@ int td_chain_open(const char *params, unsigned oflags,
 		  struct td_error *err);
 /* Blocking (worker thread): closes what td_chain_open opened. */
 void td_chain_close(struct td_image *leaf);
+/*
+ * Blocking (worker thread), no request in flight on img: img's driver
+ * drops its parent (detach_parent), then the parents are let go of (closed
+ * where no other chain holds them). -ENOTSUP when the driver cannot.
+ */
+int td_chain_detach(struct td_image *img, struct td_error *err);
 /* Number of images in the chain, leaf included. */
 unsigned td_chain_depth(const struct td_image *leaf);
 

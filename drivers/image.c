@@ -388,6 +388,25 @@ td_chain_close(struct td_image *leaf)
 	pthread_mutex_unlock(&chain_lock);
 }
 
+int
+td_chain_detach(struct td_image *img, struct td_error *err)
+{
+	int rc;
+
+	if (!img->drv->detach_parent)
+		return td_error_set(err, ENOTSUP, "%s images cannot drop their parent here",
+				    img->drv->name);
+	pthread_mutex_lock(&chain_lock);
+	rc = img->drv->detach_parent(img, err);
+	if (rc == 0 && img->parent) {
+		struct td_image *parent = img->parent;
+		img->parent = NULL;
+		chain_close_locked(parent);
+	}
+	pthread_mutex_unlock(&chain_lock);
+	return rc;
+}
+
 unsigned
 td_chain_depth(const struct td_image *leaf)
 {

@@ -1160,6 +1160,40 @@ qcow2_get_parent(struct td_image *img, char **params, struct td_error *err)
 	return 0;
 }
 
+/*
+ * Drops the backing file: the header's backing_file_offset and _size (bytes
+ * 8..19) become 0, in one sector written and synced. The backing format
+ * extension may stay: without a backing file nothing reads it.
+ */
+static int
+qcow2_detach_parent(struct td_image *img, struct td_error *err)
+{
+	struct qcow2 *q = img->priv;
+	size_t len = q->f.sector_size > 512 ? q->f.sector_size : 512;
+	uint8_t *buf;
+	int rc;
+
+	if (!q->m.backing)
+		return 0;
+	if (!(buf = aligned_alloc(4096, len < 4096 ? 4096 : len)))
+		return td_error_set(err, ENOMEM, "out of memory");
+	if ((rc = fc_pread_full(q->f.fd, buf, len, 0)) == 0) {
+		memset(buf + 8, 0, 12);
+		if ((rc = fc_pwrite_full(q->f.fd, buf, len, 0)) == 0)
+			rc = fc_fdatasync(q->f.fd);
+	}
+	free(buf);
+	if (rc < 0)
+		return td_error_set(err, -rc, "%s: dropping the backing file: %s", img->path,
+				    strerror(-rc));
+	free(q->m.backing);
+	q->m.backing = NULL;
+	q->m.backing_fmt[0] = 0;
+	q->m.h.backing_file_offset = 0;
+	q->m.h.backing_file_size = 0;
+	return 0;
+}
+
 const struct td_driver td_driver_qcow2 = {
 	.name = "qcow2",
 	.ctx_size = TD_PIECES_CTX_SIZE(sizeof(struct qreq)) + TD_CTX_SIZE(struct qop),
@@ -1168,4 +1202,5 @@ const struct td_driver td_driver_qcow2 = {
 	.submit = qcow2_submit,
 	.get_parent = qcow2_get_parent,
 	.create_child = qcow2_create_child,
+	.detach_parent = qcow2_detach_parent,
 };

@@ -1483,6 +1483,54 @@ vhd_snapshot(const char *parent_path, const char *child_path, char **child_param
 	return vhd_create_child(parent_path, child_path, 0, child_params, err);
 }
 
+/*
+ * A differencing disk whose data no longer needs its parent becomes a
+ * dynamic one. The footer first (both copies), synced: from then on the
+ * file is a dynamic disk, whose header's parent fields nothing reads; then
+ * the header without them.
+ */
+static int
+vhd_detach_parent(struct td_image *img, struct td_error *err)
+{
+	struct vhd_priv *p = img->priv;
+	struct vhd_meta *m = &p->m;
+	struct vhd_footer f = m->footer;
+	struct vhd_header h = m->header;
+	uint8_t *buf;
+	int rc;
+
+	if (f.type != VHD_TYPE_DIFF)
+		return 0;
+	if (!(buf = aligned_alloc(4096, 4096)))
+		return td_error_set(err, ENOMEM, "out of memory");
+	memset(buf, 0, 4096);
+	f.type = VHD_TYPE_DYNAMIC;
+	vhd_footer_encode(&f, buf);
+	if ((rc = fc_pwrite_full(p->f.fd, buf, VHD_FOOTER_SIZE, p->next_free)) < 0 ||
+	    (rc = fc_pwrite_full(p->f.fd, buf, VHD_FOOTER_SIZE, 0)) < 0 ||
+	    (rc = fc_fdatasync(p->f.fd)) < 0)
+		goto fail;
+	m->footer = f;	/* the file says it now: keep saying it */
+	memset(h.parent_uuid, 0, sizeof(h.parent_uuid));
+	h.parent_ts = 0;
+	memset(h.parent_name, 0, sizeof(h.parent_name));
+	memset(h.loc, 0, sizeof(h.loc));
+	memset(buf, 0, 4096);
+	vhd_header_encode(&h, buf);
+	if ((rc = fc_pwrite_full(p->f.fd, buf, VHD_HEADER_SIZE, f.data_offset)) < 0 ||
+	    (rc = fc_fdatasync(p->f.fd)) < 0)
+		goto fail;
+	m->header = h;
+	free(m->parent_path);
+	m->parent_path = NULL;
+	m->parent_raw = 0;
+	free(buf);
+	return 0;
+fail:
+	free(buf);
+	return td_error_set(err, -rc, "%s: dropping the parent: %s", img->path, strerror(-rc));
+}
+
 const struct td_driver td_driver_vhd = {
 	.name = "vhd",
 	.ctx_size = TD_PIECES_CTX_SIZE(sizeof(struct io_op)) + TD_CTX_SIZE(struct vop),
@@ -1492,4 +1540,5 @@ const struct td_driver td_driver_vhd = {
 	.get_parent = vhd_get_parent,
 	.validate_parent = vhd_validate_parent,
 	.create_child = vhd_snapshot,
+	.detach_parent = vhd_detach_parent,
 };

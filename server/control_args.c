@@ -104,3 +104,9 @@ const struct ctl_arg ctl_args_job_list[] = {
 	{ "minor", ARG_INT, 0 },
 	{ NULL, 0, 0 },
 };
+
+const struct ctl_arg ctl_args_stream[] = {
+	{ "minor", ARG_INT, 1 },
+	{ "speed", ARG_INT, 0 },	/* bytes/s; 0 or absent: no limit */
+	{ NULL, 0, 0 },
+};

@@ -528,6 +528,21 @@ cmd_mirror(struct ctl_req *req, json_t *args)
 }
 
 static void
+cmd_stream(struct ctl_req *req, json_t *args)
+{
+	struct vbd *vbd = arg_vbd(req, args);
+	json_int_t speed = json_integer_value(json_object_get(args, "speed"));
+
+	if (!vbd)
+		return;
+	if (speed < 0) {
+		ctl_reply_error(req, EINVAL, "speed is bytes per second, 0 or more");
+		return;
+	}
+	stream_start(vbd, (uint64_t)speed, reply_done, req);
+}
+
+static void
 cmd_job_pivot(struct ctl_req *req, json_t *args)
 {
 	struct vbd *vbd = arg_vbd(req, args);
@@ -789,6 +804,7 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "qos-set", ctl_args_qos_set, cmd_qos_set, CTL_ON_VBD_LOOP },
 	{ "fault-inject", ctl_args_fault_inject, cmd_fault_inject, 0 },
 	{ "mirror", ctl_args_mirror, cmd_mirror, CTL_ON_VBD_LOOP },
+	{ "stream", ctl_args_stream, cmd_stream, CTL_ON_VBD_LOOP },
 	{ "job-pivot", ctl_args_minor, cmd_job_pivot, CTL_ON_VBD_LOOP },
 	{ "job-cancel", ctl_args_minor, cmd_job_cancel, CTL_ON_VBD_LOOP },
 	{ "job-list", ctl_args_job_list, cmd_job_list, 0 },

@@ -1,6 +1,9 @@
 /*
- * The mirror block job (mirror.h has the design): the bitmap of blocks to
- * copy, the copies, the guest writes sent to both sides, pivot and cancel.
+ * The copying block jobs (mirror.h has the design): the mirror and the
+ * stream share the bitmap of blocks to visit, the copies, and the guest
+ * writes kept off ranges being copied. A mirror copies to a destination,
+ * sends guest writes to both and ends with a pivot or a cancel; a stream
+ * copies the parents' data up into the leaf and ends by detaching it.
  */
 #include "mirror.h"
 
@@ -56,9 +59,12 @@ struct mirror_write {
 
 struct mirror {
 	struct blockjob job;
-	struct td_image *dest;
+	struct td_image *dest;	/* a stream's is the vbd's leaf, not its own */
 	char *dest_params;
 	int top;
+	int stream;
+	int finishing;		/* a stream's last step: the vbd quiescing, then... */
+	int detaching;		/* ...the leaf dropping its parents on a worker */
 	size_t dest_scratch;
 
 	uint64_t *dirty;	/* one bit per MIRROR_BLOCK still to copy */
@@ -82,9 +88,11 @@ struct mirror {
 	int closing;		/* the destination is being closed: stopped soon */
 };
 
+static const struct blockjob_ops mirror_ops;
 static void mirror_pump(struct mirror *m);
 static void copy_step(struct mirror_copy *c);
 static void copy_status_query(struct mirror_copy *c);
+static void copy_status(struct td_request *r, int err);
 
 static struct mirror *
 job_mirror(struct blockjob *job)
@@ -193,12 +201,12 @@ copy_submit(struct mirror_copy *c, struct td_image *img, enum td_op op, unsigned
 		c->iov.iov_len = len;
 		r->iov = &c->iov;
 		r->iovcnt = 1;
-	} else if (op == TD_OP_BLOCK_STATUS && img == c->m->dest) {
-		r->extents = &c->dest_extent;
-		r->max_extents = 1;
-	} else if (op == TD_OP_BLOCK_STATUS) {
-		r->extents = c->extents;
+	} else if (op == TD_OP_BLOCK_STATUS && done == copy_status) {
+		r->extents = c->extents;	/* the walk's */
 		r->max_extents = MIRROR_EXTENTS;
+	} else if (op == TD_OP_BLOCK_STATUS) {
+		r->extents = &c->dest_extent;	/* one look at pos */
+		r->max_extents = 1;
 	}
 	td_image_submit(img, r);
 }
@@ -296,6 +304,38 @@ copy_dest_status(struct td_request *r, int err)
 			? r->extents[0].length : c->piece);
 }
 
+/* A stream: what the chain reads at pos, for a piece the leaf does not hold. */
+static void
+copy_chain_status(struct td_request *r, int err)
+{
+	struct mirror_copy *c = r->priv;
+
+	if (err) {
+		copy_failed(c, "block status of the disk", err);
+		return;
+	}
+	uint64_t n = r->nr_extents && r->extents[0].length < c->piece ? r->extents[0].length
+								     : c->piece;
+	if (r->nr_extents && (r->extents[0].flags & TD_EXTENT_ZERO)) {
+		copy_advance(c, n);	/* zeros: the leaf alone reads them too */
+		return;
+	}
+	c->piece = n;
+	copy_submit(c, c->m->job.vbd->leaf, TD_OP_READ, 0, c->pos, n, copy_read);
+}
+
+/* A stream's piece: the leaf's own data stays, the parents' comes up. */
+static void
+stream_step(struct mirror_copy *c, uint32_t flags, uint64_t n)
+{
+	c->piece = n;
+	if (flags & TD_EXTENT_PARENT)
+		copy_submit(c, c->m->job.vbd->leaf, TD_OP_BLOCK_STATUS, 0, c->pos, n,
+			    copy_chain_status);
+	else
+		copy_advance(c, n);
+}
+
 /* The next piece of the range: skip, zeros, or data. */
 static void
 copy_step(struct mirror_copy *c)
@@ -314,6 +354,10 @@ copy_step(struct mirror_copy *c)
 	uint32_t flags = c->extents[c->next_ext].flags;
 	uint64_t n = c->ext_left < end - c->pos ? c->ext_left : end - c->pos;
 
+	if (m->stream) {
+		stream_step(c, flags, n);
+		return;
+	}
 	c->piece = n;
 	if (flags & TD_EXTENT_PARENT) {		/* top: the destination's parents have it */
 		copy_advance(c, n);
@@ -355,7 +399,7 @@ copy_status_query(struct mirror_copy *c)
 
 	if (m->job.vbd->caps & TD_CAP_BLOCK_STATUS) {
 		copy_submit(c, m->job.vbd->leaf, TD_OP_BLOCK_STATUS,
-			    m->top ? TD_REQ_ONE_IMAGE : 0, c->pos, len, copy_status);
+			    m->top || m->stream ? TD_REQ_ONE_IMAGE : 0, c->pos, len, copy_status);
 		return;
 	}
 	c->ext = 1;	/* all data, then */
@@ -478,7 +522,7 @@ static void
 stop_check(struct mirror *m)
 {
 	if (!m->job.stopping || m->ncopies || !TAILQ_EMPTY(&m->writes) || m->closing ||
-	    m->flushing || !m->dest)
+	    m->flushing || m->finishing || !m->dest)
 		return;
 	if (m->timer_armed) {
 		evtimer_del(m->timer);
@@ -486,6 +530,12 @@ stop_check(struct mirror *m)
 	}
 	if (m->pivoting)
 		pivot_end(m, ECANCELED, m->job.error[0] ? m->job.error : "the mirror was cancelled");
+	if (m->stream) {	/* its destination is the leaf: the vbd's */
+		m->dest = NULL;
+		m->job.state = m->job.error[0] ? BJ_FAILED : BJ_CANCELLED;
+		blockjob_stopped(&m->job);
+		return;
+	}
 	m->closing = 1;
 	struct td_image *dest = m->dest;
 	m->dest = NULL;
@@ -499,6 +549,10 @@ mirror_cancel(struct blockjob *job)
 	struct vbd_request *vr;
 
 	job->stopping = 1;
+	if (m->finishing && !m->detaching) {	/* a stream's quiesce, not drained yet */
+		m->finishing = 0;
+		vbd_resume(job->vbd);
+	}
 	/* guest writes that waited for a copy go on, to the disk alone */
 	while ((vr = TAILQ_FIRST(&m->parked))) {
 		TAILQ_REMOVE(&m->parked, vr, job_link);
@@ -583,7 +637,7 @@ mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg)
 {
 	struct mirror *m;
 
-	if (!job || job->ops->guest_write == NULL || !blockjob_busy(job)) {
+	if (!job || job->ops != &mirror_ops || !blockjob_busy(job)) {
 		done(arg, EINVAL, job && blockjob_busy(job) ? "the job is not a mirror"
 			     : "no mirror is running");
 		return;
@@ -609,11 +663,18 @@ mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg)
 
 /* ---- the pump: run on the loop's next turn, never from inside a completion ---- */
 
+static void stream_finish(struct mirror *m);
+
 static void
 pump_now(struct mirror *m)
 {
-	if (copies_start(m) == 0 && !m->ncopies && !m->ndirty && m->job.state == BJ_RUNNING &&
-	    !m->job.stopping && TAILQ_EMPTY(&m->parked)) {
+	int throttled = copies_start(m);
+	int converged = !throttled && !m->ncopies && !m->ndirty && m->job.state == BJ_RUNNING &&
+			!m->job.stopping && TAILQ_EMPTY(&m->parked);
+
+	if (converged && m->stream && !m->finishing) {
+		stream_finish(m);
+	} else if (converged && !m->stream) {
 		m->job.state = BJ_READY;
 		log_info("minor %d: mirror to %s ready", m->job.vbd->minor, m->dest_params);
 	}
@@ -689,6 +750,8 @@ mirror_guest_write(struct blockjob *job, struct vbd_request *vr)
 	w->len = td->length;
 	vr->job_write = w;
 	TAILQ_INSERT_TAIL(&m->writes, w, link);
+	if (m->stream)
+		return 0;	/* only kept off the ranges being copied */
 	if (td->op == TD_OP_DISCARD ||
 	    (td->op == TD_OP_WRITE_ZEROES && !(m->dest->caps & TD_CAP_WRITE_ZEROES))) {
 		w->mark_dirty = 1;	/* copied again once the disk has it */
@@ -764,6 +827,78 @@ mirror_guest_write_done(struct blockjob *job, struct vbd_request *vr, int err)
 	return 0;
 }
 
+/* ---- a stream's end: the leaf drops its parents ---- */
+
+struct stream_detach {
+	struct io_call call;
+	struct mirror *m;
+	struct td_error err;
+};
+
+static int
+stream_detach_run(struct io_call *c)
+{
+	struct stream_detach *sd = (struct stream_detach *)c;
+	return td_chain_detach(sd->m->job.vbd->leaf, &sd->err);
+}
+
+static void
+stream_detached(struct io_call *c, int res)
+{
+	struct stream_detach *sd = (struct stream_detach *)c;
+	struct mirror *m = sd->m;
+	struct vbd *vbd = m->job.vbd;
+
+	m->finishing = m->detaching = 0;
+	if (res < 0) {
+		blockjob_fail(&m->job, "%s", sd->err.msg);
+	} else {
+		vbd_chain_changed(vbd);
+		m->dest = NULL;
+		m->job.state = BJ_DONE;
+		log_info("minor %d: stream done: %s has no parent now", vbd->minor, vbd->params);
+	}
+	free(sd);
+	vbd_resume(vbd);
+	if (m->job.state == BJ_DONE)
+		blockjob_stopped(&m->job);
+	else
+		mirror_pump(m);
+}
+
+/* Quiesced: nothing in flight touches the leaf's metadata while it changes. */
+static void
+stream_drained(void *arg)
+{
+	struct mirror *m = arg;
+	struct stream_detach *sd;
+
+	if (m->job.stopping) {	/* cancelled while it drained */
+		m->finishing = 0;
+		vbd_resume(m->job.vbd);
+		mirror_pump(m);
+		return;
+	}
+	if (!(sd = calloc(1, sizeof(*sd)))) {
+		m->finishing = 0;
+		vbd_resume(m->job.vbd);
+		blockjob_fail(&m->job, "out of memory");
+		return;
+	}
+	sd->m = m;
+	m->detaching = 1;
+	sd->call.fn = stream_detach_run;
+	sd->call.done = stream_detached;
+	io_call(m->job.vbd->loop->io, &sd->call);
+}
+
+static void
+stream_finish(struct mirror *m)
+{
+	m->finishing = 1;
+	vbd_quiesce(m->job.vbd, stream_drained, m);
+}
+
 /* ---- the job ---- */
 
 static void
@@ -771,7 +906,8 @@ mirror_describe(const struct blockjob *job, json_t *doc)
 {
 	const struct mirror *m = (const struct mirror *)job;
 
-	json_object_set_new(doc, "sync", json_string(m->top ? "top" : "full"));
+	if (!m->stream)
+		json_object_set_new(doc, "sync", json_string(m->top ? "top" : "full"));
 	if (m->dest_params)
 		json_object_set_new(doc, "dest", json_string(m->dest_params));
 	json_object_set_new(doc, "dirty_bytes",
@@ -803,6 +939,15 @@ static const struct blockjob_ops mirror_ops = {
 	.free = mirror_free,
 };
 
+static const struct blockjob_ops stream_ops = {
+	.type = "stream",
+	.cancel = mirror_cancel,
+	.guest_write = mirror_guest_write,
+	.guest_write_done = mirror_guest_write_done,
+	.describe = mirror_describe,
+	.free = mirror_free,
+};
+
 /* ---- start: the destination opens on a worker ---- */
 
 struct mirror_open {
@@ -826,18 +971,20 @@ mirror_open_run(struct io_call *c)
 	return td_chain_open(mo->params, mo->oflags, &ctx, &mo->leaf, &mo->err);
 }
 
+/* dest: a mirror's destination, or a stream's leaf. */
 static struct mirror *
-mirror_new(struct vbd *vbd, struct mirror_open *mo)
+mirror_new(struct vbd *vbd, struct td_image *dest, int top, int stream, uint64_t speed)
 {
 	struct mirror *m = calloc(1, sizeof(*m));
-	size_t src = td_chain_scratch_size(vbd->leaf), dst = td_chain_scratch_size(mo->leaf);
+	size_t src = td_chain_scratch_size(vbd->leaf), dst = td_chain_scratch_size(dest);
 
 	if (!m)
 		return NULL;
-	blockjob_init(&m->job, &mirror_ops, vbd, mo->speed);
+	blockjob_init(&m->job, stream ? &stream_ops : &mirror_ops, vbd, speed);
 	TAILQ_INIT(&m->writes);
 	TAILQ_INIT(&m->parked);
-	m->top = mo->top;
+	m->top = top;
+	m->stream = stream;
 	m->dest_scratch = dst;
 	m->nblocks = (vbd->size + MIRROR_BLOCK - 1) / MIRROR_BLOCK;
 	m->dirty = calloc((m->nblocks + 63) / 64 + 1, sizeof(uint64_t));
@@ -882,7 +1029,7 @@ mirror_opened(struct io_call *c, int res)
 	else if (vbd->min_io % mo->leaf->min_io || MIRROR_BLOCK % mo->leaf->min_io)
 		snprintf(msg, sizeof(msg), "%s needs %u-byte aligned I/O, the disk's clients "
 			 "send %u", mo->params, mo->leaf->min_io, vbd->min_io);
-	else if (!(m = mirror_new(vbd, mo)))
+	else if (!(m = mirror_new(vbd, mo->leaf, mo->top, 0, mo->speed)))
 		snprintf(msg, sizeof(msg), "out of memory");
 	if (msg[0]) {
 		if (mo->leaf)
@@ -936,4 +1083,46 @@ mirror_start(struct vbd *vbd, const char *dest, int top, uint64_t speed, vbd_don
 	mo->call.done = mirror_opened;
 	vbd->job_starting = 1;
 	io_call(vbd->loop->io, &mo->call);
+}
+
+void
+stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg)
+{
+	struct mirror *m;
+
+	if (vbd->job_starting || blockjob_busy(vbd->job)) {
+		done(arg, EBUSY, "the vbd already has a block job: cancel it first");
+		return;
+	}
+	if (vbd->state || !vbd->leaf) {
+		done(arg, EBUSY, "the vbd must be open and running (not paused)");
+		return;
+	}
+	if (vbd->readonly) {
+		done(arg, EROFS, "the vbd is read-only: a stream writes its leaf");
+		return;
+	}
+	if (!vbd->leaf->parent) {
+		done(arg, EINVAL, "nothing to stream: the leaf has no parent");
+		return;
+	}
+	if (!vbd->leaf->drv->detach_parent) {
+		char msg[128];
+		snprintf(msg, sizeof(msg), "a %s leaf cannot drop its parent (vhd and qcow2 can)",
+			 vbd->leaf->drv->name);
+		done(arg, ENOTSUP, msg);
+		return;
+	}
+	if (!(m = mirror_new(vbd, vbd->leaf, 0, 1, speed))) {
+		done(arg, ENOMEM, "out of memory");
+		return;
+	}
+	m->dest = vbd->leaf;
+	if (mirror_adopt_inflight(m) < 0)
+		blockjob_fail(&m->job, "out of memory");
+	blockjob_free(vbd->job);
+	vbd->job = &m->job;
+	log_info("minor %d: stream into %s started", vbd->minor, vbd->params);
+	done(arg, 0, NULL);
+	mirror_pump(m);
 }

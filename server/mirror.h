@@ -1,5 +1,5 @@
 /*
- * The mirror block job: copies what a vbd's chain holds to a destination
+ * The copying block jobs. The mirror copies what a vbd's chain holds to a destination
  * image (any params tapdiskd opens, nbd: included) while the guest runs,
  * then switches the vbd onto it (pivot) or drops it (cancel).
  *
@@ -37,6 +37,13 @@ void mirror_start(struct vbd *vbd, const char *dest, int top, uint64_t speed,
 		  vbd_done_fn done, void *arg);
 /* Switches the vbd onto the destination: the job must be ready. */
 void mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg);
+/*
+ * Starts a stream: the parents' data is copied up into the leaf (what the
+ * leaf holds stays), guest writes kept off the ranges being copied; then,
+ * quiesced, the leaf drops its parents (td_chain_detach) and the vbd goes
+ * on with the leaf alone. The job ends by itself (done).
+ */
+void stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg);
 
 
 #endif

@@ -1078,6 +1078,13 @@ vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params)
 }
 
 void
+vbd_chain_changed(struct vbd *vbd)
+{
+	vbd_set_chain(vbd, vbd->leaf);
+	server_vbds_changed(vbd->srv);
+}
+
+void
 vbd_job_stopped(struct vbd *vbd)
 {
 	vbd_check_drained(vbd);

@@ -220,6 +220,8 @@ void vbd_resume(struct vbd *vbd);
  * from now on; the old chain closes on a worker. Quiesced, nothing in flight.
  */
 void vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params);
+/* The chain's shape changed in place (a stream dropped the parents): size, caps, marks. */
+void vbd_chain_changed(struct vbd *vbd);
 /* The block job stopped (or failed to start): a close may go on. */
 void vbd_job_stopped(struct vbd *vbd);
 /* QoS's: sends an admitted request down the chain; ends one that cannot go. */
