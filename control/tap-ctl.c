@@ -432,6 +432,48 @@ cmd_stream(struct cli *cli, int argc, char **argv)
 	return 0;
 }
 
+/* commit -m M [--top IMAGE] [--base IMAGE] [--speed BYTES/s] */
+static int
+cmd_commit(struct cli *cli, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "top", required_argument, NULL, 'T' },
+		{ "base", required_argument, NULL, 'B' },
+		{ "speed", required_argument, NULL, 'S' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *usage = "commit -m MINOR [--top IMAGE] [--base IMAGE] [--speed BYTES_PER_S] "
+			    "[-p PID]";
+	const char *top = NULL, *base = NULL;
+	long minor = -1, speed = -1;
+	int c;
+
+	while ((c = next_opt(cli, argc, argv, "m:p:h", longopts)) != -1) {
+		switch (c) {
+		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
+		case 'T': top = optarg; break;
+		case 'B': base = optarg; break;
+		case 'S': speed = parse_int(optarg, "--speed BYTES_PER_S"); break;
+		default: usage_die(usage);
+		}
+	}
+	if (minor < 0 || optind != argc)
+		usage_die(usage);
+	cli_connect(cli);
+	check_pid(cli);
+	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
+	if (top)
+		json_object_set_new(args, "top", json_string(top));
+	if (base)
+		json_object_set_new(args, "base", json_string(base));
+	if (top || base)
+		add_cwd(args);
+	if (speed >= 0)
+		json_object_set_new(args, "speed", json_integer(speed));
+	json_decref(cli_call(cli, "commit", args));
+	return 0;
+}
+
 static int
 cmd_job_cancel(struct cli *cli, int argc, char **argv)
 {
@@ -751,7 +793,8 @@ static const struct {
 	{ "fault-inject", cmd_fault_inject, "fail chosen I/O (tapdiskd --fault-injection; testing only)" },
 	{ "mirror", cmd_mirror, "copy a running vbd to another image, then --pivot onto it or --cancel" },
 	{ "stream", cmd_stream, "copy the parents' data into the leaf, then drop the parents" },
-	{ "jobs", cmd_jobs, "block jobs (mirror, stream): state, progress, rate" },
+	{ "commit", cmd_commit, "merge the leaf into an image below it, then serve that image" },
+	{ "jobs", cmd_jobs, "block jobs (mirror, stream, commit): state, progress, rate" },
 	{ "job-cancel", cmd_job_cancel, "cancel a vbd's block job" },
 };
 

@@ -62,6 +62,11 @@ struct td_request {
 	 */
 	struct td_extent *extents;
 	unsigned max_extents, nr_extents;
+	/*
+	 * BLOCK_STATUS, optional: do not ask this image or those below it;
+	 * what only they hold keeps TD_EXTENT_PARENT (a commit's segment).
+	 */
+	const struct td_image *stop_at;
 	void (*done)(struct td_request *req, int err);	/* err: 0 or an errno */
 	void *priv;					/* the submitter's */
 	/*
@@ -226,6 +231,22 @@ int td_chain_open(const char *params, unsigned oflags,
 		  struct td_error *err);
 /* Blocking (worker thread): closes what td_chain_open opened. */
 void td_chain_close(struct td_image *leaf);
+/*
+ * Blocking (worker thread), for a commit into base, an image of the chain
+ * below top (open read-only as a parent): *rw, a writable handle on base
+ * over base's own parent (one more reference on it), kept out of the
+ * registry until td_image_adopt. -EBUSY with err set when another chain
+ * holds base or an image between top and base (a commit would change that
+ * disk too). td_chain_close lets go of it.
+ */
+int td_image_open_writable(struct td_image *top, struct td_image *base, unsigned oflags,
+			   const struct td_open_ctx *ctx, struct td_image **rw,
+			   struct td_error *err);
+/*
+ * Blocking (worker thread), once the chain that held base read-only is
+ * closed: rw takes base's place in the registry, a writer now.
+ */
+void td_image_adopt(struct td_image *rw);
 /*
  * Blocking (worker thread), no request in flight on img: img's driver
  * drops its parent (detach_parent), then the parents are let go of (closed

@@ -388,6 +388,75 @@ td_chain_close(struct td_image *leaf)
 	pthread_mutex_unlock(&chain_lock);
 }
 
+/* Is the file of img open in another entry of the registry (another loop's)? */
+static int
+registry_other(const struct td_image *img)
+{
+	for (const struct td_image *r = registry; r; r = r->reg_next)
+		if (r != img && r->key && img->key && strcmp(r->key, img->key) == 0)
+			return 1;
+	return 0;
+}
+
+int
+td_image_open_writable(struct td_image *top, struct td_image *base, unsigned oflags,
+		       const struct td_open_ctx *ctx, struct td_image **rwp,
+		       struct td_error *err)
+{
+	struct td_image *rw;
+	int rc;
+
+	pthread_mutex_lock(&chain_lock);
+	for (struct td_image *img = top->parent; img; img = img->parent) {
+		if (img->refs > 1 || registry_other(img)) {
+			rc = td_error_set(err, EBUSY, "%s is a parent of another open disk too: "
+					  "merging into %s would change that disk", img->path,
+					  base->path);
+			goto out;
+		}
+		if (img == base)
+			break;
+	}
+	rw = calloc(1, sizeof(*rw));
+	if (!rw || !(rw->params = strdup(base->params)) || !(rw->path = strdup(base->path)) ||
+	    (base->key && !(rw->key = strdup(base->key)))) {
+		if (rw)
+			image_free(rw);
+		rc = td_error_set(err, ENOMEM, "out of memory");
+		goto out;
+	}
+	rw->drv = base->drv;
+	rw->oflags = oflags & ~(TD_OPEN_RDONLY | TD_OPEN_PARENT);
+	rw->io = ctx->io;
+	rw->sector_size = 512;
+	rw->min_io = 1;
+	rc = rw->drv->open(rw, ctx, err);
+	if (rc < 0) {
+		image_free(rw);
+		error_about(err, "", base->params);
+		goto out;
+	}
+	rw->refs = 1;
+	rw->serial = ++last_serial;
+	rw->parent = base->parent;
+	if (rw->parent)
+		rw->parent->refs++;
+	*rwp = rw;
+	rc = 0;
+out:
+	pthread_mutex_unlock(&chain_lock);
+	return rc;
+}
+
+void
+td_image_adopt(struct td_image *rw)
+{
+	pthread_mutex_lock(&chain_lock);
+	rw->reg_next = registry;
+	registry = rw;
+	pthread_mutex_unlock(&chain_lock);
+}
+
 int
 td_chain_detach(struct td_image *img, struct td_error *err)
 {
@@ -472,7 +541,7 @@ td_request_done(struct td_request *req, int err)
 	struct td_image *img = req->img;
 
 	if (!err && req->op == TD_OP_BLOCK_STATUS && !(req->flags & TD_REQ_ONE_IMAGE) &&
-	    resolve_block_status(img, req))
+	    !(req->stop_at && img->parent == req->stop_at) && resolve_block_status(img, req))
 		return;
 	if (err)
 		img->stats.fail[op_is_write(req->op)]++;

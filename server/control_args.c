@@ -110,3 +110,12 @@ const struct ctl_arg ctl_args_stream[] = {
 	{ "speed", ARG_INT, 0 },	/* bytes/s; 0 or absent: no limit */
 	{ NULL, 0, 0 },
 };
+
+const struct ctl_arg ctl_args_commit[] = {
+	{ "minor", ARG_INT, 1 },
+	{ "top", ARG_STRING, 0 },	/* the image merged: the leaf (the only one online) */
+	{ "base", ARG_STRING, 0 },	/* merged into; default the top's parent */
+	{ "speed", ARG_INT, 0 },
+	{ "cwd", ARG_STRING, 0 },
+	{ NULL, 0, 0 },
+};

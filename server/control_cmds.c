@@ -543,6 +543,29 @@ cmd_stream(struct ctl_req *req, json_t *args)
 }
 
 static void
+cmd_commit(struct ctl_req *req, json_t *args)
+{
+	struct vbd *vbd = arg_vbd(req, args);
+	json_int_t speed = json_integer_value(json_object_get(args, "speed"));
+	char *top = NULL, *base = NULL;
+
+	if (!vbd)
+		return;
+	if (speed < 0) {
+		ctl_reply_error(req, EINVAL, "speed is bytes per second, 0 or more");
+		return;
+	}
+	if ((arg_str(args, "top") && !(top = arg_absolute(req, args, "top", 1))) ||
+	    (arg_str(args, "base") && !(base = arg_absolute(req, args, "base", 1)))) {
+		free(top);
+		return;
+	}
+	commit_start(vbd, top, base, (uint64_t)speed, reply_done, req);
+	free(top);
+	free(base);
+}
+
+static void
 cmd_job_pivot(struct ctl_req *req, json_t *args)
 {
 	struct vbd *vbd = arg_vbd(req, args);
@@ -805,6 +828,7 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "fault-inject", ctl_args_fault_inject, cmd_fault_inject, 0 },
 	{ "mirror", ctl_args_mirror, cmd_mirror, CTL_ON_VBD_LOOP },
 	{ "stream", ctl_args_stream, cmd_stream, CTL_ON_VBD_LOOP },
+	{ "commit", ctl_args_commit, cmd_commit, CTL_ON_VBD_LOOP },
 	{ "job-pivot", ctl_args_minor, cmd_job_pivot, CTL_ON_VBD_LOOP },
 	{ "job-cancel", ctl_args_minor, cmd_job_cancel, CTL_ON_VBD_LOOP },
 	{ "job-list", ctl_args_job_list, cmd_job_list, 0 },

@@ -8,6 +8,8 @@
 #include "mirror.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,6 +65,7 @@ struct mirror {
 	char *dest_params;
 	int top;
 	int stream;
+	const struct td_image *commit_base;	/* a commit's: where the segment ends */
 	int finishing;		/* a stream's last step: the vbd quiescing, then... */
 	int detaching;		/* ...the leaf dropping its parents on a worker */
 	size_t dest_scratch;
@@ -204,6 +207,7 @@ copy_submit(struct mirror_copy *c, struct td_image *img, enum td_op op, unsigned
 	} else if (op == TD_OP_BLOCK_STATUS && done == copy_status) {
 		r->extents = c->extents;	/* the walk's */
 		r->max_extents = MIRROR_EXTENTS;
+		r->stop_at = c->m->commit_base;	/* a commit: its segment only */
 	} else if (op == TD_OP_BLOCK_STATUS) {
 		r->extents = &c->dest_extent;	/* one look at pos */
 		r->max_extents = 1;
@@ -596,8 +600,8 @@ pivot_flushed(struct td_request *r, int err)
 		return;
 	}
 	m->dest = NULL;
-	log_info("minor %d: mirror: switched to %s", vbd->minor, params);
-	vbd_swap_chain(vbd, dest, params);
+	log_info("minor %d: %s: switched to %s", vbd->minor, m->job.ops->type, params);
+	vbd_swap_chain(vbd, dest, params, m->commit_base != NULL);
 	m->job.state = BJ_DONE;
 	pivot_end(m, 0, NULL);
 	blockjob_stopped(&m->job);
@@ -632,6 +636,15 @@ pivot_drained(void *arg)
 	mirror_pump(m);
 }
 
+static void
+pivot_begin(struct mirror *m, vbd_done_fn done, void *arg)
+{
+	m->pivoting = 1;
+	m->pivot_fn = done;
+	m->pivot_arg = arg;
+	vbd_quiesce(m->job.vbd, pivot_drained, m);
+}
+
 void
 mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg)
 {
@@ -655,15 +668,13 @@ mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg)
 		done(arg, EAGAIN, msg);
 		return;
 	}
-	m->pivoting = 1;
-	m->pivot_fn = done;
-	m->pivot_arg = arg;
-	vbd_quiesce(job->vbd, pivot_drained, m);
+	pivot_begin(m, done, arg);
 }
 
 /* ---- the pump: run on the loop's next turn, never from inside a completion ---- */
 
 static void stream_finish(struct mirror *m);
+static void pivot_begin(struct mirror *m, vbd_done_fn done, void *arg);
 
 static void
 pump_now(struct mirror *m)
@@ -676,7 +687,10 @@ pump_now(struct mirror *m)
 		stream_finish(m);
 	} else if (converged && !m->stream) {
 		m->job.state = BJ_READY;
-		log_info("minor %d: mirror to %s ready", m->job.vbd->minor, m->dest_params);
+		log_info("minor %d: %s to %s ready", m->job.vbd->minor, m->job.ops->type,
+			 m->dest_params);
+		if (m->commit_base && !m->pivoting)	/* a commit ends by itself */
+			pivot_begin(m, NULL, NULL);
 	}
 	pivot_check(m);
 	stop_check(m);
@@ -906,7 +920,7 @@ mirror_describe(const struct blockjob *job, json_t *doc)
 {
 	const struct mirror *m = (const struct mirror *)job;
 
-	if (!m->stream)
+	if (job->ops == &mirror_ops)
 		json_object_set_new(doc, "sync", json_string(m->top ? "top" : "full"));
 	if (m->dest_params)
 		json_object_set_new(doc, "dest", json_string(m->dest_params));
@@ -932,6 +946,15 @@ mirror_free(struct blockjob *job)
 
 static const struct blockjob_ops mirror_ops = {
 	.type = "mirror",
+	.cancel = mirror_cancel,
+	.guest_write = mirror_guest_write,
+	.guest_write_done = mirror_guest_write_done,
+	.describe = mirror_describe,
+	.free = mirror_free,
+};
+
+static const struct blockjob_ops commit_ops = {
+	.type = "commit",
 	.cancel = mirror_cancel,
 	.guest_write = mirror_guest_write,
 	.guest_write_done = mirror_guest_write_done,
@@ -1125,4 +1148,126 @@ stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg)
 	log_info("minor %d: stream into %s started", vbd->minor, vbd->params);
 	done(arg, 0, NULL);
 	mirror_pump(m);
+}
+
+/* ---- commit: the destination is the base, made writable on a worker ---- */
+
+struct commit_open {
+	struct io_call call;
+	struct vbd *vbd;
+	struct td_image *base;
+	uint64_t speed;
+	struct td_image *rw;
+	struct td_error err;
+	vbd_done_fn done;
+	void *arg;
+};
+
+static int
+commit_open_run(struct io_call *c)
+{
+	struct commit_open *co = (struct commit_open *)c;
+	struct td_open_ctx ctx = { .io = co->vbd->loop->io };
+	unsigned oflags = (co->vbd->nodirect ? TD_OPEN_NODIRECT : 0) | co->vbd->srv->open_flags;
+
+	return td_image_open_writable(co->vbd->leaf, co->base, oflags, &ctx, &co->rw, &co->err);
+}
+
+static void
+commit_opened(struct io_call *c, int res)
+{
+	struct commit_open *co = (struct commit_open *)c;
+	struct vbd *vbd = co->vbd;	/* kept: a close waits for job_starting */
+	struct mirror *m = NULL;
+	const char *why = NULL;
+
+	vbd->job_starting = 0;
+	if (res < 0)
+		why = co->err.msg;
+	else if (vbd->state || !vbd->leaf)
+		why = "the vbd was paused or closed while the base opened";
+	else if (co->rw->size != vbd->size)
+		why = "the base's size differs from the disk's (a grown leaf): not merged";
+	else if (vbd->min_io % co->rw->min_io)
+		why = "the base needs larger aligned I/O than the disk's clients send";
+	else if (!(m = mirror_new(vbd, co->rw, 0, 0, co->speed)) ||
+		 !(m->dest_params = strdup(co->base->params)))
+		why = "out of memory";
+	if (why) {
+		if (m) {
+			mirror_free(&m->job);
+			m = NULL;
+		}
+		if (co->rw)
+			dest_close(vbd->loop->io, co->rw, NULL);
+		co->done(co->arg, res < 0 ? co->err.code : EINVAL, why);
+		vbd_job_stopped(vbd);
+		free(co);
+		return;
+	}
+	m->job.ops = &commit_ops;
+	m->commit_base = co->base;
+	m->dest = co->rw;
+	if (mirror_adopt_inflight(m) < 0)
+		blockjob_fail(&m->job, "out of memory");
+	blockjob_free(vbd->job);
+	vbd->job = &m->job;
+	log_info("minor %d: commit of %s into %s started", vbd->minor, vbd->params,
+		 m->dest_params);
+	co->done(co->arg, 0, NULL);
+	free(co);
+	mirror_pump(m);
+}
+
+void
+commit_start(struct vbd *vbd, const char *top, const char *base, uint64_t speed,
+	     vbd_done_fn done, void *arg)
+{
+	struct td_image *b;
+	struct commit_open *co;
+	char msg[PATH_MAX + 128];
+
+	if (vbd->job_starting || blockjob_busy(vbd->job)) {
+		done(arg, EBUSY, "the vbd already has a block job: cancel it first");
+		return;
+	}
+	if (vbd->state || !vbd->leaf) {
+		done(arg, EBUSY, "the vbd must be open and running (not paused)");
+		return;
+	}
+	if (vbd->readonly) {
+		done(arg, EROFS, "the vbd is read-only: a commit writes its base");
+		return;
+	}
+	if (top && strcmp(top, vbd->leaf->path)) {
+		snprintf(msg, sizeof(msg), "only the leaf (%s) can be committed online here, "
+			 "not %s", vbd->leaf->path, top);
+		done(arg, ENOTSUP, msg);
+		return;
+	}
+	if (!vbd->leaf->parent) {
+		done(arg, EINVAL, "nothing to commit into: the leaf has no parent");
+		return;
+	}
+	for (b = vbd->leaf->parent; b && base && strcmp(b->path, base); b = b->parent)
+		;
+	if (!b) {
+		snprintf(msg, sizeof(msg), "%s is not below the leaf in minor %d's chain", base,
+			 vbd->minor);
+		done(arg, EINVAL, msg);
+		return;
+	}
+	if (!(co = calloc(1, sizeof(*co)))) {
+		done(arg, ENOMEM, "out of memory");
+		return;
+	}
+	co->vbd = vbd;
+	co->base = b;
+	co->speed = speed;
+	co->done = done;
+	co->arg = arg;
+	co->call.fn = commit_open_run;
+	co->call.done = commit_opened;
+	vbd->job_starting = 1;
+	io_call(vbd->loop->io, &co->call);
 }

@@ -38,6 +38,7 @@ struct vbd_job {
 	struct td_image *old_leaf;	/* REOPEN, CLOSE, DROP: closed first */
 	struct td_image *leaf;		/* result */
 	struct td_image *kept_leaf;	/* REOPEN of the log alone: the chain stays open */
+	struct td_image *adopt;		/* DROP: registered once the old chain is closed */
 	char *cbt_path;			/* OPEN, REOPEN: a log to open, or NULL */
 	int cbt_rdonly;
 	struct cbt *cbt;		/* the vbd's log: REOPEN kept (grown), OPEN opened */
@@ -86,8 +87,11 @@ vbd_job_run(struct io_call *c)
 
 	if (job->old_leaf)
 		td_chain_close(job->old_leaf);
-	if (job->kind == JOB_DROP)
+	if (job->kind == JOB_DROP) {
+		if (job->adopt)
+			td_image_adopt(job->adopt);
 		return 0;
+	}
 	if (job->kind == JOB_CLOSE) {
 		cbt_close(job->old_cbt);
 		job->old_cbt = NULL;
@@ -1060,12 +1064,13 @@ vbd_resume(struct vbd *vbd)
 }
 
 void
-vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params)
+vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params, int adopt)
 {
 	struct vbd_job *job = vbd_job_new(vbd, JOB_DROP, NULL, NULL, NULL);
 
 	if (job) {
 		job->old_leaf = vbd->leaf;
+		job->adopt = adopt ? leaf : NULL;
 		vbd->drops++;
 		vbd_job_start(job);
 	} else {	/* left open: a leak, not a crash */

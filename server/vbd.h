@@ -217,9 +217,11 @@ void vbd_quiesce(struct vbd *vbd, void (*fn)(void *arg), void *arg);
 void vbd_resume(struct vbd *vbd);
 /*
  * The vbd serves leaf (an open chain, params its "type:path"; both taken)
- * from now on; the old chain closes on a worker. Quiesced, nothing in flight.
+ * from now on; the old chain closes on a worker (then, with adopt, leaf, a
+ * writable handle from td_image_open_writable, joins the registry).
+ * Quiesced, nothing in flight.
  */
-void vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params);
+void vbd_swap_chain(struct vbd *vbd, struct td_image *leaf, char *params, int adopt);
 /* The chain's shape changed in place (a stream dropped the parents): size, caps, marks. */
 void vbd_chain_changed(struct vbd *vbd);
 /* The block job stopped (or failed to start): a close may go on. */

@@ -1,0 +1,118 @@
+"""The commit block job (active commit, server/mirror.c; image.c's
+td_image_open_writable): the leaf's data (and that of the images down to
+the base) merged into an image below it while fio verify runs, the vbd
+switched onto that image by itself; VHD and qcow2 chains three deep,
+checked with vhd-util check, qemu-img check and compare; the refusals; a
+kill -9 mid-commit."""
+import os
+import time
+
+import pytest
+
+from conftest import BIN, ControlError, run
+from test_mirror import MiB, fio_load, fio_ok, jobs, snapshot_of, wait_job
+from test_stream import chain
+
+VHD_UTIL = os.path.join(BIN, "vhd-util")
+
+
+def check(fmt, path):
+    if fmt == "vhd":
+        run(VHD_UTIL, "check", "-n", path)
+    else:
+        run("qemu-img", "check", "-q", path)
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+@pytest.mark.parametrize("into", ["parent", "base"])
+def test_commit_under_fio_verify(server, tmp_path, fmt, into):
+    size = 64 * MiB
+    base, mid, leaf = chain(server, tmp_path, fmt, size)
+    m = server.open("%s:%s" % (fmt, leaf))["minor"]
+    fio = fio_load(server.uri(m), size, ios=12000, rate=4000)
+    args = ["commit", "-m", m, "--speed", 32 * MiB]
+    target = mid
+    if into == "base":
+        args += ["--base", base]
+        target = base
+    server.tapctl(*args)
+    assert jobs(server, m)[0]["type"] == "commit"
+    job = wait_job(server, m, "done")
+    assert "error" not in job
+    assert fio.poll() is None, "fio ended before the switch: the test proves less"
+    vbd = server.call("list", minor=m)["result"]["vbds"][0]
+    assert vbd["path"] == target
+    depth = 2 if into == "parent" else 1
+    assert len(server.stats(m)["images"]) == depth
+    fio_ok(fio)
+    after = snapshot_of(server, m, str(tmp_path / "after.raw"))
+    server.call("close", minor=m)
+    for p in (target, base):
+        check(fmt, p)
+    # the shorter chain, opened afresh, reads what the guest saw
+    m = server.open("%s:%s" % (fmt, target))["minor"]
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", server.uri(m), after)
+    server.call("close", minor=m)
+    if into == "base" or fmt == "qcow2":
+        # qemu reads it alone (a VHD base) or through its backing file (qcow2)
+        qfmt = "vpc" if fmt == "vhd" else "qcow2"
+        run("qemu-img", "compare", "-q", "-f", qfmt, "-F", "raw", target, after)
+
+
+def test_commit_refusals(server, tmp_path):
+    size = 64 * MiB
+    base, mid, leaf = chain(server, tmp_path, "vhd", size)
+    m = server.open("vhd:" + leaf)["minor"]
+
+    def refused(code, text, **args):
+        with pytest.raises(ControlError) as e:
+            server.call("commit", minor=m, **args)
+        assert e.value.code == code and text in e.value.message, e.value.message
+
+    refused("ENOTSUP", "only the leaf", top=mid)
+    refused("EINVAL", "is not below the leaf", base=str(tmp_path / "elsewhere.vhd"))
+    # another disk on the same parent: merging into it would change that disk
+    other = str(tmp_path / "other.vhd")
+    run(VHD_UTIL, "snapshot", "-n", other, "-p", mid)
+    o = server.open("vhd:" + other)["minor"]
+    refused("EBUSY", "a parent of another open disk")
+    server.call("close", minor=o)
+    server.call("commit", minor=m, speed=1 * MiB)
+    refused("EBUSY", "already has a block job")
+    server.tapctl("job-cancel", "-m", m)
+    assert jobs(server, m)[0]["state"] == "cancelled"
+    assert server.call("list", minor=m)["result"]["vbds"][0]["path"] == leaf
+    # cancelled, the chain is as it was; and the base was let go of (a writer may open it)
+    server.call("close", minor=m)
+    check("vhd", mid)
+    raw = str(tmp_path / "flat.img")
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    f = server.open("aio:" + raw)["minor"]
+    with pytest.raises(ControlError) as e:
+        server.call("commit", minor=f)
+    assert e.value.code == "EINVAL" and "no parent" in e.value.message
+
+
+def test_kill9_mid_commit_then_the_chain_opens_and_reads_the_same(make_server, tmp_path):
+    size = 64 * MiB
+    srv = make_server("a")
+    base, mid, leaf = chain(srv, tmp_path, "vhd", size)
+    m = srv.open("vhd:" + leaf)["minor"]
+    before = snapshot_of(srv, m, str(tmp_path / "before.raw"))
+    srv.call("commit", minor=m, speed=8 * MiB)
+    wait_job(srv, m, "running")
+    time.sleep(1.5)
+    assert jobs(srv, m)[0]["state"] == "running"
+    srv.kill()
+    for p in (leaf, mid, base):
+        check("vhd", p)
+    srv2 = make_server("b")
+    m = srv2.open("vhd:" + leaf)["minor"]
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", srv2.uri(m), before)
+    # a second commit finishes the merge
+    srv2.call("commit", minor=m)
+    wait_job(srv2, m, "done")
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", srv2.uri(m), before)
+    srv2.call("close", minor=m)
+    check("vhd", mid)
