@@ -18,10 +18,11 @@
 #define BURST_NS (SEC_NS / 10)
 
 void
-blockjob_init(struct blockjob *job, const struct blockjob_ops *ops, struct vbd *vbd,
-	      uint64_t speed)
+blockjob_init(struct blockjob *job, const struct blockjob_ops *ops, const char *type,
+	      struct vbd *vbd, uint64_t speed)
 {
 	job->ops = ops;
+	job->type = type;
 	job->vbd = vbd;
 	job->state = BJ_RUNNING;
 	job->speed = speed;
@@ -95,7 +96,7 @@ blockjob_fail(struct blockjob *job, const char *fmt, ...)
 		va_start(ap, fmt);
 		vsnprintf(job->error, sizeof(job->error), fmt, ap);
 		va_end(ap);
-		log_warn("minor %d: %s job failed: %s", job->vbd->minor, job->ops->type,
+		log_warn("minor %d: %s job failed: %s", job->vbd->minor, job->type,
 			 job->error);
 	}
 	if (!job->stopping)
@@ -129,7 +130,7 @@ blockjob_stopped(struct blockjob *job)
 	job->stop_fn = NULL;
 	if (fn)
 		fn(job->stop_arg, 0, NULL);
-	log_info("minor %d: %s job %s", job->vbd->minor, job->ops->type,
+	log_info("minor %d: %s job %s", job->vbd->minor, job->type,
 		 blockjob_state_name(job->state));
 	vbd_job_stopped(job->vbd);
 }
@@ -149,7 +150,7 @@ json_t *
 blockjob_json(const struct blockjob *job)
 {
 	json_t *doc = json_pack("{s:i, s:s, s:s, s:I, s:I, s:I, s:I, s:f}",
-				"minor", job->vbd->minor, "type", job->ops->type,
+				"minor", job->vbd->minor, "type", job->type,
 				"state", blockjob_state_name(job->state),
 				"bytes_done", (json_int_t)job->bytes_done,
 				"bytes_total", (json_int_t)job->bytes_total,

@@ -30,7 +30,6 @@ enum blockjob_state {
 };
 
 struct blockjob_ops {
-	const char *type;	/* "mirror" */
 	/*
 	 * Stop: no new copies; the job calls blockjob_stopped once its I/O is
 	 * back and its resources are released. Also how a vbd's close ends it.
@@ -53,6 +52,7 @@ struct blockjob_ops {
 
 struct blockjob {
 	const struct blockjob_ops *ops;
+	const char *type;	/* "mirror", "stream", "commit": a static string */
 	struct vbd *vbd;
 	enum blockjob_state state;
 	int stopping;		/* cancel or failure in progress: state says which when done */
@@ -73,8 +73,8 @@ struct blockjob {
 };
 
 /* Sets up the shared part; the kind's struct embeds it. */
-void blockjob_init(struct blockjob *job, const struct blockjob_ops *ops, struct vbd *vbd,
-		   uint64_t speed);
+void blockjob_init(struct blockjob *job, const struct blockjob_ops *ops, const char *type,
+		   struct vbd *vbd, uint64_t speed);
 const char *blockjob_state_name(enum blockjob_state st);
 /* Running or ready, or still stopping: the vbd must wait for it. */
 int blockjob_busy(const struct blockjob *job);

@@ -91,7 +91,6 @@ struct mirror {
 	int closing;		/* the destination is being closed: stopped soon */
 };
 
-static const struct blockjob_ops mirror_ops;
 static void mirror_pump(struct mirror *m);
 static void copy_step(struct mirror_copy *c);
 static void copy_status_query(struct mirror_copy *c);
@@ -600,7 +599,7 @@ pivot_flushed(struct td_request *r, int err)
 		return;
 	}
 	m->dest = NULL;
-	log_info("minor %d: %s: switched to %s", vbd->minor, m->job.ops->type, params);
+	log_info("minor %d: %s: switched to %s", vbd->minor, m->job.type, params);
 	vbd_swap_chain(vbd, dest, params, m->commit_base != NULL);
 	m->job.state = BJ_DONE;
 	pivot_end(m, 0, NULL);
@@ -650,7 +649,7 @@ mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg)
 {
 	struct mirror *m;
 
-	if (!job || job->ops != &mirror_ops || !blockjob_busy(job)) {
+	if (!job || strcmp(job->type, "mirror") || !blockjob_busy(job)) {
 		done(arg, EINVAL, job && blockjob_busy(job) ? "the job is not a mirror"
 			     : "no mirror is running");
 		return;
@@ -687,7 +686,7 @@ pump_now(struct mirror *m)
 		stream_finish(m);
 	} else if (converged && !m->stream) {
 		m->job.state = BJ_READY;
-		log_info("minor %d: %s to %s ready", m->job.vbd->minor, m->job.ops->type,
+		log_info("minor %d: %s to %s ready", m->job.vbd->minor, m->job.type,
 			 m->dest_params);
 		if (m->commit_base && !m->pivoting)	/* a commit ends by itself */
 			pivot_begin(m, NULL, NULL);
@@ -920,7 +919,7 @@ mirror_describe(const struct blockjob *job, json_t *doc)
 {
 	const struct mirror *m = (const struct mirror *)job;
 
-	if (job->ops == &mirror_ops)
+	if (!strcmp(job->type, "mirror"))
 		json_object_set_new(doc, "sync", json_string(m->top ? "top" : "full"));
 	if (m->dest_params)
 		json_object_set_new(doc, "dest", json_string(m->dest_params));
@@ -944,26 +943,8 @@ mirror_free(struct blockjob *job)
 	free(m);
 }
 
+/* One table for the three: they differ in their struct mirror, not their code. */
 static const struct blockjob_ops mirror_ops = {
-	.type = "mirror",
-	.cancel = mirror_cancel,
-	.guest_write = mirror_guest_write,
-	.guest_write_done = mirror_guest_write_done,
-	.describe = mirror_describe,
-	.free = mirror_free,
-};
-
-static const struct blockjob_ops commit_ops = {
-	.type = "commit",
-	.cancel = mirror_cancel,
-	.guest_write = mirror_guest_write,
-	.guest_write_done = mirror_guest_write_done,
-	.describe = mirror_describe,
-	.free = mirror_free,
-};
-
-static const struct blockjob_ops stream_ops = {
-	.type = "stream",
 	.cancel = mirror_cancel,
 	.guest_write = mirror_guest_write,
 	.guest_write_done = mirror_guest_write_done,
@@ -1003,7 +984,7 @@ mirror_new(struct vbd *vbd, struct td_image *dest, int top, int stream, uint64_t
 
 	if (!m)
 		return NULL;
-	blockjob_init(&m->job, stream ? &stream_ops : &mirror_ops, vbd, speed);
+	blockjob_init(&m->job, &mirror_ops, stream ? "stream" : "mirror", vbd, speed);
 	TAILQ_INIT(&m->writes);
 	TAILQ_INIT(&m->parked);
 	m->top = top;
@@ -1205,7 +1186,7 @@ commit_opened(struct io_call *c, int res)
 		free(co);
 		return;
 	}
-	m->job.ops = &commit_ops;
+	m->job.type = "commit";
 	m->commit_base = co->base;
 	m->dest = co->rw;
 	if (mirror_adopt_inflight(m) < 0)

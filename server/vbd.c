@@ -455,7 +455,7 @@ vbd_pause(struct vbd *vbd, vbd_done_fn done, void *arg)
 		char msg[160];
 		snprintf(msg, sizeof(msg), "minor %d has a %s job %s: cancel it (tap-ctl "
 			 "job-cancel) or let it finish first", vbd->minor,
-			 vbd->job ? vbd->job->ops->type : "block",
+			 vbd->job ? vbd->job->type : "block",
 			 vbd->job_starting ? "starting" : blockjob_state_name(vbd->job->state));
 		done(arg, EBUSY, msg);
 		return;

@@ -5,13 +5,12 @@ switched onto that image by itself; VHD and qcow2 chains three deep,
 checked with vhd-util check, qemu-img check and compare; the refusals; a
 kill -9 mid-commit."""
 import os
-import time
 
 import pytest
 
 from conftest import BIN, ControlError, run
 from test_mirror import MiB, fio_load, fio_ok, jobs, snapshot_of, wait_job
-from test_stream import chain
+from test_stream import chain, kill9_mid_job
 
 VHD_UTIL = os.path.join(BIN, "vhd-util")
 
@@ -95,24 +94,11 @@ def test_commit_refusals(server, tmp_path):
 
 
 def test_kill9_mid_commit_then_the_chain_opens_and_reads_the_same(make_server, tmp_path):
-    size = 64 * MiB
-    srv = make_server("a")
-    base, mid, leaf = chain(srv, tmp_path, "vhd", size)
-    m = srv.open("vhd:" + leaf)["minor"]
-    before = snapshot_of(srv, m, str(tmp_path / "before.raw"))
-    srv.call("commit", minor=m, speed=8 * MiB)
-    wait_job(srv, m, "running")
-    time.sleep(1.5)
-    assert jobs(srv, m)[0]["state"] == "running"
-    srv.kill()
-    for p in (leaf, mid, base):
-        check("vhd", p)
-    srv2 = make_server("b")
-    m = srv2.open("vhd:" + leaf)["minor"]
-    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", srv2.uri(m), before)
+    # the base holds only data the leaf hides: the chain reads as before
+    srv, m, (base, mid, leaf), before = kill9_mid_job(make_server, tmp_path, "commit")
     # a second commit finishes the merge
-    srv2.call("commit", minor=m)
-    wait_job(srv2, m, "done")
-    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", srv2.uri(m), before)
-    srv2.call("close", minor=m)
+    srv.call("commit", minor=m)
+    wait_job(srv, m, "done")
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", srv.uri(m), before)
+    srv.call("close", minor=m)
     check("vhd", mid)
