@@ -952,7 +952,24 @@ static const struct blockjob_ops mirror_ops = {
 	.free = mirror_free,
 };
 
-/* ---- start: the destination opens on a worker ---- */
+/* ---- starting ---- */
+
+/* 1 if vbd may start a job (writes: it writes the vbd's chain), else replied. */
+static int
+job_may_start(struct vbd *vbd, int writes, vbd_done_fn done, void *arg)
+{
+	if (vbd->job_starting || blockjob_busy(vbd->job))
+		done(arg, EBUSY, "the vbd already has a block job: cancel it first");
+	else if (vbd->state || !vbd->leaf)
+		done(arg, EBUSY, "the vbd must be open and running (not paused)");
+	else if (writes && vbd->readonly)
+		done(arg, EROFS, "the vbd is read-only: the job would write its chain");
+	else
+		return 1;
+	return 0;
+}
+
+/* ---- a mirror's destination opens on a worker ---- */
 
 struct mirror_open {
 	struct io_call call;
@@ -1063,14 +1080,8 @@ mirror_start(struct vbd *vbd, const char *dest, int top, uint64_t speed, vbd_don
 {
 	struct mirror_open *mo;
 
-	if (vbd->job_starting || blockjob_busy(vbd->job)) {
-		done(arg, EBUSY, "the vbd already has a block job: cancel it first");
+	if (!job_may_start(vbd, 0, done, arg))
 		return;
-	}
-	if (vbd->state || !vbd->leaf) {
-		done(arg, EBUSY, "the vbd must be open and running (not paused)");
-		return;
-	}
 	mo = calloc(1, sizeof(*mo));
 	if (!mo || !(mo->params = strdup(dest))) {
 		free(mo);
@@ -1094,18 +1105,8 @@ stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg)
 {
 	struct mirror *m;
 
-	if (vbd->job_starting || blockjob_busy(vbd->job)) {
-		done(arg, EBUSY, "the vbd already has a block job: cancel it first");
+	if (!job_may_start(vbd, 1, done, arg))
 		return;
-	}
-	if (vbd->state || !vbd->leaf) {
-		done(arg, EBUSY, "the vbd must be open and running (not paused)");
-		return;
-	}
-	if (vbd->readonly) {
-		done(arg, EROFS, "the vbd is read-only: a stream writes its leaf");
-		return;
-	}
 	if (!vbd->leaf->parent) {
 		done(arg, EINVAL, "nothing to stream: the leaf has no parent");
 		return;
@@ -1208,18 +1209,8 @@ commit_start(struct vbd *vbd, const char *top, const char *base, uint64_t speed,
 	struct commit_open *co;
 	char msg[PATH_MAX + 128];
 
-	if (vbd->job_starting || blockjob_busy(vbd->job)) {
-		done(arg, EBUSY, "the vbd already has a block job: cancel it first");
+	if (!job_may_start(vbd, 1, done, arg))
 		return;
-	}
-	if (vbd->state || !vbd->leaf) {
-		done(arg, EBUSY, "the vbd must be open and running (not paused)");
-		return;
-	}
-	if (vbd->readonly) {
-		done(arg, EROFS, "the vbd is read-only: a commit writes its base");
-		return;
-	}
 	if (top && strcmp(top, vbd->leaf->path)) {
 		snprintf(msg, sizeof(msg), "only the leaf (%s) can be committed online here, "
 			 "not %s", vbd->leaf->path, top);
