@@ -173,6 +173,13 @@ struct td_driver {
 	 */
 	int (*detach_parent)(struct td_image *img, struct td_error *err);
 	/*
+	 * Optional, the same conditions: rewrites img's metadata so its parent
+	 * is parent (an image below the one it had: a commit merged those into
+	 * it), durably, naming a parent that opens at every step. The chain
+	 * is rewired after (td_chain_rebase).
+	 */
+	int (*set_parent)(struct td_image *img, struct td_image *parent, struct td_error *err);
+	/*
 	 * Optional, blocking, on a closed image: creates child_path as a new
 	 * leaf on top of parent_path; *child_params is its "type:path".
 	 */
@@ -253,6 +260,14 @@ void td_image_adopt(struct td_image *rw);
  * where no other chain holds them). -ENOTSUP when the driver cannot.
  */
 int td_chain_detach(struct td_image *img, struct td_error *err);
+/*
+ * Blocking (worker thread), no request in flight: child's driver points it
+ * at rw (set_parent: a writable handle from td_image_open_writable on an
+ * image below child's parent, which a commit filled); then the images from
+ * child's old parent down to the one rw stands for are let go of, and rw
+ * takes its place in the registry.
+ */
+int td_chain_rebase(struct td_image *child, struct td_image *rw, struct td_error *err);
 /* Number of images in the chain, leaf included. */
 unsigned td_chain_depth(const struct td_image *leaf);
 

@@ -448,6 +448,27 @@ out:
 	return rc;
 }
 
+int
+td_chain_rebase(struct td_image *child, struct td_image *rw, struct td_error *err)
+{
+	int rc;
+
+	if (!child->drv->set_parent)
+		return td_error_set(err, ENOTSUP, "%s images cannot change their parent here",
+				    child->drv->name);
+	pthread_mutex_lock(&chain_lock);
+	rc = child->drv->set_parent(child, rw, err);
+	if (rc == 0) {
+		struct td_image *old = child->parent;
+		child->parent = rw;
+		chain_close_locked(old);	/* the base's read-only handle among them */
+		rw->reg_next = registry;
+		registry = rw;
+	}
+	pthread_mutex_unlock(&chain_lock);
+	return rc;
+}
+
 void
 td_image_adopt(struct td_image *rw)
 {

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "byteorder.h"
 #include "container_of.h"
 #include "qcow2_file.h"
 
@@ -1194,6 +1195,106 @@ qcow2_detach_parent(struct td_image *img, struct td_error *err)
 	return 0;
 }
 
+/* Where the backing format extension's name is in cluster 0 (buf: its first len bytes). */
+static int
+backing_fmt_ext(const struct qcow2 *q, const uint8_t *buf, uint64_t len, uint64_t *at,
+		uint32_t *elen)
+{
+	uint64_t off = q->m.h.header_length, end = q->m.h.backing_file_offset;
+
+	while (off + 8 <= end && off + 8 <= len) {
+		uint32_t type = get_be32(buf + off), l = get_be32(buf + off + 4);
+		if (type == QCOW2_EXT_END)
+			break;
+		if (type == QCOW2_EXT_BACKING_FMT) {
+			*at = off + 8;
+			*elen = l;
+			return 1;
+		}
+		off += 8 + ((l + 7) & ~7u);
+	}
+	return 0;
+}
+
+/*
+ * Points the image at another backing file (a commit merged its old one
+ * into that): the new name goes after the old one in cluster 0 (which holds
+ * nothing else), then the sector with the header's backing fields (and the
+ * format extension, when the format changes) is written last, in one write.
+ */
+static int
+qcow2_set_parent(struct td_image *img, struct td_image *parent, struct td_error *err)
+{
+	struct qcow2 *q = img->priv;
+	const char *slash = strrchr(img->path, '/'), *pslash = strrchr(parent->path, '/');
+	const char *fmt = parent->drv == &td_driver_qcow2 ? "qcow2" : "raw";
+	size_t sec = q->f.sector_size > 512 ? q->f.sector_size : 512;
+	uint64_t at = 0, off, len;
+	uint32_t elen = 0;
+	uint8_t *buf = NULL;
+	char *name;
+	int rc;
+
+	if (parent->drv != &td_driver_qcow2 && parent->drv != &td_driver_raw)
+		return td_error_set(err, ENOTSUP, "%s: a qcow2's backing file is qcow2 or raw",
+				    img->path);
+	/* the same directory: its name, as qemu-img writes a relative one */
+	if (slash && pslash && slash - img->path == pslash - parent->path &&
+	    !strncmp(img->path, parent->path, (size_t)(slash - img->path)))
+		name = strdup(pslash + 1);
+	else
+		name = strdup(parent->path);
+	if (!name)
+		return td_error_set(err, ENOMEM, "out of memory");
+	off = q->m.h.backing_file_offset + q->m.h.backing_file_size;
+	len = (off + strlen(name) + sec - 1) / sec * sec;
+	if (!q->m.h.backing_file_offset || off + strlen(name) > q->m.cluster_size) {
+		rc = td_error_set(err, ENOSPC, "%s: no room in the header cluster for the name %s",
+				  img->path, name);
+		goto out;
+	}
+	if (!(buf = aligned_alloc(4096, (len + 4095) / 4096 * 4096))) {
+		rc = td_error_set(err, ENOMEM, "out of memory");
+		goto out;
+	}
+	if ((rc = fc_pread_full(q->f.fd, buf, len, 0)) < 0)
+		goto io;
+	memcpy(buf + off, name, strlen(name));
+	qcow2_put64(buf + 8, off);
+	qcow2_put32(buf + 16, (uint32_t)strlen(name));
+	if (backing_fmt_ext(q, buf, len, &at, &elen) && strcmp(q->m.backing_fmt, fmt)) {
+		if (at + ((elen + 7) & ~7u) > sec || strlen(fmt) > ((elen + 7) & ~7u)) {
+			rc = td_error_set(err, ENOTSUP, "%s: the backing format cannot change from "
+					  "%s to %s here", img->path, q->m.backing_fmt, fmt);
+			goto out;
+		}
+		memset(buf + at, 0, (elen + 7) & ~7u);
+		memcpy(buf + at, fmt, strlen(fmt));
+		qcow2_put32(buf + at - 4, (uint32_t)strlen(fmt));
+	}
+	/* the name's sectors past the first, then the first */
+	if ((len > sec && (rc = fc_pwrite_full(q->f.fd, buf + sec, len - sec, sec)) < 0) ||
+	    (rc = fc_fdatasync(q->f.fd)) < 0 || (rc = fc_pwrite_full(q->f.fd, buf, sec, 0)) < 0 ||
+	    (rc = fc_fdatasync(q->f.fd)) < 0)
+		goto io;
+	q->m.h.backing_file_offset = off;
+	q->m.h.backing_file_size = (uint32_t)strlen(name);
+	if (elen)
+		snprintf(q->m.backing_fmt, sizeof(q->m.backing_fmt), "%s", fmt);
+	free(q->m.backing);
+	q->m.backing = name;
+	name = NULL;
+	rc = 0;
+	goto out;
+io:
+	rc = td_error_set(err, -rc, "%s: pointing it at %s: %s", img->path, parent->path,
+			  strerror(-rc));
+out:
+	free(name);
+	free(buf);
+	return rc;
+}
+
 const struct td_driver td_driver_qcow2 = {
 	.name = "qcow2",
 	.ctx_size = TD_PIECES_CTX_SIZE(sizeof(struct qreq)) + TD_CTX_SIZE(struct qop),
@@ -1203,4 +1304,5 @@ const struct td_driver td_driver_qcow2 = {
 	.get_parent = qcow2_get_parent,
 	.create_child = qcow2_create_child,
 	.detach_parent = qcow2_detach_parent,
+	.set_parent = qcow2_set_parent,
 };

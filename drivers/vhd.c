@@ -28,6 +28,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <sys/stat.h>
 #include <stddef.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -1531,6 +1532,107 @@ fail:
 	return td_error_set(err, -rc, "%s: dropping the parent: %s", img->path, strerror(-rc));
 }
 
+/* Writes a header (1024 bytes, aligned) and syncs. */
+static int
+header_write_sync(struct vhd_priv *p, const struct vhd_header *h, uint8_t *buf)
+{
+	int rc;
+
+	memset(buf, 0, VHD_HEADER_SIZE);
+	vhd_header_encode(h, buf);
+	if ((rc = fc_pwrite_full(p->f.fd, buf, VHD_HEADER_SIZE, p->m.footer.data_offset)) < 0)
+		return rc;
+	return fc_fdatasync(p->f.fd);
+}
+
+/* Writes locator i's new text. */
+static int
+locator_write(struct vhd_priv *p, const struct vhd_locator *l, const uint8_t *text, uint8_t *buf,
+	      size_t buflen)
+{
+	uint64_t space = (uint64_t)l->data_len ? ((uint64_t)l->data_len + VHD_SECTOR - 1) /
+						     VHD_SECTOR * VHD_SECTOR : 0;
+	if (!space)
+		return 0;
+	if (space > buflen)
+		return -ENOSPC;
+	memset(buf, 0, space);
+	memcpy(buf, text, l->data_len);
+	return fc_pwrite_full(p->f.fd, buf, space, l->data_offset);
+}
+
+/*
+ * Points a differencing disk at another parent (a commit merged the one it
+ * had into it). So that the file names a parent it can open at every step
+ * of the way, the header is written twice: the locators but the first (in
+ * the header's order) get the new text; the header then gets the new
+ * parent's uuid and name with one of those rewritten locators first; then
+ * the old first locator's text; then the header in its own order.
+ */
+static int
+vhd_set_parent(struct td_image *img, struct td_image *parent, struct td_error *err)
+{
+	struct vhd_priv *p = img->priv, *pp;
+	struct vhd_header h = p->m.header, swapped;
+	uint8_t *texts[8], *buf = NULL;
+	struct stat st;
+	int first = -1, second = -1, rc;
+
+	if (p->m.footer.type != VHD_TYPE_DIFF)
+		return td_error_set(err, EINVAL, "%s is not a differencing disk", img->path);
+	if (parent->drv != &td_driver_vhd)
+		return td_error_set(err, ENOTSUP, "%s: the new parent must be a VHD", img->path);
+	pp = parent->priv;
+	if (stat(parent->path, &st) < 0)
+		return td_error_set(err, errno, "%s: %s", parent->path, strerror(errno));
+	rc = vhd_header_reparent(&h, img->path, parent->path, pp->m.footer.uuid,
+				 vhd_time((uint64_t)st.st_mtime), texts, err);
+	if (rc < 0)
+		return rc;
+	for (int i = 0; i < 8; i++) {
+		if (!texts[i])
+			continue;
+		if (first < 0)
+			first = i;
+		else if (second < 0)
+			second = i;
+	}
+	if (first < 0 || !(buf = aligned_alloc(4096, 16384))) {
+		rc = first < 0 ? td_error_set(err, EUCLEAN, "%s has no locator", img->path)
+			       : td_error_set(err, ENOMEM, "out of memory");
+		goto out;
+	}
+	for (int i = 0; i < 8 && rc == 0; i++)
+		if (texts[i] && i != first)
+			rc = locator_write(p, &h.loc[i], texts[i], buf, 16384);
+	if (rc == 0 && (rc = fc_fdatasync(p->f.fd)) == 0) {
+		swapped = h;
+		if (second >= 0) {	/* a rewritten locator is looked at first */
+			swapped.loc[first] = h.loc[second];
+			swapped.loc[second] = h.loc[first];
+		}
+		rc = header_write_sync(p, &swapped, buf);
+	}
+	if (rc == 0)
+		rc = locator_write(p, &h.loc[first], texts[first], buf, 16384);
+	if (rc == 0)
+		rc = header_write_sync(p, &h, buf);
+	if (rc < 0) {
+		rc = td_error_set(err, -rc, "%s: pointing it at %s: %s", img->path, parent->path,
+				  strerror(-rc));
+		goto out;
+	}
+	p->m.header = h;
+	free(p->m.parent_path);
+	p->m.parent_path = strdup(parent->path);
+	p->m.parent_raw = 0;
+out:
+	for (int i = 0; i < 8; i++)
+		free(texts[i]);
+	free(buf);
+	return rc;
+}
+
 const struct td_driver td_driver_vhd = {
 	.name = "vhd",
 	.ctx_size = TD_PIECES_CTX_SIZE(sizeof(struct io_op)) + TD_CTX_SIZE(struct vop),
@@ -1541,4 +1643,5 @@ const struct td_driver td_driver_vhd = {
 	.validate_parent = vhd_validate_parent,
 	.create_child = vhd_snapshot,
 	.detach_parent = vhd_detach_parent,
+	.set_parent = vhd_set_parent,
 };

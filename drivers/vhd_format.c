@@ -788,12 +788,12 @@ relative_path(const char *parent, const char *child, char *out, size_t outlen)
 }
 
 static int
-make_locators(const struct vhd_create *c, struct locator_text loc[3])
+make_locators(const char *parent_path, const char *child_path, struct locator_text loc[3])
 {
 	char rel[4096], win[4096 + 8];
 	int rc;
 
-	rc = relative_path(c->parent_path, c->child_path, rel, sizeof(rel));
+	rc = relative_path(parent_path, child_path, rel, sizeof(rel));
 	if (rc < 0)
 		return rc;
 	loc[0].code = VHD_PLAT_MACX;
@@ -812,6 +812,76 @@ make_locators(const struct vhd_create *c, struct locator_text loc[3])
 			return rc;
 	}
 	return 0;
+}
+
+/* The header's parent name: the parent's file name, UTF-16BE. */
+static int
+parent_name16(const char *parent_path, uint8_t name16[512], struct td_error *err)
+{
+	const char *base = strrchr(parent_path, '/');
+	size_t n = 0;
+	int rc;
+
+	base = base ? base + 1 : parent_path;
+	memset(name16, 0, 512);
+	rc = vhd_utf8_to_utf16(base, 1, name16, 512, &n);
+	if (rc == -ENAMETOOLONG)
+		return td_error_set(err, -rc, "parent name too long for the header");
+	if (rc < 0)	/* e.g. no iconv module for UTF-16 on this host */
+		return td_error_set(err, -rc, "cannot encode the parent name as UTF-16: %s",
+				    strerror(-rc));
+	return 0;
+}
+
+int
+vhd_header_reparent(struct vhd_header *h, const char *child_path, const char *parent_path,
+		    const uint8_t uuid[16], uint32_t ts, uint8_t *texts[8], struct td_error *err)
+{
+	struct locator_text *loc = calloc(3, sizeof(*loc));
+	int rc;
+
+	for (int i = 0; i < 8; i++)
+		texts[i] = NULL;
+	if (!loc)
+		return td_error_set(err, ENOMEM, "out of memory");
+	if ((rc = parent_name16(parent_path, h->parent_name, err)) < 0)
+		goto out;
+	if ((rc = make_locators(parent_path, child_path, loc)) < 0) {
+		rc = td_error_set(err, -rc, "parent path too long for a locator");
+		goto out;
+	}
+	for (int i = 0; i < 8; i++) {
+		struct vhd_locator *l = &h->loc[i];
+		const struct locator_text *t = NULL;
+		for (int k = 0; k < 3; k++)
+			if (loc[k].code == l->code)
+				t = &loc[k];
+		if (!t)
+			continue;
+		uint64_t space = locator_space(l);
+		if (t->len > space) {
+			rc = td_error_set(err, ENOSPC, "the parent locator has room for %ju bytes, "
+					  "the new parent's path needs %zu", (uintmax_t)space, t->len);
+			goto out;
+		}
+		if (!(texts[i] = calloc(1, space))) {
+			rc = td_error_set(err, ENOMEM, "out of memory");
+			goto out;
+		}
+		memcpy(texts[i], t->data, t->len);
+		l->data_len = (uint32_t)t->len;
+	}
+	memcpy(h->parent_uuid, uuid, 16);
+	h->parent_ts = ts;
+	rc = 0;
+out:
+	if (rc < 0)
+		for (int i = 0; i < 8; i++) {
+			free(texts[i]);
+			texts[i] = NULL;
+		}
+	free(loc);
+	return rc;
 }
 
 int
@@ -870,24 +940,15 @@ vhd_create_write(const struct vhd_create *c, vhd_write_fn wr, void *ctx, struct 
 	uint64_t end = bh.offset + (uint64_t)bh.size * VHD_SECTOR;
 
 	if (c->type == VHD_TYPE_DIFF) {
-		uint8_t name16[512];
-		size_t n = 0;
-		const char *base = strrchr(c->parent_path, '/');
-		base = base ? base + 1 : c->parent_path;
-		rc = vhd_utf8_to_utf16(base, 1, name16, sizeof(name16), &n);
-		if (rc == -ENAMETOOLONG)
-			return td_error_set(err, -rc, "parent name too long for the header");
-		if (rc < 0)	/* e.g. no iconv module for UTF-16 on this host */
-			return td_error_set(err, -rc, "cannot encode the parent name as UTF-16: %s",
-					    strerror(-rc));
-		memcpy(h.parent_name, name16, n);
+		if ((rc = parent_name16(c->parent_path, h.parent_name, err)) < 0)
+			return rc;
 		if (c->parent_uuid)
 			memcpy(h.parent_uuid, c->parent_uuid, 16);
 		h.parent_ts = c->parent_ts;
 		loc = calloc(3, sizeof(*loc));
 		if (!loc)
 			return td_error_set(err, ENOMEM, "out of memory");
-		rc = make_locators(c, loc);
+		rc = make_locators(c->parent_path, c->child_path, loc);
 		if (rc < 0) {
 			free(loc);
 			return td_error_set(err, -rc, "parent path too long for a locator");

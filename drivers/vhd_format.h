@@ -205,6 +205,16 @@ struct vhd_create {
 typedef int (*vhd_write_fn)(void *ctx, const void *buf, size_t len, uint64_t off);
 
 /* Lays out and writes a new VHD (file assumed empty). 0 or -errno with err. */
+/*
+ * A differencing disk's header pointed at a new parent (child_path and
+ * parent_path absolute): its name, uuid and timestamp, and each MACX, W2KU
+ * and W2RU locator's length; texts[i] (malloc'd, the locator's whole space,
+ * zero-padded) is what to write at loc[i].data_offset. -ENOSPC with err when
+ * a locator's space is too small for the new path.
+ */
+int vhd_header_reparent(struct vhd_header *h, const char *child_path, const char *parent_path,
+			const uint8_t uuid[16], uint32_t ts, uint8_t *texts[8],
+			struct td_error *err);
 int vhd_create_write(const struct vhd_create *c, vhd_write_fn wr, void *ctx,
 		     struct td_error *err);
 

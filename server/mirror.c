@@ -66,6 +66,8 @@ struct mirror {
 	int top;
 	int stream;
 	const struct td_image *commit_base;	/* a commit's: where the segment ends */
+	struct td_image *commit_top;	/* an intermediate commit's: the image merged... */
+	struct td_image *commit_child;	/* ...and the one above it, pointed at the base at the end */
 	int finishing;		/* a stream's last step: the vbd quiescing, then... */
 	int detaching;		/* ...the leaf dropping its parents on a worker */
 	size_t dest_scratch;
@@ -100,6 +102,13 @@ static struct mirror *
 job_mirror(struct blockjob *job)
 {
 	return (struct mirror *)job;
+}
+
+/* Where copies read: the vbd's leaf, or the image an intermediate commit merges. */
+static struct td_image *
+source(const struct mirror *m)
+{
+	return m->commit_child ? m->commit_top : m->job.vbd->leaf;
 }
 
 static struct loop *
@@ -324,7 +333,7 @@ copy_chain_status(struct td_request *r, int err)
 		return;
 	}
 	c->piece = n;
-	copy_submit(c, c->m->job.vbd->leaf, TD_OP_READ, 0, c->pos, n, copy_read);
+	copy_submit(c, source(c->m), TD_OP_READ, 0, c->pos, n, copy_read);
 }
 
 /* A stream's piece: the leaf's own data stays, the parents' comes up. */
@@ -370,7 +379,7 @@ copy_step(struct mirror_copy *c)
 		else
 			copy_write_zeros(c, n);
 	} else {
-		copy_submit(c, m->job.vbd->leaf, TD_OP_READ, 0, c->pos, n, copy_read);
+		copy_submit(c, source(m), TD_OP_READ, 0, c->pos, n, copy_read);
 	}
 }
 
@@ -401,7 +410,7 @@ copy_status_query(struct mirror_copy *c)
 	uint64_t len = c->off + c->len - c->pos;
 
 	if (m->job.vbd->caps & TD_CAP_BLOCK_STATUS) {
-		copy_submit(c, m->job.vbd->leaf, TD_OP_BLOCK_STATUS,
+		copy_submit(c, source(m), TD_OP_BLOCK_STATUS,
 			    m->top || m->stream ? TD_REQ_ONE_IMAGE : 0, c->pos, len, copy_status);
 		return;
 	}
@@ -682,9 +691,9 @@ pump_now(struct mirror *m)
 	int converged = !throttled && !m->ncopies && !m->ndirty && m->job.state == BJ_RUNNING &&
 			!m->job.stopping && TAILQ_EMPTY(&m->parked);
 
-	if (converged && m->stream && !m->finishing) {
+	if (converged && (m->stream || m->commit_child) && !m->finishing) {
 		stream_finish(m);
-	} else if (converged && !m->stream) {
+	} else if (converged && !m->stream && !m->commit_child) {
 		m->job.state = BJ_READY;
 		log_info("minor %d: %s to %s ready", m->job.vbd->minor, m->job.type,
 			 m->dest_params);
@@ -741,6 +750,9 @@ mirror_guest_write(struct blockjob *job, struct vbd_request *vr)
 	struct mirror *m = job_mirror(job);
 	struct td_request *td = &vr->td;
 	struct mirror_write *w;
+
+	if (m->commit_child)
+		return 0;	/* the leaf above the merged images: none of the job's business */
 
 	if (vr->job_write) {	/* started before the job and only now sent: mirrored instead */
 		w = vr->job_write;
@@ -848,11 +860,16 @@ struct stream_detach {
 	struct td_error err;
 };
 
+/* The last step: a stream's leaf drops its parents, a commit's child takes the base. */
 static int
 stream_detach_run(struct io_call *c)
 {
 	struct stream_detach *sd = (struct stream_detach *)c;
-	return td_chain_detach(sd->m->job.vbd->leaf, &sd->err);
+	struct mirror *m = sd->m;
+
+	if (m->commit_child)
+		return td_chain_rebase(m->commit_child, m->dest, &sd->err);
+	return td_chain_detach(m->job.vbd->leaf, &sd->err);
 }
 
 static void
@@ -867,9 +884,14 @@ stream_detached(struct io_call *c, int res)
 		blockjob_fail(&m->job, "%s", sd->err.msg);
 	} else {
 		vbd_chain_changed(vbd);
-		m->dest = NULL;
+		m->dest = NULL;	/* the chain's now (a commit's base) */
 		m->job.state = BJ_DONE;
-		log_info("minor %d: stream done: %s has no parent now", vbd->minor, vbd->params);
+		if (m->commit_child)
+			log_info("minor %d: commit done: %s merged into %s", vbd->minor,
+				 m->commit_top->path, m->dest_params);
+		else
+			log_info("minor %d: stream done: %s has no parent now", vbd->minor,
+				 vbd->params);
 	}
 	free(sd);
 	vbd_resume(vbd);
@@ -879,12 +901,28 @@ stream_detached(struct io_call *c, int res)
 		mirror_pump(m);
 }
 
-/* Quiesced: nothing in flight touches the leaf's metadata while it changes. */
+static void stream_detach_start(struct mirror *m);
+
+/* A commit's base holds its data durably before the child names it. */
+static void
+finish_flushed(struct td_request *r, int err)
+{
+	struct mirror *m = r->priv;
+
+	if (err) {
+		m->finishing = 0;
+		vbd_resume(m->job.vbd);
+		blockjob_fail(&m->job, "flushing %s failed: %s", m->dest_params, strerror(err));
+		return;
+	}
+	stream_detach_start(m);
+}
+
+/* Quiesced: nothing in flight touches the chain's metadata while it changes. */
 static void
 stream_drained(void *arg)
 {
 	struct mirror *m = arg;
-	struct stream_detach *sd;
 
 	if (m->job.stopping) {	/* cancelled while it drained */
 		m->finishing = 0;
@@ -892,6 +930,24 @@ stream_drained(void *arg)
 		mirror_pump(m);
 		return;
 	}
+	if (m->commit_child && (m->dest->caps & TD_CAP_FLUSH)) {
+		memset(&m->flush, 0, sizeof(m->flush));
+		m->flush.op = TD_OP_FLUSH;
+		m->flush.done = finish_flushed;
+		m->flush.priv = m;
+		m->flush.scratch = m->copies[0].scratch;	/* the copies are idle */
+		m->flush.scratch_size = m->copies[0].scratch_size;
+		td_image_submit(m->dest, &m->flush);
+		return;
+	}
+	stream_detach_start(m);
+}
+
+static void
+stream_detach_start(struct mirror *m)
+{
+	struct stream_detach *sd;
+
 	if (!(sd = calloc(1, sizeof(*sd)))) {
 		m->finishing = 0;
 		vbd_resume(m->job.vbd);
@@ -1137,6 +1193,8 @@ stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg)
 struct commit_open {
 	struct io_call call;
 	struct vbd *vbd;
+	struct td_image *child;		/* the image above the top: the leaf's... */
+	struct td_image *top;		/* ...child for an active commit (top is the leaf) */
 	struct td_image *base;
 	uint64_t speed;
 	struct td_image *rw;
@@ -1152,7 +1210,9 @@ commit_open_run(struct io_call *c)
 	struct td_open_ctx ctx = { .io = co->vbd->loop->io };
 	unsigned oflags = (co->vbd->nodirect ? TD_OPEN_NODIRECT : 0) | co->vbd->srv->open_flags;
 
-	return td_image_open_writable(co->vbd->leaf, co->base, oflags, &ctx, &co->rw, &co->err);
+	/* every image from the top down to the base must be this disk's alone */
+	return td_image_open_writable(co->child ? co->child : co->top, co->base, oflags, &ctx,
+				      &co->rw, &co->err);
 }
 
 static void
@@ -1189,12 +1249,14 @@ commit_opened(struct io_call *c, int res)
 	}
 	m->job.type = "commit";
 	m->commit_base = co->base;
+	m->commit_top = co->top;
+	m->commit_child = co->child;
 	m->dest = co->rw;
-	if (mirror_adopt_inflight(m) < 0)
+	if (!co->child && mirror_adopt_inflight(m) < 0)
 		blockjob_fail(&m->job, "out of memory");
 	blockjob_free(vbd->job);
 	vbd->job = &m->job;
-	log_info("minor %d: commit of %s into %s started", vbd->minor, vbd->params,
+	log_info("minor %d: commit of %s into %s started", vbd->minor, co->top->path,
 		 m->dest_params);
 	co->done(co->arg, 0, NULL);
 	free(co);
@@ -1205,26 +1267,37 @@ void
 commit_start(struct vbd *vbd, const char *top, const char *base, uint64_t speed,
 	     vbd_done_fn done, void *arg)
 {
-	struct td_image *b;
+	struct td_image *t = vbd->leaf, *child = NULL, *b;
 	struct commit_open *co;
 	char msg[PATH_MAX + 128];
 
 	if (!job_may_start(vbd, 1, done, arg))
 		return;
-	if (top && strcmp(top, vbd->leaf->path)) {
-		snprintf(msg, sizeof(msg), "only the leaf (%s) can be committed online here, "
-			 "not %s", vbd->leaf->path, top);
+	for (; top && t && strcmp(t->path, top); t = t->parent)
+		child = t;
+	if (!t) {
+		snprintf(msg, sizeof(msg), "%s is not in minor %d's chain", top, vbd->minor);
+		done(arg, EINVAL, msg);
+		return;
+	}
+	if (!t->parent) {
+		done(arg, EINVAL, "nothing to commit into: the top has no parent");
+		return;
+	}
+	if (t->size != vbd->size) {
+		done(arg, ENOTSUP, "the disk grew since the top was made: not merged");
+		return;
+	}
+	if (child && !child->drv->set_parent) {
+		snprintf(msg, sizeof(msg), "%s is a %s image, which cannot be pointed at another "
+			 "parent (vhd and qcow2 can)", child->path, child->drv->name);
 		done(arg, ENOTSUP, msg);
 		return;
 	}
-	if (!vbd->leaf->parent) {
-		done(arg, EINVAL, "nothing to commit into: the leaf has no parent");
-		return;
-	}
-	for (b = vbd->leaf->parent; b && base && strcmp(b->path, base); b = b->parent)
+	for (b = t->parent; b && base && strcmp(b->path, base); b = b->parent)
 		;
 	if (!b) {
-		snprintf(msg, sizeof(msg), "%s is not below the leaf in minor %d's chain", base,
+		snprintf(msg, sizeof(msg), "%s is not below %s in minor %d's chain", base, t->path,
 			 vbd->minor);
 		done(arg, EINVAL, msg);
 		return;
@@ -1234,6 +1307,8 @@ commit_start(struct vbd *vbd, const char *top, const char *base, uint64_t speed,
 		return;
 	}
 	co->vbd = vbd;
+	co->top = t;
+	co->child = child;
 	co->base = b;
 	co->speed = speed;
 	co->done = done;

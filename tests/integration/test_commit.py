@@ -58,6 +58,43 @@ def test_commit_under_fio_verify(server, tmp_path, fmt, into):
         run("qemu-img", "compare", "-q", "-f", qfmt, "-F", "raw", target, after)
 
 
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_intermediate_commit_under_fio_verify(server, tmp_path, fmt):
+    """mid merged into base while the guest writes to the leaf; the leaf is
+    then pointed at base, and mid is no longer referenced."""
+    size = 64 * MiB
+    base, mid, leaf = chain(server, tmp_path, fmt, size)
+    m = server.open("%s:%s" % (fmt, leaf))["minor"]
+    before_base = snapshot_of(server, m, str(tmp_path / "before.raw"))
+    fio = fio_load(server.uri(m), size, ios=12000, rate=4000)
+    server.tapctl("commit", "-m", m, "--top", mid)
+    job = wait_job(server, m, "done")
+    assert "error" not in job and job["type"] == "commit"
+    assert fio.poll() is None, "fio ended before the switch: the test proves less"
+    names = [i["name"] for i in server.stats(m)["images"]]
+    assert len(names) == 2 and names[0].endswith(leaf) and names[1].endswith(base), names
+    fio_ok(fio)
+    after = snapshot_of(server, m, str(tmp_path / "after.raw"))
+    server.call("close", minor=m)
+    check(fmt, leaf)
+    check(fmt, base)
+    if fmt == "vhd":
+        assert run(VHD_UTIL, "query", "-n", leaf, "-p").stdout.strip() == base
+    else:
+        info = run("qemu-img", "info", "--output=json", leaf).stdout
+        assert '"backing-filename": "base.qcow2"' in info, info
+        # qemu follows the new backing file and reads the same disk
+        run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", leaf, after)
+    m = server.open("%s:%s" % (fmt, leaf))["minor"]
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", server.uri(m), after)
+    server.call("close", minor=m)
+    # and mid can go: the chain does not open it
+    os.unlink(mid)
+    m = server.open("%s:%s" % (fmt, leaf))["minor"]
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", server.uri(m), after)
+    assert os.path.getsize(before_base) == size
+
+
 def test_commit_refusals(server, tmp_path):
     size = 64 * MiB
     base, mid, leaf = chain(server, tmp_path, "vhd", size)
@@ -68,8 +105,10 @@ def test_commit_refusals(server, tmp_path):
             server.call("commit", minor=m, **args)
         assert e.value.code == code and text in e.value.message, e.value.message
 
-    refused("ENOTSUP", "only the leaf", top=mid)
-    refused("EINVAL", "is not below the leaf", base=str(tmp_path / "elsewhere.vhd"))
+    refused("EINVAL", "is not in minor", top=str(tmp_path / "elsewhere.vhd"))
+    refused("EINVAL", "is not below", base=str(tmp_path / "elsewhere.vhd"))
+    refused("EINVAL", "is not below", top=mid, base=leaf)
+    refused("EINVAL", "the top has no parent", top=base)
     # another disk on the same parent: merging into it would change that disk
     other = str(tmp_path / "other.vhd")
     run(VHD_UTIL, "snapshot", "-n", other, "-p", mid)
