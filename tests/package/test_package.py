@@ -235,4 +235,4 @@ def tmp_control(deb):
 def test_install_and_package_scripts_are_shellcheck_clean():
     run("shellcheck", "-S", "warning", *[os.path.join(ROOT, p) for p in (
         "scripts/install-deps", "scripts/build-deb", "scripts/run-demo", "scripts/check",
-        "tests/fresh/check-fresh")])
+        "tests/fresh/check-fresh", "tests/ceph/start-ceph", "tests/ceph/stop-ceph")])
