@@ -353,7 +353,8 @@ cmd_snapshot(struct cli *cli, int argc, char **argv)
 	/* rbd: a snapshot inside the image, named NAME: what opens it */
 	json_t *snap = json_object_get(r, "snapshot");
 	if (!cli->json)
-		printf("%s\n", json_string_value(snap ? snap : json_object_get(r, "params")));
+		printf("%s\n", json_string_value(json_is_string(snap) ? snap :
+						  json_object_get(r, "params")));
 	json_decref(r);
 	return 0;
 }

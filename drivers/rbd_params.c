@@ -12,10 +12,22 @@
 
 #define RBD_NAME_MAX 256	/* longer is refused: no pool, image or snapshot is named so */
 
+/* At most 64 bytes of a client's string for a message: control bytes as '?', one line. */
+static const char *
+shown(const char *s, char out[static 65])
+{
+	size_t i;
+	for (i = 0; i < 64 && s[i]; i++)
+		out[i] = (unsigned char)s[i] < 0x20 || s[i] == 0x7f ? '?' : s[i];
+	out[i] = '\0';
+	return out;
+}
+
 static int
 name_ok(const char *what, const char *s, struct td_error *err)
 {
 	size_t n = strlen(s);
+	char buf[65];
 
 	if (n == 0)
 		return td_error_set(err, EINVAL, "rbd: empty %s name (rbd:POOL/IMAGE[@SNAP]"
@@ -25,8 +37,8 @@ name_ok(const char *what, const char *s, struct td_error *err)
 				    RBD_NAME_MAX);
 	for (const char *c = s; *c; c++)
 		if ((unsigned char)*c < 0x20 || *c == 0x7f || *c == '/' || *c == '@')
-			return td_error_set(err, EINVAL, "rbd: the %s name '%.64s' holds a "
-					    "character rbd: params cannot name", what, s);
+			return td_error_set(err, EINVAL, "rbd: the %s name '%s' holds a "
+					    "character rbd: params cannot name", what, shown(s, buf));
 	return 0;
 }
 
@@ -49,6 +61,7 @@ int
 rbd_spec_parse(const char *path, struct rbd_spec *spec, struct td_error *err)
 {
 	char *opt, *next, *at, *slash1, *slash2;
+	char buf[65];
 	int rc;
 
 	memset(spec, 0, sizeof(*spec));
@@ -64,16 +77,16 @@ rbd_spec_parse(const char *path, struct rbd_spec *spec, struct td_error *err)
 		if (next)
 			*next++ = '\0';
 		if (!eq) {
-			rc = td_error_set(err, EINVAL, "rbd: option '%.64s' is not KEY=VALUE "
-					  "(conf=PATH, id=USER)", opt);
+			rc = td_error_set(err, EINVAL, "rbd: option '%s' is not KEY=VALUE "
+					  "(conf=PATH, id=USER)", shown(opt, buf));
 			goto fail;
 		}
 		*eq = '\0';
 		const char **slot = strcmp(opt, "conf") == 0 ? &spec->conf :
 				    strcmp(opt, "id") == 0 ? &spec->id : NULL;
 		if (!slot) {
-			rc = td_error_set(err, EINVAL, "rbd: unknown option '%.64s' (known: conf, id)",
-					  opt);
+			rc = td_error_set(err, EINVAL, "rbd: unknown option '%s' (known: conf, id)",
+					  shown(opt, buf));
 			goto fail;
 		}
 		if (*slot) {
@@ -83,6 +96,13 @@ rbd_spec_parse(const char *path, struct rbd_spec *spec, struct td_error *err)
 		if (!eq[1]) {
 			rc = td_error_set(err, EINVAL, "rbd: option '%s' has an empty value", opt);
 			goto fail;
+		}
+		for (const char *c = eq + 1; *c; c++) {
+			if ((unsigned char)*c < 0x20 || *c == 0x7f) {
+				rc = td_error_set(err, EINVAL, "rbd: option '%s' holds a control "
+						  "character", opt);
+				goto fail;
+			}
 		}
 		*slot = eq + 1;
 	}
@@ -95,8 +115,8 @@ rbd_spec_parse(const char *path, struct rbd_spec *spec, struct td_error *err)
 	}
 	slash1 = strchr(spec->buf, '/');
 	if (!slash1) {
-		rc = td_error_set(err, EINVAL, "rbd: '%.64s' is not POOL/IMAGE or POOL/NAMESPACE/IMAGE",
-				  spec->buf);
+		rc = td_error_set(err, EINVAL, "rbd: '%s' is not POOL/IMAGE or POOL/NAMESPACE/IMAGE",
+				  shown(spec->buf, buf));
 		goto fail;
 	}
 	*slash1 = '\0';

@@ -470,7 +470,7 @@ snapshot_done(void *arg, int err, const char *msg)
 	if (err)
 		ctl_reply_error(sr->req, err, "%s", msg ? msg : strerror(err));
 	else	/* msg: the params of a snapshot made inside the image (rbd:) */
-		ctl_reply_ok(sr->req, json_pack("{s:s?, s:s?}", "params", vbd ? vbd->params : NULL,
+		ctl_reply_ok(sr->req, json_pack("{s:s?, s:s*}", "params", vbd ? vbd->params : NULL,
 						"snapshot", msg));
 	free(sr);
 }

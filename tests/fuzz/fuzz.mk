@@ -47,7 +47,7 @@ FUZZ_LIB_OBJS := $(FUZZ_LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZ_LIB      := $(FUZZ_BUILD)/libtd-fuzz.a
 
 FUZZ_TARGETS := fuzz_nbd fuzz_nbd_proto fuzz_control fuzz_vhd_meta fuzz_qcow2_meta fuzz_blkif fuzz_vmdk_meta \
-                fuzz_cbt_log
+                fuzz_cbt_log fuzz_rbd_params
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
 .PHONY: all clean

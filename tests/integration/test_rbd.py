@@ -9,7 +9,6 @@ last in this file."""
 import atexit
 import json
 import os
-import socket
 import subprocess
 import time
 
@@ -27,27 +26,10 @@ pytestmark = [pytest.mark.engine_independent, pytest.mark.ceph]
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool", "uuidgen")
 
 
-def _free_port_pair():
-    for _ in range(50):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        t = socket.socket()
-        try:
-            t.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-        finally:
-            t.close()
-    raise RuntimeError("no two free ports in a row")
-
-
 class Ceph:
     def __init__(self, base):
         self.dir = str(base / "ceph")
-        self.env = dict(os.environ, CEPH_DIR=self.dir, CEPH_PORT=str(_free_port_pair()))
+        self.env = dict(os.environ, CEPH_DIR=self.dir)
         self.conf = None
         self.running = False
 
@@ -68,10 +50,7 @@ class Ceph:
         return run("rbd", "-c", self.conf, *args, check=check, timeout=timeout)
 
     def params(self, image):
-        return "rbd:rbd/%s:conf=%s" % (image, self.conf)
-
-    def qemu(self, image):
-        """The same image through qemu's own rbd driver."""
+        """Our params for image; qemu's rbd: filenames are spelt the same."""
         return "rbd:rbd/%s:conf=%s" % (image, self.conf)
 
 
@@ -121,9 +100,9 @@ def pattern_file(path, size, seed):
 def test_images_from_rbd_create_and_qemu_img_read_identically(ceph, server, tmp_path):
     src = pattern_file(tmp_path / "src", 24 * MiB, 7)
     a = new_image(ceph, "24M")            # rbd create, written through qemu's driver
-    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, ceph.qemu(a))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, ceph.params(a))
     b = "qc%d" % next(_names)             # made by qemu-img convert itself
-    run("qemu-img", "convert", "-f", "raw", "-O", "raw", src, ceph.qemu(b))
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", src, ceph.params(b))
     for image in (a, b):
         o = server.open(ceph.params(image))
         assert o["size"] == 24 * MiB
@@ -143,7 +122,7 @@ def test_our_writes_read_back_through_rbd_export_and_qemu(ceph, server, tmp_path
     ceph.rbd("export", "rbd/" + name, got)
     with open(want, "rb") as f, open(got, "rb") as g:
         assert f.read() == g.read()
-    run("qemu-img", "compare", "-f", "raw", "-F", "raw", want, ceph.qemu(name))
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", want, ceph.params(name))
 
 
 def test_fio_verify_over_nbd(ceph, server):
