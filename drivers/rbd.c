@@ -172,7 +172,7 @@ spec_name(const struct rbd_spec *s)
 }
 
 /* EBUSY naming who holds the exclusive lock of an image we could not take. */
-static int
+static void
 lock_refused(struct rbdi *p, struct td_error *err)
 {
 	rbd_lock_mode_t mode;
@@ -187,7 +187,7 @@ lock_refused(struct rbdi *p, struct td_error *err)
 		}
 		rbd_lock_get_owners_cleanup(owners, n);
 	}
-	return td_error_set(err, EBUSY, "rbd: %s is being written by another client (%s holds "
+	td_error_set(err, EBUSY, "rbd: %s is being written by another client (%s holds "
 			    "its exclusive lock): open it read-only (-R) or close it there first",
 			    p->name, who[0] ? who : "an unknown owner");
 }
@@ -211,7 +211,7 @@ rbdi_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 {
 	struct rbd_spec spec;
 	struct rbdi *p;
-	int ro = (img->oflags & TD_OPEN_RDONLY) != 0;
+	int ro = (img->oflags & TD_OPEN_RDONLY) != 0, locked = 0;
 	int rc;
 
 	if ((rc = rbd_spec_parse(img->path, &spec, err)) < 0)
@@ -246,8 +246,15 @@ rbdi_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 			log_warn("rbd: %s has no exclusive-lock feature: nothing stops a second "
 				 "writer (rbd feature enable %s exclusive-lock)", p->name, p->name);
 		else if ((rc = rbd_lock_acquire(p->image, RBD_LOCK_MODE_EXCLUSIVE)) < 0) {
-			rc = lock_refused(p, err);
+			/* EROFS: another client holds it and will not let it go */
+			if (rc == -EROFS || rc == -EBUSY)
+				lock_refused(p, err);
+			else
+				td_error_set(err, -rc, "rbd: %s: cannot take the exclusive lock: %s",
+					     p->name, strerror(-rc));
 			goto fail;
+		} else {
+			locked = 1;
 		}
 	}
 	uint64_t size;
@@ -279,7 +286,7 @@ rbdi_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 	img->status = "connected";
 	rbd_spec_free(&spec);
 	log_info("rbd: %s: open, %" PRIu64 " bytes%s", p->name, size, ro ? ", read-only" :
-		 ", exclusive lock held");
+		 locked ? ", exclusive lock held" : "");
 	return 0;
 fail:
 	rbd_spec_free(&spec);
