@@ -15,8 +15,8 @@
  *
  * A cluster that goes away: librados is given the vbd's timeout as its op
  * timeouts, so a request fails (ETIMEDOUT, answered EIO) when the vbd's own
- * watchdog would answer it, and close (lock release, shutdown) is bounded
- * by the same time instead of hanging.
+ * watchdog would answer it; close lowers the op timeout first (rbdi_free),
+ * so it takes seconds, not three times the vbd's timeout.
  */
 #include "driver.h"
 #include "rbd_params.h"
@@ -38,6 +38,7 @@
 #define RBD_DEFAULT_TIMEOUT	30	/* seconds, when no vbd timeout reaches us */
 #define RBD_CONNECT_MAX		30	/* an open never waits for the monitors longer */
 #define RBD_POLL_BATCH		32
+#define RBD_CLOSE_TIMEOUT	5	/* seconds an op of close may take (see rbdi_free) */
 
 struct rbdi {
 	struct td_image *img;
@@ -50,6 +51,7 @@ struct rbdi {
 	/* made at the first request on the loop; added only while requests are out */
 	struct event *ev;
 	unsigned inflight;	/* librbd completions out */
+	unsigned timeout;	/* the client's op timeout, seconds */
 	uint64_t obj_size;	/* whole objects can be dropped; 0: striped, never split */
 	int failing;		/* the cluster stopped answering: said once until it answers */
 };
@@ -197,8 +199,20 @@ rbdi_free(struct rbdi *p)
 {
 	if (p->ev)
 		event_free(p->ev);
+	/*
+	 * rbd_close releases a writer's lock and the image's watch: OSD ops,
+	 * three in a row that each wait the whole op timeout when the cluster
+	 * is gone (9 s at -t 3, 6 minutes at the default 120). librados takes
+	 * a new op timeout at run time, so close waits less: 1 s an op when
+	 * requests already time out, 5 s otherwise (a healthy cluster answers
+	 * in milliseconds; a lock left behind is broken by its next taker,
+	 * once our client is gone).
+	 */
+	if (p->cluster)
+		conf_set(p->cluster, "rados_osd_op_timeout", p->failing ? 1 :
+			 p->timeout < RBD_CLOSE_TIMEOUT ? p->timeout : RBD_CLOSE_TIMEOUT);
 	if (p->image)
-		rbd_close(p->image);	/* a writer's lock goes here: bounded by the op timeout */
+		rbd_close(p->image);
 	disconnect(p->cluster, p->io);
 	if (p->efd >= 0)
 		close(p->efd);
@@ -229,6 +243,7 @@ rbdi_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 				  "with -R", p->name);
 		goto fail;
 	}
+	p->timeout = op_timeout(ctx->timeout);
 	if ((rc = rbd_connect(&spec, p->name, ctx->timeout, &p->cluster, &p->io, err)) < 0)
 		goto fail;
 	rc = ro ? rbd_open_read_only(p->io, spec.image, &p->image, spec.snap) :

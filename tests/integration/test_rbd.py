@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SLOW, run
+from conftest import BIN, ROOT, SLOW, run
 from imagetests import fio_verify_load
 from xen_harness import Xen
 
@@ -298,6 +298,8 @@ def test_bad_params_fail_in_one_line_quickly(ceph, server, tmp_path):
 def test_zz_cluster_stopped_mid_io_fails_requests_and_the_vbd_closes(ceph, server):
     name = new_image(ceph, "16M")
     m = server.open(ceph.params(name), timeout=3)["minor"]
+    # a writer that sees no failure, at the default timeout (120 s): its close is bounded too
+    idle = server.open(ceph.params(new_image(ceph, "4M")))["minor"]
     uri = server.uri(m)
     qemu_io(uri, "write -P 5 0 4M")
     load = subprocess.Popen(["fio", "--name=load", "--ioengine=nbd", "--uri=" + uri,
@@ -319,8 +321,12 @@ def test_zz_cluster_stopped_mid_io_fails_requests_and_the_vbd_closes(ceph, serve
     # the watchdog or librados (both at the timeout), whichever came first
     assert st["ops"]["read"]["errors"] > 0
     t0 = time.time()
-    server.call("close", minor=m)          # rbd_close and rados_shutdown time out, bounded
-    assert time.time() - t0 < 30 * SLOW
-    vbd = server.call("list")["result"]["vbds"][0]
-    assert vbd["state"] == 0x2 and vbd["params"] is None
+    closing_idle = subprocess.Popen([os.path.join(BIN, "tap-ctl"), "-S", server.state_dir,
+                                     "close", "-m", str(idle)])
+    server.call("close", minor=m)          # rbd_close's ops time out after 1 s each
+    assert time.time() - t0 < 10 * SLOW
+    assert closing_idle.wait(timeout=60 * SLOW) == 0   # 5 s each: at most 15 s, not 6 minutes
+    assert time.time() - t0 < 25 * SLOW
+    for vbd in server.call("list")["result"]["vbds"]:
+        assert vbd["state"] == 0x2 and vbd["params"] is None
     assert "cluster does not answer" in server.log()
