@@ -104,6 +104,11 @@ rbd_spec_parse(const char *path, struct rbd_spec *spec, struct td_error *err)
 				goto fail;
 			}
 		}
+		if (slot == &spec->conf && eq[1] != '/') {
+			/* the server's working directory means nothing to its client */
+			rc = td_error_set(err, EINVAL, "rbd: conf= takes an absolute path");
+			goto fail;
+		}
 		*slot = eq + 1;
 	}
 	at = strchr(spec->buf, '@');

@@ -65,7 +65,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		check_name(spec.ns);
 	if (spec.snap)
 		check_name(spec.snap);
-	assert(!spec.conf || (spec.conf[0] && !strchr(spec.conf, ':') && printable(spec.conf)));
+	assert(!spec.conf || (spec.conf[0] == '/' && !strchr(spec.conf, ':') && printable(spec.conf)));
 	assert(!spec.id || (spec.id[0] && !strchr(spec.id, ':') && printable(spec.id)));
 
 	char *rebuilt;

@@ -275,6 +275,7 @@ def test_bad_params_fail_in_one_line_quickly(ceph, server, tmp_path):
          {"readonly": True}),
         ("rbd:rbd/x:conf=%s" % bad_conf, "cannot reach the cluster's monitors", {"timeout": 2}),
         ("rbd:rbd/x:conf=/nonexistent.conf", "cannot read the Ceph configuration", {}),
+        ("rbd:rbd/x:conf=ceph.conf", "conf= takes an absolute path", {}),
         ("rbd:rbd", "is not POOL/IMAGE", {}),
         ("rbd:rbd/x:colour=red", "unknown option 'colour'", {}),
         ("rbd:rbd/a/b/c", "holds a character", {}),

@@ -56,7 +56,7 @@ test_forms(void **state)
 	parses("rbd/img@snap", "rbd", NULL, "img", "snap", NULL, NULL);
 	parses("p/n/i@s:conf=/etc/ceph/a.conf:id=libvirt", "p", "n", "i", "s",
 	       "/etc/ceph/a.conf", "libvirt");
-	parses("p/i:id=u:conf=c=d", "p", NULL, "i", NULL, "c=d", "u");
+	parses("p/i:id=u:conf=/c=d", "p", NULL, "i", NULL, "/c=d", "u");
 }
 
 static void
@@ -72,7 +72,8 @@ test_refusals(void **state)
 	refused("rbd/img@a@b", "holds a character");
 	refused("rbd/img:conf", "is not KEY=VALUE");
 	refused("rbd/img:conf=", "empty value");
-	refused("rbd/img:conf=a:conf=b", "given twice");
+	refused("rbd/img:conf=/a:conf=/b", "given twice");
+	refused("rbd/img:conf=ceph.conf", "absolute path");
 	refused("rbd/img:pool=x", "unknown option 'pool'");
 	refused("rbd/img:id=a\nb", "control character");
 	refused("rbd/i\nmg", "'i?mg'");
