@@ -437,7 +437,9 @@ bs_run(struct io_call *c)
 	b->end = req->offset + req->length;
 	req->nr_extents = 0;
 	rc = rbd_diff_iterate2(b->p->image, NULL, req->offset, req->length, 1, 1, bs_seen, b);
-	if (rc < 0 && rc != BS_FULL)
+	if (rc == BS_FULL)
+		return 0;	/* what follows is the next request's (a hole here could merge over data) */
+	if (rc < 0)
 		return rc;
 	if (b->cursor < b->end)
 		bs_extent(b, b->end - b->cursor, TD_EXTENT_HOLE | TD_EXTENT_ZERO);

@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 
+import nbd
 import pytest
 
 from conftest import BIN, ROOT, SLOW, run
@@ -202,6 +203,17 @@ def test_block_status_matches_rbd_diff(ceph, server):
         else:
             merged.append((off, ln))
     assert got == merged == [(0, 4 * MiB), (8 * MiB, 4 * MiB), (40 * MiB, 4 * MiB), (60 * MiB, 4 * MiB)]
+    # one extent per reply (REQ_ONE): each ends where the allocation changes
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    for off, want_len, hole in ((0, 4 * MiB, False), (4 * MiB, 4 * MiB, True),
+                                (12 * MiB, 28 * MiB, True), (60 * MiB, 4 * MiB, False)):
+        seen = []
+        h.block_status(64 * MiB - off, off, lambda ctx, o, e, err: seen.extend(e),
+                       nbd.CMD_FLAG_REQ_ONE)
+        assert seen[0] == want_len and bool(seen[1] & nbd.STATE_HOLE) == hole, (off, seen)
+    h.shutdown()
 
 
 # ---- snapshots ----
