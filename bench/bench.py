@@ -6,7 +6,9 @@ qemu-storage-daemon's vpc and qcow2 drivers (`--only vhd|qcow2` runs one of
 those); then tapdiskd's memory: idle RSS
 and RSS with 100 open vbds; then the blkif ring benchmark (bench/ring.py;
 `--only ring` runs just that); QoS, allocations and server CPU and system
-calls per request (bench/cpu.py, `--only cpu`). Prints a markdown report (ratios tapdiskd/peer)
+calls per request (bench/cpu.py, `--only cpu`); the rbd: driver against
+qemu-storage-daemon's on one image of a Ceph cluster started for it
+(bench/rbdbench.py, `--only rbd`). Prints a markdown report (ratios tapdiskd/peer)
 and writes it to bench/out/latest.md. Numbers are only comparable within
 one run on one machine."""
 
@@ -31,6 +33,7 @@ from ring import ring_bench  # noqa: E402
 from loops import loops_bench  # noqa: E402
 from cbt import cbt_bench, cbt_table  # noqa: E402
 from mirror import mirror_bench, mirror_table  # noqa: E402
+from rbdbench import rbd_bench  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "build", "bin")
@@ -346,6 +349,11 @@ def cpu_part(tmp, a, image=None):
     return cpu_bench(tmp, image, servers, a.runtime, a.cpu_rounds)
 
 
+def rbd_part(tmp, a):
+    """The rbd: driver against qemu-storage-daemon's on one RBD image (bench/rbdbench.py)."""
+    return rbd_bench(tmp, a.engine, a.runtime, a.rounds, Tapdiskd, wait_socket)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", type=int, default=int(os.environ.get("BENCH_RUNTIME", "8")))
@@ -353,7 +361,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
                     help="runs per server and workload; the best counts")
     ap.add_argument("--only", choices=["all", "ring", "qos", "vhd", "qcow2", "allocs", "cpu", "loops",
-                                       "cbt", "mirror"],
+                                       "cbt", "mirror", "rbd"],
                     default="all")
     ap.add_argument("--cpu-rounds", type=int, default=int(os.environ.get("BENCH_CPU_ROUNDS", "3")),
                     help="alternating rounds of the CPU-per-request part; the median counts")
@@ -366,7 +374,8 @@ def main():
               "cpu": lambda tmp: cpu_part(tmp, a),
               "loops": lambda tmp: loops_bench(tmp, a.runtime, a.cpu_rounds),
               "cbt": lambda tmp: cbt_part(tmp, a),
-              "mirror": lambda tmp: mirror_part(tmp, a)}
+              "mirror": lambda tmp: mirror_part(tmp, a),
+              "rbd": lambda tmp: rbd_part(tmp, a)}
     for fmt in FORMATS:
         single[fmt] = lambda tmp, fmt=fmt: format_table(
             fmt, format_bench(tmp, a.engine, a.runtime, a.rounds, fmt))
@@ -410,6 +419,7 @@ def main():
         loops = loops_bench(tmp, a.runtime, a.cpu_rounds)
         cbt = cbt_part(tmp, a)
         mirror = mirror_part(tmp, a, image)
+        rbd = rbd_part(tmp, a)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -450,6 +460,8 @@ def main():
     lines.append(cbt)
     lines.append("")
     lines.append(mirror)
+    lines.append("")
+    lines.append(rbd)
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "latest.md"), "w") as f:

@@ -328,7 +328,7 @@ cmd_unpause(struct cli *cli, int argc, char **argv)
 static int
 cmd_snapshot(struct cli *cli, int argc, char **argv)
 {
-	const char *usage = "snapshot -m MINOR -n NEWLEAF [-C CBT_LOG] [-p PID]";
+	const char *usage = "snapshot -m MINOR -n NEWLEAF|NAME [-C CBT_LOG] [-p PID]";
 	const char *leaf = NULL, *cbt_log = NULL;
 	long minor = -1;
 	int c;
@@ -350,8 +350,11 @@ cmd_snapshot(struct cli *cli, int argc, char **argv)
 		json_object_set_new(args, "cbt_log", json_string(cbt_log));
 	add_cwd(args);
 	json_t *r = cli_call(cli, "snapshot", args);
+	/* rbd: a snapshot inside the image, named NAME: what opens it */
+	json_t *snap = json_object_get(r, "snapshot");
 	if (!cli->json)
-		printf("%s\n", json_string_value(json_object_get(r, "params")));
+		printf("%s\n", json_string_value(json_is_string(snap) ? snap :
+						  json_object_get(r, "params")));
 	json_decref(r);
 	return 0;
 }

@@ -137,6 +137,12 @@ int td_error_set(struct td_error *err, int code, const char *fmt, ...)
 
 struct td_open_ctx {
 	struct io_engine *io;
+	/*
+	 * The vbd's request timeout in seconds (0: none known): a remote
+	 * driver bounds its own waits (connecting, a cluster that went away)
+	 * by it, so a request fails rather than outlives it.
+	 */
+	unsigned timeout;
 };
 
 #define TD_DRV_NOFILE		0x1	/* path names no file (ram) */
@@ -185,6 +191,15 @@ struct td_driver {
 	 */
 	int (*create_child)(const char *parent_path, const char *child_path,
 			    char **child_params, struct td_error *err);
+	/*
+	 * Optional, blocking, on a closed image (the vbd paused): an image that
+	 * keeps its snapshots inside itself (rbd:) makes one named name and
+	 * stays the leaf; *snap_params (malloc'd) is the "type:path" that opens
+	 * the snapshot. timeout as td_open_ctx's. A driver with this op takes
+	 * `snapshot`'s path as this name; create_child is not used.
+	 */
+	int (*snapshot)(const char *path, const char *name, unsigned timeout,
+			char **snap_params, struct td_error *err);
 };
 
 extern const struct td_driver td_driver_raw;
@@ -193,6 +208,9 @@ extern const struct td_driver td_driver_vhd;
 extern const struct td_driver td_driver_vmdk;
 extern const struct td_driver td_driver_qcow2;
 extern const struct td_driver td_driver_nbd;
+#if defined(TD_RBD) && TD_RBD
+extern const struct td_driver td_driver_rbd;	/* built with librbd (make RBD=1, the default) */
+#endif
 
 /*
  * Per-request state for a driver: size zeroed bytes from the request's

@@ -23,6 +23,9 @@ static const struct td_driver *const drivers[] = {
 	&td_driver_vmdk,
 	&td_driver_qcow2,
 	&td_driver_nbd,
+#if defined(TD_RBD) && TD_RBD
+	&td_driver_rbd,
+#endif
 };
 
 #define TD_MAX_EXTRA_DRIVERS 8
@@ -87,6 +90,11 @@ td_params_parse(const char *params, const struct td_driver **drv, char **path,
 	memcpy(type, params, (size_t)(colon - params));
 	type[colon - params] = '\0';
 	*drv = td_driver_find(type);
+#if !(defined(TD_RBD) && TD_RBD)
+	if (!*drv && strcmp(type, "rbd") == 0)
+		return td_error_set(err, ENOTSUP, "rbd: this tapdiskd was built without RBD "
+				    "(make RBD=0): it cannot open Ceph images");
+#endif
 	if (!*drv) {
 		char known[256] = "aio";
 		for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++) {

@@ -469,8 +469,9 @@ snapshot_done(void *arg, int err, const char *msg)
 	struct vbd *vbd = server_vbd(ctl_req_server(sr->req), sr->minor);
 	if (err)
 		ctl_reply_error(sr->req, err, "%s", msg ? msg : strerror(err));
-	else
-		ctl_reply_ok(sr->req, json_pack("{s:s?}", "params", vbd ? vbd->params : NULL));
+	else	/* msg: the params of a snapshot made inside the image (rbd:) */
+		ctl_reply_ok(sr->req, json_pack("{s:s?, s:s*}", "params", vbd ? vbd->params : NULL,
+						"snapshot", msg));
 	free(sr);
 }
 
@@ -481,8 +482,17 @@ cmd_snapshot(struct ctl_req *req, json_t *args)
 	struct snap_req *sr;
 	char *path, *cbt_log = NULL;
 
-	if (!vbd || !(path = arg_absolute(req, args, "path", 1)))
+	if (!vbd)
 		return;
+	/* a snapshot inside the image (rbd:) has a name, not a path */
+	if (vbd_snapshot_inside(vbd)) {
+		if (!(path = strdup(arg_str(args, "path")))) {
+			ctl_reply_error(req, ENOMEM, "out of memory");
+			return;
+		}
+	} else if (!(path = arg_absolute(req, args, "path", 1))) {
+		return;
+	}
 	if (arg_str(args, "cbt_log") && !(cbt_log = arg_absolute(req, args, "cbt_log", 1))) {
 		free(path);
 		return;

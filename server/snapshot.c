@@ -3,6 +3,9 @@
  * on top of the current one (the driver's create_child, on a worker
  * thread), and unpause onto it. If the new leaf cannot be made, or made
  * but not opened (it is removed again), the vbd resumes on the old one.
+ * A driver that keeps snapshots inside the image (its snapshot op: rbd:)
+ * makes one there while paused instead, and the vbd resumes on the same
+ * params.
  */
 #include "snapshot.h"
 
@@ -23,6 +26,8 @@ struct snap {
 	const struct td_driver *drv;
 	char *leaf_path, *new_path, *new_params;
 	char *cbt_log;		/* tracking moves to this log with the new leaf, or NULL */
+	int inside;		/* drv->snapshot: new_path is the snapshot's name */
+	char *snap_params;	/* inside: what opens the snapshot made */
 	struct td_error err;
 	vbd_done_fn done;
 	void *arg;
@@ -35,6 +40,7 @@ snap_free(struct snap *s)
 	free(s->new_path);
 	free(s->new_params);
 	free(s->cbt_log);
+	free(s->snap_params);
 	free(s);
 }
 
@@ -72,12 +78,24 @@ static void
 snap_resumed(void *arg, int err, const char *msg)
 {
 	struct snap *s = arg;
+	if (err && s->inside) {
+		/* the snapshot is made; the image itself would not open again */
+		s->done(s->arg, err, msg);
+		snap_free(s);
+		return;
+	}
 	if (err) {
 		/* the child exists but would not open: remove it, back onto the old leaf */
 		td_error_set(&s->err, err, "%s", msg ? msg : strerror(err));
 		s->call.fn = snap_remove_child;
 		s->call.done = snap_child_removed;
 		io_call(s->vbd->loop->io, &s->call);
+		return;
+	}
+	if (s->inside) {
+		log_info("minor %d: snapshot: %s", s->vbd->minor, s->snap_params);
+		s->done(s->arg, 0, s->snap_params);
+		snap_free(s);
 		return;
 	}
 	log_info("minor %d: snapshot: new leaf %s", s->vbd->minor, s->new_params);
@@ -90,6 +108,9 @@ static int
 snap_create(struct io_call *c)
 {
 	struct snap *s = (struct snap *)c;
+	if (s->inside)
+		return s->drv->snapshot(s->leaf_path, s->new_path, s->vbd->timeout, &s->snap_params,
+					&s->err);
 	return s->drv->create_child(s->leaf_path, s->new_path, &s->new_params, &s->err);
 }
 
@@ -101,6 +122,7 @@ snap_created(struct io_call *c, int res)
 		vbd_unpause(s->vbd, NULL, NULL, snap_resumed_after_failure, s);
 		return;
 	}
+	/* inside: the same params (new_params NULL) */
 	vbd_unpause(s->vbd, s->new_params, s->cbt_log, snap_resumed, s);
 }
 
@@ -136,12 +158,12 @@ vbd_snapshot(struct vbd *vbd, const char *new_path, const char *cbt_log, vbd_don
 		done(arg, err.code, err.msg);
 		return;
 	}
-	if (!drv->create_child) {
+	if (!drv->create_child && !drv->snapshot) {
 		free(path);
 		done(arg, ENOTSUP, "this image type cannot be snapshotted");
 		return;
 	}
-	if (new_path[0] != '/') {
+	if (!drv->snapshot && new_path[0] != '/') {
 		free(path);
 		done(arg, EINVAL, "the new leaf's path must be absolute");
 		return;
@@ -158,8 +180,22 @@ vbd_snapshot(struct vbd *vbd, const char *new_path, const char *cbt_log, vbd_don
 	}
 	s->vbd = vbd;
 	s->drv = drv;
+	s->inside = drv->snapshot != NULL;
 	s->leaf_path = path;
 	s->done = done;
 	s->arg = arg;
 	vbd_pause(vbd, snap_paused, s);
+}
+
+int
+vbd_snapshot_inside(const struct vbd *vbd)
+{
+	const struct td_driver *drv;
+	char *path = NULL;
+	struct td_error err;
+
+	if (!vbd->params || td_params_parse(vbd->params, &drv, &path, &err) < 0)
+		return 0;
+	free(path);
+	return drv->snapshot != NULL;
 }

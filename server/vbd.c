@@ -81,7 +81,7 @@ static int
 vbd_job_run(struct io_call *c)
 {
 	struct vbd_job *job = (struct vbd_job *)c;
-	struct td_open_ctx ctx = { .io = job->vbd->loop->io };
+	struct td_open_ctx ctx = { .io = job->vbd->loop->io, .timeout = job->vbd->timeout };
 
 	int rc;
 

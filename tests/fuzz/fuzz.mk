@@ -7,7 +7,9 @@
 # archive; each target pulls from it only the objects it needs: every
 # target that builds a server gets the real control command table
 # (control_cmds.c) and the simulated Xen port (port_sim.c) with it.
-# main.c has its own main(). No worker threads (IO_CALL_THREADS=0,
+# main.c has its own main(). No librbd: the rbd: driver is left out (as with
+# make RBD=0); its params parser (rbd_params.c) has a target of its own
+# (fuzz_rbd_params). No worker threads (IO_CALL_THREADS=0,
 # IO_POOL_THREADS=0): blocking calls (opens, closes) run on the loop, a turn
 # after they were asked, in order, so that an input replays the same way and
 # costs no thread switch (lib/workq.c).
@@ -40,12 +42,12 @@ FUZZ_LDFLAGS    := -fsanitize=fuzzer$(FUZZ_SAN_LIST) $(FUZZ_EXTRA_CFLAGS)
 
 FUZZ_LIB_SRCS := $(filter-out server/main.c,$(wildcard server/*.c)) \
                  $(wildcard server/xen/*.c) \
-                 $(wildcard drivers/*.c) $(wildcard lib/*.c)
+                 $(filter-out drivers/rbd.c,$(wildcard drivers/*.c)) $(wildcard lib/*.c)
 FUZZ_LIB_OBJS := $(FUZZ_LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZ_LIB      := $(FUZZ_BUILD)/libtd-fuzz.a
 
 FUZZ_TARGETS := fuzz_nbd fuzz_nbd_proto fuzz_control fuzz_vhd_meta fuzz_qcow2_meta fuzz_blkif fuzz_vmdk_meta \
-                fuzz_cbt_log
+                fuzz_cbt_log fuzz_rbd_params
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
 .PHONY: all clean

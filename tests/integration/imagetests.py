@@ -16,13 +16,18 @@ from conftest import run, wait_for
 from images import connect, export_bytes  # noqa: F401 (the format tests import them here)
 
 
+def fio_verify_load(uri, runtime=3):
+    """fio writing at random over 32 MiB of uri for runtime seconds, then verifying."""
+    return subprocess.Popen(["fio", "--name=load", "--ioengine=nbd", "--uri=" + uri,
+                             "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M",
+                             "--time_based", "--runtime=%d" % runtime, "--verify=crc32c",
+                             "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def snapshots_under_fio(server, minor, kind, leaves):
     """A live snapshot onto each of leaves while fio writes and verifies."""
-    p = subprocess.Popen(["fio", "--name=load", "--ioengine=nbd", "--uri=" + server.uri(minor),
-                          "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M",
-                          "--time_based", "--runtime=3", "--verify=crc32c", "--do_verify=1",
-                          "--verify_fatal=1", "--verify_state_save=0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = fio_verify_load(server.uri(minor))
     time.sleep(1)
     for leaf in leaves:
         out = server.tapctl("snapshot", "-m", minor, "-n", leaf).stdout.strip()

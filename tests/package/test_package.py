@@ -203,7 +203,7 @@ def test_deb_contents_dependencies_and_conffiles(deb):
     assert os.path.basename(deb) == "tapdiskd_%s_amd64.deb" % version
     depends = re.search(r"^Depends: (.*)$", info, re.M).group(1)
     for lib in ("libevent-2.1-7", "libjansson4", "liburing2", "libxenstore4", "libxengnttab1",
-                "libxenevtchn1", "libsystemd0", "libuuid1", "zlib1g"):
+                "libxenevtchn1", "libsystemd0", "libuuid1", "zlib1g", "librbd1", "librados2"):
         assert lib in depends, (lib, depends)
     files = run("dpkg-deb", "-c", deb).stdout
     for path in (["./usr/sbin/" + b for b in BINARIES] +
@@ -235,4 +235,4 @@ def tmp_control(deb):
 def test_install_and_package_scripts_are_shellcheck_clean():
     run("shellcheck", "-S", "warning", *[os.path.join(ROOT, p) for p in (
         "scripts/install-deps", "scripts/build-deb", "scripts/run-demo", "scripts/check",
-        "tests/fresh/check-fresh")])
+        "tests/fresh/check-fresh", "tests/ceph/start-ceph", "tests/ceph/stop-ceph")])
