@@ -1044,7 +1044,7 @@ static int
 mirror_open_run(struct io_call *c)
 {
 	struct mirror_open *mo = (struct mirror_open *)c;
-	struct td_open_ctx ctx = { .io = mo->vbd->loop->io };
+	struct td_open_ctx ctx = { .io = mo->vbd->loop->io, .timeout = mo->vbd->timeout };
 	return td_chain_open(mo->params, mo->oflags, &ctx, &mo->leaf, &mo->err);
 }
 
@@ -1207,7 +1207,7 @@ static int
 commit_open_run(struct io_call *c)
 {
 	struct commit_open *co = (struct commit_open *)c;
-	struct td_open_ctx ctx = { .io = co->vbd->loop->io };
+	struct td_open_ctx ctx = { .io = co->vbd->loop->io, .timeout = co->vbd->timeout };
 	unsigned oflags = (co->vbd->nodirect ? TD_OPEN_NODIRECT : 0) | co->vbd->srv->open_flags;
 
 	/* every image from the top down to the base must be this disk's alone */
