@@ -113,7 +113,7 @@ const struct ctl_arg ctl_args_stream[] = {
 
 const struct ctl_arg ctl_args_commit[] = {
 	{ "minor", ARG_INT, 1 },
-	{ "top", ARG_STRING, 0 },	/* the image merged: the leaf (the only one online) */
+	{ "top", ARG_STRING, 0 },	/* the image merged: default the leaf */
 	{ "base", ARG_STRING, 0 },	/* merged into; default the top's parent */
 	{ "speed", ARG_INT, 0 },
 	{ "cwd", ARG_STRING, 0 },

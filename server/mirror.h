@@ -45,13 +45,14 @@ void mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg);
  */
 void stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg);
 /*
- * Starts an active commit: what the images from the leaf down to base
+ * Starts a commit: what the images from top (the leaf: active) down to base
  * (exclusive; NULL: the leaf's parent) hold is copied into base, opened
  * writable for it (td_image_open_writable: refused when another disk shares
  * any of them), guest writes going to both; once converged the vbd switches
  * onto base as a mirror's pivot does, and the images above it are let go
- * of (the toolstack deletes them). top: NULL or the leaf's path (merging an
- * image below the leaf is refused: not done). The job ends by itself.
+ * of (the toolstack deletes them). top: NULL (the leaf) or the path of an
+ * image below it: then guest writes are not the job's, and at the end the
+ * top's child is pointed at base (td_chain_rebase). The job ends by itself.
  */
 void commit_start(struct vbd *vbd, const char *top, const char *base, uint64_t speed,
 		  vbd_done_fn done, void *arg);
