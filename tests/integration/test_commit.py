@@ -141,3 +141,38 @@ def test_kill9_mid_commit_then_the_chain_opens_and_reads_the_same(make_server, t
     run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", srv.uri(m), before)
     srv.call("close", minor=m)
     check("vhd", mid)
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_a_failure_at_each_step_of_pointing_the_child_at_the_base(make_server, tmp_path, fmt):
+    """The last step of an intermediate commit rewrites the child's metadata
+    (set_parent) in several writes and syncs. A failure at each of them fails
+    the job; the child, reopened, still names a parent it opens, and the
+    chain reads what it read (the base holds the merged data either way)."""
+    srv = make_server(extra=["--fault-injection"])
+    size = 64 * MiB
+    k = 1
+    while True:
+        d = tmp_path / ("k%d" % k)
+        d.mkdir()
+        base, mid, leaf = chain(srv, d, fmt, size)
+        m = srv.open("%s:%s" % (fmt, leaf))["minor"]
+        before = snapshot_of(srv, m, str(d / "before.raw"))
+        # only the child's file: the copy phase reads mid and writes base
+        srv.call("fault-inject", nth=k, path=os.path.basename(leaf), kinds="write,sync")
+        srv.call("commit", minor=m, top=mid)
+        job = wait_job(srv, m, "done", "failed")
+        status = srv.call("fault-inject")["result"]
+        srv.call("fault-inject", disarm=True)
+        srv.call("close", minor=m)
+        check(fmt, leaf)
+        m = srv.open("%s:%s" % (fmt, leaf))["minor"]
+        run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", srv.uri(m), before)
+        srv.call("close", minor=m)
+        if job["state"] == "done":
+            assert status["injected"] == 0
+            break
+        assert "pointing it at" in job["error"], job
+        k += 1
+    # every write and sync of the rewrite was failed once before one run got through
+    assert k >= (5 if fmt == "vhd" else 3), k
