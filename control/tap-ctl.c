@@ -405,39 +405,12 @@ cmd_mirror(struct cli *cli, int argc, char **argv)
 	return 0;
 }
 
-/* stream -m M [--speed BYTES/s] */
+/*
+ * stream -m M [--base IMAGE] [--speed BYTES/s]
+ * commit -m M [--top IMAGE] [--base IMAGE] [--speed BYTES/s]
+ */
 static int
-cmd_stream(struct cli *cli, int argc, char **argv)
-{
-	static const struct option longopts[] = {
-		{ "speed", required_argument, NULL, 'S' },
-		{ NULL, 0, NULL, 0 },
-	};
-	const char *usage = "stream -m MINOR [--speed BYTES_PER_S] [-p PID]";
-	long minor = -1, speed = -1;
-	int c;
-
-	while ((c = next_opt(cli, argc, argv, "m:p:h", longopts)) != -1) {
-		switch (c) {
-		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
-		case 'S': speed = parse_int(optarg, "--speed BYTES_PER_S"); break;
-		default: usage_die(usage);
-		}
-	}
-	if (minor < 0 || optind != argc)
-		usage_die(usage);
-	cli_connect(cli);
-	check_pid(cli);
-	json_t *args = json_pack("{s:I}", "minor", (json_int_t)minor);
-	if (speed >= 0)
-		json_object_set_new(args, "speed", json_integer(speed));
-	json_decref(cli_call(cli, "stream", args));
-	return 0;
-}
-
-/* commit -m M [--top IMAGE] [--base IMAGE] [--speed BYTES/s] */
-static int
-cmd_commit(struct cli *cli, int argc, char **argv)
+chain_job(struct cli *cli, int argc, char **argv, const char *cmd)
 {
 	static const struct option longopts[] = {
 		{ "top", required_argument, NULL, 'T' },
@@ -445,12 +418,13 @@ cmd_commit(struct cli *cli, int argc, char **argv)
 		{ "speed", required_argument, NULL, 'S' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *usage = "commit -m MINOR [--top IMAGE] [--base IMAGE] [--speed BYTES_PER_S] "
-			    "[-p PID]";
+	char usage[160];
 	const char *top = NULL, *base = NULL;
 	long minor = -1, speed = -1;
 	int c;
 
+	snprintf(usage, sizeof(usage), "%s -m MINOR%s [--base IMAGE] [--speed BYTES_PER_S] "
+		 "[-p PID]", cmd, strcmp(cmd, "commit") ? "" : " [--top IMAGE]");
 	while ((c = next_opt(cli, argc, argv, "m:p:h", longopts)) != -1) {
 		switch (c) {
 		case 'm': minor = parse_int(optarg, "-m MINOR"); break;
@@ -460,7 +434,7 @@ cmd_commit(struct cli *cli, int argc, char **argv)
 		default: usage_die(usage);
 		}
 	}
-	if (minor < 0 || optind != argc)
+	if (minor < 0 || optind != argc || (top && strcmp(cmd, "commit")))
 		usage_die(usage);
 	cli_connect(cli);
 	check_pid(cli);
@@ -473,8 +447,20 @@ cmd_commit(struct cli *cli, int argc, char **argv)
 		add_cwd(args);
 	if (speed >= 0)
 		json_object_set_new(args, "speed", json_integer(speed));
-	json_decref(cli_call(cli, "commit", args));
+	json_decref(cli_call(cli, cmd, args));
 	return 0;
+}
+
+static int
+cmd_stream(struct cli *cli, int argc, char **argv)
+{
+	return chain_job(cli, argc, argv, "stream");
+}
+
+static int
+cmd_commit(struct cli *cli, int argc, char **argv)
+{
+	return chain_job(cli, argc, argv, "commit");
 }
 
 static int

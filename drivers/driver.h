@@ -280,12 +280,14 @@ void td_image_adopt(struct td_image *rw);
 int td_chain_detach(struct td_image *img, struct td_error *err);
 /*
  * Blocking (worker thread), no request in flight: child's driver points it
- * at rw (set_parent: a writable handle from td_image_open_writable on an
- * image below child's parent, which a commit filled); then the images from
- * child's old parent down to the one rw stands for are let go of, and rw
- * takes its place in the registry.
+ * at rw (set_parent), an image below child's parent; then the images from
+ * child's old parent down to above rw are let go of. adopt: rw is a
+ * writable handle from td_image_open_writable (a commit filled it), which
+ * takes the place of the read-only one in the registry; else rw is an
+ * image of the chain already (a stream --base), with one more reference.
  */
-int td_chain_rebase(struct td_image *child, struct td_image *rw, struct td_error *err);
+int td_chain_rebase(struct td_image *child, struct td_image *rw, int adopt,
+		    struct td_error *err);
 /* Number of images in the chain, leaf included. */
 unsigned td_chain_depth(const struct td_image *leaf);
 

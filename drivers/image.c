@@ -457,7 +457,7 @@ out:
 }
 
 int
-td_chain_rebase(struct td_image *child, struct td_image *rw, struct td_error *err)
+td_chain_rebase(struct td_image *child, struct td_image *rw, int adopt, struct td_error *err)
 {
 	int rc;
 
@@ -468,10 +468,14 @@ td_chain_rebase(struct td_image *child, struct td_image *rw, struct td_error *er
 	rc = child->drv->set_parent(child, rw, err);
 	if (rc == 0) {
 		struct td_image *old = child->parent;
+		if (!adopt)
+			rw->refs++;	/* child's now, as well as old's until it closes */
 		child->parent = rw;
-		chain_close_locked(old);	/* the base's read-only handle among them */
-		rw->reg_next = registry;
-		registry = rw;
+		chain_close_locked(old);	/* a commit's read-only base among them */
+		if (adopt) {
+			rw->reg_next = registry;
+			registry = rw;
+		}
 	}
 	pthread_mutex_unlock(&chain_lock);
 	return rc;

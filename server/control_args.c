@@ -107,6 +107,8 @@ const struct ctl_arg ctl_args_job_list[] = {
 
 const struct ctl_arg ctl_args_stream[] = {
 	{ "minor", ARG_INT, 1 },
+	{ "base", ARG_STRING, 0 },	/* the leaf's parent at the end; default none */
+	{ "cwd", ARG_STRING, 0 },
 	{ "speed", ARG_INT, 0 },	/* bytes/s; 0 or absent: no limit */
 	{ NULL, 0, 0 },
 };

@@ -545,11 +545,16 @@ cmd_stream(struct ctl_req *req, json_t *args)
 
 	if (!vbd)
 		return;
+	char *base = NULL;
+
 	if (speed < 0) {
 		ctl_reply_error(req, EINVAL, "speed is bytes per second, 0 or more");
 		return;
 	}
-	stream_start(vbd, (uint64_t)speed, reply_done, req);
+	if (arg_str(args, "base") && !(base = arg_absolute(req, args, "base", 1)))
+		return;
+	stream_start(vbd, base, (uint64_t)speed, reply_done, req);
+	free(base);
 }
 
 static void

@@ -65,6 +65,7 @@ struct mirror {
 	char *dest_params;
 	int top;
 	int stream;
+	struct td_image *stream_base;	/* a stream --base: the leaf's parent at the end */
 	const struct td_image *commit_base;	/* a commit's: where the segment ends */
 	struct td_image *commit_top;	/* an intermediate commit's: the image merged... */
 	struct td_image *commit_child;	/* ...and the one above it, pointed at the base at the end */
@@ -97,6 +98,7 @@ static void mirror_pump(struct mirror *m);
 static void copy_step(struct mirror_copy *c);
 static void copy_status_query(struct mirror_copy *c);
 static void copy_status(struct td_request *r, int err);
+static void copy_chain_status(struct td_request *r, int err);
 
 static struct mirror *
 job_mirror(struct blockjob *job)
@@ -219,6 +221,8 @@ copy_submit(struct mirror_copy *c, struct td_image *img, enum td_op op, unsigned
 	} else if (op == TD_OP_BLOCK_STATUS) {
 		r->extents = &c->dest_extent;	/* one look at pos */
 		r->max_extents = 1;
+		if (done == copy_chain_status)
+			r->stop_at = c->m->stream_base;	/* --base: only what lies above it */
 	}
 	td_image_submit(img, r);
 }
@@ -328,12 +332,20 @@ copy_chain_status(struct td_request *r, int err)
 	}
 	uint64_t n = r->nr_extents && r->extents[0].length < c->piece ? r->extents[0].length
 								     : c->piece;
-	if (r->nr_extents && (r->extents[0].flags & TD_EXTENT_ZERO)) {
-		copy_advance(c, n);	/* zeros: the leaf alone reads them too */
-		return;
-	}
+	uint32_t flags = r->nr_extents ? r->extents[0].flags : 0;
+
 	c->piece = n;
-	copy_submit(c, source(c->m), TD_OP_READ, 0, c->pos, n, copy_read);
+	if (flags & TD_EXTENT_PARENT) {	/* --base: the base (or below) has it, and keeps it */
+		copy_advance(c, n);
+	} else if ((flags & TD_EXTENT_ZERO) && !c->m->stream_base) {
+		copy_advance(c, n);	/* zeros: the leaf alone reads them too */
+	} else if (flags & TD_EXTENT_ZERO) {
+		/* zeros an image above the base holds: the base's data must not show */
+		copy_submit(c, c->m->dest, TD_OP_WRITE_ZEROES, TD_REQ_NO_HOLE, c->pos, n,
+			    copy_written);
+	} else {
+		copy_submit(c, source(c->m), TD_OP_READ, 0, c->pos, n, copy_read);
+	}
 }
 
 /* A stream's piece: the leaf's own data stays, the parents' comes up. */
@@ -868,7 +880,9 @@ stream_detach_run(struct io_call *c)
 	struct mirror *m = sd->m;
 
 	if (m->commit_child)
-		return td_chain_rebase(m->commit_child, m->dest, &sd->err);
+		return td_chain_rebase(m->commit_child, m->dest, 1, &sd->err);
+	if (m->stream_base)
+		return td_chain_rebase(m->job.vbd->leaf, m->stream_base, 0, &sd->err);
 	return td_chain_detach(m->job.vbd->leaf, &sd->err);
 }
 
@@ -889,6 +903,9 @@ stream_detached(struct io_call *c, int res)
 		if (m->commit_child)
 			log_info("minor %d: commit done: %s merged into %s", vbd->minor,
 				 m->commit_top->path, m->dest_params);
+		else if (m->stream_base)
+			log_info("minor %d: stream done: %s's parent is %s now", vbd->minor,
+				 vbd->params, m->stream_base->path);
 		else
 			log_info("minor %d: stream done: %s has no parent now", vbd->minor,
 				 vbd->params);
@@ -1157,9 +1174,10 @@ mirror_start(struct vbd *vbd, const char *dest, int top, uint64_t speed, vbd_don
 }
 
 void
-stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg)
+stream_start(struct vbd *vbd, const char *base, uint64_t speed, vbd_done_fn done, void *arg)
 {
 	struct mirror *m;
+	struct td_image *b = NULL;
 
 	if (!job_may_start(vbd, 1, done, arg))
 		return;
@@ -1167,10 +1185,21 @@ stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg)
 		done(arg, EINVAL, "nothing to stream: the leaf has no parent");
 		return;
 	}
-	if (!vbd->leaf->drv->detach_parent) {
+	if (base) {
+		char msg[PATH_MAX + 128];
+		for (b = vbd->leaf->parent->parent; b && strcmp(b->path, base); b = b->parent)
+			;
+		if (!b) {
+			snprintf(msg, sizeof(msg), "%s is not below the leaf's parent in minor %d's "
+				 "chain", base, vbd->minor);
+			done(arg, EINVAL, msg);
+			return;
+		}
+	}
+	if (b ? !vbd->leaf->drv->set_parent : !vbd->leaf->drv->detach_parent) {
 		char msg[128];
-		snprintf(msg, sizeof(msg), "a %s leaf cannot drop its parent (vhd and qcow2 can)",
-			 vbd->leaf->drv->name);
+		snprintf(msg, sizeof(msg), "a %s leaf cannot %s (vhd and qcow2 can)",
+			 vbd->leaf->drv->name, b ? "change its parent" : "drop its parent");
 		done(arg, ENOTSUP, msg);
 		return;
 	}
@@ -1179,6 +1208,7 @@ stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg)
 		return;
 	}
 	m->dest = vbd->leaf;
+	m->stream_base = b;
 	if (mirror_adopt_inflight(m) < 0)
 		blockjob_fail(&m->job, "out of memory");
 	blockjob_free(vbd->job);

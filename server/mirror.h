@@ -41,9 +41,12 @@ void mirror_pivot(struct blockjob *job, vbd_done_fn done, void *arg);
  * Starts a stream: the parents' data is copied up into the leaf (what the
  * leaf holds stays), guest writes kept off the ranges being copied; then,
  * quiesced, the leaf drops its parents (td_chain_detach) and the vbd goes
- * on with the leaf alone. The job ends by itself (done).
+ * on with the leaf alone. With base (a path of an image below the leaf's
+ * parent), only what the images above base hold is copied, and the leaf
+ * is pointed at base instead (td_chain_rebase). The job ends by itself.
  */
-void stream_start(struct vbd *vbd, uint64_t speed, vbd_done_fn done, void *arg);
+void stream_start(struct vbd *vbd, const char *base, uint64_t speed, vbd_done_fn done,
+		  void *arg);
 /*
  * Starts a commit: what the images from top (the leaf: active) down to base
  * (exclusive; NULL: the leaf's parent) hold is copied into base, opened

@@ -28,8 +28,8 @@ def test_commit_under_fio_verify(server, tmp_path, fmt, into):
     size = 64 * MiB
     base, mid, leaf = chain(server, tmp_path, fmt, size)
     m = server.open("%s:%s" % (fmt, leaf))["minor"]
-    fio = fio_load(server.uri(m), size, ios=12000, rate=4000)
-    args = ["commit", "-m", m, "--speed", 32 * MiB]
+    fio = fio_load(server.uri(m), size, ios=24000, rate=4000)
+    args = ["commit", "-m", m]
     target = mid
     if into == "base":
         args += ["--base", base]
@@ -66,7 +66,7 @@ def test_intermediate_commit_under_fio_verify(server, tmp_path, fmt):
     base, mid, leaf = chain(server, tmp_path, fmt, size)
     m = server.open("%s:%s" % (fmt, leaf))["minor"]
     before_base = snapshot_of(server, m, str(tmp_path / "before.raw"))
-    fio = fio_load(server.uri(m), size, ios=12000, rate=4000)
+    fio = fio_load(server.uri(m), size, ios=24000, rate=4000)
     server.tapctl("commit", "-m", m, "--top", mid)
     job = wait_job(server, m, "done")
     assert "error" not in job and job["type"] == "commit"

@@ -51,7 +51,7 @@ def test_stream_under_fio_verify_leaves_a_leaf_with_no_parent(server, tmp_path, 
     base, mid, leaf = chain(server, tmp_path, fmt, size)
     m = server.open("%s:%s" % (fmt, leaf))["minor"]
     assert server.stats(m)["images"][2]["name"].endswith(base)
-    fio = fio_load(server.uri(m), size, ios=12000, rate=4000)
+    fio = fio_load(server.uri(m), size, ios=24000, rate=4000)
     server.tapctl("stream", "-m", m, "--speed", 16 * MiB)
     assert jobs(server, m)[0]["type"] == "stream"
     assert fio.poll() is None
@@ -77,6 +77,39 @@ def test_stream_under_fio_verify_leaves_a_leaf_with_no_parent(server, tmp_path, 
             run(VHD_UTIL, "check", "-n", p)
         else:
             run("qemu-img", "check", "-q", p)
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_stream_down_to_a_base_points_the_leaf_at_it(server, tmp_path, fmt):
+    """--base: what mid holds comes up into the leaf (zeros mid holds over
+    base's data included), base keeps its own, and the leaf names base;
+    every byte the same, mid deleted after."""
+    size = 64 * MiB
+    base, mid, leaf = chain(server, tmp_path, fmt, size)
+    # mid zeroes part of base's data: after the stream the leaf must hide it
+    m = server.open("%s:%s" % (fmt, mid))["minor"]
+    h = nbd.NBD()
+    h.connect_uri(server.uri(m))
+    h.zero(2 * MiB, 1 * MiB, nbd.CMD_FLAG_NO_HOLE)
+    h.shutdown()
+    server.call("close", minor=m)
+    m = server.open("%s:%s" % (fmt, leaf))["minor"]
+    before = snapshot_of(server, m, str(tmp_path / "before.raw"))
+    server.tapctl("stream", "-m", m, "--base", base)
+    job = wait_job(server, m, "done")
+    assert "error" not in job
+    names = [i["name"] for i in server.stats(m)["images"]]
+    assert len(names) == 2 and names[1].endswith(base), names
+    server.call("close", minor=m)
+    os.unlink(mid)      # no longer referenced
+    if fmt == "vhd":
+        run(VHD_UTIL, "check", "-n", leaf)
+        assert run(VHD_UTIL, "query", "-n", leaf, "-p").stdout.strip() == base
+    else:
+        run("qemu-img", "check", "-q", leaf)
+        run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", leaf, before)
+    m = server.open("%s:%s" % (fmt, leaf))["minor"]
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", server.uri(m), before)
 
 
 def test_stream_without_load_preserves_every_byte(server, tmp_path):
