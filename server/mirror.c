@@ -894,15 +894,16 @@ stream_detached(struct io_call *c, int res)
 	struct vbd *vbd = m->job.vbd;
 
 	m->finishing = m->detaching = 0;
+	m->commit_top = NULL;	/* closed by the rebase, or not needed any more */
 	if (res < 0) {
 		blockjob_fail(&m->job, "%s", sd->err.msg);
 	} else {
 		vbd_chain_changed(vbd);
 		m->dest = NULL;	/* the chain's now (a commit's base) */
 		m->job.state = BJ_DONE;
-		if (m->commit_child)
-			log_info("minor %d: commit done: %s merged into %s", vbd->minor,
-				 m->commit_top->path, m->dest_params);
+		if (m->commit_child)	/* the top is closed now: not named */
+			log_info("minor %d: commit done: merged into %s", vbd->minor,
+				 m->dest_params);
 		else if (m->stream_base)
 			log_info("minor %d: stream done: %s's parent is %s now", vbd->minor,
 				 vbd->params, m->stream_base->path);
