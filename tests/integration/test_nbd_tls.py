@@ -387,7 +387,6 @@ def test_tls_on_serves_both(make_server, tmp_path):
     assert "without TLS" in r.stdout
     r = nbdinfo(psk_uri(srv, psk))
     assert "with TLS" in r.stdout
-    # STARTTLS a second time, under TLS, is refused
     h = libnbd_psk(srv, psk)
     assert h.get_tls_negotiated()
     h.shutdown()
@@ -637,3 +636,30 @@ def test_handshake_garbage_and_silence(make_server, tmp_path):
     wait_for(lambda: srv.call("version")["result"]["nbd_connections"] == 0,
              what="every connection gone")
     still_serves(srv, psk=psk)
+
+
+def test_starttls_twice_and_state_before_it(tls_bed):
+    """STARTTLS under TLS is refused (ERR_INVALID); what was negotiated before
+    STARTTLS (structured replies) does not carry into the session."""
+    c = tls_bed.raw()
+    c.start()
+    assert isinstance(c.sock, ssl.SSLSocket)
+    assert c.option_final(OPT_STARTTLS) == REP_ERR_INVALID
+    c.opt_structured_reply()
+    c.opt_go("0")
+    hostile.still_works(c)
+
+    c = tls_bed.raw()
+    c.read_greeting()
+    NBDRaw.send_client_flags(c)             # plaintext for now
+    assert c.option_final(OPT_STRUCTURED_REPLY) == REP_ACK
+    assert c.option_final(OPT_STARTTLS) == REP_ACK
+    c.sock = TLSRaw.ctx.wrap_socket(c.sock, server_hostname=None)
+    c.structured = False
+    c.opt_go("0")
+    assert not c.structured
+    # a plain (not structured) reply to a read: the earlier negotiation was dropped
+    c.send(struct.pack(">IHHQQI", 0x25609513, 0, 0, 77, 0, 512))
+    magic, err, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+    assert (magic, err, cookie) == (0x67446698, 0, 77)
+    assert len(c.recv_exact(512)) == 512
