@@ -5,7 +5,7 @@ the refusals (plaintext under --tls require, a wrong key, an unknown
 user, a client certificate from another CA, a non-loopback listener
 without TLS), connections handed from the shared listener to other loops
 with their session, the nbd: driver over TLS (to a second tapdiskd and to
-nbdkit --tls=require), and a subset of test_nbd_hostile.py's hostile
+nbdkit --tls=require; a mirror to a TLS destination), and a subset of test_nbd_hostile.py's hostile
 clients run again inside a TLS session (TLSRaw: STARTTLS right after the
 client flags, then Python's ssl with an x509 client certificate)."""
 
@@ -20,6 +20,7 @@ import time
 import nbd
 import pytest
 
+import test_mirror as mirror
 import test_nbd_hostile as hostile
 from conftest import BIN, SLOW, make_image, run, wait_for
 from nbdraw import (
@@ -663,3 +664,36 @@ def test_starttls_twice_and_state_before_it(tls_bed):
     magic, err, cookie = struct.unpack(">IIQ", c.recv_exact(16))
     assert (magic, err, cookie) == (0x67446698, 0, 77)
     assert len(c.recv_exact(512)) == 512
+
+
+# ---------------------------------------------------------------------------
+# a mirror to another host's tapdiskd, over TLS (issue 18's migration proof)
+# ---------------------------------------------------------------------------
+
+def test_storage_migration_over_tls(make_server, tmp_path):
+    """The destination serves an empty VHD on a TCP listener with TLS (PSK)
+    required; the source mirrors a vbd there through the nbd: driver over
+    TLS under fio verify, pivots and keeps serving; the destination's image
+    is then what the guest wrote."""
+    size = 64 * MiB
+    psk = write_psk(tmp_path / "keys.psk")
+    port = free_port()
+    a = make_server("a")
+    b = make_server("b", extra=["--nbd-listen", "tcp:127.0.0.1:%d" % port, "--tls-psk", psk])
+    b.port = port
+    dst = str(tmp_path / "moved.vhd")
+    run(os.path.join(BIN, "vhd-util"), "create", "-n", dst, "-s", size >> 20)
+    d = b.open("vhd:" + dst)["minor"]
+    src = mirror.new_image(tmp_path, "vhd", "here.vhd", size)
+    m = a.open(src)["minor"]
+    mirror.fill(a.uri(m), 24 * MiB, 29)
+    fio = mirror.fio_load(a.uri(m), size)
+    a.tapctl("mirror", "-m", m, "-d", "nbd:" + psk_uri(b, psk, minor=d))
+    mirror.wait_job(a, m, "ready")
+    a.tapctl("mirror", "-m", m, "--pivot")
+    mirror.fio_ok(fio)
+    want = mirror.snapshot_of(a, m, str(tmp_path / "want.raw"))
+    a.call("destroy", minor=m)
+    b.call("close", minor=d)
+    run(os.path.join(BIN, "vhd-util"), "check", "-n", dst)
+    run("qemu-img", "compare", "-q", "-f", "vpc", "-F", "raw", dst, want)
