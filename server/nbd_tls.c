@@ -490,6 +490,22 @@ tls_fail(struct tls_conn *t, const char *what, int rc)
 	return TLS_EV_CLOSED;
 }
 
+/*
+ * The client closed its side: what it sent before goes to the owner
+ * first, then an end of stream on the pair (BEV_EVENT_EOF, after the read
+ * callback), as a socket bufferevent reports it. No TLS_EV_CLOSED.
+ */
+static int
+tls_eof(struct tls_conn *t)
+{
+	log_limited(t->rl, LOG_LVL_DEBUG, "nbd client %s: TLS: end of stream", t->peer);
+	t->state = T_DEAD;
+	event_del(t->rd);
+	event_del(t->wr);
+	bufferevent_flush(t->b, EV_WRITE, BEV_FINISHED);
+	return 0;
+}
+
 /* Waits for the socket in the direction GnuTLS needs. */
 static void
 wait_socket(struct tls_conn *t, int dir_write)
@@ -609,8 +625,8 @@ pump_recv(struct tls_conn *t)
 			got += (size_t)r;
 			continue;
 		}
-		if (r == 0)
-			return tls_fail(t, "receiving", 0);
+		if (r == 0 || r == GNUTLS_E_PREMATURE_TERMINATION)
+			return tls_eof(t);
 		if (r == GNUTLS_E_AGAIN) {
 			wait_socket(t, gnutls_record_get_direction(t->s));
 			return 0;

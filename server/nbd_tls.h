@@ -29,12 +29,14 @@
  * when only one uses them at a time.
  *
  * Events to the owner (the NBD connection), always from a loop callback,
- * never from inside a call the owner made: TLS_EV_CLOSED (the peer closed,
- * the handshake or a record failed: logged here, one rate-limited line;
+ * never from inside a call the owner made: TLS_EV_CLOSED (the handshake or
+ * a record failed, or the socket did: logged here, one rate-limited line;
  * the owner frees the tls_conn) and TLS_EV_DRAINED (everything written to
  * the plaintext bufferevent has gone to the socket, as a socket
  * bufferevent's write callback says). tls_conn_free may be called from
- * inside the event callback.
+ * inside the event callback. The client's end of stream comes as a socket
+ * bufferevent's does: on the plaintext bufferevent, its data read first,
+ * then BEV_EVENT_EOF to its event callback.
  *
  * Errors: negative errnos; loading reports one line in err.
  */

@@ -24,9 +24,9 @@ import test_mirror as mirror
 import test_nbd_hostile as hostile
 from conftest import BIN, SLOW, make_image, run, wait_for
 from nbdraw import (
-    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
+    CMD_DISC, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
     OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, NBDRaw,
-    build_go_payload, build_name,
+    build_go_payload, build_name, build_request,
 )
 
 pytestmark = pytest.mark.engine_independent
@@ -698,3 +698,21 @@ def test_storage_migration_over_tls(make_server, tmp_path):
     b.call("close", minor=d)
     run(os.path.join(BIN, "vhd-util"), "check", "-n", dst)
     run("qemu-img", "compare", "-q", "-f", "vpc", "-F", "raw", dst, want)
+
+
+def test_writes_then_disc_then_close_land(tls_bed):
+    """A client that sends writes and DISC and closes at once (no
+    close_notify): what it sent before the end of the stream is served, as
+    over a plain socket."""
+    for k in range(5):
+        c = tls_bed.ready()
+        data = os.urandom(64 * 1024 + k)
+        c.send(build_request(CMD_WRITE, (5 + k) * MiB, len(data), cookie=1, payload=data) +
+               build_request(CMD_DISC, cookie=2))
+        c.close()
+        h = tls_bed.libnbd(0)
+        try:
+            wait_for(lambda: h.pread(len(data), (5 + k) * MiB) == data, timeout=5 * SLOW,
+                     what="the write before DISC landed")
+        finally:
+            h.shutdown()
