@@ -1480,6 +1480,7 @@ conn_handoff(struct nbd_conn *c, struct loop *l)
 		close(h->fd);
 		free(h->in);
 		free(h->out);
+		tls_moving_free(h->tls);
 		free(h);
 		conn_protocol_error(c, "out of memory handing the connection over");
 		return 0;
