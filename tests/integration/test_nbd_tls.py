@@ -716,3 +716,32 @@ def test_writes_then_disc_then_close_land(tls_bed):
                      what="the write before DISC landed")
         finally:
             h.shutdown()
+
+
+def test_starttls_after_a_plaintext_hand_off(make_server, tmp_path, pki):
+    """--tls on, several loops: an option naming an export on another loop
+    moves the plaintext connection there first; STARTTLS then runs on that
+    loop and the session serves the export."""
+    srv = tls_server(make_server, tmp_path, ["--tls-creds", pki["server"], "--tls", "on"],
+                     loops=3)
+    for m in (1, 2):
+        img = make_image(tmp_path / ("h%d.img" % m), 16 * MiB, pattern=0x40 + m)
+        assert srv.open("aio:" + img)["minor"] == m
+    loops = {v["minor"]: v["loop"] for v in srv.call("list")["result"]["vbds"]}
+    assert loops[1] != 0 or loops[2] != 0, loops    # the listener is loop 0's
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(os.path.join(pki["client"], "ca-cert.pem"))
+    for m in (1, 2):
+        c = NBDRaw(addr=("127.0.0.1", srv.port), timeout=10 * SLOW)
+        c.start()
+        # a plaintext option naming export m: the connection goes to m's loop
+        assert c.option_final(OPT_INFO, build_go_payload(str(m))) == REP_ACK
+        assert c.option_final(OPT_STARTTLS) == REP_ACK
+        c.sock = ctx.wrap_socket(c.sock, server_hostname=None)
+        c.opt_go(str(m))
+        assert c.pread(4096, 0) == bytes([0x40 + m]) * 4096
+        data = os.urandom(300000)
+        c.pwrite(data, 4 * MiB)
+        assert c.pread(len(data), 4 * MiB) == data
+        c.close()
