@@ -9,7 +9,7 @@
 # fresh machine is before the -dev packages are there.
 
 CC      ?= cc
-PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd libnbd
+PKGS    := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd libnbd gnutls
 PYTHON  := /usr/bin/python3
 BUILD   ?= build
 SAN     ?=

@@ -1,7 +1,8 @@
 /*
  * nbd: an image on an NBD server, reached through libnbd: params
  * `nbd:URI` in the forms libnbd and qemu take (nbd://HOST[:PORT]/EXPORT,
- * nbd+unix:///EXPORT?socket=PATH). The connection and handshake run in
+ * nbd+unix:///EXPORT?socket=PATH; over TLS nbds://HOST/EXPORT?tls-psk-file=F
+ * and the other TLS forms of libnbd's URIs). The connection and handshake run in
  * open, on a worker; requests then go out with libnbd's asynchronous calls
  * from the loop, which watches the connection's descriptor (armed only
  * while commands are in flight) and lets libnbd read and write when it is
@@ -150,8 +151,14 @@ nbdc_open(struct td_image *img, const struct td_open_ctx *ctx, struct td_error *
 		rc = nbdc_fail(err, p, ENOTSUP, "this libnbd takes no URIs");
 		goto fail;
 	}
-	/* a file URI part (tls-psk-file=) is not ours to open for a client */
-	nbd_set_uri_allow_local_file(p->h, false);
+	/*
+	 * TLS comes in the URI, as libnbd takes it: nbds:// or nbds+unix://
+	 * (TLS required), tls-psk-file=FILE with tls-username=, or
+	 * tls-certificates=DIR (ca-cert.pem, client-cert.pem, client-key.pem).
+	 * Those name local files, which params may: they come from the
+	 * toolstack over the control socket, never from a peer.
+	 */
+	nbd_set_uri_allow_local_file(p->h, true);
 	nbd_add_meta_context(p->h, LIBNBD_CONTEXT_BASE_ALLOCATION);
 	if (nbd_connect_uri(p->h, p->uri) < 0) {
 		rc = nbdc_fail(err, p, 0, "cannot connect");

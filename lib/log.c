@@ -74,6 +74,9 @@ now_sec(void)
 void
 log_limited(struct log_ratelimit *rl, enum log_level lvl, const char *fmt, ...)
 {
+	/* a message below the level would print nothing: it must not use up the burst */
+	if (lvl > log_level)
+		return;
 	uint64_t now = now_sec();
 	if (now - rl->window_start >= rl->interval) {
 		if (rl->suppressed)

@@ -25,6 +25,7 @@
 #include "loop.h"
 #include "metrics_http.h"
 #include "nbd.h"
+#include "nbd_tls.h"
 #include "server.h"
 #include "service_notify.h"
 #include "xenbus.h"
@@ -40,6 +41,10 @@ struct options {
 	const char *nbd_listen;
 	const char *metrics_listen;
 	int metrics_allow_remote;
+	const char *tls_creds, *tls_psk;
+	int tls_verify_peer;
+	int tls_mode;			/* enum tls_mode, or -1: the default */
+	int nbd_allow_insecure;
 	unsigned handshake_secs, metrics_timeout_secs;
 	int foreground;
 	int no_direct;
@@ -64,6 +69,8 @@ usage(FILE *f)
 		"                [--no-direct] [--open TYPE:PATH]... [--no-xen] [--xen-... ]\n"
 		"                [--metrics-listen HOST:PORT [--metrics-allow-remote]]\n"
 		"                [--nbd-handshake-timeout S] [--metrics-timeout S]\n"
+		"                [--tls-creds DIR|--tls-psk FILE] [--tls require|on|off]\n"
+		"                [--tls-verify-peer] [--nbd-allow-insecure]\n"
 		"\n"
 		"  -s, --state-dir DIR    control socket DIR/ctl.sock, NBD sockets DIR/nbd<pid>.<minor>\n"
 		"                         (default %s)\n"
@@ -72,6 +79,15 @@ usage(FILE *f)
 		"      --loops N          event loop threads serving vbds, 1 to 16 (default: one\n"
 		"                         per online CPU, at most 16)\n"
 		"  -n, --nbd-listen SPEC  also serve every vbd by export name (its minor)\n"
+		"      --tls-creds DIR    NBD over TLS with x509: DIR/server-cert.pem,\n"
+		"                         DIR/server-key.pem; DIR/ca-cert.pem verifies client\n"
+		"                         certificates that are sent\n"
+		"      --tls-psk FILE     NBD over TLS with pre-shared keys (username:hexkey lines)\n"
+		"      --tls MODE         require (the default with credentials): only STARTTLS\n"
+		"                         before TLS on --nbd-listen; on: TLS offered; off\n"
+		"      --tls-verify-peer  require a client certificate signed by DIR/ca-cert.pem\n"
+		"      --nbd-allow-insecure  let --nbd-listen tcp: take a non-loopback address\n"
+		"                         without --tls require\n"
 		"  -l, --log-level L      error, warning, info (default) or debug\n"
 		"      --no-direct        never open images with O_DIRECT\n"
 		"  -o, --open TYPE:PATH   open a vbd at start (minors 0, 1, ... in order)\n"
@@ -140,6 +156,11 @@ parse_options(int argc, char **argv, struct options *o)
 		{ "metrics-timeout", required_argument, NULL, 'W' },
 		{ "record-io", required_argument, NULL, 'R' },
 		{ "fault-injection", no_argument, NULL, 'J' },
+		{ "tls-creds", required_argument, NULL, 'C' },
+		{ "tls-psk", required_argument, NULL, 'P' },
+		{ "tls", required_argument, NULL, 't' },
+		{ "tls-verify-peer", no_argument, NULL, 'v' },
+		{ "nbd-allow-insecure", no_argument, NULL, 'I' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -150,6 +171,7 @@ parse_options(int argc, char **argv, struct options *o)
 	o->level = LOG_LVL_INFO;
 	o->handshake_secs = 30;
 	o->metrics_timeout_secs = 10;
+	o->tls_mode = -1;
 	o->opens = calloc((size_t)argc, sizeof(*o->opens));
 	while ((c = getopt_long(argc, argv, "s:Fe:n:l:o:hV", longopts, NULL)) != -1) {
 		switch (c) {
@@ -187,6 +209,22 @@ parse_options(int argc, char **argv, struct options *o)
 		case 'M': o->metrics_listen = optarg; break;
 		case 'A': o->metrics_allow_remote = 1; break;
 		case 'R': o->record_io = optarg; break;
+		case 'C': o->tls_creds = optarg; break;
+		case 'P': o->tls_psk = optarg; break;
+		case 'v': o->tls_verify_peer = 1; break;
+		case 'I': o->nbd_allow_insecure = 1; break;
+		case 't':
+			if (strcmp(optarg, "require") == 0)
+				o->tls_mode = TLS_REQUIRE;
+			else if (strcmp(optarg, "on") == 0)
+				o->tls_mode = TLS_ON;
+			else if (strcmp(optarg, "off") == 0)
+				o->tls_mode = TLS_OFF;
+			else {
+				fprintf(stderr, "tapdiskd: --tls must be require, on or off\n");
+				return -1;
+			}
+			break;
 		case 'J': o->fault_injection = 1; break;
 		case 'H':
 		case 'W':
@@ -542,6 +580,11 @@ serve(const struct options *opts, char *dir, char **opens, int *ready_fd)
 		.nbd_listen = opts->nbd_listen,
 		.metrics_listen = opts->metrics_listen,
 		.metrics_allow_remote = opts->metrics_allow_remote,
+		.tls_creds = opts->tls_creds,
+		.tls_psk = opts->tls_psk,
+		.tls_verify_peer = opts->tls_verify_peer,
+		.tls_mode = opts->tls_mode,
+		.nbd_allow_insecure = opts->nbd_allow_insecure,
 	};
 	remove_stale_sockets(dir);
 	srv = the_server = server_new(&cfg, err, sizeof(err));

@@ -13,6 +13,8 @@
 
 #include <errno.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +37,7 @@
 #include "log.h"
 #include "loop.h"
 #include "nbd_proto.h"
+#include "nbd_tls.h"
 #include "rxbuf.h"
 #include "server.h"
 #include "txbatch.h"
@@ -133,6 +136,9 @@ struct nbd_conn {
 	enum conn_state mem_resume;	/* the state to retry in */
 	LIST_ENTRY(nbd_conn) link;
 	char peer[64];
+	enum tls_mode tls_mode;		/* what this connection's listener asks */
+	struct tls_conn *tls;		/* after STARTTLS: bev is its plaintext end */
+	int tls_start;			/* STARTTLS answered: switch once the option is consumed */
 };
 
 struct nbd_req {
@@ -178,6 +184,10 @@ conn_cut(struct nbd_conn *c)
 	if (c->bev) {
 		bufferevent_free(c->bev);
 		c->bev = NULL;
+	}
+	if (c->tls) {
+		tls_conn_free(c->tls);
+		c->tls = NULL;
 	}
 	if (c->rx_ev) {
 		event_free(c->rx_ev);
@@ -498,6 +508,8 @@ static int
 conn_over_budget(struct nbd_conn *c)
 {
 	size_t out = evbuffer_get_length(conn_output(c)) + txb_length(&c->txb);
+	if (c->tls)
+		out += tls_conn_unsent(c->tls);
 	if (c->state == CS_OPT_HEADER)
 		return out >= NBD_MAX_HS_OUTPUT;
 	return c->inflight >= NBD_MAX_INFLIGHT || out + c->inflight_bytes >= NBD_MAX_OUTPUT;
@@ -1226,6 +1238,48 @@ opt_meta(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 	opt_reply(c, NBD_REP_ACK, NULL, 0);
 }
 
+/*
+ * STARTTLS: acknowledged in plaintext; the TLS handshake starts once the
+ * option is consumed (conn_starttls). What was negotiated before it does
+ * not carry over (the NBD spec: a client negotiates again under TLS).
+ */
+static void
+opt_starttls(struct nbd_conn *c, uint32_t len)
+{
+	if (c->tls_mode == TLS_OFF) {
+		opt_reply(c, NBD_REP_ERR_UNSUP, NULL, 0);
+		return;
+	}
+	if (c->tls || len) {
+		opt_reply(c, NBD_REP_ERR_INVALID, NULL, 0);
+		return;
+	}
+	c->structured = 0;
+	c->meta = 0;
+	free(c->meta_export);
+	c->meta_export = NULL;
+	opt_reply(c, NBD_REP_ACK, NULL, 0);
+	c->tls_start = 1;
+}
+
+/*
+ * Under --tls require, before TLS: every option but STARTTLS (and ABORT,
+ * which grants nothing) is refused, and EXPORT_NAME, which has no error
+ * reply, closes the connection. 1 if the option was refused here.
+ */
+static int
+option_needs_tls(struct nbd_conn *c)
+{
+	if (c->tls_mode != TLS_REQUIRE || c->tls || c->opt == NBD_OPT_STARTTLS ||
+	    c->opt == NBD_OPT_ABORT)
+		return 0;
+	if (c->opt == NBD_OPT_EXPORT_NAME)
+		conn_protocol_error(c, "NBD_OPT_EXPORT_NAME before TLS (--tls require)");
+	else
+		opt_reply(c, NBD_REP_ERR_TLS_REQD, NULL, 0);
+	return 1;
+}
+
 /* A whole option has arrived; it may end the handshake or the connection. */
 static void
 conn_option(struct nbd_conn *c, const uint8_t *data, uint32_t len)
@@ -1257,7 +1311,10 @@ conn_option(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 	case NBD_OPT_SET_META_CONTEXT:
 		opt_meta(c, data, len);
 		break;
-	default:	/* STARTTLS, EXTENDED_HEADERS and unknown ones */
+	case NBD_OPT_STARTTLS:
+		opt_starttls(c, len);
+		break;
+	default:	/* EXTENDED_HEADERS and unknown ones */
 		opt_reply(c, NBD_REP_ERR_UNSUP, NULL, 0);
 		break;
 	}
@@ -1340,6 +1397,8 @@ struct nbd_handoff {
 	char peer[64];
 	void *in, *out;
 	size_t in_len, out_len;
+	enum tls_mode tls_mode;
+	struct tls_moving *tls;		/* the session, when c had one */
 };
 
 /* The loop of the export named by the option c is about to process, or NULL. */
@@ -1402,17 +1461,26 @@ conn_handoff(struct nbd_conn *c, struct loop *l)
 	struct nbd_handoff *h = calloc(1, sizeof(*h));
 
 	conn_flush(c);	/* the batch behind what the bufferevent holds */
-	if (!h || c->tx_err || (h->fd = dup(bufferevent_getfd(c->bev))) < 0) {
+	if (!h || c->tx_err || (h->fd = dup(c->tls ? tls_conn_fd(c->tls)
+						  : bufferevent_getfd(c->bev))) < 0) {
+		free(h);
+		return -1;
+	}
+	/* TLS: the session travels; its unsent plaintext goes first on the other side */
+	if (c->tls && tls_conn_detach(c->tls, &h->tls, &h->out, &h->out_len) < 0) {
+		close(h->fd);
 		free(h);
 		return -1;
 	}
 	h->in = evbuffer_take_all(bufferevent_get_input(c->bev), &h->in_len);
-	h->out = evbuffer_take_all(conn_output(c), &h->out_len);
+	if (!h->tls)
+		h->out = evbuffer_take_all(conn_output(c), &h->out_len);
 	if ((h->in_len && !h->in) || (h->out_len && !h->out)) {
 		/* cannot be undone: the bytes are gone from the buffers */
 		close(h->fd);
 		free(h->in);
 		free(h->out);
+		tls_moving_free(h->tls);
 		free(h);
 		conn_protocol_error(c, "out of memory handing the connection over");
 		return 0;
@@ -1426,12 +1494,73 @@ conn_handoff(struct nbd_conn *c, struct loop *l)
 	h->meta_export = c->meta_export;
 	c->meta_export = NULL;
 	h->hops = c->hops + 1;
+	h->tls_mode = c->tls_mode;
 	h->started = c->started;
 	memcpy(h->peer, c->peer, sizeof(h->peer));
 	conn_cut(c);
 	h->msg.fn = nbd_adopt;
 	loop_post(l, &h->msg);
 	return 0;
+}
+
+/* ---- TLS (nbd_tls.c): the session between the socket and c->bev ---- */
+
+static void conn_bev_setup(struct nbd_conn *c);
+
+/* The session's news: it failed or the peer left, or what c wrote has gone out. */
+static void
+conn_tls_event(void *arg, int what)
+{
+	struct nbd_conn *c = arg;
+
+	if (what == TLS_EV_CLOSED)
+		conn_cut(c);
+	else
+		conn_maybe_resume(c);	/* as a socket bufferevent's write callback */
+}
+
+/*
+ * After STARTTLS's reply: the socket goes under a TLS session and c reads
+ * and writes its plaintext end from here on. 1 to go on (the handshake
+ * runs from the loop), -1 if c is gone.
+ */
+static int
+conn_starttls(struct nbd_conn *c)
+{
+	struct nbd_server *ns = c->ns;
+	struct bufferevent *plain;
+	size_t plen;
+	int fd, err;
+
+	c->tls_start = 0;
+	if (evbuffer_get_length(bufferevent_get_input(c->bev))) {
+		conn_protocol_error(c, "data sent before the TLS handshake");
+		return -1;
+	}
+	conn_flush(c);		/* the reply, in plaintext */
+	if (c->tx_err) {
+		conn_cut(c);
+		return -1;
+	}
+	void *prefix = evbuffer_take_all(conn_output(c), &plen);
+	if ((plen && !prefix) || (fd = dup(bufferevent_getfd(c->bev))) < 0) {
+		free(prefix);
+		conn_protocol_error(c, "cannot start TLS (out of memory or descriptors)");
+		return -1;
+	}
+	struct tls_conn *t = tls_conn_new(ns->loop->base, ns->srv->tls, fd, prefix, plen, c->peer,
+					  &ns->rl, conn_tls_event, c, &plain, &err);
+	free(prefix);
+	if (!t) {
+		conn_protocol_error(c, err == -ENOMEM ? "out of memory starting TLS"
+						      : "cannot start a TLS session");
+		return -1;
+	}
+	bufferevent_free(c->bev);
+	c->bev = plain;
+	c->tls = t;
+	conn_bev_setup(c);
+	return 1;
 }
 
 /* Advances by one message; returns 1 to go on, 0 to wait for input, -1 if c is gone. */
@@ -1485,6 +1614,13 @@ conn_step(struct nbd_conn *c)
 		if (avail < c->opt_len)
 			return 0;
 		const uint8_t *data = evbuffer_pullup(in, c->opt_len);
+		if (c->tls_mode == TLS_REQUIRE && !c->tls && option_needs_tls(c)) {
+			if (!c->bev)
+				return -1;
+			c->state = CS_OPT_HEADER;
+			evbuffer_drain(in, c->opt_len);
+			return 1;
+		}
 		if (!c->default_vbd && c->hops < NBD_MAX_HOPS) {
 			struct loop *l = option_export_loop(c, data ? data : (const uint8_t *)"",
 							    c->opt_len);
@@ -1496,6 +1632,8 @@ conn_step(struct nbd_conn *c)
 		if (!c->bev)
 			return -1;	/* and in went with it */
 		evbuffer_drain(in, c->opt_len);
+		if (c->tls_start)
+			return conn_starttls(c);
 		return c->closing ? -1 : 1;
 	}
 	case CS_OPT_DISCARD: {
@@ -1604,11 +1742,11 @@ conn_finish(struct nbd_conn *c)
 		conn_cut(c);
 		return;
 	}
-	if (evbuffer_get_length(conn_output(c)) == 0) {
+	if (evbuffer_get_length(conn_output(c)) == 0 && !(c->tls && tls_conn_unsent(c->tls))) {
 		conn_cut(c);
 		return;
 	}
-	/* conn_write_cb fires when the output has drained */
+	/* conn_write_cb (TLS: conn_tls_event) fires when the output has drained */
 	bufferevent_enable(c->bev, EV_WRITE);
 }
 
@@ -1644,12 +1782,20 @@ conn_new(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd, time_t
 		conn_cut(c);
 		return NULL;
 	}
-	bufferevent_setcb(bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
-	bufferevent_set_max_single_read(bev, 1 << 20);
-	/* libevent writes 16 KiB per loop turn otherwise */
-	bufferevent_set_max_single_write(bev, NBD_UNIX_SNDBUF);
-	bufferevent_enable(bev, EV_READ | EV_WRITE);
+	c->tls_mode = vbd ? (ns->srv->tls ? TLS_ON : TLS_OFF) : ns->srv->tls_mode;
+	conn_bev_setup(c);
 	return c;
+}
+
+/* c reads and writes c->bev: a socket's, or the plaintext end of its TLS session. */
+static void
+conn_bev_setup(struct nbd_conn *c)
+{
+	bufferevent_setcb(c->bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
+	bufferevent_set_max_single_read(c->bev, 1 << 20);
+	/* libevent writes 16 KiB per loop turn otherwise */
+	bufferevent_set_max_single_write(c->bev, NBD_UNIX_SNDBUF);
+	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
 }
 
 void
@@ -1672,6 +1818,7 @@ handoff_free(struct nbd_handoff *h)
 	free(h->meta_export);
 	free(h->in);
 	free(h->out);
+	tls_moving_free(h->tls);
 	free(h);
 }
 
@@ -1687,16 +1834,36 @@ nbd_adopt(struct mailbox_msg *m)
 
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	time_t left = h->started.tv_sec + (time_t)ns->srv->nbd_handshake_secs - now.tv_sec;
-	if (ns->srv->stopping ||
-	    !(bev = bufferevent_socket_new(ns->loop->base, h->fd, BEV_OPT_CLOSE_ON_FREE))) {
+	struct tls_conn *t = NULL;
+	int err;
+
+	if (ns->srv->stopping) {
+		close(h->fd);
+		handoff_free(h);
+		return;
+	}
+	if (h->tls) {
+		t = tls_conn_attach(ns->loop->base, h->tls, h->fd, h->peer, &ns->rl, &bev, &err);
+		h->tls = NULL;	/* consumed, and the descriptor with it */
+		if (!t) {
+			handoff_free(h);
+			return;
+		}
+	} else if (!(bev = bufferevent_socket_new(ns->loop->base, h->fd, BEV_OPT_CLOSE_ON_FREE))) {
 		close(h->fd);
 		handoff_free(h);
 		return;
 	}
 	if (!(c = conn_new(ns, bev, NULL, left > 0 ? left : 0))) {
+		tls_conn_free(t);
 		handoff_free(h);
 		return;
 	}
+	if (t) {
+		c->tls = t;
+		tls_conn_set_owner(t, conn_tls_event, c);
+	}
+	c->tls_mode = h->tls_mode;
 	c->cflags = h->cflags;
 	c->opt = h->opt;
 	c->opt_len = h->opt_len;
@@ -1865,6 +2032,19 @@ nbd_export_vbd(struct nbd_server *ns, struct vbd *vbd, char *err, size_t errlen)
 	return 0;
 }
 
+/* 127.0.0.0/8, ::1, or ::ffff:127.x.y.z. */
+static int
+addr_is_loopback(const struct sockaddr *sa)
+{
+	if (sa->sa_family == AF_INET)
+		return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+	if (sa->sa_family == AF_INET6) {
+		const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+		return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+	}
+	return 0;
+}
+
 static int
 listen_tcp(struct nbd_server *ns, const char *hostport, char *err, size_t errlen)
 {
@@ -1894,6 +2074,14 @@ listen_tcp(struct nbd_server *ns, const char *hostport, char *err, size_t errlen
 	if (rc) {
 		snprintf(err, errlen, "tcp:%s: %s", hostport, gai_strerror(rc));
 		return -EINVAL;
+	}
+	if (!addr_is_loopback(ai->ai_addr) && ns->srv->tls_mode != TLS_REQUIRE &&
+	    !ns->srv->nbd_allow_insecure) {
+		freeaddrinfo(ai);
+		snprintf(err, errlen, "tcp:%s is not a loopback address: anyone who reaches it could "
+			 "read and write the disks; add --tls require with --tls-creds or "
+			 "--tls-psk (or --nbd-allow-insecure)", hostport);
+		return -EPERM;
 	}
 	struct nbd_listener *l = listener_alloc(ns, NULL, NULL);
 	if (!l) {

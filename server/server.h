@@ -24,6 +24,7 @@ struct control;
 struct nbd_server;
 struct qos_group;
 struct metrics_http;
+struct tls_creds;
 
 struct event;
 
@@ -75,6 +76,9 @@ struct server {
 	time_t started;
 	struct server_frontend frontends[SERVER_MAX_FRONTENDS];
 	unsigned nr_frontends;
+	struct tls_creds *tls;	/* --tls-creds/--tls-psk, read-only on every loop; or NULL */
+	int tls_mode;		/* enum tls_mode: the shared NBD listener's */
+	int nbd_allow_insecure;	/* a non-loopback TCP listener without --tls require */
 };
 
 /* What server_new builds. Zero means the default or "none". */
@@ -90,6 +94,11 @@ struct server_config {
 	const char *nbd_listen;		/* --nbd-listen SPEC */
 	const char *metrics_listen;	/* --metrics-listen HOST:PORT */
 	int metrics_allow_remote;
+	const char *tls_creds;		/* --tls-creds DIR (x509) */
+	const char *tls_psk;		/* --tls-psk FILE */
+	int tls_verify_peer;		/* --tls-verify-peer */
+	int tls_mode;			/* enum tls_mode; -1: require with credentials, else off */
+	int nbd_allow_insecure;		/* --nbd-allow-insecure */
 };
 
 /*

@@ -16,9 +16,37 @@
 #include "loop.h"
 #include "metrics_http.h"
 #include "nbd.h"
+#include "nbd_tls.h"
 #include "qos.h"
 
 #define DEFAULT_POOL_CACHE (16u << 20)
+
+/*
+ * The TLS credentials, loaded once for every loop, and the mode: given
+ * credentials, --tls defaults to require; --tls on or require needs them.
+ */
+static int
+server_tls(struct server *srv, const struct server_config *cfg, char *err, size_t errlen)
+{
+	int have = cfg->tls_creds || cfg->tls_psk;
+
+	srv->nbd_allow_insecure = cfg->nbd_allow_insecure;
+	srv->tls_mode = cfg->tls_mode < 0 ? (have ? TLS_REQUIRE : TLS_OFF) : cfg->tls_mode;
+	if (!have) {
+		if (srv->tls_mode != TLS_OFF) {
+			snprintf(err, errlen, "--tls %s needs --tls-creds DIR or --tls-psk FILE",
+				 srv->tls_mode == TLS_ON ? "on" : "require");
+			return -1;
+		}
+		if (cfg->tls_verify_peer) {
+			snprintf(err, errlen, "--tls-verify-peer needs --tls-creds DIR");
+			return -1;
+		}
+		return 0;
+	}
+	struct tls_config tc = { cfg->tls_creds, cfg->tls_psk, cfg->tls_verify_peer };
+	return tls_creds_load(&tc, &srv->tls, err, errlen) < 0 ? -1 : 0;
+}
 
 /* The listeners (all on loop 0): each failure names its part as the command line does. */
 static int
@@ -101,7 +129,8 @@ server_new(const struct server_config *cfg, char *err, size_t errlen)
 		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}
-	if (server_make_loops(srv, cfg, err, errlen) < 0 ||
+	if (server_tls(srv, cfg, err, errlen) < 0 ||
+	    server_make_loops(srv, cfg, err, errlen) < 0 ||
 	    server_listen(srv, cfg, err, errlen) < 0 ||
 	    server_start_loops(srv, err, errlen) < 0)
 		goto fail;
@@ -149,6 +178,7 @@ server_free(struct server *srv)
 	free(srv->minors);
 	free(srv->closed);
 	qos_groups_free(srv);
+	tls_creds_free(srv->tls);
 	pthread_mutex_destroy(&srv->lock);
 	free(srv->state_dir);
 	free(srv);

@@ -27,7 +27,7 @@ FUZZ_SAN          ?= address,undefined
 FUZZ_EXTRA_CFLAGS ?=
 comma := ,
 FUZZ_SAN_LIST := $(if $(strip $(FUZZ_SAN)),$(comma)$(strip $(FUZZ_SAN)))
-FUZZ_PKGS  := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd libnbd
+FUZZ_PKGS  := libevent jansson liburing xenstore xengnttab xenevtchn libsystemd libnbd gnutls
 
 FUZZ_PKG_CFLAGS := $(shell pkg-config --cflags $(FUZZ_PKGS))
 FUZZ_LIBS       := $(shell pkg-config --libs $(FUZZ_PKGS)) -luuid -lpthread -lm -lz
@@ -47,7 +47,7 @@ FUZZ_LIB_OBJS := $(FUZZ_LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZ_LIB      := $(FUZZ_BUILD)/libtd-fuzz.a
 
 FUZZ_TARGETS := fuzz_nbd fuzz_nbd_proto fuzz_control fuzz_vhd_meta fuzz_qcow2_meta fuzz_blkif fuzz_vmdk_meta \
-                fuzz_cbt_log fuzz_rbd_params
+                fuzz_cbt_log fuzz_rbd_params fuzz_tls_psk
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
 .PHONY: all clean

@@ -203,7 +203,8 @@ def test_deb_contents_dependencies_and_conffiles(deb):
     assert os.path.basename(deb) == "tapdiskd_%s_amd64.deb" % version
     depends = re.search(r"^Depends: (.*)$", info, re.M).group(1)
     for lib in ("libevent-2.1-7", "libjansson4", "liburing2", "libxenstore4", "libxengnttab1",
-                "libxenevtchn1", "libsystemd0", "libuuid1", "zlib1g", "librbd1", "librados2"):
+                "libxenevtchn1", "libsystemd0", "libuuid1", "zlib1g", "librbd1", "librados2",
+                "libgnutls30"):
         assert lib in depends, (lib, depends)
     files = run("dpkg-deb", "-c", deb).stdout
     for path in (["./usr/sbin/" + b for b in BINARIES] +
