@@ -237,3 +237,33 @@ def test_install_and_package_scripts_are_shellcheck_clean():
     run("shellcheck", "-S", "warning", *[os.path.join(ROOT, p) for p in (
         "scripts/install-deps", "scripts/build-deb", "scripts/run-demo", "scripts/check",
         "tests/fresh/check-fresh", "tests/ceph/start-ceph", "tests/ceph/stop-ceph")])
+
+
+def test_a_build_without_rbd_refuses_rbd_params_in_one_line(tmp_path):
+    """make RBD=0: the core builds and links without librbd, and an rbd:
+    vbd is refused with one line saying so (the other drivers still open)."""
+    build = str(tmp_path / "norbd")
+    subprocess.run(["make", "-s", "-j2", "RBD=0", "BUILD=" + build, "bins"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=900)
+    tapdiskd = os.path.join(build, "bin", "tapdiskd")
+    libs = subprocess.run(["ldd", tapdiskd], capture_output=True, text=True).stdout
+    assert "librbd" not in libs and "librados" not in libs, libs
+    state = str(tmp_path / "state")
+    srv = subprocess.Popen([tapdiskd, "--state-dir", state, "--foreground"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        tapctl = [os.path.join(build, "bin", "tap-ctl"), "-S", state]
+        for _ in range(200):
+            if os.path.exists(os.path.join(state, "ctl.sock")):
+                break
+            subprocess.run(["sleep", "0.05"])
+        r = subprocess.run(tapctl + ["create", "-a", "rbd:pool/img"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and "built without RBD" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        r = subprocess.run(tapctl + ["create", "-a", "ram:1M"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+    finally:
+        srv.terminate()
+        srv.wait(30)
