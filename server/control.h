@@ -55,7 +55,7 @@ extern const struct ctl_cmd ctl_cmds[];
 
 /* control_args.c */
 extern const struct ctl_arg ctl_args_none[], ctl_args_list[], ctl_args_stats[],
-	ctl_args_open[], ctl_args_close[], ctl_args_pause[], ctl_args_unpause[],
+	ctl_args_open[], ctl_args_close[], ctl_args_unpause[],
 	ctl_args_snapshot[], ctl_args_qos_get[], ctl_args_qos_set[],
 	ctl_args_fault_inject[], ctl_args_mirror[], ctl_args_minor[], ctl_args_job_list[],
 	ctl_args_stream[], ctl_args_commit[];

@@ -39,11 +39,6 @@ const struct ctl_arg ctl_args_close[] = {
 	{ NULL, 0, 0 },
 };
 
-const struct ctl_arg ctl_args_pause[] = {
-	{ "minor", ARG_INT, 1 },
-	{ NULL, 0, 0 },
-};
-
 const struct ctl_arg ctl_args_unpause[] = {
 	{ "minor", ARG_INT, 1 },
 	{ "params", ARG_STRING, 0 },
@@ -94,7 +89,7 @@ const struct ctl_arg ctl_args_mirror[] = {
 	{ NULL, 0, 0 },
 };
 
-/* job-pivot, job-cancel */
+/* pause, job-pivot, job-cancel: a vbd and nothing else */
 const struct ctl_arg ctl_args_minor[] = {
 	{ "minor", ARG_INT, 1 },
 	{ NULL, 0, 0 },

@@ -835,7 +835,7 @@ const struct ctl_cmd ctl_cmds[] = {
 	{ "create", ctl_args_open, cmd_open, 0 },
 	{ "close", ctl_args_close, cmd_close, CTL_ON_VBD_LOOP },
 	{ "destroy", ctl_args_close, cmd_destroy, CTL_ON_VBD_LOOP },
-	{ "pause", ctl_args_pause, cmd_pause, CTL_ON_VBD_LOOP },
+	{ "pause", ctl_args_minor, cmd_pause, CTL_ON_VBD_LOOP },
 	{ "unpause", ctl_args_unpause, cmd_unpause, CTL_ON_VBD_LOOP },
 	{ "snapshot", ctl_args_snapshot, cmd_snapshot, CTL_ON_VBD_LOOP },
 	{ "qos-get", ctl_args_qos_get, cmd_qos_get, CTL_ON_VBD_LOOP },
