@@ -31,6 +31,8 @@ struct control {
 	struct server *srv;
 	struct evconnlistener *lev;
 	char *path;
+	unsigned max_pending;		/* CTL_MAX_PENDING, or a test's own */
+	size_t max_line;		/* CONTROL_MAX_LINE, or a test's own */
 	struct log_ratelimit rl;
 	LIST_HEAD(, ctl_client) clients;
 };
@@ -171,7 +173,7 @@ req_finish(struct ctl_req *req, json_t *msg)
 		bufferevent_enable(cl->bev, EV_WRITE);
 		return;
 	}
-	if (cl->paused && cl->pending < CTL_MAX_PENDING) {
+	if (cl->paused && cl->pending < cl->ctl->max_pending) {
 		cl->paused = 0;
 		bufferevent_enable(cl->bev, EV_READ);
 		client_process(cl);
@@ -461,7 +463,7 @@ client_process(struct ctl_client *cl)
 {
 	while (cl->bev && !cl->closing) {
 		struct evbuffer *in = bufferevent_get_input(cl->bev);
-		if (cl->pending >= CTL_MAX_PENDING) {
+		if (cl->pending >= cl->ctl->max_pending) {
 			cl->paused = 1;
 			bufferevent_disable(cl->bev, EV_READ);
 			return;
@@ -473,10 +475,10 @@ client_process(struct ctl_client *cl)
 		eol = evbuffer_search_eol(in, &start, &eol_len, EVBUFFER_EOL_LF);
 		if (eol.pos < 0) {
 			cl->scanned = evbuffer_get_length(in);
-			if (cl->scanned > CONTROL_MAX_LINE) {
+			if (cl->scanned > cl->ctl->max_line) {
 				log_limited(&cl->ctl->rl, LOG_LVL_WARN,
-					    "control: request longer than %d bytes; disconnecting",
-					    CONTROL_MAX_LINE);
+					    "control: request longer than %zu bytes; disconnecting",
+					    cl->ctl->max_line);
 				client_error(cl, NULL, E2BIG, "request line too long");
 				cl->closing = 1;
 				bufferevent_disable(cl->bev, EV_READ);
@@ -485,7 +487,7 @@ client_process(struct ctl_client *cl)
 		}
 		len = (size_t)eol.pos;
 		cl->scanned = 0;
-		char *line = len <= CONTROL_MAX_LINE ? malloc(len + 1) : NULL;
+		char *line = len <= cl->ctl->max_line ? malloc(len + 1) : NULL;
 		if (line) {
 			evbuffer_remove(in, line, len);
 			line[len] = '\0';
@@ -564,6 +566,13 @@ control_pending(const struct control *ctl)
 	return n;
 }
 
+void
+control_set_limits(struct control *ctl, unsigned max_pending, size_t max_line)
+{
+	ctl->max_pending = max_pending ? max_pending : 1;
+	ctl->max_line = max_line ? max_line : 1;
+}
+
 static void
 control_accept(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa,
 	       int salen, void *arg)
@@ -625,6 +634,8 @@ control_new(struct server *srv, const char *path, char *err, size_t errlen)
 		return NULL;
 	}
 	ctl->srv = srv;
+	ctl->max_pending = CTL_MAX_PENDING;
+	ctl->max_line = CONTROL_MAX_LINE;
 	ctl->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
 	LIST_INIT(&ctl->clients);
 	fd = unixsock_listen(path, 0600, err, errlen);

@@ -25,6 +25,12 @@ void control_free(struct control *ctl);
 void control_serve(struct control *ctl, struct bufferevent *bev);
 /* Requests not answered yet, over every client (tests, fuzzing: wait for 0). */
 unsigned control_pending(const struct control *ctl);
+/*
+ * Lowers the limits (tests, fuzzing: short inputs reach them): how many
+ * requests one client may have unanswered before its input is left unread
+ * (64), and the longest request line (CONTROL_MAX_LINE); each at least 1.
+ */
+void control_set_limits(struct control *ctl, unsigned max_pending, size_t max_line);
 
 /* ---- for command handlers (control_cmds.c) ---- */
 

@@ -10,7 +10,6 @@ Files are named after their content hash, so re-running is idempotent.
 import hashlib
 import json
 import os
-import shutil
 import struct
 import sys
 
@@ -169,7 +168,8 @@ PROTO_SEEDS = [
 
 # ---- fuzz_control: byte 0 mode (0x01 chunked, chunk byte 1 + 1; 0x02 slow
 # reader; 0x04 hang up early; 0x08 reset; 0x10 over-long line first; 0x20
-# over-long unterminated line last), byte 1 chunk size - 1, request lines ----
+# over-long unterminated line last; 0x40 line by line), byte 1 chunk size - 1,
+# request lines ----
 
 
 def line(obj):
@@ -207,10 +207,14 @@ BAD = [
     b'{"id":1,"cmd":"close","args":{"minor":true}}\n',
     b'{"id":"\\u00e9\\ud83d\\ude00","cmd":"version"}\r\n',
     b"\n\r\n",
-    b'{"id":1,"cmd":"open","args":{"params":"' + b"p" * 700 + b'"}}\n',
 ]
-ALL_LINES = b"".join(line(r) for r in REQS) + b"".join(BAD)
-MANY_PAUSES = b"".join(line({"id": i, "cmd": "pause", "args": {"minor": i}}) for i in range(80))
+# an error message longer than the server's message buffer (512)
+LONG_PARAMS = b'{"id":1,"cmd":"open","args":{"params":"' + b"p" * 700 + b'"}}\n'
+# run-all gives this target inputs of at most 1 KiB (it says why): each seed fits
+REQ_LINES = b"".join(line(r) for r in REQS)
+BAD_LINES = b"".join(BAD)
+# more requests than a client may have unanswered (8 in the fuzzer, 64 in tapdiskd)
+MANY_PAUSES = b"".join(line({"id": i, "cmd": "pause", "args": {"minor": i}}) for i in range(12))
 
 
 
@@ -223,7 +227,8 @@ def step(obj, width=128):
 
 
 def steps(reqs):
-    return b"\x01\x7f" + b"".join(step(dict(r, id=i)) for i, r in enumerate(reqs, 1))
+    """Mode 0x40: each request runs once the one before has its reply."""
+    return b"\x40\0" + b"".join(line(dict(r, id=i)) for i, r in enumerate(reqs, 1))
 
 
 LIMITS = {"iops_total": 100, "bps_read": 1 << 20}
@@ -260,7 +265,7 @@ LIFECYCLES = [
     b"\0\0" + line({"id": 1, "cmd": "open", "args": {"minor": 5, "params": "ram:1M"}})
     + line({"id": 2, "cmd": "pause", "args": {"minor": 5}})
     + line({"id": 3, "cmd": "close", "args": {"minor": 5}}),
-    steps([{"cmd": "open", "args": {"minor": 6, "params": "ram:1M"}}])
+    b"\x01\x7f" + step({"id": 1, "cmd": "open", "args": {"minor": 6, "params": "ram:1M"}})
     + step({"id": 2, "cmd": "pause", "args": {"minor": 6}})
     + line({"id": 3, "cmd": "pause", "args": {"minor": 6}})
     + line({"id": 4, "cmd": "close", "args": {"minor": 6}}),
@@ -268,19 +273,22 @@ LIFECYCLES = [
 ]
 # more replies owed at once than a client may have pending (64): reading stops, then resumes
 MANY_OPENS = b"".join(line({"id": i, "cmd": "open", "args": {"minor": i, "params": "ram:64K"}})
-                      for i in range(80))
+                      for i in range(12))
 LIFECYCLES += [b"\0\0" + MANY_OPENS, b"\x04\0" + MANY_OPENS, b"\x02\0" + MANY_OPENS]
 
 CONTROL_SEEDS = LIFECYCLES + [
-    b"\0\0" + ALL_LINES,
+    b"\0\0" + REQ_LINES,
+    b"\0\0" + BAD_LINES,
+    b"\0\0" + LONG_PARAMS,
     b"\0\0" + line(REQS[0]),
     b"\0\0" + MANY_PAUSES,
     b"\x04\0" + MANY_PAUSES,              # hang up with lines unread, replies owed
     b"\x0c\0" + MANY_PAUSES,              # ... with a reset
-    b"\x08\0" + ALL_LINES,                # reset at the end
-    b"\x02\0" + ALL_LINES,                # slow reader
-    b"\x01\0" + ALL_LINES[:600],          # 1-byte chunks
-    b"\x01\x07" + ALL_LINES,              # 8-byte chunks
+    b"\x08\0" + REQ_LINES,                # reset at the end
+    b"\x02\0" + REQ_LINES,                # slow reader
+    b"\x01\0" + BAD_LINES[:600],          # 1-byte chunks
+    b"\x01\x07" + REQ_LINES,              # 8-byte chunks
+    b"\x41\x07" + BAD_LINES,              # line by line, 8-byte chunks
     b"\0\0" + b'{"id":1,"cmd":"version"}',  # no newline before EOF
     b"\x04\0" + b'{"id":1,"cmd":"pause","args":{"minor":3}}\n{"id":2,',
     b"\x10\0" + line(REQS[0]),            # over-long line first
@@ -290,10 +298,9 @@ CONTROL_SEEDS = LIFECYCLES + [
 
 
 def write(target, seeds):
+    # adds, never removes: the corpus also keeps inputs the fuzzers found
     d = os.path.join(CORPUS, target)
-    if os.path.isdir(d):
-        shutil.rmtree(d)
-    os.makedirs(d)
+    os.makedirs(d, exist_ok=True)
     for seed in seeds:
         name = hashlib.sha1(seed).hexdigest()
         with open(os.path.join(d, name), "wb") as f:
