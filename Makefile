@@ -93,7 +93,7 @@ LIBTD       := $(LIBTD_SRV) $(LIBTD_DRV) $(LIBTD_LIB)
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util $(BUILD)/bin/cbt-util
 SIM  := $(BUILD)/tests/blkfront_sim $(BUILD)/tests/alloc_probe.so
 
-.PHONY: all sim deps check check-xen check-unit check-integration check-crash check-asan check-fuzz \
+.PHONY: all sim deps check check-full check-xen check-unit check-integration check-crash check-asan check-fuzz \
         check-valgrind check-fresh soak run bench clean fuzz fuzz-long install uninstall deb bins
 all: $(BINS) $(SIM)
 bins: $(BINS)
@@ -150,6 +150,12 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBTD)
 check:
 	@scripts/install-deps check
 	@scripts/check
+
+# make check, then the suite against the thread engine, under TSan, under
+# ASan/UBSan and under valgrind (CI runs it: .ci/run)
+check-full:
+	@scripts/install-deps check
+	@scripts/check --full
 
 # The README's `make run` and the .deb on a Debian 12 root made by debootstrap
 # (tests/fresh/check-fresh; the root is cached under /var/cache/tapdiskd-fresh)

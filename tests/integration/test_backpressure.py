@@ -21,7 +21,8 @@ def sanitized():
 
 
 # The probe replaces malloc, as ASan's runtime does: the two cannot share a
-# process. The uring and threads passes of make check run these tests.
+# process. The uring pass of make check and the threads pass of make
+# check-full run these tests.
 pytestmark = pytest.mark.skipif(sanitized(), reason="ASan build: its allocator and the "
                                 "probe both replace malloc")
 

@@ -325,7 +325,7 @@ def test_pause_as_allocating_writes_end(server, tmp_path):
     a vbd that is being paused, and the chain's close starts on a worker at
     once; the batch then unpinned its tables in caches the close had freed.
     Rounds of allocating writes, each cut short by a pause at a different
-    moment; ASan's pass of make check sees a use after free, every pass the
+    moment; ASan's pass of make check-full sees a use after free, every pass the
     data and the image."""
     img = qcow2(tmp_path / "p.qcow2", 64 * MiB, cluster=4096)
     m = server.open("qcow2:" + img)["minor"]
