@@ -174,6 +174,22 @@ def test_pipelined_requests_answered_in_order(server):
     c.close()
 
 
+def test_more_requests_owed_than_a_client_may_have_pending(server):
+    """A client may have 64 requests unanswered: the server stops reading its
+    input there and goes on as replies leave. 80 opens (each answered once
+    its worker is done) in one write all get their answer."""
+    c = Control(server.ctl_path)
+    reqs = b"".join(json.dumps({"id": i, "cmd": "open",
+                                "args": {"minor": i, "params": "ram:64K"}}).encode() + b"\n"
+                    for i in range(80))
+    c.send_line(reqs)
+    resps = [c.read_line() for _ in range(80)]
+    assert sorted(r["id"] for r in resps) == list(range(80))
+    assert all(r["ok"] for r in resps), [r for r in resps if not r["ok"]][:3]
+    assert len(c.call("list")["result"]["vbds"]) == 80
+    c.close()
+
+
 def test_many_clients(server):
     cs = [Control(server.ctl_path) for _ in range(100)]
     for i, c in enumerate(cs):
