@@ -31,7 +31,7 @@
  * On a harness's checking code (its oracle): no coverage instrumentation.
  * Its branches say nothing about the server, yet libFuzzer would keep
  * inputs for reaching them, and instrumented loops over every response
- * cost fuzz_control more than the parsing did. ASan and UBSan still check
+ * cost fuzz_control as much as parsing them with jansson. ASan and UBSan still check
  * it.
  */
 #define FZ_ORACLE __attribute__((no_sanitize("coverage")))
