@@ -318,6 +318,21 @@ idlist_add(struct idlist *l, json_t *id)
 	l->v[l->n++] = s;
 }
 
+/*
+ * An id as the server wrote it: jansson's compact form, the same bytes
+ * idlist_add makes of the request's id, so no parse is needed.
+ */
+FZ_ORACLE static void
+idlist_add_raw(struct idlist *l, const char *p, size_t len)
+{
+	char *s = strndup(p, len);
+	if (!s)
+		fz_fail("out of memory");
+	idlist_add(l, NULL);
+	free(l->v[l->n - 1]);
+	l->v[l->n - 1] = s;
+}
+
 FZ_ORACLE static void
 idlist_free(struct idlist *l)
 {
@@ -468,91 +483,122 @@ skim_value(const char *p, const char *end, int depth)
 	}
 }
 
-FZ_ORACLE static json_t *
-decode(const char *p, size_t len)
+/*
+ * One member of an object: p is past the '{' or the ',' before it. Sets
+ * the key (quotes included) and the value's bounds; returns past the ','
+ * after it, or, for the last member, past the closing '}' with *last set;
+ * NULL on bad JSON.
+ */
+FZ_ORACLE static const char *
+next_member(const char *p, const char *end, const char **key, size_t *klen, const char **val,
+	    const char **vend, int *last)
 {
-	return json_loadb(p, len, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, NULL);
+	*last = 0;
+	*key = skim_space(p, end);
+	if (!(p = skim_string(*key, end)))
+		return NULL;
+	*klen = (size_t)(p - *key);
+	p = skim_space(p, end);
+	if (p >= end || *p++ != ':')
+		return NULL;
+	*val = skim_space(p, end);
+	if (!(*vend = skim_value(*val, end, 1)))
+		return NULL;
+	p = skim_space(*vend, end);
+	if (p < end && *p == ',')
+		return p + 1;
+	if (p >= end || *p != '}')
+		return NULL;
+	*last = 1;
+	return p + 1;
 }
 
-FZ_ORACLE static void
-check_error(const char *p, size_t len, const char *line, size_t linelen)
-{
-	json_t *error = decode(p, len);
-	json_t *code = json_object_get(error, "code");
-	json_t *message = json_object_get(error, "message");
-	size_t i;
+#define KEY_IS(key, klen, lit) ((klen) == sizeof(lit) + 1 && !memcmp((key) + 1, lit, sizeof(lit) - 1))
 
-	if (!json_is_object(error) || json_object_size(error) != 2 || !json_is_string(code) ||
-	    !json_is_string(message))
-		fz_fail("error response malformed: %.*s", (int)(linelen > 200 ? 200 : linelen),
-			line);
-	for (i = 0; i < sizeof(known_codes) / sizeof(known_codes[0]); i++)
-		if (strcmp(known_codes[i], json_string_value(code)) == 0)
-			break;
-	if (i == sizeof(known_codes) / sizeof(known_codes[0]))
-		fz_fail("error code %s", json_string_value(code));
-	json_decref(error);
+/* {"code": "E...", "message": "..."}: returns past it */
+FZ_ORACLE static const char *
+check_error(const char *p, const char *end, const char *line, size_t linelen)
+{
+	const char *key, *val, *vend, *code = NULL;
+	size_t klen, codelen = 0;
+	int last, message = 0;
+
+	p = skim_space(p, end);
+	if (p >= end || *p++ != '{')
+		goto bad;
+	do {
+		if (!(p = next_member(p, end, &key, &klen, &val, &vend, &last)))
+			goto bad;
+		if (*val != '"')
+			goto bad;	/* both are strings */
+		if (KEY_IS(key, klen, "code") && !code) {
+			code = val + 1;
+			codelen = (size_t)(vend - val) - 2;
+		} else if (KEY_IS(key, klen, "message") && !message) {
+			message = 1;
+		} else {
+			goto bad;
+		}
+	} while (!last);
+	if (!code || !message)
+		goto bad;
+	for (size_t i = 0; i < sizeof(known_codes) / sizeof(known_codes[0]); i++)
+		if (strlen(known_codes[i]) == codelen && !memcmp(known_codes[i], code, codelen))
+			return p;
+	fz_fail("error code %.*s", (int)codelen, code);
+bad:
+	fz_fail("error response malformed: %.*s", (int)(linelen > 200 ? 200 : linelen), line);
 }
 
 /* One response line: {"id", "ok", "result"|"error"}, each once, nothing else. */
 FZ_ORACLE static void
 check_response(struct idlist *got, const char *line, size_t len)
 {
-	const char *p = line, *end = line + len;
-	json_t *id = NULL;
-	int ok = -1, has_result = 0, has_error = 0, fields = 0;
+	const char *p = line, *end = line + len, *key, *val, *vend, *id = NULL;
+	size_t klen, idlen = 0;
+	int ok = -1, has_result = 0, has_error = 0, last;
 
 #define BAD(what) fz_fail("response %s: %.*s", what, (int)(len > 200 ? 200 : len), line)
 	p = skim_space(p, end);
 	if (p >= end || *p++ != '{')
 		BAD("is not a JSON object");
-	for (;;) {
-		const char *key = skim_space(p, end), *val, *vend;
-		if (!(p = skim_string(key, end)))
-			BAD("is not JSON (a key)");
-		size_t klen = (size_t)(p - key);
-		p = skim_space(p, end);
-		if (p >= end || *p++ != ':')
-			BAD("is not JSON (no colon)");
-		val = skim_space(p, end);
-		if (!(vend = skim_value(val, end, 1)))
-			BAD("is not JSON (a value)");
-		fields++;
-		if (klen == 4 && !memcmp(key, "\"id\"", 4) && !id) {
-			id = decode(val, (size_t)(vend - val));
-			if (!json_is_integer(id) && !json_is_string(id) && !json_is_null(id))
+	do {
+		if (!(p = next_member(p, end, &key, &klen, &val, &vend, &last)))
+			BAD("is not JSON");
+		size_t n = (size_t)(vend - val);
+		if (KEY_IS(key, klen, "id") && !id) {
+			/* an integer, a string or null, as the request had it */
+			int num = *val == '-' || (*val >= '0' && *val <= '9');
+			if (!num && *val != '"' && !(n == 4 && !memcmp(val, "null", 4)))
 				BAD("without a proper id");
-		} else if (klen == 4 && !memcmp(key, "\"ok\"", 4) && ok < 0) {
-			if (vend - val == 4 && !memcmp(val, "true", 4))
+			if (num && (memchr(val, '.', n) || memchr(val, 'e', n) || memchr(val, 'E', n)))
+				BAD("without a proper id");
+			id = val;
+			idlen = n;
+		} else if (KEY_IS(key, klen, "ok") && ok < 0) {
+			if (n == 4 && !memcmp(val, "true", 4))
 				ok = 1;
-			else if (vend - val == 5 && !memcmp(val, "false", 5))
+			else if (n == 5 && !memcmp(val, "false", 5))
 				ok = 0;
 			else
 				BAD("with a non-boolean ok");
-		} else if (klen == 8 && !memcmp(key, "\"result\"", 8) && !has_result) {
+		} else if (KEY_IS(key, klen, "result") && !has_result) {
 			if (*val != '{')
 				BAD("with a result that is not an object");
 			has_result = 1;
-		} else if (klen == 7 && !memcmp(key, "\"error\"", 7) && !has_error) {
-			check_error(val, (size_t)(vend - val), line, len);
+		} else if (KEY_IS(key, klen, "error") && !has_error) {
+			check_error(val, end, line, len);
 			has_error = 1;
 		} else {
 			BAD("has an unknown or repeated field");
 		}
-		p = skim_space(vend, end);
-		if (p < end && *p == ',') {
-			p++;
-			continue;
-		}
-		if (p >= end || *p++ != '}' || skim_space(p, end) != end)
-			BAD("is not one JSON object");
-		break;
-	}
-	if (!id || ok < 0 || fields != 3 || (ok ? !has_result : !has_error))
+	} while (!last);
+	if (skim_space(p, end) != end)
+		BAD("is not one JSON object");
+	if (!id || ok < 0 || (ok ? !has_result || has_error : !has_error || has_result))
 		BAD("fields wrong");
 #undef BAD
-	idlist_add(got, id);
-	json_decref(id);
+	idlist_add_raw(got, id, idlen);
 }
 
 /*
