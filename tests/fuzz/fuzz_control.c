@@ -303,8 +303,10 @@ struct idlist {
 };
 
 FZ_ORACLE static void
-idlist_add(struct idlist *l, json_t *id)
+idlist_push(struct idlist *l, char *s)
 {
+	if (!s)
+		fz_fail("out of memory, or json_dumps failed on an id");
 	if (l->n == l->cap) {
 		l->cap = l->cap ? 2 * l->cap : 64;
 		char **v = realloc(l->v, l->cap * sizeof(*v));
@@ -312,10 +314,13 @@ idlist_add(struct idlist *l, json_t *id)
 			fz_fail("out of memory");
 		l->v = v;
 	}
-	char *s = json_dumps(id ? id : json_null(), JSON_ENCODE_ANY | JSON_COMPACT);
-	if (!s)
-		fz_fail("json_dumps failed on an id");
 	l->v[l->n++] = s;
+}
+
+FZ_ORACLE static void
+idlist_add(struct idlist *l, json_t *id)
+{
+	idlist_push(l, json_dumps(id ? id : json_null(), JSON_ENCODE_ANY | JSON_COMPACT));
 }
 
 /*
@@ -325,12 +330,7 @@ idlist_add(struct idlist *l, json_t *id)
 FZ_ORACLE static void
 idlist_add_raw(struct idlist *l, const char *p, size_t len)
 {
-	char *s = strndup(p, len);
-	if (!s)
-		fz_fail("out of memory");
-	idlist_add(l, NULL);
-	free(l->v[l->n - 1]);
-	l->v[l->n - 1] = s;
+	idlist_push(l, strndup(p, len));
 }
 
 FZ_ORACLE static void
