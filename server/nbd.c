@@ -83,6 +83,9 @@ struct nbd_server {
 	LIST_HEAD(, nbd_conn) conns;
 	uint64_t conn_serial;
 	struct log_ratelimit rl;
+	/* per connection; NBD_MAX_* unless nbd_set_limits lowered them */
+	unsigned max_inflight;
+	size_t max_output, max_hs_output;
 };
 
 enum conn_state {
@@ -511,8 +514,9 @@ conn_over_budget(struct nbd_conn *c)
 	if (c->tls)
 		out += tls_conn_unsent(c->tls);
 	if (c->state == CS_OPT_HEADER)
-		return out >= NBD_MAX_HS_OUTPUT;
-	return c->inflight >= NBD_MAX_INFLIGHT || out + c->inflight_bytes >= NBD_MAX_OUTPUT;
+		return out >= c->ns->max_hs_output;
+	return c->inflight >= c->ns->max_inflight ||
+	       out + c->inflight_bytes >= c->ns->max_output;
 }
 
 static void
@@ -1763,7 +1767,7 @@ conn_new(struct nbd_server *ns, struct bufferevent *bev, struct vbd *vbd, time_t
 	c->ns = ns;
 	c->bev = bev;
 	c->default_vbd = vbd;
-	c->reqs = (struct freelist)FREELIST_INIT(NBD_MAX_INFLIGHT);
+	c->reqs = (struct freelist)FREELIST_INIT(ns->max_inflight);
 	snprintf(c->peer, sizeof(c->peer), "#%u.%ju", ns->loop->index,
 		 (uintmax_t)++ns->conn_serial);
 	clock_gettime(CLOCK_MONOTONIC, &c->started);
@@ -2167,12 +2171,24 @@ nbd_server_new(struct server *srv, struct loop *loop)
 	LIST_INIT(&ns->listeners);
 	LIST_INIT(&ns->conns);
 	ns->rl = (struct log_ratelimit)LOG_RATELIMIT_INIT;
+	ns->max_inflight = NBD_MAX_INFLIGHT;
+	ns->max_output = NBD_MAX_OUTPUT;
+	ns->max_hs_output = NBD_MAX_HS_OUTPUT;
 	/* one frontend kind for every loop: it finds the vbd's loop's state */
 	if (loop->index == 0 && server_frontend_register(srv, &nbd_frontend_class, NULL) < 0) {
 		free(ns);
 		return NULL;
 	}
 	return ns;
+}
+
+void
+nbd_set_limits(struct nbd_server *ns, unsigned max_inflight, size_t max_output,
+	       size_t max_hs_output)
+{
+	ns->max_inflight = max_inflight ? max_inflight : 1;
+	ns->max_output = max_output ? max_output : 1;
+	ns->max_hs_output = max_hs_output ? max_hs_output : 1;
 }
 
 void

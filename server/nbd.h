@@ -28,6 +28,14 @@ int nbd_listen_global(struct nbd_server *ns, const char *spec, char *err, size_t
 int nbd_export_vbd(struct nbd_server *ns, struct vbd *vbd, char *err, size_t errlen);
 /* A vbd's own NBD socket: <state-dir>/nbd<pid>.<minor> (blktap's naming). */
 char *nbd_vbd_path(const struct server *srv, int minor);
+/*
+ * Lowers ns's per-connection limits (requests in flight, bytes of unsent
+ * replies and request buffers, unread option replies) for connections it
+ * accepts from now on: the fuzz target reaches them with short inputs. The
+ * enforcing code is the same at any size; 0 means 1.
+ */
+void nbd_set_limits(struct nbd_server *ns, unsigned max_inflight, size_t max_output,
+		    size_t max_hs_output);
 /* Stops accepting new connections on ns's loop (shutdown). */
 void nbd_stop_listening(struct nbd_server *ns);
 /* Connections on every loop. */

@@ -65,6 +65,9 @@ FLAGS_NZ = be32(3)         # FIXED_NEWSTYLE | NO_ZEROES
 # 0x40 read-only export, 0x80 paused. events: 0x01 early EOF, 0x02 close the
 # vbd, 0x04 force, 0x08 oversized option first, 0x10 a second client, 0x20 reset.
 
+NBD_DISK = 512 << 10    # minor 0: ram:512K (minor 1, read-only: ram:256K)
+
+
 def nbd(mode, opts, body, events=0):
     return bytes([mode, opts, events]) + body
 
@@ -73,18 +76,18 @@ IO_MIX = (req(CMD_WRITE, 0, 4096, data=b"\xab" * 4096)
           + req(CMD_WRITE, 65536 * 3 + 100, 700, F_FUA, data=b"x" * 700)
           + req(CMD_READ, 0, 8192)
           + req(CMD_FLUSH)
-          + req(CMD_CACHE, 0, 1 << 20)
+          + req(CMD_CACHE, 0, NBD_DISK // 4)
           + req(CMD_TRIM, 0, 65536 * 2)
           + req(CMD_WRITE_ZEROES, 4096, 131072, F_NO_HOLE)
           + req(CMD_WRITE_ZEROES, 0, 65536, F_FAST_ZERO)
-          + req(CMD_READ, (4 << 20) - 512, 512)
-          + req(CMD_READ, 4 << 20, 1)                    # past the end
-          + req(CMD_WRITE, (4 << 20) - 10, 20, data=b"y" * 20)  # ENOSPC, payload swallowed
+          + req(CMD_READ, NBD_DISK - 512, 512)
+          + req(CMD_READ, NBD_DISK, 1)                    # past the end
+          + req(CMD_WRITE, NBD_DISK - 10, 20, data=b"y" * 20)  # ENOSPC, payload swallowed
           + req(CMD_DISC))
 
 STRUCTURED_MIX = (req(CMD_WRITE, 70000, 3000, data=b"z" * 3000)
-                  + req(CMD_BLOCK_STATUS, 0, 4 << 20)
-                  + req(CMD_BLOCK_STATUS, 0, 4 << 20, F_REQ_ONE)
+                  + req(CMD_BLOCK_STATUS, 0, NBD_DISK)
+                  + req(CMD_BLOCK_STATUS, 0, NBD_DISK, F_REQ_ONE)
                   + req(CMD_READ, 0, 65536 + 4096, F_DF)
                   + req(CMD_READ, 0, 0)
                   + req(CMD_BLOCK_STATUS, 0, 0)          # EINVAL
@@ -125,7 +128,7 @@ NBD_SEEDS = [
     nbd(0x43, 0, STRUCTURED_MIX),
     nbd(0x12, 0, STRUCTURED_MIX),                         # 1-byte chunks
     nbd(0x14, 6, IO_MIX),                                 # 7-byte chunks
-    nbd(0x22, 0, b"".join(req(CMD_READ, i << 20, 1 << 20) for i in range(4)) * 3),
+    nbd(0x22, 0, b"".join(req(CMD_READ, i << 17, 1 << 17) for i in range(4)) * 3),
     nbd(0x82, 0, IO_MIX),                                 # paused
     nbd(0x82, 0, STRUCTURED_MIX, 0x01),                   # paused, hang up early
     nbd(0x82, 0, STRUCTURED_MIX, 0x02),                   # paused, vbd closed
