@@ -93,7 +93,7 @@ LIBTD       := $(LIBTD_SRV) $(LIBTD_DRV) $(LIBTD_LIB)
 BINS := $(BUILD)/bin/tapdiskd $(BUILD)/bin/tap-ctl $(BUILD)/bin/vhd-util $(BUILD)/bin/cbt-util
 SIM  := $(BUILD)/tests/blkfront_sim $(BUILD)/tests/alloc_probe.so
 
-.PHONY: all sim deps check check-full check-xen check-unit check-integration check-crash check-asan check-fuzz \
+.PHONY: check-layers all sim deps check check-full check-xen check-unit check-integration check-crash check-asan check-fuzz \
         check-valgrind check-fresh soak run bench clean fuzz fuzz-long install uninstall deb bins
 all: $(BINS) $(SIM)
 bins: $(BINS)
@@ -146,6 +146,12 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBTD)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) -lcmocka
 
 # ---- tests ----
+
+# an include the wrong way between layers does not compile (scripts/check-layers)
+check-layers:
+	@INC_lib='$(INC_lib)' INC_drivers='$(INC_drivers)' INC_server='$(INC_server)' \
+	 INC_control='$(INC_control)' CFLAGS_LAYERS='$(PKG_CFLAGS) $(RBD_CPPFLAGS)' CC='$(CC)' \
+	 scripts/check-layers
 
 check:
 	@scripts/install-deps check
