@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -49,6 +50,30 @@ fz_fail(const char *fmt, ...)
 	va_end(ap);
 	fputc('\n', stderr);
 	abort();
+}
+
+/* A growing byte buffer the harness builds inputs and collects replies in; a NUL follows its bytes. */
+struct fz_buf {
+	uint8_t *p;
+	size_t len, cap;
+};
+
+FZ_ORACLE static inline void
+fz_buf_put(struct fz_buf *b, const void *data, size_t len)
+{
+	if (b->len + len + 1 > b->cap) {
+		size_t cap = b->cap ? b->cap : 256;
+		while (cap < b->len + len + 1)
+			cap *= 2;
+		uint8_t *p = realloc(b->p, cap);
+		if (!p)
+			fz_fail("out of memory");
+		b->p = p;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, data, len);
+	b->len += len;
+	b->p[b->len] = '\0';
 }
 
 /* The fuzzer's end of the connection. */

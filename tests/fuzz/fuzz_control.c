@@ -259,36 +259,13 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
  * ids, as a multiset, the ones expected. Replies may come in any order.
  */
 
-struct sbuf {
-	char *p;
-	size_t len, cap;
-};
-
-static struct sbuf responses;
-
-FZ_ORACLE static void
-sbuf_add(struct sbuf *b, const void *data, size_t len)
-{
-	if (b->len + len + 1 > b->cap) {
-		size_t cap = b->cap ? b->cap : 4096;
-		while (cap < b->len + len + 1)
-			cap *= 2;
-		char *p = realloc(b->p, cap);
-		if (!p)
-			fz_fail("out of memory");
-		b->p = p;
-		b->cap = cap;
-	}
-	memcpy(b->p + b->len, data, len);
-	b->len += len;
-	b->p[b->len] = '\0';
-}
+static struct fz_buf responses;
 
 FZ_ORACLE static void
 collect(const uint8_t *p, size_t len, void *arg)
 {
 	(void)arg;
-	sbuf_add(&responses, p, len);
+	fz_buf_put(&responses, p, len);
 }
 
 FZ_ORACLE static int
@@ -634,12 +611,13 @@ check_responses(const uint8_t *in, size_t inlen, int exact, int huge_first)
 		idlist_add(&want, NULL);	/* "request line too long" */
 
 	/* every response is a whole line */
-	if (responses.len && responses.p[responses.len - 1] != '\n')
+	char *text = (char *)responses.p;
+	if (responses.len && text[responses.len - 1] != '\n')
 		fz_fail("the last response has no newline");
 	while (pos < responses.len) {
-		char *nl = memchr(responses.p + pos, '\n', responses.len - pos);
-		check_response(&got, responses.p + pos, (size_t)(nl - responses.p) - pos);
-		pos = (size_t)(nl - responses.p) + 1;
+		char *nl = memchr(text + pos, '\n', responses.len - pos);
+		check_response(&got, text + pos, (size_t)(nl - text) - pos);
+		pos = (size_t)(nl - text) + 1;
 	}
 	if (!exact || tolerate_utf8_noreply(in, inlen))
 		goto out;

@@ -123,63 +123,41 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 
 /* ---- canned handshakes ---- */
 
-struct buf {
-	uint8_t *p;
-	size_t len, cap;
-};
-
 static void
-buf_put(struct buf *b, const void *data, size_t len)
-{
-	if (b->len + len > b->cap) {
-		size_t cap = b->cap ? b->cap : 256;
-		while (cap < b->len + len)
-			cap *= 2;
-		uint8_t *p = realloc(b->p, cap);
-		if (!p)
-			fz_fail("out of memory");
-		b->p = p;
-		b->cap = cap;
-	}
-	memcpy(b->p + b->len, data, len);
-	b->len += len;
-}
-
-static void
-put32(struct buf *b, uint32_t v)
+put32(struct fz_buf *b, uint32_t v)
 {
 	uint8_t x[4];
 	put_be32(x, v);
-	buf_put(b, x, 4);
+	fz_buf_put(b, x, 4);
 }
 
 static void
-put16(struct buf *b, uint16_t v)
+put16(struct fz_buf *b, uint16_t v)
 {
 	uint8_t x[2];
 	put_be16(x, v);
-	buf_put(b, x, 2);
+	fz_buf_put(b, x, 2);
 }
 
 static void
-put_opt(struct buf *b, uint32_t opt, uint32_t len)
+put_opt(struct fz_buf *b, uint32_t opt, uint32_t len)
 {
 	uint8_t x[8];
 	put_be64(x, NBD_IHAVEOPT);
-	buf_put(b, x, 8);
+	fz_buf_put(b, x, 8);
 	put32(b, opt);
 	put32(b, len);
 }
 
 static void
-put_string(struct buf *b, const char *s)
+put_string(struct fz_buf *b, const char *s)
 {
 	put32(b, (uint32_t)strlen(s));
-	buf_put(b, s, strlen(s));
+	fz_buf_put(b, s, strlen(s));
 }
 
 static void
-put_go(struct buf *b, const char *name, int infos)
+put_go(struct fz_buf *b, const char *name, int infos)
 {
 	uint32_t n = (uint32_t)strlen(name);
 	put_opt(b, NBD_OPT_GO, 4 + n + 2 + (infos ? 6 : 0));
@@ -193,7 +171,7 @@ put_go(struct buf *b, const char *name, int infos)
 }
 
 static void
-build_prefix(struct buf *b, uint8_t mode, uint8_t events, const char *name)
+build_prefix(struct fz_buf *b, uint8_t mode, uint8_t events, const char *name)
 {
 	int kind = M_PREFIX(mode);
 
@@ -203,7 +181,7 @@ build_prefix(struct buf *b, uint8_t mode, uint8_t events, const char *name)
 	if (events & E_BIG_OPTION) {
 		static const uint8_t zeros[BIG_OPTION_LEN];
 		put_opt(b, 0x7f, BIG_OPTION_LEN);
-		buf_put(b, zeros, sizeof(zeros));
+		fz_buf_put(b, zeros, sizeof(zeros));
 	}
 	switch (kind) {
 	case PREFIX_GO_STRUCTURED:
@@ -217,7 +195,7 @@ build_prefix(struct buf *b, uint8_t mode, uint8_t events, const char *name)
 		break;
 	case PREFIX_EXPORT_NAME:
 		put_opt(b, NBD_OPT_EXPORT_NAME, (uint32_t)strlen(name));
-		buf_put(b, name, strlen(name));
+		fz_buf_put(b, name, strlen(name));
 		break;
 	case PREFIX_GO_PLAIN:
 		put_go(b, name, 0);
@@ -967,7 +945,7 @@ oracle_finish(void)
 
 /* The second client's bytes: GO, then reads spread over the export. */
 static void
-build_reader(struct buf *b, const char *name, uint64_t size)
+build_reader(struct fz_buf *b, const char *name, uint64_t size)
 {
 	put32(b, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
 	put_go(b, name, 0);
@@ -979,7 +957,7 @@ build_reader(struct buf *b, const char *name, uint64_t size)
 		put_be64(r + 8, 0x5ec0000u + i);
 		put_be64(r + 16, i == 7 ? 0 : (size / 8) * i);
 		put_be32(r + 24, i == 7 ? 0 : 65536);
-		buf_put(b, r, sizeof(r));
+		fz_buf_put(b, r, sizeof(r));
 	}
 }
 
@@ -1130,7 +1108,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct fz_client cl, cl2;
 	struct bufferevent *sbev;
-	struct buf prefix = { 0 }, reader = { 0 };
+	struct fz_buf prefix = { 0 }, reader = { 0 };
 	uint8_t mode, chunk_byte, events;
 
 	if (size < 3)
