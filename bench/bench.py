@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from allocs import alloc_bench  # noqa: E402
+from batched_client import batched_requests  # noqa: E402
 from cpu import cpu_bench  # noqa: E402
 from qos import qos_bench  # noqa: E402
 from ring import ring_bench  # noqa: E402
@@ -346,7 +347,12 @@ def cpu_part(tmp, a, image=None):
                                                           bin_dir=a.cpu_base)))
     servers += [("nbdkit-file", lambda: Nbdkit(tmp, image)),
                 ("qemu-storage-daemon", lambda: QemuStorageDaemon(tmp, image))]
-    return cpu_bench(tmp, image, servers, a.runtime, a.cpu_rounds)
+    # fio sends each request alone; the batched client sends 32 at once
+    # (bench/batched_client.py): the cost per wake-up, then per request
+    return "%s\n\n%s" % (
+        cpu_bench(tmp, image, servers, a.runtime, a.cpu_rounds),
+        cpu_bench(tmp, image, servers, a.runtime, a.cpu_rounds, batched_requests,
+                  "a client sending 32 4k requests per send (bench/batched_client.py)"))
 
 
 def rbd_part(tmp, a):

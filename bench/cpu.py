@@ -14,6 +14,10 @@ System calls: one more fio run per server and workload, under `perf stat
 -p PID` counting the raw_syscalls:sys_enter and epoll tracepoints, divided
 by the requests completed (a separate run, so that the tracing does not
 weigh on the CPU figures).
+
+Both, twice: with fio as the client (each request sent alone: the cost of
+a wake-up per request or two), and with bench/batched_client.py (32
+requests per send: the cost per request when many wait at a wake-up).
 """
 
 import os
@@ -43,23 +47,23 @@ def fio_requests(sock, rw, runtime):
     return fio_4k(sock, rw, runtime, "1G")
 
 
-def measure_cpu(srv, rw, runtime):
-    """µs of server CPU per request, and IOPS, over one fio run."""
+def measure_cpu(srv, rw, runtime, drive=fio_requests):
+    """µs of server CPU per request, and IOPS, over one run of the client drive."""
     before = cpu_seconds(srv.proc.pid)
-    ios, iops = fio_requests(srv.sock, rw, runtime)
+    ios, iops = drive(srv.sock, rw, runtime)
     used = cpu_seconds(srv.proc.pid) - before
     return (used * 1e6 / ios if ios else 0.0), iops
 
 
-def measure_syscalls(srv, rw, runtime, tmp):
-    """{event: count per request} over one fio run under perf stat."""
+def measure_syscalls(srv, rw, runtime, tmp, drive=fio_requests):
+    """{event: count per request} over one run of the client drive under perf stat."""
     out = os.path.join(tmp, "perf-stat.csv")
     perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", out,
                              "-e", ",".join(SYSCALL_EVENTS), "-p", str(srv.proc.pid)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)                     # attached before the client connects
     try:
-        ios, _ = fio_requests(srv.sock, rw, runtime)
+        ios, _ = drive(srv.sock, rw, runtime)
     finally:
         perf.send_signal(signal.SIGINT)
         perf.wait(30)
@@ -81,8 +85,10 @@ def perf_usable():
         return False
 
 
-def cpu_bench(tmp, image, servers, runtime, rounds):
-    """servers: [(name, start())], the first tapdiskd. A markdown report."""
+def cpu_bench(tmp, image, servers, runtime, rounds, drive=fio_requests,
+              client="fio nbd 4k QD32"):
+    """servers: [(name, start())], the first tapdiskd; drive(sock, rw, runtime)
+    -> (requests, rate) is the client, named client in the report. A markdown report."""
     cpu = {}        # (workload, server) -> [(µs/request, IOPS)] by round
     for rnd in range(rounds):
         turn = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
@@ -90,7 +96,7 @@ def cpu_bench(tmp, image, servers, runtime, rounds):
             for sname, start in turn:
                 srv = start()
                 try:
-                    us, iops = measure_cpu(srv, rw, runtime)
+                    us, iops = measure_cpu(srv, rw, runtime, drive)
                 finally:
                     srv.stop()
                 cpu.setdefault((wname, sname), []).append((us, iops))
@@ -103,17 +109,17 @@ def cpu_bench(tmp, image, servers, runtime, rounds):
                 srv = start()
                 try:
                     sys_counts[(wname, sname)] = measure_syscalls(srv, rw, max(2, runtime // 2),
-                                                                  tmp)
+                                                                  tmp, drive)
                 finally:
                     srv.stop()
-    return cpu_table(cpu, sys_counts, servers, runtime, rounds)
+    return cpu_table(cpu, sys_counts, servers, runtime, rounds, client)
 
 
-def cpu_table(cpu, sys_counts, servers, runtime, rounds):
+def cpu_table(cpu, sys_counts, servers, runtime, rounds, client):
     names = [s for s, _ in servers]
     td, peers = names[0], names[1:]
-    lines = ["Server CPU per request (utime+stime / requests; fio nbd 4k QD32, %d s runs, "
-             "median of %d alternating rounds)\n" % (runtime, rounds)]
+    lines = ["Server CPU per request (utime+stime / requests; %s, %d s runs, "
+             "median of %d alternating rounds)\n" % (client, runtime, rounds)]
     head = "| workload | " + " | ".join("%s µs/req (IOPS)" % n for n in names) + " | " + \
         " | ".join("%s/%s" % (td, p) for p in peers) + " |"
     lines.append(head)
@@ -131,8 +137,8 @@ def cpu_table(cpu, sys_counts, servers, runtime, rounds):
         lines.append("| %s | %s | %s |" % (wname, " | ".join(cells), " | ".join(ratios)))
     if sys_counts:
         lines.append("")
-        lines.append("System calls per request (perf stat -p, one %d s run each)\n"
-                     % max(2, runtime // 2))
+        lines.append("System calls per request (%s; perf stat -p, one %d s run each)\n"
+                     % (client, max(2, runtime // 2)))
         lines.append("| workload | server | all | epoll_ctl | epoll_wait |")
         lines.append("|---|---|---|---|---|")
         for wname, _ in WORKLOADS:
