@@ -145,7 +145,7 @@ def ring_bench(tmp, runtime, rounds):
                     if best is None or r["gbps"] > best["gbps"]:
                         best = r
                 rows.append((wname, dname, best, ceiling[bs]))
-                print("%-28s %-14s %10.0f req/s %7.2f GB/s" % (wname, dname, best["iops"],
+                print("%-36s %-14s %10.0f req/s %7.2f GB/s" % (wname, dname, best["iops"],
                                                                best["gbps"]), file=sys.stderr)
     finally:
         b.stop()
