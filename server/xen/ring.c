@@ -53,6 +53,7 @@ struct blkif_ring {
 	struct blkif_req *spare;	/* the next request's, had before it is consumed */
 	struct event *mem_ev;		/* out of memory: retry consuming */
 	int mem_waiting;
+	struct blkif_req *mem_parked;	/* consumed, waiting for its data buffer */
 	struct pgrant_table *pg;	/* persistent grants, or NULL: grant copy */
 	uint64_t pg_evict_base, pg_overflow_base;	/* at the last stats reset */
 };
@@ -78,6 +79,7 @@ struct blkif_req {
 
 static void ring_process(struct blkif_ring *r);
 static void breq_submit(struct blkif_req *b);
+static void data_request_go(struct blkif_req *b);
 
 /* ---- shared indices (the guest writes req_prod and rsp_event) ---- */
 
@@ -436,20 +438,36 @@ data_request(struct blkif_ring *r, struct blkif_req *b, int is_write)
 	b->is_write = is_write;
 	b->bytes = bytes;
 	b->buflen = bytes;
-	b->buf = bufpool_get(r->loop->pool, bytes);
+	data_request_go(b);
+}
+
+/*
+ * A checked read or write from its data buffer on. Without memory for the
+ * buffer, b waits on its ring (consumption stops behind it, as it does
+ * for a request context) and goes on when memory comes back: the guest
+ * sees a slow disk, not an error.
+ */
+static void
+data_request_go(struct blkif_req *b)
+{
+	struct blkif_ring *r = b->ring;
+	int is_write = b->is_write;
+
+	b->buf = bufpool_get(r->loop->pool, b->bytes);
 	if (!b->buf) {
-		breq_done(b, BLKIF_RSP_ERROR);
+		r->mem_parked = b;
+		ring_mem_wait(r);
 		return;
 	}
 	b->iov.iov_base = b->buf;
-	b->iov.iov_len = bytes;
+	b->iov.iov_len = b->bytes;
 	if (is_write ? breq_copy(b, 0) < 0 : r->pg && breq_premap(b) < 0) {
 		breq_done(b, BLKIF_RSP_ERROR);
 		return;
 	}
 	b->vr.td.op = is_write ? TD_OP_WRITE : TD_OP_READ;
 	b->vr.td.offset = b->sector * 512;
-	b->vr.td.length = bytes;
+	b->vr.td.length = b->bytes;
 	b->vr.td.iov = &b->iov;
 	b->vr.td.iovcnt = 1;
 	if (b->flush_then_write) {
@@ -631,7 +649,7 @@ ring_process(struct blkif_ring *r)
 	uint8_t entry[128];
 	struct blkif_raw_req raw;
 
-	while (!r->dead && !r->broken && !r->barrier) {
+	while (!r->dead && !r->broken && !r->barrier && !r->mem_parked) {
 		uint32_t prod = load(r, REQ_PROD);
 		/* the guest may have at most a ring's worth outstanding */
 		if ((uint32_t)(prod - r->rsp_prod_pvt) > r->size ||
@@ -639,7 +657,7 @@ ring_process(struct blkif_ring *r)
 			ring_kill(r, "request producer ran more than a ring ahead");
 			return;
 		}
-		while (r->req_cons != prod && !r->barrier && !r->dead) {
+		while (r->req_cons != prod && !r->barrier && !r->dead && !r->mem_parked) {
 			if (!r->spare && !(r->spare = breq_alloc(r))) {
 				ring_mem_wait(r);
 				return;
@@ -651,7 +669,7 @@ ring_process(struct blkif_ring *r)
 			blkif_decode(r->proto, entry, &raw);
 			handle_request(r, &raw);
 		}
-		if (r->dead || r->barrier)
+		if (r->dead || r->barrier || r->mem_parked)
 			return;
 		/* RING_FINAL_CHECK_FOR_REQUESTS: ask to be told, then look again */
 		store(r, REQ_EVENT, r->req_cons + 1);
@@ -671,6 +689,13 @@ ring_mem_retry(evutil_socket_t fd, short what, void *arg)
 		return;
 	r->mem_waiting = 0;
 	event_del(r->mem_ev);
+	if (r->mem_parked) {
+		struct blkif_req *b = r->mem_parked;
+		r->mem_parked = NULL;
+		data_request_go(b);	/* may park it again */
+		if (r->mem_parked || r->dead)
+			return;
+	}
 	ring_process(r);
 }
 
@@ -775,6 +800,11 @@ blkif_ring_disconnect(struct blkif_ring *r)
 	if (r->barrier_req) {
 		struct blkif_req *b = r->barrier_req;
 		r->barrier_req = NULL;
+		breq_free(b);
+	}
+	if (r->mem_parked) {
+		struct blkif_req *b = r->mem_parked;
+		r->mem_parked = NULL;
 		breq_free(b);
 	}
 	r->vbd = NULL;

@@ -1,7 +1,8 @@
 """Running out of memory is back-pressure, never an error a client sees:
 with every heap call failing (tests/preload/alloc_probe.c, toggled by
-SIGUSR1), requests wait for memory instead of failing, and complete with
-their data once it is back."""
+SIGUSR1), or only the large ones (ALLOC_FAIL_MIN: data buffers, while
+request contexts still come), requests wait for memory instead of
+failing, and complete with their data once it is back."""
 import json
 import os
 import signal
@@ -94,5 +95,79 @@ def test_blkif_requests_wait_on_the_ring_for_memory(tmp_path):
         assert guest.returncode == 0, err
         r = json.loads(out.splitlines()[-1])
         assert r["errors"] == 0 and r["mismatches"] == 0 and r["reads"] > 10, r
+    finally:
+        x.close()
+
+
+def test_blkif_requests_wait_on_the_ring_for_their_data_buffers(tmp_path):
+    """Request contexts come, large data buffers do not (ALLOC_FAIL_MIN):
+    the guest's large requests must wait on the ring, not fail, and all
+    complete with their data once memory is back."""
+    from xen_harness import Xen, ram, wait_for
+    x = Xen(tmp_path, server_env={"LD_PRELOAD": PROBE, "ALLOC_FAIL_MIN": str((64 << 10) + 1)})
+    try:
+        m = ram(x)
+        be = x.attach(m)
+        wait_for(lambda: x.state(be) == 2, what="InitWait")
+        gate = tmp_path / "gate"
+        # up to 128 KiB a request (indirect): half need a buffer over 64 KiB
+        guest = x.sim_bg(be, "--verify", 3, "--indirect", "--max-sectors", 256,
+                         "--region-mb", 32, "--patience", 60, "--gate", gate)
+        wait_for(lambda: x.state(be) == 4, what="Connected")
+        fe = "/local/domain/1/device/vbd/51712/state"
+        wait_for(lambda: x.read(fe) == "4", what="the guest Connected")
+        time.sleep(0.2)                     # the server has seen it (a xenstore event)
+        pid = x.srv.proc.pid
+        os.kill(pid, signal.SIGUSR1)        # buffers over 64 KiB fail from now
+        try:
+            gate.touch()
+            wait_for(lambda: "requests wait on the ring" in x.srv.log(),
+                     what="a request waiting on the ring for its buffer")
+            time.sleep(0.5)                 # it stays waiting, not failed
+            assert guest.poll() is None
+        finally:
+            os.kill(pid, signal.SIGUSR1)    # memory is back
+        out, err = guest.communicate(timeout=120)
+        assert guest.returncode == 0, err
+        r = json.loads(out.splitlines()[-1])
+        assert r["errors"] == 0 and r["mismatches"] == 0 and r["indirect"] > 10, r
+        st = x.srv.stats(m)
+        assert st["ops"]["read"]["errors"] == 0 and st["ops"]["write"]["errors"] == 0
+    finally:
+        x.close()
+
+
+def test_blkif_guest_vanishing_while_its_request_waits_for_a_buffer(tmp_path):
+    """The guest dies while a request of its ring waits for a buffer: the
+    ring goes with its waiting request, and the disk serves the next guest."""
+    from xen_harness import Xen, ram, wait_for
+    x = Xen(tmp_path, server_env={"LD_PRELOAD": PROBE, "ALLOC_FAIL_MIN": str((64 << 10) + 1)})
+    try:
+        m = ram(x)
+        be = x.attach(m)
+        wait_for(lambda: x.state(be) == 2, what="InitWait")
+        gate = tmp_path / "gate"
+        guest = x.sim_bg(be, "--verify", 30, "--indirect", "--max-sectors", 256,
+                         "--region-mb", 32, "--patience", 60, "--gate", gate)
+        wait_for(lambda: x.read("/local/domain/1/device/vbd/51712/state") == "4",
+                 what="the guest Connected")
+        time.sleep(0.2)
+        pid = x.srv.proc.pid
+        os.kill(pid, signal.SIGUSR1)        # buffers over 64 KiB fail from now
+        try:
+            gate.touch()
+            wait_for(lambda: "requests wait on the ring" in x.srv.log(),
+                     what="a request waiting on the ring for its buffer")
+            guest.kill()
+            guest.communicate(timeout=30)
+            x.detach()
+            wait_for(lambda: "backend directory removed" in x.srv.log(), what="the device to go")
+        finally:
+            os.kill(pid, signal.SIGUSR1)    # memory is back
+        time.sleep(0.3)                     # a retry timer, had the ring stayed
+        assert x.srv.proc.poll() is None
+        be = x.attach(m, domid=2)
+        r = x.sim(be, "--verify", 1, "--indirect", "--max-sectors", 256, domid=2)
+        assert r["errors"] == 0 and r["mismatches"] == 0 and r["indirect"] > 10, r
     finally:
         x.close()

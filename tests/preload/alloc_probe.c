@@ -5,7 +5,9 @@
  *   ALLOC_COUNT_FILE each time the process gets SIGUSR2: allocations per
  *   request, measured from outside;
  * - SIGUSR1 toggles failing every one of them (ENOMEM) until the next
- *   SIGUSR1: how the process behaves when memory runs out.
+ *   SIGUSR1: how the process behaves when memory runs out. With
+ *   ALLOC_FAIL_MIN=N only those of N bytes or more fail (large data
+ *   buffers, while small objects still come).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -20,6 +22,7 @@
 
 static atomic_ulong count;
 static atomic_int failing;
+static size_t fail_min;		/* ALLOC_FAIL_MIN */
 static void *(*real_malloc)(size_t);
 static void *(*real_calloc)(size_t, size_t);
 static void *(*real_realloc)(void *, size_t);
@@ -101,14 +104,17 @@ install_handlers(void)
 	sigaction(SIGUSR2, &sa, NULL);
 	sa.sa_handler = on_usr1;
 	sigaction(SIGUSR1, &sa, NULL);
+	const char *min = getenv("ALLOC_FAIL_MIN");
+	if (min)
+		fail_min = strtoull(min, NULL, 10);
 }
 
 /* An allocation that is to fail now (counted all the same). */
 static int
-fail_now(void)
+fail_now(size_t n)
 {
 	atomic_fetch_add(&count, 1);
-	if (!atomic_load(&failing))
+	if (!atomic_load(&failing) || n < fail_min)
 		return 0;
 	errno = ENOMEM;
 	return 1;
@@ -120,7 +126,7 @@ malloc(size_t n)
 	resolve();
 	if (!real_malloc)
 		return arena_alloc(n);
-	return fail_now() ? NULL : real_malloc(n);
+	return fail_now(n) ? NULL : real_malloc(n);
 }
 
 void *
@@ -129,28 +135,28 @@ calloc(size_t a, size_t b)
 	resolve();
 	if (!real_calloc)
 		return arena_alloc(a * b);	/* zeroed: static storage */
-	return fail_now() ? NULL : real_calloc(a, b);
+	return fail_now(a * b) ? NULL : real_calloc(a, b);
 }
 
 void *
 realloc(void *p, size_t n)
 {
 	resolve();
-	return fail_now() ? NULL : real_realloc(p, n);
+	return fail_now(n) ? NULL : real_realloc(p, n);
 }
 
 int
 posix_memalign(void **p, size_t a, size_t n)
 {
 	resolve();
-	return fail_now() ? ENOMEM : real_posix_memalign(p, a, n);
+	return fail_now(n) ? ENOMEM : real_posix_memalign(p, a, n);
 }
 
 void *
 aligned_alloc(size_t a, size_t n)
 {
 	resolve();
-	return fail_now() ? NULL : real_aligned_alloc(a, n);
+	return fail_now(n) ? NULL : real_aligned_alloc(a, n);
 }
 
 void

@@ -1433,6 +1433,9 @@ main(int argc, char **argv)
 		return run_memcpy(secs, bs);
 	if (!dir || !bpath || nq < 1 || nq > MAX_QUEUES || order > 4)
 		fail("usage: see the header of blkfront_sim.c");
+	/* a random layout may give every sector a segment of its own */
+	if (max_sectors < 1 || max_sectors > MAX_SEGS)
+		fail("--max-sectors must be 1 to %u", MAX_SEGS);
 	proto64 = strcmp(proto, "x86_32-abi") != 0;
 	snprintf(be, sizeof(be), "%s", bpath);
 	snprintf(fe, sizeof(fe), "/local/domain/%u/device/vbd/%u", domid, devid);
