@@ -3,6 +3,7 @@ with every heap call failing (tests/preload/alloc_probe.c, toggled by
 SIGUSR1), or only the large ones (ALLOC_FAIL_MIN: data buffers, while
 request contexts still come), requests wait for memory instead of
 failing, and complete with their data once it is back."""
+import contextlib
 import json
 import os
 import signal
@@ -66,108 +67,94 @@ def test_nbd_requests_wait_for_memory_and_then_complete(make_server, tmp_path):
     srv.call("close", minor=m)
 
 
+FAIL_LARGE = {"ALLOC_FAIL_MIN": str((64 << 10) + 1)}   # buffers over 64 KiB; contexts come
+# up to 128 KiB a request (indirect): half of them need a buffer over 64 KiB
+LARGE_IO = ("--indirect", "--max-sectors", 256, "--region-mb", 32)
+
+
+@contextlib.contextmanager
+def probed_xen(tmp_path, probe_env):
+    """A simulated Xen whose server runs under the probe (probe_env: which
+    allocations fail when SIGUSR1 says so)."""
+    from xen_harness import Xen
+    x = Xen(tmp_path, server_env=dict(probe_env, LD_PRELOAD=PROBE))
+    try:
+        yield x
+    finally:
+        x.close()
+
+
+@contextlib.contextmanager
+def short_of_memory(x, tmp_path, *sim_args):
+    """A ram vbd and a guest on it (blkfront_sim sim_args), Connected and
+    held before its first request; then allocations fail, the guest goes,
+    and this waits until a ring waits for memory. Yields (minor, guest)
+    while memory is short; memory is back after it."""
+    from xen_harness import ram, wait_for
+    m = ram(x)
+    be = x.attach(m)
+    wait_for(lambda: x.state(be) == 2, what="InitWait")
+    gate = tmp_path / "gate"
+    guest = x.sim_bg(be, *sim_args, "--patience", 60, "--gate", gate)
+    wait_for(lambda: x.state(be) == 4, what="Connected")
+    wait_for(lambda: x.read("/local/domain/1/device/vbd/51712/state") == "4",
+             what="the guest Connected")
+    time.sleep(0.2)                         # the server has seen it (a xenstore event)
+    pid = x.srv.proc.pid
+    os.kill(pid, signal.SIGUSR1)            # allocations fail from now
+    try:
+        gate.touch()                        # the guest's first requests go now
+        wait_for(lambda: "requests wait on the ring" in x.srv.log(),
+                 what="a request waiting on the ring for memory")
+        yield m, guest
+    finally:
+        os.kill(pid, signal.SIGUSR1)        # memory is back
+
+
+def guest_result(guest):
+    out, err = guest.communicate(timeout=120)
+    assert guest.returncode == 0, err
+    return json.loads(out.splitlines()[-1])
+
+
 def test_blkif_requests_wait_on_the_ring_for_memory(tmp_path):
     """A guest connects and holds its first request until the server fails
     every allocation: its ring's requests must wait, then all complete."""
-    from xen_harness import Xen, ram, wait_for
-    x = Xen(tmp_path, server_env={"LD_PRELOAD": PROBE})
-    try:
-        m = ram(x)
-        be = x.attach(m)
-        wait_for(lambda: x.state(be) == 2, what="InitWait")
-        gate = tmp_path / "gate"
-        guest = x.sim_bg(be, "--verify", 1, "--order", 2, "--region-mb", 32,
-                         "--patience", 60, "--gate", gate)
-        wait_for(lambda: x.state(be) == 4, what="Connected")
-        fe = "/local/domain/1/device/vbd/51712/state"
-        wait_for(lambda: x.read(fe) == "4", what="the guest Connected")
-        time.sleep(0.2)                     # the server has seen it (a xenstore event)
-        pid = x.srv.proc.pid
-        os.kill(pid, signal.SIGUSR1)        # every allocation fails from now
-        try:
-            gate.touch()                    # the guest's first requests go now
-            wait_for(lambda: "requests wait on the ring" in x.srv.log(),
-                     what="a request waiting on the ring for memory")
+    with probed_xen(tmp_path, {}) as x:
+        with short_of_memory(x, tmp_path, "--verify", 1, "--order", 2, "--region-mb", 32) \
+                as (m, guest):
             time.sleep(0.3)                 # they stay waiting, not failed
-        finally:
-            os.kill(pid, signal.SIGUSR1)    # memory is back
-        out, err = guest.communicate(timeout=120)
-        assert guest.returncode == 0, err
-        r = json.loads(out.splitlines()[-1])
+        r = guest_result(guest)
         assert r["errors"] == 0 and r["mismatches"] == 0 and r["reads"] > 10, r
-    finally:
-        x.close()
 
 
 def test_blkif_requests_wait_on_the_ring_for_their_data_buffers(tmp_path):
     """Request contexts come, large data buffers do not (ALLOC_FAIL_MIN):
     the guest's large requests must wait on the ring, not fail, and all
     complete with their data once memory is back."""
-    from xen_harness import Xen, ram, wait_for
-    x = Xen(tmp_path, server_env={"LD_PRELOAD": PROBE, "ALLOC_FAIL_MIN": str((64 << 10) + 1)})
-    try:
-        m = ram(x)
-        be = x.attach(m)
-        wait_for(lambda: x.state(be) == 2, what="InitWait")
-        gate = tmp_path / "gate"
-        # up to 128 KiB a request (indirect): half need a buffer over 64 KiB
-        guest = x.sim_bg(be, "--verify", 3, "--indirect", "--max-sectors", 256,
-                         "--region-mb", 32, "--patience", 60, "--gate", gate)
-        wait_for(lambda: x.state(be) == 4, what="Connected")
-        fe = "/local/domain/1/device/vbd/51712/state"
-        wait_for(lambda: x.read(fe) == "4", what="the guest Connected")
-        time.sleep(0.2)                     # the server has seen it (a xenstore event)
-        pid = x.srv.proc.pid
-        os.kill(pid, signal.SIGUSR1)        # buffers over 64 KiB fail from now
-        try:
-            gate.touch()
-            wait_for(lambda: "requests wait on the ring" in x.srv.log(),
-                     what="a request waiting on the ring for its buffer")
+    with probed_xen(tmp_path, FAIL_LARGE) as x:
+        with short_of_memory(x, tmp_path, "--verify", 3, *LARGE_IO) as (m, guest):
             time.sleep(0.5)                 # it stays waiting, not failed
             assert guest.poll() is None
-        finally:
-            os.kill(pid, signal.SIGUSR1)    # memory is back
-        out, err = guest.communicate(timeout=120)
-        assert guest.returncode == 0, err
-        r = json.loads(out.splitlines()[-1])
+        r = guest_result(guest)
         assert r["errors"] == 0 and r["mismatches"] == 0 and r["indirect"] > 10, r
         st = x.srv.stats(m)
         assert st["ops"]["read"]["errors"] == 0 and st["ops"]["write"]["errors"] == 0
-    finally:
-        x.close()
 
 
 def test_blkif_guest_vanishing_while_its_request_waits_for_a_buffer(tmp_path):
     """The guest dies while a request of its ring waits for a buffer: the
     ring goes with its waiting request, and the disk serves the next guest."""
-    from xen_harness import Xen, ram, wait_for
-    x = Xen(tmp_path, server_env={"LD_PRELOAD": PROBE, "ALLOC_FAIL_MIN": str((64 << 10) + 1)})
-    try:
-        m = ram(x)
-        be = x.attach(m)
-        wait_for(lambda: x.state(be) == 2, what="InitWait")
-        gate = tmp_path / "gate"
-        guest = x.sim_bg(be, "--verify", 30, "--indirect", "--max-sectors", 256,
-                         "--region-mb", 32, "--patience", 60, "--gate", gate)
-        wait_for(lambda: x.read("/local/domain/1/device/vbd/51712/state") == "4",
-                 what="the guest Connected")
-        time.sleep(0.2)
-        pid = x.srv.proc.pid
-        os.kill(pid, signal.SIGUSR1)        # buffers over 64 KiB fail from now
-        try:
-            gate.touch()
-            wait_for(lambda: "requests wait on the ring" in x.srv.log(),
-                     what="a request waiting on the ring for its buffer")
+    from xen_harness import wait_for
+    with probed_xen(tmp_path, FAIL_LARGE) as x:
+        with short_of_memory(x, tmp_path, "--verify", 30, *LARGE_IO) as (m, guest):
             guest.kill()
             guest.communicate(timeout=30)
             x.detach()
-            wait_for(lambda: "backend directory removed" in x.srv.log(), what="the device to go")
-        finally:
-            os.kill(pid, signal.SIGUSR1)    # memory is back
+            wait_for(lambda: "backend directory removed" in x.srv.log(),
+                     what="the device to go")
         time.sleep(0.3)                     # a retry timer, had the ring stayed
         assert x.srv.proc.poll() is None
         be = x.attach(m, domid=2)
-        r = x.sim(be, "--verify", 1, "--indirect", "--max-sectors", 256, domid=2)
+        r = x.sim(be, "--verify", 1, *LARGE_IO, domid=2)
         assert r["errors"] == 0 and r["mismatches"] == 0 and r["indirect"] > 10, r
-    finally:
-        x.close()
