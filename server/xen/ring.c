@@ -54,11 +54,19 @@ struct blkif_ring {
 	struct event *mem_ev;		/* out of memory: retry consuming */
 	int mem_waiting;
 	struct blkif_req *mem_parked;	/* consumed, waiting for its data buffer */
+	struct blkif_seg *spare_segs;	/* the next indirect request's, had before it is consumed */
+	uint8_t *desc;			/* an indirect request's descriptor pages, parsed at once */
 	struct pgrant_table *pg;	/* persistent grants, or NULL: grant copy */
 	uint64_t pg_evict_base, pg_overflow_base;	/* at the last stats reset */
 };
 
 enum breq_kind { BR_DATA, BR_FLUSH, BR_DISCARD };
+
+/* an indirect request's segments, and the pages that describe them */
+#define INDIRECT_SEGS_BYTES (BLKIF_MAX_INDIRECT_SEGMENTS * sizeof(struct blkif_seg))
+#define INDIRECT_DESC_PAGES \
+	((BLKIF_MAX_INDIRECT_SEGMENTS + BLKIF_SEGS_PER_INDIRECT_PAGE - 1) / BLKIF_SEGS_PER_INDIRECT_PAGE)
+#define INDIRECT_DESC_BYTES ((size_t)INDIRECT_DESC_PAGES * XEN_PAGE_SIZE)
 
 struct blkif_req {
 	struct vbd_request vr;
@@ -162,6 +170,10 @@ ring_free(struct blkif_ring *r)
 		event_free(r->mem_ev);
 	if (r->spare)
 		vbd_request_put(&r->reqs, &r->spare->vr);
+	if (r->spare_segs)
+		bufpool_put(r->loop->pool, r->spare_segs, INDIRECT_SEGS_BYTES);
+	if (r->desc)
+		bufpool_put(r->loop->pool, r->desc, INDIRECT_DESC_BYTES);
 	freelist_drain(&r->reqs);
 	pgrant_free(r->pg);	/* NULL unless connecting failed */
 	free(r);
@@ -181,7 +193,7 @@ breq_free(struct blkif_req *b)
 	if (b->buf)
 		bufpool_put(r->loop->pool, b->buf, b->buflen);
 	if (b->segs != b->inline_segs)
-		bufpool_put(r->loop->pool, b->segs, b->nr_segs * sizeof(*b->segs));
+		bufpool_put(r->loop->pool, b->segs, INDIRECT_SEGS_BYTES);
 	vbd_request_put(&r->reqs, &b->vr);
 	r->inflight--;
 }
@@ -502,20 +514,12 @@ indirect_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 		return;
 	}
 	unsigned pages = (nr + BLKIF_SEGS_PER_INDIRECT_PAGE - 1) / BLKIF_SEGS_PER_INDIRECT_PAGE;
-	struct bufpool *pool = r->loop->pool;
-	size_t desc_len = (size_t)pages * XEN_PAGE_SIZE;
-	uint8_t *desc = bufpool_get(pool, desc_len);
+	uint8_t *desc = r->desc;
+	/* ring_process made sure of both before it consumed the request */
 	struct blkif_req *b = breq_new(r, raw->id, op);
-	if (!desc || !b || !(b->segs = bufpool_get(pool, nr * sizeof(*b->segs)))) {
-		if (desc)
-			bufpool_put(pool, desc, desc_len);
-		if (b) {
-			b->segs = b->inline_segs;
-			breq_done(b, BLKIF_RSP_ERROR);
-		}
-		return;
-	}
-	b->nr_segs = nr;	/* the size of segs, for breq_free */
+	b->segs = r->spare_segs;
+	r->spare_segs = NULL;
+	b->nr_segs = nr;
 	struct xport_copy c[BLKIF_MAX_INDIRECT_PAGES];
 	for (unsigned i = 0; i < pages; i++) {
 		c[i].ref = raw->indirect_grefs[i];
@@ -529,14 +533,12 @@ indirect_request(struct blkif_ring *r, const struct blkif_raw_req *raw)
 	for (unsigned i = 0; i < pages; i++)
 		bad |= c[i].status != 0;
 	if (bad) {
-		bufpool_put(pool, desc, desc_len);
 		r->stats.errors_map++;
 		breq_done(b, BLKIF_RSP_ERROR);
 		return;
 	}
 	for (unsigned i = 0; i < nr; i++)
 		blkif_indirect_seg(desc, i, &b->segs[i]);
-	bufpool_put(pool, desc, desc_len);
 	b->sector = raw->sector;
 	data_request(r, b, op == BLKIF_OP_WRITE);
 }
@@ -665,8 +667,13 @@ ring_process(struct blkif_ring *r)
 			const uint8_t *e = r->sring + BLKIF_RING_HEADER +
 					   (r->req_cons & (r->size - 1)) * r->entry;
 			memcpy(entry, e, r->entry);	/* once: the guest may rewrite it */
-			r->req_cons++;
 			blkif_decode(r->proto, entry, &raw);
+			if (raw.op == BLKIF_OP_INDIRECT && !r->spare_segs &&
+			    !(r->spare_segs = bufpool_get(r->loop->pool, INDIRECT_SEGS_BYTES))) {
+				ring_mem_wait(r);
+				return;	/* not consumed: read again then */
+			}
+			r->req_cons++;
 			handle_request(r, &raw);
 		}
 		if (r->dead || r->barrier || r->mem_parked)
@@ -770,7 +777,9 @@ blkif_ring_connect(struct xport *port, struct vbd *vbd,
 	r->push_ev = event_new(base, -1, 0, ring_push, r);
 	r->dead_ev = event_new(base, -1, 0, ring_on_dead, r);
 	r->mem_ev = evtimer_new(base, ring_mem_retry, r);
-	if (!r->ev || !r->push_ev || !r->dead_ev || !r->mem_ev || event_add(r->ev, NULL) < 0) {
+	r->desc = bufpool_get(r->loop->pool, INDIRECT_DESC_BYTES);
+	if (!r->ev || !r->push_ev || !r->dead_ev || !r->mem_ev || !r->desc ||
+	    event_add(r->ev, NULL) < 0) {
 		snprintf(err, errlen, "out of memory");
 		port->ops->unbind(r->evt);
 		port->ops->unmap(port, r->domid, r->sring, r->nr_pages);

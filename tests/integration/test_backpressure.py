@@ -142,6 +142,18 @@ def test_blkif_requests_wait_on_the_ring_for_their_data_buffers(tmp_path):
         assert st["ops"]["read"]["errors"] == 0 and st["ops"]["write"]["errors"] == 0
 
 
+def test_blkif_indirect_requests_wait_for_their_segment_tables(tmp_path):
+    """Every pool buffer fails (4 KiB and up), small objects still come: an
+    indirect request's segment table is had before its entry is consumed,
+    so the request waits on the ring, then completes."""
+    with probed_xen(tmp_path, {"ALLOC_FAIL_MIN": "4096"}) as x:
+        with short_of_memory(x, tmp_path, "--verify", 2, *LARGE_IO) as (m, guest):
+            time.sleep(0.5)
+            assert guest.poll() is None
+        r = guest_result(guest)
+        assert r["errors"] == 0 and r["mismatches"] == 0 and r["indirect"] > 10, r
+
+
 def test_blkif_guest_vanishing_while_its_request_waits_for_a_buffer(tmp_path):
     """The guest dies while a request of its ring waits for a buffer: the
     ring goes with its waiting request, and the disk serves the next guest."""
