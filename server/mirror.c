@@ -79,7 +79,7 @@ struct mirror {
 	struct mirror_copy copies[MIRROR_COPIES];
 	unsigned ncopies;
 	TAILQ_HEAD(, mirror_write) writes;		/* guest writes in flight */
-	TAILQ_HEAD(, vbd_request) parked;		/* guest writes waiting for a copy */
+	TAILQ_HEAD(, vbd_request) parked;	/* guest writes waiting (write_waits), in order */
 
 	struct io_defer kick;
 	int kick_pending;
@@ -166,6 +166,54 @@ range_busy(const struct mirror *m, uint64_t off, uint64_t len, int writes)
 	return 0;
 }
 
+/* Does [off, off+len) meet a guest write parked before `before` (NULL: any)? */
+static int
+parked_before(const struct mirror *m, const struct vbd_request *before, uint64_t off,
+	      uint64_t len)
+{
+	const struct vbd_request *vr;
+
+	TAILQ_FOREACH(vr, &m->parked, job_link) {
+		if (vr == before)
+			return 0;
+		if (off < vr->td.offset + vr->td.length && vr->td.offset < off + len)
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * Whether guest write vr waits: while a copy holds its range, and while it
+ * overlaps an earlier guest write still waiting or (on a mirror) in
+ * flight. Two overlapping writes then reach the source and the
+ * destination in the same order: sent together, a retry of the first
+ * (vbd.c resends to the source alone) could land after the second on one
+ * side only, and the sides would differ after the pivot.
+ */
+static int
+write_waits(const struct mirror *m, const struct vbd_request *vr)
+{
+	const struct td_request *td = &vr->td;
+
+	return range_busy(m, td->offset, td->length, !m->stream) ||
+	       parked_before(m, vr, td->offset, td->length);
+}
+
+/* Parked guest writes that need not wait any more go on, in order. */
+static void
+unpark(struct mirror *m)
+{
+	struct vbd_request *vr, *next;
+
+	for (vr = TAILQ_FIRST(&m->parked); vr; vr = next) {
+		next = TAILQ_NEXT(vr, job_link);
+		if (write_waits(m, vr))
+			continue;
+		TAILQ_REMOVE(&m->parked, vr, job_link);
+		vbd_request_send(m->job.vbd, vr);	/* not parked again: nothing is in its way */
+	}
+}
+
 /* The next dirty block no copy or guest write is on, from the scan cursor; -1 if none. */
 static int64_t
 dirty_next(struct mirror *m)
@@ -231,18 +279,10 @@ static void
 copy_finished(struct mirror_copy *c)
 {
 	struct mirror *m = c->m;
-	struct vbd_request *vr, *next;
 
 	c->busy = 0;
 	m->ncopies--;
-	/* guest writes that waited for this range go on (unless another copy holds them) */
-	for (vr = TAILQ_FIRST(&m->parked); vr; vr = next) {
-		next = TAILQ_NEXT(vr, job_link);
-		if (range_busy(m, vr->td.offset, vr->td.length, 0))
-			continue;
-		TAILQ_REMOVE(&m->parked, vr, job_link);
-		vbd_request_send(m->job.vbd, vr);
-	}
+	unpark(m);	/* guest writes that waited for this range */
 	mirror_pump(m);
 }
 
@@ -772,7 +812,7 @@ mirror_guest_write(struct blockjob *job, struct vbd_request *vr)
 		vr->job_write = NULL;
 		free(w);
 	}
-	if (range_busy(m, td->offset, td->length, 0)) {
+	if (write_waits(m, vr)) {
 		TAILQ_INSERT_TAIL(&m->parked, vr, job_link);
 		return 1;
 	}
@@ -819,6 +859,7 @@ mirror_write_end(struct mirror_write *w)
 	if (w->mark_dirty && !w->src_err && !m->job.stopping)
 		dirty_set(m, w->off, w->len);
 	free(w);
+	unpark(m);	/* guest writes that overlapped it */
 	mirror_pump(m);	/* a copy may have waited for this range */
 }
 

@@ -11,7 +11,9 @@
  * blocks again), at most MIRROR_COPIES ranges of at most 1 MiB at a time.
  * A guest write never overlaps a range being copied: it waits for that
  * copy, and a copy never starts over a guest write in flight, so what a
- * copy reads is what the destination must hold. Once the bitmap is empty
+ * copy reads is what the destination must hold. A guest write overlapping
+ * an earlier one in flight waits for it too, so that both sides see them
+ * in one order. Once the bitmap is empty
  * the job is ready and stays so: a pivot then only drains the requests in
  * flight, flushes the destination and swaps the chain.
  *

@@ -6,8 +6,10 @@ plugin, qemu-storage-daemon and a second tapdiskd; a destination that dies;
 the refusals."""
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import nbd
@@ -322,3 +324,41 @@ def test_refusals(server, tmp_path):
     server.call("close", minor=m2)
     r = server.tapctl("mirror", "-m", m, check=False)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_overlapping_writes_reach_both_sides_in_one_order(make_server, tmp_path):
+    """Two writes to one block in flight at once, the first failing once on
+    the source with EAGAIN (vbd.c sends it again, to the source alone): the
+    second must wait for the first, or it lands on the source before the
+    first's retry and on the destination after the first: the sides differ.
+    Both files on tmpfs, whose writes run in order, as they are sent."""
+    shm = tempfile.mkdtemp(prefix="tdmirror", dir="/dev/shm")
+    try:
+        srv = make_server(extra=["--fault-injection"])
+        src, dst = os.path.join(shm, "src.img"), os.path.join(shm, "dst.img")
+        make_image(src, 8 * MiB)
+        make_image(dst, 8 * MiB)
+        m = srv.open("aio:" + src)["minor"]
+        srv.tapctl("mirror", "-m", m, "-d", "aio:" + dst)
+        wait_job(srv, m, "ready")
+        srv.call("fault-inject", nth=1, count=1, kinds="write", path="src.img",
+                 error="EAGAIN")
+        h = nbd.NBD()
+        h.connect_uri(srv.uri(m))
+        first = h.aio_pwrite(b"A" * 4096, 0)
+        second = h.aio_pwrite(b"B" * 4096, 0)      # sent with it, not after it
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        assert h.aio_command_completed(first) and h.aio_command_completed(second)
+        assert srv.call("fault-inject")["result"]["injected"] == 1
+        assert srv.stats(m)["retries"] == 1
+        with open(src, "rb") as f:
+            on_src = f.read(4096)
+        with open(dst, "rb") as f:
+            on_dst = f.read(4096)
+        assert on_src == on_dst == b"B" * 4096, (on_src[:1], on_dst[:1])
+        h.shutdown()
+        srv.tapctl("job-cancel", "-m", m)
+        srv.call("close", minor=m)
+    finally:
+        shutil.rmtree(shm)
