@@ -866,10 +866,9 @@ vbd_td_done(struct td_request *td, int err)
 {
 	struct vbd_request *vr = (struct vbd_request *)td;
 	struct vbd *vbd = vr->vbd;
-	uint64_t now = now_ns();
 
 	if (transient(err) && !vr->late && !(vbd->state & VBD_DEAD)) {
-		if (vbd_retry_later(vbd, vr, err, now) == 0)
+		if (vbd_retry_later(vbd, vr, err, now_ns()) == 0)
 			return;
 		vbd->timeouts++;
 		log_warn("minor %d: request at %ju still failing (%s) after %u s: failed (EIO)",
