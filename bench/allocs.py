@@ -7,29 +7,16 @@ state for raw and allocated vhd/qcow2 reads and writes."""
 
 import json
 import os
-import signal
 import subprocess
-import time
+import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-PROBE = os.path.join(ROOT, "build", "tests", "alloc_probe.so")
+sys.path.insert(0, os.path.join(ROOT, "tests", "preload"))
+from alloc_count import PROBE_NAME, allocations  # noqa: E402
+
+PROBE = os.path.join(ROOT, "build", "tests", PROBE_NAME)
 
 WORKLOADS = [("4k randread QD32", "randread"), ("4k randwrite QD32", "randwrite")]
-
-
-def allocations(pid, count_file):
-    os.kill(pid, signal.SIGUSR2)
-    for _ in range(100):
-        time.sleep(0.02)
-        try:
-            with open(count_file) as f:
-                words = f.read().split()
-            if len(words) == 2:
-                os.unlink(count_file)
-                return int(words[1])
-        except FileNotFoundError:
-            pass
-    raise RuntimeError("the allocation probe did not answer")
 
 
 def fio_4k(sock, rw, runtime, size="64M"):
@@ -49,15 +36,18 @@ def fio_ios(sock, rw, runtime):
 
 
 def alloc_bench(tmp, images, tapdiskd, runtime):
-    """images: {label: params}. tapdiskd(tmp, image, fmt, env) starts a server."""
+    """images: {label: (fmt, path, rws)}, rws: the fio workloads to run
+    (None: both; ("randread",) for an empty child, which a write would
+    fill). tapdiskd(tmp, image, fmt, env) starts a server."""
     count_file = os.path.join(tmp, "allocs")
     env = dict(os.environ, LD_PRELOAD=PROBE, ALLOC_COUNT_FILE=count_file)
     rows = []
-    for label, (fmt, image) in images.items():
+    for label, (fmt, image, rws) in images.items():
         srv = tapdiskd(tmp, image, fmt, env)
+        workloads = [w for w in WORKLOADS if not rws or w[1] in rws]
         try:
-            fio_ios(srv.sock, "randwrite", 1)           # warm: connection, caches, pool
-            for wname, rw in WORKLOADS:
+            fio_ios(srv.sock, workloads[-1][1], 1)      # warm: connection, caches, pool
+            for wname, rw in workloads:
                 before = allocations(srv.proc.pid, count_file)
                 ios = fio_ios(srv.sock, rw, runtime)
                 after = allocations(srv.proc.pid, count_file)

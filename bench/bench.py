@@ -287,7 +287,9 @@ def qos_part(tmp, a, image=None):
 
 
 def allocs_part(tmp, a):
-    """Allocations per request on a filled raw, vhd and qcow2 image of 64 MiB."""
+    """Allocations per request on a filled raw, vhd and qcow2 image of 64 MiB,
+    and reads through an empty vhd and qcow2 child of the filled one (every
+    read goes to the parent)."""
     images = {}
     for label, fmt in (("raw", "aio"), ("vhd", "vhd"), ("qcow2", "qcow2")):
         path = os.path.join(tmp, "allocs." + label)
@@ -306,7 +308,15 @@ def allocs_part(tmp, a):
                             "--output=/dev/null"], check=True)
         finally:
             srv.stop()
-        images[label] = (fmt, path)
+        images[label] = (fmt, path, None)
+    child = os.path.join(tmp, "allocs.vhd-child")
+    subprocess.run([os.path.join(BIN, "vhd-util"), "snapshot", "-n", child, "-p",
+                    images["vhd"][1]], check=True)
+    images["vhd child (reads from its parent)"] = ("vhd", child, ("randread",))
+    child = os.path.join(tmp, "allocs.qcow2-child")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", images["qcow2"][1],
+                    "-F", "qcow2", child], check=True)
+    images["qcow2 child (reads from its parent)"] = ("qcow2", child, ("randread",))
     return alloc_bench(tmp, images, lambda t, img, fmt, env: Tapdiskd(t, img, a.engine, fmt, env),
                        a.runtime)
 
