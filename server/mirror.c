@@ -80,6 +80,7 @@ struct mirror {
 	unsigned ncopies;
 	TAILQ_HEAD(, mirror_write) writes;		/* guest writes in flight */
 	TAILQ_HEAD(, vbd_request) parked;	/* guest writes waiting (write_waits), in order */
+	struct vbd_request *unparked;	/* being sent again by unpark: it waits no more */
 
 	struct io_defer kick;
 	int kick_pending;
@@ -210,7 +211,11 @@ unpark(struct mirror *m)
 		if (write_waits(m, vr))
 			continue;
 		TAILQ_REMOVE(&m->parked, vr, job_link);
-		vbd_request_send(m->job.vbd, vr);	/* not parked again: nothing is in its way */
+		/* checked against the writes parked before it; those after it
+		 * must not hold it back when mirror_guest_write sees it again */
+		m->unparked = vr;
+		vbd_request_send(m->job.vbd, vr);
+		m->unparked = NULL;
 	}
 }
 
@@ -812,7 +817,7 @@ mirror_guest_write(struct blockjob *job, struct vbd_request *vr)
 		vr->job_write = NULL;
 		free(w);
 	}
-	if (write_waits(m, vr)) {
+	if (vr != m->unparked && write_waits(m, vr)) {
 		TAILQ_INSERT_TAIL(&m->parked, vr, job_link);
 		return 1;
 	}

@@ -327,11 +327,13 @@ def test_refusals(server, tmp_path):
 
 
 def test_overlapping_writes_reach_both_sides_in_one_order(make_server, tmp_path):
-    """Two writes to one block in flight at once, the first failing once on
-    the source with EAGAIN (vbd.c sends it again, to the source alone): the
-    second must wait for the first, or it lands on the source before the
-    first's retry and on the destination after the first: the sides differ.
-    Both files on tmpfs, whose writes run in order, as they are sent."""
+    """Three writes to one block in flight at once, the first failing once
+    on the source with EAGAIN (vbd.c sends it again, to the source alone):
+    the others must wait for it, or the second lands on the source before
+    the first's retry and on the destination after the first: the sides
+    differ. The waiting ones then go in the order they came, so the last
+    sent is what both sides hold. Both files on tmpfs, whose writes run in
+    order, as they are sent."""
     shm = tempfile.mkdtemp(prefix="tdmirror", dir="/dev/shm")
     try:
         srv = make_server(extra=["--fault-injection"])
@@ -347,16 +349,17 @@ def test_overlapping_writes_reach_both_sides_in_one_order(make_server, tmp_path)
         h.connect_uri(srv.uri(m))
         first = h.aio_pwrite(b"A" * 4096, 0)
         second = h.aio_pwrite(b"B" * 4096, 0)      # sent with it, not after it
+        third = h.aio_pwrite(b"C" * 4096, 0)
         while h.aio_in_flight() > 0:
             h.poll(-1)
-        assert h.aio_command_completed(first) and h.aio_command_completed(second)
+        assert all(h.aio_command_completed(c) for c in (first, second, third))
         assert srv.call("fault-inject")["result"]["injected"] == 1
         assert srv.stats(m)["retries"] == 1
         with open(src, "rb") as f:
             on_src = f.read(4096)
         with open(dst, "rb") as f:
             on_dst = f.read(4096)
-        assert on_src == on_dst == b"B" * 4096, (on_src[:1], on_dst[:1])
+        assert on_src == on_dst == b"C" * 4096, (on_src[:1], on_dst[:1])
         h.shutdown()
         srv.tapctl("job-cancel", "-m", m)
         srv.call("close", minor=m)
