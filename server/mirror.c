@@ -216,6 +216,8 @@ unpark(struct mirror *m)
 		m->unparked = vr;
 		vbd_request_send(m->job.vbd, vr);
 		m->unparked = NULL;
+		if (m->job.stopping)
+			break;	/* it failed the job: mirror_cancel sent the others on */
 	}
 }
 
