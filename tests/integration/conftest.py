@@ -22,6 +22,22 @@ LOOPS = os.environ.get("TAPDISKD_LOOPS")
 # Under valgrind or ASan the server is slower: scale timeouts.
 SLOW = float(os.environ.get("TAPDISKD_TIMEOUT_SCALE", "1"))
 
+# tests/preload/alloc_probe.c of the build under test, for LD_PRELOAD: it
+# counts allocations (SIGUSR2) and fails them (SIGUSR1). It replaces malloc,
+# as ASan's runtime does, and the two cannot share a process: the tests that
+# use it are marked needs_alloc_probe (the uring pass of make check and the
+# threads pass of make check-full run them).
+ALLOC_PROBE = os.path.join(os.path.dirname(BIN), "tests", "alloc_probe.so")
+
+
+def _asan_build():
+    with open(os.path.join(BIN, "tapdiskd"), "rb") as f:
+        return b"libasan" in f.read()
+
+
+needs_alloc_probe = pytest.mark.skipif(_asan_build(), reason="ASan build: its allocator "
+                                       "and the probe both replace malloc")
+
 SCHEMA_BASE = "https://tapdiskd.invalid/schema/"
 
 

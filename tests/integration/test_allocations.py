@@ -14,14 +14,12 @@ import sys
 import nbd
 import pytest
 
-from conftest import BIN, make_image, run
-from test_backpressure import PROBE, sanitized
+from conftest import ALLOC_PROBE as PROBE, BIN, make_image, needs_alloc_probe, run
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "preload"))
 from alloc_count import allocations  # noqa: E402
 
-pytestmark = pytest.mark.skipif(sanitized(), reason="ASan build: its allocator and the "
-                                "probe both replace malloc")
+pytestmark = needs_alloc_probe
 
 SIZE = 8 << 20
 OPS = 2000

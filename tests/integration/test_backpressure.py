@@ -10,23 +10,10 @@ import signal
 import time
 
 import nbd
-import pytest
 
-from conftest import BIN, make_image
+from conftest import ALLOC_PROBE as PROBE, make_image, needs_alloc_probe
 
-PROBE = os.path.join(os.path.dirname(BIN), "tests", "alloc_probe.so")
-
-
-def sanitized():
-    with open(os.path.join(BIN, "tapdiskd"), "rb") as f:
-        return b"libasan" in f.read()
-
-
-# The probe replaces malloc, as ASan's runtime does: the two cannot share a
-# process. The uring pass of make check and the threads pass of make
-# check-full run these tests.
-pytestmark = pytest.mark.skipif(sanitized(), reason="ASan build: its allocator and the "
-                                "probe both replace malloc")
+pytestmark = needs_alloc_probe
 
 
 def probed_server(make_server):
