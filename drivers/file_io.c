@@ -6,6 +6,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "log.h"
 #ifdef __linux__
 #include <linux/fs.h>
 #include <linux/magic.h>
@@ -43,6 +45,7 @@ td_file_open(struct td_file *f, const char *path, int rdonly, int nodirect,
 
 	memset(f, 0, sizeof(*f));
 	f->dfd = -1;
+	f->path = path;
 	f->fd = open(path, acc | O_CLOEXEC | O_NOCTTY);
 	if (f->fd < 0)
 		return td_error_set(err, errno, "%s", strerror(errno));
@@ -116,8 +119,10 @@ td_file_close(struct td_file *f, int sync)
 {
 	if (f->fd < 0)
 		return;
-	if (sync)
-		fc_fdatasync(f->fd);
+	int rc = sync ? fc_fdatasync(f->fd) : 0;
+	if (rc < 0)
+		log_warn("%s: fdatasync at close failed: %s; writes not flushed before it "
+			 "may be lost", f->path, strerror(-rc));
 	if (f->dfd >= 0)
 		close(f->dfd);
 	close(f->fd);

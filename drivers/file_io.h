@@ -20,12 +20,17 @@ struct td_file {
 	int is_blk;
 	unsigned io_flags;	/* IO_F_MEMORY on tmpfs/ramfs */
 	uint64_t size;		/* at open */
+	const char *path;	/* td_file_open's, which must outlive f: for messages */
 };
 
 /* Blocking. 0, or -errno with err set (the path is not in the message). */
 int td_file_open(struct td_file *f, const char *path, int rdonly, int nodirect,
 		 struct td_error *err);
-/* Blocking: fdatasync (if sync) and close both descriptors. */
+/*
+ * Blocking: fdatasync (if sync) and close both descriptors. A failed sync
+ * is logged (close has no error to return): writes never flushed may be
+ * lost.
+ */
 void td_file_close(struct td_file *f, int sync);
 /* The descriptor that can take this transfer (O_DIRECT needs alignment). */
 int td_file_pick_fd(const struct td_file *f, uint64_t offset, const struct iovec *iov,

@@ -632,3 +632,31 @@ def step_rewrite(rig, fmt, d, params, k, error, kinds):
 def test_failed_write_then_the_same_place_again(make_server, tmp_path, golds, fmt):
     rig = Rig(make_server, tmp_path)
     run_rounds(rig, formats(golds)[fmt], step_rewrite, "EIO", "write")
+
+
+@pytest.mark.parametrize("fmt", ["aio", "vhd", "qcow2"])
+def test_failed_sync_at_close_is_reported(make_server, tmp_path, fmt):
+    """Close has no error to return: a failed fdatasync there is one
+    warning naming the file, and the server goes on."""
+    srv = make_server(extra=["--fault-injection"])
+    path = str(tmp_path / ("disk." + fmt))
+    if fmt == "vhd":
+        vhdutil("create", "-n", path, "-s", 16)
+    elif fmt == "qcow2":
+        run("qemu-img", "create", "-q", "-f", "qcow2", path, "16M")
+    else:
+        with open(path, "wb") as f:
+            f.truncate(16 * MiB)
+    m = srv.open(fmt + ":" + path)["minor"]
+    h = nbd.NBD()
+    h.connect_uri(srv.uri(m))
+    h.pwrite(b"s" * 4096, 0)            # not flushed: close's sync is its only one
+    h.shutdown()
+    arm(srv, 1, os.path.basename(path), kinds="sync", count=1000)
+    srv.call("close", minor=m)
+    assert fault_status(srv)["injected"] >= 1
+    line = "%s: fdatasync at close failed: Input/output error" % path
+    assert line in srv.log(), srv.log()
+    assert srv.proc.poll() is None
+    srv.call("fault-inject", disarm=True)
+    assert srv.open(fmt + ":" + path)["minor"] >= 0
