@@ -326,10 +326,13 @@ int td_req_iov(const struct td_request *req, uint64_t off, uint64_t len, const v
 /*
  * For a driver: reads [off, off+len) of img's parent into iov (the part
  * past the parent's end, or all of it below the root, reads as zeros),
- * then done(sub, err). The caller owns sub and sets sub->priv.
+ * then done(sub, err), on behalf of req, whose scratch lends sub the
+ * parents' state while it lasts (td_req_lend). The caller owns sub and
+ * sets sub->priv.
  */
-void td_image_read_parent_range(struct td_image *img, struct td_request *sub, uint64_t off,
-				uint64_t len, struct iovec *iov, int iovcnt,
+void td_image_read_parent_range(struct td_image *img, struct td_request *req,
+				struct td_request *sub, uint64_t off, uint64_t len,
+				struct iovec *iov, int iovcnt,
 				void (*done)(struct td_request *sub, int err));
 
 /* Block status: adds an extent (merged with the last when flags match); 0 when full. */

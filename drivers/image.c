@@ -611,8 +611,9 @@ td_image_read_parent(struct td_image *img, struct td_request *req)
 }
 
 void
-td_image_read_parent_range(struct td_image *img, struct td_request *sub, uint64_t off,
-			   uint64_t len, struct iovec *iov, int iovcnt,
+td_image_read_parent_range(struct td_image *img, struct td_request *req,
+			   struct td_request *sub, uint64_t off, uint64_t len,
+			   struct iovec *iov, int iovcnt,
 			   void (*done)(struct td_request *sub, int err))
 {
 	uint64_t psize = img->parent ? img->parent->size : 0;
@@ -631,6 +632,7 @@ td_image_read_parent_range(struct td_image *img, struct td_request *sub, uint64_
 	sub->length = keep;
 	sub->iov = iov;
 	sub->iovcnt = iovcnt;
+	td_req_lend(req, sub, td_chain_scratch_size(img->parent));
 	td_image_read_parent(img, sub);
 }
 

@@ -303,10 +303,8 @@ read_parent(struct qop *v)
 		qop_finish(v, ENOMEM);
 		return;
 	}
-	/* the backing chain's state from the request's scratch while it lasts */
-	td_req_lend(v->ps->req, &v->sub, td_chain_scratch_size(v->q->img->parent));
 	v->sub.priv = v;
-	td_image_read_parent_range(v->q->img, &v->sub, v->off, v->len, v->iov, v->iovcnt,
+	td_image_read_parent_range(v->q->img, v->ps->req, &v->sub, v->off, v->len, v->iov, v->iovcnt,
 				   qop_parent_done);
 }
 
@@ -695,9 +693,8 @@ alloc_cluster(struct qop *v)
 	}
 	v->miov.iov_base = j->bounce;
 	v->miov.iov_len = cs;
-	td_req_lend(v->ps->req, &v->sub, td_chain_scratch_size(q->img->parent));
 	v->sub.priv = v;
-	td_image_read_parent_range(q->img, &v->sub, start, cs, &v->miov, 1, cow_backing_read);
+	td_image_read_parent_range(q->img, v->ps->req, &v->sub, start, cs, &v->miov, 1, cow_backing_read);
 }
 
 /* v lies inside the span of l2 (pinned, or NULL): write in place, or allocate, by cluster. */

@@ -427,10 +427,8 @@ vop_read_parent(struct vop *v, uint64_t off, uint64_t len)
 		vop_finish(v, ENOMEM);
 		return;
 	}
-	/* the parents' state from the request's scratch while it lasts */
-	td_req_lend(v->ps->req, &v->sub, td_chain_scratch_size(v->p->img->parent));
 	v->sub.priv = v;
-	td_image_read_parent_range(v->p->img, &v->sub, off, len, v->iov, v->iovcnt,
+	td_image_read_parent_range(v->p->img, v->ps->req, &v->sub, off, len, v->iov, v->iovcnt,
 				   vop_parent_done);
 }
 

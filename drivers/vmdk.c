@@ -633,9 +633,8 @@ read_parent(struct vop *v)
 		vop_finish(v, ENOMEM);
 		return;
 	}
-	td_req_lend(v->req, &v->sub, td_chain_scratch_size(img->parent));
 	v->sub.priv = v;
-	td_image_read_parent_range(img, &v->sub, v->off, v->len, v->iov, v->iovcnt,
+	td_image_read_parent_range(img, v->req, &v->sub, v->off, v->len, v->iov, v->iovcnt,
 				   vop_sub_done);
 }
 
