@@ -305,7 +305,10 @@ def test_runtime_change_takes_effect_within_a_second(server, tmp_path):
     changed = None
     t0 = time.monotonic()
     while p.poll() is None and time.monotonic() - t0 < 4.5:
-        samples.append((time.monotonic(), server.stats(m)["ops"]["read"]["reqs"]))
+        # stamped at the call's midpoint: a slow stats call skews less
+        before = time.monotonic()
+        reads = server.stats(m)["ops"]["read"]["reqs"]
+        samples.append(((before + time.monotonic()) / 2, reads))
         if changed is None and time.monotonic() - t0 > 2:
             qos(server, m, iops_total=1500)
             changed = time.monotonic()
@@ -320,5 +323,6 @@ def test_runtime_change_takes_effect_within_a_second(server, tmp_path):
         return (b[1] - a[1]) / (b[0] - a[0])
 
     assert 400 <= rate(t0 + 0.5, changed) <= 600
-    # 1 s after the change, a 0.5 s window already runs at the new limit
-    assert 1300 <= rate(changed + 1.0, changed + 1.5) <= 1700
+    # 1 s after the change, the next second already runs at the new limit
+    # (a 0.5 s window was off by 6% once on a loaded machine: its edges)
+    assert 1300 <= rate(changed + 1.0, changed + 2.0) <= 1700
