@@ -399,7 +399,7 @@ def test_snapshot_rotation_under_fio_verify(server, tmp_path):
     m = server.open("vhd:" + base, cbt_log=logs[0])["minor"]
     fio = subprocess.Popen(["fio", "--name=v", "--ioengine=nbd", "--uri=" + server.uri(m),
                             "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=%d" % size,
-                            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
                             "--number_ios=6000", "--output-format=json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for i in range(1, 4):
