@@ -85,7 +85,7 @@ struct nbd_server {
 	struct log_ratelimit rl;
 	/* per connection; NBD_MAX_* unless nbd_set_limits lowered them */
 	unsigned max_inflight;
-	size_t max_output, max_hs_output;
+	size_t max_output, max_hs_output, direct_payload;
 };
 
 enum conn_state {
@@ -1367,7 +1367,7 @@ conn_step_transmission(struct nbd_conn *c)
 		}
 		return conn_request(c) < 0 ? -1 : 1;
 	case CS_REQ_PAYLOAD:
-		if (c->cur.length >= NBD_DIRECT_PAYLOAD && c->rx.data)
+		if (c->cur.length >= c->ns->direct_payload && c->rx.data)
 			return conn_recv_payload(c);
 		if ((r = in_have(c, c->cur.length)) <= 0)
 			return r;
@@ -2174,6 +2174,7 @@ nbd_server_new(struct server *srv, struct loop *loop)
 	ns->max_inflight = NBD_MAX_INFLIGHT;
 	ns->max_output = NBD_MAX_OUTPUT;
 	ns->max_hs_output = NBD_MAX_HS_OUTPUT;
+	ns->direct_payload = NBD_DIRECT_PAYLOAD;
 	/* one frontend kind for every loop: it finds the vbd's loop's state */
 	if (loop->index == 0 && server_frontend_register(srv, &nbd_frontend_class, NULL) < 0) {
 		free(ns);
@@ -2184,11 +2185,15 @@ nbd_server_new(struct server *srv, struct loop *loop)
 
 void
 nbd_set_limits(struct nbd_server *ns, unsigned max_inflight, size_t max_output,
-	       size_t max_hs_output)
+	       size_t max_hs_output, size_t direct_payload)
 {
 	ns->max_inflight = max_inflight ? max_inflight : 1;
 	ns->max_output = max_output ? max_output : 1;
 	ns->max_hs_output = max_hs_output ? max_hs_output : 1;
+	/* never above the default: the receive buffer is sized for it */
+	if (!direct_payload)
+		direct_payload = 1;
+	ns->direct_payload = direct_payload < NBD_DIRECT_PAYLOAD ? direct_payload : NBD_DIRECT_PAYLOAD;
 }
 
 void

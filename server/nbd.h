@@ -30,12 +30,13 @@ int nbd_export_vbd(struct nbd_server *ns, struct vbd *vbd, char *err, size_t err
 char *nbd_vbd_path(const struct server *srv, int minor);
 /*
  * Lowers ns's per-connection limits (requests in flight, bytes of unsent
- * replies and request buffers, unread option replies) for connections it
- * accepts from now on: the fuzz target reaches them with short inputs. The
- * enforcing code is the same at any size; 0 means 1.
+ * replies and request buffers, unread option replies, and the write payload
+ * size from which a socket's payload is read straight into the request) for
+ * connections it accepts from now on: the fuzz target reaches them with
+ * short inputs. The enforcing code is the same at any size; 0 means 1.
  */
 void nbd_set_limits(struct nbd_server *ns, unsigned max_inflight, size_t max_output,
-		    size_t max_hs_output);
+		    size_t max_hs_output, size_t direct_payload);
 /* Stops accepting new connections on ns's loop (shutdown). */
 void nbd_stop_listening(struct nbd_server *ns);
 /* Connections on every loop. */

@@ -1,7 +1,9 @@
 /*
  * Helpers shared by the event-loop fuzz targets: a fatal check that libFuzzer
- * reports as a crash, running the loop until it is idle, and a client end of
- * a bufferevent pair that swallows what the server says.
+ * reports as a crash, running the loop until it is idle, and a client that
+ * swallows what the server says: the far end of a bufferevent pair, or of a
+ * UNIX socket pair (socket mode), where the server reads a real descriptor
+ * as it does in production (fuzz_nbd: its receive buffer's own reads).
  */
 #ifndef TD_FUZZ_COMMON_H
 #define TD_FUZZ_COMMON_H
@@ -12,6 +14,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -78,7 +86,18 @@ fz_buf_put(struct fz_buf *b, const void *data, size_t len)
 
 /* The fuzzer's end of the connection. */
 struct fz_client {
-	struct bufferevent *bev;
+	struct bufferevent *bev;	/* pair mode; NULL in socket mode */
+	/*
+	 * Socket mode: our end (-1 once closed), and the server's, looked at
+	 * (FIONREAD) only while our end shows no POLLHUP, that is while the
+	 * server has not closed it and its number cannot have been reused.
+	 * What the server has not read yet is sent from unsent.
+	 */
+	int fd, srv_fd;
+	struct fz_buf unsent;
+	size_t unsent_off;
+	int srv_queued, queued;	/* FIONREAD of both ends at the last pump */
+	int eof;		/* the server's end has ended its stream */
 	int hold;		/* slow reader: not reading the server's output yet */
 	uint64_t received;	/* bytes the server sent */
 	short events;		/* BEV_EVENT_* seen on our end */
@@ -156,6 +175,23 @@ fz_client_event_cb(struct bufferevent *bev, short what, void *arg)
 	cl->events |= what;
 }
 
+static inline void
+fz_client_init(struct fz_client *cl, struct event_base *base, int hold)
+{
+	memset(cl, 0, sizeof(*cl));
+	cl->fd = cl->srv_fd = -1;
+	cl->hold = hold;
+	cl->hangup_hops = -1;
+	cl->base = base;
+	for (int i = 0; i < FZ_MAX_CLIENTS; i++) {
+		if (!fz_clients[i]) {
+			fz_clients[i] = cl;
+			return;
+		}
+	}
+	fz_fail("too many clients");
+}
+
 /*
  * Makes a connected pair: *server_bev goes to the code under test, the
  * other end stays with cl. Deferred callbacks make the pair behave like a
@@ -170,23 +206,8 @@ fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
 	if (bufferevent_pair_new(base, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS,
 				 pair) < 0)
 		fz_fail("bufferevent_pair_new failed");
+	fz_client_init(cl, base, hold);
 	cl->bev = pair[1];
-	cl->hold = hold;
-	cl->received = 0;
-	cl->events = 0;
-	cl->observe = NULL;
-	cl->observe_arg = NULL;
-	cl->hangup_pending = 0;
-	cl->hangup_hops = -1;
-	cl->base = base;
-	for (int i = 0; i < FZ_MAX_CLIENTS; i++) {
-		if (!fz_clients[i]) {
-			fz_clients[i] = cl;
-			break;
-		}
-		if (i == FZ_MAX_CLIENTS - 1)
-			fz_fail("too many clients");
-	}
 	bufferevent_setcb(cl->bev, fz_client_read_cb, NULL, fz_client_event_cb, cl);
 	/*
 	 * A slow reader does not read at all: the pair then leaves what the
@@ -194,6 +215,157 @@ fz_client_open(struct event_base *base, struct fz_client *cl, int hold,
 	 */
 	bufferevent_enable(cl->bev, hold ? EV_WRITE : EV_READ | EV_WRITE);
 	*server_bev = pair[0];
+}
+
+/*
+ * Socket mode: a UNIX socket pair, with small send buffers so that a
+ * reader that holds back fills them within a few KiB. The server's end is
+ * a socket bufferevent, as an accepted connection's is.
+ */
+static inline void
+fz_client_open_socket(struct event_base *base, struct fz_client *cl, int hold,
+		      struct bufferevent **server_bev)
+{
+	int sv[2], small = 4096;
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+		fz_fail("socketpair: %s", strerror(errno));
+	for (int i = 0; i < 2; i++)
+		if (setsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)) < 0)
+			fz_fail("SO_SNDBUF: %s", strerror(errno));
+	*server_bev = bufferevent_socket_new(base, sv[0], BEV_OPT_CLOSE_ON_FREE);
+	if (!*server_bev)
+		fz_fail("bufferevent_socket_new failed");
+	fz_client_init(cl, base, hold);
+	cl->fd = sv[1];
+	cl->srv_fd = sv[0];
+}
+
+/* Socket mode: the server's end, or -1 once it has closed it. */
+static inline int
+fz_client_srv_fd(struct fz_client *cl)
+{
+	struct pollfd pfd = { .fd = cl->fd, .events = POLLIN };
+
+	if (cl->fd < 0 || (poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP)))
+		cl->srv_fd = -1;
+	return cl->srv_fd;
+}
+
+static inline int
+fz_fionread(int fd)
+{
+	int n = 0;
+	if (fd >= 0 && ioctl(fd, FIONREAD, &n) < 0)
+		fz_fail("FIONREAD: %s", strerror(errno));
+	return n;
+}
+
+/*
+ * A client wrote to, shut down or closed its socket outside a pump (where
+ * its queues' snapshot would not show it): the server learns of it only
+ * in a turn of its loop, so the next settle takes one.
+ */
+static int fz_socket_kicked;
+
+/* Socket mode: sends what it can of unsent, then our EOF if one waits for that. */
+static inline int
+fz_sock_write(struct fz_client *cl)
+{
+	int moved = 0;
+
+	while (cl->unsent_off < cl->unsent.len) {
+		ssize_t n = send(cl->fd, cl->unsent.p + cl->unsent_off,
+				 cl->unsent.len - cl->unsent_off, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (n > 0) {
+			cl->unsent_off += (size_t)n;
+			moved = 1;
+		} else if (n < 0 && errno == EINTR) {
+			continue;
+		} else if (n < 0 && errno == EAGAIN) {
+			break;
+		} else {	/* the server closed its end: what it never read is gone */
+			cl->unsent_off = cl->unsent.len;
+			moved = 1;
+		}
+	}
+	if (cl->unsent_off == cl->unsent.len)
+		cl->unsent_off = cl->unsent.len = 0;
+	if (cl->hangup_pending && !cl->unsent.len) {
+		shutdown(cl->fd, SHUT_WR);
+		cl->hangup_pending = 0;
+		moved = 1;
+	}
+	fz_socket_kicked |= moved;
+	return moved;
+}
+
+/* Socket mode: takes everything the server has sent (unless holding back). */
+static inline int
+fz_sock_read(struct fz_client *cl)
+{
+	static uint8_t buf[64 << 10];
+	int moved = 0;
+
+	while (!cl->hold && !cl->eof) {
+		ssize_t n = recv(cl->fd, buf, sizeof(buf), MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			break;
+		moved = 1;
+		if (n <= 0) {	/* end of stream, or reset */
+			cl->eof = 1;
+			cl->events |= BEV_EVENT_EOF;
+			break;
+		}
+		cl->received += (uint64_t)n;
+		if (cl->observe)
+			cl->observe(buf, (size_t)n, cl->observe_arg);
+	}
+	return moved;
+}
+
+/*
+ * Socket mode: moves bytes both ways. Returns 1 if anything moved since
+ * the last pump, in our hands or in either end's receive queue: the
+ * server's progress shows there, between turns of its loop.
+ */
+static inline int
+fz_sock_pump(struct fz_client *cl)
+{
+	if (cl->fd < 0)
+		return 0;
+	int moved = fz_sock_write(cl);
+	moved |= fz_sock_read(cl);
+	int srv_queued = fz_fionread(fz_client_srv_fd(cl)), queued = fz_fionread(cl->fd);
+	if (srv_queued != cl->srv_queued || queued != cl->queued)
+		moved = 1;
+	cl->srv_queued = srv_queued;
+	cl->queued = queued;
+	return moved;
+}
+
+static inline void
+fz_sock_close(struct fz_client *cl)
+{
+	if (cl->fd < 0)
+		return;
+	close(cl->fd);
+	cl->fd = cl->srv_fd = -1;
+	fz_socket_kicked = 1;
+}
+
+static inline int
+fz_pump_sockets(void)
+{
+	int moved = fz_socket_kicked;
+
+	fz_socket_kicked = 0;
+	for (int i = 0; i < FZ_MAX_CLIENTS; i++)
+		if (fz_clients[i])
+			moved |= fz_sock_pump(fz_clients[i]);
+	return moved;
 }
 
 /*
@@ -219,7 +391,9 @@ static inline void
 fz_settle(struct event_base *base)
 {
 	for (int i = 0; i < FZ_SETTLE_ROUNDS; i++) {
-		if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0 &&
+		/* sockets: the loop learns of their bytes only by polling, in a turn */
+		int moved = fz_pump_sockets();
+		if (!moved && event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0 &&
 		    !fz_deliver_hangups() && (!fz_wait_owed || !fz_wait_owed(base)))
 			return;
 		event_base_loop(base, EVLOOP_NONBLOCK);
@@ -229,9 +403,20 @@ fz_settle(struct event_base *base)
 
 /* Is the server's end still there? */
 static inline int
-fz_client_connected(const struct fz_client *cl)
+fz_client_connected(struct fz_client *cl)
 {
+	if (!cl->bev)
+		return fz_client_srv_fd(cl) >= 0;
 	return bufferevent_pair_get_partner(cl->bev) != NULL;
+}
+
+/* Bytes sent that the server has not read (yet). */
+static inline size_t
+fz_client_unread(struct fz_client *cl)
+{
+	if (!cl->bev)
+		return cl->unsent.len - cl->unsent_off + (size_t)fz_fionread(fz_client_srv_fd(cl));
+	return evbuffer_get_length(bufferevent_get_output(cl->bev));
 }
 
 /*
@@ -258,9 +443,13 @@ fz_client_send(struct event_base *base, struct fz_client *cl, const uint8_t *dat
 		chunk = (len + FZ_MAX_PIECES - 1) / FZ_MAX_PIECES;
 	while (len && fz_client_connected(cl)) {
 		size_t n = len < chunk ? len : chunk;
-		if (evbuffer_add_reference(bufferevent_get_output(cl->bev), data, n, NULL,
-					   NULL) < 0)
+		if (!cl->bev) {
+			fz_buf_put(&cl->unsent, data, n);
+			fz_sock_write(cl);
+		} else if (evbuffer_add_reference(bufferevent_get_output(cl->bev), data, n,
+						  NULL, NULL) < 0) {
 			fz_fail("evbuffer_add_reference failed");
+		}
 		data += n;
 		len -= n;
 		if (len || settle_last)
@@ -275,6 +464,10 @@ fz_client_release(struct event_base *base, struct fz_client *cl)
 	if (!cl->hold)
 		return;
 	cl->hold = 0;
+	if (!cl->bev) {
+		fz_settle(base);	/* its pumps read */
+		return;
+	}
 	bufferevent_enable(cl->bev, EV_READ);
 	fz_settle(base);
 	fz_client_drain(cl);
@@ -293,8 +486,8 @@ fz_deliver_hangups(void)
 
 	for (int i = 0; i < FZ_MAX_CLIENTS; i++) {
 		struct fz_client *cl = fz_clients[i];
-		if (!cl || !cl->hangup_pending)
-			continue;
+		if (!cl || !cl->hangup_pending || !cl->bev)
+			continue;	/* a socket's EOF goes with its pumps */
 		struct bufferevent *peer = bufferevent_pair_get_partner(cl->bev);
 		if (!peer) {
 			cl->hangup_pending = 0;
@@ -336,6 +529,17 @@ fz_hangup_cb(evutil_socket_t fd, short what, void *arg)
 static inline void
 fz_client_hangup(struct fz_client *cl, int reset)
 {
+	if (!cl->bev) {
+		if (cl->fd < 0)
+			return;
+		if (reset) {	/* unread replies make it a reset for the server */
+			fz_sock_close(cl);
+			return;
+		}
+		cl->hangup_pending = 1;
+		fz_sock_write(cl);
+		return;
+	}
 	struct bufferevent *peer = bufferevent_pair_get_partner(cl->bev);
 
 	if (!peer)
@@ -352,7 +556,7 @@ fz_client_hangup(struct fz_client *cl, int reset)
 
 /* Our EOF never reached the server: it stopped reading for good. */
 static inline int
-fz_client_hangup_stuck(const struct fz_client *cl)
+fz_client_hangup_stuck(struct fz_client *cl)
 {
 	return cl->hangup_pending && fz_client_connected(cl);
 }
@@ -365,8 +569,12 @@ fz_client_close(struct fz_client *cl)
 	for (int i = 0; i < FZ_MAX_CLIENTS; i++)
 		if (fz_clients[i] == cl)
 			fz_clients[i] = NULL;
-	bufferevent_free(cl->bev);
+	if (cl->bev)
+		bufferevent_free(cl->bev);
 	cl->bev = NULL;
+	fz_sock_close(cl);
+	free(cl->unsent.p);
+	cl->unsent = (struct fz_buf){ 0 };
 }
 
 #endif

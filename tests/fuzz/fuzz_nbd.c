@@ -34,6 +34,10 @@
  *     0x10  a second client on the same export, reading while the first
  *           one's input arrives (and closed with it, or by the vbd close)
  *     0x20  clients hang up with a connection reset, not a half-close
+ *     0x40  the first client is a UNIX socket, not a bufferevent pair:
+ *           in transmission the server reads it into its own receive
+ *           buffer and large write payloads straight into the request
+ *           (nbd.c's rxbuf path), as with every real client
  *   rest    the client's bytes
  *
  * After the input, the harness drains the replies, half-closes, and demands
@@ -81,6 +85,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define E_BIG_OPTION	0x08
 #define E_SECOND	0x10
 #define E_RESET		0x20
+#define E_SOCKET	0x40
 
 #define BIG_OPTION_LEN	(NBD_MAX_OPTION_LEN + 1)
 
@@ -100,8 +105,11 @@ static void
 setup(void)
 {
 	srv = fz_server_setup("fuzz_nbd", state_dir, vbd_params, vbd_flags, NR_VBDS);
-	/* 8 requests, 128 KiB of replies, 4 KiB of option replies (real: 128, 32 MiB, 1 MiB) */
-	nbd_set_limits(srv->loops[0]->nbd, 8, 128 << 10, 4 << 10);
+	/*
+	 * 8 requests, 128 KiB of replies, 4 KiB of option replies, write
+	 * payloads of 1 KiB and more read in place (real: 128, 32 MiB, 1 MiB, 64 KiB)
+	 */
+	nbd_set_limits(srv->loops[0]->nbd, 8, 128 << 10, 4 << 10, 1 << 10);
 	for (int i = 0; i < NR_VBDS; i++)
 		if (srv->minors[i]->size > LARGEST_DISK)
 			fz_fail("minor %d: larger than LARGEST_DISK", i);
@@ -1127,7 +1135,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (mode & M_PAUSED)
 		set_paused(1);
 
-	fz_client_open(srv->base, &cl, (mode & M_HOLD) != 0, &sbev);
+	if (events & E_SOCKET)
+		fz_client_open_socket(srv->base, &cl, (mode & M_HOLD) != 0, &sbev);
+	else
+		fz_client_open(srv->base, &cl, (mode & M_HOLD) != 0, &sbev);
 	oracle_start(mode, events, minor, data, size);
 	cl.observe = oracle_feed;
 	nbd_serve(srv->loops[0]->nbd, sbev, exp);
@@ -1168,7 +1179,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	 * connected must be reading: unread client bytes now mean it stalled.
 	 */
 	if (fz_client_connected(&cl)) {
-		size_t unread = evbuffer_get_length(bufferevent_get_output(cl.bev));
+		size_t unread = fz_client_unread(&cl);
 		if (unread && !(events & E_EARLY_EOF))
 			fz_fail("the server stopped reading with %zu client bytes pending "
 				"and nothing in flight", unread);

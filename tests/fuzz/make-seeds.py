@@ -63,7 +63,9 @@ FLAGS_NZ = be32(3)         # FIXED_NEWSTYLE | NO_ZEROES
 # client's bytes. mode: 0x01 by name, 0x06 canned start (<<1: 1 GO+structured,
 # 2 EXPORT_NAME, 3 GO plain), 0x08 NO_ZEROES, 0x10 chunked, 0x20 slow reader,
 # 0x40 read-only export, 0x80 paused. events: 0x01 early EOF, 0x02 close the
-# vbd, 0x04 force, 0x08 oversized option first, 0x10 a second client, 0x20 reset.
+# vbd, 0x04 force, 0x08 oversized option first, 0x10 a second client, 0x20 reset,
+# 0x40 a UNIX socket (the server's receive buffer; payloads of 1 KiB and more
+# read straight into the request, the harness's lowered threshold).
 
 NBD_DISK = 512 << 10    # minor 0: ram:512K (minor 1, read-only: ram:256K)
 
@@ -145,6 +147,15 @@ NBD_SEEDS = [
     nbd(0x04, 0, req(CMD_WRITE, 0, 1000, data=b"short")),  # payload never completes
     nbd(0x04, 0, struct.pack(">IHHQQI", 0x12345678, 0, 0, 0, 0, 0)),  # bad magic
     nbd(0x02, 0, b"".join(req(CMD_READ, 0, 512) for _ in range(140))),  # > 128 in flight
+    # a socket: payloads in place, whole, cut by chunks, or never completed
+    nbd(0x02, 0, STRUCTURED_MIX, 0x40),
+    nbd(0x04, 0, IO_MIX, 0x40),
+    nbd(0x04, 0, req(CMD_WRITE, 8192, 3000, data=b"p" * 3000) + req(CMD_READ, 8192, 3000), 0x40),
+    nbd(0x14, 99, req(CMD_WRITE, 0, 2048, data=b"q" * 2048) + req(CMD_READ, 0, 2048), 0x40),
+    nbd(0x04, 0, req(CMD_WRITE, 0, 4096, data=b"short"), 0x40),
+    nbd(0x04, 0, req(CMD_WRITE, 0, 4096, data=b"short"), 0x61),  # ... and a reset
+    nbd(0x24, 0, b"".join(req(CMD_READ, i << 16, 1 << 16) for i in range(8)), 0x40),  # slow reader
+    nbd(0x84, 0, req(CMD_WRITE, 0, 1500, data=b"w" * 1500), 0x46),  # paused, force-closed
 ]
 
 # ---- fuzz_nbd_proto: byte 0 picks the parser ----
