@@ -247,6 +247,17 @@ job_explain_fd_error(struct vbd_job *job)
 }
 
 static void vbd_cbt_resume(struct vbd_request *vr, int err);
+static void vbd_retry_due(evutil_socket_t fd, short what, void *arg);
+static void vbd_watchdog_run(evutil_socket_t fd, short what, void *arg);
+
+static void
+vbd_timers_free(struct vbd *vbd)
+{
+	if (vbd->retry_ev)
+		event_free(vbd->retry_ev);
+	if (vbd->watchdog)
+		event_free(vbd->watchdog);
+}
 
 /* The power-loss replay's view: a tracked write leaves for the chain now. */
 static void
@@ -357,6 +368,14 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 
 	if (!vbd)
 		return -ENOMEM;
+	/* had now: a request retried for want of memory must not need any */
+	vbd->retry_ev = evtimer_new(loop->base, vbd_retry_due, vbd);
+	vbd->watchdog = evtimer_new(loop->base, vbd_watchdog_run, vbd);
+	if (!vbd->retry_ev || !vbd->watchdog) {
+		vbd_timers_free(vbd);
+		free(vbd);
+		return -ENOMEM;
+	}
 	vbd->srv = srv;
 	vbd->loop = loop;
 	vbd->minor = minor;
@@ -369,6 +388,7 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 	pthread_mutex_lock(&srv->lock);
 	if (srv->minors[minor]) {
 		pthread_mutex_unlock(&srv->lock);
+		vbd_timers_free(vbd);
 		free(vbd);
 		return -EBUSY;
 	}
@@ -508,10 +528,7 @@ vbd_unpause(struct vbd *vbd, const char *params, const char *cbt_log, vbd_done_f
 static void
 vbd_free(struct vbd *vbd)
 {
-	if (vbd->retry_ev)
-		event_free(vbd->retry_ev);
-	if (vbd->watchdog)
-		event_free(vbd->watchdog);
+	vbd_timers_free(vbd);
 	qos_vbd_close(vbd);
 	blockjob_free(vbd->job);
 	free(vbd->marks);
@@ -733,10 +750,11 @@ op_writes(enum td_op op)
 #define RETRY_MAX_NS	1000000000ULL	/* 1 s */
 #define NS		1000000000ULL
 
+/* Worth sending again: the storage's hiccups, and memory that may come back. */
 static int
 transient(int err)
 {
-	return err == EAGAIN || err == EBUSY || err == EINTR;
+	return err == EAGAIN || err == EBUSY || err == EINTR || err == ENOMEM;
 }
 
 static void
@@ -785,9 +803,6 @@ vbd_retry_later(struct vbd *vbd, struct vbd_request *vr, int err, uint64_t now)
 		wait = RETRY_MAX_NS;
 	if (wait > deadline - now)
 		wait = deadline - now;
-	if (!vbd->retry_ev &&
-	    !(vbd->retry_ev = evtimer_new(vbd->loop->base, vbd_retry_due, vbd)))
-		return -1;
 	vr->retries++;
 	vr->retry_at_ns = now + wait;
 	/* by due time; the newest usually go last */
@@ -854,9 +869,6 @@ vbd_watchdog_arm(struct vbd *vbd)
 {
 	if (vbd->watchdog_armed)
 		return;
-	if (!vbd->watchdog &&
-	    !(vbd->watchdog = evtimer_new(vbd->loop->base, vbd_watchdog_run, vbd)))
-		return;		/* out of memory: requests wait as long as they take */
 	vbd->watchdog_armed = 1;
 	arm_in(vbd->watchdog, (uint64_t)vbd->timeout * NS);
 }

@@ -150,8 +150,8 @@ struct vbd {
 	TAILQ_HEAD(, vbd_request) inflight;	/* in the order they started */
 	unsigned nr_inflight;
 	TAILQ_HEAD(vbd_request_list, vbd_request) retry;	/* in flight, to be sent again, by due time */
-	struct event *retry_ev;		/* the first of retry is due; made when first needed */
-	struct event *watchdog;		/* the oldest request's timeout; made when first needed */
+	struct event *retry_ev;		/* the first of retry is due; made with the vbd */
+	struct event *watchdog;		/* the oldest request's timeout; made with the vbd */
 	int watchdog_armed;
 	uint64_t retries, timeouts;	/* stats: requests sent again, requests timed out */
 	LIST_HEAD(, vbd_frontend) frontends;

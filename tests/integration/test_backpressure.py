@@ -11,7 +11,7 @@ import time
 
 import nbd
 
-from conftest import ALLOC_PROBE as PROBE, make_image, needs_alloc_probe
+from conftest import ALLOC_PROBE as PROBE, make_image, needs_alloc_probe, run
 
 pytestmark = needs_alloc_probe
 
@@ -50,6 +50,43 @@ def test_nbd_requests_wait_for_memory_and_then_complete(make_server, tmp_path):
             h.poll(1000)
     for i in range(n):
         assert h.pread(65536, i * 65536) == bytes([i]) * 65536
+    h.shutdown()
+    srv.call("close", minor=m)
+
+
+def test_a_driver_short_of_memory_makes_its_request_wait(make_server, tmp_path):
+    """A read of a qcow2 overlay that goes to the backing file twice (the
+    clusters between are the overlay's): the first piece's backing state
+    comes from the request's scratch, the second's from the heap. With the
+    heap failing, the driver ends the read with ENOMEM; the vbd sends it
+    again (as EAGAIN) until memory is back, and the client sees its data."""
+    srv = probed_server(make_server)
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 1M", base)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x62 64k 64k", "-c", "write -P 0x62 192k 64k", top)
+    want = b"a" * 65536 + b"b" * 65536 + b"a" * 65536 + b"b" * 65536
+    m = srv.open("qcow2:" + top)["minor"]
+    h = nbd.NBD()
+    h.connect_unix(srv.nbd_path(m))
+    assert h.pread(len(want), 0) == want      # warm: context, buffer and tables cached
+
+    os.kill(srv.proc.pid, signal.SIGUSR1)   # every allocation fails from now
+    try:
+        buf = nbd.Buffer(len(want))
+        cookie = h.aio_pread(buf, 0)
+        deadline = time.time() + 1.0
+        while time.time() < deadline:
+            h.poll(100)
+        # not failed (aio_command_completed raises on an error), and waiting
+        assert not h.aio_command_completed(cookie)
+    finally:
+        os.kill(srv.proc.pid, signal.SIGUSR1)   # memory is back
+    while not h.aio_command_completed(cookie):
+        h.poll(1000)
+    assert buf.to_bytearray() == want
+    assert srv.stats(m)["retries"] > 0
     h.shutdown()
     srv.call("close", minor=m)
 
