@@ -148,7 +148,7 @@ loop_free_vbds(void *arg)
 
 	for (int m = 0; srv->minors && m < SERVER_MAX_MINORS; m++) {
 		if (srv->minors[m] && srv->minors[m]->loop == l) {
-			free(srv->minors[m]);
+			vbd_forget(srv->minors[m]);
 			srv->minors[m] = NULL;
 		}
 	}

@@ -250,14 +250,6 @@ static void vbd_cbt_resume(struct vbd_request *vr, int err);
 static void vbd_retry_due(evutil_socket_t fd, short what, void *arg);
 static void vbd_watchdog_run(evutil_socket_t fd, short what, void *arg);
 
-static void
-vbd_timers_free(struct vbd *vbd)
-{
-	if (vbd->retry_ev)
-		event_free(vbd->retry_ev);
-	if (vbd->watchdog)
-		event_free(vbd->watchdog);
-}
 
 /* The power-loss replay's view: a tracked write leaves for the chain now. */
 static void
@@ -368,14 +360,6 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 
 	if (!vbd)
 		return -ENOMEM;
-	/* had now: a request retried for want of memory must not need any */
-	vbd->retry_ev = evtimer_new(loop->base, vbd_retry_due, vbd);
-	vbd->watchdog = evtimer_new(loop->base, vbd_watchdog_run, vbd);
-	if (!vbd->retry_ev || !vbd->watchdog) {
-		vbd_timers_free(vbd);
-		free(vbd);
-		return -ENOMEM;
-	}
 	vbd->srv = srv;
 	vbd->loop = loop;
 	vbd->minor = minor;
@@ -388,7 +372,6 @@ vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out)
 	pthread_mutex_lock(&srv->lock);
 	if (srv->minors[minor]) {
 		pthread_mutex_unlock(&srv->lock);
-		vbd_timers_free(vbd);
 		free(vbd);
 		return -EBUSY;
 	}
@@ -443,7 +426,11 @@ vbd_open(struct vbd *vbd, const char *params, unsigned flags, vbd_done_fn done, 
 {
 	vbd->readonly = (flags & VBD_OPEN_READONLY) != 0;
 	vbd->nodirect = (flags & VBD_OPEN_NODIRECT) != 0;
-	struct vbd_job *job = vbd_job_new(vbd, JOB_OPEN, params, done, arg);
+	/* made now, on the vbd's loop: a request retried for want of memory needs none */
+	vbd->retry_ev = evtimer_new(vbd->loop->base, vbd_retry_due, vbd);
+	vbd->watchdog = evtimer_new(vbd->loop->base, vbd_watchdog_run, vbd);
+	struct vbd_job *job = vbd->retry_ev && vbd->watchdog ?
+			      vbd_job_new(vbd, JOB_OPEN, params, done, arg) : NULL;
 	if (!job) {
 		vbd_unlink(vbd, vbd->was_closed);
 		vbd_free(vbd);
@@ -525,16 +512,25 @@ vbd_unpause(struct vbd *vbd, const char *params, const char *cbt_log, vbd_done_f
 
 /* ---- close ---- */
 
+void
+vbd_forget(struct vbd *vbd)
+{
+	if (vbd->retry_ev)
+		event_free(vbd->retry_ev);
+	if (vbd->watchdog)
+		event_free(vbd->watchdog);
+	free(vbd);
+}
+
 static void
 vbd_free(struct vbd *vbd)
 {
-	vbd_timers_free(vbd);
 	qos_vbd_close(vbd);
 	blockjob_free(vbd->job);
 	free(vbd->marks);
 	free(vbd->params);
 	free(vbd->cbt_path);
-	free(vbd);
+	vbd_forget(vbd);
 }
 
 static void
@@ -757,11 +753,12 @@ transient(int err)
 	return err == EAGAIN || err == EBUSY || err == EINTR || err == ENOMEM;
 }
 
-static void
+/* 0, or -1 if libevent could not grow its timer heap. */
+static int
 arm_in(struct event *ev, uint64_t ns)
 {
 	struct timeval tv = { (time_t)(ns / NS), (suseconds_t)(ns % NS / 1000) };
-	evtimer_add(ev, &tv);
+	return evtimer_add(ev, &tv);
 }
 
 /* The due ones of vbd->retry go down the chain again, as new. */
@@ -787,8 +784,8 @@ vbd_retry_due(evutil_socket_t fd, short what, void *arg)
 
 /*
  * vr failed with a transient error: 0 if it waits to be sent again (in
- * vbd->retry, still in flight), -1 if its time is up. The last try is at
- * the timeout.
+ * vbd->retry, still in flight), -ETIMEDOUT if its time is up, -ENOMEM if
+ * the timer could not be set. The last try is at the timeout.
  */
 static int
 vbd_retry_later(struct vbd *vbd, struct vbd_request *vr, int err, uint64_t now)
@@ -798,7 +795,7 @@ vbd_retry_later(struct vbd *vbd, struct vbd_request *vr, int err, uint64_t now)
 	struct vbd_request *at;
 
 	if (now >= deadline)
-		return -1;
+		return -ETIMEDOUT;
 	if (wait > RETRY_MAX_NS)
 		wait = RETRY_MAX_NS;
 	if (wait > deadline - now)
@@ -813,8 +810,11 @@ vbd_retry_later(struct vbd *vbd, struct vbd_request *vr, int err, uint64_t now)
 		TAILQ_INSERT_AFTER(&vbd->retry, at, vr, retry_link);
 	else
 		TAILQ_INSERT_HEAD(&vbd->retry, vr, retry_link);
-	if (TAILQ_FIRST(&vbd->retry) == vr)
-		arm_in(vbd->retry_ev, wait);
+	if (TAILQ_FIRST(&vbd->retry) == vr && arm_in(vbd->retry_ev, wait) < 0) {
+		TAILQ_REMOVE(&vbd->retry, vr, retry_link);
+		vr->retry_at_ns = 0;
+		return -ENOMEM;
+	}
 	log_debug("minor %d: request at %ju failed (%s): sent again in %ju ms", vbd->minor,
 		  (uintmax_t)vr->td.offset, strerror(err), (uintmax_t)(wait / 1000000));
 	return 0;
@@ -843,8 +843,7 @@ vbd_watchdog_run(evutil_socket_t fd, short what, void *arg)
 		if (!vr)
 			break;
 		if (now - vr->start_ns < limit) {
-			vbd->watchdog_armed = 1;
-			arm_in(vbd->watchdog, vr->start_ns + limit - now);
+			vbd->watchdog_armed = arm_in(vbd->watchdog, vr->start_ns + limit - now) == 0;
 			break;
 		}
 		vbd->timeouts++;
@@ -869,8 +868,8 @@ vbd_watchdog_arm(struct vbd *vbd)
 {
 	if (vbd->watchdog_armed)
 		return;
-	vbd->watchdog_armed = 1;
-	arm_in(vbd->watchdog, (uint64_t)vbd->timeout * NS);
+	/* not armed: the next request tries again */
+	vbd->watchdog_armed = arm_in(vbd->watchdog, (uint64_t)vbd->timeout * NS) == 0;
 }
 
 static void
@@ -880,12 +879,16 @@ vbd_td_done(struct td_request *td, int err)
 	struct vbd *vbd = vr->vbd;
 
 	if (transient(err) && !vr->late && !(vbd->state & VBD_DEAD)) {
-		if (vbd_retry_later(vbd, vr, err, now_ns()) == 0)
+		int rc = vbd_retry_later(vbd, vr, err, now_ns());
+		if (rc == 0)
 			return;
-		vbd->timeouts++;
-		log_warn("minor %d: request at %ju still failing (%s) after %u s: failed (EIO)",
-			 vbd->minor, (uintmax_t)td->offset, strerror(err), vbd->timeout);
-		err = EIO;
+		if (rc == -ETIMEDOUT) {
+			vbd->timeouts++;
+			log_warn("minor %d: request at %ju still failing (%s) after %u s: failed "
+				 "(EIO)", vbd->minor, (uintmax_t)td->offset, strerror(err),
+				 vbd->timeout);
+			err = EIO;
+		}
 	}
 	if (vr->job_write && vbd->job->ops->guest_write_done(vbd->job, vr, err))
 		return;	/* the job ends it: vbd_request_end */

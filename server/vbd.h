@@ -174,6 +174,12 @@ struct vbd {
  * its loop.
  */
 int vbd_new(struct server *srv, int minor, struct loop *loop, struct vbd **out);
+/*
+ * At server_free, on the vbd's loop (or after it stopped): frees a vbd
+ * still in the table, one whose open or close never finished, and the
+ * timers it owns; nothing of it runs again.
+ */
+void vbd_forget(struct vbd *vbd);
 /* Seconds a request may take (1..VBD_MAX_TIMEOUT); before vbd_open, on the vbd's loop. */
 void vbd_set_timeout(struct vbd *vbd, unsigned secs);
 /*
