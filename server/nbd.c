@@ -57,7 +57,7 @@
 #define NBD_MAX_CONNECTIONS	4096
 #define NBD_DISCARD_LIMIT	(16u << 20)	/* larger option payloads: disconnect */
 #define NBD_DIRECT_PAYLOAD	(64u << 10)	/* larger write payloads skip the input buffer */
-#define NBD_RX_BUF		(NBD_DIRECT_PAYLOAD + 4096)	/* a header and a smaller payload */
+#define NBD_RX_SLACK		4096	/* the receive buffer: a header and a smaller payload */
 /*
  * A UNIX socket's send buffer (capped by net.core.wmem_max): the default
  * 208 KiB splits every large read reply into several wake-ups of both sides.
@@ -117,6 +117,7 @@ struct nbd_conn {
 	struct nbd_req *payload;	/* a large write, its payload arriving in place */
 	size_t payload_got;
 	struct rxbuf rx;		/* transmission on a socket: its input */
+	size_t direct_payload;		/* ... and the payload size that bypasses rx */
 	struct event *rx_ev;		/* the socket is readable, when rx is set up */
 	int rx_drained;			/* the last recv emptied the socket: wait for rx_ev */
 	struct txbatch txb;		/* replies of this loop turn */
@@ -833,10 +834,11 @@ conn_rx_start(struct nbd_conn *c)
 {
 	int fd = bufferevent_getfd(c->bev);
 	struct evbuffer *in = bufferevent_get_input(c->bev);
-	size_t room;
+	size_t room, cap = c->ns->direct_payload + NBD_RX_SLACK;
 
-	if (fd < 0 || evbuffer_get_length(in) > NBD_RX_BUF || rxbuf_init(&c->rx, NBD_RX_BUF) < 0)
+	if (fd < 0 || evbuffer_get_length(in) > cap || rxbuf_init(&c->rx, cap) < 0)
 		return;
+	c->direct_payload = c->ns->direct_payload;
 	c->rx_ev = event_new(bufferevent_get_base(c->bev), fd, EV_READ | EV_PERSIST,
 			     conn_rx_readable, c);
 	if (!c->rx_ev) {
@@ -1367,7 +1369,7 @@ conn_step_transmission(struct nbd_conn *c)
 		}
 		return conn_request(c) < 0 ? -1 : 1;
 	case CS_REQ_PAYLOAD:
-		if (c->cur.length >= c->ns->direct_payload && c->rx.data)
+		if (c->cur.length >= c->direct_payload && c->rx.data)
 			return conn_recv_payload(c);
 		if ((r = in_have(c, c->cur.length)) <= 0)
 			return r;
@@ -2190,7 +2192,7 @@ nbd_set_limits(struct nbd_server *ns, unsigned max_inflight, size_t max_output,
 	ns->max_inflight = max_inflight ? max_inflight : 1;
 	ns->max_output = max_output ? max_output : 1;
 	ns->max_hs_output = max_hs_output ? max_hs_output : 1;
-	/* never above the default: the receive buffer is sized for it */
+	/* never above the default: each connection's receive buffer grows with it */
 	if (!direct_payload)
 		direct_payload = 1;
 	ns->direct_payload = direct_payload < NBD_DIRECT_PAYLOAD ? direct_payload : NBD_DIRECT_PAYLOAD;

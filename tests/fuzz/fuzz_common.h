@@ -19,6 +19,7 @@
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -89,11 +90,15 @@ struct fz_client {
 	struct bufferevent *bev;	/* pair mode; NULL in socket mode */
 	/*
 	 * Socket mode: our end (-1 once closed), and the server's, looked at
-	 * (FIONREAD) only while our end shows no POLLHUP, that is while the
-	 * server has not closed it and its number cannot have been reused.
-	 * What the server has not read yet is sent from unsent.
+	 * (FIONREAD) only while our end shows no POLLHUP and the number still
+	 * names the same socket (srv_ino): the server has not closed it, and
+	 * the number has not been reused. A server that dup()s its socket and
+	 * closes the first number (a hand-off to another loop, STARTTLS: the
+	 * harness has one loop and no TLS) would look closed. What the server
+	 * has not read yet is sent from unsent.
 	 */
 	int fd, srv_fd;
+	ino_t srv_ino;
 	struct fz_buf unsent;
 	size_t unsent_off;
 	int srv_queued, queued;	/* FIONREAD of both ends at the last pump */
@@ -236,9 +241,13 @@ fz_client_open_socket(struct event_base *base, struct fz_client *cl, int hold,
 	*server_bev = bufferevent_socket_new(base, sv[0], BEV_OPT_CLOSE_ON_FREE);
 	if (!*server_bev)
 		fz_fail("bufferevent_socket_new failed");
+	struct stat st;
+	if (fstat(sv[0], &st) < 0)
+		fz_fail("fstat: %s", strerror(errno));
 	fz_client_init(cl, base, hold);
 	cl->fd = sv[1];
 	cl->srv_fd = sv[0];
+	cl->srv_ino = st.st_ino;
 }
 
 /* Socket mode: the server's end, or -1 once it has closed it. */
@@ -246,8 +255,12 @@ static inline int
 fz_client_srv_fd(struct fz_client *cl)
 {
 	struct pollfd pfd = { .fd = cl->fd, .events = POLLIN };
+	struct stat st;
 
-	if (cl->fd < 0 || (poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP)))
+	if (cl->srv_fd < 0)
+		return -1;
+	if (cl->fd < 0 || (poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP)) ||
+	    fstat(cl->srv_fd, &st) < 0 || st.st_ino != cl->srv_ino)
 		cl->srv_fd = -1;
 	return cl->srv_fd;
 }

@@ -36,8 +36,13 @@
  *     0x20  clients hang up with a connection reset, not a half-close
  *     0x40  the first client is a UNIX socket, not a bufferevent pair:
  *           in transmission the server reads it into its own receive
- *           buffer and large write payloads straight into the request
- *           (nbd.c's rxbuf path), as with every real client
+ *           buffer (rxbuf) and write payloads from 1 KiB straight into the
+ *           request, as with every real client; the receive buffer then
+ *           holds 5 KiB, so inputs fill it. A reset is then an abrupt
+ *           close: the server sees a reset if replies were left unread,
+ *           else EOF after what was sent
+ *     0x80  ... with the real in-place size (64 KiB, a 68 KiB buffer):
+ *           payloads below it go through the receive buffer
  *   rest    the client's bytes
  *
  * After the input, the harness drains the replies, half-closes, and demands
@@ -86,6 +91,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define E_SECOND	0x10
 #define E_RESET		0x20
 #define E_SOCKET	0x40
+#define E_BUFFERED	0x80
 
 #define BIG_OPTION_LEN	(NBD_MAX_OPTION_LEN + 1)
 
@@ -101,15 +107,20 @@ static char state_dir[] = "/tmp/tapdiskd-fuzz-nbd-XXXXXX";
 
 /* ---- setup ---- */
 
+/*
+ * 8 requests, 128 KiB of replies, 4 KiB of option replies, write payloads
+ * of direct bytes and more read in place (real: 128, 32 MiB, 1 MiB, 64 KiB).
+ */
+static void
+set_limits(size_t direct)
+{
+	nbd_set_limits(srv->loops[0]->nbd, 8, 128 << 10, 4 << 10, direct);
+}
+
 static void
 setup(void)
 {
 	srv = fz_server_setup("fuzz_nbd", state_dir, vbd_params, vbd_flags, NR_VBDS);
-	/*
-	 * 8 requests, 128 KiB of replies, 4 KiB of option replies, write
-	 * payloads of 1 KiB and more read in place (real: 128, 32 MiB, 1 MiB, 64 KiB)
-	 */
-	nbd_set_limits(srv->loops[0]->nbd, 8, 128 << 10, 4 << 10, 1 << 10);
 	for (int i = 0; i < NR_VBDS; i++)
 		if (srv->minors[i]->size > LARGEST_DISK)
 			fz_fail("minor %d: larger than LARGEST_DISK", i);
@@ -1135,6 +1146,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (mode & M_PAUSED)
 		set_paused(1);
 
+	set_limits((events & E_BUFFERED) ? 64 << 10 : 1 << 10);
 	if (events & E_SOCKET)
 		fz_client_open_socket(srv->base, &cl, (mode & M_HOLD) != 0, &sbev);
 	else

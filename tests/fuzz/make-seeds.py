@@ -65,7 +65,8 @@ FLAGS_NZ = be32(3)         # FIXED_NEWSTYLE | NO_ZEROES
 # 0x40 read-only export, 0x80 paused. events: 0x01 early EOF, 0x02 close the
 # vbd, 0x04 force, 0x08 oversized option first, 0x10 a second client, 0x20 reset,
 # 0x40 a UNIX socket (the server's receive buffer; payloads of 1 KiB and more
-# read straight into the request, the harness's lowered threshold).
+# read straight into the request, the harness's lowered threshold), 0x80 the
+# real threshold (64 KiB) on that socket.
 
 NBD_DISK = 512 << 10    # minor 0: ram:512K (minor 1, read-only: ram:256K)
 
@@ -156,6 +157,12 @@ NBD_SEEDS = [
     nbd(0x04, 0, req(CMD_WRITE, 0, 4096, data=b"short"), 0x61),  # ... and a reset
     nbd(0x24, 0, b"".join(req(CMD_READ, i << 16, 1 << 16) for i in range(8)), 0x40),  # slow reader
     nbd(0x84, 0, req(CMD_WRITE, 0, 1500, data=b"w" * 1500), 0x46),  # paused, force-closed
+    nbd(0x04, 0, IO_MIX, 0xc0),                           # the real threshold: 3000 buffered
+    nbd(0x14, 254, b"".join(req(CMD_WRITE, i * 4096, 3000, data=bytes([i + 1]) * 3000)
+                            for i in range(2)), 0xc0),   # ... in 255-byte pieces
+    # 251-byte pieces never end with a 928-byte request: the 5 KiB buffer fills, moves
+    nbd(0x14, 250, b"".join(req(CMD_WRITE, i * 4096, 900, data=bytes([i + 1]) * 900)
+                            for i in range(7)), 0x40),
 ]
 
 # ---- fuzz_nbd_proto: byte 0 picks the parser ----
