@@ -250,7 +250,6 @@ static void vbd_cbt_resume(struct vbd_request *vr, int err);
 static void vbd_retry_due(evutil_socket_t fd, short what, void *arg);
 static void vbd_watchdog_run(evutil_socket_t fd, short what, void *arg);
 
-
 /* The power-loss replay's view: a tracked write leaves for the chain now. */
 static void
 vbd_cbt_mark(const struct vbd *vbd, const struct td_request *td)
